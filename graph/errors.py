@@ -1,0 +1,8 @@
+"""Errors raised by the graph encoding."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The network uses an operation the graph encoding does not model.
+
+    The message names the fx node, the module path and the operation.
+    """

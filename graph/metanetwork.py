@@ -1,0 +1,160 @@
+"""The GNN metanetwork: reads a network graph, writes one of the same layout (DESIGN section 5).
+
+Message passing is equivariant to permutations of hidden channels because every operation is
+per node, per edge, or a symmetric aggregation over a node's edges. Each layer runs over both
+edge directions with tied weights; reverse-direction edge features are multiplied by a fixed
+sign vector so the two directions stay distinguishable. The output is the input plus a small
+multiple of the decoded update, so an untrained metanetwork is close to the identity.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import Data
+from torch_geometric.utils import scatter
+
+from .network_graph import NetworkGraph, edge_attr_key
+
+
+def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim_in, elementwise_affine=False),
+                         nn.Linear(dim_in, hidden), nn.SiLU(), nn.Linear(hidden, dim_out))
+
+
+class MessagePassingLayer(nn.Module):
+    """One pre-LayerNorm residual layer updating node and edge states.
+
+    Edge states live in dense blocks ``[groups, out, in, hidden]`` (one per weight tensor, see
+    ``graph.network_graph.EdgeBlock``), so messages are broadcast products and their
+    aggregation is a dense reduction over the block's ``in`` (forward direction) or ``out``
+    (reverse direction) axis, followed by a small scatter over nodes. This computes exactly the
+    per-edge message passing of DESIGN section 5 without gathering node states per edge.
+    The receiver's factor phi1(h_receiver) is applied after aggregation: it is common to all of
+    a node's messages (max and min swap where it is negative).
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.phi_msg = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU())   # phi1 | phi2
+        self.phi_edge = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU())  # phi3 | phi4
+        self.aggregate = nn.Linear(4 * hidden, hidden)
+        sign = torch.ones(hidden)
+        sign[hidden // 2:] = -1.0
+        self.register_buffer("sign", sign, persistent=False)
+
+    def forward(self, h: torch.Tensor, edges: list[torch.Tensor], index: list[tuple],
+                degree: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        n, hid = h.shape[0], self.hidden
+        a, b = self.phi_msg(F.layer_norm(h, (hid,))).split(hid, dim=1)
+        receivers, sums, squares, maxima, minima = [], [], [], [], []
+        for (src, dst), e in zip(index, edges):
+            # forward direction: edge (i -> o) delivers phi2(h_i) * e to o; reduce over i
+            p = b[src].unsqueeze(1) * e
+            # reverse direction: delivers phi2(h_o) * sign * e to i; reduce over o
+            q = (b[dst] * self.sign).unsqueeze(2) * e
+            for t, dim, recv in ((p, 2, dst), (q, 1, src)):
+                lo, hi = torch.aminmax(t, dim=dim)
+                receivers.append(recv.reshape(-1))
+                sums.append(t.sum(dim).reshape(-1, hid))
+                squares.append((t * t).sum(dim).reshape(-1, hid))
+                maxima.append(hi.reshape(-1, hid))
+                minima.append(lo.reshape(-1, hid))
+        recv = torch.cat(receivers)
+        total = scatter(torch.cat(sums), recv, 0, n, reduce="sum")
+        square = scatter(torch.cat(squares), recv, 0, n, reduce="sum")
+        hi = scatter(torch.cat(maxima), recv, 0, n, reduce="max")
+        lo = scatter(torch.cat(minima), recv, 0, n, reduce="min")
+        mean = a * total / degree
+        std = (a * a * square / degree - mean * mean).clamp_min(0.0).add(1e-6).sqrt()
+        positive = a >= 0
+        agg = torch.cat([mean, std, torch.where(positive, a * hi, a * lo),
+                         torch.where(positive, a * lo, a * hi)], dim=1)
+        h = h + self.aggregate(agg)
+        c, d = self.phi_edge(F.layer_norm(h, (hid,))).split(hid, dim=1)
+        edges = [e * (1.0 + c[src].unsqueeze(1) * d[dst].unsqueeze(2))
+                 for (src, dst), e in zip(index, edges)]
+        return h, edges
+
+
+class Metanetwork(nn.Module):
+    """GNN mapping a network graph to a modified network graph of the same layout."""
+
+    def __init__(self, node_dim: int, edge_types: Sequence[int], num_layers: int = 8,
+                 hidden: int = 64, node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
+                 frozen_node_columns: Sequence[int] = (), layout: dict | None = None) -> None:
+        super().__init__()
+        self.edge_types = tuple(int(a) for a in edge_types)
+        self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
+        self.layout = layout or {"node_dim": node_dim, "edge_types": list(self.edge_types)}
+        self.node_encoder = nn.Linear(node_dim, hidden)
+        self.edge_encoders = nn.ModuleDict({str(a): nn.Linear(a, hidden) for a in self.edge_types})
+        self.layers = nn.ModuleList(MessagePassingLayer(hidden) for _ in range(num_layers))
+        self.node_decoder = _mlp(hidden, hidden, node_dim)
+        self.edge_decoders = nn.ModuleDict({str(a): _mlp(hidden, hidden, a)
+                                            for a in self.edge_types})
+        # Columns the metanetwork must not change (BN running statistics by default).
+        mask = torch.ones(node_dim)
+        mask[list(frozen_node_columns)] = 0.0
+        self.register_buffer("node_update_mask", mask, persistent=False)
+
+    @classmethod
+    def for_graph(cls, graph: NetworkGraph, num_layers: int = 8, hidden: int = 64,
+                  node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
+                  update_running_stats: bool = False) -> "Metanetwork":
+        """A metanetwork sized for ``graph``'s layout."""
+        frozen = () if update_running_stats else graph.running_stat_columns
+        return cls(graph.node_dim, graph.edge_types, num_layers, hidden, node_res_ratio,
+                   edge_res_ratio, frozen, graph.layout)
+
+    def check_layout(self, graph: NetworkGraph) -> None:
+        """Raise if ``graph`` has a different layout than the one this metanetwork reads."""
+        mine = {k: self.layout.get(k) for k in graph.layout}
+        if mine != graph.layout:
+            raise ValueError(f"metanetwork layout {self.layout} does not match the network's graph "
+                             f"layout {graph.layout}; use a metanetwork trained on this "
+                             "architecture family")
+
+    def forward(self, data: Data) -> Data:
+        """Modified graph(s): a ``Data`` from ``NetworkGraph.encode`` or a ``Batch`` of them."""
+        graphs = data.graph if isinstance(data.graph, list) else [data.graph]
+        node_offsets = data.ptr[:-1].tolist() if hasattr(data, "ptr") and data.ptr is not None \
+            else [0]
+        h = self.node_encoder(data.x)
+        encoded = {a: self.edge_encoders[str(a)](data[edge_attr_key(a)]) for a in self.edge_types}
+        index, edges, areas = [], [], []
+        row_offsets = {a: 0 for a in self.edge_types}
+        for graph, node_offset in zip(graphs, node_offsets):
+            for block, (src, dst) in zip(graph.blocks, graph.block_index(data.x.device)):
+                start = row_offsets[block.area] + block.start
+                edges.append(encoded[block.area][start:start + block.rows]
+                             .view(*block.shape, -1))
+                index.append((src + node_offset, dst + node_offset))
+                areas.append(block.area)
+            for a in graph.edge_types:
+                row_offsets[a] += sum(b.rows for b in graph.blocks if b.area == a)
+        degree = self._degree(index, data.x.shape[0], h)
+        for layer in self.layers:
+            h, edges = layer(h, edges, index, degree)
+        out = copy.copy(data)  # keeps a Batch's slicing information for to_data_list()
+        out.x = data.x + self.node_res_ratio * self.node_decoder(h) * self.node_update_mask
+        for a in self.edge_types:
+            key = edge_attr_key(a)
+            e = torch.cat([t.reshape(-1, t.shape[-1]) for t, ta in zip(edges, areas) if ta == a])
+            out[key] = data[key] + self.edge_res_ratio * self.edge_decoders[str(a)](e)
+        return out
+
+    @staticmethod
+    def _degree(index: list[tuple], num_nodes: int, like: torch.Tensor) -> torch.Tensor:
+        """Number of edges at each node, both directions together (for mean and std)."""
+        recv, counts = [], []
+        for src, dst in index:
+            recv += [dst.reshape(-1), src.reshape(-1)]
+            counts += [like.new_full((dst.numel(),), float(src.shape[1])),
+                       like.new_full((src.numel(),), float(dst.shape[1]))]
+        degree = scatter(torch.cat(counts), torch.cat(recv), 0, num_nodes, reduce="sum")
+        return degree.clamp_min(1.0).unsqueeze(1)

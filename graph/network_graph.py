@@ -1,0 +1,247 @@
+"""Exact, differentiable network <-> graph encoding (DESIGN section 4).
+
+``NetworkGraph.from_module`` traces a network once and precomputes index maps; ``encode`` is then
+a handful of reshapes and one scatter, ``decode`` a handful of views and one gather, so both are
+cheap, vectorized and differentiable, and ``decode(encode(sd))`` returns ``sd`` bit for bit.
+
+Edge features are stored per kernel area (one block ``edge_attr_<area>`` per area present, never
+padded to the largest kernel). Within one graph, ``edge_index`` lists the edges block by block
+in ascending area, and row ``r`` of block ``a`` is the ``r``-th edge with ``edge_type == a``; the
+same holds in a torch_geometric ``Batch`` of graphs, which is how the metanetwork maps blocks to
+edges.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch_geometric.data import Data
+
+from .errors import UnsupportedArchitectureError
+from .tracing import BN_FIELDS, trace
+
+# Default node feature of an absent BN slot (identity BN) and of an absent bias.
+BN_DEFAULT = (1.0, 0.0, 0.0, 1.0)
+_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class EdgeBlock:
+    """Edges of one weight tensor (or one residual identity) as a dense [groups, out, in] block.
+
+    Its rows are ``rows`` consecutive rows of the ``area`` feature block starting at ``start``,
+    in (group, out, in) order: exactly the weight's memory order, so a reshape maps one onto the
+    other. ``src[g]`` are the input nodes of group ``g``, ``dst[g]`` its output nodes.
+    """
+
+    area: int
+    start: int
+    src: torch.Tensor           # [groups, in per group] node ids
+    dst: torch.Tensor           # [groups, out per group] node ids
+    key: str | None = None      # state_dict key; None for an identity residual
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.src.shape[0], self.dst.shape[1], self.src.shape[1]
+
+    @property
+    def rows(self) -> int:
+        g, o, i = self.shape
+        return g * o * i
+
+    def edge_index(self) -> torch.Tensor:
+        g, o, i = self.shape
+        src = self.src[:, None, :].expand(g, o, i).reshape(-1)
+        dst = self.dst[:, :, None].expand(g, o, i).reshape(-1)
+        return torch.stack([src, dst])
+
+
+def edge_attr_key(area: int) -> str:
+    """Name of the Data attribute holding the edge features of kernel area ``area``."""
+    return f"edge_attr_{area}"
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+class NetworkGraph:
+    """The graph layout of one architecture at one width pattern."""
+
+    _cache: "OrderedDict[tuple, NetworkGraph]" = OrderedDict()
+
+    def __init__(self, module: nn.Module, example_inputs) -> None:
+        example_inputs = _as_tuple(example_inputs)
+        records, used = trace(module, example_inputs)
+        state = module.state_dict()
+        missing = [k for k, v in state.items() if v.is_floating_point() and k not in used]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__}: tensors {missing[:5]} are not used by any supported "
+                "layer (Conv, Linear, BatchNorm), so the graph cannot carry them"
+            )
+        rep = records.rep()
+        self.num_nodes = int(rep.max()) + 1 if len(rep) else 0
+        self.input_channels = records.input_channels
+        self.shapes = {k: tuple(v.shape) for k, v in state.items() if k in used}
+        self._build_edges(records, rep)
+        self._build_nodes(records, rep)
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_edges(self, records, rep: torch.Tensor) -> None:
+        areas = sorted({a for _, a, _, _ in records.weights} | {a for *_, a in records.identities})
+        self.edge_types: tuple[int, ...] = tuple(areas)
+        self.blocks: list[EdgeBlock] = []
+        self._block_index: dict[str, list] = {}
+        self._identity: dict[int, torch.Tensor] = {}
+        counts = []
+        for area in areas:
+            start = 0
+            for key, a, src, dst in records.weights:
+                if a == area:
+                    self.blocks.append(EdgeBlock(area, start, rep[src], rep[dst], key))
+                    start += self.blocks[-1].rows
+            for src, dst, a in records.identities:
+                if a == area:  # one edge per channel: groups = C, 1 x 1
+                    self.blocks.append(EdgeBlock(area, start, rep[src][:, None], rep[dst][:, None]))
+                    start += self.blocks[-1].rows
+            identity_rows = sum(b.rows for b in self.blocks if b.area == area and b.key is None)
+            if identity_rows:
+                block = torch.zeros(identity_rows, area)
+                block[:, area // 2] = 1.0  # Dirac kernel: centre tap 1
+                self._identity[area] = block
+            counts.append(start)
+        self._edge_keys = {a: [(b.key, b.rows) for b in self.blocks if b.area == a and b.key]
+                           for a in areas}
+        self.edge_index = torch.cat([b.edge_index() for b in self.blocks], dim=1)
+        self.edge_type = torch.repeat_interleave(torch.tensor(areas, dtype=torch.long),
+                                                 torch.tensor(counts))
+        self.num_identity_edges = sum(len(b) for b in self._identity.values())
+
+    def _build_nodes(self, records, rep: torch.Tensor) -> None:
+        # Slots are assigned per node in trace order: the first BN on a channel takes slot 0,
+        # a second BN on the same (merged) channel, e.g. a projection shortcut's, slot 1.
+        next_free = {"bn": torch.zeros(self.num_nodes, dtype=torch.long),
+                     "bias": torch.zeros(self.num_nodes, dtype=torch.long)}
+        placed = []  # (key, kind, field, nodes, slot)
+        seen_layers: dict[str, int] = {}
+        for key, kind, fld, nodes in records.channels:
+            nodes = rep[nodes]
+            layer = key.rsplit(".", 1)[0] + "/" + kind
+            if layer not in seen_layers:  # all fields of one BN share one slot
+                seen_layers[layer] = int(next_free[kind][nodes].max())
+                next_free[kind][nodes] = seen_layers[layer] + 1
+            placed.append((key, kind, fld, nodes, seen_layers[layer]))
+        self.bn_slots = int(next_free["bn"].max()) if self.num_nodes else 0
+        self.bias_slots = int(next_free["bias"].max()) if self.num_nodes else 0
+        self.node_dim = 4 * self.bn_slots + self.bias_slots
+        default = torch.zeros(self.num_nodes, self.node_dim)
+        for slot in range(self.bn_slots):
+            default[:, 4 * slot:4 * slot + 4] = torch.tensor(BN_DEFAULT)
+        self._x_default = default
+        self._node_keys = [(key, len(nodes)) for key, *_, nodes, _ in placed]
+        self._node_index = torch.cat([
+            nodes * self.node_dim + (4 * slot + fld if kind == "bn" else 4 * self.bn_slots + slot)
+            for _, kind, fld, nodes, slot in placed
+        ]) if placed else torch.zeros(0, dtype=torch.long)
+        # Node-feature columns holding BN running statistics (frozen by the metanetwork).
+        self.running_stat_columns = tuple(
+            4 * s + BN_FIELDS.index(f) for s in range(self.bn_slots)
+            for f in ("running_mean", "running_var"))
+
+    # -- public API -----------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module, example_inputs) -> "NetworkGraph":
+        """Trace ``module`` (cached per architecture and width pattern)."""
+        example_inputs = _as_tuple(example_inputs)
+        key = (type(module).__module__, type(module).__qualname__,
+               tuple(type(m).__name__ for m in module.modules()),
+               tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()),
+               tuple(tuple(x.shape) for x in example_inputs))
+        graph = cls._cache.get(key)
+        if graph is None:
+            graph = cls(module, example_inputs)
+            cls._cache[key] = graph
+            if len(cls._cache) > _CACHE_SIZE:
+                cls._cache.popitem(last=False)
+        else:
+            cls._cache.move_to_end(key)
+        return graph
+
+    def block_index(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(src, dst)`` node ids of every edge block, on ``device`` (cached)."""
+        key = str(device)
+        if key not in self._block_index:
+            self._block_index[key] = [(b.src.to(device), b.dst.to(device)) for b in self.blocks]
+        return self._block_index[key]
+
+    @property
+    def layout(self) -> dict:
+        """What a metanetwork must match to read this graph."""
+        return {"node_dim": self.node_dim, "edge_types": list(self.edge_types),
+                "bn_slots": self.bn_slots, "bias_slots": self.bias_slots}
+
+    @property
+    def num_edges(self) -> int:
+        return self.edge_index.shape[1]
+
+    def _state(self, weights) -> Mapping[str, torch.Tensor]:
+        state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        bad = [k for k, s in self.shapes.items() if k not in state or tuple(state[k].shape) != s]
+        if bad:
+            k = bad[0]
+            got = tuple(state[k].shape) if k in state else "missing"
+            raise ValueError(f"weights do not match this graph: {k!r} is {got}, expected "
+                             f"{self.shapes[k]} ({len(bad)} mismatching tensors); build the "
+                             "graph from this network (NetworkGraph.from_module)")
+        return state
+
+    def encode(self, weights: nn.Module | Mapping[str, torch.Tensor]) -> Data:
+        """Graph of ``weights`` (a module or its state_dict); differentiable in the weights."""
+        state = self._state(weights)
+        ref = state[next(iter(self.shapes))]
+        dtype, device = ref.dtype, ref.device
+        blocks = {}
+        for area in self.edge_types:
+            parts = [state[k].reshape(-1, area) for k, _ in self._edge_keys[area]]
+            if area in self._identity:
+                parts.append(self._identity[area].to(device, dtype))
+            blocks[edge_attr_key(area)] = torch.cat(parts)
+        x = self._x_default.to(device, dtype).reshape(-1)
+        if self._node_keys:
+            values = torch.cat([state[k].reshape(-1) for k, _ in self._node_keys])
+            x = x.index_put((self._node_index.to(device),), values)
+        return Data(x=x.view(self.num_nodes, self.node_dim), edge_index=self.edge_index.to(device),
+                    edge_type=self.edge_type.to(device), num_nodes=self.num_nodes, graph=self,
+                    **blocks)
+
+    def decode(self, data: Data) -> dict[str, torch.Tensor]:
+        """State-dict tensors (every floating tensor of the module) read back from ``data``.
+
+        The results are views/gathers of ``data``'s features, so gradients flow into them.
+        Identity residual edges are constant structure and are ignored.
+        """
+        if data.x.shape != (self.num_nodes, self.node_dim):
+            raise ValueError(f"node features of shape {tuple(data.x.shape)} do not match this "
+                             f"graph ({self.num_nodes} nodes x {self.node_dim}); split a Batch "
+                             "with to_data_list() before decoding")
+        out: dict[str, torch.Tensor] = {}
+        for area in self.edge_types:
+            block, start = data[edge_attr_key(area)], 0
+            for key, rows in self._edge_keys[area]:
+                out[key] = block[start:start + rows].reshape(self.shapes[key])
+                start += rows
+        if self._node_keys:
+            values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
+            for (key, n), chunk in zip(self._node_keys,
+                                       values.split([n for _, n in self._node_keys])):
+                out[key] = chunk.reshape(self.shapes[key])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"NetworkGraph(nodes={self.num_nodes}, edges={self.num_edges} "
+                f"({self.num_identity_edges} identity), edge_types={list(self.edge_types)}, "
+                f"node_dim={self.node_dim})")

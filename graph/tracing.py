@@ -1,0 +1,318 @@
+"""Walk a torch.fx trace and record which channels each weight connects (DESIGN section 4).
+
+The walk assigns every channel of every intermediate tensor a graph node. It produces plain
+records (which state_dict tensor lands on which nodes/edges); :mod:`graph.network_graph` turns
+them into index maps. Anything that touches the channel dimension in a way we do not model
+raises :class:`UnsupportedArchitectureError`: a wrong graph would silently corrupt weights.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UnsupportedArchitectureError
+
+BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+# Leaf modules and functions that act on each channel separately (or only on spatial dims).
+_PASSTHROUGH_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+    nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_PASSTHROUGH_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.elu, F.selu, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+}
+_PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
+                        "float", "detach"}
+_FLATTEN_LIKE = {torch.flatten, "flatten", "view", "reshape"}
+_MEAN = {torch.mean, "mean", torch.amax, "amax", "amin", torch.amin}
+
+
+@dataclass
+class Value:
+    """Channel bookkeeping for one tensor of the trace."""
+
+    nodes: torch.Tensor          # provisional graph node of each channel, LongTensor [C]
+    fresh: bool                  # a conv/linear output that nothing else has consumed yet
+    area: int                    # kernel area of the layer that produced the channels
+
+
+@dataclass
+class TraceRecords:
+    """What the walk found; node ids are provisional (see ``rep``)."""
+
+    num_nodes: int = 0
+    input_channels: int = 0
+    parent: list[int] = field(default_factory=list)        # union-find over provisional ids
+    # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group])
+    # in trace order; the weight's rows, in (out, in) order, are the edges of this dense block
+    weights: list[tuple[str, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # (state_dict key, "bn" | "bias", field index, node per channel), in trace order
+    channels: list[tuple[str, str, int, torch.Tensor]] = field(default_factory=list)
+    # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
+    identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+
+    def new_nodes(self, count: int) -> torch.Tensor:
+        ids = torch.arange(self.num_nodes, self.num_nodes + count)
+        self.parent.extend(ids.tolist())
+        self.num_nodes += count
+        return ids
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def merge(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Make every node of ``src`` the same graph node as the matching node of ``dst``."""
+        for s, d in zip(src.tolist(), dst.tolist()):
+            self.parent[self.find(s)] = self.find(d)
+
+    def rep(self) -> torch.Tensor:
+        """Final compact node id of every provisional id, numbered by first appearance."""
+        roots = torch.tensor([self.find(i) for i in range(self.num_nodes)], dtype=torch.long)
+        unique_roots, compact = torch.unique(roots, sorted=True, return_inverse=True)
+        del unique_roots
+        return compact
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.keys()), "<top level>") if stack else "<top level>"
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    return f"{node.op} {name}"
+
+
+def _shape(node) -> torch.Size | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "shape", None)
+
+
+class _Walker:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.rec = TraceRecords()
+        self.env: dict[fx.Node, Value | None] = {}
+        self.used_keys: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------------------
+    def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(
+            f"fx node {node.name!r} (module path {_module_path(node)!r}, operation "
+            f"{_op_name(node)}): {why}. The graph encoding supports convs, BatchNorm, Linear after "
+            "global pooling, residual add, channel concat and channel-wise ops; see "
+            "docs/graph.md for the list"
+        )
+
+    def use_key(self, node: fx.Node, key: str) -> None:
+        if key in self.used_keys:
+            raise self.fail(node, f"parameter {key!r} is used twice (weight sharing)")
+        self.used_keys.add(key)
+
+    def channel_args(self, node: fx.Node) -> list[tuple[fx.Node, Value]]:
+        found = []
+
+        def visit(a):
+            if isinstance(a, fx.Node) and self.env.get(a) is not None:
+                found.append((a, self.env[a]))
+            return a
+
+        fx.node.map_aggregate(node.args, visit)
+        fx.node.map_aggregate(node.kwargs, visit)
+        return found
+
+    def passthrough(self, arg: fx.Node, value: Value) -> Value:
+        # A value stays "fresh" only along a single-consumer chain from its conv.
+        return Value(value.nodes, value.fresh and len(arg.users) == 1, value.area)
+
+    # -- layers ---------------------------------------------------------------------------
+    def conv(self, node: fx.Node, m: nn.Module, value: Value) -> Value:
+        if m.transposed:
+            raise self.fail(node, "transposed convolutions are not supported")
+        if len(value.nodes) != m.in_channels:
+            raise self.fail(node, f"expects {m.in_channels} channels, input has {len(value.nodes)}")
+        out_nodes = self.rec.new_nodes(m.out_channels)
+        area = int(m.weight[0, 0].numel())
+        self.add_weight(node, f"{node.target}.weight", area, value.nodes.view(m.groups, -1),
+                        out_nodes.view(m.groups, -1))
+        if m.bias is not None:
+            self.add_channels(node, f"{node.target}.bias", "bias", 0, out_nodes)
+        return Value(out_nodes, True, area)
+
+    def linear(self, node: fx.Node, m: nn.Linear, value: Value) -> Value:
+        shape = _shape(node.args[0])
+        if shape is None or len(shape) != 2:
+            raise self.fail(node, "Linear is supported only on [batch, channels] inputs "
+                            "(after global pooling or flatten of a 1x1 map)")
+        out_nodes = self.rec.new_nodes(m.out_features)
+        self.add_weight(node, f"{node.target}.weight", 1, value.nodes.view(1, -1),
+                        out_nodes.view(1, -1))
+        if m.bias is not None:
+            self.add_channels(node, f"{node.target}.bias", "bias", 0, out_nodes)
+        return Value(out_nodes, True, 1)
+
+    def batchnorm(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
+        if len(value.nodes) != m.num_features:
+            raise self.fail(node, f"expects {m.num_features} channels, input has {len(value.nodes)}")
+        for i, name in enumerate(BN_FIELDS):
+            if getattr(m, name, None) is not None:
+                self.add_channels(node, f"{node.target}.{name}", "bn", i, value.nodes)
+        return self.passthrough(arg, value)
+
+    def add_weight(self, node, key, area, src, dst) -> None:
+        self.use_key(node, key)
+        self.rec.weights.append((key, area, src, dst))
+
+    def add_channels(self, node, key, kind, index, nodes) -> None:
+        self.use_key(node, key)
+        self.rec.channels.append((key, kind, index, nodes))
+
+    # -- functions ------------------------------------------------------------------------
+    def add(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
+        if len(args) == 1:  # tensor + python scalar
+            if any(isinstance(a, fx.Node) and self.env.get(a) is None for a in node.args):
+                raise self.fail(node, "adding a tensor without channel structure")
+            return self.passthrough(*args[0])
+        (na, a), (nb, b) = args
+        if len(a.nodes) != len(b.nodes) or _shape(na) != _shape(nb):
+            raise self.fail(node, f"residual add of tensors with shapes {tuple(_shape(na) or ())} "
+                            f"and {tuple(_shape(nb) or ())} (broadcasting over channels)")
+        if torch.equal(a.nodes, b.nodes):
+            return Value(a.nodes, False, a.area)
+        fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
+        if fresh_b and not fresh_a:
+            (na, a), (nb, b), fresh_a, fresh_b = (nb, b), (na, a), fresh_b, fresh_a
+        if fresh_a and fresh_b:  # projection shortcut: b's channels are a's channels
+            self.rec.merge(b.nodes, a.nodes)
+            return Value(a.nodes, False, a.area)
+        if fresh_a:  # identity shortcut from an older tensor into a's channels
+            self.rec.identities.append((b.nodes, a.nodes, a.area))
+            return Value(a.nodes, False, a.area)
+        # Sum of two older tensors: new nodes fed by identity edges from both.
+        out = self.rec.new_nodes(len(a.nodes))
+        self.rec.identities += [(a.nodes, out, 1), (b.nodes, out, 1)]
+        return Value(out, False, 1)
+
+    def cat(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        ndim = len(_shape(node) or ())
+        if dim not in (1, 1 - ndim) or ndim < 2:
+            raise self.fail(node, f"concatenation along dim {dim} (only channels, dim 1)")
+        tensors = node.args[0]
+        if any(self.env.get(t) is None for t in tensors):
+            raise self.fail(node, "concatenating a tensor without channel structure")
+        return Value(torch.cat([self.env[t].nodes for t in tensors]), False, 1)
+
+    def flatten_like(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        src, dst = _shape(arg), _shape(node)
+        if src is not None and dst is not None and len(dst) == 2 and dst[:2] == src[:2] \
+                and all(s == 1 for s in src[2:]):
+            return self.passthrough(arg, value)
+        raise self.fail(node, f"reshape from {tuple(src or ())} to {tuple(dst or ())} mixes the "
+                        "channel dimension with others (flatten of a spatial map, view of channels)")
+
+    def reduce_spatial(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        ndim = len(_shape(arg) or ())
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or any(d % ndim in (0, 1) for d in dims):
+            raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
+        return self.passthrough(arg, value)
+
+    def scale(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        others = [a for a in node.args if a is not arg]
+        if all(isinstance(a, (int, float)) for a in others):
+            return self.passthrough(arg, value)
+        raise self.fail(node, "multiplying or dividing by a tensor (multiplicative gating)")
+
+    # -- walk -----------------------------------------------------------------------------
+    def step(self, node: fx.Node) -> Value | None:
+        if node.op == "placeholder":
+            if self.rec.num_nodes:
+                raise self.fail(node, "networks with more than one input tensor")
+            shape = _shape(node)
+            if shape is None or len(shape) < 2:
+                raise self.fail(node, "the input must be a tensor [batch, channels, ...]")
+            self.rec.input_channels = shape[1]
+            return Value(self.rec.new_nodes(shape[1]), False, 1)
+        if node.op in ("get_attr", "output"):
+            return None
+        args = self.channel_args(node)
+        if not args or _shape(node) is None:
+            return None  # shape arithmetic and the like: no channels involved
+        arg, value = args[0]
+        target = node.target
+        if node.op == "call_module":
+            m = self.modules[target]
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return self.conv(node, m, value)
+            if isinstance(m, nn.Linear):
+                return self.linear(node, m, value)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return self.batchnorm(node, m, arg, value)
+            if isinstance(m, nn.Flatten):
+                return self.flatten_like(node, arg, value)
+            if type(m) in _PASSTHROUGH_MODULES:
+                return self.passthrough(arg, value)
+            raise self.fail(node, f"module type {type(m).__name__} is not supported")
+        if target in (operator.add, operator.iadd, torch.add):
+            return self.add(node, args)
+        if target is torch.cat:
+            return self.cat(node, args)
+        if target in (operator.mul, operator.imul, operator.truediv, torch.mul):
+            return self.scale(node, arg, value)
+        if target in _PASSTHROUGH_FUNCTIONS or (node.op == "call_method"
+                                                and target in _PASSTHROUGH_METHODS):
+            return self.passthrough(arg, value)
+        if target in _FLATTEN_LIKE:
+            return self.flatten_like(node, arg, value)
+        if target in _MEAN:
+            return self.reduce_spatial(node, arg, value)
+        raise self.fail(node, "this operation on channel tensors is not supported")
+
+    def run(self) -> TraceRecords:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.step(node)
+        return self.rec
+
+
+def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:
+    """Trace ``module`` on ``example_inputs``; returns the records and the keys they cover."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as e:
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} cannot be traced with torch.fx ({type(e).__name__}: {e}); "
+            "data-dependent control flow in forward() is not supported"
+        ) from e
+    was_training = module.training
+    module.eval()  # shape propagation must not touch BN running statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        module.train(was_training)
+    walker = _Walker(gm)
+    return walker.run(), walker.used_keys

@@ -1,0 +1,9 @@
+"""Target architectures (plain torch) and their pruning-aware checkpoint format."""
+from .checkpoint import (CheckpointError, atomic_save, load_network, network_from_record,
+                         network_record, safe_load, save_network)
+from .cifar_resnet import CifarResNet
+from .registry import available, build
+from .vgg import CifarVGG
+
+__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "atomic_save", "available", "build",
+           "load_network", "network_from_record", "network_record", "safe_load", "save_network"]

@@ -1,0 +1,142 @@
+"""Save and load target networks, pruned or not, without pickling code.
+
+A network pruned by torch_pruning has smaller layers than its constructor makes. The file
+records how to build the unpruned architecture (registry name, class count, kwargs) plus the
+actual shape attributes of every Conv/Linear/BatchNorm layer; loading rebuilds the network,
+resizes those layers to the recorded shapes and loads the weights. Everything in the file is a
+tensor or a plain Python value, so it loads with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import build
+
+FORMAT = "metaprune.network/v1"
+
+# Layer attributes that follow the weight shapes; rebuilt from the file on load.
+_SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
+    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.modules.batchnorm._NormBase: ("num_features",),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, of the wrong kind or inconsistent."""
+
+
+def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
+    for cls, attrs in _SHAPE_ATTRS.items():
+        if isinstance(module, cls):
+            return attrs
+    return ()
+
+
+def network_record(model: nn.Module, arch: dict[str, Any], metadata: dict | None = None) -> dict:
+    """The dictionary stored in a network file (see module docstring)."""
+    layers = {}
+    for path, module in model.named_modules():
+        attrs = _shape_attrs(module)
+        if attrs:
+            layers[path] = {a: int(getattr(module, a)) for a in attrs}
+    return {
+        "format": FORMAT,
+        "arch": {"name": arch["name"], "num_classes": int(arch["num_classes"]),
+                 "kwargs": dict(arch.get("kwargs", {}))},
+        "layers": layers,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_network(model: nn.Module, path: str | os.PathLike, arch: dict[str, Any],
+                 metadata: dict | None = None) -> Path:
+    """Save ``model`` (built by ``networks.build(**arch)``, possibly pruned) to ``path``.
+
+    ``arch`` is ``{"name": ..., "num_classes": ..., "kwargs": {...}}``.
+    """
+    return atomic_save(network_record(model, arch, metadata), path)
+
+
+def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, ...
+        raise CheckpointError(
+            f"{what} {str(path)!r} cannot be read safely ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). The file is truncated, corrupt or carries "
+            "pickled code; re-create it with this project's save functions"
+        ) from e
+
+
+def network_from_record(record: dict, source: str = "<record>") -> nn.Module:
+    """Rebuild the module stored by :func:`network_record` (identical outputs, bit for bit)."""
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        kind = record.get("format", "unknown") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(
+            f"{source} is not a target-network file (format {kind!r}, expected {FORMAT!r}). "
+            "Pass a network saved by networks.save_network (e.g. a zoo member or pruned export), "
+            "not a metanetwork or Lightning checkpoint"
+        )
+    arch = record["arch"]
+    model = build(arch["name"], arch["num_classes"], **arch["kwargs"])
+    modules = dict(model.named_modules())
+    state = record["state_dict"]
+    for path, attrs in record["layers"].items():
+        if path not in modules:
+            raise CheckpointError(f"{source}: layer {path!r} does not exist in {arch['name']}")
+        module = modules[path]
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        prefix = f"{path}." if path else ""
+        for name, p in list(module.named_parameters(recurse=False)):
+            shape = state[prefix + name].shape
+            if p.shape != shape:
+                module._parameters[name] = nn.Parameter(p.new_empty(shape), p.requires_grad)
+        for name, b in list(module.named_buffers(recurse=False)):
+            key = prefix + name
+            if key in state and b is not None and b.shape != state[key].shape:
+                module._buffers[name] = b.new_empty(state[key].shape)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not fit {arch['name']}: {e}") from e
+    for key, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(
+                f"{source}: tensor {key!r} contains NaN or Inf; the network diverged or the file "
+                "is damaged. Retrain or pick an earlier checkpoint"
+            )
+    return model
+
+
+def load_network(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load a network file; returns ``(module, record)`` (``record`` holds arch and metadata)."""
+    record = safe_load(path, "network file")
+    return network_from_record(record, source=f"network file {str(path)!r}"), record

@@ -1,0 +1,45 @@
+"""One registry for every target architecture: ``networks.build(name, num_classes, **kwargs)``."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from .cifar_resnet import CifarResNet
+from .vgg import CifarVGG
+
+_CIFAR_RESNET = re.compile(r"^(?:cifar_)?resnet(\d+)_cifar$|^cifar_resnet(\d+)$")
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`build` (CIFAR nets plus every torchvision classifier)."""
+    cifar = [f"resnet{d}_cifar" for d in (20, 32, 44, 56, 110)] + ["vgg19_bn_cifar"]
+    return cifar + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build an untrained target network.
+
+    ``resnet<depth>_cifar`` (depth 6n+2) and ``vgg19_bn_cifar`` accept ``width`` (a channel
+    multiplier for CPU-scale runs). Any other name is looked up among torchvision's
+    classification models and built with ``weights=None`` (nothing is ever downloaded).
+    """
+    m = _CIFAR_RESNET.match(name)
+    if m:
+        return CifarResNet(depth=int(m.group(1) or m.group(2)), num_classes=num_classes, **kwargs)
+    if name == "vgg19_bn_cifar":
+        return CifarVGG(num_classes=num_classes, **kwargs)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        if kwargs.get("weights") not in (None,):
+            raise ValueError(
+                f"network {name!r}: pretrained torchvision weights are never downloaded here; "
+                "pass weights=None and load a local checkpoint instead"
+            )
+        kwargs.pop("weights", None)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    raise ValueError(
+        f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar "
+        f"or a torchvision classifier name such as resnet50 or mobilenet_v2"
+    )
