@@ -26,6 +26,7 @@ from .tracing import BN_FIELDS, trace
 # Default node feature of an absent BN slot (identity BN) and of an absent bias.
 BN_DEFAULT = (1.0, 0.0, 0.0, 1.0)
 _CACHE_SIZE = 64
+_RUNNING_STATS = (".running_mean", ".running_var")
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,8 @@ class NetworkGraph:
     def decode(self, data: Data) -> dict[str, torch.Tensor]:
         """State-dict tensors (every floating tensor of the module) read back from ``data``.
 
-        The results are views/gathers of ``data``'s features, so gradients flow into them.
+        The results are views/gathers of ``data``'s features, so gradients flow into them;
+        BN running statistics come back detached (BatchNorm cannot differentiate through them).
         Identity residual edges are constant structure and are ignored.
         """
         if data.x.shape != (self.num_nodes, self.node_dim):
@@ -238,7 +240,8 @@ class NetworkGraph:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
             for (key, n), chunk in zip(self._node_keys,
                                        values.split([n for _, n in self._node_keys])):
-                out[key] = chunk.reshape(self.shapes[key])
+                chunk = chunk.reshape(self.shapes[key])
+                out[key] = chunk.detach() if key.endswith(_RUNNING_STATS) else chunk
         return out
 
     def __repr__(self) -> str:

@@ -38,7 +38,9 @@ _PASSTHROUGH_FUNCTIONS = {
 }
 _PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
                         "float", "detach"}
-_FLATTEN_LIKE = {torch.flatten, "flatten", "view", "reshape"}
+# Reshapes are fine only while they keep [batch, channels] and add or drop trailing 1-dims.
+_RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.unsqueeze, "unsqueeze",
+             torch.squeeze, "squeeze"}
 _MEAN = {torch.mean, "mean", torch.amax, "amax", "amin", torch.amin}
 
 
@@ -225,10 +227,10 @@ class _Walker:
             raise self.fail(node, "concatenating a tensor without channel structure")
         return Value(torch.cat([self.env[t].nodes for t in tensors]), False, 1)
 
-    def flatten_like(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+    def reshape(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
         src, dst = _shape(arg), _shape(node)
-        if src is not None and dst is not None and len(dst) == 2 and dst[:2] == src[:2] \
-                and all(s == 1 for s in src[2:]):
+        if src is not None and dst is not None and dst[:2] == src[:2] \
+                and all(s == 1 for s in src[2:]) and all(d == 1 for d in dst[2:]):
             return self.passthrough(arg, value)
         raise self.fail(node, f"reshape from {tuple(src or ())} to {tuple(dst or ())} mixes the "
                         "channel dimension with others (flatten of a spatial map, view of channels)")
@@ -273,7 +275,7 @@ class _Walker:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 return self.batchnorm(node, m, arg, value)
             if isinstance(m, nn.Flatten):
-                return self.flatten_like(node, arg, value)
+                return self.reshape(node, arg, value)
             if type(m) in _PASSTHROUGH_MODULES:
                 return self.passthrough(arg, value)
             raise self.fail(node, f"module type {type(m).__name__} is not supported")
@@ -286,8 +288,8 @@ class _Walker:
         if target in _PASSTHROUGH_FUNCTIONS or (node.op == "call_method"
                                                 and target in _PASSTHROUGH_METHODS):
             return self.passthrough(arg, value)
-        if target in _FLATTEN_LIKE:
-            return self.flatten_like(node, arg, value)
+        if target in _RESHAPES:
+            return self.reshape(node, arg, value)
         if target in _MEAN:
             return self.reduce_spatial(node, arg, value)
         raise self.fail(node, "this operation on channel tensors is not supported")

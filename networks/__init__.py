@@ -2,8 +2,9 @@
 from .checkpoint import (CheckpointError, atomic_save, load_network, network_from_record,
                          network_record, safe_load, save_network)
 from .cifar_resnet import CifarResNet
+from .pruning import classifier_layer
 from .registry import available, build
 from .vgg import CifarVGG
 
-__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "atomic_save", "available", "build",
+__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "atomic_save", "available", "build", "classifier_layer",
            "load_network", "network_from_record", "network_record", "safe_load", "save_network"]

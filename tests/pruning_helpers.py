@@ -1,0 +1,29 @@
+"""Ways to prune test networks with torch_pruning (random channels, chosen widths)."""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from networks import classifier_layer
+
+
+def random_prune(model: nn.Module, example: torch.Tensor, ratio: float, seed: int) -> nn.Module:
+    """Remove random channels, a different fraction per layer (global random importance)."""
+    torch.manual_seed(seed)
+    pruner = tp.pruner.BasePruner(model, example, importance=tp.importance.RandomImportance(),
+                                  global_pruning=True, pruning_ratio=ratio,
+                                  ignored_layers=[classifier_layer(model, example)])
+    pruner.step()
+    return model
+
+
+def prune_out_channels(model: nn.Module, example: torch.Tensor, layer: nn.Module,
+                       keep: int) -> nn.Module:
+    """Shrink ``layer``'s output (and everything coupled to it) to ``keep`` channels."""
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+    group = dg.get_pruning_group(layer, fn, idxs=list(range(keep, width)))
+    group.prune()
+    return model
