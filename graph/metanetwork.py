@@ -17,7 +17,7 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.utils import scatter
 
-from .network_graph import NetworkGraph, edge_attr_key
+from .network_graph import NetworkGraph, edge_attr_key, running_stat_columns
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -107,9 +107,17 @@ class Metanetwork(nn.Module):
                   node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                   update_running_stats: bool = False) -> "Metanetwork":
         """A metanetwork sized for ``graph``'s layout."""
-        frozen = () if update_running_stats else graph.running_stat_columns
-        return cls(graph.node_dim, graph.edge_types, num_layers, hidden, node_res_ratio,
-                   edge_res_ratio, frozen, graph.layout)
+        return cls.for_layout(graph.layout, num_layers, hidden, node_res_ratio, edge_res_ratio,
+                              update_running_stats)
+
+    @classmethod
+    def for_layout(cls, layout: dict, num_layers: int = 8, hidden: int = 64,
+                   node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
+                   update_running_stats: bool = False) -> "Metanetwork":
+        """A metanetwork for a ``NetworkGraph.layout`` (as stored in checkpoints)."""
+        frozen = () if update_running_stats else running_stat_columns(layout["bn_slots"])
+        return cls(layout["node_dim"], layout["edge_types"], num_layers, hidden, node_res_ratio,
+                   edge_res_ratio, frozen, layout)
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""

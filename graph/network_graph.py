@@ -60,6 +60,12 @@ class EdgeBlock:
         return torch.stack([src, dst])
 
 
+def running_stat_columns(bn_slots: int) -> tuple[int, ...]:
+    """Node-feature columns holding BN running statistics (the metanetwork keeps them)."""
+    return tuple(4 * s + BN_FIELDS.index(f) for s in range(bn_slots)
+                 for f in ("running_mean", "running_var"))
+
+
 def edge_attr_key(area: int) -> str:
     """Name of the Data attribute holding the edge features of kernel area ``area``."""
     return f"edge_attr_{area}"
@@ -148,10 +154,7 @@ class NetworkGraph:
             nodes * self.node_dim + (4 * slot + fld if kind == "bn" else 4 * self.bn_slots + slot)
             for _, kind, fld, nodes, slot in placed
         ]) if placed else torch.zeros(0, dtype=torch.long)
-        # Node-feature columns holding BN running statistics (frozen by the metanetwork).
-        self.running_stat_columns = tuple(
-            4 * s + BN_FIELDS.index(f) for s in range(self.bn_slots)
-            for f in ("running_mean", "running_var"))
+        self.running_stat_columns = running_stat_columns(self.bn_slots)
 
     # -- public API -----------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,186 @@
+"""MetaPruningModule: meta-train the GNN metanetwork on a zoo (DESIGN section 6).
+
+One step = one zoo member: W' = decode(M(encode(W))); loss = CE of the target network with
+weights W' over ``batches_per_step`` image batches + DepGraph's group-sparsity regularizer on W'.
+
+Single backward: W' is copied into a working copy of the member network (detached leaves), the
+cross-entropy gradients of all batches accumulate there, torch_pruning's
+``GroupNormPruner.regularize`` adds its gradient, and then one backward pushes that gradient
+through decode and the metanetwork. Same gradient as backpropagating each batch through the GNN,
+at one GNN backward per step and memory independent of the number of batches.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch_geometric.data import Data
+
+import networks
+from graph import Metanetwork, NetworkGraph
+
+NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free
+
+
+@dataclass
+class _Member:
+    graph: NetworkGraph
+    data: Data                     # the encoded original weights
+    work: nn.Module                # receives the decoded weights; eval mode
+    pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
+
+
+def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
+                     labels: torch.Tensor, pruner, alpha: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """dL/dW' for the decoded weights ``weights``: mean cross-entropy over the batches in
+    ``images`` [K, B, ...] plus the group-sparsity gradient. Returns (ce, regularizer value,
+    gradients by parameter name). ``work`` is overwritten with ``weights``."""
+    params = dict(work.named_parameters())
+    buffers = dict(work.named_buffers())
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+            p.grad = torch.zeros_like(p)
+        for name, b in buffers.items():
+            if name in weights:
+                b.copy_(weights[name])
+    ce = torch.zeros((), device=images.device)
+    for x, y in zip(images, labels):
+        loss = F.cross_entropy(work(x), y) / len(images)
+        loss.backward()
+        ce += loss.detach()
+    before = {name: p.grad.clone() for name, p in params.items()}
+    pruner.regularize(work, alpha=alpha, bias=False)
+    # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
+    sparsity = sum(((p.grad - before[n]) * p.detach()).sum() for n, p in params.items()) / 2
+    return ce, sparsity, {name: p.grad for name, p in params.items()}
+
+
+class MetaPruningModule(LightningModule):
+    """Meta-training of ``graph.Metanetwork`` (needs ``datamodules.ModelZooDataModule``).
+
+    Args:
+        num_layers, hidden, node_res_ratio, edge_res_ratio, update_running_stats: metanetwork
+            size and residual ratios (reference ResNet-56: 8 x 64, 0.01, 0.01).
+        reg, alpha: strength and adaptivity of the group-sparsity regularizer (reference 10, 16).
+        lr, weight_decay: AdamW. milestones, gamma: per-epoch MultiStepLR.
+        layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
+            checkpoints, so ``load_from_checkpoint`` needs no zoo.
+    """
+
+    def __init__(self, num_layers: int = 8, hidden: int = 64, node_res_ratio: float = 0.01,
+                 edge_res_ratio: float = 0.01, update_running_stats: bool = False,
+                 reg: float = 10.0, alpha: float = 16.0, lr: float = 1e-3,
+                 weight_decay: float = 5e-4, milestones: list[int] | None = None,
+                 gamma: float = 0.1, layout: dict | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.metanetwork: Metanetwork | None = None
+        self._members: dict[int, _Member] = {}
+        if layout is not None:
+            self._build(layout)
+
+    def _build(self, layout: dict) -> None:
+        hp = self.hparams
+        self.metanetwork = Metanetwork.for_layout(
+            layout, hp.num_layers, hp.hidden, hp.node_res_ratio, hp.edge_res_ratio,
+            hp.update_running_stats)
+
+    def configure_model(self) -> None:
+        if self.metanetwork is not None:
+            return
+        zoo = self.trainer.datamodule
+        first = zoo.members[zoo.train_ids[0]]
+        layout = NetworkGraph.from_module(first.network, zoo.example_input()).layout
+        self.hparams.layout = layout  # saved with every checkpoint
+        self._build(layout)
+
+    # -- per-member state ------------------------------------------------------------------
+    def _member(self, index: int) -> _Member:
+        if index not in self._members:
+            zoo = self.trainer.datamodule
+            network = zoo.members[index].network
+            example = zoo.example_input()
+            graph = NetworkGraph.from_module(network, example)
+            self.metanetwork.check_layout(graph)
+            work = copy.deepcopy(network).to(self.device).eval()
+            with torch.enable_grad():  # torch_pruning traces dependencies with autograd
+                pruner = networks.magnitude_pruner(work, example.to(self.device),
+                                                   reg=self.hparams.reg, alpha=self.hparams.alpha)
+            data = graph.encode({k: v.to(self.device) for k, v in network.state_dict().items()})
+            self._members[index] = _Member(graph, data, work, pruner)
+        return self._members[index]
+
+    def modified_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """The metanetwork's output for zoo member ``index`` (differentiable)."""
+        member = self._member(index)
+        return member.graph.decode(self.metanetwork(member.data))
+
+    # -- training ----------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        steps = getattr(self.trainer.datamodule, "train_steps", None)
+        if steps is not None:
+            steps.set_epoch(self.current_epoch)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        start = time.perf_counter()
+        index, images, labels = batch
+        index = int(index)
+        member = self._member(index)
+        weights = self.modified_weights(index)
+        ce, sparsity, grads = weight_gradients(member.work, weights, images, labels,
+                                               member.pruner, self.hparams.alpha)
+        if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
+            raise FloatingPointError(
+                f"meta-training loss is not finite at epoch {self.current_epoch}, step "
+                f"{self.global_step} (zoo member {index}: ce={ce.item()}, "
+                f"sparsity={float(sparsity)}); the last good checkpoint is kept. Lower "
+                "model.init_args.lr or reg, or resume from that checkpoint")
+        # d(surrogate)/dW' equals the accumulated gradient: one backward through the GNN.
+        surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(surrogate)
+        optimizer.step()
+        fraction = (networks.group_norms(member.pruner) < NEAR_ZERO).float().mean()
+        self.log_dict({"train/ce": ce, "train/sparsity": sparsity,
+                       "train/near_zero_groups": fraction,
+                       "train/lr": optimizer.param_groups[0]["lr"],
+                       "train/sec_per_step": time.perf_counter() - start},
+                      on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return ce
+
+    def on_train_epoch_end(self) -> None:
+        self.lr_schedulers().step()
+
+    # -- validation: meta-val members, never trained on --------------------------------------
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int) -> None:
+        index, images, labels = batch
+        member = self._member(int(index))
+        weights = self.modified_weights(int(index))
+        for name, p in member.work.named_parameters():
+            p.copy_(weights[name])
+        ce = sum(F.cross_entropy(member.work(x), y) for x, y in zip(images, labels)) / len(images)
+        norms = networks.group_norms(member.pruner)
+        self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < NEAR_ZERO).float().mean()},
+                      on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        if isinstance(self.logger, TensorBoardLogger) and batch_idx == 0:
+            self.logger.experiment.add_histogram("val/group_norms", norms, self.global_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.metanetwork.parameters(), lr=hp.lr,
+                                      weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones or []),
+                                                         hp.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
