@@ -30,11 +30,36 @@ NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for fr
 
 
 @dataclass
-class _Member:
+class MemberState:
+    """What meta-training keeps per zoo member."""
+
     graph: NetworkGraph
     data: Data                     # the encoded original weights
     work: nn.Module                # receives the decoded weights; eval mode
     pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
+
+    @classmethod
+    def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
+              device: torch.device | str = "cpu") -> "MemberState":
+        graph = NetworkGraph.from_module(network, example)
+        work = copy.deepcopy(network).to(device).eval()
+        with torch.enable_grad():  # torch_pruning traces dependencies with autograd
+            pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
+        data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
+        return cls(graph, data, work, pruner)
+
+
+def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
+              labels: torch.Tensor, alpha: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
+    metanetwork the gradient of ce + regularizer, through one GNN backward."""
+    weights = member.graph.decode(metanetwork(member.data))
+    ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
+                                           alpha)
+    # d(surrogate)/dW' equals the accumulated gradient.
+    surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
+    return ce, sparsity, surrogate
 
 
 def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
@@ -85,7 +110,7 @@ class MetaPruningModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.metanetwork: Metanetwork | None = None
-        self._members: dict[int, _Member] = {}
+        self._members: dict[int, MemberState] = {}
         if layout is not None:
             self._build(layout)
 
@@ -105,19 +130,13 @@ class MetaPruningModule(LightningModule):
         self._build(layout)
 
     # -- per-member state ------------------------------------------------------------------
-    def _member(self, index: int) -> _Member:
+    def _member(self, index: int) -> MemberState:
         if index not in self._members:
             zoo = self.trainer.datamodule
-            network = zoo.members[index].network
-            example = zoo.example_input()
-            graph = NetworkGraph.from_module(network, example)
-            self.metanetwork.check_layout(graph)
-            work = copy.deepcopy(network).to(self.device).eval()
-            with torch.enable_grad():  # torch_pruning traces dependencies with autograd
-                pruner = networks.magnitude_pruner(work, example.to(self.device),
-                                                   reg=self.hparams.reg, alpha=self.hparams.alpha)
-            data = graph.encode({k: v.to(self.device) for k, v in network.state_dict().items()})
-            self._members[index] = _Member(graph, data, work, pruner)
+            state = MemberState.build(zoo.members[index].network, zoo.example_input(),
+                                      self.hparams.reg, self.hparams.alpha, self.device)
+            self.metanetwork.check_layout(state.graph)
+            self._members[index] = state
         return self._members[index]
 
     def modified_weights(self, index: int) -> dict[str, torch.Tensor]:
@@ -136,17 +155,14 @@ class MetaPruningModule(LightningModule):
         index, images, labels = batch
         index = int(index)
         member = self._member(index)
-        weights = self.modified_weights(index)
-        ce, sparsity, grads = weight_gradients(member.work, weights, images, labels,
-                                               member.pruner, self.hparams.alpha)
+        ce, sparsity, surrogate = meta_loss(self.metanetwork, member, images, labels,
+                                            self.hparams.alpha)
         if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
             raise FloatingPointError(
                 f"meta-training loss is not finite at epoch {self.current_epoch}, step "
                 f"{self.global_step} (zoo member {index}: ce={ce.item()}, "
                 f"sparsity={float(sparsity)}); the last good checkpoint is kept. Lower "
                 "model.init_args.lr or reg, or resume from that checkpoint")
-        # d(surrogate)/dW' equals the accumulated gradient: one backward through the GNN.
-        surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(surrogate)
@@ -164,15 +180,23 @@ class MetaPruningModule(LightningModule):
 
     # -- validation: meta-val members, never trained on --------------------------------------
     @torch.no_grad()
-    def validation_step(self, batch, batch_idx: int) -> None:
-        index, images, labels = batch
-        member = self._member(int(index))
-        weights = self.modified_weights(int(index))
+    def _evaluate(self, member: MemberState, weights: dict, images, labels) -> tuple:
+        """(cross-entropy, normalized group norms) of ``member`` with ``weights``."""
         for name, p in member.work.named_parameters():
             p.copy_(weights[name])
         ce = sum(F.cross_entropy(member.work(x), y) for x, y in zip(images, labels)) / len(images)
-        norms = networks.group_norms(member.pruner)
-        self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < NEAR_ZERO).float().mean()},
+        return ce, networks.group_norms(member.pruner)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int) -> None:
+        index, images, labels = batch
+        member = self._member(int(index))
+        original = member.graph.decode(member.data)
+        ce0, norms0 = self._evaluate(member, original, images, labels)
+        ce, norms = self._evaluate(member, self.modified_weights(int(index)), images, labels)
+        self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < NEAR_ZERO).float().mean(),
+                       "val/ce_original": ce0,
+                       "val/near_zero_groups_original": (norms0 < NEAR_ZERO).float().mean()},
                       on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
         if isinstance(self.logger, TensorBoardLogger) and batch_idx == 0:
             self.logger.experiment.add_histogram("val/group_norms", norms, self.global_step)

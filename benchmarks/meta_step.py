@@ -1,0 +1,95 @@
+"""Cost of one meta-training step against its floor (issue 4).
+
+    python benchmarks/meta_step.py [--batch 500] [--batches 1 8] [--device cpu]
+
+For a ResNet-56 pruned to 1.32x (a zoo member), measures in one process:
+- floor: plain forward+backward of the network over B batches of images (eval mode);
+- step: one meta-training step (encode, metanetwork 8x64, decode, the same B forward+backward
+  passes, the sparsity regularizer, one backward through the metanetwork).
+Each configuration runs in a fresh subprocess so its peak memory (ru_maxrss on CPU,
+max_memory_allocated on CUDA) is its own. The last line is ``ratio=<step/floor at B=max>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(batches: int, batch: int, device: str, what: str) -> dict:
+    import networks
+    from graph import Metanetwork
+    from lightning_modules.meta_pruning import MemberState, meta_loss
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    example = torch.randn(1, 3, 32, 32)
+    model = networks.build("resnet56_cifar", 10).eval()
+    networks.prune_to_speed_up(model, example, 1.32, networks.count_macs(model, example),
+                               iterative_steps=200)
+    images = torch.randn(batches, batch, 3, 32, 32, device=dev)
+    labels = torch.randint(0, 10, (batches, batch), device=dev)
+    member = MemberState.build(model, example, reg=10.0, alpha=16.0, device=dev)
+    meta = Metanetwork.for_graph(member.graph, num_layers=8, hidden=64).to(dev)
+    work = member.work
+
+    def floor(images, labels):
+        for x, y in zip(images, labels):
+            torch.nn.functional.cross_entropy(work(x), y).backward()
+
+    def step(images, labels):
+        meta.zero_grad()
+        _, _, surrogate = meta_loss(meta, member, images, labels, alpha=16.0)
+        surrogate.backward()
+
+    fn = floor if what == "floor" else step
+    fn(images[:1], labels[:1])  # warm-up (allocations, caches) on one batch
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2 if batches == 1 else 1):
+        start = time.perf_counter()
+        fn(images, labels)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"seconds": min(times), "peak_mib": peak / 2 ** 20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child", nargs=2, metavar=("B", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(int(args.child[0]), args.batch, args.device, args.child[1])))
+        return
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"ResNet-56 pruned 1.32x, batches of {args.batch}")
+    ratio = None
+    for b in args.batches:
+        res = {}
+        for what in ("floor", "step"):
+            out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
+                                  "--device", args.device, "--child", str(b), what],
+                                 check=True, capture_output=True, text=True).stdout
+            res[what] = json.loads(out.strip().splitlines()[-1])
+        ratio = res["step"]["seconds"] / res["floor"]["seconds"]
+        print(f"B={b}: floor {res['floor']['seconds']:.2f} s, step {res['step']['seconds']:.2f} s,"
+              f" step/floor {ratio:.3f}; peak memory floor {res['floor']['peak_mib']:.0f} MiB, "
+              f"step {res['step']['peak_mib']:.0f} MiB", flush=True)
+    print(f"ratio={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

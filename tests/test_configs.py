@@ -1,0 +1,36 @@
+"""Every shipped config parses and trains one batch (fast_dev_run) on tiny generated data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/pretrain.yaml"))
+pytestmark = pytest.mark.usefixtures("cli_argv")
+NETWORKS = {"demo": "resnet20_cifar", "resnet56_cifar10": "resnet56_cifar",
+            "vgg19_cifar100": "vgg19_bn_cifar", "resnet50_imagenet": "resnet50"}
+
+
+def test_every_task_has_a_pretrain_config() -> None:
+    assert {p.parent.name for p in CONFIGS} == set(NETWORKS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+def test_config_runs_fast_dev_run(config: Path, tiny_cifar: Path, tiny_imagenet: Path,
+                                  tmp_path: Path) -> None:
+    large = "imagenet" in config.parent.name
+    root, classes = (tiny_imagenet, 2) if large else (tiny_cifar, 3)
+    args = ["fit", "--config", str(config), f"--data.init_args.root={root}",
+            f"--data.init_args.num_classes={classes}", f"--model.init_args.num_classes={classes}",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+            "--data.init_args.subset=null", "--trainer.accelerator=cpu",
+            "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    if large:
+        args.append("--trainer.precision=32")  # the config's 16-mixed is for GPUs
+    cli = main(args)
+    assert cli.trainer.state.finished
+    assert cli.model.hparams.network == NETWORKS[config.parent.name]  # the config's own model
+    assert cli.model.network(cli.datamodule.val_set[0][0][None]).shape == (1, classes)

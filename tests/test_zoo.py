@@ -1,0 +1,271 @@
+"""Zoo generation: the PruneToSpeedUp and ExportToZoo callbacks and `prune.py zoo`."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer
+
+import networks
+import prune
+import train
+from callbacks import ExportToZoo, PruneToSpeedUp, ZooError, read_manifest
+from callbacks import zoo as zoo_module
+from datamodules import ImageDataModule
+from lightning_modules import ImageClassifier
+
+pytestmark = pytest.mark.usefixtures("cli_argv")
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/zoo.yaml"))
+DEMO = Path(__file__).parents[1] / "configs" / "demo" / "zoo.yaml"
+
+
+def tiny_zoo_config(root: Path, out: Path, source: Path = DEMO) -> Path:
+    """A shipped zoo.yaml shrunk to seconds: 3 classes, quarter-width ResNet-8, 2 batches."""
+    cfg = yaml.safe_load(source.read_text())
+    cfg["zoo"].update(dir=str(out / "zoo"), iterative_steps=50, input_size=[3, 32, 32])
+    pre = cfg["pretrain"]
+    pre["trainer"].update(max_epochs=1, limit_train_batches=2, accelerator="cpu", precision=32,
+                          enable_progress_bar=False, enable_model_summary=False)
+    pre["data"]["init_args"].update(root=str(root), dataset="cifar10", num_classes=3, batch_size=8,
+                                    eval_batch_size=8, subset=None, test_subset=None, num_workers=0)
+    pre["model"]["init_args"].update(network="resnet8_cifar", network_kwargs={"width": 0.25},
+                                     weights=None)
+    cfg["finetune"]["trainer"] = {"max_epochs": 1, "limit_train_batches": 2}
+    path = out / "zoo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_zoo(config: Path, seed: int) -> int:
+    return prune.main(["zoo", "--config", str(config), "--seed", str(seed)])
+
+
+def check_member(zoo_dir: Path, row: dict) -> None:
+    net, record = networks.load_network(zoo_dir / row["file"])  # weights_only=True inside
+    assert torch.load(zoo_dir / row["file"], weights_only=True)["format"] == networks.checkpoint.FORMAT
+    example = torch.zeros(1, 3, 32, 32)
+    assert row["macs"] == networks.count_macs(net, example)
+    base = networks.build(row["architecture"]["name"], row["architecture"]["num_classes"],
+                          **row["architecture"]["kwargs"])
+    assert row["base_macs"] == networks.count_macs(base, example)
+    assert row["speed_up"] == pytest.approx(row["base_macs"] / row["macs"], rel=1e-12)
+    assert row["speed_up"] >= 1.32
+    assert row["params"] == networks.count_params(net)
+    assert row["widths"] == zoo_module.widths(net)
+    assert row["widths"] != zoo_module.widths(base)  # actually pruned
+    assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
+    assert record["arch"] == row["architecture"]
+
+
+@pytest.fixture(scope="module")
+def zoo_seed0(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zoo with one member (seed 0) made by `prune.py zoo` from the tiny demo config."""
+    import sys
+    out = tmp_path_factory.mktemp("zoo_seed0")
+    config = tiny_zoo_config(tiny_cifar, out)
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        assert run_zoo(config, 0) == 0
+    finally:
+        sys.argv = argv
+    return out
+
+
+# ---- (a) PruneToSpeedUp ---------------------------------------------------------------------
+class Snapshot(Callback):
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        self.optimizer_has_network = opt_params == {id(p) for p in pl_module.network.parameters()}
+        self.before = {k: v.detach().clone() for k, v in pl_module.network.named_parameters()}
+
+
+def test_prune_callback_reaches_target_and_trains_pruned_params(tiny_cifar: Path, tmp_path: Path) -> None:
+    model = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.5}, lr=0.1)
+    prune_cb, snap = PruneToSpeedUp(1.32, iterative_steps=50, input_size=[3, 32, 32]), Snapshot()
+    data = ImageDataModule(str(tiny_cifar), num_classes=3, batch_size=8, num_workers=0)
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[prune_cb, snap], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+
+    net, example = model.network, torch.zeros(1, 3, 32, 32)
+    full = networks.build("resnet8_cifar", 3, width=0.5)
+    assert prune_cb.base_macs == networks.count_macs(full, example)
+    assert prune_cb.macs == networks.count_macs(net, example)
+    assert prune_cb.speed_up_reached == prune_cb.base_macs / prune_cb.macs >= 1.32
+    assert prune_cb.params == networks.count_params(net) < networks.count_params(full)
+    assert snap.optimizer_has_network  # the optimizer was built over the pruned parameters
+    changed = [k for k, v in net.named_parameters() if not torch.equal(v, snap.before[k])]
+    assert "conv1.weight" in changed or len(changed) > len(snap.before) // 2
+
+
+def test_prune_callback_counts_earlier_pruning(tmp_path: Path) -> None:
+    """A network pruned before (saved, reloaded) starts above 1x: base MACs are the unpruned arch."""
+    model = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.5})
+    example = torch.zeros(1, 3, 32, 32)
+    base = networks.count_macs(model.network, example)
+    reached = networks.prune_to_speed_up(model.network, example, 1.2, base, 50)
+    path = networks.save_network(model.network, tmp_path / "p.pt", arch=model.arch)
+    again = ImageClassifier("resnet8_cifar", num_classes=3, weights=str(path))
+    again.network.bn1.running_mean.fill_(0.5)  # tracing in train mode would move these
+    expected = copy.deepcopy(again.network).eval()
+    networks.prune_to_speed_up(expected, example, 1.5, base, 50)
+    cb = PruneToSpeedUp(1.5, iterative_steps=50)
+    cb.setup(Trainer(logger=False, enable_progress_bar=False), again, "fit")
+    assert cb.base_macs == base and cb.speed_up_reached >= 1.5 > reached
+    assert again.network.training  # mode restored
+    got = again.network.state_dict()
+    assert got.keys() == expected.state_dict().keys()
+    for k, v in expected.state_dict().items():  # same widths, same values, BN statistics untouched
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    cb.setup(None, again, "fit")  # once per module: a second setup does not prune again
+    assert networks.count_macs(again.network, example) == cb.macs
+    with pytest.raises(ValueError, match="input_size"):
+        PruneToSpeedUp(1.5, input_size=[32, 32])
+
+
+# ---- (b) one member --------------------------------------------------------------------------
+def test_zoo_command_adds_a_consistent_member(zoo_seed0: Path) -> None:
+    zoo_dir = zoo_seed0 / "zoo"
+    manifest = read_manifest(zoo_dir)
+    assert [r["seed"] for r in manifest["members"]] == [0]
+    row = manifest["members"][0]
+    assert row["file"] == "members/seed0.pt"
+    check_member(zoo_dir, row)
+    for stage in ("pretrain", "finetune"):  # ordinary Lightning runs: TB logs and checkpoints
+        run = zoo_dir / "runs" / "seed0" / stage
+        assert list(run.glob("events.out.tfevents.*")) and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (zoo_dir / "runs" / "seed0" / "pretrain" / "network.pt").is_file()
+    assert not list(zoo_dir.rglob("*.tmp"))
+
+
+# ---- (c) rerun: nothing twice, new seed adds ---------------------------------------------------
+def test_rerun_same_seed_is_a_no_op_and_new_seed_adds(zoo_seed0: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(zoo_seed0, tmp_path, dirs_exist_ok=True)
+    config = tmp_path / "zoo.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["zoo"]["dir"] = str(tmp_path / "zoo")
+    config.write_text(yaml.safe_dump(cfg))
+    zoo_dir = tmp_path / "zoo"
+    before = (zoo_dir / "manifest.json").read_text()
+    mtime = (zoo_dir / "members" / "seed0.pt").stat().st_mtime_ns
+
+    def no_training(*a, **k):
+        raise AssertionError("a stage trained again")
+    monkeypatch.setattr(prune, "fit_stage", no_training)
+    assert run_zoo(config, 0) == 0
+    assert (zoo_dir / "manifest.json").read_text() == before
+    assert (zoo_dir / "members" / "seed0.pt").stat().st_mtime_ns == mtime
+
+    monkeypatch.undo()
+    assert run_zoo(config, 1) == 0
+    rows = read_manifest(zoo_dir)["members"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0] == json.loads(before)["members"][0]
+    check_member(zoo_dir, rows[1])
+    assert (zoo_dir / "members" / "seed0.pt").stat().st_mtime_ns == mtime
+
+
+# ---- (d) crash between member file and manifest ------------------------------------------------
+def test_crash_before_manifest_row_leaves_consistent_zoo_and_rerun_completes(
+        tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_zoo_config(tiny_cifar, tmp_path)
+    zoo_dir = tmp_path / "zoo"
+    zoo_module.write_manifest(zoo_dir, {"format": zoo_module.FORMAT, "members": []})
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed between member file and manifest")
+    monkeypatch.setattr(zoo_module, "add_member", crash)
+    with pytest.raises((KeyboardInterrupt, SystemExit, RuntimeError)):
+        run_zoo(config, 3)
+    assert (zoo_dir / "members" / "seed3.pt").is_file()  # the member file was complete ...
+    assert read_manifest(zoo_dir)["members"] == []       # ... but is not registered
+    assert not list(zoo_dir.rglob("*.tmp"))
+    pretrained = zoo_dir / "runs" / "seed3" / "pretrain" / "network.pt"
+    mtime = pretrained.stat().st_mtime_ns
+
+    monkeypatch.undo()
+    assert run_zoo(config, 3) == 0
+    rows = read_manifest(zoo_dir)["members"]
+    assert [r["seed"] for r in rows] == [3]
+    check_member(zoo_dir, rows[0])
+    assert pretrained.stat().st_mtime_ns == mtime  # stage 1 was not redone
+
+
+def test_broken_manifest_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"members": [')
+    with pytest.raises(ZooError, match="manifest.json.*JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"members": [{"seed": 0}]}))
+    with pytest.raises(ZooError, match=r"manifest.json.*members\[0\] lacks"):
+        read_manifest(tmp_path)
+    with pytest.raises(ZooError, match="does not exist"):
+        read_manifest(tmp_path / "nowhere")
+    row = {"seed": 0, "architecture": {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {}},
+           "widths": {}, "macs": 10, "params": 5, "base_macs": 20, "speed_up": 2.0,
+           "val_acc": 0.5, "test_acc": None, "file": "members/seed0.pt"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"members": [row]}))
+    with pytest.raises(ZooError, match="members/seed0.pt"):
+        read_manifest(tmp_path)
+    assert read_manifest(tmp_path, check_files=False)["members"] == [row]
+
+
+# ---- (e) shipped configs ---------------------------------------------------------------------
+def test_every_task_has_a_zoo_config() -> None:
+    assert {p.parent.name for p in CONFIGS} == {"demo", "resnet56_cifar10", "vgg19_cifar100",
+                                                "resnet50_imagenet"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, tmp_path: Path) -> None:
+    large = "imagenet" in config.parent.name
+    root = tiny_imagenet if large else tiny_cifar
+    cfg = prune.load_zoo_config(config, seed=5, zoo_dir=str(tmp_path), data_root=str(root))
+    assert cfg["zoo"]["speed_up"] > 1 and cfg["zoo"]["seed"] == 5
+    assert cfg["zoo"]["input_size"] == ([3, 224, 224] if large else [3, 32, 32])
+    stages = {"pretrain": prune.pretrain_config(cfg),
+              "finetune": prune.finetune_config(cfg, tmp_path / "weights.pt")}
+    for name, stage in stages.items():
+        stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs
+        stage["model"]["init_args"]["weights"] = None  # parse only: no weights file here
+        cli = train.main(["--config", yaml.safe_dump(stage)], run=False)
+        assert cli.config.seed_everything == 5
+        assert cli.datamodule.root == root
+        assert Path(cli.trainer.log_dir) == prune.stage_dir(tmp_path, 5, name)
+        if name == "finetune":
+            prune_cb = next(c for c in cli.trainer.callbacks if isinstance(c, PruneToSpeedUp))
+            export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportToZoo))
+            assert prune_cb.speed_up == cfg["zoo"]["speed_up"] and export.seed == 5
+            pretrain_lr = yaml.safe_load(config.read_text())["pretrain"]["model"]["init_args"]["lr"]
+            assert cli.model.hparams.lr < pretrain_lr or large  # the finetune recipe is merged in
+
+
+def test_pretrained_skips_stage_one(tiny_cifar: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_zoo_config(tiny_cifar, tmp_path)
+    cfg = prune.load_zoo_config(config, seed=0)
+    start = networks.save_network(networks.build("resnet8_cifar", 3, width=0.25), tmp_path / "start.pt",
+                                  arch={"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}})
+    calls = []
+    monkeypatch.setattr(prune, "fit_stage", lambda c, test=False: calls.append(c))
+    cfg["zoo"]["pretrained"] = str(start)
+    assert prune.run_pretrain(cfg) == start and calls == []
+    cfg["zoo"]["pretrained"] = str(tmp_path / "missing.pt")
+    with pytest.raises(prune.ZooConfigError, match="missing.pt"):
+        prune.run_pretrain(cfg)
+
+
+def test_bad_zoo_config_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text("zoo: {dir: x}\npretrain: {}\n")
+    with pytest.raises(prune.ZooConfigError, match="zoo.yaml.*speed_up"):
+        prune.load_zoo_config(bad)
+    bad.write_text("zoo: {speed_up: 2}\npretrain: {seed_everything: 1}\n")
+    with pytest.raises(prune.ZooConfigError, match="seed_everything"):
+        prune.load_zoo_config(bad)
