@@ -43,6 +43,8 @@ class ExportNetwork(Callback):
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "arch"):
+            return  # meta-training: the module carries no target network to export
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename  # all ranks
         if not trainer.is_global_zero:
             return

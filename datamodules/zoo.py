@@ -7,7 +7,6 @@ averaged as usual.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import networks
+from callbacks.zoo import ZooError, read_manifest
 
 from .images import ImageDataModule
-
-
-class ZooError(ValueError):
-    """The zoo directory or its manifest is missing or broken."""
 
 
 @dataclass
@@ -32,24 +28,6 @@ class ZooMember:
     network: nn.Module
     record: dict      # the network file's record: arch, layers, metadata
     row: dict         # the manifest row
-
-
-def read_members(zoo_dir: str | Path) -> list[dict]:
-    """The manifest rows of a zoo directory (``manifest.json``), validated."""
-    path = Path(zoo_dir) / "manifest.json"
-    if not path.is_file():
-        raise ZooError(f"no zoo manifest at {str(path)!r}; build a zoo first with "
-                       "`python prune.py zoo --config configs/<task>/zoo.yaml`")
-    try:
-        rows = json.loads(path.read_text())["members"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ZooError(f"zoo manifest {str(path)!r} is not valid ({e}); restore it or rebuild "
-                       "the zoo") from e
-    for row in rows:
-        if "file" not in row or not (Path(zoo_dir) / row["file"]).is_file():
-            raise ZooError(f"zoo manifest {str(path)!r} lists member {row.get('file')!r}, "
-                           "which does not exist; rerun the zoo command for its seed")
-    return rows
 
 
 class StepDataset(Dataset):
@@ -111,7 +89,7 @@ class ModelZooDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.members:
             return
-        rows = read_members(self.zoo)
+        rows = read_manifest(self.zoo)["members"]
         if len(rows) <= self.meta_val_members:
             raise ZooError(f"zoo {str(self.zoo)!r} has {len(rows)} members, but "
                            f"meta_val_members={self.meta_val_members} are held out; add members "

@@ -1,7 +1,6 @@
 """Meta-training (issue 4): single-backward gradient, a fit on a tiny zoo, checkpoints."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 import networks
+from callbacks.zoo import ZooError, add_member, member_file, widths
 from datamodules import ImageDataModule, ModelZooDataModule
 from graph import Metanetwork, NetworkGraph
 from lightning_modules import MetaPruningModule
@@ -20,18 +20,20 @@ X32 = torch.randn(1, 3, 32, 32)
 
 
 def make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
-    """Tiny zoo: quarter-width ResNet-8s pruned differently, with a manifest."""
-    rows = []
+    """Tiny zoo: quarter-width ResNet-8s pruned differently, registered in a manifest."""
+    arch = {"name": "resnet8_cifar", "num_classes": num_classes, "kwargs": {"width": 0.25}}
+    base = networks.count_macs(networks.build("resnet8_cifar", num_classes, width=0.25), X32)
     for seed in range(count):
         torch.manual_seed(seed)
         model = networks.build("resnet8_cifar", num_classes, width=0.25)
         random_prune(model, X32, ratio=0.2, seed=seed)
-        file = f"members/seed{seed}.pt"
-        networks.save_network(model, root / file, {"name": "resnet8_cifar",
-                                                   "num_classes": num_classes,
-                                                   "kwargs": {"width": 0.25}})
-        rows.append({"seed": seed, "file": file})
-    (root / "manifest.json").write_text(json.dumps({"members": rows}))
+        file = member_file(seed)
+        networks.save_network(model, root / file, arch)
+        macs = networks.count_macs(model, X32)
+        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
+                          "macs": macs, "params": networks.count_params(model),
+                          "base_macs": base, "speed_up": base / macs, "val_acc": None,
+                          "test_acc": None, "file": file})
     return root
 
 
@@ -116,12 +118,43 @@ def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, 
 
 
 def test_zoo_errors_name_the_manifest(tiny_cifar, tmp_path):
-    from datamodules.zoo import ZooError
-    with pytest.raises(ZooError, match="no zoo manifest.*prune.py zoo"):
+    with pytest.raises(ZooError, match="manifest.json.*does not exist.*prune.py zoo"):
         _datamodule(tmp_path, tiny_cifar).setup("fit")
     zoo = make_zoo(tmp_path / "zoo", count=1)
     with pytest.raises(ZooError, match="1 members.*meta_val_members=1"):
         _datamodule(zoo, tiny_cifar).setup("fit")
     (zoo / "manifest.json").write_text("{broken")
-    with pytest.raises(ZooError, match="manifest.json.*not valid"):
+    with pytest.raises(ZooError, match="manifest.json.*cannot be read as JSON"):
         _datamodule(zoo, tiny_cifar).setup("fit")
+
+
+META_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/meta.yaml"))
+
+
+def test_every_task_has_a_meta_config():
+    assert {p.parent.name for p in META_CONFIGS} == {"demo", "resnet56_cifar10",
+                                                     "vgg19_cifar100", "resnet50_imagenet"}
+
+
+@pytest.mark.parametrize("config", META_CONFIGS, ids=lambda p: p.parent.name)
+def test_meta_config_runs_through_train_py(config, tiny_cifar, tmp_path, monkeypatch):
+    """Each shipped meta config parses and meta-trains one step (fast_dev_run) on a tiny zoo
+    through the same CLI users run; the config's own metanetwork size is kept."""
+    from train import main
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    zoo = make_zoo(tmp_path / "zoo")
+    cli = main(["fit", "--config", str(config), f"--data.init_args.zoo={zoo}",
+                f"--data.init_args.images.init_args.root={tiny_cifar}",
+                "--data.init_args.images.init_args.dataset=cifar10",
+                "--data.init_args.images.init_args.num_classes=3",
+                "--data.init_args.images.init_args.num_workers=0",
+                "--data.init_args.images.init_args.download=false",
+                "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=2",
+                "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.fast_dev_run=true",
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.state.finished
+    hidden = cli.model.metanetwork.node_encoder.out_features
+    assert hidden == cli.model.hparams.hidden and len(cli.model.metanetwork.layers) == \
+        cli.model.hparams.num_layers

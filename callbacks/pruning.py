@@ -1,0 +1,89 @@
+"""PruneToSpeedUp: structured pruning as a step of an ordinary Lightning fit.
+
+The callback prunes ``pl_module.network`` in its ``setup`` hook for stage ``"fit"``. Lightning
+calls ``setup`` before ``configure_optimizers`` and before it restores a checkpoint, so
+
+* the optimizer is built over the pruned parameters, and
+* resuming a killed finetune (``ckpt_path=last.ckpt``) works: the same weights prune to the same
+  widths (the magnitude criterion is deterministic), then the checkpoint's pruned state loads.
+
+Speed-up = MACs(unpruned architecture) / MACs(pruned network), where the unpruned architecture
+is rebuilt from ``pl_module.arch`` with ``networks.build``: pruning done before this run (the
+zoo's initial prune) counts toward the target (DESIGN section 7).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+import networks
+
+
+def example_input(input_size: Sequence[int]) -> torch.Tensor:
+    """A one-image batch of shape ``(1, *input_size)`` for tracing and MAC counting."""
+    size = tuple(int(s) for s in input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"input_size={list(input_size)} must be [channels, height, width], "
+                         "e.g. [3, 32, 32] for CIFAR or [3, 224, 224] for ImageNet")
+    return torch.zeros(1, *size)
+
+
+def base_macs(arch: dict, example: torch.Tensor) -> int:
+    """MACs of the unpruned architecture ``arch`` (``{"name", "num_classes", "kwargs"}``)."""
+    return networks.count_macs(networks.build(arch["name"], arch["num_classes"],
+                                              **arch.get("kwargs", {})), example)
+
+
+class PruneToSpeedUp(Callback):
+    """Prune the module's network to ``speed_up`` x fewer MACs than its unpruned architecture.
+
+    Args:
+        speed_up: target MACs(unpruned) / MACs(pruned); reached or exceeded by the smallest step.
+        iterative_steps: pruning steps of the global group-L2 magnitude pruner (DESIGN section 7).
+        input_size: ``[C, H, W]`` of one input image, for tracing and MAC counting.
+
+    After ``setup`` the attributes ``base_macs``, ``macs``, ``params`` and ``speed_up_reached``
+    hold the result; they are also logged (``prune/*``) to the trainer's loggers.
+    """
+
+    def __init__(self, speed_up: float, iterative_steps: int = 200,
+                 input_size: Sequence[int] = (3, 32, 32)) -> None:
+        if speed_up <= 1.0:
+            raise ValueError(f"speed_up={speed_up} must be above 1 (MACs(unpruned) / MACs(pruned))")
+        self.speed_up = float(speed_up)
+        self.iterative_steps = int(iterative_steps)
+        self.input_size = [int(s) for s in input_size]
+        example_input(self.input_size)  # validate now, not after minutes of data loading
+        self.base_macs: int | None = None
+        self.macs: int | None = None
+        self.params: int | None = None
+        self.speed_up_reached: float | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.speed_up_reached is not None:  # prune once per module
+            return
+        network = pl_module.network
+        example = example_input(self.input_size).to(next(network.parameters()).device)
+        self.base_macs = base_macs(pl_module.arch, example.cpu())
+        before = networks.count_macs(network, example)
+        # Tracing runs the network forward: in train mode that would move BN running statistics.
+        was_training = network.training
+        network.eval()
+        try:
+            self.speed_up_reached = networks.prune_to_speed_up(
+                network, example, self.speed_up, self.base_macs, self.iterative_steps)
+        finally:
+            network.train(was_training)
+        self.macs = networks.count_macs(network, example)
+        self.params = networks.count_params(network)
+        rank_zero_info(
+            f"pruned {pl_module.arch['name']}: {before:,} -> {self.macs:,} MACs, "
+            f"{self.params:,} params, speed-up {self.speed_up_reached:.3f}x "
+            f"(target {self.speed_up}x, base {self.base_macs:,} MACs)")
+        for logger in trainer.loggers:
+            logger.log_metrics({"prune/speed_up": self.speed_up_reached,
+                                "prune/macs": float(self.macs), "prune/params": float(self.params),
+                                "prune/base_macs": float(self.base_macs)}, step=0)

@@ -1,0 +1,258 @@
+"""The pruning pipeline of DESIGN section 2, one subcommand per step.
+
+    python prune.py zoo --config configs/<task>/zoo.yaml [--seed N] [--zoo_dir DIR] [--data_root PATH]
+
+Subcommands are registered in ``SUBCOMMANDS``: each is a pair of functions, one adding its
+arguments to an argparse subparser and one running it with the parsed namespace. To add one,
+write ``add_<name>_arguments(parser)`` and ``<name>_command(args) -> int`` and list them there.
+
+``zoo`` (docs/zoo.md): train a target network (stage 1, "pretrain"), prune it to the task's
+initial speed-up and finetune it (stage 2, "finetune"), and add it to the zoo as member
+``seed``. Both stages are ordinary Lightning fits built from the config by ``train.main`` (so
+TensorBoard logs, checkpoints and strategies work as in ``train.py``). A stage whose output
+exists is skipped, and a stage killed half way resumes from its ``last.ckpt``.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see train.py
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import yaml  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# zoo
+# ---------------------------------------------------------------------------------------------
+ZOO_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "pretrained", "seed"}
+
+
+class ZooConfigError(ValueError):
+    """A zoo.yaml is malformed; the message names the file and the key."""
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` merged into a copy of ``base``: dicts recursively, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
+                    data_root: str | None = None, pretrained: str | None = None) -> dict:
+    """Read a zoo.yaml and apply the command-line overrides. Returns ``{"zoo", "pretrain",
+    "finetune"}`` with ``zoo`` complete (defaults filled in, ``seed`` set)."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ZooConfigError(f"zoo config {str(path)!r} cannot be read: {e}") from e
+    except yaml.YAMLError as e:
+        raise ZooConfigError(f"zoo config {str(path)!r} is not valid YAML: {e}") from e
+    where = f"zoo config {str(path)!r}"
+    if not isinstance(cfg, dict):
+        raise ZooConfigError(f"{where} must be a mapping with keys zoo, pretrain, finetune")
+    unknown = sorted(set(cfg) - {"zoo", "pretrain", "finetune"})
+    if unknown:
+        raise ZooConfigError(f"{where}: unknown top-level keys {unknown}; allowed: zoo, pretrain, finetune")
+    for key in ("zoo", "pretrain"):
+        if not isinstance(cfg.get(key), dict):
+            raise ZooConfigError(f"{where}: section {key!r} is missing or not a mapping")
+    cfg.setdefault("finetune", {})
+    if not isinstance(cfg["finetune"], dict):
+        raise ZooConfigError(f"{where}: section 'finetune' must be a mapping")
+    zoo = cfg["zoo"]
+    unknown = sorted(set(zoo) - ZOO_KEYS)
+    if unknown:
+        raise ZooConfigError(f"{where}: unknown zoo keys {unknown}; allowed: {sorted(ZOO_KEYS)}")
+    if "speed_up" not in zoo:
+        raise ZooConfigError(f"{where}: zoo.speed_up (the initial pruning target) is required")
+    if "seed_everything" in cfg["pretrain"] or "seed_everything" in cfg["finetune"]:
+        raise ZooConfigError(f"{where}: do not set seed_everything; the member's seed comes from "
+                             "--seed (or zoo.seed) and seeds both stages")
+    zoo.setdefault("dir", f"zoo/{path.parent.name}")
+    zoo.setdefault("iterative_steps", 200)
+    zoo.setdefault("input_size", [3, 32, 32])
+    zoo.setdefault("pretrained", None)
+    zoo.setdefault("seed", 0)
+    for key, value in (("seed", seed), ("dir", zoo_dir), ("pretrained", pretrained)):
+        if value is not None:
+            zoo[key] = value
+    if data_root is not None:
+        for section in ("pretrain", "finetune"):
+            data = cfg[section].get("data")
+            if section == "pretrain" or (isinstance(data, dict) and "init_args" in data):
+                cfg[section].setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
+    zoo["seed"] = int(zoo["seed"])
+    return cfg
+
+
+def _logger(zoo_dir: Path, seed: int, stage: str) -> dict:
+    return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(zoo_dir / "runs"), "name": f"seed{seed}", "version": stage}}
+
+
+def stage_dir(zoo_dir: str | os.PathLike, seed: int, stage: str) -> Path:
+    """``<zoo_dir>/runs/seed<N>/<stage>``: the stage's log dir (TensorBoard, checkpoints, config)."""
+    return Path(zoo_dir) / "runs" / f"seed{int(seed)}" / stage
+
+
+def pretrain_config(cfg: dict) -> dict:
+    """The LightningCLI config (without subcommand) of stage 1."""
+    zoo, out = cfg["zoo"], copy.deepcopy(cfg["pretrain"])
+    out["seed_everything"] = zoo["seed"]
+    trainer = out.setdefault("trainer", {})
+    trainer["logger"] = _logger(Path(zoo["dir"]), zoo["seed"], "pretrain")
+    trainer["default_root_dir"] = str(stage_dir(zoo["dir"], zoo["seed"], "pretrain"))
+    return out
+
+
+def finetune_config(cfg: dict, weights: str | os.PathLike) -> dict:
+    """The LightningCLI config of stage 2: ``finetune`` merged over ``pretrain``, starting
+    from ``weights``, with the PruneToSpeedUp and ExportToZoo callbacks."""
+    zoo = cfg["zoo"]
+    out = deep_merge(cfg["pretrain"], cfg["finetune"])
+    out["seed_everything"] = zoo["seed"]
+    out.setdefault("model", {}).setdefault("init_args", {})["weights"] = str(weights)
+    trainer = out.setdefault("trainer", {})
+    trainer["logger"] = _logger(Path(zoo["dir"]), zoo["seed"], "finetune")
+    trainer["default_root_dir"] = str(stage_dir(zoo["dir"], zoo["seed"], "finetune"))
+    callbacks = list(trainer.get("callbacks") or [
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+         "init_args": {"logging_interval": "epoch"}}])
+    callbacks += [
+        {"class_path": "callbacks.PruneToSpeedUp",
+         "init_args": {"speed_up": float(zoo["speed_up"]), "iterative_steps": int(zoo["iterative_steps"]),
+                       "input_size": list(zoo["input_size"])}},
+        {"class_path": "callbacks.ExportToZoo",
+         "init_args": {"zoo_dir": str(zoo["dir"]), "seed": zoo["seed"],
+                       "input_size": list(zoo["input_size"])}},
+    ]
+    trainer["callbacks"] = callbacks
+    return out
+
+
+def _is_rank_zero() -> bool:
+    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return all(os.environ.get(k, "0") == "0" for k in ranks)
+
+
+def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    """Ranks > 0 under a relaunching DDP strategy may get here before rank 0 wrote ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and not _is_rank_zero() and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def fit_stage(config: dict, test: bool = False) -> Any:
+    """Run one Lightning fit (optionally followed by a test of the best checkpoint) from a
+    LightningCLI config dict; resumes from ``<log_dir>/checkpoints/last.ckpt`` when present."""
+    import train
+
+    # train.main warns when sys.argv (ours) and args both exist; sys.argv must stay as it is
+    # (a relaunching DDP strategy starts the other ranks with it).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    cli = train.main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if last.is_file() else None
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}", file=sys.stderr)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if test:
+        has_best = bool(getattr(cli.trainer.checkpoint_callback, "best_model_path", ""))
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if has_best else None)
+    return cli
+
+
+def run_pretrain(cfg: dict) -> Path:
+    """Stage 1: train the target network; returns its network file (skipped when it exists)."""
+    zoo = cfg["zoo"]
+    if zoo["pretrained"]:
+        path = Path(zoo["pretrained"])
+        if not path.is_file():
+            raise ZooConfigError(f"zoo.pretrained={str(path)!r} does not exist; pass a network "
+                                 "file (networks.save_network) or set it to null to train one")
+        return path
+    path = stage_dir(zoo["dir"], zoo["seed"], "pretrain") / "network.pt"
+    if path.is_file():
+        print(f"stage 1 (pretrain) done already: {path}", file=sys.stderr)
+        return path
+    fit_stage(pretrain_config(cfg))
+    _wait_for(path)
+    return path
+
+
+def run_finetune(cfg: dict, weights: Path) -> dict | None:
+    """Stage 2: prune, finetune, test, register the member (skipped when its row exists)."""
+    from callbacks import find_member
+
+    zoo = cfg["zoo"]
+    row = find_member(zoo["dir"], zoo["seed"])
+    if row is not None:
+        print(f"stage 2 (finetune) done already: seed {zoo['seed']} is in the zoo", file=sys.stderr)
+        return row
+    _wait_for(weights)
+    fit_stage(finetune_config(cfg, weights), test=True)
+    return find_member(zoo["dir"], zoo["seed"])
+
+
+def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="configs/<task>/zoo.yaml")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="member seed (seeds both stages); default zoo.seed or 0")
+    parser.add_argument("--zoo_dir", default=None, help="zoo directory; default zoo.dir")
+    parser.add_argument("--data_root", default=None, help="overrides data.init_args.root")
+    parser.add_argument("--pretrained", default=None,
+                        help="network file to start from; skips stage 1 (overrides zoo.pretrained)")
+
+
+def zoo_command(args: argparse.Namespace) -> int:
+    cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
+                          data_root=args.data_root, pretrained=args.pretrained)
+    t0 = time.perf_counter()
+    weights = run_pretrain(cfg)
+    row = run_finetune(cfg, weights)
+    if row is not None and _is_rank_zero():
+        zoo = cfg["zoo"]
+        print(f"zoo {zoo['dir']}: seed {row['seed']} -> {row['file']}, speed-up "
+              f"{row['speed_up']:.3f}x ({row['macs']:,} MACs), val/acc {row['val_acc']}, "
+              f"test/acc {row['test_acc']} [{time.perf_counter() - t0:.0f} s]")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "zoo": (add_zoo_arguments, zoo_command,
+            "train, prune and finetune one zoo member (docs/zoo.md)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prune.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return SUBCOMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
