@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 import networks
 from callbacks.zoo import ZooError, add_member, member_file, widths
 from datamodules import ImageDataModule, ModelZooDataModule
 from graph import Metanetwork, NetworkGraph
 from lightning_modules import MetaPruningModule
-from lightning_modules.meta_pruning import weight_gradients
+from lightning_modules.meta_pruning import MemberState, meta_loss, weight_gradients
 from pruning_helpers import random_prune
 
 X32 = torch.randn(1, 3, 32, 32)
@@ -158,3 +158,58 @@ def test_meta_config_runs_through_train_py(config, tiny_cifar, tmp_path, monkeyp
     hidden = cli.model.metanetwork.node_encoder.out_features
     assert hidden == cli.model.hparams.hidden and len(cli.model.metanetwork.layers) == \
         cli.model.hparams.num_layers
+
+
+class _RecordStep(Callback):
+    """Saves, per rank, the initial metanetwork, the step's batch and the synced gradients."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        state = {k: v.clone() for k, v in pl_module.metanetwork.state_dict().items()}
+        torch.save(state, self.out / f"init{trainer.global_rank}.pt")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        index, images, labels = batch
+        torch.save({"index": int(index), "images": images, "labels": labels},
+                   self.out / f"batch{trainer.global_rank}.pt")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad.clone() for p in pl_module.metanetwork.parameters()]
+        torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
+
+
+def test_ddp_meta_training_averages_the_per_rank_gradients(tiny_cifar, tmp_path):
+    """2-process CPU DDP (gloo): each rank takes a different member and images; the synced
+    metanetwork gradient equals the mean of the two single-process gradients."""
+    zoo = make_zoo(tmp_path / "zoo", count=3)
+    dm = _datamodule(zoo, tiny_cifar)
+    module = MetaPruningModule(num_layers=2, hidden=8, reg=10.0)
+    trainer = Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                      callbacks=[_RecordStep(tmp_path)], logger=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    init = torch.load(tmp_path / "init0.pt", weights_only=True)
+    assert all(torch.equal(init[k], v)
+               for k, v in torch.load(tmp_path / "init1.pt", weights_only=True).items())
+    dm.setup("fit")
+    example = dm.example_input()
+    layout = NetworkGraph.from_module(dm.members[dm.train_ids[0]].network, example).layout
+    single = []
+    batches = [torch.load(tmp_path / f"batch{r}.pt", weights_only=True) for r in range(2)]
+    assert batches[0]["index"] != batches[1]["index"] or \
+        not torch.equal(batches[0]["images"], batches[1]["images"])
+    for batch in batches:
+        meta = Metanetwork.for_layout(layout, num_layers=2, hidden=8)
+        meta.load_state_dict(init)
+        state = MemberState.build(dm.members[batch["index"]].network, example, 10.0, 16.0)
+        _, _, surrogate = meta_loss(meta, state, batch["images"], batch["labels"], alpha=16.0)
+        surrogate.backward()
+        single.append([p.grad for p in meta.parameters()])
+    for r in range(2):
+        synced = torch.load(tmp_path / f"grads{r}.pt", weights_only=True)
+        for got, a, b in zip(synced, *single):
+            torch.testing.assert_close(got, (a + b) / 2, rtol=1e-4, atol=1e-7)
