@@ -2,12 +2,14 @@
 from .checkpoint import (CheckpointError, atomic_save, load_network, network_from_record,
                          network_record, safe_load, save_network)
 from .cifar_resnet import CifarResNet
-from .pruning import (classifier_layer, count_macs, count_params, group_norms,
+from .curve import accuracy, accuracy_curve, curve_area
+from .pruning import (classifier_layer, count_macs, count_macs_fast, count_params, group_norms,
                       magnitude_pruner, prune_to_speed_up)
 from .registry import available, build
 from .vgg import CifarVGG
 
-__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "atomic_save", "available", "build",
-           "classifier_layer", "count_macs", "count_params", "group_norms", "load_network", "magnitude_pruner",
-           "network_from_record", "network_record", "prune_to_speed_up", "safe_load",
-           "save_network"]
+__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_curve",
+           "atomic_save", "available", "build", "classifier_layer", "count_macs",
+           "count_macs_fast", "count_params", "curve_area", "group_norms", "load_network",
+           "magnitude_pruner", "network_from_record", "network_record", "prune_to_speed_up",
+           "safe_load", "save_network"]

@@ -1,9 +1,15 @@
 """Pure-torch pruning helpers shared by the graph tests, callbacks and benchmarks."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.func import functional_call
+from torch_pruning.utils import op_counter
+
+MacCounter = Callable[[nn.Module, torch.Tensor], int]
 
 
 def classifier_layer(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
@@ -32,6 +38,68 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
+def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """The same number as :func:`count_macs`, from a forward on an empty batch.
+
+    torch_pruning's counter deep-copies the model and runs a real forward with its per-module
+    hooks, and every hook reads only shapes and layer attributes. Here the model itself runs
+    on a batch of zero images (no arithmetic, no copy), and each hook is handed stand-in meta
+    tensors (shape only) with the batch dimension put back: the same per-module numbers at a
+    fraction of the cost. A forward that cannot run on an empty batch raises; callers then
+    fall back to :func:`count_macs` (see :func:`prune_to_speed_up`).
+    """
+    mapping = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
+    batch = len(example_inputs)
+    counted: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        # torch_pruning sums a supported module's own count and does not descend into it.
+        if type(module) in mapping:
+            counted.append(module)
+        else:
+            for child in module.children():
+                visit(child)
+
+    def full(t):  # shape of t with the real batch size, as a data-free tensor
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+            return torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)
+        return t
+
+    def hook(module: nn.Module, inputs: tuple, output) -> None:
+        out = tuple(map(full, output)) if isinstance(output, tuple) else full(output)
+        mapping[type(module)](module, tuple(map(full, inputs)), out)
+
+    visit(model)
+    unique = list(dict.fromkeys(counted))
+    for m in unique:
+        m.__flops__ = 0
+    hooks = [m.register_forward_hook(hook) for m in unique]
+    was_training = model.training
+    model.eval()  # as torch_pruning's counter does
+    try:
+        with torch.no_grad():
+            model(example_inputs[:0])
+        total = sum(m.__flops__ for m in counted)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+        for m in unique:
+            del m.__flops__
+    return int(total / batch)  # torch_pruning reports MACs per image
+
+
+def _checked_counter(model: nn.Module, example_inputs: torch.Tensor, macs: int) -> MacCounter:
+    """:func:`count_macs_fast` when it agrees with torch_pruning's ``macs`` for ``model``
+    now, else :func:`count_macs` (a forward the meta device cannot run or count faithfully)."""
+    try:
+        if count_macs_fast(model, example_inputs) == macs:
+            return count_macs_fast
+    except Exception:  # noqa: BLE001 - any failure only means the slow, exact path
+        pass
+    return count_macs
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -51,21 +119,37 @@ def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
 
 
 def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: float,
-                      base_macs: int, iterative_steps: int = 200) -> float:
+                      base_macs: int, iterative_steps: int = 200,
+                      mac_counter: MacCounter | None = None) -> float:
     """Prune ``model`` in place, step by step, until MACs(base) / MACs(now) >= ``target``.
 
     ``base_macs`` are the MACs of the original unpruned architecture, so earlier pruning (the
     zoo's initial prune) counts toward the target. Returns the speed-up reached.
+
+    The MACs after every step come from ``mac_counter``; by default the shape-only
+    :func:`count_macs_fast`, checked against torch_pruning's counter before the first step
+    and after the last, so the stopping step (hence the channels removed) and the returned
+    speed-up are those of the plain loop with :func:`count_macs` (``mac_counter=count_macs``,
+    kept for tests and benchmarks).
     """
-    current = base_macs / count_macs(model, example_inputs)
+    macs = count_macs(model, example_inputs)
+    current = base_macs / macs
     if target <= current:
         raise ValueError(f"speed-up target {target:.3f}x is not above the network's current "
                          f"speed-up {current:.3f}x; ask for a larger target")
+    counter = mac_counter or _checked_counter(model, example_inputs, macs)
     pruner = magnitude_pruner(model, example_inputs, iterative_steps)
     for _ in range(iterative_steps):
+        params = count_params(model)
         pruner.step()
-        current = base_macs / count_macs(model, example_inputs)
+        if count_params(model) == params and mac_counter is None:
+            continue  # nothing was removed: same MACs, still below the target
+        macs = counter(model, example_inputs)
+        current = base_macs / macs
         if current >= target:
+            if counter is not count_macs and count_macs(model, example_inputs) != macs:
+                raise RuntimeError("shape-only MAC count disagrees with torch_pruning's after "
+                                   "pruning; rerun with mac_counter=networks.count_macs")
             return current
     raise ValueError(f"speed-up target {target:.3f}x is unreachable: {iterative_steps} pruning "
                      f"steps reach {current:.3f}x; lower the target")

@@ -1,0 +1,183 @@
+"""Accuracy-vs-speed-up curves as a Lightning callback and as ``python prune.py curve``.
+
+The curve (``networks.accuracy_curve``) prunes a copy of the network progressively without
+finetuning and records val accuracy at each speed-up. Outputs: ``curve.csv``, ``curve.png``
+(written atomically), TensorBoard scalars (x = speed-up in hundredths, as the step) and a figure.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from torch import nn  # noqa: E402
+
+import networks  # noqa: E402
+
+from .pruning import base_macs, example_input  # noqa: E402
+
+Curves = dict[str, list[tuple[float, int, float]]]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file next to ``path``, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def curves_csv(curves: Curves) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["curve", "speed_up", "macs", "accuracy"])
+    for name, points in curves.items():
+        writer.writerows([name, f"{s:.6f}", m, f"{a:.6f}"] for s, m, a in points)
+    return out.getvalue().encode()
+
+
+def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)"):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[-1] for p in points], marker=".", label=name)
+    ax.set_xlabel("speed-up (MACs unpruned / MACs)")
+    ax.set_ylabel("val accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = None) -> Path:
+    """The curves plotted into a PNG at ``path``, atomically."""
+    fig = curves_figure(curves, *([title] if title else []))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write(path, png.getvalue())
+
+
+def save_curves(curves: Curves, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    return (atomic_write(out_dir / "curve.csv", curves_csv(curves)),
+            save_figure(curves, out_dir / "curve.png"))
+
+
+def evaluator(loader, device: torch.device | str):
+    return lambda model: networks.accuracy(model, loader, device)
+
+
+class AccuracyCurve(Callback):
+    """At the end of fit (or test), the acc-vs-speed-up curve of ``pl_module.network`` on the
+    datamodule's val split; logged to TensorBoard and saved as ``curve.csv``/``curve.png`` in
+    the trainer's log dir (or ``out_dir``).
+
+    Args:
+        max_speed_up: the curve stops at the first step reaching it.
+        iterative_steps, every: pruning steps, and evaluate every ``every``-th step.
+        input_size: ``[C, H, W]`` of one image, for MAC counting.
+        stage: ``"fit"`` or ``"test"``: which end triggers the curve.
+    """
+
+    def __init__(self, max_speed_up: float = 4.0, iterative_steps: int = 200, every: int = 1,
+                 input_size: Sequence[int] = (3, 32, 32), stage: str = "fit",
+                 out_dir: str | None = None) -> None:
+        if stage not in ("fit", "test"):
+            raise ValueError(f"stage={stage!r} must be 'fit' or 'test'")
+        self.max_speed_up, self.iterative_steps, self.every = max_speed_up, iterative_steps, every
+        self.input_size = [int(s) for s in input_size]
+        example_input(self.input_size)
+        self.stage, self.out_dir = stage, out_dir
+        self.points: list[tuple[float, int, float]] | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage == "fit":
+            self._run(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage == "test":
+            self._run(trainer, pl_module)
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        if getattr(dm, "val_set", None) is None:
+            dm.setup("validate")  # the val split only; the test split is never used
+        network: nn.Module = pl_module.network
+        device = next(network.parameters()).device
+        example = example_input(self.input_size)
+        was_training = network.training
+        try:
+            self.points = networks.accuracy_curve(
+                network, example.to(device), base_macs(pl_module.arch, example),
+                evaluator(dm.val_dataloader(), device), self.max_speed_up,
+                self.iterative_steps, self.every)
+        finally:
+            network.train(was_training)
+        out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
+        save_curves({"val": self.points}, out)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for s, macs, acc in self.points:
+                    logger.experiment.add_scalar("curve/val_acc", acc, round(s * 100))
+                logger.experiment.add_figure("curve/val_acc_vs_speed_up",
+                                             curves_figure({"val": self.points}))
+
+
+def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--network", required=True, help="network file (networks.save_network)")
+    parser.add_argument("--data_root", required=True, help="image data (ImageDataModule root)")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--max_speed_up", type=float, default=4.0)
+    parser.add_argument("--out", default=None, help="output folder; default next to --network")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="training images per class (the val split is val_fraction of them)")
+    parser.add_argument("--val_fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0, help="data split seed (as the zoo's)")
+    parser.add_argument("--iterative_steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=500)
+
+
+def curve_command(args: argparse.Namespace) -> int:
+    from datamodules import ImageDataModule
+
+    network, record = networks.load_network(args.network)
+    dm = ImageDataModule(args.data_root, dataset=args.dataset,
+                         num_classes=record["arch"]["num_classes"], batch_size=args.batch_size,
+                         num_workers=0, val_fraction=args.val_fraction, subset=args.subset,
+                         seed=args.seed)
+    dm.setup("validate")
+    example = dm.val_set[0][0].unsqueeze(0)
+    points = networks.accuracy_curve(network.eval(), example, base_macs(record["arch"], example),
+                                     evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up,
+                                     args.iterative_steps, args.every)
+    out = Path(args.out) if args.out else Path(args.network).parent
+    csv_path, png_path = save_curves({"val": points}, out)
+    print("| speed-up | MACs | val acc |\n|---|---|---|")
+    for s, m, a in points:
+        print(f"| {s:.3f} | {m:,} | {a:.4f} |")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0

@@ -1,0 +1,223 @@
+"""Automatic metanetwork checkpoint selection: ``python prune.py select``.
+
+Replaces the reference's manual search over epochs. For every candidate checkpoint of a
+meta-training run, each meta-val zoo member (held out from meta-training) goes through the
+metanetwork, gets a short finetune on the image train split, and its acc-vs-speed-up curve is
+computed on the val split (never the test split). Score = mean over members of the curve's
+mean accuracy over ``--speed_up_range`` (``networks.curve_area``). The identity (no
+metanetwork, same finetune) is scored too, as a reference row; it is never selected.
+
+Outputs in ``--out`` (default ``<run>/selection``): ``selection.csv`` (one row per
+candidate), ``selection_curves.csv`` (every curve), ``selection.png`` (mean curves overlaid)
+and ``best.ckpt`` (a copy of the best checkpoint), all written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import networks
+from graph import NetworkGraph
+from networks import CheckpointError
+
+from .curve import atomic_write, curves_csv, evaluator, save_figure
+from .feedforward import load_metanetwork
+from .pruning import base_macs
+
+IDENTITY = "none (identity)"
+
+
+class SelectionError(ValueError):
+    """Bad input to ``prune.py select``; the message names the file or option."""
+
+
+def instantiate(spec, where: str):
+    """Build ``{"class_path": ..., "init_args": {...}}`` specs recursively, as LightningCLI does."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise SelectionError(f"{where}: class_path {spec['class_path']!r} cannot be "
+                                 f"imported ({e})") from e
+        return cls(**{k: instantiate(v, where) for k, v in (spec.get("init_args") or {}).items()})
+    if isinstance(spec, str) and "${" in spec:
+        raise SelectionError(f"{where}: interpolation {spec!r} in the data section is not "
+                             "supported here; write the value out")
+    return spec
+
+
+def zoo_datamodule(config: str | Path, zoo_dir: str | None = None,
+                   data_root: str | None = None):
+    """The ``ModelZooDataModule`` of a meta.yaml's ``data`` section, set up (train/val only)."""
+    where = f"meta config {str(config)!r}"
+    try:
+        cfg = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SelectionError(f"{where} cannot be read: {e}") from e
+    data = copy.deepcopy(cfg.get("data")) if isinstance(cfg, dict) else None
+    if not isinstance(data, dict) or "init_args" not in data:
+        raise SelectionError(f"{where} has no data section with class_path and init_args")
+    if zoo_dir is not None:
+        data["init_args"]["zoo"] = zoo_dir
+    if data_root is not None:
+        data["init_args"]["images"]["init_args"]["root"] = data_root
+    dm = instantiate(data, where)
+    dm.setup("fit")  # reads the image train split and carves the val split out of it
+    if not dm.val_ids:
+        raise SelectionError(f"{where}: the zoo has no meta-val members (meta_val_members=0)")
+    return dm
+
+
+def find_checkpoints(run: Path, which: str, exclude: Path) -> list[Path]:
+    """Candidate files: every ``*.ckpt`` under ``run`` except ``last.ckpt`` (a duplicate) and
+    anything in ``exclude`` (earlier selection outputs); ``which`` = all | N | a,b,c."""
+    if not run.is_dir():
+        raise SelectionError(f"--run {str(run)!r} is not a folder; pass the meta-training run dir")
+    if which not in ("all",) and not which.isdigit():
+        files = [Path(p) if Path(p).is_absolute() else run / p for p in which.split(",")]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"metanetwork checkpoint {str(f)!r} does not exist; check "
+                                      "--checkpoints (paths relative to --run)")
+        return files
+    found = sorted(p for p in run.rglob("*.ckpt")
+                   if p.name != "last.ckpt" and not p.name.startswith(".")
+                   and exclude not in p.parents)
+    if not found:
+        raise SelectionError(f"no metanetwork checkpoints (*.ckpt other than last.ckpt) under "
+                             f"{str(run)!r}; meta-train first (python train.py fit --config "
+                             "configs/<task>/meta.yaml) with checkpoint.save_top_k: -1")
+    if which.isdigit():
+        count = int(which)
+        if count < 1:
+            raise SelectionError("--checkpoints N needs N >= 1")
+        keep = np.unique(np.linspace(0, len(found) - 1, min(count, len(found))).round().astype(int))
+        found = [found[i] for i in keep]
+    return found
+
+
+@torch.no_grad()
+def apply_metanetwork(metanetwork: nn.Module | None, network: nn.Module, graph) -> nn.Module:
+    """A copy of ``network`` with the weights the metanetwork writes (identity when None)."""
+    out = copy.deepcopy(network)
+    if metanetwork is not None:
+        metanetwork.check_layout(graph)
+        state = out.state_dict()
+        weights = graph.decode(metanetwork(graph.encode(network)))
+        state.update({k: v.detach() for k, v in weights.items()})
+        out.load_state_dict(state)
+    return out
+
+
+def finetune(model: nn.Module, loader, steps: int, lr: float, device) -> nn.Module:
+    """``steps`` plain SGD steps (momentum 0.9, wd 5e-4) over the cycled ``loader``."""
+    if steps <= 0:
+        return model
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+    return model.eval()
+
+
+def mean_curve(curves: list[list], lo: float, hi: float, n: int = 60) -> list[tuple]:
+    """Member curves averaged on a common speed-up grid (for the overlay plot)."""
+    start = min(c[0][0] for c in curves)
+    grid = np.linspace(min(start, lo), hi, n)
+    acc = np.mean([np.interp(grid, [p[0] for p in c], [p[-1] for p in c]) for c in curves], 0)
+    return [(float(s), 0, float(a)) for s, a in zip(grid, acc)]
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="configs/<task>/meta.yaml (data section)")
+    parser.add_argument("--run", required=True, help="meta-training run dir holding *.ckpt")
+    parser.add_argument("--checkpoints", default="all",
+                        help="all | N (evenly spaced, first and last included) | a.ckpt,b.ckpt")
+    parser.add_argument("--finetune_steps", type=int, default=50)
+    parser.add_argument("--finetune_lr", type=float, default=0.01)
+    parser.add_argument("--speed_up_range", type=float, nargs=2, default=(2.0, 3.0),
+                        metavar=("LO", "HI"))
+    parser.add_argument("--iterative_steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=1, help="evaluate every N pruning steps")
+    parser.add_argument("--out", default=None, help="output folder; default <run>/selection")
+    parser.add_argument("--zoo_dir", default=None, help="overrides data.init_args.zoo")
+    parser.add_argument("--data_root", default=None, help="overrides the image data root")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
+
+
+def select_command(args: argparse.Namespace) -> int:
+    lo, hi = args.speed_up_range
+    if not 1.0 <= lo < hi:
+        raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "selection"
+    files = find_checkpoints(run, args.checkpoints, out)
+    metas = {str(f): load_metanetwork(f) for f in files}  # every file checked before any work
+    dm = zoo_datamodule(args.config, args.zoo_dir, args.data_root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    example = dm.example_input()
+    members = []
+    for i in dm.val_ids:
+        member = dm.members[i]
+        members.append((i, member.network, NetworkGraph.from_module(member.network, example),
+                        base_macs(member.record["arch"], example)))
+    evaluate = evaluator(dm.images.val_dataloader(), device)
+    rows, curves, mean_curves = [], {}, {}
+    for name, meta in [(IDENTITY, None), *metas.items()]:
+        label = (str(Path(name).relative_to(run)) if meta is not None and run in Path(name).parents
+                 else name)
+        start, areas, mine = time.perf_counter(), [], []
+        for i, network, graph, base in members:
+            model = apply_metanetwork(meta, network, graph).to(device)
+            torch.manual_seed(args.seed)  # same batches for every candidate
+            finetune(model, dm.images.train_dataloader(), args.finetune_steps, args.finetune_lr,
+                     device)
+            points = networks.accuracy_curve(model, example.to(device), base, evaluate, hi,
+                                             args.iterative_steps, args.every)
+            curves[f"{label} member{i}"] = points
+            mine.append(points)
+            areas.append(networks.curve_area(points, lo, hi))
+        mean_curves[label] = mean_curve(mine, lo, hi)
+        rows.append({"checkpoint": label, "path": "" if meta is None else name,
+                     "score": float(np.mean(areas)),
+                     "member_scores": " ".join(f"{a:.4f}" for a in areas),
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(f"{label}: score {rows[-1]['score']:.4f}", flush=True)
+    best = max((r for r in rows if r["path"]), key=lambda r: r["score"])
+    for r in rows:
+        r["best"] = r is best
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "selection.csv", table.getvalue().encode())
+    atomic_write(out / "selection_curves.csv", curves_csv(curves))
+    save_figure(mean_curves, out / "selection.png",
+                title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after")
+    atomic_write(out / "best.ckpt", Path(best["path"]).read_bytes())
+    print(f"\nscore = mean val accuracy over speed-ups [{lo}, {hi}] (no finetune after pruning)\n")
+    print("| checkpoint | score | per member | best |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['checkpoint']} | {r['score']:.4f} | {r['member_scores']} | "
+              f"{'**best**' if r['best'] else ''} |")
+    print(f"\nbest: {best['checkpoint']} -> {out / 'best.ckpt'}")
+    return 0

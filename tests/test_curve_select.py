@@ -1,0 +1,153 @@
+"""Acc-vs-speed-up curves (callback, `prune.py curve`) and checkpoint selection (issue 5)."""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import networks
+from callbacks.curve import AccuracyCurve, add_curve_arguments, curve_command
+from callbacks.selection import add_select_arguments, select_command
+from callbacks.zoo import widths
+from datamodules import ImageDataModule, ModelZooDataModule
+from lightning_modules import ImageClassifier, MetaPruningModule
+from test_meta_training import make_zoo
+
+X32 = torch.zeros(1, 3, 32, 32)
+
+
+def test_curve_area_on_a_known_curve():
+    points = [(1.0, 100, 1.0), (2.0, 50, 0.5), (3.0, 33, 0.0)]
+    assert networks.curve_area(points, 1.0, 3.0) == pytest.approx(0.5)
+    assert networks.curve_area(points, 2.0, 3.0) == pytest.approx(0.25)
+    assert networks.curve_area(points, 1.5, 2.5) == pytest.approx(0.5)
+    assert networks.curve_area(points, 0.5, 1.0) == pytest.approx(1.0)  # held before the start
+    assert networks.curve_area([(s, a) for s, _, a in points], 1.0, 3.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="empty"):
+        networks.curve_area(points, 2.0, 2.0)
+
+
+def test_accuracy_curve_is_monotone_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = networks.build("resnet8_cifar", 3, width=0.5).eval()
+    before = widths(model)
+    base = networks.count_macs(model, X32)
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))
+    evaluate = lambda m: networks.accuracy(m, [(x, y)])  # noqa: E731
+    points = networks.accuracy_curve(model, X32, base, evaluate, 2.0, iterative_steps=40)
+    speed = [p[0] for p in points]
+    assert speed[0] == pytest.approx(1.0) and speed[-1] >= 2.0 > speed[-2]
+    assert all(a < b for a, b in zip(speed, speed[1:]))
+    assert all(0.0 <= p[2] <= 1.0 for p in points)
+    assert all(base / p[1] == pytest.approx(p[0]) for p in points)
+    assert widths(model) == before
+    sparse = networks.accuracy_curve(model, X32, base, evaluate, 2.0, 40, every=3)
+    assert sparse[-1][:2] == points[-1][:2] and len(sparse) < len(points)
+
+
+def test_accuracy_curve_callback_writes_csv_png_and_tensorboard(tiny_cifar, tmp_path):
+    seed_everything(0)
+    dm = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
+                         num_workers=0, val_fraction=0.25)
+    model = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.25})
+    curve = AccuracyCurve(max_speed_up=2.0, iterative_steps=20)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", callbacks=[curve],
+                      logger=TensorBoardLogger(tmp_path, name="c"), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    out = Path(trainer.log_dir)
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert len(rows) == len(curve.points) > 2 and float(rows[-1]["speed_up"]) >= 2.0
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(p.name.startswith("events.out") for p in out.iterdir())
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_curve_command(tiny_cifar, tmp_path, capsys):
+    torch.manual_seed(0)
+    net = networks.build("resnet8_cifar", 3, width=0.25)
+    arch = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
+    path = networks.save_network(net, tmp_path / "net.pt", arch)
+    parser = argparse.ArgumentParser()
+    add_curve_arguments(parser)
+    args = parser.parse_args(["--network", str(path), "--data_root", str(tiny_cifar),
+                              "--max_speed_up", "1.8", "--iterative_steps", "20",
+                              "--out", str(tmp_path / "out")])
+    assert curve_command(args) == 0
+    assert (tmp_path / "out" / "curve.csv").is_file() and (tmp_path / "out" / "curve.png").is_file()
+    assert "| speed-up |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def meta_run(tiny_cifar, tmp_path_factory):
+    """A tiny zoo, a 3-epoch meta-training run (one checkpoint per epoch) and its meta.yaml."""
+    root = tmp_path_factory.mktemp("select")
+    seed_everything(0)
+    zoo = make_zoo(root / "zoo")
+    images = {"class_path": "datamodules.ImageDataModule",
+              "init_args": {"root": str(tiny_cifar), "dataset": "cifar10", "num_classes": 3,
+                            "batch_size": 8, "num_workers": 0, "val_fraction": 0.25}}
+    data = {"class_path": "datamodules.ModelZooDataModule",
+            "init_args": {"zoo": str(zoo), "meta_val_members": 1, "batches_per_step": 2,
+                          "batch_size": 4, "images": images}}
+    import yaml
+    (root / "meta.yaml").write_text(yaml.safe_dump({"data": data}))
+    dm = ModelZooDataModule(str(zoo), ImageDataModule(**images["init_args"]), 1, 2, 4)
+    ckpt = ModelCheckpoint(dirpath=root / "run" / "checkpoints", save_top_k=-1, save_last=True,
+                           every_n_epochs=1, filename="epoch{epoch:03d}",
+                           auto_insert_metric_name=False)
+    Trainer(max_epochs=3, accelerator="cpu", callbacks=[ckpt], logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=root).fit(MetaPruningModule(num_layers=2, hidden=8, lr=0.05), dm)
+    return root
+
+
+def _select(root: Path, *extra: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_select_arguments(parser)
+    return select_command(parser.parse_args([
+        "--config", str(root / "meta.yaml"), "--run", str(root / "run"), "--finetune_steps", "2",
+        "--speed_up_range", "1.5", "2.5", "--iterative_steps", "20", *extra]))
+
+
+def test_select_writes_table_plot_and_the_best_checkpoint(meta_run, capsys):
+    assert _select(meta_run) == 0
+    out = meta_run / "run" / "selection"
+    rows = list(csv.DictReader((out / "selection.csv").open()))
+    names = [r["checkpoint"] for r in rows]
+    assert names == ["none (identity)"] + [f"checkpoints/epoch00{i}.ckpt" for i in range(3)]
+    scores = {r["checkpoint"]: float(r["score"]) for r in rows}
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    best = [r for r in rows if r["best"] == "True"]
+    assert len(best) == 1 and float(best[0]["score"]) == max(
+        float(r["score"]) for r in rows if r["path"])
+    assert (out / "best.ckpt").read_bytes() == Path(best[0]["path"]).read_bytes()
+    assert (out / "selection.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "selection_curves.csv").is_file()
+    printed = capsys.readouterr().out
+    assert "| checkpoint | score |" in printed and "**best**" in printed
+    # a second run does not take the previous best.ckpt for a candidate; N picks evenly spaced
+    assert _select(meta_run, "--checkpoints", "2") == 0
+    rows = list(csv.DictReader((out / "selection.csv").open()))
+    assert [r["checkpoint"] for r in rows][1:] == ["checkpoints/epoch000.ckpt",
+                                                   "checkpoints/epoch002.ckpt"]
+
+
+def test_select_names_a_missing_or_corrupt_checkpoint(meta_run, tmp_path):
+    with pytest.raises(networks.CheckpointError, match="nope.ckpt.*does not exist"):
+        _select(meta_run, "--checkpoints", "checkpoints/nope.ckpt", "--out", str(tmp_path))
+    bad = meta_run / "run" / "checkpoints" / "epoch099.ckpt"
+    bad.write_bytes(b"not a zip file")
+    try:
+        with pytest.raises(networks.CheckpointError, match="epoch099.ckpt"):
+            _select(meta_run, "--out", str(tmp_path))
+    finally:
+        bad.unlink()
+    assert not (tmp_path / "best.ckpt").exists()

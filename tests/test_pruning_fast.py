@@ -1,0 +1,101 @@
+"""Fast progressive pruning (issue 5): the empty-batch MAC counter equals torch_pruning's at
+every step, and prune_to_speed_up removes exactly the channels of the plain loop."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import networks
+from callbacks.zoo import widths
+from networks.pruning import _checked_counter
+
+X32 = torch.zeros(1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["resnet56", "mobilenet_v2"])
+def test_fast_mac_count_equals_torch_pruning_at_every_step(name):
+    torch.manual_seed(0)
+    model = (networks.build("resnet56_cifar", 10) if name == "resnet56"
+             else torchvision.models.mobilenet_v2(num_classes=10)).eval()
+    pruner = networks.magnitude_pruner(model, X32, iterative_steps=12)
+    seen = set()
+    for _ in range(10):  # up to 83% of the channels: many different shapes
+        macs = networks.count_macs(model, X32)
+        assert networks.count_macs_fast(model, X32) == macs
+        seen.add(macs)
+        pruner.step()
+    assert len(seen) == 10
+    # a batch of several images counts per image, as torch_pruning does
+    x4 = torch.zeros(4, 3, 32, 32)
+    assert networks.count_macs_fast(model, x4) == networks.count_macs(model, x4)
+
+
+def plain_loop(model, example, target, base, steps):
+    """The specification: a pruner step, then torch_pruning's counter, until the target."""
+    pruner = networks.magnitude_pruner(model, example, steps)
+    history = []
+    for _ in range(steps):
+        pruner.step()
+        history.append(base / networks.count_macs(model, example))
+        if history[-1] >= target:
+            return history
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("target", [1.7, 2.5])
+def test_same_channels_as_the_plain_loop(target):
+    torch.manual_seed(1)
+    model = networks.build("resnet20_cifar", 10, width=0.5).eval()
+    base = networks.count_macs(model, X32)
+    ref = copy.deepcopy(model)
+    history = plain_loop(ref, X32, target, base, 50)
+    reached = networks.prune_to_speed_up(model, X32, target, base, iterative_steps=50)
+    assert widths(model) == widths(ref)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 ref.state_dict().values()))
+    assert reached == history[-1] >= target  # reached ...
+    assert len(history) > 1 and history[-2] < target  # ... by the first step that reaches it
+    assert reached == base / networks.count_macs(model, X32)
+    torch.manual_seed(1)  # the reference path of the same function agrees as well
+    plain = networks.build("resnet20_cifar", 10, width=0.5).eval()
+    assert networks.prune_to_speed_up(plain, X32, target, base, 50,
+                                      mac_counter=networks.count_macs) == reached
+    assert widths(plain) == widths(ref)
+
+
+def test_errors_are_unchanged():
+    model = networks.build("resnet20_cifar", 10, width=0.25).eval()
+    base = networks.count_macs(model, X32)
+    with pytest.raises(ValueError, match="not above the network's current speed-up"):
+        networks.prune_to_speed_up(model, X32, 1.0, base)
+    with pytest.raises(ValueError, match="unreachable: 2 pruning steps"):
+        networks.prune_to_speed_up(model, X32, 50.0, base, iterative_steps=2)
+
+
+class _ViewNet(nn.Module):
+    """Flattens with x.view(x.size(0), -1): cannot run on an empty batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.fc = nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Linear(16 * 64, 3)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_falls_back_to_torch_pruning_when_the_forward_needs_a_real_batch():
+    torch.manual_seed(0)
+    model = _ViewNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert _checked_counter(model, x, networks.count_macs(model, x)) is networks.count_macs
+    ref = copy.deepcopy(model)
+    base = networks.count_macs(model, x)
+    plain_loop(ref, x, 1.5, base, 20)
+    networks.prune_to_speed_up(model, x, 1.5, base, iterative_steps=20)
+    assert widths(model) == widths(ref)
