@@ -65,8 +65,8 @@ def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tenso
 def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
                      labels: torch.Tensor, pruner, alpha: float
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """dL/dW' for the decoded weights ``weights``: mean cross-entropy over the batches in
-    ``images`` [K, B, ...] plus the group-sparsity gradient. Returns (ce, regularizer value,
+    """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
+    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. Returns (ce, regularizer value,
     gradients by parameter name). ``work`` is overwritten with ``weights``."""
     params = dict(work.named_parameters())
     buffers = dict(work.named_buffers())
@@ -79,7 +79,7 @@ def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: 
                 b.copy_(weights[name])
     ce = torch.zeros((), device=images.device)
     for x, y in zip(images, labels):
-        loss = F.cross_entropy(work(x), y) / len(images)
+        loss = F.cross_entropy(work(x), y)
         loss.backward()
         ce += loss.detach()
     before = {name: p.grad.clone() for name, p in params.items()}
@@ -168,7 +168,7 @@ class MetaPruningModule(LightningModule):
         self.manual_backward(surrogate)
         optimizer.step()
         fraction = (networks.group_norms(member.pruner) < NEAR_ZERO).float().mean()
-        self.log_dict({"train/ce": ce, "train/sparsity": sparsity,
+        self.log_dict({"train/ce": ce / len(images), "train/sparsity": sparsity,
                        "train/near_zero_groups": fraction,
                        "train/lr": optimizer.param_groups[0]["lr"],
                        "train/sec_per_step": time.perf_counter() - start},

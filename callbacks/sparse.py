@@ -1,0 +1,70 @@
+"""SparseTraining: DepGraph-style sparse learning, the ``sparse`` baseline of the pipeline.
+
+During an ordinary fit, after every backward and before the optimizer step, torch_pruning's
+``GroupNormPruner.regularize(network, alpha, bias=False)`` adds the importance-adaptive group-L2
+gradient ``reg * gamma_c * w`` to each channel group (DESIGN section 6): the same regularizer the
+metanetwork is meta-trained with, applied directly to the network's weights instead.
+
+The hook is ``on_before_optimizer_step``, not ``on_after_backward``: with mixed precision the
+gradients are still loss-scaled in ``on_after_backward`` and only unscaled right before this
+hook, so the added term has the right size in every precision. Under DDP the gradients are
+already averaged here and every rank adds the same term (same weights), so ranks stay in sync.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.optim import Optimizer
+
+import networks
+
+from .pruning import example_input
+
+NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free
+
+
+class SparseTraining(Callback):
+    """Add DepGraph's group-sparsity gradient at every optimizer step of the fit.
+
+    Args:
+        reg: strength of the regularizer (DepGraph's ResNet-56 recipe: 5e-4).
+        alpha: adaptivity; the least important group gets ``alpha`` times the pull of the most
+            important one.
+        input_size: ``[C, H, W]`` of one input image, for tracing the channel groups.
+
+    Logs ``sparse/near_zero_groups`` (fraction of groups whose normalized norm is below 0.01)
+    at every training epoch end.
+    """
+
+    def __init__(self, reg: float = 5e-4, alpha: float = 4.0,
+                 input_size: Sequence[int] = (3, 32, 32)) -> None:
+        if reg <= 0 or alpha < 1:
+            raise ValueError(f"SparseTraining needs reg > 0 and alpha >= 1 (got reg={reg}, "
+                             f"alpha={alpha})")
+        self.reg, self.alpha = float(reg), float(alpha)
+        self.input_size = [int(s) for s in input_size]
+        example_input(self.input_size)
+        self.pruner = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Built here, after setup hooks (a pruned or modified network is final by now).
+        network = pl_module.network
+        example = example_input(self.input_size).to(next(network.parameters()).device)
+        was_training = network.training
+        network.eval()  # tracing runs the network: train mode would move BN statistics
+        try:
+            with torch.enable_grad():  # torch_pruning traces dependencies through autograd
+                self.pruner = networks.magnitude_pruner(network, example, reg=self.reg,
+                                                        alpha=self.alpha)
+        finally:
+            network.train(was_training)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
+                                 optimizer: Optimizer) -> None:
+        self.pruner.regularize(pl_module.network, alpha=self.alpha, bias=False)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fraction = (networks.group_norms(self.pruner) < NEAR_ZERO).float().mean()
+        pl_module.log("sparse/near_zero_groups", fraction, on_epoch=True, prog_bar=False)

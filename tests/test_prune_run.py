@@ -1,0 +1,367 @@
+"""`prune.py run` (issue 5): each method end to end on a tiny network, outputs checked against
+independent oracles, bad input stopped before training, reruns recompute nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+
+import networks
+import prune
+from callbacks.zoo import widths
+from lightning_modules import MetaPruningModule
+from pruning_helpers import random_prune
+
+pytestmark = pytest.mark.usefixtures("cli_argv")
+DEMO = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
+ARCH = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
+X32 = torch.zeros(1, 3, 32, 32)
+TARGET = 1.6
+STEPS = 40
+
+
+def tiny_config(root: Path, out: Path) -> Path:
+    """The demo prune.yaml shrunk to seconds: 3 classes, 2 batches per stage."""
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["prune"].update(dir=str(out / "runs"), speed_up=TARGET, iterative_steps=STEPS)
+    cfg["base"]["trainer"].update(limit_train_batches=2, enable_model_summary=False)
+    cfg["base"]["data"]["init_args"].update(root=str(root), num_classes=3, batch_size=8,
+                                            eval_batch_size=8, subset=None, test_subset=None)
+    for stage in ("finetune", "final"):
+        cfg[stage]["trainer"]["max_epochs"] = 1
+    path = out / "prune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def zoo_like_network(path: Path, seed: int = 0) -> Path:
+    """A quarter-width ResNet-8 with some channels pruned already (as zoo members are)."""
+    torch.manual_seed(seed)
+    model = random_prune(networks.build(ARCH["name"], 3, **ARCH["kwargs"]), X32, 0.1, seed)
+    return networks.save_network(model, path, ARCH)
+
+
+def meta_checkpoint(tiny_cifar: Path, out: Path) -> Path:
+    """A real MetaPruningModule checkpoint: one meta-training step on a tiny zoo."""
+    from datamodules import ImageDataModule, ModelZooDataModule
+    from test_meta_training import make_zoo
+
+    seed_everything(0)
+    zoo = make_zoo(out / "zoo")
+    images = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
+                             num_workers=0, val_fraction=0.25)
+    data = ModelZooDataModule(str(zoo), images, meta_val_members=1, batches_per_step=1, batch_size=4)
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=out)
+    trainer.fit(MetaPruningModule(num_layers=1, hidden=8, node_res_ratio=0.1, edge_res_ratio=0.1),
+                data)
+    path = out / "meta.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def run(config: Path, network: Path, method: str, out: Path, meta: Path | None = None,
+        *extra: str) -> int:
+    argv = ["run", "--config", str(config), "--network", str(network), "--method", method,
+            "--out", str(out), *extra]
+    return prune.main(argv + (["--metanetwork", str(meta)] if meta else []))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("prune_run")
+    return {"config": tiny_config(tiny_cifar, out), "network": zoo_like_network(out / "net.pt"),
+            "meta": meta_checkpoint(tiny_cifar, out), "out": out}
+
+
+@pytest.fixture(scope="module")
+def runs(setup: dict) -> dict[str, Path]:
+    """One finished run per method."""
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        dirs = {}
+        for method in prune.METHODS:
+            dirs[method] = setup["out"] / method
+            assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"]) == 0
+        return dirs
+    finally:
+        sys.argv = argv
+
+
+# ---- each method end to end -------------------------------------------------------------------
+@pytest.mark.parametrize("method", prune.METHODS)
+def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
+    out = runs[method]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["format"] == "metaprune.prune_run/v1"
+    assert report["speed_up"]["target"] == TARGET <= report["speed_up"]["reached"]
+    assert report["speed_up"]["before"] > 1.0  # the zoo-like initial prune counts
+    assert report["macs"]["after"] < report["macs"]["before"] < report["macs"]["unpruned"]
+    assert report["params"]["after"] < report["params"]["before"]
+    acc = report["accuracy"]
+    for stage in ("original", "finetuned", "pruned", "final"):
+        assert 0.0 <= acc[stage]["val"] <= 1.0 and 0.0 <= acc[stage]["test"] <= 1.0, stage
+    assert (acc["feedforward"] is None) == (method != "metanetwork")
+    assert report["seeds"]["seed_everything"] == 0
+    stages = report["config"]["stages"]
+    assert list(stages) == [prune.FIRST_STAGE[method], prune.SECOND_STAGE]
+    first = stages[prune.FIRST_STAGE[method]]
+    assert first["trainer"]["max_epochs"] == stages[prune.SECOND_STAGE]["trainer"]["max_epochs"]
+    classes = [c["class_path"] for c in first["trainer"]["callbacks"]]
+    expected = {"metanetwork": "callbacks.MetanetworkFeedforward",
+                "sparse": "callbacks.SparseTraining"}.get(method)
+    assert (expected in classes) if expected else not any("Sparse" in c or "Metanetwork" in c
+                                                          for c in classes)
+    for stage in stages:  # ordinary Lightning runs: TensorBoard logs and checkpoints
+        assert list((out / stage).glob("events.out.tfevents.*")), stage
+        assert (out / stage / "checkpoints" / "last.ckpt").is_file(), stage
+    for name in ("network.pt", "network.pt2", "curve.png", "report.json", "run.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_metanetwork_changed_the_weights(runs: dict[str, Path], setup: dict) -> None:
+    first = runs["metanetwork"] / prune.FIRST_STAGE["metanetwork"]
+    fed, _ = networks.load_network(first / "feedforward.pt")
+    original, _ = networks.load_network(setup["network"])
+    assert widths(fed) == widths(original)
+    diff = [k for k, v in fed.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert any(k.endswith("conv1.weight") for k in diff)
+    assert not any("running" in k for k in diff)  # BN statistics pass through unchanged
+    # oracle: decode(M(encode(W))) computed here from the checkpoint, by the graph API directly
+    from graph import NetworkGraph
+    meta = MetaPruningModule.load_from_checkpoint(setup["meta"], weights_only=True).metanetwork
+    graph = NetworkGraph.from_module(original.eval(), X32)
+    with torch.no_grad():
+        expected = graph.decode(meta.eval()(graph.encode(original)))
+    for k, v in expected.items():
+        torch.testing.assert_close(fed.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_sparse_training_adds_the_group_regularizer_before_the_step(setup: dict) -> None:
+    from callbacks import SparseTraining
+    from lightning_modules import ImageClassifier
+
+    module = ImageClassifier(ARCH["name"], 3, weights=str(setup["network"]))
+    callback = SparseTraining(reg=0.5, alpha=4.0, input_size=[3, 32, 32])
+    callback.on_fit_start(None, module)
+    assert module.network.training  # mode restored after tracing
+    for p in module.network.parameters():
+        p.grad = torch.zeros_like(p)
+    callback.on_before_optimizer_step(None, module, None)
+    reference = networks.load_network(setup["network"])[0]
+    for p in reference.parameters():
+        p.grad = torch.zeros_like(p)
+    networks.magnitude_pruner(reference.eval(), X32, reg=0.5, alpha=4.0).regularize(
+        reference, alpha=4.0, bias=False)
+    got = dict(module.network.named_parameters())
+    assert any(p.grad.abs().sum() > 0 for p in reference.parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, p.grad, rtol=0, atol=0)
+
+
+def _shape_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(conv + linear MACs, total in torch_pruning's convention), from layer shapes.
+
+    Conv: output elements x (in_channels / groups) x kernel area (+ output elements for a bias);
+    Linear: in x out (+ out). torch_pruning's counter adds 2 per BN output element (affine),
+    1 per ReLU output element and 1 per input element of average pooling."""
+    core, extra = 0, 0
+
+    def hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal core, extra
+        if isinstance(m, nn.Conv2d):
+            core += output.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            extra += output.numel() if m.bias is not None else 0
+        elif isinstance(m, nn.Linear):
+            core += m.in_features * m.out_features
+            extra += m.out_features if m.bias is not None else 0
+        elif isinstance(m, nn.BatchNorm2d):
+            extra += 2 * output.numel()
+        elif isinstance(m, nn.ReLU):
+            extra += output.numel()
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            extra += inputs[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(example)
+    for h in handles:
+        h.remove()
+    return core, core + extra
+
+
+@pytest.mark.parametrize("method", prune.METHODS)
+def test_report_macs_match_layer_shapes_and_target_is_reached_by_the_smallest_step(
+        runs: dict[str, Path], method: str) -> None:
+    out = runs[method]
+    report = json.loads((out / "report.json").read_text())
+    final, record = networks.load_network(out / "network.pt")  # weights_only=True inside
+    unpruned = networks.build(ARCH["name"], 3, **ARCH["kwargs"])
+    core, total = _shape_macs(final, X32)
+    assert report["macs"]["after"] == total == networks.count_macs(final, X32)
+    assert report["macs"]["unpruned"] == _shape_macs(unpruned, X32)[1]
+    assert report["params"]["after"] == sum(p.numel() for p in final.parameters())
+    assert report["speed_up"]["reached"] == pytest.approx(report["macs"]["unpruned"] / total)
+    assert core < total  # the convention adds BN/ReLU/pool work on top of conv+linear
+
+    # Oracle: the plain step-by-step loop (MAC count after every step) on the stage-1 network
+    # stops at the same widths; one step less is below the target.
+    start, _ = networks.load_network(out / prune.FIRST_STAGE[method] / "network.pt")
+    pruner = networks.magnitude_pruner(start.eval(), X32, STEPS)
+    speed_ups = []
+    for _ in range(STEPS):
+        pruner.step()
+        speed_ups.append(report["macs"]["unpruned"] / networks.count_macs(start, X32))
+        if speed_ups[-1] >= TARGET:
+            break
+    assert speed_ups[-1] == pytest.approx(report["speed_up"]["reached"])
+    assert len(speed_ups) == 1 or speed_ups[-2] < TARGET
+    assert widths(start) == widths(final)
+    assert record["metadata"]["method"] == method
+
+
+EXPORT_CHECK = r"""
+import sys
+for name in ("networks", "graph", "callbacks", "lightning_modules", "datamodules", "prune",
+             "train", "lightning", "torch_pruning", "torch_geometric"):
+    sys.modules[name] = None  # importing any of them now raises ImportError
+import torch
+program = torch.export.load(sys.argv[1])
+inputs = torch.load(sys.argv[2], weights_only=True)
+torch.save([program.module()(x) for x in inputs], sys.argv[3])
+"""
+
+
+def test_exported_program_runs_without_the_project(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = runs["metanetwork"]
+    network, _ = networks.load_network(out / "network.pt")
+    torch.manual_seed(0)
+    inputs = [torch.randn(1, 3, 32, 32), torch.randn(5, 3, 32, 32)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "check.py"
+    script.write_text(EXPORT_CHECK)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-I", str(script), str(out / "network.pt2"),
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+                   cwd=tmp_path, env=env, check=True, timeout=120)
+    got = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    with torch.no_grad():
+        for x, y in zip(inputs, got):
+            torch.testing.assert_close(y, network.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rerunning_a_finished_run_recomputes_nothing(runs: dict[str, Path], setup: dict,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = runs["none"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    for name in ("fit_stage", "evaluate_networks", "check_inputs", "export_program"):
+        monkeypatch.setattr(prune, name, fail)
+    assert run(setup["config"], setup["network"], "none", out) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(runs: dict[str, Path], setup: dict,
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 done, export missing (killed after stage 2): only evaluation/export/report run."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["none"], out)
+    for name in ("report.json", "network.pt2", "curve.png"):
+        (out / name).unlink()
+    (out / "run.json").write_text((runs["none"] / "run.json").read_text())
+    monkeypatch.setattr(prune, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
+    assert run(setup["config"], setup["network"], "none", out) == 0
+    assert json.loads((out / "report.json").read_text())["accuracy"] == \
+        json.loads((runs["none"] / "report.json").read_text())["accuracy"]
+    assert (out / "network.pt2").is_file() and (out / "curve.png").is_file()
+
+
+# ---- bad input stops early ----------------------------------------------------------------------
+def _expect(setup: dict, tmp_path: Path, match: str, network: Path | None = None,
+            meta: Path | None | str = "default", method: str = "metanetwork",
+            extra: tuple[str, ...] = (), error: type = ValueError) -> None:
+    out = tmp_path / "run"
+    meta = setup["meta"] if meta == "default" else meta
+    with pytest.raises(error, match=match):
+        run(setup["config"], network or setup["network"], method, out, meta, *extra)
+    assert not out.exists()  # nothing written before the inputs were checked
+
+
+def test_speed_up_not_above_current(setup: dict, tmp_path: Path) -> None:
+    _expect(setup, tmp_path, r"not above the network's current speed-up .*pass a --speed_up above",
+            extra=("--speed_up", "1.01"))
+
+
+def test_speed_up_unreachable(setup: dict, tmp_path: Path) -> None:
+    _expect(setup, tmp_path, r"speed-up target 1000x is unreachable .*Lower --speed_up",
+            extra=("--speed_up", "1000"))
+
+
+def test_layout_mismatch_names_both_layouts_and_files(setup: dict, tmp_path: Path) -> None:
+    vgg_like = {"node_dim": 5, "edge_types": [9], "bn_slots": 1, "bias_slots": 1}
+    module = MetaPruningModule(num_layers=1, hidden=8, layout=vgg_like)
+    ckpt = tmp_path / "vgg_meta.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": "2.6.0"}, ckpt)
+    _expect(setup, tmp_path, r"vgg_meta\.ckpt.* graph layout \{'node_dim': 5.*net\.pt.* has graph "
+            r"layout \{'node_dim': 9.*meta-trained on a zoo", meta=ckpt)
+
+
+def test_missing_and_corrupt_files(setup: dict, tmp_path: Path) -> None:
+    _expect(setup, tmp_path, r"network file .*nope\.pt' does not exist", network=tmp_path / "nope.pt")
+    _expect(setup, tmp_path, r"metanetwork checkpoint .*nope\.ckpt' does not exist",
+            meta=tmp_path / "nope.ckpt")
+    _expect(setup, tmp_path, r"--method metanetwork needs --metanetwork", meta=None)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(setup["network"].read_bytes()[:300])  # truncated
+    _expect(setup, tmp_path, r"network file .*bad\.pt' cannot be read safely.*truncated", network=bad)
+    _expect(setup, tmp_path, r"metanetwork checkpoint .*bad\.pt' cannot be read safely", meta=bad)
+
+
+def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
+    _expect(setup, tmp_path, r"meta\.ckpt' is not a target-network file.*not a metanetwork",
+            network=setup["meta"])
+    _expect(setup, tmp_path, r"net\.pt' is a target-network file.*Pass it as --network",
+            meta=setup["network"])
+
+
+def test_unsupported_network(setup: dict, tmp_path: Path) -> None:
+    from graph import UnsupportedArchitectureError
+
+    net = networks.build("shufflenet_v2_x0_5", 3)
+    path = networks.save_network(net, tmp_path / "shuffle.pt",
+                                 {"name": "shufflenet_v2_x0_5", "num_classes": 3, "kwargs": {}})
+    _expect(setup, tmp_path, r"shuffle\.pt' cannot be encoded as a graph.*--method none",
+            network=path, error=UnsupportedArchitectureError)
+
+
+def test_failed_run_never_overwrites_earlier_outputs(runs: dict[str, Path], setup: dict,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    out = runs["sparse"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["run", "--config", str(setup["config"]), "--network", str(setup["network"]),
+            "--method", "sparse", "--out", str(out)]
+    assert prune.cli(argv + ["--speed_up", "1.8"]) == 2  # other settings, same directory
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "holds a run with other settings" in message
+    assert "speed_up); pass another --out, or delete the directory" in message
+    assert prune.cli(argv + ["--speed_up", "1000", "--out", str(out.parent / "x")]) == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
