@@ -365,3 +365,29 @@ def test_failed_run_never_overwrites_earlier_outputs(runs: dict[str, Path], setu
     assert prune.cli(argv + ["--speed_up", "1000", "--out", str(out.parent / "x")]) == 2
     assert "unreachable" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+PRUNE_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/prune.yaml"))
+
+
+@pytest.mark.parametrize("config", PRUNE_CONFIGS, ids=lambda p: p.parent.name)
+def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
+                                               tiny_imagenet: Path, tmp_path: Path) -> None:
+    """Each shipped prune.yaml parses and both of its stages build through train.py's CLI with
+    the config's own budgets (parse only: the full runs are the benchmarks' job)."""
+    import train
+
+    large = "imagenet" in config.parent.name
+    cfg = prune.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))
+    assert cfg["prune"]["speed_up"] > 1
+    arch = {"name": "resnet50" if large else "resnet8_cifar",
+            "num_classes": 2 if large else 3, "kwargs": {}}
+    raw = yaml.safe_load(config.read_text())
+    for section in ("finetune", "final"):
+        stage = prune.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
+        stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs
+        stage["model"]["init_args"]["weights"] = None  # parse only: no network file here
+        stage["data"]["init_args"]["num_classes"] = arch["num_classes"]
+        cli = train.main(["--config", yaml.safe_dump(stage)], run=False)
+        assert cli.trainer.max_epochs == raw[section]["trainer"]["max_epochs"]
+        assert cli.model.hparams.lr == raw[section]["model"]["init_args"]["lr"]
