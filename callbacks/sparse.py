@@ -22,8 +22,6 @@ import networks
 
 from .pruning import example_input
 
-NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free
-
 
 class SparseTraining(Callback):
     """Add DepGraph's group-sparsity gradient at every optimizer step of the fit.
@@ -66,5 +64,5 @@ class SparseTraining(Callback):
         self.pruner.regularize(pl_module.network, alpha=self.alpha, bias=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        fraction = (networks.group_norms(self.pruner) < NEAR_ZERO).float().mean()
+        fraction = networks.near_zero_fraction(self.pruner)
         pl_module.log("sparse/near_zero_groups", fraction, on_epoch=True, prog_bar=False)

@@ -26,7 +26,6 @@ from torch_geometric.data import Data
 import networks
 from graph import Metanetwork, NetworkGraph
 
-NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free
 
 
 @dataclass
@@ -167,7 +166,7 @@ class MetaPruningModule(LightningModule):
         optimizer.zero_grad()
         self.manual_backward(surrogate)
         optimizer.step()
-        fraction = (networks.group_norms(member.pruner) < NEAR_ZERO).float().mean()
+        fraction = networks.near_zero_fraction(member.pruner)
         self.log_dict({"train/ce": ce / len(images), "train/sparsity": sparsity,
                        "train/near_zero_groups": fraction,
                        "train/lr": optimizer.param_groups[0]["lr"],
@@ -194,9 +193,9 @@ class MetaPruningModule(LightningModule):
         original = member.graph.decode(member.data)
         ce0, norms0 = self._evaluate(member, original, images, labels)
         ce, norms = self._evaluate(member, self.modified_weights(int(index)), images, labels)
-        self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < NEAR_ZERO).float().mean(),
+        self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < networks.NEAR_ZERO).float().mean(),
                        "val/ce_original": ce0,
-                       "val/near_zero_groups_original": (norms0 < NEAR_ZERO).float().mean()},
+                       "val/near_zero_groups_original": (norms0 < networks.NEAR_ZERO).float().mean()},
                       on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
         if isinstance(self.logger, TensorBoardLogger) and batch_idx == 0:
             self.logger.experiment.add_histogram("val/group_norms", norms, self.global_step)

@@ -4,12 +4,13 @@ from .checkpoint import (CheckpointError, atomic_save, load_network, network_fro
 from .cifar_resnet import CifarResNet
 from .curve import accuracy, accuracy_curve, curve_area
 from .pruning import (classifier_layer, count_macs, count_macs_fast, count_params, group_norms,
-                      magnitude_pruner, prune_to_speed_up)
+                      magnitude_pruner, NEAR_ZERO, near_zero_fraction,
+                      prune_to_speed_up)
 from .registry import available, build
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_curve",
            "atomic_save", "available", "build", "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "group_norms", "load_network",
-           "magnitude_pruner", "network_from_record", "network_record", "prune_to_speed_up",
-           "safe_load", "save_network"]
+           "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
+           "network_record", "prune_to_speed_up", "safe_load", "save_network"]

@@ -155,6 +155,14 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
                      f"steps reach {current:.3f}x; lower the target")
 
 
+NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free
+
+
+def near_zero_fraction(pruner: tp.pruner.GroupNormPruner) -> torch.Tensor:
+    """Fraction of channel groups whose normalized norm is below ``NEAR_ZERO``."""
+    return (group_norms(pruner) < NEAR_ZERO).float().mean()
+
+
 @torch.no_grad()
 def group_norms(pruner: tp.pruner.GroupNormPruner) -> torch.Tensor:
     """L2 norm of every prunable channel group, each divided by the largest in its group.
