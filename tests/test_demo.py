@@ -1,0 +1,151 @@
+"""`prune.py demo` (issue 6): the whole pipeline of DESIGN section 2 (zoo, meta-training,
+checkpoint selection, pruning a held-out network three ways, the table) on generated tiny data,
+through the shipped configs/demo/demo.yaml shrunk to seconds; a rerun recomputes nothing."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import prune
+
+pytestmark = pytest.mark.usefixtures("cli_argv")
+DEMO = Path(__file__).parents[1] / "configs" / "demo" / "demo.yaml"
+TINY_FIT = {"limit_train_batches": 2, "enable_model_summary": False, "enable_progress_bar": False}
+
+
+def tiny_demo_config(out: Path) -> Path:
+    """The shipped demo.yaml with tiny stages: 3 classes, half-width ResNet-8, 1 epoch of 2
+    batches per fit, a 1-layer x 8 metanetwork, a short selection."""
+    cfg = yaml.safe_load(DEMO.read_text())
+    configs = DEMO.parent
+    cfg["demo"]["configs"] = {k: str(configs / v) for k, v in cfg["demo"]["configs"].items()}
+    cfg["data"] = {"dataset": "cifar10", "num_classes": 3, "subset": None, "test_subset": None,
+                   "batch_size": 8, "eval_batch_size": 8, "val_fraction": 0.25}
+    cfg["zoo"] = {
+        "zoo": {"iterative_steps": 40},
+        "pretrain": {"trainer": {"max_epochs": 1, **TINY_FIT},
+                     "model": {"init_args": {"network": "resnet8_cifar",
+                                             "network_kwargs": {"width": 0.5}}}},
+        "finetune": {"trainer": {"max_epochs": 1}}}
+    cfg["meta"] = {"trainer": {"max_epochs": 1, "enable_model_summary": False,
+                               "enable_progress_bar": False},
+                   "data": {"init_args": {"batches_per_step": 1, "batch_size": 4,
+                                          "steps_per_member": 1}},
+                   "model": {"init_args": {"num_layers": 1, "hidden": 8, "node_res_ratio": 0.1,
+                                           "edge_res_ratio": 0.1, "milestones": []}}}
+    cfg["prune"] = {"prune": {"iterative_steps": 40},
+                    "base": {"trainer": dict(TINY_FIT)},
+                    "finetune": {"trainer": {"max_epochs": 1}},
+                    "final": {"trainer": {"max_epochs": 1}}}
+    cfg["select"].update(finetune_steps=2, iterative_steps=40, every=10)
+    path = out / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def demo(config: Path, root: Path, out: Path) -> int:
+    return prune.main(["demo", "--config", str(config), "--data_root", str(root), "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("demo")
+    config, out = tiny_demo_config(tmp), tmp / "out"
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        assert demo(config, tiny_cifar, out) == 0
+    finally:
+        sys.argv = argv
+    return {"config": config, "out": out, "root": tiny_cifar}
+
+
+def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixture) -> None:
+    out = finished["out"]
+    from callbacks import read_manifest
+
+    zoo = read_manifest(out / "zoo")
+    assert [m["seed"] for m in zoo["members"]] == [0, 1, 2, 3]  # the meta-training zoo
+    target = read_manifest(out / "target")  # the held-out network: not in the zoo
+    assert [m["seed"] for m in target["members"]] == [100]
+    assert (out / "meta" / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "meta").glob("events.out.tfevents.*"))
+    assert (out / "meta" / "selection" / "best.ckpt").is_file()
+    assert (out / "meta" / "selection" / "selection.png").is_file()
+    results = json.loads((out / "results.json").read_text())
+    table = results["table"]
+    for method in prune.METHODS:
+        report = json.loads((out / "prune" / method / "report.json").read_text())
+        assert report["method"] == method
+        assert report["speed_up"]["target"] == 2.0 <= report["speed_up"]["reached"]
+        assert report["network"] == str((out / "target" / "members" / "seed100.pt").resolve())
+        assert (out / "prune" / method / "curve.png").is_file()
+        assert f"| {method} |" in table
+    meta = json.loads((out / "prune" / "metanetwork" / "report.json").read_text())["metanetwork"]
+    assert meta == str(out / "meta" / "selection" / "best.ckpt")
+    assert (out / "results.md").read_text().strip() == table
+
+
+def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    import train
+    from callbacks import selection
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished demo stage ran again")
+
+    out = finished["out"]
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for target, name in ((prune, "fit_stage"), (train, "main"), (selection, "select_command")):
+        monkeypatch.setattr(target, name, forbidden)
+    capsys.readouterr()
+    assert demo(finished["config"], finished["root"], out) == 0
+    printed = capsys.readouterr().out
+    for method in prune.METHODS:
+        assert f"| {method} |" in printed
+    assert "tensorboard --logdir" in printed and "report.json" in printed
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing rewritten
+
+
+def test_demo_refuses_an_output_folder_of_other_settings(finished: dict, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(prune.DemoError, match="holds a demo with other settings"):
+        demo(finished["config"], other, finished["out"])
+
+
+def test_demo_data_root_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(prune.DATA_ENV, raising=False)
+    data, _ = prune.demo_data(None)
+    assert data == {"root": str(tmp_path / "data" / "cifar10"), "download": True}
+    monkeypatch.setenv(prune.DATA_ENV, str(tmp_path / "env"))
+    assert prune.demo_data(None)[0] == {"root": str(tmp_path / "env")}
+    assert prune.demo_data(str(tmp_path / "arg"))[0] == {"root": str(tmp_path / "arg")}
+
+
+def test_demo_target_must_be_held_out(tmp_path: Path) -> None:
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["demo"]["target_seed"] = cfg["demo"]["zoo_seeds"][0]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(prune.DemoError, match="held out"):
+        prune.load_demo_config(path)
+
+
+def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
+    cfg = prune.load_demo_config(DEMO)
+    stages = prune.demo_stage_configs(cfg, tmp_path, {"root": "/data"})
+    assert stages["zoo"]["zoo"]["dir"] == str(tmp_path / "zoo")
+    assert stages["zoo"]["pretrain"]["data"]["init_args"]["root"] == "/data"
+    assert stages["meta"]["data"]["init_args"]["zoo"] == str(tmp_path / "zoo")
+    assert stages["meta"]["data"]["init_args"]["images"]["init_args"]["root"] == "/data"
+    assert stages["meta"]["trainer"]["logger"]["init_args"]["version"] == "meta"
+    assert stages["prune"]["prune"]["dir"] == str(tmp_path / "prune")
+    assert stages["prune"]["base"]["data"]["init_args"]["root"] == "/data"
+    assert stages["prune"]["prune"]["speed_up"] == 2.0
+    fast = prune.demo_stage_configs(prune.load_demo_config(DEMO, fast=True), tmp_path, {})
+    assert fast["meta"]["trainer"]["max_epochs"] == 1
