@@ -41,7 +41,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -66,23 +66,31 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def read_yaml_config(path: str | os.PathLike, kind: str, error: type[ValueError],
+                     sections: Sequence[str]) -> dict:
+    """A YAML config file as a dict of known top-level ``sections``; ``error`` names the file."""
+    where = f"{kind} config {str(path)!r}"
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise error(f"{where} cannot be read: {e}") from e
+    except yaml.YAMLError as e:
+        raise error(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(cfg, dict):
+        raise error(f"{where} must be a mapping with keys {', '.join(sections)}")
+    unknown = sorted(set(cfg) - set(sections))
+    if unknown:
+        raise error(f"{where}: unknown top-level keys {unknown}; allowed: {list(sections)}")
+    return cfg
+
+
 def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
                     data_root: str | None = None, pretrained: str | None = None) -> dict:
     """Read a zoo.yaml and apply the command-line overrides. Returns ``{"zoo", "pretrain",
     "finetune"}`` with ``zoo`` complete (defaults filled in, ``seed`` set)."""
     path = Path(path)
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ZooConfigError(f"zoo config {str(path)!r} cannot be read: {e}") from e
-    except yaml.YAMLError as e:
-        raise ZooConfigError(f"zoo config {str(path)!r} is not valid YAML: {e}") from e
+    cfg = read_yaml_config(path, "zoo", ZooConfigError, ("zoo", "pretrain", "finetune"))
     where = f"zoo config {str(path)!r}"
-    if not isinstance(cfg, dict):
-        raise ZooConfigError(f"{where} must be a mapping with keys zoo, pretrain, finetune")
-    unknown = sorted(set(cfg) - {"zoo", "pretrain", "finetune"})
-    if unknown:
-        raise ZooConfigError(f"{where}: unknown top-level keys {unknown}; allowed: zoo, pretrain, finetune")
     for key in ("zoo", "pretrain"):
         if not isinstance(cfg.get(key), dict):
             raise ZooConfigError(f"{where}: section {key!r} is missing or not a mapping")
@@ -271,17 +279,7 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     command-line overrides; ``prune`` comes back complete (defaults filled in)."""
     path = Path(path)
     where = f"prune config {str(path)!r}"
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise PruneRunError(f"{where} cannot be read: {e}") from e
-    except yaml.YAMLError as e:
-        raise PruneRunError(f"{where} is not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise PruneRunError(f"{where} must be a mapping with keys {', '.join(RUN_SECTIONS)}")
-    unknown = sorted(set(cfg) - set(RUN_SECTIONS))
-    if unknown:
-        raise PruneRunError(f"{where}: unknown top-level keys {unknown}; allowed: {list(RUN_SECTIONS)}")
+    cfg = read_yaml_config(path, "prune", PruneRunError, RUN_SECTIONS)
     for key in RUN_SECTIONS:
         cfg.setdefault(key, {})
         if not isinstance(cfg[key], dict):
@@ -664,15 +662,9 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> dict:
     """demo.yaml with ``fast`` merged over it when asked; every section present."""
     path = Path(path)
     where = f"demo config {str(path)!r}"
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise DemoError(f"{where} cannot be read: {e}") from e
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("demo"), dict):
+    cfg = read_yaml_config(path, "demo", DemoError, DEMO_SECTIONS)
+    if not isinstance(cfg.get("demo"), dict):
         raise DemoError(f"{where} must be a mapping with a 'demo' section")
-    unknown = sorted(set(cfg) - set(DEMO_SECTIONS))
-    if unknown:
-        raise DemoError(f"{where}: unknown top-level keys {unknown}; allowed: {list(DEMO_SECTIONS)}")
     cfg = {k: (cfg.get(k) or {}) for k in DEMO_SECTIONS}
     if fast:
         cfg = deep_merge(cfg, cfg["fast"])
