@@ -133,18 +133,20 @@ class Metanetwork(nn.Module):
         node_offsets = data.ptr[:-1].tolist() if hasattr(data, "ptr") and data.ptr is not None \
             else [0]
         h = self.node_encoder(data.x)
-        encoded = {a: self.edge_encoders[str(a)](data[edge_attr_key(a)]) for a in self.edge_types}
+        # Each area's rows are the blocks of that area, graph after graph, in block order.
+        # One split per area (not a slice per block: a slice's backward would allocate a
+        # zero gradient of the whole area block for every block).
+        chunks = {}
+        for a in self.edge_types:
+            rows = [b.rows for graph in graphs for b in graph.blocks if b.area == a]
+            encoded = self.edge_encoders[str(a)](data[edge_attr_key(a)])
+            chunks[a] = iter(encoded.split(rows))
         index, edges, areas = [], [], []
-        row_offsets = {a: 0 for a in self.edge_types}
         for graph, node_offset in zip(graphs, node_offsets):
             for block, (src, dst) in zip(graph.blocks, graph.block_index(data.x.device)):
-                start = row_offsets[block.area] + block.start
-                edges.append(encoded[block.area][start:start + block.rows]
-                             .view(*block.shape, -1))
+                edges.append(next(chunks[block.area]).view(*block.shape, -1))
                 index.append((src + node_offset, dst + node_offset))
                 areas.append(block.area)
-            for a in graph.edge_types:
-                row_offsets[a] += sum(b.rows for b in graph.blocks if b.area == a)
         degree = self._degree(index, data.x.shape[0], h)
         for layer in self.layers:
             h, edges = layer(h, edges, index, degree)

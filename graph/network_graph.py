@@ -235,10 +235,12 @@ class NetworkGraph:
                              "with to_data_list() before decoding")
         out: dict[str, torch.Tensor] = {}
         for area in self.edge_types:
-            block, start = data[edge_attr_key(area)], 0
-            for key, rows in self._edge_keys[area]:
-                out[key] = block[start:start + rows].reshape(self.shapes[key])
-                start += rows
+            block = data[edge_attr_key(area)]
+            rows = [n for _, n in self._edge_keys[area]]
+            # split, not slices: one backward for the whole block instead of one per tensor
+            parts = block.split(rows + [block.shape[0] - sum(rows)])  # the rest: identities
+            for (key, _), part in zip(self._edge_keys[area], parts):
+                out[key] = part.reshape(self.shapes[key])
         if self._node_keys:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
             for (key, n), chunk in zip(self._node_keys,
