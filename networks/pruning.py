@@ -6,7 +6,6 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.func import functional_call
 from torch_pruning.utils import op_counter
 
 MacCounter = Callable[[nn.Module, torch.Tensor], int]
