@@ -1,0 +1,63 @@
+"""2-process CPU DDP of classifier training equals one process with the same global batch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from datamodules import ImageDataModule
+from lightning_modules import ImageClassifier
+
+
+class _RecordStep(Callback):
+    """Saves, per rank, the initial network, the (augmented) batch, its loss and the synced
+    gradients of the first optimizer step."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        torch.save(pl_module.network.state_dict(), self.out / f"init{trainer.global_rank}.pt")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.save(list(batch), self.out / f"batch{trainer.global_rank}.pt")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.clone() for n, p in pl_module.network.named_parameters()}
+        torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
+
+
+def test_ddp_gradient_equals_one_process_over_the_same_batches(tiny_cifar: Path,
+                                                                tmp_path: Path) -> None:
+    """The synced gradient of a 2-rank step equals, to 1e-5 relative, one process averaging the
+    gradients of the two ranks' batches. (BatchNorm normalizes each rank's batch with its own
+    statistics, as in any DDP run without SyncBatchNorm, which CPUs do not support; so the
+    single-process reference uses the same per-batch statistics.)"""
+    seed_everything(0)
+    model = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.25})
+    # 12 train images per class, a third held out: 24 train images, 12 per rank, no padding
+    data = ImageDataModule(str(tiny_cifar), num_classes=3, batch_size=12, num_workers=0,
+                           val_fraction=1 / 3)
+    trainer = Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                      callbacks=[_RecordStep(tmp_path)], logger=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(model, data)
+
+    init = torch.load(tmp_path / "init0.pt", weights_only=True)
+    batches = [torch.load(tmp_path / f"batch{r}.pt", weights_only=True) for r in range(2)]
+    assert all(len(b[1]) == 12 for b in batches)
+    assert not torch.equal(batches[0][0], batches[1][0])  # each rank has its own shard
+
+    single = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.25})
+    single.network.load_state_dict(init)
+    single.network.train()
+    for x, y in batches:
+        (F.cross_entropy(single.network(x), y) / len(batches)).backward()
+    for r in range(2):
+        synced = torch.load(tmp_path / f"grads{r}.pt", weights_only=True)
+        for name, p in single.network.named_parameters():
+            torch.testing.assert_close(synced[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
