@@ -327,19 +327,10 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename: never a half file."""
-    import tempfile
+    """``networks.atomic_write``, imported late: prune.py answers finished runs without torch."""
+    from networks import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, write)
 
 
 def _write_json(path: Path, obj: Any) -> Path:

@@ -10,7 +10,6 @@ import argparse
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,19 +29,9 @@ from .pruning import base_macs, example_input  # noqa: E402
 Curves = dict[str, list[tuple[float, int, float]]]
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path``, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` atomically (``networks.atomic_write``)."""
+    return networks.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def curves_csv(curves: Curves) -> bytes:
@@ -74,13 +63,13 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return atomic_write(path, png.getvalue())
+    return write_bytes(path, png.getvalue())
 
 
 def save_curves(curves: Curves, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically."""
     out_dir = Path(out_dir)
-    return (atomic_write(out_dir / "curve.csv", curves_csv(curves)),
+    return (write_bytes(out_dir / "curve.csv", curves_csv(curves)),
             save_figure(curves, out_dir / "curve.png"))
 
 

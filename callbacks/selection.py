@@ -31,7 +31,7 @@ import networks
 from graph import NetworkGraph
 from networks import CheckpointError
 
-from .curve import atomic_write, curves_csv, evaluator, save_figure
+from .curve import write_bytes, curves_csv, evaluator, save_figure
 from .feedforward import load_metanetwork
 from .pruning import base_macs
 
@@ -209,11 +209,11 @@ def select_command(args: argparse.Namespace) -> int:
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "selection.csv", table.getvalue().encode())
-    atomic_write(out / "selection_curves.csv", curves_csv(curves))
+    write_bytes(out / "selection.csv", table.getvalue().encode())
+    write_bytes(out / "selection_curves.csv", curves_csv(curves))
     save_figure(mean_curves, out / "selection.png",
                 title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after")
-    atomic_write(out / "best.ckpt", Path(best["path"]).read_bytes())
+    write_bytes(out / "best.ckpt", Path(best["path"]).read_bytes())
     print(f"\nscore = mean val accuracy over speed-ups [{lo}, {hi}] (no finetune after pruning)\n")
     print("| checkpoint | score | per member | best |\n|---|---|---|---|")
     for r in rows:

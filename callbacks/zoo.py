@@ -18,7 +18,6 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -141,21 +140,8 @@ def _locked(zoo_dir: Path) -> Iterator[None]:
 
 def write_manifest(zoo_dir: str | os.PathLike, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (temporary file in the same folder, then rename)."""
-    zoo_dir = Path(zoo_dir)
-    zoo_dir.mkdir(parents=True, exist_ok=True)
-    path = zoo_dir / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=zoo_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    text = json.dumps(manifest, indent=1) + "\n"
+    return networks.atomic_write(Path(zoo_dir) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
 
 def add_member(zoo_dir: str | os.PathLike, row: dict) -> Path:

@@ -1,5 +1,5 @@
 """Target architectures (plain torch) and their pruning-aware checkpoint format."""
-from .checkpoint import (CheckpointError, atomic_save, load_network, network_from_record,
+from .checkpoint import (CheckpointError, atomic_save, atomic_write, load_network, network_from_record,
                          network_record, safe_load, save_network)
 from .cifar_resnet import CifarResNet
 from .curve import accuracy, accuracy_curve, curve_area
@@ -10,7 +10,7 @@ from .registry import available, build
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_curve",
-           "atomic_save", "available", "build", "classifier_layer", "count_macs",
+           "atomic_save", "atomic_write", "available", "build", "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "group_norms", "load_network",
            "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
            "network_record", "prune_to_speed_up", "safe_load", "save_network"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,19 +56,29 @@ def network_record(model: nn.Module, arch: dict[str, Any], metadata: dict | None
     }
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: never a half file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """``write(tmp)`` to a temporary file next to ``path``, flush it to disk, then rename over
+    ``path``: readers see the old file or the new one, never a half file, and a failed write
+    leaves the old file untouched. The temporary name keeps ``path``'s suffix (some writers,
+    e.g. torch.export.save, look at it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_network(model: nn.Module, path: str | os.PathLike, arch: dict[str, Any],
