@@ -110,6 +110,7 @@ class MetaPruningModule(LightningModule):
         self.automatic_optimization = False
         self.metanetwork: Metanetwork | None = None
         self._members: dict[int, MemberState] = {}
+        self._original_val: dict[tuple[int, int], tuple] = {}
         if layout is not None:
             self._build(layout)
 
@@ -190,8 +191,12 @@ class MetaPruningModule(LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         index, images, labels = batch
         member = self._member(int(index))
-        original = member.graph.decode(member.data)
-        ce0, norms0 = self._evaluate(member, original, images, labels)
+        # The unmodified member on the same (fixed) val images: the same every epoch, so once.
+        key = (int(index), batch_idx)
+        if key not in self._original_val:
+            self._original_val[key] = self._evaluate(member, member.graph.decode(member.data),
+                                                     images, labels)
+        ce0, norms0 = self._original_val[key]
         ce, norms = self._evaluate(member, self.modified_weights(int(index)), images, labels)
         self.log_dict({"val/ce": ce, "val/near_zero_groups": (norms < networks.NEAR_ZERO).float().mean(),
                        "val/ce_original": ce0,
