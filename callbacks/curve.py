@@ -29,6 +29,10 @@ from .pruning import base_macs, example_input  # noqa: E402
 Curves = dict[str, list[tuple[float, int, float]]]
 
 
+class CurveError(ValueError):
+    """Bad input to ``prune.py curve``."""
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """``data`` into ``path`` atomically (``networks.atomic_write``)."""
     return networks.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -66,11 +70,12 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
     return write_bytes(path, png.getvalue())
 
 
-def save_curves(curves: Curves, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def save_curves(curves: Curves, out_dir: str | os.PathLike,
+                title: str | None = None) -> tuple[Path, Path]:
     """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically."""
     out_dir = Path(out_dir)
     return (write_bytes(out_dir / "curve.csv", curves_csv(curves)),
-            save_figure(curves, out_dir / "curve.png"))
+            save_figure(curves, out_dir / "curve.png", title))
 
 
 def evaluator(loader, device: torch.device | str):
@@ -136,11 +141,14 @@ class AccuracyCurve(Callback):
 
 
 def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--network", required=True, help="network file (networks.save_network)")
+    parser.add_argument("--network", required=True, nargs="+",
+                        help="network file(s) (networks.save_network); several give one overlay plot")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one legend label per --network; default the file names")
     parser.add_argument("--data_root", required=True, help="image data (ImageDataModule root)")
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--max_speed_up", type=float, default=4.0)
-    parser.add_argument("--out", default=None, help="output folder; default next to --network")
+    parser.add_argument("--out", default=None, help="output folder; default next to the first --network")
     parser.add_argument("--subset", type=int, default=None,
                         help="training images per class (the val split is val_fraction of them)")
     parser.add_argument("--val_fraction", type=float, default=0.1)
@@ -148,25 +156,37 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterative_steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--title", default=None, help="plot title")
 
 
 def curve_command(args: argparse.Namespace) -> int:
     from datamodules import ImageDataModule
 
-    network, record = networks.load_network(args.network)
-    dm = ImageDataModule(args.data_root, dataset=args.dataset,
-                         num_classes=record["arch"]["num_classes"], batch_size=args.batch_size,
-                         num_workers=0, val_fraction=args.val_fraction, subset=args.subset,
-                         seed=args.seed)
+    labels = args.labels or [str(Path(f)) for f in args.network]
+    if len(labels) != len(args.network):
+        raise CurveError(f"--labels has {len(labels)} names for {len(args.network)} --network "
+                         "files; give one label per network")
+    loaded = [networks.load_network(f) for f in args.network]  # all files checked before work
+    classes = {record["arch"]["num_classes"] for _, record in loaded}
+    if len(classes) > 1:
+        raise CurveError(f"the --network files have different class counts {sorted(classes)}; "
+                         "curves on one dataset need networks of one task")
+    dm = ImageDataModule(args.data_root, dataset=args.dataset, num_classes=classes.pop(),
+                         batch_size=args.batch_size, num_workers=0, val_fraction=args.val_fraction,
+                         subset=args.subset, seed=args.seed)
     dm.setup("validate")
     example = dm.val_set[0][0].unsqueeze(0)
-    points = networks.accuracy_curve(network.eval(), example, base_macs(record["arch"], example),
-                                     evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up,
-                                     args.iterative_steps, args.every)
-    out = Path(args.out) if args.out else Path(args.network).parent
-    csv_path, png_path = save_curves({"val": points}, out)
-    print("| speed-up | MACs | val acc |\n|---|---|---|")
-    for s, m, a in points:
-        print(f"| {s:.3f} | {m:,} | {a:.4f} |")
+    curves: Curves = {}
+    for label, (network, record) in zip(labels, loaded):
+        curves[label] = networks.accuracy_curve(
+            network.eval(), example, base_macs(record["arch"], example),
+            evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
+            args.every)
+    out = Path(args.out) if args.out else Path(args.network[0]).parent
+    csv_path, png_path = save_curves(curves, out, args.title)
+    for label, points in curves.items():
+        print(f"{label}\n| speed-up | MACs | val acc |\n|---|---|---|")
+        for s, m, a in points:
+            print(f"| {s:.3f} | {m:,} | {a:.4f} |")
     print(f"wrote {csv_path} and {png_path}")
     return 0

@@ -86,7 +86,8 @@ class Metanetwork(nn.Module):
 
     def __init__(self, node_dim: int, edge_types: Sequence[int], num_layers: int = 8,
                  hidden: int = 64, node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
-                 frozen_node_columns: Sequence[int] = (), layout: dict | None = None) -> None:
+                 frozen_node_columns: Sequence[int] = (), layout: dict | None = None,
+                 zero_init_decoders: bool = True) -> None:
         super().__init__()
         self.edge_types = tuple(int(a) for a in edge_types)
         self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
@@ -97,6 +98,12 @@ class Metanetwork(nn.Module):
         self.node_decoder = _mlp(hidden, hidden, node_dim)
         self.edge_decoders = nn.ModuleDict({str(a): _mlp(hidden, hidden, a)
                                             for a in self.edge_types})
+        if zero_init_decoders:
+            # An untrained metanetwork is then exactly the identity, and the residual ratio
+            # only sets how fast the output may move (see docs/meta_training.md).
+            for decoder in [self.node_decoder, *self.edge_decoders.values()]:
+                nn.init.zeros_(decoder[-1].weight)
+                nn.init.zeros_(decoder[-1].bias)
         # Columns the metanetwork must not change (BN running statistics by default).
         mask = torch.ones(node_dim)
         mask[list(frozen_node_columns)] = 0.0
@@ -105,19 +112,21 @@ class Metanetwork(nn.Module):
     @classmethod
     def for_graph(cls, graph: NetworkGraph, num_layers: int = 8, hidden: int = 64,
                   node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
-                  update_running_stats: bool = False) -> "Metanetwork":
+                  update_running_stats: bool = False,
+                  zero_init_decoders: bool = True) -> "Metanetwork":
         """A metanetwork sized for ``graph``'s layout."""
         return cls.for_layout(graph.layout, num_layers, hidden, node_res_ratio, edge_res_ratio,
-                              update_running_stats)
+                              update_running_stats, zero_init_decoders)
 
     @classmethod
     def for_layout(cls, layout: dict, num_layers: int = 8, hidden: int = 64,
                    node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
-                   update_running_stats: bool = False) -> "Metanetwork":
+                   update_running_stats: bool = False,
+                   zero_init_decoders: bool = True) -> "Metanetwork":
         """A metanetwork for a ``NetworkGraph.layout`` (as stored in checkpoints)."""
         frozen = () if update_running_stats else running_stat_columns(layout["bn_slots"])
         return cls(layout["node_dim"], layout["edge_types"], num_layers, hidden, node_res_ratio,
-                   edge_res_ratio, frozen, layout)
+                   edge_res_ratio, frozen, layout, zero_init_decoders)
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import networks
-from callbacks.curve import AccuracyCurve, add_curve_arguments, curve_command
+from callbacks.curve import AccuracyCurve, CurveError, add_curve_arguments, curve_command
 from callbacks.selection import add_select_arguments, select_command
 from callbacks.zoo import widths
 from datamodules import ImageDataModule, ModelZooDataModule
@@ -83,6 +83,17 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
     assert curve_command(args) == 0
     assert (tmp_path / "out" / "curve.csv").is_file() and (tmp_path / "out" / "curve.png").is_file()
     assert "| speed-up |" in capsys.readouterr().out
+    # several networks: one overlay, one curve per label; the same network gives the same curve
+    args = parser.parse_args(["--network", str(path), str(path), "--labels", "a", "b",
+                              "--data_root", str(tiny_cifar), "--max_speed_up", "1.8",
+                              "--iterative_steps", "20", "--out", str(tmp_path / "two")])
+    assert curve_command(args) == 0
+    rows = list(csv.DictReader((tmp_path / "two" / "curve.csv").open()))
+    a = [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "a"]
+    assert a and a == [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "b"]
+    args.labels = ["only one"]
+    with pytest.raises(CurveError, match="one label per network"):
+        curve_command(args)
 
 
 @pytest.fixture(scope="module")

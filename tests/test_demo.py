@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 import prune
+from pipeline import demo as pipeline_demo
+from pipeline import run as pipeline_run
+from pipeline import zoo as pipeline_zoo
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "demo.yaml"
@@ -42,6 +45,7 @@ def tiny_demo_config(out: Path) -> Path:
                     "finetune": {"trainer": {"max_epochs": 1}},
                     "final": {"trainer": {"max_epochs": 1}}}
     cfg["select"].update(finetune_steps=2, iterative_steps=40, every=10)
+    cfg["demo"]["speed_ups"] = [2.0, 2.5]  # the second reuses each method's stage 1
     path = out / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -77,14 +81,23 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
     assert (out / "meta" / "selection" / "selection.png").is_file()
     results = json.loads((out / "results.json").read_text())
     table = results["table"]
-    for method in prune.METHODS:
-        report = json.loads((out / "prune" / method / "report.json").read_text())
-        assert report["method"] == method
-        assert report["speed_up"]["target"] == 2.0 <= report["speed_up"]["reached"]
-        assert report["network"] == str((out / "target" / "members" / "seed100.pt").resolve())
-        assert (out / "prune" / method / "curve.png").is_file()
-        assert f"| {method} |" in table
-    meta = json.loads((out / "prune" / "metanetwork" / "report.json").read_text())["metanetwork"]
+    for method in pipeline_run.METHODS:
+        for speed_up in (2.0, 2.5):
+            run = out / "prune" / pipeline_demo.run_key(100, speed_up, method)
+            report = json.loads((run / "report.json").read_text())
+            assert report["method"] == method
+            assert report["speed_up"]["target"] == speed_up <= report["speed_up"]["reached"]
+            assert report["network"] == str((out / "target" / "members" / "seed100.pt").resolve())
+            assert (run / "curve.png").is_file()
+            assert f"| seed100 | {method} | " in table and f"(target {speed_up:g}x)" in table
+        # stage 1 ran once: the 2.5x run took the 2x run's network and trained no stage 1
+        first, stage = out / "prune" / "seed100", pipeline_run.FIRST_STAGE[method]
+        assert (first / "2.5x" / method / stage / "network.pt").read_bytes() == \
+            (first / "2x" / method / stage / "network.pt").read_bytes()
+        assert not (first / "2.5x" / method / stage / "checkpoints").exists()
+        assert (first / "2x" / method / stage / "checkpoints").exists()
+    meta = json.loads((out / "prune" / pipeline_demo.run_key(100, 2.0, "metanetwork")
+                       / "report.json").read_text())["metanetwork"]
     assert meta == str(out / "meta" / "selection" / "best.ckpt")
     assert (out / "results.md").read_text().strip() == table
 
@@ -99,12 +112,14 @@ def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.Monke
 
     out = finished["out"]
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    for target, name in ((prune, "fit_stage"), (train, "main"), (selection, "select_command")):
+    patched = [(pipeline_demo, "fit_stage"), (pipeline_run, "fit_stage"), (pipeline_zoo, "fit_stage"),
+               (train, "main"), (selection, "select_command")]
+    for target, name in patched:
         monkeypatch.setattr(target, name, forbidden)
     capsys.readouterr()
     assert demo(finished["config"], finished["root"], out) == 0
     printed = capsys.readouterr().out
-    for method in prune.METHODS:
+    for method in pipeline_run.METHODS:
         assert f"| {method} |" in printed
     assert "tensorboard --logdir" in printed and "report.json" in printed
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing rewritten
@@ -113,32 +128,32 @@ def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.Monke
 def test_demo_refuses_an_output_folder_of_other_settings(finished: dict, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
-    with pytest.raises(prune.DemoError, match="holds a demo with other settings"):
+    with pytest.raises(pipeline_demo.DemoError, match="holds a demo with other settings"):
         demo(finished["config"], other, finished["out"])
 
 
 def test_demo_data_root_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(prune.DATA_ENV, raising=False)
-    data, _ = prune.demo_data(None)
+    monkeypatch.delenv(pipeline_demo.DATA_ENV, raising=False)
+    data, _ = pipeline_demo.demo_data(None)
     assert data == {"root": str(tmp_path / "data" / "cifar10"), "download": True}
-    monkeypatch.setenv(prune.DATA_ENV, str(tmp_path / "env"))
-    assert prune.demo_data(None)[0] == {"root": str(tmp_path / "env")}
-    assert prune.demo_data(str(tmp_path / "arg"))[0] == {"root": str(tmp_path / "arg")}
+    monkeypatch.setenv(pipeline_demo.DATA_ENV, str(tmp_path / "env"))
+    assert pipeline_demo.demo_data(None)[0] == {"root": str(tmp_path / "env")}
+    assert pipeline_demo.demo_data(str(tmp_path / "arg"))[0] == {"root": str(tmp_path / "arg")}
 
 
 def test_demo_target_must_be_held_out(tmp_path: Path) -> None:
     cfg = yaml.safe_load(DEMO.read_text())
-    cfg["demo"]["target_seed"] = cfg["demo"]["zoo_seeds"][0]
+    cfg["demo"]["target_seeds"] = [cfg["demo"]["zoo_seeds"][0]]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(prune.DemoError, match="held out"):
-        prune.load_demo_config(path)
+    with pytest.raises(pipeline_demo.DemoError, match="held out"):
+        pipeline_demo.load_demo_config(path)
 
 
 def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
-    cfg = prune.load_demo_config(DEMO)
-    stages = prune.demo_stage_configs(cfg, tmp_path, {"root": "/data"})
+    cfg = pipeline_demo.load_demo_config(DEMO)
+    stages = pipeline_demo.demo_stage_configs(cfg, tmp_path, {"root": "/data"})
     assert stages["zoo"]["zoo"]["dir"] == str(tmp_path / "zoo")
     assert stages["zoo"]["pretrain"]["data"]["init_args"]["root"] == "/data"
     assert stages["meta"]["data"]["init_args"]["zoo"] == str(tmp_path / "zoo")
@@ -147,5 +162,5 @@ def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     assert stages["prune"]["prune"]["dir"] == str(tmp_path / "prune")
     assert stages["prune"]["base"]["data"]["init_args"]["root"] == "/data"
     assert stages["prune"]["prune"]["speed_up"] == 2.0
-    fast = prune.demo_stage_configs(prune.load_demo_config(DEMO, fast=True), tmp_path, {})
+    fast = pipeline_demo.demo_stage_configs(pipeline_demo.load_demo_config(DEMO, fast=True), tmp_path, {})
     assert fast["meta"]["trainer"]["max_epochs"] == 1

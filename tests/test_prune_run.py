@@ -16,6 +16,7 @@ from torch import nn
 
 import networks
 import prune
+from pipeline import run as pipeline_run
 from callbacks.zoo import widths
 from lightning_modules import MetaPruningModule
 from pruning_helpers import random_prune
@@ -89,7 +90,7 @@ def runs(setup: dict) -> dict[str, Path]:
     argv, sys.argv = sys.argv, ["prune.py"]
     try:
         dirs = {}
-        for method in prune.METHODS:
+        for method in pipeline_run.METHODS:
             dirs[method] = setup["out"] / method
             assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"]) == 0
         return dirs
@@ -98,7 +99,7 @@ def runs(setup: dict) -> dict[str, Path]:
 
 
 # ---- each method end to end -------------------------------------------------------------------
-@pytest.mark.parametrize("method", prune.METHODS)
+@pytest.mark.parametrize("method", pipeline_run.METHODS)
 def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
     out = runs[method]
     report = json.loads((out / "report.json").read_text())
@@ -113,9 +114,9 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
     assert (acc["feedforward"] is None) == (method != "metanetwork")
     assert report["seeds"]["seed_everything"] == 0
     stages = report["config"]["stages"]
-    assert list(stages) == [prune.FIRST_STAGE[method], prune.SECOND_STAGE]
-    first = stages[prune.FIRST_STAGE[method]]
-    assert first["trainer"]["max_epochs"] == stages[prune.SECOND_STAGE]["trainer"]["max_epochs"]
+    assert list(stages) == [pipeline_run.FIRST_STAGE[method], pipeline_run.SECOND_STAGE]
+    first = stages[pipeline_run.FIRST_STAGE[method]]
+    assert first["trainer"]["max_epochs"] == stages[pipeline_run.SECOND_STAGE]["trainer"]["max_epochs"]
     classes = [c["class_path"] for c in first["trainer"]["callbacks"]]
     expected = {"metanetwork": "callbacks.MetanetworkFeedforward",
                 "sparse": "callbacks.SparseTraining"}.get(method)
@@ -131,7 +132,7 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
 
 
 def test_metanetwork_changed_the_weights(runs: dict[str, Path], setup: dict) -> None:
-    first = runs["metanetwork"] / prune.FIRST_STAGE["metanetwork"]
+    first = runs["metanetwork"] / pipeline_run.FIRST_STAGE["metanetwork"]
     fed, _ = networks.load_network(first / "feedforward.pt")
     original, _ = networks.load_network(setup["network"])
     assert widths(fed) == widths(original)
@@ -201,7 +202,7 @@ def _shape_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return core, core + extra
 
 
-@pytest.mark.parametrize("method", prune.METHODS)
+@pytest.mark.parametrize("method", pipeline_run.METHODS)
 def test_report_macs_match_layer_shapes_and_target_is_reached_by_the_smallest_step(
         runs: dict[str, Path], method: str) -> None:
     out = runs[method]
@@ -217,7 +218,7 @@ def test_report_macs_match_layer_shapes_and_target_is_reached_by_the_smallest_st
 
     # Oracle: the plain step-by-step loop (MAC count after every step) on the stage-1 network
     # stops at the same widths; one step less is below the target.
-    start, _ = networks.load_network(out / prune.FIRST_STAGE[method] / "network.pt")
+    start, _ = networks.load_network(out / pipeline_run.FIRST_STAGE[method] / "network.pt")
     pruner = networks.magnitude_pruner(start.eval(), X32, STEPS)
     speed_ups = []
     for _ in range(STEPS):
@@ -234,7 +235,7 @@ def test_report_macs_match_layer_shapes_and_target_is_reached_by_the_smallest_st
 EXPORT_CHECK = r"""
 import sys
 for name in ("networks", "graph", "callbacks", "lightning_modules", "datamodules", "prune",
-             "train", "lightning", "torch_pruning", "torch_geometric"):
+             "pipeline", "train", "lightning", "torch_pruning", "torch_geometric"):
     sys.modules[name] = None  # importing any of them now raises ImportError
 import torch
 program = torch.export.load(sys.argv[1])
@@ -270,7 +271,7 @@ def test_rerunning_a_finished_run_recomputes_nothing(runs: dict[str, Path], setu
         raise AssertionError("recomputed")
 
     for name in ("fit_stage", "evaluate_networks", "check_inputs", "export_program"):
-        monkeypatch.setattr(prune, name, fail)
+        monkeypatch.setattr(pipeline_run, name, fail)
     assert run(setup["config"], setup["network"], "none", out) == 0
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -286,7 +287,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(runs: dict[str, Path
     for name in ("report.json", "network.pt2", "curve.png"):
         (out / name).unlink()
     (out / "run.json").write_text((runs["none"] / "run.json").read_text())
-    monkeypatch.setattr(prune, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
+    monkeypatch.setattr(pipeline_run, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
     assert run(setup["config"], setup["network"], "none", out) == 0
     assert json.loads((out / "report.json").read_text())["accuracy"] == \
         json.loads((runs["none"] / "report.json").read_text())["accuracy"]
@@ -302,6 +303,14 @@ def _expect(setup: dict, tmp_path: Path, match: str, network: Path | None = None
     with pytest.raises(error, match=match):
         run(setup["config"], network or setup["network"], method, out, meta, *extra)
     assert not out.exists()  # nothing written before the inputs were checked
+
+
+def test_reuse_first_stage_only_from_a_run_that_differs_in_the_target(
+        runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
+    _expect(setup, tmp_path, r"--reuse_first_stage .*differs in method.*only the speed-up target",
+            method="sparse", meta=None, extra=("--reuse_first_stage", str(runs["none"])))
+    _expect(setup, tmp_path, r"is not a prune run directory", method="none", meta=None,
+            extra=("--reuse_first_stage", str(tmp_path)))
 
 
 def test_speed_up_not_above_current(setup: dict, tmp_path: Path) -> None:
@@ -378,13 +387,13 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
     import train
 
     large = "imagenet" in config.parent.name
-    cfg = prune.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))
+    cfg = pipeline_run.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))
     assert cfg["prune"]["speed_up"] > 1
     arch = {"name": "resnet50" if large else "resnet8_cifar",
             "num_classes": 2 if large else 3, "kwargs": {}}
     raw = yaml.safe_load(config.read_text())
     for section in ("finetune", "final"):
-        stage = prune.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
+        stage = pipeline_run.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
         stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs
         stage["model"]["init_args"]["weights"] = None  # parse only: no network file here
         stage["data"]["init_args"]["num_classes"] = arch["num_classes"]

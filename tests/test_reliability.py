@@ -259,18 +259,18 @@ def test_imagenet_meta_config_meta_trains_a_step_at_224(tiny_imagenet, tmp_path,
 def test_imagenet_zoo_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path, cli_argv):
     """The zoo config's stage 2 (prune to 1.32x, finetune, register) on a narrow start."""
     import networks
-    import prune
     import yaml
+    from pipeline import zoo as pipeline_zoo
     from train import main
 
-    cfg = prune.load_zoo_config(IMAGENET / "zoo.yaml", seed=0, zoo_dir=str(tmp_path / "zoo"),
-                                data_root=str(tiny_imagenet))
+    cfg = pipeline_zoo.load_zoo_config(IMAGENET / "zoo.yaml", seed=0, zoo_dir=str(tmp_path / "zoo"),
+                                       data_root=str(tiny_imagenet))
     assert cfg["zoo"]["speed_up"] == 1.32 and cfg["zoo"]["input_size"] == [3, 224, 224]
     # the narrow start (90% of channels gone) is at ~78x of ResNet-50's MACs already
     cfg["zoo"].update(iterative_steps=4, speed_up=100.0)
     make_resnet50_zoo(tmp_path / "start", count=1)
     start = next((tmp_path / "start").rglob("seed0*.pt"))
-    stage = prune.finetune_config(cfg, start)
+    stage = pipeline_zoo.finetune_config(cfg, start)
     stage["trainer"].update(precision=32, accelerator="cpu", fast_dev_run=True,
                             enable_progress_bar=False)
     stage["data"]["init_args"].update(num_classes=2, batch_size=2, num_workers=0,

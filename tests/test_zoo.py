@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 
 import networks
 import prune
+from pipeline import zoo as pipeline_zoo
 import train
 from callbacks import ExportToZoo, PruneToSpeedUp, ZooError, read_manifest
 from callbacks import zoo as zoo_module
@@ -158,7 +159,7 @@ def test_rerun_same_seed_is_a_no_op_and_new_seed_adds(zoo_seed0: Path, tmp_path:
 
     def no_training(*a, **k):
         raise AssertionError("a stage trained again")
-    monkeypatch.setattr(prune, "fit_stage", no_training)
+    monkeypatch.setattr(pipeline_zoo, "fit_stage", no_training)
     assert run_zoo(config, 0) == 0
     assert (zoo_dir / "manifest.json").read_text() == before
     assert (zoo_dir / "members" / "seed0.pt").stat().st_mtime_ns == mtime
@@ -226,18 +227,18 @@ def test_every_task_has_a_zoo_config() -> None:
 def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, tmp_path: Path) -> None:
     large = "imagenet" in config.parent.name
     root = tiny_imagenet if large else tiny_cifar
-    cfg = prune.load_zoo_config(config, seed=5, zoo_dir=str(tmp_path), data_root=str(root))
+    cfg = pipeline_zoo.load_zoo_config(config, seed=5, zoo_dir=str(tmp_path), data_root=str(root))
     assert cfg["zoo"]["speed_up"] > 1 and cfg["zoo"]["seed"] == 5
     assert cfg["zoo"]["input_size"] == ([3, 224, 224] if large else [3, 32, 32])
-    stages = {"pretrain": prune.pretrain_config(cfg),
-              "finetune": prune.finetune_config(cfg, tmp_path / "weights.pt")}
+    stages = {"pretrain": pipeline_zoo.pretrain_config(cfg),
+              "finetune": pipeline_zoo.finetune_config(cfg, tmp_path / "weights.pt")}
     for name, stage in stages.items():
         stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs
         stage["model"]["init_args"]["weights"] = None  # parse only: no weights file here
         cli = train.main(["--config", yaml.safe_dump(stage)], run=False)
         assert cli.config.seed_everything == 5
         assert cli.datamodule.root == root
-        assert Path(cli.trainer.log_dir) == prune.stage_dir(tmp_path, 5, name)
+        assert Path(cli.trainer.log_dir) == pipeline_zoo.stage_dir(tmp_path, 5, name)
         if name == "finetune":
             prune_cb = next(c for c in cli.trainer.callbacks if isinstance(c, PruneToSpeedUp))
             export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportToZoo))
@@ -249,23 +250,23 @@ def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, 
 def test_pretrained_skips_stage_one(tiny_cifar: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_zoo_config(tiny_cifar, tmp_path)
-    cfg = prune.load_zoo_config(config, seed=0)
+    cfg = pipeline_zoo.load_zoo_config(config, seed=0)
     start = networks.save_network(networks.build("resnet8_cifar", 3, width=0.25), tmp_path / "start.pt",
                                   arch={"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}})
     calls = []
-    monkeypatch.setattr(prune, "fit_stage", lambda c, test=False: calls.append(c))
+    monkeypatch.setattr(pipeline_zoo, "fit_stage", lambda c, test=False: calls.append(c))
     cfg["zoo"]["pretrained"] = str(start)
-    assert prune.run_pretrain(cfg) == start and calls == []
+    assert pipeline_zoo.run_pretrain(cfg) == start and calls == []
     cfg["zoo"]["pretrained"] = str(tmp_path / "missing.pt")
-    with pytest.raises(prune.ZooConfigError, match="missing.pt"):
-        prune.run_pretrain(cfg)
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="missing.pt"):
+        pipeline_zoo.run_pretrain(cfg)
 
 
 def test_bad_zoo_config_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "zoo.yaml"
     bad.write_text("zoo: {dir: x}\npretrain: {}\n")
-    with pytest.raises(prune.ZooConfigError, match="zoo.yaml.*speed_up"):
-        prune.load_zoo_config(bad)
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*speed_up"):
+        pipeline_zoo.load_zoo_config(bad)
     bad.write_text("zoo: {speed_up: 2}\npretrain: {seed_everything: 1}\n")
-    with pytest.raises(prune.ZooConfigError, match="seed_everything"):
-        prune.load_zoo_config(bad)
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="seed_everything"):
+        pipeline_zoo.load_zoo_config(bad)

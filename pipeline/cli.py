@@ -1,0 +1,70 @@
+"""The ``prune.py`` command line: one subcommand per pipeline step (see prune.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+
+DESCRIPTION = "The pruning pipeline of DESIGN section 2, one subcommand per step."
+Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported on the first call: subcommands living in modules that import
+    torch/Lightning keep ``prune.py --help`` fast."""
+    def call(*args: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args)
+    return call
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "zoo": (_lazy("pipeline.zoo", "add_zoo_arguments"), _lazy("pipeline.zoo", "zoo_command"),
+            "train, prune and finetune one zoo member (docs/zoo.md)"),
+    "run": (_lazy("pipeline.run", "add_run_arguments"), _lazy("pipeline.run", "run_command"),
+            "prune a network to a speed-up: metanetwork/none/sparse, finetunes, export (docs/pruning.md)"),
+    "curve": (_lazy("callbacks.curve", "add_curve_arguments"), _lazy("callbacks.curve", "curve_command"),
+              "accuracy-vs-speed-up curve of a network, no finetuning (docs/pruning.md)"),
+    "select": (_lazy("callbacks.selection", "add_select_arguments"),
+               _lazy("callbacks.selection", "select_command"),
+               "pick the best metanetwork checkpoint of a meta-training run by curve area"),
+    "demo": (_lazy("pipeline.demo", "add_demo_arguments"), _lazy("pipeline.demo", "demo_command"),
+             "the whole pipeline on a built-in default: zoo, meta-train, select, prune 3 ways, table"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s arguments are added (all when None), so that parsing
+    one subcommand never imports another's dependencies."""
+    parser = argparse.ArgumentParser(prog="prune.py", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            add_arguments(subparser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
+    return SUBCOMMANDS[args.command][1](args)
+
+
+# Errors that mean bad input (their messages name the problem and the fix): printed as one
+# line instead of a traceback. Matched by name so that `--help` needs no torch import.
+USER_ERRORS = {"CurveError", "PruneRunError", "DemoError", "SelectionError", "ZooConfigError", "ZooError",
+               "CheckpointError", "MetanetworkError", "UnsupportedArchitectureError", "DatasetError"}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        return main(argv)
+    except ValueError as e:
+        if type(e).__name__ not in USER_ERRORS:
+            raise
+        print(f"prune.py: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,87 @@
+"""What every pipeline command shares: YAML configs, Lightning stages built by ``train.main``,
+rank checks under DDP, and atomic writes of result files."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` merged into a copy of ``base``: dicts recursively, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml_config(path: str | os.PathLike, kind: str, error: type[ValueError],
+                     sections: Sequence[str]) -> dict:
+    """A YAML config file as a dict of known top-level ``sections``; ``error`` names the file."""
+    where = f"{kind} config {str(path)!r}"
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise error(f"{where} cannot be read: {e}") from e
+    except yaml.YAMLError as e:
+        raise error(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(cfg, dict):
+        raise error(f"{where} must be a mapping with keys {', '.join(sections)}")
+    unknown = sorted(set(cfg) - set(sections))
+    if unknown:
+        raise error(f"{where}: unknown top-level keys {unknown}; allowed: {list(sections)}")
+    return cfg
+
+
+def is_rank_zero() -> bool:
+    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return all(os.environ.get(k, "0") == "0" for k in ranks)
+
+
+def wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    """Ranks > 0 under a relaunching DDP strategy may get here before rank 0 wrote ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and not is_rank_zero() and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def fit_stage(config: dict, test: bool = False) -> Any:
+    """Run one Lightning fit (optionally followed by a test of the best checkpoint) from a
+    LightningCLI config dict; resumes from ``<log_dir>/checkpoints/last.ckpt`` when present."""
+    import train
+
+    # train.main warns when sys.argv (ours) and args both exist; sys.argv must stay as it is
+    # (a relaunching DDP strategy starts the other ranks with it).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    cli = train.main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if last.is_file() else None
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}", file=sys.stderr)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if test:
+        has_best = bool(getattr(cli.trainer.checkpoint_callback, "best_model_path", ""))
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if has_best else None)
+    return cli
+
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
+    """``networks.atomic_write``, imported late: finished runs are answered without torch."""
+    from networks import atomic_write
+
+    return atomic_write(path, write)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+

@@ -1,0 +1,264 @@
+"""``prune.py demo`` (docs/pruning.md, "The demo pipeline"): the whole pipeline of DESIGN
+section 2 on a built-in default, configs/demo/demo.yaml: ``zoo`` for the zoo seeds and the
+held-out targets, meta-training, ``select``, ``run`` with every method, a table. Data:
+``--data_root``, else ``$METAPRUNE_DATA``, else CIFAR-10 downloaded to data/cifar10."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .common import atomic_write, deep_merge, fit_stage, is_rank_zero, read_yaml_config, write_json
+from .cli import main
+from .run import METHODS, REPORT
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
+DEMO_SECTIONS = ("demo", "data", "zoo", "meta", "prune", "select", "fast")
+DATA_ENV = "METAPRUNE_DATA"      # where the demo looks for CIFAR-10 when --data_root is not given
+DEFAULT_DATA = "data/cifar10"    # otherwise: downloaded here (torchvision) on first use
+DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written on first start
+RESULTS = "results.json"
+
+
+class DemoError(ValueError):
+    """Bad demo input (config, data, an output folder holding another demo)."""
+
+
+def load_demo_config(path: str | os.PathLike, fast: bool = False) -> dict:
+    """demo.yaml with ``fast`` merged over it when asked; every section present."""
+    path = Path(path)
+    where = f"demo config {str(path)!r}"
+    cfg = read_yaml_config(path, "demo", DemoError, DEMO_SECTIONS)
+    if not isinstance(cfg.get("demo"), dict):
+        raise DemoError(f"{where} must be a mapping with a 'demo' section")
+    cfg = {k: (cfg.get(k) or {}) for k in DEMO_SECTIONS}
+    if fast:
+        cfg = deep_merge(cfg, cfg["fast"])
+    demo = cfg["demo"]
+    for key in ("configs", "zoo_seeds", "target_seeds", "speed_ups", "methods"):
+        if key not in demo:
+            raise DemoError(f"{where}: demo.{key} is required")
+    for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
+        if not isinstance(demo[key], list) or not demo[key]:
+            raise DemoError(f"{where}: demo.{key} must be a non-empty list, e.g. [{demo[key]}]")
+    shared = sorted({int(s) for s in demo["target_seeds"]} & {int(s) for s in demo["zoo_seeds"]})
+    if shared:
+        raise DemoError(f"{where}: demo.target_seeds {shared} are also in demo.zoo_seeds; the "
+                        "networks to prune must be held out of meta-training")
+    bad = sorted(set(demo["methods"]) - set(METHODS))
+    if bad:
+        raise DemoError(f"{where}: unknown methods {bad}; allowed: {list(METHODS)}")
+    demo["configs"] = {k: str((path.parent / v).resolve()) for k, v in demo["configs"].items()}
+    return cfg
+
+
+def demo_data(data_root: str | None) -> tuple[dict, str]:
+    """The image data overrides (root, download) and a line saying where the data comes from:
+    --data_root, else $METAPRUNE_DATA, else CIFAR-10 downloaded to data/cifar10."""
+    if data_root:
+        return {"root": str(Path(data_root).expanduser().resolve())}, "--data_root"
+    if os.environ.get(DATA_ENV):
+        return {"root": str(Path(os.environ[DATA_ENV]).expanduser().resolve())}, f"${DATA_ENV}"
+    return ({"root": str(Path(DEFAULT_DATA).resolve()), "download": True},
+            f"downloaded on first use (no --data_root, ${DATA_ENV} unset)")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DemoError(f"stage config {path!r} cannot be read: {e}") from e
+
+
+def _merge_data(section: dict, data: dict) -> None:
+    """``data`` into ``section['init_args']`` (an ImageDataModule spec), in place."""
+    section.setdefault("init_args", {}).update(copy.deepcopy(data))
+
+
+def demo_stage_configs(cfg: dict, out: Path, data: dict) -> dict[str, dict]:
+    """The zoo, meta and prune stage configs of the demo: the shipped configs with the demo's
+    overrides, the data, and every output path under ``out`` (stable, so reruns skip)."""
+    paths, data = cfg["demo"]["configs"], deep_merge(cfg["data"], data)
+    zoo = deep_merge(_read_yaml(paths["zoo"]), cfg["zoo"])
+    zoo["zoo"]["dir"] = str(out / "zoo")
+    _merge_data(zoo["pretrain"]["data"], data)
+    if isinstance((zoo.get("finetune") or {}).get("data"), dict):
+        _merge_data(zoo["finetune"]["data"], data)
+    meta = deep_merge(_read_yaml(paths["meta"]), cfg["meta"])
+    meta["data"]["init_args"]["zoo"] = str(out / "zoo")
+    _merge_data(meta["data"]["init_args"]["images"], data)
+    meta.setdefault("trainer", {})["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(out), "name": "", "version": "meta"}}
+    meta["trainer"]["default_root_dir"] = str(out / "meta")
+    prune_cfg = deep_merge(_read_yaml(paths["prune"]), cfg["prune"])
+    prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg["demo"]["speed_ups"][0]))
+    _merge_data(prune_cfg["base"]["data"], data)
+    return {"zoo": zoo, "meta": meta, "prune": prune_cfg}
+
+
+def _fmt_count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def demo_table(reports: dict[str, dict]) -> str:
+    """The demo's result table (markdown): one row per report.json, keyed
+    ``seed<N>/<S>x/<method>`` (``run_key``)."""
+    pct = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
+    lines = ["| network | method | speed-up | MACs | params | test acc before | test acc after "
+             "| val acc after |", "|---|---|---|---|---|---|---|---|"]
+    for key, r in reports.items():
+        acc, seed = r["accuracy"], key.split("/")[0]
+        lines.append(
+            f"| {seed} | {r['method']} | {r['speed_up']['reached']:.2f}x "
+            f"(target {r['speed_up']['target']:g}x) "
+            f"| {_fmt_count(r['macs']['before'])} -> {_fmt_count(r['macs']['after'])} "
+            f"| {_fmt_count(r['params']['before'])} -> {_fmt_count(r['params']['after'])} "
+            f"| {pct(acc['original']['test'])} | {pct(acc['final']['test'])} "
+            f"| {pct(acc['final']['val'])} |")
+    return "\n".join(lines)
+
+
+def run_key(seed: int, speed_up: float, method: str) -> str:
+    """``seed<N>/<S>x/<method>``: a prune run's folder under ``<out>/prune``."""
+    return f"seed{int(seed)}/{float(speed_up):g}x/{method}"
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_root", default=None,
+                        help=f"CIFAR-10 (ImageFolder train/ test/, or torchvision's folder); default "
+                             f"${DATA_ENV}, else downloaded to {DEFAULT_DATA}")
+    parser.add_argument("--out", default=None,
+                        help="output folder; default runs/demo_pipeline (runs/demo_pipeline_fast with --fast)")
+    parser.add_argument("--fast", action="store_true",
+                        help="smoke run: every stage on a few batches (minutes; numbers mean nothing)")
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (configs/demo/demo.yaml)")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cfg = load_demo_config(args.config, args.fast)
+    demo = cfg["demo"]
+    out = Path(args.out or ("runs/demo_pipeline_fast" if args.fast else "runs/demo_pipeline")).resolve()
+    data, data_source = demo_data(args.data_root)
+    stages = demo_stage_configs(cfg, out, data)
+    settings = json.loads(json.dumps({"demo": demo, "select": cfg["select"], "stages": stages}))
+    if (out / DEMO_FILE).is_file():
+        stored = json.loads((out / DEMO_FILE).read_text())
+        if stored != settings:
+            diff = sorted(k for k in stages if stored.get("stages", {}).get(k) != stages[k])
+            diff += [k for k in ("demo", "select") if stored.get(k) != settings[k]]
+            raise DemoError(f"output folder {str(out)!r} holds a demo with other settings (differs in "
+                            f"{', '.join(diff)}: e.g. another --data_root or --fast); pass another "
+                            "--out, or delete the folder to start over")
+    elif is_rank_zero():
+        write_json(out / DEMO_FILE, settings)
+    configs = {}
+    for name, stage in stages.items():  # the stage configs, as files the subcommands read
+        configs[name] = out / "configs" / f"{name}.yaml"
+        if not configs[name].is_file() or yaml.safe_load(configs[name].read_text()) != stage:
+            text = yaml.safe_dump(stage, sort_keys=False)
+            atomic_write(configs[name], lambda tmp, text=text: Path(tmp).write_text(text))
+    print(f"demo: data {data['root']} ({data_source}); outputs in {out}", file=sys.stderr)
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        times[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
+    for seed in demo["zoo_seeds"]:
+        timed(f"zoo seed{seed}", lambda s=seed: main(["zoo", "--config", str(configs["zoo"]),
+                                                      "--seed", str(s)]))
+    from callbacks import find_member
+
+    targets = {}
+    for seed in demo["target_seeds"]:
+        timed(f"target seed{seed}", lambda s=seed: main([
+            "zoo", "--config", str(configs["zoo"]), "--seed", str(s), "--zoo_dir", str(out / "target")]))
+        row = find_member(out / "target", int(seed))
+        if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
+            return 0
+        targets[int(seed)] = out / "target" / row["file"]
+
+    # 2. meta-training (train.main through fit_stage: resumes from last.ckpt when killed).
+    meta_done = out / "meta" / "done.json"
+    if meta_done.is_file():
+        print(f"meta-training done already: {meta_done}", file=sys.stderr)
+    else:
+        timed("meta-train", lambda: fit_stage(stages["meta"]))
+        if not is_rank_zero():
+            return 0
+        ckpts = sorted(p.name for p in (out / "meta" / "checkpoints").glob("*.ckpt"))
+        write_json(meta_done, {"checkpoints": ckpts})
+
+    # 3. checkpoint selection on the meta-val members (validation data only).
+    selection = out / "meta" / "selection"
+    best = selection / "best.ckpt"
+    if best.is_file():
+        print(f"selection done already: {best}", file=sys.stderr)
+    else:
+        s = cfg["select"]
+        argv = ["select", "--config", str(configs["meta"]), "--run", str(out / "meta"),
+                "--out", str(selection)]
+        for key, value in s.items():
+            argv += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+        timed("select", lambda: main(argv))
+
+    # 4. prune every held-out network with every method to every target (`prune.py run`, one
+    # folder each). Stage 1 does not depend on the target: later targets reuse the first's.
+    reports = {}
+    for seed, target in targets.items():
+        for method in demo["methods"]:
+            first = None
+            for speed_up in demo["speed_ups"]:
+                key = run_key(seed, speed_up, method)
+                run_out = out / "prune" / key
+                argv = ["run", "--config", str(configs["prune"]), "--network", str(target),
+                        "--method", method, "--speed_up", str(speed_up), "--out", str(run_out)]
+                if method == "metanetwork":
+                    argv += ["--metanetwork", str(best)]
+                if first is not None:
+                    argv += ["--reuse_first_stage", str(first)]
+                timed(f"prune {key}", lambda argv=argv: main(argv))
+                reports[key] = json.loads((run_out / REPORT).read_text())
+                first = first or run_out
+
+    table = demo_table(reports)
+    total = time.perf_counter() - t0
+    # Seconds per stage as first computed (a rerun's skips do not overwrite them); the result
+    # files are rewritten only when their content changes, so a finished demo's rerun writes nothing.
+    old = json.loads((out / RESULTS).read_text()) if (out / RESULTS).is_file() else {}
+    seconds = dict(old.get("seconds") or {})
+    seconds.update({k: v for k, v in times.items() if k not in seconds})
+    results = {"table": table, "targets": {str(k): str(v) for k, v in targets.items()},
+               "metanetwork": str(best),
+               "reports": {k: str(out / "prune" / k / REPORT) for k in reports},
+               "seconds": seconds, "total_s": round(sum(seconds.values()), 1)}
+    if old != json.loads(json.dumps(results)):
+        write_json(out / RESULTS, results)
+    if not (out / "results.md").is_file() or (out / "results.md").read_text() != table + "\n":
+        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    arch = next(iter(reports.values()))["architecture"]
+    print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {list(targets)} (held out "
+          f"of the zoo of seeds {list(demo['zoo_seeds'])}), methods {list(demo['methods'])} at "
+          f"{', '.join(f'{float(s):g}x' for s in demo['speed_ups'])}, same finetune budgets\n")
+    print(table)
+    where = f"{out / 'prune'}/seed<N>/<S>x/<method>"
+    print(f"\nreports:     {where}/report.json   (table: {out / 'results.md'})")
+    print(f"plots:       {where}/curve.png, {selection / 'selection.png'}")
+    print(f"tensorboard: tensorboard --logdir {out}")
+    print(f"networks:    {where}/network.pt (+ .pt2), metanetwork {best}")
+    print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")
+    return 0
+

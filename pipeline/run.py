@@ -1,0 +1,426 @@
+"""``prune.py run`` (docs/pruning.md): prune one network to ``S`` x fewer MACs than its unpruned
+architecture. Stage 1 (metanetwork feedforward, the identity, or sparse training) + finetune,
+stage 2 prune + finetune, each a Lightning fit through ``train.main``; then evaluation, export
+(network file, ``torch.export`` program, ``curve.png``) and ``report.json``. Inputs are checked
+before any training; finished stages are skipped."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .common import (atomic_write, deep_merge, fit_stage, is_rank_zero, read_yaml_config,
+                     wait_for, write_json)
+
+RUN_SECTIONS = ("prune", "base", "finetune", "final")
+RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed"}
+METHODS = ("metanetwork", "none", "sparse")
+# The first stage's name per method: everything after it is shared by all methods.
+FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
+SECOND_STAGE = "prune_finetune"
+REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
+CLASSIFIER = "lightning_modules.ImageClassifier"
+
+
+class PruneRunError(ValueError):
+    """Bad input to ``prune.py run``: the message names the problem and the fix."""
+
+
+def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
+                      seed: int | None = None, data_root: str | None = None) -> dict:
+    """Read a prune.yaml (sections ``prune``, ``base``, ``finetune``, ``final``) and apply the
+    command-line overrides; ``prune`` comes back complete (defaults filled in)."""
+    path = Path(path)
+    where = f"prune config {str(path)!r}"
+    cfg = read_yaml_config(path, "prune", PruneRunError, RUN_SECTIONS)
+    for key in RUN_SECTIONS:
+        cfg.setdefault(key, {})
+        if not isinstance(cfg[key], dict):
+            raise PruneRunError(f"{where}: section {key!r} must be a mapping")
+        if "seed_everything" in cfg[key]:
+            raise PruneRunError(f"{where}: do not set seed_everything; --seed (or prune.seed) "
+                                "seeds every stage")
+    if not cfg["base"].get("data"):
+        raise PruneRunError(f"{where}: section 'base' needs a data section (a train.py fit config)")
+    prune = cfg["prune"]
+    unknown = sorted(set(prune) - RUN_KEYS)
+    if unknown:
+        raise PruneRunError(f"{where}: unknown prune keys {unknown}; allowed: {sorted(RUN_KEYS)}")
+    defaults = {"dir": f"runs/prune/{path.parent.name}", "iterative_steps": 200,
+                "input_size": [3, 32, 32], "reg": 5e-4, "alpha": 4.0, "seed": 0}
+    for key, value in defaults.items():
+        prune.setdefault(key, value)
+    for key, value in (("speed_up", speed_up), ("seed", seed)):
+        if value is not None:
+            prune[key] = value
+    if prune.get("speed_up") is None:
+        raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
+    prune["speed_up"], prune["seed"] = float(prune["speed_up"]), int(prune["seed"])
+    if data_root is not None:
+        cfg["base"]["data"].setdefault("init_args", {})["root"] = data_root
+    return cfg
+
+
+def run_dir(cfg: dict, network: str | os.PathLike, method: str, out: str | None) -> Path:
+    """``--out``, else ``<prune.dir>/<network file stem>_<method>_<S>x_seed<N>``."""
+    if out:
+        return Path(out)
+    p = cfg["prune"]
+    return Path(p["dir"]) / f"{Path(network).stem}_{method}_{p['speed_up']:g}x_seed{p['seed']}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+
+def run_settings(cfg: dict, args: argparse.Namespace) -> dict:
+    """What defines a run (``run.json``): a run dir never mixes outputs of two settings."""
+    for what, value in (("network file", args.network), ("metanetwork checkpoint", args.metanetwork)):
+        if value is not None and not Path(value).is_file():
+            raise PruneRunError(f"{what} {value!r} does not exist; check the path")
+    if args.method == "metanetwork" and not args.metanetwork:
+        raise PruneRunError("--method metanetwork needs --metanetwork PATH (a meta-training "
+                            "checkpoint); or use --method none / sparse")
+    meta = args.metanetwork if args.method == "metanetwork" else None
+    return json.loads(json.dumps({
+        "method": args.method, "speed_up": cfg["prune"]["speed_up"], "seed": cfg["prune"]["seed"],
+        "network": str(Path(args.network).resolve()), "network_sha256": _sha256(Path(args.network)),
+        "metanetwork": str(Path(meta).resolve()) if meta else None,
+        "metanetwork_sha256": _sha256(Path(meta)) if meta else None,
+        "config": {k: cfg[k] for k in RUN_SECTIONS}}))
+
+
+def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> dict:
+    """Every check that can fail before training, so bad input costs seconds, not epochs.
+
+    Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
+    import networks
+    from callbacks import load_metanetwork
+    from callbacks.feedforward import check_layout, network_graph
+    from callbacks.pruning import base_macs, example_input
+
+    p = cfg["prune"]
+    example = example_input(p["input_size"])
+    network, record = networks.load_network(network_path)  # missing, corrupt, not a network
+    arch, source = record["arch"], f"network file {network_path!r}"
+    classes = (cfg["base"]["data"].get("init_args") or {}).get("num_classes")
+    if isinstance(classes, int) and classes != arch["num_classes"]:
+        raise PruneRunError(f"{source} has {arch['num_classes']} classes but the config's data "
+                            f"has num_classes={classes}; use the config of the network's task")
+    if metanetwork_path is not None:
+        metanetwork = load_metanetwork(metanetwork_path)
+        graph = network_graph(network.eval(), example, source)
+        check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
+    base, macs = base_macs(arch, example), networks.count_macs(network, example)
+    target, current = p["speed_up"], base / macs
+    if target <= current:
+        raise PruneRunError(
+            f"speed-up target {target:g}x is not above the network's current speed-up "
+            f"{current:.3f}x ({source} is already pruned: {macs:,} of {base:,} MACs of the "
+            f"unpruned {arch['name']}); pass a --speed_up above {current:.3f}")
+    # Dry run on a copy: an unreachable target fails now rather than after the first finetune.
+    # (The real prune acts on finetuned weights; reachability depends on the structure.)
+    try:
+        networks.prune_to_speed_up(copy.deepcopy(network).eval(), example, target, base,
+                                   int(p["iterative_steps"]))
+    except ValueError as e:
+        raise PruneRunError(
+            f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
+            "or raise prune.iterative_steps") from e
+    return {"arch": arch, "base_macs": base, "macs": macs,
+            "params": networks.count_params(network), "speed_up": current}
+
+
+def run_stage_config(cfg: dict, section: str, out: Path, stage: str, weights: str | os.PathLike,
+                     arch: dict, callbacks: list[dict]) -> dict:
+    """The LightningCLI config of one stage: ``section`` merged over ``base``, the classifier
+    built from ``weights`` (architecture from the file), logs in ``<out>/<stage>``."""
+    config = deep_merge(cfg["base"], cfg[section])
+    config["seed_everything"] = cfg["prune"]["seed"]
+    model = config.setdefault("model", {})
+    model.setdefault("class_path", CLASSIFIER)
+    model.setdefault("init_args", {}).update(
+        network=arch["name"], num_classes=arch["num_classes"],
+        network_kwargs=dict(arch["kwargs"]), weights=str(weights))
+    trainer = config.setdefault("trainer", {})
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                         "init_args": {"save_dir": str(out), "name": "", "version": stage}}
+    trainer["default_root_dir"] = str(out / stage)
+    trainer["callbacks"] = list(trainer.get("callbacks") or [
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+         "init_args": {"logging_interval": "epoch"}}]) + callbacks
+    return config
+
+
+def _without_target(settings: dict) -> dict:
+    """A run's settings minus the speed-up target: what stage 1 depends on."""
+    out = copy.deepcopy(settings)
+    out.pop("speed_up", None)
+    out["config"]["prune"].pop("speed_up", None)
+    return out
+
+
+def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> None:
+    """Copy stage 1's output networks from ``source``, a run whose settings differ from
+    ``settings`` in the speed-up target at most (stage 1 does not depend on it): pruning one
+    finetuned network to several targets then trains stage 1 once, budgets unchanged."""
+    stored = source / RUN_FILE
+    if not stored.is_file():
+        raise PruneRunError(f"--reuse_first_stage {str(source)!r} is not a prune run directory "
+                            f"(no {RUN_FILE}); pass the --out of an earlier `prune.py run`")
+    other = json.loads(stored.read_text())
+    if _without_target(other) != _without_target(settings):
+        diff = sorted(k for k in settings if k != "speed_up" and other.get(k) != settings[k])
+        raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "
+                            f"in {', '.join(diff)}); only the speed-up target may differ")
+    if not (source / stage / "network.pt").is_file():
+        raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
+                            f"({stage}/network.pt is missing); finish that run first")
+    for name in ("feedforward.pt", "network.pt"):  # network.pt last: it marks stage 1 done
+        if (source / stage / name).is_file():
+            data = (source / stage / name).read_bytes()
+            atomic_write(out / stage / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    if (source / EVAL_FILE).is_file() and not (out / EVAL_FILE).is_file():
+        shared = {k: v for k, v in json.loads((source / EVAL_FILE).read_text()).items()
+                  if k in ("original", "feedforward", "finetuned")}
+        write_json(out / EVAL_FILE, shared)
+    print(f"stage {stage} reused from {source}", file=sys.stderr)
+
+
+def run_stage(config: dict, output: Path, name: str) -> Path:
+    """Fit one stage unless its output network file exists (a killed fit resumes)."""
+    if output.is_file():
+        print(f"stage {name} done already: {output}", file=sys.stderr)
+        return output
+    fit_stage(config)
+    wait_for(output)
+    if not output.is_file():
+        raise RuntimeError(f"stage {name} finished without writing {output}")
+    return output
+
+
+def eval_cli(cfg: dict, arch: dict, weights: str | os.PathLike, out: Path) -> Any:
+    """A LightningCLI (not run) holding the config's data and a classifier, on one device
+    (exact val/test accuracy: no distributed sampler padding), for evaluating network files."""
+    import train
+
+    config = run_stage_config(cfg, "final", out, "eval", weights, arch, [])
+    config["trainer"].update(logger=False, callbacks=[], devices=1, num_nodes=1,
+                             strategy="auto", enable_progress_bar=False,
+                             enable_model_summary=False)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    return train.main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
+
+
+def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache: Path) -> dict:
+    """``{name: {"file", "val_acc", "test_acc"}}`` of network files on the val and test
+    splits; cached in ``cache`` (each network is evaluated once, even across reruns)."""
+    import networks
+
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    for name, file in files.items():
+        if name in results:
+            continue
+        cli = get_cli()
+        cli.model.network = networks.load_network(file)[0]
+        val = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        results[name] = {"file": str(file), "val_acc": float(val["val/acc"]),
+                         "test_acc": float(test["test/acc"])}
+        write_json(cache, results)
+    return results
+
+
+def final_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
+                max_speed_up: float, steps: int, out: Path) -> bool:
+    """``curve.png``/``curve.csv``: val accuracy of the final network pruned further without
+    finetuning (callbacks/curve.py), up to ``max_speed_up``. False when that module is absent."""
+    try:
+        from callbacks.curve import evaluator, save_curves
+        from networks import accuracy_curve
+    except ImportError:
+        return False
+    cli = get_cli()
+    cli.datamodule.setup("validate")
+    device = cli.trainer.strategy.root_device
+    points = accuracy_curve(network.to(device).eval(), example.to(device), base,
+                            evaluator(cli.datamodule.val_dataloader(), device), max_speed_up,
+                            steps)
+    save_curves({"final network, no finetuning": points}, out)
+    return True
+
+
+def export_program(network: Any, example: Any, path: Path) -> Path:
+    """``torch.export`` the network (eval mode, any batch size) to a ``.pt2`` that loads with
+    plain PyTorch: ``torch.export.load(path).module()(x)``."""
+    import torch
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(network.eval(), (example.repeat(2, 1, 1, 1),),
+                                  dynamic_shapes=({0: batch},))
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+
+
+def plot_stages(path: Path, accuracy: dict, macs: dict, title: str) -> Path:
+    """Fallback plot: val/test accuracy of each stage's network against its MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [n for n in accuracy if accuracy[n]]
+    for split, marker in (("val_acc", "o"), ("test_acc", "s")):
+        xs = [macs[n] / 1e6 for n in names]
+        ys = [100 * accuracy[n][split] for n in names]
+        ax.plot(xs, ys, marker=marker, label=split.replace("_acc", ""))
+        for x, y, n in zip(xs, ys, names):
+            ax.annotate(n, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("MMACs")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="configs/<task>/prune.yaml")
+    parser.add_argument("--network", required=True, help="network file to prune (networks.save_network)")
+    parser.add_argument("--metanetwork", default=None,
+                        help="meta-training checkpoint (needed by --method metanetwork)")
+    parser.add_argument("--method", choices=METHODS, default="metanetwork",
+                        help="metanetwork: feedforward+finetune; none: finetune only; "
+                             "sparse: DepGraph sparse training (default metanetwork)")
+    parser.add_argument("--speed_up", type=float, default=None, help="target; default prune.speed_up")
+    parser.add_argument("--out", default=None,
+                        help="run directory; default <prune.dir>/<network>_<method>_<S>x_seed<N>")
+    parser.add_argument("--data_root", default=None, help="overrides data.init_args.root")
+    parser.add_argument("--seed", type=int, default=None, help="seeds every stage; default prune.seed or 0")
+    parser.add_argument("--reuse_first_stage", default=None, metavar="RUN_DIR",
+                        help="take stage 1 from a run of the same network, method, metanetwork, "
+                             "seed and config that differs only in the speed-up target")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
+    out = run_dir(cfg, args.network, args.method, args.out)
+    settings = run_settings(cfg, args)
+    if (out / RUN_FILE).is_file():
+        stored = json.loads((out / RUN_FILE).read_text())
+        if stored != settings:
+            diff = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise PruneRunError(
+                f"run directory {str(out)!r} holds a run with other settings (differs in "
+                f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
+        if (out / REPORT).is_file():
+            print(f"done already: {out / REPORT}", file=sys.stderr)
+            return 0
+    import networks  # after the "done already" exit: a finished run imports no torch
+
+    info = check_inputs(cfg, args.network, settings["metanetwork"])
+    first = FIRST_STAGE[args.method]
+    if args.reuse_first_stage and not (out / first / "network.pt").is_file() and is_rank_zero():
+        reuse_first_stage(Path(args.reuse_first_stage), settings, out, first)
+    if is_rank_zero() and not (out / RUN_FILE).is_file():
+        write_json(out / RUN_FILE, settings)
+    p, arch = cfg["prune"], info["arch"]
+
+    # Stage 1: feedforward + finetune, identity + finetune, or sparse training.
+    extra: list[dict] = []
+    if args.method == "metanetwork":
+        extra = [{"class_path": "callbacks.MetanetworkFeedforward",
+                  "init_args": {"checkpoint": str(args.metanetwork), "input_size": p["input_size"]}},
+                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "feedforward.pt"}}]
+    elif args.method == "sparse":
+        extra = [{"class_path": "callbacks.SparseTraining",
+                  "init_args": {"reg": float(p["reg"]), "alpha": float(p["alpha"]),
+                                "input_size": p["input_size"]}}]
+    stage1 = run_stage_config(cfg, "finetune", out, first, args.network, arch, extra)
+    finetuned = run_stage(stage1, out / first / "network.pt", first)
+
+    # Stage 2: prune to S (against the unpruned architecture) + finetune.
+    prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
+                 "init_args": {"speed_up": p["speed_up"], "iterative_steps": int(p["iterative_steps"]),
+                               "input_size": p["input_size"]}},
+                {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
+    stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, finetuned, arch, prune_cb)
+    final = run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+    if not is_rank_zero():
+        return 0
+
+    # Evaluation, export, report (report.json last: its presence means the run is complete).
+    files = {"original": Path(args.network), "feedforward": out / first / "feedforward.pt",
+             "finetuned": finetuned, "pruned": out / SECOND_STAGE / "pruned.pt", "final": final}
+    files = {k: f for k, f in files.items() if f.is_file()}
+    cli: list = []  # built on first use: a finished run whose evaluations exist loads no data
+
+    def get_cli() -> Any:
+        if not cli:
+            cli.append(eval_cli(cfg, arch, args.network, out))
+        return cli[0]
+
+    acc = evaluate_networks(get_cli, files, out / EVAL_FILE)
+    from callbacks.pruning import example_input
+
+    example = example_input(p["input_size"])
+    network, _ = networks.load_network(final)
+    macs, params = networks.count_macs(network, example), networks.count_params(network)
+    reached = info["base_macs"] / macs
+    if not (out / "network.pt").is_file():
+        networks.save_network(network, out / "network.pt", arch=arch, metadata={
+            "method": args.method, "speed_up": reached, "macs": macs, "base_macs": info["base_macs"],
+            "val_acc": acc["final"]["val_acc"], "test_acc": acc["final"]["test_acc"]})
+    if not (out / "network.pt2").is_file():
+        export_program(network, example, out / "network.pt2")
+    accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
+                for k in ("original", "feedforward", "finetuned", "pruned", "final")}
+    curve_done = (out / "curve.png").is_file() or final_curve(
+        get_cli, copy.deepcopy(network), example, info["base_macs"], 2 * p["speed_up"],
+        int(p["iterative_steps"]), out)
+    if not curve_done:
+        stage_macs = {"original": info["macs"], "feedforward": info["macs"],
+                      "finetuned": info["macs"], "pruned": macs, "final": macs}
+        plot_stages(out / "curve.png", {k: acc.get(k) for k in stage_macs}, stage_macs,
+                    f"{arch['name']} {args.method}: {reached:.2f}x (target {p['speed_up']:g}x)")
+    report = {
+        "format": "metaprune.prune_run/v1", "method": args.method,
+        "network": settings["network"], "metanetwork": settings["metanetwork"],
+        "architecture": arch,
+        "speed_up": {"target": p["speed_up"], "reached": reached, "before": info["speed_up"]},
+        "macs": {"unpruned": info["base_macs"], "before": info["macs"], "after": macs},
+        "params": {"before": info["params"], "after": params},
+        "accuracy": accuracy,
+        "seeds": {"seed_everything": p["seed"],
+                  "data_split": (cfg["base"]["data"].get("init_args") or {}).get("seed")},
+        "files": {"network": "network.pt", "exported": "network.pt2", "curve": "curve.png",
+                  "curve_csv": "curve.csv" if (out / "curve.csv").is_file() else None,
+                  "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
+        "config": {"prune": p, "stages": {first: stage1, SECOND_STAGE: stage2}},
+        "time_s": time.perf_counter() - t0,
+    }
+    write_json(out / REPORT, report)
+    fin = accuracy["final"]
+    print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {macs:,} MACs, speed-up "
+          f"{reached:.3f}x (target {p['speed_up']:g}x), final val/acc {fin['val']:.4f} "
+          f"test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
+    return 0
+
