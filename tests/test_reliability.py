@@ -286,6 +286,38 @@ def test_imagenet_zoo_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path
     assert net.eval()(X224).shape == (1, 2)
 
 
+def test_imagenet_prune_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path, cli_argv):
+    """The prune config's stage 2 (PruneToSpeedUp + finetune + SaveNetwork), fast_dev_run."""
+    import networks
+    import yaml
+    from pipeline import run as pipeline_run
+    from train import main
+
+    cfg = pipeline_run.load_prune_config(IMAGENET / "prune.yaml", speed_up=100.0,
+                                         data_root=str(tiny_imagenet))
+    assert cfg["prune"]["input_size"] == [3, 224, 224]
+    assert cfg["base"]["data"]["init_args"]["dataset"] == "imagenet"
+    make_resnet50_zoo(tmp_path / "start", count=1)  # ~78x already: 100x takes a few steps
+    start = next((tmp_path / "start").rglob("seed0*.pt"))
+    arch = {"name": "resnet50", "num_classes": 2, "kwargs": {}}
+    callbacks = [{"class_path": "callbacks.PruneToSpeedUp",
+                  "init_args": {"speed_up": 100.0, "iterative_steps": 8, "input_size": [3, 224, 224]}},
+                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
+    stage = pipeline_run.run_stage_config(cfg, "final", tmp_path / "run",
+                                          pipeline_run.SECOND_STAGE, start, arch, callbacks)
+    assert stage["trainer"]["max_epochs"] == 10 and stage["model"]["init_args"]["lr"] == 0.01
+    stage["trainer"].update(precision=32, accelerator="cpu", fast_dev_run=True,
+                            enable_progress_bar=False)
+    stage["data"]["init_args"].update(num_classes=2, batch_size=2, num_workers=0,
+                                      val_fraction=0.25)
+    cli = main(["fit", "--config", yaml.safe_dump(stage)])
+    assert cli.trainer.state.finished
+    pruned, _ = networks.load_network(tmp_path / "run" / pipeline_run.SECOND_STAGE / "pruned.pt")
+    base = networks.count_macs(networks.build("resnet50", 2), X224)
+    assert base / networks.count_macs(pruned, X224) >= 100.0
+    assert pruned.eval()(X224).shape == (1, 2)
+
+
 class _RecordSampler(Callback):
     """Writes, per rank, the train sampler's class, replica count and its indices."""
 
