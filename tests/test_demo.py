@@ -151,6 +151,39 @@ def test_demo_target_must_be_held_out(tmp_path: Path) -> None:
         pipeline_demo.load_demo_config(path)
 
 
+@pytest.mark.parametrize("key,value", [("speed_ups", 2.0), ("target_seeds", []), ("methods", None)])
+def test_demo_lists_must_be_non_empty_lists(tmp_path: Path, key: str, value) -> None:
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["demo"][key] = value
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_demo.DemoError, match=f"demo.{key} must be a non-empty list"):
+        pipeline_demo.load_demo_config(path)
+
+
+def test_quality_benchmark_table_is_mean_and_std_over_networks() -> None:
+    """benchmarks/quality_cifar10.py's aggregation, against numbers worked out by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_cifar10", DEMO.parents[2] / "benchmarks" / "quality_cifar10.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    def report(method: str, target: float, test: float) -> dict:
+        acc = {"test": test, "val": test / 2}
+        return {"method": method, "speed_up": {"target": target, "reached": target + 0.01},
+                "accuracy": {"final": acc, "finetuned": {"test": 0.5, "val": 0.5}},
+                "macs": {"after": 2e6}, "params": {"after": 3000}}
+
+    reports = {f"seed{i}/2x/none": report("none", 2.0, a) for i, a in enumerate((0.50, 0.60, 0.70))}
+    reports["seed0/3x/sparse"] = report("sparse", 3.0, 0.40)
+    table = quality.summary_table(reports).splitlines()
+    assert table[2].startswith("| 2x | none | 3 | 60.00 +- 10.00 | 30.00 +- 5.00 | 50.00 +- 0.00 "
+                               "| 2.01-2.01x | 2.00M | 3.0k |")
+    assert table[3].startswith("| 3x | sparse | 1 | 40.00 | 20.00 |")
+
+
 def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     cfg = pipeline_demo.load_demo_config(DEMO)
     stages = pipeline_demo.demo_stage_configs(cfg, tmp_path, {"root": "/data"})
