@@ -1,11 +1,14 @@
 """Pure-torch pruning helpers shared by the graph tests, callbacks and benchmarks."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import math
+from typing import Callable, Iterator
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.utils import op_counter
 
 MacCounter = Callable[[nn.Module, torch.Tensor], int]
@@ -37,13 +40,33 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
+class _ShapeOnly:
+    """A tensor's shape, standing in for the tensor in torch_pruning's counting hooks, which
+    read only ``shape``/``numel()``/``dim()``/``size()`` (ten times cheaper than a meta
+    tensor; a hook needing more fails, and the caller falls back to the exact counter)."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape = shape
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+
 def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """The same number as :func:`count_macs`, from a forward on an empty batch.
 
     torch_pruning's counter deep-copies the model and runs a real forward with its per-module
     hooks, and every hook reads only shapes and layer attributes. Here the model itself runs
-    on a batch of zero images (no arithmetic, no copy), and each hook is handed stand-in meta
-    tensors (shape only) with the batch dimension put back: the same per-module numbers at a
+    on a batch of zero images (no arithmetic, no copy), and each hook is handed the
+    shapes with the batch dimension put back: the same per-module numbers at a
     fraction of the cost. A forward that cannot run on an empty batch raises; callers then
     fall back to :func:`count_macs` (see :func:`prune_to_speed_up`).
     """
@@ -59,9 +82,9 @@ def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
             for child in module.children():
                 visit(child)
 
-    def full(t):  # shape of t with the real batch size, as a data-free tensor
+    def full(t):  # shape of t with the real batch size, without data
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
-            return torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)
+            return _ShapeOnly(torch.Size((batch, *t.shape[1:])))
         return t
 
     def hook(module: nn.Module, inputs: tuple, output) -> None:
@@ -70,21 +93,25 @@ def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
 
     visit(model)
     unique = list(dict.fromkeys(counted))
-    for m in unique:
-        m.__flops__ = 0
+    for m in unique:  # plain attributes, set past nn.Module's (slow) __setattr__
+        vars(m)["__flops__"] = 0
     hooks = [m.register_forward_hook(hook) for m in unique]
-    was_training = model.training
-    model.eval()  # as torch_pruning's counter does
+    # eval mode, as torch_pruning's counter runs; only modules in training mode are switched
+    # (and switched back), so an eval-mode model is not walked twice per count
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
     try:
         with torch.no_grad():
             model(example_inputs[:0])
         total = sum(m.__flops__ for m in counted)
     finally:
-        model.train(was_training)
+        for m in training:
+            m.training = True
         for h in hooks:
             h.remove()
         for m in unique:
-            del m.__flops__
+            vars(m).pop("__flops__", None)
     return int(total / batch)  # torch_pruning reports MACs per image
 
 
@@ -117,6 +144,36 @@ def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
         ignored_layers=[classifier_layer(model, example_inputs)])
 
 
+@contextlib.contextmanager
+def _index_mappings_per_shape(model: nn.Module) -> Iterator[None]:
+    """Within the block, torch_pruning rebuilds its index mappings (concat/split/reshape...)
+    only when a parameter shape of ``model`` changed since the last rebuild.
+
+    The library rebuilds every mapping of the whole graph each time it forms a group: hundreds
+    of times per pruning step, although nothing changes until channels are removed. The
+    mappings depend only on the graph and the layers' channel counts, i.e. on the parameter
+    shapes, so skipping a rebuild at unchanged shapes removes the same channels (tests compare
+    against the unpatched loop). The patch is undone on exit.
+    """
+    original = tp_index_mapping.update_index_mapping
+    built: dict[int, tuple] = {}
+    # Pruning replaces parameters but not modules: read each module's own parameters directly
+    # (model.parameters() walks the module tree on every call, which costs more than it saves).
+    owners = [m for m in model.modules() if m._parameters]
+
+    def update(graph) -> None:
+        shapes = tuple(p.shape for m in owners for p in m._parameters.values() if p is not None)
+        if built.get(id(graph)) != shapes:
+            original(graph)
+            built[id(graph)] = shapes
+
+    tp_index_mapping.update_index_mapping = update
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_index_mapping = original
+
+
 def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: float,
                       base_macs: int, iterative_steps: int = 200,
                       mac_counter: MacCounter | None = None) -> float:
@@ -138,18 +195,20 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
                          f"speed-up {current:.3f}x; ask for a larger target")
     counter = mac_counter or _checked_counter(model, example_inputs, macs)
     pruner = magnitude_pruner(model, example_inputs, iterative_steps)
-    for _ in range(iterative_steps):
-        params = count_params(model)
-        pruner.step()
-        if count_params(model) == params and mac_counter is None:
-            continue  # nothing was removed: same MACs, still below the target
-        macs = counter(model, example_inputs)
-        current = base_macs / macs
-        if current >= target:
-            if counter is not count_macs and count_macs(model, example_inputs) != macs:
-                raise RuntimeError("shape-only MAC count disagrees with torch_pruning's after "
-                                   "pruning; rerun with mac_counter=networks.count_macs")
-            return current
+    plain = mac_counter is not None  # the reference loop: torch_pruning exactly as shipped
+    with contextlib.nullcontext() if plain else _index_mappings_per_shape(model):
+        for _ in range(iterative_steps):
+            params = count_params(model)
+            pruner.step()
+            if count_params(model) == params and not plain:
+                continue  # nothing was removed: same MACs, still below the target
+            macs = counter(model, example_inputs)
+            current = base_macs / macs
+            if current >= target:
+                if counter is not count_macs and count_macs(model, example_inputs) != macs:
+                    raise RuntimeError("shape-only MAC count disagrees with torch_pruning's "
+                                       "after pruning; rerun with mac_counter=networks.count_macs")
+                return current
     raise ValueError(f"speed-up target {target:.3f}x is unreachable: {iterative_steps} pruning "
                      f"steps reach {current:.3f}x; lower the target")
 

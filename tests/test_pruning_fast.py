@@ -67,6 +67,37 @@ def test_same_channels_as_the_plain_loop(target):
     assert widths(plain) == widths(ref)
 
 
+class _ConcatNet(nn.Module):
+    """Concatenated branches and a flatten over 4x4 positions: torch_pruning's concat and
+    reshape index mappings change with every pruning step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(20, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(4))
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        x = self.c(torch.cat([self.a(x), self.b(x)], 1))
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("target", [1.5, 3.0])
+def test_same_channels_as_the_plain_loop_through_concat_and_flatten(target):
+    torch.manual_seed(2)
+    model = _ConcatNet().eval()
+    base = networks.count_macs(model, X32)
+    ref = copy.deepcopy(model)
+    history = plain_loop(ref, X32, target, base, 40)
+    assert networks.prune_to_speed_up(model, X32, target, base, iterative_steps=40) == history[-1]
+    assert widths(model) == widths(ref)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 ref.state_dict().values()))
+    assert model(X32).shape == (1, 10)
+
+
 def test_errors_are_unchanged():
     model = networks.build("resnet20_cifar", 10, width=0.25).eval()
     base = networks.count_macs(model, X32)
