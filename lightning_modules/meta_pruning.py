@@ -52,10 +52,16 @@ def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tenso
               labels: torch.Tensor, alpha: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
-    metanetwork the gradient of ce + regularizer, through one GNN backward."""
-    weights = member.graph.decode(metanetwork(member.data))
+    metanetwork the gradient of ce + regularizer, through one GNN backward.
+
+    The metanetwork runs twice: without autograd for the image batches, then with it for the
+    surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
+    each batch slower than the same batch alone; one extra forward costs less."""
+    with torch.no_grad():
+        weights = member.graph.decode(metanetwork(member.data))
     ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
                                            alpha)
+    weights = member.graph.decode(metanetwork(member.data))
     # d(surrogate)/dW' equals the accumulated gradient.
     surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
     return ce, sparsity, surrogate
