@@ -65,7 +65,7 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def stage_one_curves(out: Path, results: dict, cfg: dict, data_root: str) -> Path:
+def stage_one_curves(out: Path, cfg: dict, data_root: str) -> Path:
     """Acc-vs-speed-up curves of the first held-out network after each method's stage 1."""
     seed = cfg["demo"]["target_seeds"][0]
     speed_up = cfg["demo"]["speed_ups"][0]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = pipeline_demo.load_demo_config(args.config)
     results = json.loads((out / pipeline_demo.RESULTS).read_text())
     reports = {k: json.loads(Path(p).read_text()) for k, p in results["reports"].items()}
-    curves = stage_one_curves(out, results, cfg, str(Path(args.data_root).resolve()))
+    curves = stage_one_curves(out, cfg, str(Path(args.data_root).resolve()))
     text = (f"# quality_cifar10: {len(cfg['demo']['target_seeds'])} held-out networks x "
             f"{len(cfg['demo']['methods'])} methods x {len(cfg['demo']['speed_ups'])} speed-ups\n\n"
             f"Test accuracy after pruning and finetuning, mean +- std over the held-out networks "
