@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator
 
 import torch
@@ -40,33 +39,13 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
-class _ShapeOnly:
-    """A tensor's shape, standing in for the tensor in torch_pruning's counting hooks, which
-    read only ``shape``/``numel()``/``dim()``/``size()`` (ten times cheaper than a meta
-    tensor; a hook needing more fails, and the caller falls back to the exact counter)."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape: torch.Size) -> None:
-        self.shape = shape
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-
 def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """The same number as :func:`count_macs`, from a forward on an empty batch.
 
     torch_pruning's counter deep-copies the model and runs a real forward with its per-module
     hooks, and every hook reads only shapes and layer attributes. Here the model itself runs
-    on a batch of zero images (no arithmetic, no copy), and each hook is handed the
-    shapes with the batch dimension put back: the same per-module numbers at a
+    on a batch of zero images (no arithmetic, no copy), and each hook is handed stand-in meta
+    tensors (shape only) with the batch dimension put back: the same per-module numbers at a
     fraction of the cost. A forward that cannot run on an empty batch raises; callers then
     fall back to :func:`count_macs` (see :func:`prune_to_speed_up`).
     """
@@ -82,9 +61,9 @@ def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
             for child in module.children():
                 visit(child)
 
-    def full(t):  # shape of t with the real batch size, without data
+    def full(t):  # shape of t with the real batch size, as a data-free tensor
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
-            return _ShapeOnly(torch.Size((batch, *t.shape[1:])))
+            return torch.empty((batch, *t.shape[1:]), device="meta", dtype=t.dtype)
         return t
 
     def hook(module: nn.Module, inputs: tuple, output) -> None:
