@@ -43,3 +43,12 @@ def tiny_imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """224x224, 2 classes, 4 train and 2 val images per class (ImageNet's train/ + val/ layout)."""
     return make_tree(tmp_path_factory.mktemp("tiny_imagenet"), 224, {"train": 4, "val": 2},
                      classes=CLASSES[:2])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ddp_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without DDP rendezvous variables, and loses what it set: Lightning
+    leaves MASTER_PORT set after a ddp_spawn run, so the next ddp_spawn test in the same
+    pytest process reused that port (one gloo abort seen in a full run)."""
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        monkeypatch.delenv(key, raising=False)
