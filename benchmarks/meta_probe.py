@@ -7,7 +7,8 @@
 One zoo member, the meta-training loss of DESIGN section 6 (cross-entropy summed over 4 batches
 of 128 + the group-sparsity regularizer), AdamW lr 1e-3, cycling over 12 fixed training batches.
 ``direct`` optimizes the decoded weights W' themselves; ``metanetwork`` trains a 4 x 32
-metanetwork on this single member. Every 50 steps (40 for direct) it prints the train and val
+metanetwork on this single member (``--gated``: with channel gates, see graph/metanetwork.py;
+``--lr``: its AdamW learning rate). Every 25 steps (40 for direct) it prints the train and val
 cross-entropy and the normalized group norms (near-zero fraction, min, 10% quantile, median).
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--reg", type=float, default=0.01)
     parser.add_argument("--ratio", type=float, default=0.1, help="metanetwork residual ratios")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--gated", action="store_true", help="metanetwork with channel gates")
+    parser.add_argument("--lr", type=float, default=1e-3, help="metanetwork learning rate")
     args = parser.parse_args()
     torch.manual_seed(0)
     network, _ = networks.load_network(args.member)
@@ -54,10 +57,11 @@ def main() -> None:
         current = lambda: {k: v.detach() for k, v in leaves.items()}  # noqa: E731
     else:
         meta = Metanetwork.for_graph(state.graph, num_layers=4, hidden=32,
-                                     node_res_ratio=args.ratio, edge_res_ratio=args.ratio)
-        optimizer = torch.optim.AdamW(meta.parameters(), lr=1e-3, weight_decay=5e-4)
+                                     node_res_ratio=args.ratio, edge_res_ratio=args.ratio,
+                                     channel_gates=args.gated)
+        optimizer = torch.optim.AdamW(meta.parameters(), lr=args.lr, weight_decay=5e-4)
         current = lambda: state.graph.decode(meta(state.data))  # noqa: E731
-    every = 40 if args.mode == "direct" else 50
+    every = 40 if args.mode == "direct" else 25
     start = time.perf_counter()
     for step in range(args.steps + 1):
         chunk = batches[4 * (step % 3): 4 * (step % 3) + 4]

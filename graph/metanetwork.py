@@ -87,7 +87,8 @@ class Metanetwork(nn.Module):
     def __init__(self, node_dim: int, edge_types: Sequence[int], num_layers: int = 8,
                  hidden: int = 64, node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                  frozen_node_columns: Sequence[int] = (), layout: dict | None = None,
-                 zero_init_decoders: bool = True) -> None:
+                 zero_init_decoders: bool = True, channel_gates: bool = False,
+                 gate_floor: float = 0.5, ungated_node_columns: Sequence[int] = ()) -> None:
         super().__init__()
         self.edge_types = tuple(int(a) for a in edge_types)
         self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
@@ -108,25 +109,39 @@ class Metanetwork(nn.Module):
         mask = torch.ones(node_dim)
         mask[list(frozen_node_columns)] = 0.0
         self.register_buffer("node_update_mask", mask, persistent=False)
+        self.gate_decoder, self.gate_floor = None, gate_floor
+        if channel_gates:
+            # One scale per channel (``_gates``, docs/decisions.md), exactly 1 at the start
+            # whatever the other decoders' initialization. No output bias: a gate depends on
+            # g minus the largest g of its layer, so a bias would cancel.
+            self.gate_decoder = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.SiLU(),
+                                              nn.Linear(hidden, 1, bias=False))
+            nn.init.zeros_(self.gate_decoder[-1].weight)
+            gated = torch.ones(node_dim)
+            gated[list(ungated_node_columns)] = 0.0
+            self.register_buffer("gated_node_columns", gated, persistent=False)
 
     @classmethod
     def for_graph(cls, graph: NetworkGraph, num_layers: int = 8, hidden: int = 64,
                   node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
-                  update_running_stats: bool = False,
-                  zero_init_decoders: bool = True) -> "Metanetwork":
+                  update_running_stats: bool = False, zero_init_decoders: bool = True,
+                  channel_gates: bool = False, gate_floor: float = 0.5) -> "Metanetwork":
         """A metanetwork sized for ``graph``'s layout."""
         return cls.for_layout(graph.layout, num_layers, hidden, node_res_ratio, edge_res_ratio,
-                              update_running_stats, zero_init_decoders)
+                              update_running_stats, zero_init_decoders, channel_gates,
+                              gate_floor)
 
     @classmethod
     def for_layout(cls, layout: dict, num_layers: int = 8, hidden: int = 64,
                    node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
-                   update_running_stats: bool = False,
-                   zero_init_decoders: bool = True) -> "Metanetwork":
+                   update_running_stats: bool = False, zero_init_decoders: bool = True,
+                   channel_gates: bool = False, gate_floor: float = 0.5) -> "Metanetwork":
         """A metanetwork for a ``NetworkGraph.layout`` (as stored in checkpoints)."""
-        frozen = () if update_running_stats else running_stat_columns(layout["bn_slots"])
+        running_stats = running_stat_columns(layout["bn_slots"])
+        frozen = () if update_running_stats else running_stats
         return cls(layout["node_dim"], layout["edge_types"], num_layers, hidden, node_res_ratio,
-                   edge_res_ratio, frozen, layout, zero_init_decoders)
+                   edge_res_ratio, frozen, layout, zero_init_decoders, channel_gates,
+                   gate_floor, ungated_node_columns=running_stats)
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""
@@ -145,27 +160,95 @@ class Metanetwork(nn.Module):
         # Each area's rows are the blocks of that area, graph after graph, in block order.
         # One split per area (not a slice per block: a slice's backward would allocate a
         # zero gradient of the whole area block for every block).
-        chunks = {}
+        chunks, raw_chunks = {}, {}
         for a in self.edge_types:
             rows = [b.rows for graph in graphs for b in graph.blocks if b.area == a]
             encoded = self.edge_encoders[str(a)](data[edge_attr_key(a)])
             chunks[a] = iter(encoded.split(rows))
-        index, edges, areas = [], [], []
+            raw_chunks[a] = iter(data[edge_attr_key(a)].split(rows))
+        index, edges, blocks, raw = [], [], [], []
         for graph, node_offset in zip(graphs, node_offsets):
             for block, (src, dst) in zip(graph.blocks, graph.block_index(data.x.device)):
                 edges.append(next(chunks[block.area]).view(*block.shape, -1))
+                raw.append(next(raw_chunks[block.area]).view(*block.shape, -1))
                 index.append((src + node_offset, dst + node_offset))
-                areas.append(block.area)
+                blocks.append(block)
         degree = self._degree(index, data.x.shape[0], h)
         for layer in self.layers:
             h, edges = layer(h, edges, index, degree)
         out = copy.copy(data)  # keeps a Batch's slicing information for to_data_list()
         out.x = data.x + self.node_res_ratio * self.node_decoder(h) * self.node_update_mask
+        gates = None if self.gate_decoder is None else self._gates(h, blocks, index, raw)
+        if gates is not None:
+            keep = 1.0 - self.gated_node_columns
+            out.x = out.x * (gates.unsqueeze(1) * self.gated_node_columns + keep)
         for a in self.edge_types:
             key = edge_attr_key(a)
-            e = torch.cat([t.reshape(-1, t.shape[-1]) for t, ta in zip(edges, areas) if ta == a])
+            mine = [i for i, b in enumerate(blocks) if b.area == a]
+            e = torch.cat([edges[i].reshape(-1, edges[i].shape[-1]) for i in mine])
             out[key] = data[key] + self.edge_res_ratio * self.edge_decoders[str(a)](e)
+            if gates is not None:
+                out[key] = out[key] * torch.cat([self._edge_gates(gates, blocks[i], *index[i])
+                                                 for i in mine]).unsqueeze(1)
         return out
+
+    def _gates(self, h: torch.Tensor, blocks: list, index: list[tuple],
+               raw: list[torch.Tensor]) -> torch.Tensor:
+        """Per-channel scales: t_c = 1 + g_c - max g over c's layer, set to exactly 0 below
+        ``gate_floor``; 1 at the start.
+
+        An additive update can only zero a channel by predicting minus each of its weights;
+        one scale per channel, applied to the channel's BN/bias parameters and to every weight
+        into and out of it, zeroes the whole channel group with a single output. The scales
+        are relative to the layer's most open channel, so a layer cannot be shrunk as a whole:
+        that shared direction is where the regularizer's pull on a shared metanetwork goes
+        first, and in eval-mode BatchNorm it breaks the network instead of sparsifying it.
+        The floor turns "shrunk" into "closed": the L2-type regularizer's pull fades as a
+        scale nears 0, so scales settled around 0.4 without ever reaching it
+        (docs/meta_training.md). Gradients pass the floor straight through, so a closed
+        channel that the cross-entropy needs can reopen.
+
+        Besides the node state, the gate decoder reads the norm of each channel's weights
+        (into and out of it) relative to the largest in its layer, close to what the pruning
+        criterion ranks by; from the message-passing state alone the gates generalized poorly
+        to held-out networks."""
+        n = h.shape[0]
+        layer = self._layer_of_node(blocks, index, n, h.device)
+        squares = h.new_zeros(n)
+        for block, (src, dst), w in zip(blocks, index, raw):
+            if block.key is not None:  # weights into and out of the channel, as in its group
+                w2 = w.pow(2)
+                squares = squares.index_add(0, dst.reshape(-1), w2.sum((2, 3)).reshape(-1))
+                squares = squares.index_add(0, src.reshape(-1), w2.sum((1, 3)).reshape(-1))
+        norm = squares.sqrt()
+        largest = scatter(norm, layer, 0, int(layer.max()) + 1, reduce="max")[layer]
+        relative = torch.where(largest > 0, norm / largest.clamp_min(1e-30), 1.0)
+        g = self.gate_decoder(torch.cat([F.layer_norm(h, h.shape[1:]),
+                                         relative.unsqueeze(1)], 1)).squeeze(1)
+        top = scatter(g, layer, 0, int(layer.max()) + 1, reduce="max")
+        t = 1.0 + g - top[layer]
+        closed = torch.where(t < self.gate_floor, 0.0, t)
+        return t + (closed - t).detach()
+
+    @staticmethod
+    def _layer_of_node(blocks: list, index: list[tuple], num_nodes: int,
+                       device: torch.device) -> torch.Tensor:
+        """Layer id of every node: the (last) weight tensor writing it; nodes no weight writes
+        (network inputs, sums of older tensors) are layers of their own."""
+        layer = torch.arange(num_nodes, device=device) + len(blocks)
+        for i, (block, (_, dst)) in enumerate(zip(blocks, index)):
+            if block.key is not None:
+                layer[dst.reshape(-1)] = i
+        return layer
+
+    @staticmethod
+    def _edge_gates(gates: torch.Tensor, block, src: torch.Tensor,
+                    dst: torch.Tensor) -> torch.Tensor:
+        """Scale of every edge of ``block``: gate(input channel) * gate(output channel).
+        Residual identities are constant structure and stay unscaled."""
+        if block.key is None:
+            return gates.new_ones(block.rows)
+        return (gates[dst].unsqueeze(2) * gates[src].unsqueeze(1)).reshape(-1)
 
     @staticmethod
     def _degree(index: list[tuple], num_nodes: int, like: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,9 @@ class MetaPruningModule(LightningModule):
         lr, weight_decay: AdamW. milestones, gamma: per-epoch MultiStepLR.
         zero_init_decoders: start the decoders' last layers at zero, so the untrained
             metanetwork is exactly the identity (the reference starts them random: False).
+        channel_gates, gate_floor: add one learned scale per channel, closed (exactly 0) once
+            it falls below ``gate_floor`` (not in the reference; what lets the metanetwork zero
+            channel groups at CPU scale, docs/meta_training.md).
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -113,6 +116,7 @@ class MetaPruningModule(LightningModule):
                  reg: float = 10.0, alpha: float = 16.0, lr: float = 1e-3,
                  weight_decay: float = 5e-4, milestones: list[int] | None = None,
                  gamma: float = 0.1, zero_init_decoders: bool = True,
+                 channel_gates: bool = False, gate_floor: float = 0.5,
                  layout: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +131,7 @@ class MetaPruningModule(LightningModule):
         hp = self.hparams
         self.metanetwork = Metanetwork.for_layout(
             layout, hp.num_layers, hp.hidden, hp.node_res_ratio, hp.edge_res_ratio,
-            hp.update_running_stats, hp.zero_init_decoders)
+            hp.update_running_stats, hp.zero_init_decoders, hp.channel_gates, hp.gate_floor)
 
     def configure_model(self) -> None:
         if self.metanetwork is not None:

@@ -182,24 +182,83 @@ def _naive_metanetwork(meta: Metanetwork, data) -> dict:
         c, d = layer.phi_edge(F.layer_norm(h, (hid,))).split(hid, 1)
         e = e + c[src] * d[dst] * e
     out = {"x": data.x + meta.node_res_ratio * meta.node_decoder(h) * meta.node_update_mask}
+    scale = torch.ones(src.shape[0], dtype=h.dtype)
+    if meta.gate_decoder is not None:  # gates 1 + g - max g over the layer, 0 below the floor
+        writer = {}  # node -> the weight tensor writing it (the last one, as in Metanetwork)
+        for i, b in enumerate(data.graph.blocks):
+            if b.key is not None:
+                writer.update({int(node): i for node in b.dst.reshape(-1)})
+        same_layer = [[m for m in range(n) if writer.get(m, -m - 1) == writer.get(node, -node - 1)]
+                      for node in range(n)]
+        identity = torch.cat([torch.full((b.rows,), b.key is None) for b in data.graph.blocks])
+        squares = h.new_zeros(n)
+        for a in meta.edge_types:
+            typed = data.edge_type == a
+            w2 = torch.where(identity[typed], 0.0, data[edge_attr_key(a)].pow(2).sum(1))
+            squares = squares.index_add(0, dst[typed], w2).index_add(0, src[typed], w2)
+        norm = squares.sqrt()
+        largest = torch.stack([norm[same].max() for same in same_layer])
+        relative = torch.where(largest > 0, norm / largest, 1.0)
+        g = meta.gate_decoder(torch.cat([F.layer_norm(h, h.shape[1:]), relative[:, None]], 1))[:, 0]
+        top = torch.stack([g[same].max() for same in same_layer])
+        gate = torch.where(1 + g - top < meta.gate_floor, 0.0, 1 + g - top)
+        out["x"] = out["x"] * torch.where(meta.gated_node_columns.bool(), gate[:, None], 1.0)
+        scale = torch.where(identity, 1.0, gate[src] * gate[dst])
     for a in meta.edge_types:
         key = edge_attr_key(a)
-        out[key] = data[key] + meta.edge_res_ratio * meta.edge_decoders[str(a)](
-            e[data.edge_type == a])
+        typed = data.edge_type == a
+        out[key] = (data[key] + meta.edge_res_ratio * meta.edge_decoders[str(a)](e[typed])) \
+            * scale[typed, None]
     return out
 
 
-def test_block_message_passing_equals_per_edge_message_passing():
+def _random_gates(meta: Metanetwork) -> Metanetwork:
+    """Gate decoder with a random last layer: gates spread around 1, some closed (0)."""
+    torch.nn.init.normal_(meta.gate_decoder[-1].weight, std=1.0)
+    return meta
+
+
+@pytest.mark.parametrize("gates", [False, True], ids=["additive", "channel_gates"])
+def test_block_message_passing_equals_per_edge_message_passing(gates):
     torch.manual_seed(0)
     model = random_prune(networks.build("resnet20_cifar", 10, width=0.5), X32, 0.3, seed=0)
     model = _randomize(model).double()
     graph = NetworkGraph.from_module(model, X32.double())
     meta = Metanetwork.for_graph(graph, num_layers=3, hidden=16, node_res_ratio=1.0,
-                                 edge_res_ratio=1.0).double()
+                                 edge_res_ratio=1.0, zero_init_decoders=False,
+                                 channel_gates=gates).double()
+    if gates:
+        _random_gates(meta)
     data = graph.encode(model)
     fast, slow = meta(data), _naive_metanetwork(meta, data)
     for key, expected in slow.items():
         torch.testing.assert_close(fast[key], expected, rtol=1e-9, atol=1e-9)
+    if gates:  # some channels closed, others open: some edges exactly zero, not all
+        closed = (fast[edge_attr_key(9)] == 0).all(1).float().mean()
+        assert 0 < closed < 0.9
+
+
+def test_a_closed_channel_gate_zeroes_exactly_that_torch_pruning_group(monkeypatch):
+    model = _randomize(networks.build("resnet20_cifar", 10, width=0.5)).eval()
+    graph = NetworkGraph.from_module(model, X32)
+    meta = Metanetwork.for_graph(graph, num_layers=2, hidden=8, channel_gates=True)
+    channel = graph.blocks[[b.key for b in graph.blocks].index("layer2.1.conv1.weight")].dst[0, 3]
+    gates = torch.ones(graph.num_nodes)
+    gates[channel] = 0.0
+    monkeypatch.setattr(meta, "_gates", lambda *args: gates)
+    with torch.no_grad():
+        out = graph.decode(meta(graph.encode(model)))
+    state = model.state_dict()
+    for key in ("layer2.1.conv1.weight", "layer2.1.bn1.weight", "layer2.1.bn1.bias"):
+        assert not out[key][3].any() and out[key][:3].all(), key
+    assert not out["layer2.1.conv2.weight"][:, 3].any()
+    for key in ("layer2.1.bn1.running_mean", "layer2.1.bn1.running_var"):
+        assert torch.equal(out[key], state[key]), key  # BN statistics are never gated
+    # torch_pruning's view: that channel's group norm is 0, every other one unchanged
+    before = networks.group_norms(networks.magnitude_pruner(model, X32))
+    model.load_state_dict(out)
+    after = networks.group_norms(networks.magnitude_pruner(model, X32))
+    assert (after == 0).sum() == 1 and (before > 0).all()
 
 
 def test_batch_of_widths_equals_one_by_one():
@@ -216,7 +275,8 @@ def test_batch_of_widths_equals_one_by_one():
             torch.testing.assert_close(value, alone[key], rtol=1e-5, atol=1e-6)
 
 
-def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output():
+@pytest.mark.parametrize("gates", [False, True], ids=["additive", "channel_gates"])
+def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output(gates):
     torch.manual_seed(0)
     model = _randomize(networks.build("resnet20_cifar", 10, width=0.5))
     perm = torch.randperm(model.layer2[1].conv1.out_channels)
@@ -231,7 +291,10 @@ def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output():
     assert torch.allclose(permuted(X32), model(X32), atol=1e-5)  # same function
     graph = NetworkGraph.from_module(model, X32)
     meta = Metanetwork.for_graph(graph, num_layers=2, hidden=16, node_res_ratio=1.0,
-                                 edge_res_ratio=1.0)
+                                 edge_res_ratio=1.0, zero_init_decoders=False,
+                                 channel_gates=gates)
+    if gates:
+        _random_gates(meta)
     data, data_p = graph.encode(model), graph.encode(permuted)
     nodes = graph.blocks[[b.key for b in graph.blocks].index("layer2.1.conv1.weight")].dst[0]
     torch.testing.assert_close(data_p.x[nodes], data.x[nodes[perm]])

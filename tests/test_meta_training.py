@@ -37,13 +37,16 @@ def make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
     return root
 
 
-def test_single_backward_gradient_equals_per_batch_backward():
+@pytest.mark.parametrize("gates", [False, True], ids=["additive", "channel_gates"])
+def test_single_backward_gradient_equals_per_batch_backward(gates):
     torch.manual_seed(0)
     model = random_prune(networks.build("resnet8_cifar", 3, width=0.5), X32, 0.3, 0)
     model = model.double().eval()
     graph = NetworkGraph.from_module(model, X32.double())
     meta = Metanetwork.for_graph(graph, num_layers=2, hidden=8, node_res_ratio=0.1,
-                                 edge_res_ratio=0.1).double()
+                                 edge_res_ratio=0.1, channel_gates=gates).double()
+    if gates:  # gates spread around 1 (some closed), so the gate path carries gradient
+        torch.nn.init.normal_(meta.gate_decoder[-1].weight, std=0.5)
     data = graph.encode(model)
     images, labels = torch.randn(4, 6, 3, 32, 32, dtype=torch.double), torch.randint(0, 3, (4, 6))
     work = networks.build("resnet8_cifar", 3, width=0.5)
@@ -92,7 +95,8 @@ def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, 
     seed_everything(0)
     zoo = make_zoo(tmp_path / "zoo")
     dm = _datamodule(zoo, tiny_cifar)
-    module = MetaPruningModule(num_layers=2, hidden=8, reg=10.0, milestones=[1])
+    module = MetaPruningModule(num_layers=2, hidden=8, reg=10.0, milestones=[1],
+                               channel_gates=True)
     from lightning.pytorch.callbacks import ModelCheckpoint
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
                            filename="epoch{epoch:03d}", auto_insert_metric_name=False)
@@ -112,6 +116,7 @@ def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, 
     assert files == ["epoch000.ckpt", "epoch001.ckpt"]
     loaded = MetaPruningModule.load_from_checkpoint(tmp_path / "ckpt" / "epoch001.ckpt",
                                                     weights_only=True)
+    assert loaded.metanetwork.gate_decoder is not None  # the architecture comes back whole
     for a, b in zip(loaded.metanetwork.parameters(), module.metanetwork.parameters()):
         assert torch.equal(a, b)
     assert loaded.hparams.layout == module.hparams.layout
@@ -276,3 +281,39 @@ def test_ddp_meta_training_run_equals_one_process_over_the_same_items(tiny_cifar
     for run in runs:
         for name, value in run["final"].items():
             torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar, tmp_path,
+                                                                       monkeypatch):
+    """benchmarks/meta_effect.py reads a train.py run back: one row for the original meta-val
+    member and one per checkpoint; the original's numbers equal a direct evaluation."""
+    import importlib.util
+
+    from train import main
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    zoo = make_zoo(tmp_path / "zoo")
+    main(["fit", "--config", "configs/demo/meta.yaml", f"--data.init_args.zoo={zoo}",
+          f"--data.init_args.images.init_args.root={tiny_cifar}",
+          "--data.init_args.images.init_args.num_classes=3",
+          "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=2",
+          "--data.init_args.steps_per_member=1", "--trainer.max_epochs=2",
+          f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.logger.init_args.name=meta", "--trainer.enable_progress_bar=false"])
+    run = tmp_path / "meta" / "version_0"
+    spec = importlib.util.spec_from_file_location(
+        "meta_effect", Path(__file__).parents[1] / "benchmarks" / "meta_effect.py")
+    meta_effect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(meta_effect)
+    monkeypatch.setattr("sys.argv", ["meta_effect.py", str(run)])
+    meta_effect.main()
+    rows = [line.split(" | ") for line in (run / "meta_effect.md").read_text().splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == ["| original", "| epoch000", "| epoch001"]
+    zoo_dm = meta_effect.zoo_from_config(run / "config.yaml")
+    member = zoo_dm.members[zoo_dm.val_ids[0]].network
+    images = torch.stack([x for x, _ in zoo_dm.images.val_set])
+    labels = torch.tensor([y for _, y in zoo_dm.images.val_set])
+    with torch.no_grad():
+        out = member(images)
+    assert float(rows[0][2]) == pytest.approx(F.cross_entropy(out, labels).item(), abs=1e-3)
+    assert rows[0][3] == f"{100 * (out.argmax(1) == labels).float().mean().item():.1f}%"

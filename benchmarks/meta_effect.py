@@ -1,0 +1,98 @@
+"""What meta-training did to the held-out zoo members (issue 4, docs/meta_training.md).
+
+    python benchmarks/meta_effect.py runs/demo/meta/version_0
+
+For every checkpoint of a meta-training run (``epoch*.ckpt`` in its ``checkpoints`` folder,
+oldest first; the run's ``config.yaml`` names the zoo, the member split and the images), each
+meta-val member (never trained on) is decoded by the metanetwork and compared with the
+original on the whole val split: cross-entropy, accuracy, the fraction of channel groups whose
+normalized group norm is below 0.01 (``networks.NEAR_ZERO``) and the 10% quantile of those
+norms. Writes ``meta_effect.md`` next to the checkpoints and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
+
+import networks  # noqa: E402
+from datamodules import ModelZooDataModule  # noqa: E402
+from lightning_modules import MetaPruningModule  # noqa: E402
+from lightning_modules.meta_pruning import MemberState  # noqa: E402
+
+
+def zoo_from_config(path: Path) -> ModelZooDataModule:
+    """The run's ModelZooDataModule, set up, from the config LightningCLI saved."""
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=ModelZooDataModule)
+    data = yaml.safe_load(path.read_text())["data"]
+    zoo = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    zoo.setup("fit")
+    return zoo
+
+
+@torch.no_grad()
+def evaluate(member: MemberState, weights: dict, loader) -> dict:
+    state = member.work.state_dict()
+    member.work.load_state_dict({k: weights.get(k, v) for k, v in state.items()})
+    loss = correct = count = 0
+    for x, y in loader:
+        out = member.work(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    norms = networks.group_norms(member.pruner)
+    return {"ce": loss / count, "acc": correct / count,
+            "near_zero": (norms < networks.NEAR_ZERO).float().mean().item(),
+            "q10": norms.quantile(0.1).item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a meta-training log folder (with config.yaml "
+                        "and checkpoints/)")
+    args = parser.parse_args()
+    checkpoints = sorted((args.run / "checkpoints").glob("epoch*.ckpt"))
+    if not checkpoints:
+        sys.exit(f"no epoch*.ckpt in {args.run / 'checkpoints'}: pass the folder of a "
+                 "meta-training run (runs/<task>/meta/version_<n>)")
+    zoo = zoo_from_config(args.run / "config.yaml")
+    loader = torch.utils.data.DataLoader(zoo.images.val_set, batch_size=500)
+    lines = [f"Meta-val members of {args.run} on the whole val split "
+             f"({len(zoo.images.val_set)} images)", "",
+             "| checkpoint | member | val CE | val acc | near-zero groups | norm q10 |",
+             "|---|---|---|---|---|---|"]
+    members, first = {}, True
+    for path in checkpoints:
+        module = MetaPruningModule.load_from_checkpoint(path, weights_only=True).eval()
+        for i in zoo.val_ids:
+            if i not in members:
+                members[i] = MemberState.build(zoo.members[i].network, zoo.example_input(),
+                                               module.hparams.reg, module.hparams.alpha)
+            member = members[i]
+            rows = [("original", member.graph.decode(member.data))] if first else []
+            rows.append((path.stem, member.graph.decode(module.metanetwork(member.data))))
+            for name, weights in rows:
+                r = evaluate(member, weights, loader)
+                lines.append(f"| {name} | {i} | {r['ce']:.3f} | {100 * r['acc']:.1f}% | "
+                             f"{100 * r['near_zero']:.1f}% | {r['q10']:.3f} |")
+                print(lines[-1], flush=True)
+        first = False
+    text = "\n".join(lines) + "\n"
+    tmp = args.run / "meta_effect.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(args.run / "meta_effect.md")
+    print(f"wrote {args.run / 'meta_effect.md'}")
+
+
+if __name__ == "__main__":
+    main()
