@@ -4,7 +4,8 @@ Message passing is equivariant to permutations of hidden channels because every 
 per node, per edge, or a symmetric aggregation over a node's edges. Each layer runs over both
 edge directions with tied weights; reverse-direction edge features are multiplied by a fixed
 sign vector so the two directions stay distinguishable. The output is the input plus a small
-multiple of the decoded update, so an untrained metanetwork is close to the identity.
+multiple of the decoded update, so an untrained metanetwork is close to the identity. Optional
+channel gates (not in the reference) also scale whole channels; see ``Metanetwork._gates``.
 """
 from __future__ import annotations
 
