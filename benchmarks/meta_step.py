@@ -1,11 +1,12 @@
 """Cost of one meta-training step against its floor (issue 4).
 
-    python benchmarks/meta_step.py [--batch 500] [--batches 1 8] [--device cpu]
+    python benchmarks/meta_step.py [--batch 500] [--batches 1 8] [--device cpu] [--channel_gates]
 
 For a ResNet-56 pruned to 1.32x (a zoo member), measures in one process:
 - floor: plain forward+backward of the network over B batches of images (eval mode);
 - step: one meta-training step (encode, metanetwork 8x64, decode, the same B forward+backward
-  passes, the sparsity regularizer, one backward through the metanetwork).
+  passes, the sparsity regularizer, one backward through the metanetwork);
+- with ``--channel_gates``, also the same step with a metanetwork that has channel gates.
 Each configuration runs in a fresh subprocess so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. The last line is ``ratio=<step/floor at B=max>``.
 """
@@ -35,7 +36,8 @@ def measure(batches: int, batch: int, device: str, what: str) -> dict:
     images = torch.randn(batches, batch, 3, 32, 32, device=dev)
     labels = torch.randint(0, 10, (batches, batch), device=dev)
     member = MemberState.build(model, example, reg=10.0, alpha=16.0, device=dev)
-    meta = Metanetwork.for_graph(member.graph, num_layers=8, hidden=64).to(dev)
+    meta = Metanetwork.for_graph(member.graph, num_layers=8, hidden=64,
+                                 channel_gates=what == "gated_step").to(dev)
     work = member.work
 
     def floor(images, labels):
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channel_gates", action="store_true",
+                        help="also time the step of a metanetwork with channel gates")
     parser.add_argument("--child", nargs=2, metavar=("B", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -79,7 +83,7 @@ def main() -> None:
     ratio = None
     for b in args.batches:
         res = {}
-        for what in ("floor", "step"):
+        for what in ("floor", "step") + (("gated_step",) if args.channel_gates else ()):
             out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
                                   "--device", args.device, "--child", str(b), what],
                                  check=True, capture_output=True, text=True).stdout
@@ -88,6 +92,11 @@ def main() -> None:
         print(f"B={b}: floor {res['floor']['seconds']:.2f} s, step {res['step']['seconds']:.2f} s,"
               f" step/floor {ratio:.3f}; peak memory floor {res['floor']['peak_mib']:.0f} MiB, "
               f"step {res['step']['peak_mib']:.0f} MiB", flush=True)
+        if "gated_step" in res:
+            gated = res["gated_step"]
+            print(f"B={b}: step with channel gates {gated['seconds']:.2f} s, step/floor "
+                  f"{gated['seconds'] / res['floor']['seconds']:.3f}, peak {gated['peak_mib']:.0f}"
+                  " MiB", flush=True)
     print(f"ratio={ratio:.3f}")
 
 
