@@ -71,27 +71,25 @@ def main() -> None:
              f"({len(zoo.images.val_set)} images)", "",
              "| checkpoint | member | val CE | val acc | near-zero groups | norm q10 |",
              "|---|---|---|---|---|---|"]
-    members, first = {}, True
+    hparams = MetaPruningModule.load_from_checkpoint(checkpoints[0], weights_only=True).hparams
+    members = {i: MemberState.build(zoo.members[i].network, zoo.example_input(), hparams.reg,
+                                    hparams.alpha) for i in zoo.val_ids}
+
+    def row(name: str, i: int, weights: dict) -> None:
+        r = evaluate(members[i], weights, loader)
+        lines.append(f"| {name} | {i} | {r['ce']:.3f} | {100 * r['acc']:.1f}% | "
+                     f"{100 * r['near_zero']:.1f}% | {r['q10']:.3f} |")
+        print(lines[-1], flush=True)
+
+    for i, member in members.items():
+        row("original", i, member.graph.decode(member.data))
     for path in checkpoints:
         module = MetaPruningModule.load_from_checkpoint(path, weights_only=True).eval()
-        for i in zoo.val_ids:
-            if i not in members:
-                members[i] = MemberState.build(zoo.members[i].network, zoo.example_input(),
-                                               module.hparams.reg, module.hparams.alpha)
-            member = members[i]
-            rows = [("original", member.graph.decode(member.data))] if first else []
-            rows.append((path.stem, member.graph.decode(module.metanetwork(member.data))))
-            for name, weights in rows:
-                r = evaluate(member, weights, loader)
-                lines.append(f"| {name} | {i} | {r['ce']:.3f} | {100 * r['acc']:.1f}% | "
-                             f"{100 * r['near_zero']:.1f}% | {r['q10']:.3f} |")
-                print(lines[-1], flush=True)
-        first = False
+        for i, member in members.items():
+            row(path.stem, i, member.graph.decode(module.metanetwork(member.data)))
     text = "\n".join(lines) + "\n"
-    tmp = args.run / "meta_effect.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(args.run / "meta_effect.md")
-    print(f"wrote {args.run / 'meta_effect.md'}")
+    out = networks.atomic_write(args.run / "meta_effect.md", lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

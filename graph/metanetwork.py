@@ -215,6 +215,7 @@ class Metanetwork(nn.Module):
         to held-out networks."""
         n = h.shape[0]
         layer = self._layer_of_node(blocks, index, n, h.device)
+        num_layers = int(layer.max()) + 1
         squares = h.new_zeros(n)
         for block, (src, dst), w in zip(blocks, index, raw):
             if block.key is not None:  # weights into and out of the channel, as in its group
@@ -222,11 +223,11 @@ class Metanetwork(nn.Module):
                 squares = squares.index_add(0, dst.reshape(-1), w2.sum((2, 3)).reshape(-1))
                 squares = squares.index_add(0, src.reshape(-1), w2.sum((1, 3)).reshape(-1))
         norm = squares.sqrt()
-        largest = scatter(norm, layer, 0, int(layer.max()) + 1, reduce="max")[layer]
+        largest = scatter(norm, layer, 0, num_layers, reduce="max")[layer]
         relative = torch.where(largest > 0, norm / largest.clamp_min(1e-30), 1.0)
         g = self.gate_decoder(torch.cat([F.layer_norm(h, h.shape[1:]),
                                          relative.unsqueeze(1)], 1)).squeeze(1)
-        top = scatter(g, layer, 0, int(layer.max()) + 1, reduce="max")
+        top = scatter(g, layer, 0, num_layers, reduce="max")
         t = 1.0 + g - top[layer]
         closed = torch.where(t < self.gate_floor, 0.0, t)
         return t + (closed - t).detach()
