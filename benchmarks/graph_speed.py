@@ -4,14 +4,22 @@
 
 Prints one line per measurement: our median time, the reference's time on this 2-core CPU
 (issue 3: ResNet-56 encode 42 ms / decode 7 ms, ResNet-50 encode 1.4 s, GNN 8x64 on ResNet-56
-forward 3.0 s / forward+backward 11.5 s) and the speed-up ratio reference / ours.
+forward 3.0 s / forward+backward 11.5 s) and the speed-up ratio reference / ours. The GNN is
+timed twice: the paper's function (its message passing on dense identity edges, what the
+reference computes) and ours (joint message passing, one identity edge per channel), each with
+its peak memory above the level before it, each in a fresh process (CPU: resident set size
+sampled every 5 ms; CUDA: the allocator's peak).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
+import psutil
 import torch
 
 import networks
@@ -35,22 +43,85 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _report(name: str, seconds: float) -> None:
-    ref = REFERENCE.get(name)
+class _PeakMemory:
+    """Peak memory above the level at entry, in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0.0
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        process, self.base, self.running = psutil.Process(), psutil.Process().memory_info().rss, True
+
+        def sample():
+            while self.running:
+                self.peak = max(self.peak, (process.memory_info().rss - self.base) / 2 ** 20)
+                time.sleep(0.005)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
+        else:
+            self.running = False
+            self.thread.join()
+
+
+def _report(name: str, seconds: float, memory: float | None = None) -> None:
+    ref = REFERENCE.get(name.split(" [")[0])
     ratio = f"  reference {ref * 1e3:9.2f} ms  ratio {ref / seconds:7.1f}x" if ref else ""
-    print(f"{name:28s} {seconds * 1e3:10.2f} ms{ratio}", flush=True)
+    peak = f"  peak +{memory:,.0f} MiB" if memory is not None else ""
+    print(f"{name:50s} {seconds * 1e3:10.2f} ms{ratio}{peak}", flush=True)
+
+
+def _time_metanetwork(model, example, message_passing: str, identity_edges: str, reps: int,
+                      device: torch.device) -> None:
+    graph = NetworkGraph(model, example, identity_edges)
+    data = graph.encode({k: v.to(device) for k, v in model.state_dict().items()})
+    print(f"resnet56 graph ({identity_edges} identities): {graph}")
+    meta = Metanetwork.for_graph(graph, num_layers=8, hidden=64,
+                                 message_passing=message_passing).to(device)
+
+    def forward():
+        with torch.no_grad():
+            meta(data)
+
+    def forward_backward():
+        out = graph.decode(meta(data))
+        sum(v.square().sum() for v in out.values() if v.requires_grad).backward()
+
+    tag = f" [{message_passing}, {identity_edges}]"
+    for name, fn in (("gnn8x64 forward (no grad)", forward),
+                     ("gnn8x64 forward+backward", forward_backward)):
+        with _PeakMemory(device) as memory:
+            seconds = _median_time(fn, reps, device)
+        _report(name + tag, seconds, memory.peak)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gnn", nargs=2, metavar=("MESSAGE_PASSING", "IDENTITY_EDGES"),
+                        help="time only this metanetwork variant (the main run starts one "
+                             "process per variant, so that each peak memory starts clean)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    resnet56 = networks.build("resnet56_cifar", 10)
+    if args.gnn:
+        _time_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *args.gnn,
+                          max(3, args.repeats // 5), device)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    for name, example in (("resnet56", torch.randn(1, 3, 32, 32)),
-                          ("resnet50", torch.randn(1, 3, 224, 224))):
-        model = networks.build(name + ("_cifar" if name == "resnet56" else ""), 10)
+    for name, model, example in (("resnet56", resnet56, torch.randn(1, 3, 32, 32)),
+                                 ("resnet50", networks.build("resnet50", 10),
+                                  torch.randn(1, 3, 224, 224))):
         start = time.perf_counter()
         graph = NetworkGraph(model, example)  # uncached: the one-time tracing cost
         _report(f"{name} trace (one-time)", time.perf_counter() - start)
@@ -59,21 +130,9 @@ def main() -> None:
         _report(f"{name} encode", _median_time(lambda: graph.encode(state), args.repeats, device))
         _report(f"{name} decode", _median_time(lambda: graph.decode(data), args.repeats, device))
         if name == "resnet56":
-            print(f"resnet56 graph: {graph}")
-            meta = Metanetwork.for_graph(graph, num_layers=8, hidden=64).to(device)
-
-            def forward():
-                with torch.no_grad():
-                    meta(data)
-
-            def forward_backward():
-                out = graph.decode(meta(data))
-                sum(v.square().sum() for v in out.values() if v.requires_grad).backward()
-
-            reps = max(3, args.repeats // 5)
-            _report("gnn8x64 forward (no grad)", _median_time(forward, reps, device))
-            _report("gnn8x64 forward+backward", _median_time(forward_backward, reps, device))
-
+            for variant in (("paper", "dense"), ("joint", "diagonal")):
+                subprocess.run([sys.executable, __file__, "--gnn", *variant, "--repeats",
+                                str(args.repeats), "--device", args.device], check=True)
 
 if __name__ == "__main__":
     main()

@@ -53,14 +53,18 @@ def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
             f"{where} is not a MetaPruningModule checkpoint (no metanetwork weights or graph "
             "layout in it). Pass a checkpoint written by meta-training "
             "(`python train.py fit --config configs/<task>/meta.yaml`)")
-    module = MetaPruningModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    # Checkpoints from before the message_passing option ran our joint layer.
+    legacy = {} if "message_passing" in hparams else {"message_passing": "joint"}
+    module = MetaPruningModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                                    **legacy)
     return module.metanetwork.eval()
 
 
-def network_graph(network: nn.Module, example: torch.Tensor, source: str) -> NetworkGraph:
+def network_graph(network: nn.Module, example: torch.Tensor, source: str,
+                  identity_edges: str = "diagonal") -> NetworkGraph:
     """The graph of ``network``; an unsupported architecture raises with the fix."""
     try:
-        return NetworkGraph.from_module(network, example)
+        return NetworkGraph.from_module(network, example, identity_edges)
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(
             f"{source} cannot be encoded as a graph for the metanetwork: {e}. Prune it with "
@@ -89,7 +93,8 @@ def feedforward(metanetwork: Metanetwork, network: nn.Module, example: torch.Ten
     network.eval()  # tracing runs the network: train mode would move BN running statistics
     try:
         device = next(network.parameters()).device
-        graph = network_graph(network, example.to(device), network_source)
+        graph = network_graph(network, example.to(device), network_source,
+                              metanetwork.identity_edges)
         check_layout(metanetwork, graph, metanetwork_source, network_source)
         weights = graph.decode(metanetwork.to(device).eval()(graph.encode(network)))
         # decode returns every floating tensor; integer buffers (num_batches_tracked) stay.

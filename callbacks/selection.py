@@ -28,11 +28,11 @@ import yaml
 from torch import nn
 
 import networks
-from graph import NetworkGraph
+from graph import Metanetwork
 from networks import CheckpointError
 
 from .curve import write_bytes, curves_csv, evaluator, save_figure
-from .feedforward import load_metanetwork
+from .feedforward import feedforward, load_metanetwork
 from .pruning import base_macs
 
 IDENTITY = "none (identity)"
@@ -108,16 +108,12 @@ def find_checkpoints(run: Path, which: str, exclude: Path) -> list[Path]:
     return found
 
 
-@torch.no_grad()
-def apply_metanetwork(metanetwork: nn.Module | None, network: nn.Module, graph) -> nn.Module:
+def apply_metanetwork(metanetwork: Metanetwork | None, network: nn.Module,
+                      example: torch.Tensor) -> nn.Module:
     """A copy of ``network`` with the weights the metanetwork writes (identity when None)."""
     out = copy.deepcopy(network)
     if metanetwork is not None:
-        metanetwork.check_layout(graph)
-        state = out.state_dict()
-        weights = graph.decode(metanetwork(graph.encode(network)))
-        state.update({k: v.detach() for k, v in weights.items()})
-        out.load_state_dict(state)
+        feedforward(metanetwork, out, example)
     return out
 
 
@@ -178,16 +174,15 @@ def select_command(args: argparse.Namespace) -> int:
     members = []
     for i in dm.val_ids:
         member = dm.members[i]
-        members.append((i, member.network, NetworkGraph.from_module(member.network, example),
-                        base_macs(member.record["arch"], example)))
+        members.append((i, member.network, base_macs(member.record["arch"], example)))
     evaluate = evaluator(dm.images.val_dataloader(), device)
     rows, curves, mean_curves = [], {}, {}
     for name, meta in [(IDENTITY, None), *metas.items()]:
         label = (str(Path(name).relative_to(run)) if meta is not None and run in Path(name).parents
                  else name)
         start, areas, mine = time.perf_counter(), [], []
-        for i, network, graph, base in members:
-            model = apply_metanetwork(meta, network, graph).to(device)
+        for i, network, base in members:
+            model = apply_metanetwork(meta, network, example).to(device)
             torch.manual_seed(args.seed)  # same batches for every candidate
             finetune(model, dm.images.train_dataloader(), args.finetune_steps, args.finetune_lr,
                      device)

@@ -2,10 +2,13 @@
 
 Message passing is equivariant to permutations of hidden channels because every operation is
 per node, per edge, or a symmetric aggregation over a node's edges. Each layer runs over both
-edge directions with tied weights; reverse-direction edge features are multiplied by a fixed
-sign vector so the two directions stay distinguishable. The output is the input plus a small
-multiple of the decoded update, so an untrained metanetwork is close to the identity. Optional
-channel gates (not in the reference) also scale whole channels; see ``Metanetwork._gates``.
+edge directions with tied weights; one direction's edge features are multiplied by a fixed
+sign vector so the two directions stay distinguishable. ``message_passing="paper"`` is the
+paper's layer exactly (``PaperLayer``); ``"joint"`` is our earlier variant (``JointLayer``).
+The output is the input plus a small multiple of the decoded update, so an untrained
+metanetwork is close to the identity. Optional channel gates (not in the paper) also scale
+whole channels; see ``Metanetwork._gates``. ``graph.paper_weights`` imports the paper's own
+metanetwork weights.
 """
 from __future__ import annotations
 
@@ -26,16 +29,83 @@ def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
                          nn.Linear(dim_in, hidden), nn.SiLU(), nn.Linear(hidden, dim_out))
 
 
+class BlockIndex:
+    """Node ids ``(src, dst)`` of every edge block (``src`` [groups, in], ``dst`` [groups,
+    out]), and a gather of node rows for all blocks in one indexing operation: one gather per
+    layer instead of one per block keeps the backward to a single scatter into node rows."""
+
+    def __init__(self, index: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.index = index
+        ids = [t for pair in index for t in pair]
+        self._flat = torch.cat([t.reshape(-1) for t in ids])
+        self._sizes = [t.numel() for t in ids]
+
+    def gather(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, ``(rows[src], rows[dst])`` shaped [groups, in, D] and [groups, out, D]."""
+        parts = iter(rows[self._flat].split(self._sizes))
+        return [(next(parts).view(*src.shape, -1), next(parts).view(*dst.shape, -1))
+                for src, dst in self.index]
+
+
+class _Statistics:
+    """Per-receiver sums, sums of squares, maxima and minima of messages, gathered block by
+    block (a dense reduction over one block axis) and scattered over receivers once."""
+
+    def __init__(self) -> None:
+        self.receivers: list[torch.Tensor] = []
+        self.parts: list[list[torch.Tensor]] = [[], [], [], []]
+
+    def add(self, messages: torch.Tensor, dim: int, receivers: torch.Tensor) -> None:
+        hid = messages.shape[-1]
+        if messages.requires_grad:
+            # max/min with indices, not aminmax: the backward is then a scatter of the selected
+            # entries instead of an equality mask over the whole block (measured 2x cheaper).
+            hi, lo = messages.max(dim).values, messages.min(dim).values
+        else:  # one pass for both
+            lo, hi = torch.aminmax(messages, dim=dim)
+        self.receivers.append(receivers.reshape(-1))
+        for part, value in zip(self.parts, (messages.sum(dim), (messages * messages).sum(dim),
+                                            hi, lo)):
+            part.append(value.reshape(-1, hid))
+
+    def scatter(self, size: int) -> tuple[torch.Tensor, ...]:
+        """(sum, sum of squares, max, min) per receiver; 0 where a receiver got no message."""
+        recv = torch.cat(self.receivers)
+        return tuple(scatter(torch.cat(part), recv, 0, size, reduce=reduce)
+                     for part, reduce in zip(self.parts, ("sum", "sum", "max", "min")))
+
+
+def _receiver_scaled(factor: torch.Tensor, total, square, hi, lo, degree: torch.Tensor,
+                     std_floor: str) -> torch.Tensor:
+    """[mean, std, max, min] of the messages ``factor * m`` from the statistics of ``m``.
+
+    The receiver's factor is common to all of its messages, so it is applied after the
+    aggregation (max and min swap where it is negative). ``std_floor`` "paper": std = sqrt(var)
+    where var > 1e-5, else 0 (torch_geometric's StdAggregation, which the paper's layer uses);
+    "eps": sqrt(var + 1e-6) (ours)."""
+    mean = factor * total / degree
+    var = (factor * factor * square / degree - mean * mean).clamp_min(0.0)
+    if std_floor == "paper":
+        std = torch.where(var > 1e-5, var.clamp_min(1e-5).sqrt(), 0.0)
+    else:
+        std = var.add(1e-6).sqrt()
+    positive = factor >= 0
+    return torch.cat([mean, std, torch.where(positive, factor * hi, factor * lo),
+                      torch.where(positive, factor * lo, factor * hi)], dim=1)
+
+
 class MessagePassingLayer(nn.Module):
-    """One pre-LayerNorm residual layer updating node and edge states.
+    """One pre-LayerNorm residual layer updating node and edge states (DESIGN section 5).
 
     Edge states live in dense blocks ``[groups, out, in, hidden]`` (one per weight tensor, see
     ``graph.network_graph.EdgeBlock``), so messages are broadcast products and their
-    aggregation is a dense reduction over the block's ``in`` (forward direction) or ``out``
-    (reverse direction) axis, followed by a small scatter over nodes. This computes exactly the
-    per-edge message passing of DESIGN section 5 without gathering node states per edge.
-    The receiver's factor phi1(h_receiver) is applied after aggregation: it is common to all of
-    a node's messages (max and min swap where it is negative).
+    aggregation is a dense reduction over the block's ``out`` axis (messages to input channels)
+    or ``in`` axis (messages to output channels), followed by one scatter over nodes; no node
+    state is gathered per edge. ``forward`` takes ``degree`` [2N, 1]: how many messages each
+    node receives from output channels (first N rows) and from input channels (last N).
+
+    Parameters: ``phi_msg`` = [phi1 | phi2] (sender | receiver factor), ``phi_edge`` =
+    [phi3 | phi4], ``aggregate`` = A, ``sign`` = sigma.
     """
 
     def __init__(self, hidden: int) -> None:
@@ -48,38 +118,64 @@ class MessagePassingLayer(nn.Module):
         sign[hidden // 2:] = -1.0
         self.register_buffer("sign", sign, persistent=False)
 
-    def forward(self, h: torch.Tensor, edges: list[torch.Tensor], index: list[tuple],
+
+class PaperLayer(MessagePassingLayer):
+    """The paper's layer: one convolution per direction with the same weights.
+
+    With x = LayerNorm(h): pass 1 sends phi1(x)[out] * e from each edge's output channel to
+    its input channel, pass 2 sends phi1(x)[in] * sigma * e from the input to the output
+    channel; the receiver t multiplies by phi2(x)[t] and aggregates [mean, std, max, min] over
+    that pass's messages only, and h <- h + A(agg1) + A(agg2) (A's bias counts twice, also for
+    a node that receives nothing in a pass). The edge update reads x, before the node update:
+    e <- e + (phi3(x)[out] * phi4(x)[in] + phi3(x)[in] * phi4(x)[out]) * e."""
+
+    def forward(self, h: torch.Tensor, edges: list[torch.Tensor], blocks: BlockIndex,
                 degree: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n, hid = h.shape[0], self.hidden
-        a, b = self.phi_msg(F.layer_norm(h, (hid,))).split(hid, dim=1)
-        receivers, sums, squares, maxima, minima = [], [], [], [], []
-        for (src, dst), e in zip(index, edges):
-            # forward direction: edge (i -> o) delivers phi2(h_i) * e to o; reduce over i
-            p = b[src].unsqueeze(1) * e
-            # reverse direction: delivers phi2(h_o) * sign * e to i; reduce over o
-            q = (b[dst] * self.sign).unsqueeze(2) * e
-            for t, dim, recv in ((p, 2, dst), (q, 1, src)):
-                lo, hi = torch.aminmax(t, dim=dim)
-                receivers.append(recv.reshape(-1))
-                sums.append(t.sum(dim).reshape(-1, hid))
-                squares.append((t * t).sum(dim).reshape(-1, hid))
-                maxima.append(hi.reshape(-1, hid))
-                minima.append(lo.reshape(-1, hid))
-        recv = torch.cat(receivers)
-        total = scatter(torch.cat(sums), recv, 0, n, reduce="sum")
-        square = scatter(torch.cat(squares), recv, 0, n, reduce="sum")
-        hi = scatter(torch.cat(maxima), recv, 0, n, reduce="max")
-        lo = scatter(torch.cat(minima), recv, 0, n, reduce="min")
-        mean = a * total / degree
-        std = (a * a * square / degree - mean * mean).clamp_min(0.0).add(1e-6).sqrt()
-        positive = a >= 0
-        agg = torch.cat([mean, std, torch.where(positive, a * hi, a * lo),
-                         torch.where(positive, a * lo, a * hi)], dim=1)
-        h = h + self.aggregate(agg)
-        c, d = self.phi_edge(F.layer_norm(h, (hid,))).split(hid, dim=1)
-        edges = [e * (1.0 + c[src].unsqueeze(1) * d[dst].unsqueeze(2))
-                 for (src, dst), e in zip(index, edges)]
+        x = F.layer_norm(h, (hid,))
+        sender, receiver = self.phi_msg(x).split(hid, dim=1)
+        stats = _Statistics()
+        for ((s_in, s_out), (src, dst)), e in zip(zip(blocks.gather(sender), blocks.index), edges):
+            stats.add(s_out.unsqueeze(2) * e, 1, src)                    # pass 1
+            stats.add((s_in * self.sign).unsqueeze(1) * e, 2, dst + n)   # pass 2
+        agg = _receiver_scaled(receiver.repeat(2, 1), *stats.scatter(2 * n),
+                               degree.clamp_min(1.0), "paper")
+        both = agg[:n] + agg[n:]  # A(agg1) + A(agg2), with one matrix product
+        h = h + F.linear(both, self.aggregate.weight) + 2.0 * self.aggregate.bias
+        # e + (c[out] d[in] + c[in] d[out]) * e in three fused multiply-adds (each full-size
+        # temporary costs as much as the arithmetic)
+        edges = [torch.addcmul(e, e, torch.addcmul(c_out.unsqueeze(2) * d_in.unsqueeze(1),
+                                                   c_in.unsqueeze(1), d_out.unsqueeze(2)))
+                 for ((c_in, c_out), (d_in, d_out)), e in
+                 zip(zip(*(blocks.gather(t) for t in self.phi_edge(x).split(hid, dim=1))), edges)]
         return h, edges
+
+
+class JointLayer(MessagePassingLayer):
+    """Ours (before the paper's layer was reproduced): one aggregation over both directions'
+    messages, the sign on the messages to input channels, std with a 1e-6 floor, and one
+    edge term phi3(x')[in] * phi4(x')[out] from the node states x' after the update."""
+
+    def forward(self, h: torch.Tensor, edges: list[torch.Tensor], blocks: BlockIndex,
+                degree: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        n, hid = h.shape[0], self.hidden
+        receiver, sender = self.phi_msg(F.layer_norm(h, (hid,))).split(hid, dim=1)
+        stats = _Statistics()
+        for ((s_in, s_out), (src, dst)), e in zip(zip(blocks.gather(sender), blocks.index), edges):
+            stats.add(s_in.unsqueeze(1) * e, 2, dst)
+            stats.add((s_out * self.sign).unsqueeze(2) * e, 1, src)
+        h = h + self.aggregate(_receiver_scaled(receiver, *stats.scatter(n),
+                                                (degree[:n] + degree[n:]).clamp_min(1.0),
+                                                "eps"))
+        c, d = self.phi_edge(F.layer_norm(h, (hid,))).split(hid, dim=1)
+        edges = [torch.addcmul(e, e, c_in.unsqueeze(1) * d_out.unsqueeze(2))
+                 for ((c_in, _), (_, d_out)), e in zip(zip(blocks.gather(c), blocks.gather(d)),
+                                                       edges)]
+        return h, edges
+
+
+# ``message_passing`` option -> layer class
+LAYERS = {"paper": PaperLayer, "joint": JointLayer}
 
 
 class Metanetwork(nn.Module):
@@ -89,14 +185,21 @@ class Metanetwork(nn.Module):
                  hidden: int = 64, node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                  frozen_node_columns: Sequence[int] = (), layout: dict | None = None,
                  zero_init_decoders: bool = True, channel_gates: bool = False,
-                 gate_floor: float = 0.5, ungated_node_columns: Sequence[int] = ()) -> None:
+                 gate_floor: float = 0.5, ungated_node_columns: Sequence[int] = (),
+                 message_passing: str = "paper") -> None:
         super().__init__()
+        if message_passing not in LAYERS:
+            raise ValueError(f"message_passing={message_passing!r}: expected one of "
+                             f"{sorted(LAYERS)}")
         self.edge_types = tuple(int(a) for a in edge_types)
         self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
-        self.layout = layout or {"node_dim": node_dim, "edge_types": list(self.edge_types)}
+        self.message_passing = message_passing
+        self.layout = dict(layout or {"node_dim": node_dim, "edge_types": list(self.edge_types)})
+        # Layouts stored before the identity_edges option existed were all diagonal.
+        self.layout.setdefault("identity_edges", "diagonal")
         self.node_encoder = nn.Linear(node_dim, hidden)
         self.edge_encoders = nn.ModuleDict({str(a): nn.Linear(a, hidden) for a in self.edge_types})
-        self.layers = nn.ModuleList(MessagePassingLayer(hidden) for _ in range(num_layers))
+        self.layers = nn.ModuleList(LAYERS[message_passing](hidden) for _ in range(num_layers))
         self.node_decoder = _mlp(hidden, hidden, node_dim)
         self.edge_decoders = nn.ModuleDict({str(a): _mlp(hidden, hidden, a)
                                             for a in self.edge_types})
@@ -126,23 +229,41 @@ class Metanetwork(nn.Module):
     def for_graph(cls, graph: NetworkGraph, num_layers: int = 8, hidden: int = 64,
                   node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                   update_running_stats: bool = False, zero_init_decoders: bool = True,
-                  channel_gates: bool = False, gate_floor: float = 0.5) -> "Metanetwork":
+                  channel_gates: bool = False, gate_floor: float = 0.5,
+                  message_passing: str = "paper") -> "Metanetwork":
         """A metanetwork sized for ``graph``'s layout."""
         return cls.for_layout(graph.layout, num_layers, hidden, node_res_ratio, edge_res_ratio,
                               update_running_stats, zero_init_decoders, channel_gates,
-                              gate_floor)
+                              gate_floor, message_passing)
 
     @classmethod
     def for_layout(cls, layout: dict, num_layers: int = 8, hidden: int = 64,
                    node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                    update_running_stats: bool = False, zero_init_decoders: bool = True,
-                   channel_gates: bool = False, gate_floor: float = 0.5) -> "Metanetwork":
+                   channel_gates: bool = False, gate_floor: float = 0.5,
+                   message_passing: str = "paper") -> "Metanetwork":
         """A metanetwork for a ``NetworkGraph.layout`` (as stored in checkpoints)."""
         running_stats = running_stat_columns(layout["bn_slots"])
         frozen = () if update_running_stats else running_stats
         return cls(layout["node_dim"], layout["edge_types"], num_layers, hidden, node_res_ratio,
                    edge_res_ratio, frozen, layout, zero_init_decoders, channel_gates,
-                   gate_floor, ungated_node_columns=running_stats)
+                   gate_floor, ungated_node_columns=running_stats,
+                   message_passing=message_passing)
+
+    @classmethod
+    def from_paper_state_dict(cls, state_dict, graph: NetworkGraph, node_res_ratio: float,
+                              edge_res_ratio: float) -> "Metanetwork":
+        """The paper's trained metanetwork (its code's state_dict) on our encoding of ``graph``;
+        see ``graph.paper_weights``."""
+        from .paper_weights import from_paper_state_dict  # that module builds on this one
+
+        return from_paper_state_dict(state_dict, graph, node_res_ratio, edge_res_ratio)
+
+    @property
+    def identity_edges(self) -> str:
+        """The identity-edge layout of the graphs this metanetwork reads (build them with
+        ``NetworkGraph.from_module(..., identity_edges=metanetwork.identity_edges)``)."""
+        return self.layout["identity_edges"]
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""
@@ -175,8 +296,9 @@ class Metanetwork(nn.Module):
                 index.append((src + node_offset, dst + node_offset))
                 blocks.append(block)
         degree = self._degree(index, data.x.shape[0], h)
+        block_index = BlockIndex(index)
         for layer in self.layers:
-            h, edges = layer(h, edges, index, degree)
+            h, edges = layer(h, edges, block_index, degree)
         out = copy.copy(data)  # keeps a Batch's slicing information for to_data_list()
         out.x = data.x + self.node_res_ratio * self.node_decoder(h) * self.node_update_mask
         gates = None if self.gate_decoder is None else self._gates(h, blocks, index, raw)
@@ -254,11 +376,11 @@ class Metanetwork(nn.Module):
 
     @staticmethod
     def _degree(index: list[tuple], num_nodes: int, like: torch.Tensor) -> torch.Tensor:
-        """Number of edges at each node, both directions together (for mean and std)."""
+        """[2N, 1]: messages each node receives from output channels (an edge's input channel
+        receives one per edge), then from input channels."""
         recv, counts = [], []
         for src, dst in index:
-            recv += [dst.reshape(-1), src.reshape(-1)]
-            counts += [like.new_full((dst.numel(),), float(src.shape[1])),
-                       like.new_full((src.numel(),), float(dst.shape[1]))]
-        degree = scatter(torch.cat(counts), torch.cat(recv), 0, num_nodes, reduce="sum")
-        return degree.clamp_min(1.0).unsqueeze(1)
+            recv += [src.reshape(-1), dst.reshape(-1) + num_nodes]
+            counts += [like.new_full((src.numel(),), float(dst.shape[1])),
+                       like.new_full((dst.numel(),), float(src.shape[1]))]
+        return scatter(torch.cat(counts), torch.cat(recv), 0, 2 * num_nodes).unsqueeze(1)

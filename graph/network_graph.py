@@ -27,6 +27,10 @@ from .tracing import BN_FIELDS, trace
 BN_DEFAULT = (1.0, 0.0, 0.0, 1.0)
 _CACHE_SIZE = 64
 _RUNNING_STATS = (".running_mean", ".running_var")
+# How a residual identity from C channels into C channels becomes edges: "diagonal" is one
+# Dirac edge per channel (i -> i); "dense" is the paper's CIFAR-ResNet encoding, all C x C
+# pairs with zero features except the Dirac centre tap of the i -> i edges (DESIGN section 5).
+IDENTITY_EDGES = ("diagonal", "dense")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,15 @@ def edge_attr_key(area: int) -> str:
     return f"edge_attr_{area}"
 
 
+def _identity_features(block: EdgeBlock) -> torch.Tensor:
+    """Features of an identity block: the Dirac kernel (centre tap 1) on edges i -> i, zero
+    on the other pairs of a dense block."""
+    groups, out, inp = block.shape
+    features = torch.zeros(block.rows, block.area)
+    features[:, block.area // 2] = torch.eye(out, inp).expand(groups, out, inp).reshape(-1)
+    return features
+
+
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
@@ -80,7 +93,10 @@ class NetworkGraph:
 
     _cache: "OrderedDict[tuple, NetworkGraph]" = OrderedDict()
 
-    def __init__(self, module: nn.Module, example_inputs) -> None:
+    def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal") -> None:
+        if identity_edges not in IDENTITY_EDGES:
+            raise ValueError(f"identity_edges={identity_edges!r}: expected one of {IDENTITY_EDGES}")
+        self.identity_edges = identity_edges
         example_inputs = _as_tuple(example_inputs)
         records, used = trace(module, example_inputs)
         state = module.state_dict()
@@ -111,15 +127,14 @@ class NetworkGraph:
                 if a == area:
                     self.blocks.append(EdgeBlock(area, start, rep[src], rep[dst], key))
                     start += self.blocks[-1].rows
+            identities = []
             for src, dst, a in records.identities:
-                if a == area:  # one edge per channel: groups = C, 1 x 1
-                    self.blocks.append(EdgeBlock(area, start, rep[src][:, None], rep[dst][:, None]))
-                    start += self.blocks[-1].rows
-            identity_rows = sum(b.rows for b in self.blocks if b.area == area and b.key is None)
-            if identity_rows:
-                block = torch.zeros(identity_rows, area)
-                block[:, area // 2] = 1.0  # Dirac kernel: centre tap 1
-                self._identity[area] = block
+                if a == area:
+                    identities.append(self._identity_block(area, start, rep[src], rep[dst]))
+                    start += identities[-1].rows
+            if identities:
+                self.blocks += identities
+                self._identity[area] = torch.cat([_identity_features(b) for b in identities])
             counts.append(start)
         self._edge_keys = {a: [(b.key, b.rows) for b in self.blocks if b.area == a and b.key]
                            for a in areas}
@@ -127,6 +142,14 @@ class NetworkGraph:
         self.edge_type = torch.repeat_interleave(torch.tensor(areas, dtype=torch.long),
                                                  torch.tensor(counts))
         self.num_identity_edges = sum(len(b) for b in self._identity.values())
+
+    def _identity_block(self, area: int, start: int, src: torch.Tensor,
+                        dst: torch.Tensor) -> EdgeBlock:
+        """Channel ``src[k]`` feeds channel ``dst[k]``: C groups of 1 x 1 (diagonal) or one
+        group of C x C (dense)."""
+        if self.identity_edges == "diagonal":
+            return EdgeBlock(area, start, src[:, None], dst[:, None])
+        return EdgeBlock(area, start, src[None, :], dst[None, :])
 
     def _build_nodes(self, records, rep: torch.Tensor) -> None:
         # Slots are assigned per node in trace order: the first BN on a channel takes slot 0,
@@ -158,16 +181,17 @@ class NetworkGraph:
 
     # -- public API -----------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module, example_inputs) -> "NetworkGraph":
-        """Trace ``module`` (cached per architecture and width pattern)."""
+    def from_module(cls, module: nn.Module, example_inputs,
+                    identity_edges: str = "diagonal") -> "NetworkGraph":
+        """Trace ``module`` (cached per architecture, width pattern and identity layout)."""
         example_inputs = _as_tuple(example_inputs)
-        key = (type(module).__module__, type(module).__qualname__,
+        key = (identity_edges, type(module).__module__, type(module).__qualname__,
                tuple(type(m).__name__ for m in module.modules()),
                tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()),
                tuple(tuple(x.shape) for x in example_inputs))
         graph = cls._cache.get(key)
         if graph is None:
-            graph = cls(module, example_inputs)
+            graph = cls(module, example_inputs, identity_edges)
             cls._cache[key] = graph
             if len(cls._cache) > _CACHE_SIZE:
                 cls._cache.popitem(last=False)
@@ -186,7 +210,15 @@ class NetworkGraph:
     def layout(self) -> dict:
         """What a metanetwork must match to read this graph."""
         return {"node_dim": self.node_dim, "edge_types": list(self.edge_types),
-                "bn_slots": self.bn_slots, "bias_slots": self.bias_slots}
+                "bn_slots": self.bn_slots, "bias_slots": self.bias_slots,
+                "identity_edges": self.identity_edges}
+
+    def filled_node_columns(self) -> torch.Tensor:
+        """Bool [nodes, node_dim]: which node features hold a network tensor (the rest hold
+        the defaults of absent BN slots and biases)."""
+        filled = torch.zeros(self.num_nodes * self.node_dim, dtype=torch.bool)
+        filled[self._node_index] = True
+        return filled.view(self.num_nodes, self.node_dim)
 
     @property
     def num_edges(self) -> int:

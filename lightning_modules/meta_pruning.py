@@ -39,8 +39,9 @@ class MemberState:
 
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
-              device: torch.device | str = "cpu") -> "MemberState":
-        graph = NetworkGraph.from_module(network, example)
+              device: torch.device | str = "cpu", identity_edges: str = "diagonal"
+              ) -> "MemberState":
+        graph = NetworkGraph.from_module(network, example, identity_edges)
         work = copy.deepcopy(network).to(device).eval()
         with torch.enable_grad():  # torch_pruning traces dependencies with autograd
             pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
@@ -107,6 +108,10 @@ class MetaPruningModule(LightningModule):
         channel_gates, gate_floor: add one learned scale per channel, closed (exactly 0) once
             it falls below ``gate_floor`` (not in the reference; what lets the metanetwork zero
             channel groups at CPU scale, docs/meta_training.md).
+        message_passing: "paper" (the paper's layer exactly) or "joint" (ours: one aggregation
+            over both directions, docs/decisions.md).
+        identity_edges: how residual identities enter the graph: "diagonal" (one edge per
+            channel; the paper's ResNet-50) or "dense" (C x C edges; the paper's CIFAR ResNets).
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -117,6 +122,7 @@ class MetaPruningModule(LightningModule):
                  weight_decay: float = 5e-4, milestones: list[int] | None = None,
                  gamma: float = 0.1, zero_init_decoders: bool = True,
                  channel_gates: bool = False, gate_floor: float = 0.5,
+                 message_passing: str = "paper", identity_edges: str = "diagonal",
                  layout: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -131,14 +137,16 @@ class MetaPruningModule(LightningModule):
         hp = self.hparams
         self.metanetwork = Metanetwork.for_layout(
             layout, hp.num_layers, hp.hidden, hp.node_res_ratio, hp.edge_res_ratio,
-            hp.update_running_stats, hp.zero_init_decoders, hp.channel_gates, hp.gate_floor)
+            hp.update_running_stats, hp.zero_init_decoders, hp.channel_gates, hp.gate_floor,
+            hp.message_passing)
 
     def configure_model(self) -> None:
         if self.metanetwork is not None:
             return
         zoo = self.trainer.datamodule
         first = zoo.members[zoo.train_ids[0]]
-        layout = NetworkGraph.from_module(first.network, zoo.example_input()).layout
+        layout = NetworkGraph.from_module(first.network, zoo.example_input(),
+                                          self.hparams.identity_edges).layout
         self.hparams.layout = layout  # saved with every checkpoint
         self._build(layout)
 
@@ -147,7 +155,8 @@ class MetaPruningModule(LightningModule):
         if index not in self._members:
             zoo = self.trainer.datamodule
             state = MemberState.build(zoo.members[index].network, zoo.example_input(),
-                                      self.hparams.reg, self.hparams.alpha, self.device)
+                                      self.hparams.reg, self.hparams.alpha, self.device,
+                                      self.metanetwork.identity_edges)
             self.metanetwork.check_layout(state.graph)
             self._members[index] = state
         return self._members[index]

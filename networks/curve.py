@@ -1,7 +1,11 @@
 """Accuracy-vs-speed-up curves: prune a copy progressively, no finetuning, evaluate as it goes.
 
-Pure torch: the Lightning callback (callbacks/curve.py) and checkpoint selection
-(callbacks/selection.py) supply ``evaluate``.
+Each point can be evaluated after re-estimating the BatchNorm running statistics on a few
+training batches (adaptive BN, as EagleEye, Li et al., ECCV 2020): without it a pruned network's
+statistics describe channels that are gone and its accuracy falls to chance within a few steps,
+which says nothing about the capacity left (DESIGN section 9). Pure torch: the Lightning
+callback (callbacks/curve.py) and checkpoint selection (callbacks/selection.py) supply
+``evaluate`` and the calibration batches.
 """
 from __future__ import annotations
 
@@ -11,28 +15,83 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .pruning import _checked_counter, count_macs, count_params, magnitude_pruner
 
 Point = tuple[float, int, float]  # (speed-up, MACs, accuracy)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm of ``model`` on ``batches``.
+
+    The statistics are reset, then each batch goes forward once with the BN layers in train
+    mode and ``momentum=None``, so running_mean / running_var end as the plain average of the
+    per-batch mean / unbiased variance. Every other module stays in eval mode (dropout off: the
+    statistics are those of the network that will be evaluated) and no parameter changes.
+    Returns ``model`` in eval mode."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.eval()
+    if not norms or not batches:
+        return model
+    device = next(model.parameters()).device
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for x in batches:
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return model
+
+
+def calibration_batches(dataset: Dataset, count: int, batch_size: int,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """``count`` batches of ``batch_size`` images drawn once from ``dataset`` (a seeded random
+    sample without replacement, the dataset's own transforms applied under a fixed seed): the
+    same images for every point of a curve and every network compared."""
+    if count < 0 or batch_size < 1:
+        raise ValueError(f"calibration needs count >= 0 and batch_size >= 1, got {count} and "
+                         f"{batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(dataset), generator=generator)[:count * batch_size].tolist()
+    if count and not picked:
+        raise ValueError("no images to recalibrate BatchNorm on (empty training split)")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return [x for x, _ in DataLoader(Subset(dataset, picked), batch_size=batch_size)]
+
+
 def accuracy_curve(model: nn.Module, example: torch.Tensor, base_macs: int,
                    evaluate: Callable[[nn.Module], float], max_speed_up: float,
-                   iterative_steps: int = 200, every: int = 1) -> list[Point]:
+                   iterative_steps: int = 200, every: int = 1,
+                   calibration: Sequence[torch.Tensor] = ()) -> list[Point]:
     """Points ``(speed_up, macs, accuracy)`` of a copy of ``model`` pruned step by step with the
     criterion of :func:`networks.magnitude_pruner` (``model`` itself is untouched).
 
     The first point is the network as it is; then every ``every``-th step that removed
     something, and always the step that first reaches ``max_speed_up`` (the curve stops there,
     or after ``iterative_steps`` steps). Speed-ups strictly increase along the curve.
-    ``evaluate(model) -> float`` gets the pruned copy in eval mode.
+    ``evaluate(model) -> float`` gets the pruned copy in eval mode, its BatchNorm statistics
+    re-estimated on the ``calibration`` image batches first when any are given (the criterion
+    never reads running statistics, so this does not change what is pruned next).
     """
     if every < 1:
         raise ValueError(f"every={every} must be a positive number of steps")
+
+    def measure(work: nn.Module) -> float:
+        return float(evaluate(recalibrate_batchnorm(work, calibration)))
+
     work = copy.deepcopy(model).eval()
     macs = count_macs(work, example)
-    points = [(base_macs / macs, macs, float(evaluate(work)))]
+    points = [(base_macs / macs, macs, measure(work))]
     if points[0][0] >= max_speed_up:
         return points
     counter = _checked_counter(work, example, macs)
@@ -45,8 +104,7 @@ def accuracy_curve(model: nn.Module, example: torch.Tensor, base_macs: int,
         macs = counter(work, example)
         speed_up = base_macs / macs
         if step % every == 0 or speed_up >= max_speed_up:
-            work.eval()
-            points.append((speed_up, macs, float(evaluate(work))))
+            points.append((speed_up, macs, measure(work)))
         if speed_up >= max_speed_up:
             break
     return points

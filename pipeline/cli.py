@@ -30,6 +30,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "select": (_lazy("callbacks.selection", "add_select_arguments"),
                _lazy("callbacks.selection", "select_command"),
                "pick the best metanetwork checkpoint of a meta-training run by curve area"),
+    "import_paper": (_lazy("pipeline.import_paper", "add_import_paper_arguments"),
+                     _lazy("pipeline.import_paper", "import_paper_command"),
+                     "convert the paper's saved metanetwork into a checkpoint for run/select"),
     "demo": (_lazy("pipeline.demo", "add_demo_arguments"), _lazy("pipeline.demo", "demo_command"),
              "the whole pipeline on a built-in default: zoo, meta-train, select, prune 3 ways, table"),
 }

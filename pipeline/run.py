@@ -124,7 +124,7 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
                             f"has num_classes={classes}; use the config of the network's task")
     if metanetwork_path is not None:
         metanetwork = load_metanetwork(metanetwork_path)
-        graph = network_graph(network.eval(), example, source)
+        graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
     base, macs = base_macs(arch, example), networks.count_macs(network, example)
     target, current = p["speed_up"], base / macs

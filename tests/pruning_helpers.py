@@ -1,4 +1,4 @@
-"""Ways to prune test networks with torch_pruning (random channels, chosen widths)."""
+"""Test networks: random weights, and pruning with torch_pruning (random channels, chosen widths)."""
 from __future__ import annotations
 
 import torch
@@ -27,3 +27,20 @@ def prune_out_channels(model: nn.Module, example: torch.Tensor, layer: nn.Module
     group = dg.get_pruning_group(layer, fn, idxs=list(range(keep, width)))
     group.prune()
     return model
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every floating tensor random, BN running statistics included (all must survive), at
+    scales that keep deep networks finite."""
+    g = torch.Generator().manual_seed(seed)
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        noise = torch.rand(value.shape, generator=g, dtype=value.dtype)
+        if value.dim() > 1:  # conv/linear weights: keep the He-style scale of the init
+            value.mul_(0.5 + noise)
+        elif key.endswith("running_var") or key.endswith("weight"):
+            value.copy_(0.5 + noise)
+        else:
+            value.copy_(0.2 * (noise - 0.5))
+    return model.eval()

@@ -11,27 +11,10 @@ from torch_geometric.utils import scatter
 
 import networks
 from graph import Metanetwork, NetworkGraph, UnsupportedArchitectureError, edge_attr_key
-from pruning_helpers import prune_out_channels, random_prune
+from pruning_helpers import prune_out_channels, random_prune, randomize
 
 X32 = torch.randn(1, 3, 32, 32)
 X64 = torch.randn(1, 3, 64, 64)
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every floating tensor random, BN running statistics included (all must survive), at
-    scales that keep deep networks finite."""
-    g = torch.Generator().manual_seed(seed)
-    for key, value in model.state_dict().items():
-        if not value.is_floating_point():
-            continue
-        noise = torch.rand(value.shape, generator=g, dtype=value.dtype)
-        if value.dim() > 1:  # conv/linear weights: keep the He-style scale of the init
-            value.mul_(0.5 + noise)
-        elif key.endswith("running_var") or key.endswith("weight"):
-            value.copy_(0.5 + noise)
-        else:
-            value.copy_(0.2 * (noise - 0.5))
-    return model.eval()
 
 
 def _assert_round_trip(model: nn.Module, example: torch.Tensor) -> NetworkGraph:
@@ -57,7 +40,7 @@ def test_round_trip_is_bit_exact(name, example, kwargs, pruned):
     model = networks.build(name, 10, **kwargs)
     if pruned:
         random_prune(model, example, ratio=0.4, seed=hash(name) % 100)
-    _assert_round_trip(_randomize(model), example)
+    _assert_round_trip(randomize(model), example)
 
 
 def test_resnet56_with_equal_width_projection_and_class_width_hidden_layer():
@@ -67,7 +50,7 @@ def test_resnet56_with_equal_width_projection_and_class_width_hidden_layer():
     prune_out_channels(model, X32, model.layer1[3].conv1, keep=10)
     assert model.layer3[0].shortcut[0].in_channels == model.layer3[0].shortcut[0].out_channels
     assert model.layer1[3].conv1.out_channels == model.fc.out_features
-    graph = _assert_round_trip(_randomize(model), X32)
+    graph = _assert_round_trip(randomize(model), X32)
     _assert_same_function(model, graph, X32)
 
 
@@ -75,7 +58,7 @@ def _assert_same_function(model, graph, example):
     """A same-shaped network with other weights, given the decoded ones, computes the same."""
     rebuilt = networks.network_from_record(
         networks.network_record(model, {"name": "resnet56_cifar", "num_classes": 10}))
-    _randomize(rebuilt, seed=9)
+    randomize(rebuilt, seed=9)
     assert not torch.equal(rebuilt(example), model(example))
     decoded = graph.decode(graph.encode(model))
     rebuilt.load_state_dict(decoded, strict=False)
@@ -84,7 +67,7 @@ def _assert_same_function(model, graph, example):
 
 
 def test_decoded_weights_give_the_same_function():
-    model = _randomize(random_prune(networks.build("resnet56_cifar", 10), X32, 0.3, seed=3))
+    model = randomize(random_prune(networks.build("resnet56_cifar", 10), X32, 0.3, seed=3))
     graph = NetworkGraph.from_module(model, X32)
     _assert_same_function(model, graph, X32)
 
@@ -106,7 +89,7 @@ def test_grouped_and_depthwise_edges_stay_within_groups():
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
                           nn.Conv2d(6, 6, 3, groups=6, bias=True), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(6, 3))
-    graph = _assert_round_trip(_randomize(model), torch.randn(1, 4, 8, 8))
+    graph = _assert_round_trip(randomize(model), torch.randn(1, 4, 8, 8))
     blocks = {b.key: b for b in graph.blocks}
     assert blocks["0.weight"].shape == (2, 3, 2) and blocks["3.weight"].shape == (6, 1, 1)
     s, d = blocks["0.weight"].edge_index()
@@ -161,7 +144,8 @@ def test_loss_on_decoded_network_reaches_every_metanetwork_parameter():
 
 
 def _naive_metanetwork(meta: Metanetwork, data) -> dict:
-    """Per-edge message passing straight from DESIGN section 5 (the oracle for the block form)."""
+    """Per-edge message passing of our joint variant (the oracle for its block form; the
+    paper's layer has its own oracle in test_paper_layer.py)."""
     src, dst = data.edge_index
     n = data.x.shape[0]
     h = meta.node_encoder(data.x)
@@ -221,11 +205,11 @@ def _random_gates(meta: Metanetwork) -> None:
 def test_block_message_passing_equals_per_edge_message_passing(gates):
     torch.manual_seed(0)
     model = random_prune(networks.build("resnet20_cifar", 10, width=0.5), X32, 0.3, seed=0)
-    model = _randomize(model).double()
+    model = randomize(model).double()
     graph = NetworkGraph.from_module(model, X32.double())
     meta = Metanetwork.for_graph(graph, num_layers=3, hidden=16, node_res_ratio=1.0,
                                  edge_res_ratio=1.0, zero_init_decoders=False,
-                                 channel_gates=gates).double()
+                                 channel_gates=gates, message_passing="joint").double()
     if gates:
         _random_gates(meta)
     data = graph.encode(model)
@@ -238,7 +222,7 @@ def test_block_message_passing_equals_per_edge_message_passing(gates):
 
 
 def test_a_closed_channel_gate_zeroes_exactly_that_torch_pruning_group(monkeypatch):
-    model = _randomize(networks.build("resnet20_cifar", 10, width=0.5)).eval()
+    model = randomize(networks.build("resnet20_cifar", 10, width=0.5)).eval()
     graph = NetworkGraph.from_module(model, X32)
     meta = Metanetwork.for_graph(graph, num_layers=2, hidden=8, channel_gates=True)
     channel = graph.blocks[[b.key for b in graph.blocks].index("layer2.1.conv1.weight")].dst[0, 3]
@@ -274,12 +258,13 @@ def test_batch_of_widths_equals_one_by_one():
             torch.testing.assert_close(value, alone[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("message_passing", ["paper", "joint"])
 @pytest.mark.parametrize("gates", [False, True], ids=["additive", "channel_gates"])
-def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output(gates):
+def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output(gates, message_passing):
     torch.manual_seed(0)
-    model = _randomize(networks.build("resnet20_cifar", 10, width=0.5))
+    model = randomize(networks.build("resnet20_cifar", 10, width=0.5))
     perm = torch.randperm(model.layer2[1].conv1.out_channels)
-    permuted = _randomize(networks.build("resnet20_cifar", 10, width=0.5))
+    permuted = randomize(networks.build("resnet20_cifar", 10, width=0.5))
     permuted.load_state_dict(model.state_dict())
     block = permuted.layer2[1]
     with torch.no_grad():
@@ -291,7 +276,7 @@ def test_permuting_hidden_channels_permutes_nodes_and_metanetwork_output(gates):
     graph = NetworkGraph.from_module(model, X32)
     meta = Metanetwork.for_graph(graph, num_layers=2, hidden=16, node_res_ratio=1.0,
                                  edge_res_ratio=1.0, zero_init_decoders=False,
-                                 channel_gates=gates)
+                                 channel_gates=gates, message_passing=message_passing)
     if gates:
         _random_gates(meta)
     data, data_p = graph.encode(model), graph.encode(permuted)
