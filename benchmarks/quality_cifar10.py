@@ -1,18 +1,25 @@
-"""The paper's claim at CPU scale (issue 6): meta pruning against its baselines on CIFAR-10.
+"""The paper's claim at CPU scale (issues 6, 13): meta pruning against its baselines, paired.
 
     python benchmarks/quality_cifar10.py --data_root ../shared/data/cifar10-jpeg \
-        [--config benchmarks/quality_cifar10.yaml] [--out runs/quality_cifar10]
+        [--config benchmarks/quality_cifar10.yaml] [--out runs/quality_cifar10] \
+        [--zoo_seeds 0 1 2 3 4 5] [--target_seeds 100 101 102 103 104] [--speed_ups 2 3] \
+        [--meta_epochs 8] [--stage1_epochs 4] [--final_epochs 4]
 
-Runs ``prune.py demo`` with benchmarks/quality_cifar10.yaml (a zoo, meta-training, checkpoint
-selection on meta-val members, then every held-out network pruned by every method to every
-speed-up; the choices are written in that file). Every cell is a ``prune.py run`` folder with its
+Runs ``prune.py demo`` with the config (a zoo, meta-training, checkpoint selection on meta-val
+members, then every held-out network pruned by every method to every speed-up; the choices
+are written in the config, the command-line options override them and the composed config is
+kept as ``<out>/benchmark.yaml``). Every cell is a ``prune.py run`` folder with its
 ``report.json``, so an interrupted benchmark continues where it stopped and a finished cell is
-never recomputed. Then it writes, under ``--out``:
+never recomputed. Then it writes, under ``--out``, ``quality.md`` with
 
-* ``quality.md``: test accuracy mean +- std over the held-out networks per method and speed-up,
-  with val accuracy, MACs and parameters (and the per-network table);
-* ``curves/curve.png`` + ``curve.csv``: the acc-vs-speed-up curves (pruning without finetuning,
-  val split) of the first held-out network after each method's stage 1, on one plot.
+* per network and method: the area under the stage-1 network's val accuracy-vs-speed-up curve
+  over ``prune.curve_range`` (pruning without finetuning, BN statistics re-estimated at every
+  point: the direct measure of "easier to prune") and the final test accuracy at each speed-up;
+* paired differences (metanetwork - none, metanetwork - sparse, sparse - none) on both, with
+  the mean and a 95% confidence interval over the networks (``pipeline.paired``);
+* the time each method costs per pruned network, and the one-time cost of the zoo and
+  meta-training;
+* ``stage1_curves.png``: the stage-1 curves of the first held-out network, one per method.
 
 Nothing here is selected on test data: the metanetwork checkpoint comes from ``select`` (val
 curve area of meta-val members), all budgets are fixed in the config.
@@ -27,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +43,7 @@ import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline import run as pipeline_run  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
+from pipeline.paired import paired_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,24 +75,60 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def stage_one_curves(out: Path, cfg: dict, data_root: str) -> Path:
-    """Acc-vs-speed-up curves of the first held-out network after each method's stage 1."""
-    seed = cfg["demo"]["target_seeds"][0]
-    speed_up = cfg["demo"]["speed_ups"][0]
-    files, labels = [], []
-    for method in cfg["demo"]["methods"]:
-        run = out / "prune" / pipeline_demo.run_key(seed, speed_up, method)
-        files.append(str(run / pipeline_run.FIRST_STAGE[method] / "network.pt"))
-        labels.append(f"{method} (after {pipeline_run.FIRST_STAGE[method]})")
-    curves = out / "curves"
-    if (curves / "curve.png").is_file():
-        return curves
-    data = cfg["data"]
-    prune.main(["curve", "--network", *files, "--labels", *labels, "--data_root", data_root,
-                "--subset", str(data["subset"]), "--max_speed_up", str(1.5 * max(cfg["demo"]["speed_ups"])),
-                "--every", "5", "--out", str(curves),
-                "--title", f"seed {seed}: val accuracy vs speed-up, no finetuning"])
-    return curves
+def per_network_table(values: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per (measure, network), one column per method (percent)."""
+    methods = sorted({m for per in values.values() for m in per})
+    lines = ["| measure | network | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for measure, per in values.items():
+        for net in sorted({n for v in per.values() for n in v}):
+            cells = [f"{100 * per[m][net]:.2f}" if net in per.get(m, {}) else "-" for m in methods]
+            lines.append(f"| {measure} | {net} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(reports: dict[str, dict], seconds: dict[str, float]) -> str:
+    """Wall time per pruned network and method (stage 1 counted once per network), and the
+    one-time costs the metanetwork amortises."""
+    per: dict[str, dict[str, float]] = {}
+    for key, r in reports.items():
+        network = pipeline_demo.network_of(key)
+        per.setdefault(r["method"], {}).setdefault(network, 0.0)
+        per[r["method"]][network] += r["time_s"]
+    lines = ["| method | seconds per network (all targets, mean) |", "|---|---|"]
+    lines += [f"| {m} | {statistics.fmean(v.values()):.0f} |" for m, v in sorted(per.items())]
+    once = {k: v for k, v in seconds.items() if k.startswith(("zoo ", "meta", "select"))}
+    lines.append(f"\nOne-time (metanetwork only): zoo {sum(v for k, v in once.items() if k.startswith('zoo')):.0f} s, "
+                 f"meta-training {once.get('meta-train', 0):.0f} s, selection {once.get('select', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def compose_config(args: argparse.Namespace, out: Path) -> Path:
+    """The benchmark config with the command-line overrides, written to ``<out>/benchmark.yaml``
+    (stage-config paths made absolute, since they are relative to the original file)."""
+    path = Path(args.config).resolve()
+    cfg = yaml.safe_load(path.read_text())
+    demo = cfg["demo"]
+    demo["configs"] = {k: str((path.parent / v).resolve()) for k, v in demo["configs"].items()}
+    for key in ("zoo_seeds", "target_seeds", "speed_ups"):
+        if getattr(args, key) is not None:
+            demo[key] = getattr(args, key)
+    epochs = {("meta", "trainer"): args.meta_epochs,
+              ("prune", "finetune", "trainer"): args.stage1_epochs,
+              ("prune", "final", "trainer"): args.final_epochs}
+    for keys, value in epochs.items():
+        if value is not None:
+            node = cfg
+            for key in keys:
+                if not isinstance(node.get(key), dict):
+                    node[key] = {}
+                node = node[key]
+            node["max_epochs"] = value
+    composed = out / "benchmark.yaml"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if not composed.is_file() or composed.read_text() != text:
+        atomic_write(composed, lambda tmp: Path(tmp).write_text(text))
+    return composed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,24 +136,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
     parser.add_argument("--config", default=str(HERE / "quality_cifar10.yaml"))
     parser.add_argument("--out", default="runs/quality_cifar10")
+    parser.add_argument("--zoo_seeds", type=int, nargs="+", help="meta-training zoo seeds")
+    parser.add_argument("--target_seeds", type=int, nargs="+", help="held-out networks' seeds")
+    parser.add_argument("--speed_ups", type=float, nargs="+", help="targets, e.g. 2 3")
+    parser.add_argument("--meta_epochs", type=int, help="meta-training epochs")
+    parser.add_argument("--stage1_epochs", type=int, help="epochs of each method's stage 1")
+    parser.add_argument("--final_epochs", type=int, help="finetune epochs after pruning")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out).resolve()
-    status = prune.main(["demo", "--config", args.config, "--data_root", args.data_root,
+    config = compose_config(args, out)
+    status = prune.main(["demo", "--config", str(config), "--data_root", args.data_root,
                          "--out", str(out)])
     if status:
         return status
-    cfg = pipeline_demo.load_demo_config(args.config)
+    cfg = pipeline_demo.load_demo_config(config)
     results = json.loads((out / pipeline_demo.RESULTS).read_text())
     reports = {k: json.loads(Path(p).read_text()) for k, p in results["reports"].items()}
-    curves = stage_one_curves(out, cfg, str(Path(args.data_root).resolve()))
+    values = pipeline_demo.measures(reports)
+    curves = pipeline_demo.stage1_overlay(out, cfg["demo"], reports)
     text = (f"# quality_cifar10: {len(cfg['demo']['target_seeds'])} held-out networks x "
             f"{len(cfg['demo']['methods'])} methods x {len(cfg['demo']['speed_ups'])} speed-ups\n\n"
-            f"Test accuracy after pruning and finetuning, mean +- std over the held-out networks "
-            f"(seeds {cfg['demo']['target_seeds']}); metanetwork checkpoint "
-            f"{Path(results['metanetwork']).name} chosen by `select` on meta-val data.\n\n"
-            f"{summary_table(reports)}\n\nPer network:\n\n{results['table']}\n\n"
-            f"Curves: {curves / 'curve.png'}\n\nCompute when first run: {results['total_s']:.0f} s "
+            f"Held-out networks (seeds {cfg['demo']['target_seeds']}), never meta-trained on; "
+            f"metanetwork checkpoint {Path(results['metanetwork']).name} chosen by `select` on "
+            f"meta-val data. Config: {config}\n\n"
+            f"## Paired differences (first - second, percentage points)\n\n"
+            f"{paired_table(pipeline_demo.paired_differences(values))}\n\n"
+            f"## Per network (%)\n\n{per_network_table(values)}\n\n"
+            f"## Mean +- std per method\n\n{summary_table(reports)}\n\n"
+            f"## Cost\n\n{cost_table(reports, results['seconds'])}\n\n"
+            f"Curves: {curves}\n\nCompute when first run: {results['total_s']:.0f} s "
             f"({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())})\n")
     atomic_write(out / "quality.md", lambda tmp: Path(tmp).write_text(text))
     print(text)

@@ -1,7 +1,8 @@
 """Accuracy-vs-speed-up curves as a Lightning callback and as ``python prune.py curve``.
 
 The curve (``networks.accuracy_curve``) prunes a copy of the network progressively without
-finetuning and records val accuracy at each speed-up. Outputs: ``curve.csv``, ``curve.png``
+finetuning and records val accuracy at each speed-up, each point after re-estimating the BN
+running statistics on ``bn_batches`` training batches (0: the raw curve). Outputs: ``curve.csv``, ``curve.png``
 (written atomically), TensorBoard scalars (x = speed-up in hundredths, as the step) and a figure.
 """
 from __future__ import annotations
@@ -82,6 +83,29 @@ def evaluator(loader, device: torch.device | str):
     return lambda model: networks.accuracy(model, loader, device)
 
 
+# Adaptive BN before every curve point (networks.recalibrate_batchnorm): 8 batches of 128
+# training images re-estimate a small network's statistics (docs/pruning.md has the measured
+# effect); 0 gives the raw curve.
+BN_BATCHES, BN_BATCH_SIZE = 8, 128
+
+
+def calibration(datamodule, count: int = BN_BATCHES,
+                batch_size: int = BN_BATCH_SIZE) -> list[torch.Tensor]:
+    """``count`` fixed batches of the datamodule's training images for BN recalibration."""
+    if getattr(datamodule, "train_set", None) is None:
+        datamodule.setup("validate")  # builds the train and val splits, never the test split
+    return networks.calibration_batches(datamodule.train_set, count, batch_size)
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bn_batches", type=int, default=BN_BATCHES,
+                        help="re-estimate BN statistics on this many training batches before "
+                             f"every curve point (default {BN_BATCHES}; 0: raw curve, statistics "
+                             "as pruned)")
+    parser.add_argument("--bn_batch_size", type=int, default=BN_BATCH_SIZE,
+                        help=f"images per recalibration batch (default {BN_BATCH_SIZE})")
+
+
 class AccuracyCurve(Callback):
     """At the end of fit (or test), the acc-vs-speed-up curve of ``pl_module.network`` on the
     datamodule's val split; logged to TensorBoard and saved as ``curve.csv``/``curve.png`` in
@@ -92,17 +116,20 @@ class AccuracyCurve(Callback):
         iterative_steps, every: pruning steps, and evaluate every ``every``-th step.
         input_size: ``[C, H, W]`` of one image, for MAC counting.
         stage: ``"fit"`` or ``"test"``: which end triggers the curve.
+        bn_batches, bn_batch_size: BN recalibration before every point (0 batches: raw).
     """
 
     def __init__(self, max_speed_up: float = 4.0, iterative_steps: int = 200, every: int = 1,
                  input_size: Sequence[int] = (3, 32, 32), stage: str = "fit",
-                 out_dir: str | None = None) -> None:
+                 out_dir: str | None = None, bn_batches: int = BN_BATCHES,
+                 bn_batch_size: int = BN_BATCH_SIZE) -> None:
         if stage not in ("fit", "test"):
             raise ValueError(f"stage={stage!r} must be 'fit' or 'test'")
         self.max_speed_up, self.iterative_steps, self.every = max_speed_up, iterative_steps, every
         self.input_size = [int(s) for s in input_size]
         example_input(self.input_size)
         self.stage, self.out_dir = stage, out_dir
+        self.bn_batches, self.bn_batch_size = bn_batches, bn_batch_size
         self.points: list[tuple[float, int, float]] | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -127,7 +154,8 @@ class AccuracyCurve(Callback):
             self.points = networks.accuracy_curve(
                 network, example.to(device), base_macs(pl_module.arch, example),
                 evaluator(dm.val_dataloader(), device), self.max_speed_up,
-                self.iterative_steps, self.every)
+                self.iterative_steps, self.every,
+                calibration(dm, self.bn_batches, self.bn_batch_size))
         finally:
             network.train(was_training)
         out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
@@ -157,6 +185,7 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--title", default=None, help="plot title")
+    add_calibration_arguments(parser)
 
 
 def curve_command(args: argparse.Namespace) -> int:
@@ -176,12 +205,13 @@ def curve_command(args: argparse.Namespace) -> int:
                          subset=args.subset, seed=args.seed)
     dm.setup("validate")
     example = dm.val_set[0][0].unsqueeze(0)
+    batches = calibration(dm, args.bn_batches, args.bn_batch_size)
     curves: Curves = {}
     for label, (network, record) in zip(labels, loaded):
         curves[label] = networks.accuracy_curve(
             network.eval(), example, base_macs(record["arch"], example),
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
-            args.every)
+            args.every, batches)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     csv_path, png_path = save_curves(curves, out, args.title)
     for label, points in curves.items():

@@ -3,7 +3,8 @@
 Replaces the reference's manual search over epochs. For every candidate checkpoint of a
 meta-training run, each meta-val zoo member (held out from meta-training) goes through the
 metanetwork, gets a short finetune on the image train split, and its acc-vs-speed-up curve is
-computed on the val split (never the test split). Score = mean over members of the curve's
+computed on the val split (never the test split), every point after re-estimating the BN
+statistics on ``--bn_batches`` training batches. Score = mean over members of the curve's
 mean accuracy over ``--speed_up_range`` (``networks.curve_area``). The identity (no
 metanetwork, same finetune) is scored too, as a reference row; it is never selected.
 
@@ -31,7 +32,8 @@ import networks
 from graph import Metanetwork
 from networks import CheckpointError
 
-from .curve import write_bytes, curves_csv, evaluator, save_figure
+from .curve import (add_calibration_arguments, calibration, curves_csv, evaluator, save_figure,
+                    write_bytes)
 from .feedforward import feedforward, load_metanetwork
 from .pruning import base_macs
 
@@ -158,6 +160,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoo_dir", default=None, help="overrides data.init_args.zoo")
     parser.add_argument("--data_root", default=None, help="overrides the image data root")
     parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
+    add_calibration_arguments(parser)
 
 
 def select_command(args: argparse.Namespace) -> int:
@@ -176,6 +179,7 @@ def select_command(args: argparse.Namespace) -> int:
         member = dm.members[i]
         members.append((i, member.network, base_macs(member.record["arch"], example)))
     evaluate = evaluator(dm.images.val_dataloader(), device)
+    batches = calibration(dm.images, args.bn_batches, args.bn_batch_size)
     rows, curves, mean_curves = [], {}, {}
     for name, meta in [(IDENTITY, None), *metas.items()]:
         label = (str(Path(name).relative_to(run)) if meta is not None and run in Path(name).parents
@@ -187,7 +191,7 @@ def select_command(args: argparse.Namespace) -> int:
             finetune(model, dm.images.train_dataloader(), args.finetune_steps, args.finetune_lr,
                      device)
             points = networks.accuracy_curve(model, example.to(device), base, evaluate, hi,
-                                             args.iterative_steps, args.every)
+                                             args.iterative_steps, args.every, batches)
             curves[f"{label} member{i}"] = points
             mine.append(points)
             areas.append(networks.curve_area(points, lo, hi))

@@ -109,6 +109,32 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _GroupNormPruner(tp.pruner.GroupNormPruner):
+    """torch_pruning's GroupNormPruner whose ``regularize`` leaves out groups whose channels all
+    have the same importance (in practice a layer pruned down to one channel).
+
+    DepGraph's adaptive strength ``alpha ** ((max - imp) / (max - min))`` is 0/0 there, and the
+    library then adds NaN to the gradients of every layer of the group (seen on a zoo member
+    whose initial prune left one channel). Such a group's channels cannot be ranked, and a last
+    channel is never pruned, so it gets no pull. The library skips a group whose importance
+    has a NaN, which is how the group is left out; pruning itself ranks as before."""
+
+    _regularizing = False
+
+    def regularize(self, model: nn.Module, alpha: float = 2 ** 4, bias: bool = False) -> None:
+        self._regularizing = True
+        try:
+            super().regularize(model, alpha=alpha, bias=bias)
+        finally:
+            self._regularizing = False
+
+    def estimate_importance(self, group) -> torch.Tensor | None:
+        imp = super().estimate_importance(group)
+        if self._regularizing and imp is not None and bool(imp.max() == imp.min()):
+            return torch.full_like(imp, float("nan"))
+        return imp
+
+
 def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
                      reg: float = 1e-4, alpha: float = 4.0) -> tp.pruner.GroupNormPruner:
     """The pruning criterion of DESIGN section 7: global group-L2 magnitude (mean over a group,
@@ -117,7 +143,7 @@ def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
     ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training)."""
     importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean",
                                                         normalizer="max")
-    return tp.pruner.GroupNormPruner(
+    return _GroupNormPruner(
         model, example_inputs, importance=importance, reg=reg, alpha=alpha, global_pruning=True,
         pruning_ratio=1.0, iterative_steps=iterative_steps,
         ignored_layers=[classifier_layer(model, example_inputs)])

@@ -17,7 +17,8 @@ import yaml
 
 from .common import atomic_write, deep_merge, fit_stage, is_rank_zero, read_yaml_config, write_json
 from .cli import main
-from .run import METHODS, REPORT
+from .paired import PairedDifference, paired, paired_table
+from .run import FIRST_STAGE, METHODS, REPORT
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
 DEMO_SECTIONS = ("demo", "data", "zoo", "meta", "prune", "select", "fast")
@@ -131,6 +132,57 @@ def run_key(seed: int, speed_up: float, method: str) -> str:
     return f"seed{int(seed)}/{float(speed_up):g}x/{method}"
 
 
+def network_of(key: str) -> str:
+    """``seed<N>`` of a run key ``seed<N>/<S>x/<method>``."""
+    return key.split("/")[0]
+
+
+# The comparisons the demo and the quality benchmark report: (first, second) -> first - second.
+PAIRS = (("metanetwork", "none"), ("metanetwork", "sparse"), ("sparse", "none"))
+
+
+def measures(reports: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{measure: {method: {network: value}}}`` of run reports keyed by ``run_key``: the
+    stage-1 curve area (one per network and method: stage 1 does not depend on the target) and
+    the final test accuracy per target."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, r in sorted(reports.items()):
+        lo, hi = r["stage1_curve"]["range"]
+        area = f"stage-1 curve area {lo:g}-{hi:g}x"
+        out.setdefault(area, {}).setdefault(r["method"], {})[network_of(key)] = \
+            r["stage1_curve"]["area"]
+        final = f"test acc at {r['speed_up']['target']:g}x"
+        out.setdefault(final, {}).setdefault(r["method"], {})[network_of(key)] = \
+            r["accuracy"]["final"]["test"]
+    return out
+
+
+def paired_differences(values: dict[str, dict[str, dict[str, float]]]) -> list[PairedDifference]:
+    """Every pair of ``PAIRS`` on every measure both methods have."""
+    return [paired(per, a, b, measure) for measure, per in values.items()
+            for a, b in PAIRS if a in per and b in per]
+
+
+def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
+    """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
+    BN recalibrated) of the first held-out network, one per method, on one plot."""
+    import csv
+
+    from callbacks.curve import save_figure
+
+    path, seed, curves = out / "stage1_curves.png", demo["target_seeds"][0], {}
+    if path.is_file():  # stage 1 of a network is computed once: so is its plot
+        return path
+    for method in demo["methods"]:
+        key = run_key(seed, demo["speed_ups"][0], method)
+        with open(out / "prune" / key / reports[key]["stage1_curve"]["csv"]) as f:
+            curves[f"{method} (after {FIRST_STAGE[method]})"] = [
+                (float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
+                for r in csv.DictReader(f)]
+    return save_figure(curves, path,
+                       f"seed {seed} after stage 1: val accuracy vs speed-up, no finetuning")
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_root", default=None,
                         help=f"CIFAR-10 (ImageFolder train/ test/, or torchvision's folder); default "
@@ -234,6 +286,8 @@ def demo_command(args: argparse.Namespace) -> int:
                 first = first or run_out
 
     table = demo_table(reports)
+    differences = paired_table(paired_differences(measures(reports)))
+    overlay = stage1_overlay(out, demo, reports)
     total = time.perf_counter() - t0
     # Seconds per stage as first computed (a rerun's skips do not overwrite them); the result
     # files are rewritten only when their content changes, so a finished demo's rerun writes nothing.
@@ -246,16 +300,19 @@ def demo_command(args: argparse.Namespace) -> int:
                "seconds": seconds, "total_s": round(sum(seconds.values()), 1)}
     if old != json.loads(json.dumps(results)):
         write_json(out / RESULTS, results)
-    if not (out / "results.md").is_file() or (out / "results.md").read_text() != table + "\n":
-        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    text = f"{table}\n\nPaired differences (first - second, percentage points):\n\n{differences}\n"
+    if not (out / "results.md").is_file() or (out / "results.md").read_text() != text:
+        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     arch = next(iter(reports.values()))["architecture"]
     print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {list(targets)} (held out "
           f"of the zoo of seeds {list(demo['zoo_seeds'])}), methods {list(demo['methods'])} at "
           f"{', '.join(f'{float(s):g}x' for s in demo['speed_ups'])}, same finetune budgets\n")
     print(table)
+    print(f"\npaired differences (first - second, percentage points; the stage-1 curve area is "
+          f"the mean val accuracy over the range, pruned without finetuning):\n{differences}")
     where = f"{out / 'prune'}/seed<N>/<S>x/<method>"
     print(f"\nreports:     {where}/report.json   (table: {out / 'results.md'})")
-    print(f"plots:       {where}/curve.png, {selection / 'selection.png'}")
+    print(f"plots:       {overlay}, {where}/curve.png, {selection / 'selection.png'}")
     print(f"tensorboard: tensorboard --logdir {out}")
     print(f"networks:    {where}/network.pt (+ .pt2), metanetwork {best}")
     print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "

@@ -21,7 +21,8 @@ from .common import (atomic_write, deep_merge, fit_stage, is_rank_zero, read_yam
                      wait_for, write_json)
 
 RUN_SECTIONS = ("prune", "base", "finetune", "final")
-RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed"}
+RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
+            "bn_batches", "bn_batch_size", "curve_range"}
 METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -55,7 +56,8 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if unknown:
         raise PruneRunError(f"{where}: unknown prune keys {unknown}; allowed: {sorted(RUN_KEYS)}")
     defaults = {"dir": f"runs/prune/{path.parent.name}", "iterative_steps": 200,
-                "input_size": [3, 32, 32], "reg": 5e-4, "alpha": 4.0, "seed": 0}
+                "input_size": [3, 32, 32], "reg": 5e-4, "alpha": 4.0, "seed": 0,
+                "bn_batches": 8, "bn_batch_size": 128, "curve_range": [2.0, 3.0]}
     for key, value in defaults.items():
         prune.setdefault(key, value)
     for key, value in (("speed_up", speed_up), ("seed", seed)):
@@ -64,6 +66,10 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if prune.get("speed_up") is None:
         raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
     prune["speed_up"], prune["seed"] = float(prune["speed_up"]), int(prune["seed"])
+    lo_hi = prune["curve_range"]
+    if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and 1.0 <= float(lo_hi[0]) < float(lo_hi[1])):
+        raise PruneRunError(f"{where}: prune.curve_range {lo_hi!r} must be [LO, HI] with "
+                            "1 <= LO < HI, e.g. [2.0, 3.0]")
     if data_root is not None:
         cfg["base"]["data"].setdefault("init_args", {})["root"] = data_root
     return cfg
@@ -191,7 +197,8 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
     if not (source / stage / "network.pt").is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
                             f"({stage}/network.pt is missing); finish that run first")
-    for name in ("feedforward.pt", "network.pt"):  # network.pt last: it marks stage 1 done
+    # network.pt last: it marks stage 1 done
+    for name in ("curve.csv", "curve.png", "feedforward.pt", "network.pt"):
         if (source / stage / name).is_file():
             data = (source / stage / name).read_bytes()
             atomic_write(out / stage / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
@@ -246,23 +253,30 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
     return results
 
 
-def final_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
-                max_speed_up: float, steps: int, out: Path) -> bool:
-    """``curve.png``/``curve.csv``: val accuracy of the final network pruned further without
-    finetuning (callbacks/curve.py), up to ``max_speed_up``. False when that module is absent."""
-    try:
-        from callbacks.curve import evaluator, save_curves
-        from networks import accuracy_curve
-    except ImportError:
-        return False
-    cli = get_cli()
-    cli.datamodule.setup("validate")
-    device = cli.trainer.strategy.root_device
+def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
+                  max_speed_up: float, p: dict, out: Path, label: str) -> list:
+    """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
+    pruned progressively without finetuning, up to ``max_speed_up``, each point after BN
+    recalibration on ``prune.bn_batches`` training batches (callbacks/curve.py)."""
+    import csv
+
+    from callbacks.curve import calibration, evaluator, save_curves
+    from networks import accuracy_curve
+
+    if (out / "curve.csv").is_file() and (out / "curve.png").is_file():
+        with open(out / "curve.csv") as f:
+            return [(float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
+                    for r in csv.DictReader(f)]
+    dm = get_cli().datamodule
+    dm.setup("validate")
+    device = get_cli().trainer.strategy.root_device
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
-                            evaluator(cli.datamodule.val_dataloader(), device), max_speed_up,
-                            steps)
-    save_curves({"final network, no finetuning": points}, out)
-    return True
+                            evaluator(dm.val_dataloader(), device), max_speed_up,
+                            int(p["iterative_steps"]),
+                            calibration=calibration(dm, int(p["bn_batches"]), int(p["bn_batch_size"])))
+    save_curves({label: points}, out, f"{label} (BN recalibrated on {p['bn_batches']} batches)"
+                if p["bn_batches"] else label)
+    return points
 
 
 def export_program(network: Any, example: Any, path: Path) -> Path:
@@ -274,31 +288,6 @@ def export_program(network: Any, example: Any, path: Path) -> Path:
     program = torch.export.export(network.eval(), (example.repeat(2, 1, 1, 1),),
                                   dynamic_shapes=({0: batch},))
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-
-
-def plot_stages(path: Path, accuracy: dict, macs: dict, title: str) -> Path:
-    """Fallback plot: val/test accuracy of each stage's network against its MACs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [n for n in accuracy if accuracy[n]]
-    for split, marker in (("val_acc", "o"), ("test_acc", "s")):
-        xs = [macs[n] / 1e6 for n in names]
-        ys = [100 * accuracy[n][split] for n in names]
-        ax.plot(xs, ys, marker=marker, label=split.replace("_acc", ""))
-        for x, y, n in zip(xs, ys, names):
-            ax.annotate(n, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("MMACs")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -393,14 +382,13 @@ def run_command(args: argparse.Namespace) -> int:
         export_program(network, example, out / "network.pt2")
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
-    curve_done = (out / "curve.png").is_file() or final_curve(
-        get_cli, copy.deepcopy(network), example, info["base_macs"], 2 * p["speed_up"],
-        int(p["iterative_steps"]), out)
-    if not curve_done:
-        stage_macs = {"original": info["macs"], "feedforward": info["macs"],
-                      "finetuned": info["macs"], "pruned": macs, "final": macs}
-        plot_stages(out / "curve.png", {k: acc.get(k) for k in stage_macs}, stage_macs,
-                    f"{arch['name']} {args.method}: {reached:.2f}x (target {p['speed_up']:g}x)")
+    network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
+                  2 * p["speed_up"], p, out, f"{args.method}: final network, no finetuning")
+    # "Easier to prune": the stage-1 network's curve over prune.curve_range (DESIGN section 9).
+    lo, hi = (float(v) for v in p["curve_range"])
+    stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
+                                  info["base_macs"], hi, p, out / first,
+                                  f"{args.method}: after stage 1, no finetuning")
     report = {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
@@ -409,10 +397,12 @@ def run_command(args: argparse.Namespace) -> int:
         "macs": {"unpruned": info["base_macs"], "before": info["macs"], "after": macs},
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
+        "stage1_curve": {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
+                         "bn_batches": int(p["bn_batches"]), "csv": f"{first}/curve.csv"},
         "seeds": {"seed_everything": p["seed"],
                   "data_split": (cfg["base"]["data"].get("init_args") or {}).get("seed")},
         "files": {"network": "network.pt", "exported": "network.pt2", "curve": "curve.png",
-                  "curve_csv": "curve.csv" if (out / "curve.csv").is_file() else None,
+                  "curve_csv": "curve.csv", "stage1_curve": f"{first}/curve.png",
                   "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
         "config": {"prune": p, "stages": {first: stage1, SECOND_STAGE: stage2}},
         "time_s": time.perf_counter() - t0,

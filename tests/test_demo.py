@@ -99,7 +99,12 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
     meta = json.loads((out / "prune" / pipeline_demo.run_key(100, 2.0, "metanetwork")
                        / "report.json").read_text())["metanetwork"]
     assert meta == str(out / "meta" / "selection" / "best.ckpt")
-    assert (out / "results.md").read_text().strip() == table
+    text = (out / "results.md").read_text()
+    assert text.startswith(table + "\n\nPaired differences")
+    for measure in ("stage-1 curve area 2-3x", "test acc at 2x", "test acc at 2.5x"):
+        for first, second in pipeline_demo.PAIRS:
+            assert f"| {measure} | {first} - {second} | 1 |" in text
+    assert (out / "stage1_curves.png").is_file()
 
 
 def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.MonkeyPatch,

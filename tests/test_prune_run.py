@@ -131,6 +131,25 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
     assert not list(out.rglob("*.tmp")) and not list(out.glob(".*"))
 
 
+@pytest.mark.parametrize("method", pipeline_run.METHODS)
+def test_stage1_curve_starts_at_the_stage1_network_and_its_area_is_reported(
+        runs: dict[str, Path], method: str) -> None:
+    import csv
+
+    report = json.loads((runs[method] / "report.json").read_text())
+    first = runs[method] / pipeline_run.FIRST_STAGE[method]
+    with open(first / "curve.csv") as f:
+        points = [(float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
+                  for r in csv.DictReader(f)]
+    network = networks.load_network(first / "network.pt")[0]
+    assert points[0][1] == networks.count_macs(network, X32)  # the curve starts unpruned
+    assert [p[0] for p in points] == sorted(p[0] for p in points)
+    curve = report["stage1_curve"]
+    assert curve["range"] == [2.0, 3.0] and curve["bn_batches"] == 8
+    assert curve["area"] == pytest.approx(networks.curve_area(points, 2.0, 3.0), abs=1e-5)  # csv: 6 digits
+    assert (first / "curve.png").is_file()
+
+
 def test_metanetwork_changed_the_weights(runs: dict[str, Path], setup: dict) -> None:
     first = runs["metanetwork"] / pipeline_run.FIRST_STAGE["metanetwork"]
     fed, _ = networks.load_network(first / "feedforward.pt")

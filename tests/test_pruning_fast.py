@@ -130,3 +130,37 @@ def test_falls_back_to_torch_pruning_when_the_forward_needs_a_real_batch():
     plain_loop(ref, x, 1.5, base, 20)
     networks.prune_to_speed_up(model, x, 1.5, base, iterative_steps=20)
     assert widths(model) == widths(ref)
+
+
+def test_regularize_leaves_out_a_one_channel_group_and_matches_torch_pruning_elsewhere():
+    """DepGraph's strength alpha ** ((max - imp) / (max - min)) is 0/0 for a layer pruned to one
+    channel; torch_pruning then writes NaN into the gradients. Ours leaves that group out and
+    adds exactly the library's gradient everywhere else."""
+    import torch_pruning as tp
+
+    from pruning_helpers import prune_out_channels, randomize
+
+    torch.manual_seed(0)
+    model = networks.build("resnet20_cifar", 10, width=0.5)
+    prune_out_channels(model, X32, model.layer1[0].conv1, keep=1)
+    model = randomize(model)
+    grads = {}
+    for name, make in (("ours", networks.magnitude_pruner),
+                       ("library", lambda m, x, **kw: tp.pruner.GroupNormPruner(
+                           m, x, importance=tp.importance.GroupMagnitudeImportance(
+                               p=2, group_reduction="mean", normalizer="max"),
+                           global_pruning=True, pruning_ratio=1.0, iterative_steps=200,
+                           ignored_layers=[networks.classifier_layer(m, x)], **kw))):
+        work = copy.deepcopy(model)
+        pruner = make(work, X32, reg=1e-3, alpha=16.0)
+        for p in work.parameters():
+            p.grad = torch.zeros_like(p)
+        pruner.regularize(work, alpha=16.0, bias=False)
+        grads[name] = {k: p.grad for k, p in work.named_parameters()}
+    broken = {k for k, g in grads["library"].items() if not torch.isfinite(g).all()}
+    assert broken == {"layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv2.weight"}
+    for key, g in grads["ours"].items():
+        if key in broken:
+            assert torch.isfinite(g).all(), key
+        else:
+            assert torch.equal(g, grads["library"][key]), key
