@@ -22,7 +22,7 @@ from .common import (atomic_write, deep_merge, fit_stage, is_rank_zero, read_yam
 
 RUN_SECTIONS = ("prune", "base", "finetune", "final")
 RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
-            "bn_batches", "bn_batch_size", "curve_range"}
+            "bn_batches", "bn_batch_size", "curve_range", "curve_every"}
 METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -57,7 +57,8 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
         raise PruneRunError(f"{where}: unknown prune keys {unknown}; allowed: {sorted(RUN_KEYS)}")
     defaults = {"dir": f"runs/prune/{path.parent.name}", "iterative_steps": 200,
                 "input_size": [3, 32, 32], "reg": 5e-4, "alpha": 4.0, "seed": 0,
-                "bn_batches": 8, "bn_batch_size": 128, "curve_range": [2.0, 3.0]}
+                "bn_batches": 8, "bn_batch_size": 128, "curve_range": [2.0, 3.0],
+                "curve_every": 5}
     for key, value in defaults.items():
         prune.setdefault(key, value)
     for key, value in (("speed_up", speed_up), ("seed", seed)):
@@ -256,8 +257,9 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
 def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
                   max_speed_up: float, p: dict, out: Path, label: str) -> list:
     """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
-    pruned progressively without finetuning, up to ``max_speed_up``, each point after BN
-    recalibration on ``prune.bn_batches`` training batches (callbacks/curve.py)."""
+    pruned progressively without finetuning, up to ``max_speed_up``, every
+    ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
+    batches (callbacks/curve.py)."""
     import csv
 
     from callbacks.curve import calibration, evaluator, save_curves
@@ -272,8 +274,8 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     device = get_cli().trainer.strategy.root_device
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
                             evaluator(dm.val_dataloader(), device), max_speed_up,
-                            int(p["iterative_steps"]),
-                            calibration=calibration(dm, int(p["bn_batches"]), int(p["bn_batch_size"])))
+                            int(p["iterative_steps"]), int(p["curve_every"]),
+                            calibration(dm, int(p["bn_batches"]), int(p["bn_batch_size"])))
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p['bn_batches']} batches)"
                 if p["bn_batches"] else label)
     return points
