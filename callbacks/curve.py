@@ -48,23 +48,35 @@ def curves_csv(curves: Curves) -> bytes:
     return out.getvalue().encode()
 
 
-def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)"):
+def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)",
+                  chance: float | None = None, span: tuple[float, float] | None = None,
+                  highlight: str | None = None):
+    """Accuracy against speed-up, one line per curve, on a 0-1 axis (a zoomed axis makes noise
+    look like swings); optionally the chance level, a shaded speed-up range (what a score
+    averages over) and one curve drawn bold (e.g. the selected checkpoint)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
-        ax.plot([p[0] for p in points], [p[-1] for p in points], marker=".", label=name)
+        ax.plot([p[0] for p in points], [p[-1] for p in points], marker=".", label=name,
+                linewidth=2.5 if name == highlight else 1.2)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0%})")
+    if span is not None:
+        ax.axvspan(*span, color="tab:blue", alpha=0.08, label=f"{span[0]:g}-{span[1]:g}x")
+    ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("speed-up (MACs unpruned / MACs)")
     ax.set_ylabel("val accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if len(curves) > 1:
+    if len(curves) > 1 or chance is not None or span is not None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = None) -> Path:
-    """The curves plotted into a PNG at ``path``, atomically."""
-    fig = curves_figure(curves, *([title] if title else []))
+def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = None,
+                **style) -> Path:
+    """The curves plotted into a PNG at ``path``, atomically (``style``: see curves_figure)."""
+    fig = curves_figure(curves, *([title] if title else []), **style)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
@@ -72,11 +84,11 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
 
 
 def save_curves(curves: Curves, out_dir: str | os.PathLike,
-                title: str | None = None) -> tuple[Path, Path]:
+                title: str | None = None, **style) -> tuple[Path, Path]:
     """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically."""
     out_dir = Path(out_dir)
     return (write_bytes(out_dir / "curve.csv", curves_csv(curves)),
-            save_figure(curves, out_dir / "curve.png", title))
+            save_figure(curves, out_dir / "curve.png", title, **style))
 
 
 def evaluator(loader, device: torch.device | str):
@@ -159,7 +171,7 @@ class AccuracyCurve(Callback):
         finally:
             network.train(was_training)
         out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        save_curves({"val": self.points}, out)
+        save_curves({"val": self.points}, out, chance=1 / pl_module.arch["num_classes"])
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for s, macs, acc in self.points:
@@ -213,7 +225,7 @@ def curve_command(args: argparse.Namespace) -> int:
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
             args.every, batches)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
-    csv_path, png_path = save_curves(curves, out, args.title)
+    csv_path, png_path = save_curves(curves, out, args.title, chance=1 / dm.num_classes)
     for label, points in curves.items():
         print(f"{label}\n| speed-up | MACs | val acc |\n|---|---|---|")
         for s, m, a in points:

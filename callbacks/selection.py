@@ -211,7 +211,9 @@ def select_command(args: argparse.Namespace) -> int:
     write_bytes(out / "selection.csv", table.getvalue().encode())
     write_bytes(out / "selection_curves.csv", curves_csv(curves))
     save_figure(mean_curves, out / "selection.png",
-                title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after")
+                title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after "
+                      f"(bold: selected)", chance=1 / dm.images.num_classes, span=(lo, hi),
+                highlight=best["checkpoint"])
     write_bytes(out / "best.ckpt", Path(best["path"]).read_bytes())
     print(f"\nscore = mean val accuracy over speed-ups [{lo}, {hi}] (no finetune after pruning)\n")
     print("| checkpoint | score | per member | best |\n|---|---|---|---|")

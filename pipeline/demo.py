@@ -179,8 +179,10 @@ def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
             curves[f"{method} (after {FIRST_STAGE[method]})"] = [
                 (float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
                 for r in csv.DictReader(f)]
-    return save_figure(curves, path,
-                       f"seed {seed} after stage 1: val accuracy vs speed-up, no finetuning")
+    lo, hi = reports[key]["stage1_curve"]["range"]
+    return save_figure(curves, path, f"seed {seed} after stage 1: val accuracy vs speed-up, no "
+                       "finetuning, BN recalibrated",
+                       chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi))
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

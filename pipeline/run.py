@@ -255,7 +255,7 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
 
 
 def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
-                  max_speed_up: float, p: dict, out: Path, label: str) -> list:
+                  max_speed_up: float, p: dict, out: Path, label: str, chance: float) -> list:
     """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
     pruned progressively without finetuning, up to ``max_speed_up``, every
     ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
@@ -277,7 +277,7 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
                             int(p["iterative_steps"]), int(p["curve_every"]),
                             calibration(dm, int(p["bn_batches"]), int(p["bn_batch_size"])))
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p['bn_batches']} batches)"
-                if p["bn_batches"] else label)
+                if p["bn_batches"] else label, chance=chance)
     return points
 
 
@@ -385,12 +385,14 @@ def run_command(args: argparse.Namespace) -> int:
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
     network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
-                  2 * p["speed_up"], p, out, f"{args.method}: final network, no finetuning")
+                  2 * p["speed_up"], p, out, f"{args.method}: final network, no finetuning",
+                  1 / arch["num_classes"])
     # "Easier to prune": the stage-1 network's curve over prune.curve_range (DESIGN section 9).
     lo, hi = (float(v) for v in p["curve_range"])
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
                                   info["base_macs"], hi, p, out / first,
-                                  f"{args.method}: after stage 1, no finetuning")
+                                  f"{args.method}: after stage 1, no finetuning",
+                                  1 / arch["num_classes"])
     report = {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
