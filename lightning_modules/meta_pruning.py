@@ -50,44 +50,63 @@ class MemberState:
 
 
 def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
-              labels: torch.Tensor, alpha: float
+              labels: torch.Tensor, alpha: float, distill: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
-    metanetwork the gradient of ce + regularizer, through one GNN backward.
+    metanetwork the gradient of the objective (``weight_gradients``) + regularizer, through one
+    GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets.
 
     The metanetwork runs twice: without autograd for the image batches, then with it for the
     surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
     each batch slower than the same batch alone; one extra forward costs less."""
+    soft = original_predictions(member, images) if distill > 0 else None
     with torch.no_grad():
         weights = member.graph.decode(metanetwork(member.data))
     ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
-                                           alpha)
+                                           alpha, soft, distill)
     weights = member.graph.decode(metanetwork(member.data))
     # d(surrogate)/dW' equals the accumulated gradient.
     surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
     return ce, sparsity, surrogate
 
 
+@torch.no_grad()
+def original_predictions(member: MemberState, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities [K, B, classes] of the member's original network on ``images``."""
+    _load(member.work, member.graph.decode(member.data))
+    return torch.stack([F.softmax(member.work(x), dim=1) for x in images])
+
+
+def _load(work: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (every floating tensor) into ``work``'s parameters and buffers."""
+    with torch.no_grad():
+        for name, t in [*work.named_parameters(), *work.named_buffers()]:
+            if name in weights:
+                t.copy_(weights[name])
+
+
 def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
-                     labels: torch.Tensor, pruner, alpha: float
+                     labels: torch.Tensor, pruner, alpha: float,
+                     soft: torch.Tensor | None = None, distill: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
-    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. Returns (ce, regularizer value,
-    gradients by parameter name). ``work`` is overwritten with ``weights``."""
+    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. With ``soft``
+    (the original network's probabilities, [K, B, classes]) each batch's loss is
+    ``(1 - distill) * CE(labels) + distill * CE(soft)`` (ours, not the paper's: distillation
+    gives a denser signal per image). Returns (label cross-entropy summed over the batches,
+    regularizer value, gradients by parameter name). ``work`` is overwritten with ``weights``."""
     params = dict(work.named_parameters())
-    buffers = dict(work.named_buffers())
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-            p.grad = torch.zeros_like(p)
-        for name, b in buffers.items():
-            if name in weights:
-                b.copy_(weights[name])
+    _load(work, weights)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
     ce = torch.zeros((), device=images.device)
-    for x, y in zip(images, labels):
-        loss = F.cross_entropy(work(x), y)
-        loss.backward()
+    for k, (x, y) in enumerate(zip(images, labels)):
+        logits = work(x)
+        loss = F.cross_entropy(logits, y)
         ce += loss.detach()
+        if soft is not None:
+            loss = (1.0 - distill) * loss + distill * F.cross_entropy(logits, soft[k])
+        loss.backward()
     before = {name: p.grad.clone() for name, p in params.items()}
     pruner.regularize(work, alpha=alpha, bias=False)
     # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
@@ -112,6 +131,9 @@ class MetaPruningModule(LightningModule):
             over both directions, docs/decisions.md).
         identity_edges: how residual identities enter the graph: "diagonal" (one edge per
             channel; the paper's ResNet-50) or "dense" (C x C edges; the paper's CIFAR ResNets).
+        distill: weight of the original network's predictions as soft targets in each batch's
+            loss, ``(1 - distill) * CE(labels) + distill * CE(original)`` (ours; 0: the paper's
+            label cross-entropy).
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -123,8 +145,10 @@ class MetaPruningModule(LightningModule):
                  gamma: float = 0.1, zero_init_decoders: bool = True,
                  channel_gates: bool = False, gate_floor: float = 0.5,
                  message_passing: str = "paper", identity_edges: str = "diagonal",
-                 layout: dict | None = None) -> None:
+                 distill: float = 0.0, layout: dict | None = None) -> None:
         super().__init__()
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"model.init_args.distill={distill} must lie in [0, 1]")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.metanetwork: Metanetwork | None = None
@@ -178,7 +202,7 @@ class MetaPruningModule(LightningModule):
         index = int(index)
         member = self._member(index)
         ce, sparsity, surrogate = meta_loss(self.metanetwork, member, images, labels,
-                                            self.hparams.alpha)
+                                            self.hparams.alpha, self.hparams.distill)
         if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
             raise FloatingPointError(
                 f"meta-training loss is not finite at epoch {self.current_epoch}, step "
@@ -203,9 +227,9 @@ class MetaPruningModule(LightningModule):
     # -- validation: meta-val members, never trained on --------------------------------------
     @torch.no_grad()
     def _evaluate(self, member: MemberState, weights: dict, images, labels) -> tuple:
-        """(cross-entropy, normalized group norms) of ``member`` with ``weights``."""
-        for name, p in member.work.named_parameters():
-            p.copy_(weights[name])
+        """(cross-entropy, normalized group norms) of ``member`` with ``weights`` (parameters
+        and BN statistics, as training uses them)."""
+        _load(member.work, weights)
         ce = sum(F.cross_entropy(member.work(x), y) for x, y in zip(images, labels)) / len(images)
         return ce, networks.group_norms(member.pruner)
 

@@ -1,6 +1,7 @@
 """Meta-training (issue 4): single-backward gradient, a fit on a tiny zoo, checkpoints."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,40 @@ def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar
         out = member(images)
     assert float(rows[0][2]) == pytest.approx(F.cross_entropy(out, labels).item(), abs=1e-3)
     assert rows[0][3] == f"{100 * (out.argmax(1) == labels).float().mean().item():.1f}%"
+
+
+def test_distillation_gradient_equals_autograd_of_the_mixed_loss():
+    torch.manual_seed(0)
+    model = networks.build("resnet8_cifar", 3, width=0.5).double().eval()
+    weights = {k: v.detach().clone().requires_grad_(v.is_floating_point() and "running" not in k)
+               for k, v in model.state_dict().items() if v.is_floating_point()}
+    images, labels = torch.randn(2, 5, 3, 32, 32, dtype=torch.double), torch.randint(0, 3, (2, 5))
+    soft = torch.softmax(torch.randn(2, 5, 3, dtype=torch.double), dim=2)
+    work = copy.deepcopy(model)
+    ce, _, grads = weight_gradients(work, {k: v.detach() for k, v in weights.items()}, images,
+                                    labels, _NoRegularizer(), 16.0, soft, distill=0.3)
+    total, label_ce = 0.0, 0.0
+    for k, (x, y) in enumerate(zip(images, labels)):
+        log_p = torch.log_softmax(torch.func.functional_call(model, weights, (x,)), dim=1)
+        hard = -log_p[torch.arange(len(y)), y].mean()
+        total = total + 0.7 * hard - 0.3 * (soft[k] * log_p).sum(1).mean()
+        label_ce += float(hard)
+    total.backward()
+    assert float(ce) == pytest.approx(label_ce)  # the logged value stays the label CE
+    for name, w in weights.items():
+        if w.requires_grad:
+            torch.testing.assert_close(grads[name], w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_validation_evaluates_the_decoded_bn_statistics_too():
+    torch.manual_seed(0)
+    model = networks.build("resnet8_cifar", 3, width=0.5).eval()
+    state = MemberState.build(model, X32, reg=1e-3, alpha=16.0)
+    weights = {k: v.clone() for k, v in state.graph.decode(state.data).items()}
+    weights["layer1.0.bn1.running_mean"] += 3.0  # as update_running_stats=True may write
+    x, y = torch.randn(1, 8, 3, 32, 32), torch.randint(0, 3, (1, 8))
+    ce, _ = MetaPruningModule._evaluate(None, state, weights, x, y)
+    expected = copy.deepcopy(model)
+    expected.load_state_dict(weights, strict=False)
+    assert float(ce) == pytest.approx(float(F.cross_entropy(expected(x[0]), y[0])), rel=1e-6)
+    assert float(ce) != pytest.approx(float(F.cross_entropy(model(x[0]), y[0])), rel=1e-3)

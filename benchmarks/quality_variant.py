@@ -1,0 +1,75 @@
+"""A metanetwork variant on the quality benchmark's held-out networks, paired with its baselines.
+
+    python benchmarks/quality_variant.py --benchmark runs/quality_cifar10 \
+        --metanetwork runs/variants/paper_dense/selection/best.ckpt --out runs/variants/paper_dense
+
+Prunes every held-out network of a finished (or running) ``benchmarks/quality_cifar10.py``
+folder with ``--method metanetwork`` and this metanetwork, to every speed-up, with the
+benchmark's own prune config (same budgets, same seeds), each cell a ``prune.py run`` folder
+under ``<out>/prune`` (resumable). Then writes ``<out>/variant.md``: the paired differences of
+this variant against the benchmark's ``none``, ``sparse`` and ``metanetwork`` runs on the same
+networks (stage-1 curve area and final test accuracy, 95% CI; ``pipeline.paired``). The
+variant's metanetwork should be selected as the benchmark's is (``prune.py select`` on the
+meta-val members), never on these networks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import prune  # noqa: E402
+from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline.common import atomic_write  # noqa: E402
+from pipeline.paired import paired, paired_table  # noqa: E402
+
+VARIANT = "variant"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", required=True, help="a quality_cifar10.py --out folder")
+    parser.add_argument("--metanetwork", required=True, help="the variant's selected checkpoint")
+    parser.add_argument("--out", required=True, help="output folder of this variant")
+    args = parser.parse_args(argv)
+    bench, out = Path(args.benchmark).resolve(), Path(args.out).resolve()
+    demo = json.loads((bench / pipeline_demo.DEMO_FILE).read_text())["demo"]
+    config = bench / "configs" / "prune.yaml"
+    reports: dict[str, dict] = {}
+    for seed in demo["target_seeds"]:
+        network = bench / "target" / "members" / f"seed{seed}.pt"
+        first = None
+        for speed_up in demo["speed_ups"]:
+            key = pipeline_demo.run_key(seed, speed_up, VARIANT)
+            argv = ["run", "--config", str(config), "--network", str(network), "--method",
+                    "metanetwork", "--metanetwork", str(Path(args.metanetwork).resolve()),
+                    "--speed_up", str(speed_up), "--out", str(out / "prune" / key)]
+            if first is not None:
+                argv += ["--reuse_first_stage", str(first)]
+            status = prune.main(argv)
+            if status:
+                return status
+            reports[key] = json.loads((out / "prune" / key / "report.json").read_text())
+            reports[key]["method"] = VARIANT
+            first = first or out / "prune" / key
+    for key in sorted(bench.glob("prune/seed*/*x/*/report.json")):
+        rel = key.parent.relative_to(bench / "prune")
+        reports[str(rel)] = json.loads(key.read_text())
+    values = pipeline_demo.measures(reports)
+    diffs = [paired(per, VARIANT, other, measure) for measure, per in values.items()
+             for other in ("none", "sparse", "metanetwork") if other in per and VARIANT in per]
+    text = (f"# variant {args.metanetwork} on {bench}\n\nPaired differences (variant - "
+            f"baseline, percentage points) over the held-out networks {demo['target_seeds']}:"
+            f"\n\n{paired_table(diffs)}\n")
+    atomic_write(out / "variant.md", lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
