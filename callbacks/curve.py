@@ -48,6 +48,16 @@ def curves_csv(curves: Curves) -> bytes:
     return out.getvalue().encode()
 
 
+def read_curves(path: str | os.PathLike) -> Curves:
+    """The curves of a ``curve.csv`` written by ``curves_csv``."""
+    curves: Curves = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            curves.setdefault(row["curve"], []).append(
+                (float(row["speed_up"]), int(row["macs"]), float(row["accuracy"])))
+    return curves
+
+
 def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)",
                   chance: float | None = None, span: tuple[float, float] | None = None,
                   highlight: str | None = None):

@@ -166,19 +166,15 @@ def paired_differences(values: dict[str, dict[str, dict[str, float]]]) -> list[P
 def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
     """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
     BN recalibrated) of the first held-out network, one per method, on one plot."""
-    import csv
-
-    from callbacks.curve import save_figure
+    from callbacks.curve import read_curves, save_figure
 
     path, seed, curves = out / "stage1_curves.png", demo["target_seeds"][0], {}
     if path.is_file():  # stage 1 of a network is computed once: so is its plot
         return path
     for method in demo["methods"]:
         key = run_key(seed, demo["speed_ups"][0], method)
-        with open(out / "prune" / key / reports[key]["stage1_curve"]["csv"]) as f:
-            curves[f"{method} (after {FIRST_STAGE[method]})"] = [
-                (float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
-                for r in csv.DictReader(f)]
+        stage1 = read_curves(out / "prune" / key / reports[key]["stage1_curve"]["csv"])
+        curves[f"{method} (after {FIRST_STAGE[method]})"] = next(iter(stage1.values()))
     lo, hi = reports[key]["stage1_curve"]["range"]
     return save_figure(curves, path, f"seed {seed} after stage 1: val accuracy vs speed-up, no "
                        "finetuning, BN recalibrated",

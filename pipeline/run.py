@@ -260,15 +260,11 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     pruned progressively without finetuning, up to ``max_speed_up``, every
     ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
     batches (callbacks/curve.py)."""
-    import csv
-
-    from callbacks.curve import calibration, evaluator, save_curves
+    from callbacks.curve import calibration, evaluator, read_curves, save_curves
     from networks import accuracy_curve
 
     if (out / "curve.csv").is_file() and (out / "curve.png").is_file():
-        with open(out / "curve.csv") as f:
-            return [(float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
-                    for r in csv.DictReader(f)]
+        return next(iter(read_curves(out / "curve.csv").values()))
     dm = get_cli().datamodule
     dm.setup("validate")
     device = get_cli().trainer.strategy.root_device

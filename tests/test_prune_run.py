@@ -134,13 +134,11 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
 @pytest.mark.parametrize("method", pipeline_run.METHODS)
 def test_stage1_curve_starts_at_the_stage1_network_and_its_area_is_reported(
         runs: dict[str, Path], method: str) -> None:
-    import csv
+    from callbacks.curve import read_curves
 
     report = json.loads((runs[method] / "report.json").read_text())
     first = runs[method] / pipeline_run.FIRST_STAGE[method]
-    with open(first / "curve.csv") as f:
-        points = [(float(r["speed_up"]), int(r["macs"]), float(r["accuracy"]))
-                  for r in csv.DictReader(f)]
+    (points,) = read_curves(first / "curve.csv").values()
     network = networks.load_network(first / "network.pt")[0]
     assert points[0][1] == networks.count_macs(network, X32)  # the curve starts unpruned
     assert [p[0] for p in points] == sorted(p[0] for p in points)
