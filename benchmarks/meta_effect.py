@@ -71,9 +71,11 @@ def main() -> None:
              f"({len(zoo.images.val_set)} images)", "",
              "| checkpoint | member | val CE | val acc | near-zero groups | norm q10 |",
              "|---|---|---|---|---|---|"]
-    hparams = MetaPruningModule.load_from_checkpoint(checkpoints[0], weights_only=True).hparams
+    first = MetaPruningModule.restore(checkpoints[0])
+    hparams = first.hparams
     members = {i: MemberState.build(zoo.members[i].network, zoo.example_input(), hparams.reg,
-                                    hparams.alpha) for i in zoo.val_ids}
+                                    hparams.alpha, identity_edges=first.metanetwork.identity_edges)
+               for i in zoo.val_ids}
 
     def row(name: str, i: int, weights: dict) -> None:
         r = evaluate(members[i], weights, loader)
@@ -84,7 +86,7 @@ def main() -> None:
     for i, member in members.items():
         row("original", i, member.graph.decode(member.data))
     for path in checkpoints:
-        module = MetaPruningModule.load_from_checkpoint(path, weights_only=True).eval()
+        module = MetaPruningModule.restore(path).eval()
         for i, member in members.items():
             row(path.stem, i, member.graph.decode(module.metanetwork(member.data)))
     text = "\n".join(lines) + "\n"

@@ -58,7 +58,8 @@ def main() -> None:
     else:
         meta = Metanetwork.for_graph(state.graph, num_layers=4, hidden=32,
                                      node_res_ratio=args.ratio, edge_res_ratio=args.ratio,
-                                     channel_gates=args.gated)
+                                     channel_gates=args.gated,
+                                     message_passing="joint")  # the layer of its recorded numbers
         optimizer = torch.optim.AdamW(meta.parameters(), lr=args.lr, weight_decay=5e-4)
         current = lambda: state.graph.decode(meta(state.data))  # noqa: E731
     every = 40 if args.mode == "direct" else 25

@@ -1,12 +1,15 @@
 """Cost of one meta-training step against its floor (issue 4).
 
     python benchmarks/meta_step.py [--batch 500] [--batches 1 8] [--device cpu] [--channel_gates]
+        [--message_passing joint|paper]
 
 For a ResNet-56 pruned to 1.32x (a zoo member), measures in one process:
 - floor: plain forward+backward of the network over B batches of images (eval mode);
 - step: one meta-training step (encode, metanetwork 8x64, decode, the same B forward+backward
   passes, the sparsity regularizer, one backward through the metanetwork);
 - with ``--channel_gates``, also the same step with a metanetwork that has channel gates.
+``--message_passing`` picks the metanetwork's layer (default ``joint``, the layer the numbers in
+benchmarks/RESULTS.md were measured with; ``paper`` for the paper's).
 Each configuration runs in a fresh subprocess so its peak memory (ru_maxrss on CPU,
 max_memory_allocated on CUDA) is its own. The last line is ``ratio=<step/floor at B=max>``.
 """
@@ -22,7 +25,7 @@ import time
 import torch
 
 
-def measure(batches: int, batch: int, device: str, what: str) -> dict:
+def measure(batches: int, batch: int, device: str, what: str, message_passing: str) -> dict:
     import networks
     from graph import Metanetwork
     from lightning_modules.meta_pruning import MemberState, meta_loss
@@ -37,7 +40,8 @@ def measure(batches: int, batch: int, device: str, what: str) -> dict:
     labels = torch.randint(0, 10, (batches, batch), device=dev)
     member = MemberState.build(model, example, reg=10.0, alpha=16.0, device=dev)
     meta = Metanetwork.for_graph(member.graph, num_layers=8, hidden=64,
-                                 channel_gates=what == "gated_step").to(dev)
+                                 channel_gates=what == "gated_step",
+                                 message_passing=message_passing).to(dev)
     work = member.work
 
     def floor(images, labels):
@@ -73,10 +77,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channel_gates", action="store_true",
                         help="also time the step of a metanetwork with channel gates")
+    parser.add_argument("--message_passing", choices=("joint", "paper"), default="joint")
     parser.add_argument("--child", nargs=2, metavar=("B", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(int(args.child[0]), args.batch, args.device, args.child[1])))
+        print(json.dumps(measure(int(args.child[0]), args.batch, args.device, args.child[1],
+                                 args.message_passing)))
         return
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"ResNet-56 pruned 1.32x, batches of {args.batch}")
@@ -85,7 +91,8 @@ def main() -> None:
         res = {}
         for what in ("floor", "step") + (("gated_step",) if args.channel_gates else ()):
             out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
-                                  "--device", args.device, "--child", str(b), what],
+                                  "--device", args.device, "--message_passing",
+                                  args.message_passing, "--child", str(b), what],
                                  check=True, capture_output=True, text=True).stdout
             res[what] = json.loads(out.strip().splitlines()[-1])
         ratio = res["step"]["seconds"] / res["floor"]["seconds"]

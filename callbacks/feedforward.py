@@ -53,11 +53,7 @@ def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
             f"{where} is not a MetaPruningModule checkpoint (no metanetwork weights or graph "
             "layout in it). Pass a checkpoint written by meta-training "
             "(`python train.py fit --config configs/<task>/meta.yaml`)")
-    # Checkpoints from before the message_passing option ran our joint layer.
-    legacy = {} if "message_passing" in hparams else {"message_passing": "joint"}
-    module = MetaPruningModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
-                                                    **legacy)
-    return module.metanetwork.eval()
+    return MetaPruningModule.restore(path).metanetwork.eval()
 
 
 def network_graph(network: nn.Module, example: torch.Tensor, source: str,
