@@ -53,7 +53,7 @@ def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
             f"{where} is not a MetaPruningModule checkpoint (no metanetwork weights or graph "
             "layout in it). Pass a checkpoint written by meta-training "
             "(`python train.py fit --config configs/<task>/meta.yaml`)")
-    return MetaPruningModule.restore(path).metanetwork.eval()
+    return MetaPruningModule.restore(path, hparams).metanetwork.eval()
 
 
 def network_graph(network: nn.Module, example: torch.Tensor, source: str,

@@ -142,12 +142,12 @@ class PaperLayer(MessagePassingLayer):
                                degree.clamp_min(1.0), "paper")
         both = agg[:n] + agg[n:]  # A(agg1) + A(agg2), with one matrix product
         h = h + F.linear(both, self.aggregate.weight) + 2.0 * self.aggregate.bias
-        # e + (c[out] d[in] + c[in] d[out]) * e in three fused multiply-adds (each full-size
-        # temporary costs as much as the arithmetic)
-        edges = [torch.addcmul(e, e, torch.addcmul(c_out.unsqueeze(2) * d_in.unsqueeze(1),
-                                                   c_in.unsqueeze(1), d_out.unsqueeze(2)))
-                 for ((c_in, c_out), (d_in, d_out)), e in
-                 zip(zip(*(blocks.gather(t) for t in self.phi_edge(x).split(hid, dim=1))), edges)]
+        # e + (c[out] d[in] + c[in] d[out]) * e, [c | d] = phi_edge(x) gathered once, in three
+        # fused multiply-adds (each full-size temporary costs as much as the arithmetic)
+        edges = [torch.addcmul(e, e, torch.addcmul(
+                     cd_out[..., :hid].unsqueeze(2) * cd_in[..., hid:].unsqueeze(1),
+                     cd_in[..., :hid].unsqueeze(1), cd_out[..., hid:].unsqueeze(2)))
+                 for (cd_in, cd_out), e in zip(blocks.gather(self.phi_edge(x)), edges)]
         return h, edges
 
 
@@ -167,10 +167,9 @@ class JointLayer(MessagePassingLayer):
         h = h + self.aggregate(_receiver_scaled(receiver, *stats.scatter(n),
                                                 (degree[:n] + degree[n:]).clamp_min(1.0),
                                                 "eps"))
-        c, d = self.phi_edge(F.layer_norm(h, (hid,))).split(hid, dim=1)
-        edges = [torch.addcmul(e, e, c_in.unsqueeze(1) * d_out.unsqueeze(2))
-                 for ((c_in, _), (_, d_out)), e in zip(zip(blocks.gather(c), blocks.gather(d)),
-                                                       edges)]
+        cd = blocks.gather(self.phi_edge(F.layer_norm(h, (hid,))))  # [c | d] per block
+        edges = [torch.addcmul(e, e, c_in[..., :hid].unsqueeze(1) * d_out[..., hid:].unsqueeze(2))
+                 for (c_in, d_out), e in zip(cd, edges)]
         return h, edges
 
 

@@ -158,13 +158,14 @@ class MetaPruningModule(LightningModule):
             self._build(layout)
 
     @classmethod
-    def restore(cls, path, map_location: str = "cpu") -> "MetaPruningModule":
-        """``load_from_checkpoint`` (weights only) that also reads checkpoints written before
-        the ``message_passing`` option existed: those ran our joint layer."""
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    def restore(cls, path, hparams: dict | None = None) -> "MetaPruningModule":
+        """``load_from_checkpoint`` (weights only, on the CPU) that also reads checkpoints
+        written before the ``message_passing`` option existed: those ran our joint layer.
+        ``hparams``: the checkpoint's hyper-parameters when the caller has read them already."""
+        saved = hparams if hparams is not None else torch.load(
+            path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
         legacy = {} if "message_passing" in saved else {"message_passing": "joint"}
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True,
-                                        **legacy)
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **legacy)
 
     def _build(self, layout: dict) -> None:
         hp = self.hparams
