@@ -57,7 +57,8 @@ class ExportNetwork(Callback):
             network.load_state_dict({k.removeprefix("network."): v for k, v in state.items()
                                      if k.startswith("network.")})
         score = getattr(ckpt, "best_model_score", None)
-        metadata = {"checkpoint": best or None, "val_acc": float(score) if score is not None else None}
+        metadata = {"checkpoint": best or None, "val_acc": float(score) if score is not None else None,
+                    **pl_module.lineage(trainer.datamodule)}
         networks.save_network(network, self.path, arch=pl_module.arch, metadata=metadata)
         rank_zero_info(f"exported network ({best or 'final weights'}) to {self.path}")
 

@@ -62,15 +62,18 @@ def summary_table(reports: dict[str, dict]) -> str:
     for r in reports.values():
         cells.setdefault((r["speed_up"]["target"], r["method"]), []).append(r)
     lines = ["| speed-up | method | networks | test acc (%) | val acc (%) | test acc before pruning "
-             "(%) | reached | MACs | params |", "|---|---|---|---|---|---|---|---|---|"]
+             "(%) | reached | measured, batch 1 | MACs | params |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (target, method), rows in sorted(cells.items()):
         acc = lambda stage, split: [r["accuracy"][stage][split] for r in rows]  # noqa: E731
         reached = [r["speed_up"]["reached"] for r in rows]
+        measured = [r["speed_up"].get("measured", {}).get("1") for r in rows]
+        measured_text = (f"{statistics.mean(measured):.2f}x" if None not in measured else "-")
         macs = statistics.mean(r["macs"]["after"] for r in rows)
         params = statistics.mean(r["params"]["after"] for r in rows)
         lines.append(f"| {target:g}x | {method} | {len(rows)} | {mean_std(acc('final', 'test'))} "
                      f"| {mean_std(acc('final', 'val'))} | {mean_std(acc('finetuned', 'test'))} "
-                     f"| {min(reached):.2f}-{max(reached):.2f}x | {macs / 1e6:.2f}M "
+                     f"| {min(reached):.2f}-{max(reached):.2f}x | {measured_text} | {macs / 1e6:.2f}M "
                      f"| {params / 1e3:.1f}k |")
     return "\n".join(lines)
 

@@ -5,8 +5,9 @@ from .feedforward import (MetanetworkError, MetanetworkFeedforward, SaveNetwork,
                           load_metanetwork)
 from .pruning import PruneToSpeedUp
 from .sparse import SparseTraining
+from .structured import StructuredPruning
 from .zoo import ExportToZoo, ZooError, add_member, find_member, read_manifest, write_manifest
 
 __all__ = ["AccuracyCurve", "ExportToZoo", "MetanetworkError", "MetanetworkFeedforward", "PruneToSpeedUp",
-           "SaveNetwork", "SparseTraining", "ZooError", "add_member", "find_member",
+           "SaveNetwork", "SparseTraining", "StructuredPruning", "ZooError", "add_member", "find_member",
            "load_metanetwork", "read_manifest", "write_manifest"]

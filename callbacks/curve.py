@@ -11,6 +11,8 @@ import argparse
 import csv
 import io
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,8 +24,10 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import networks  # noqa: E402
+from datamodules.sources import DataSplit  # noqa: E402
 
 from .pruning import base_macs, example_input  # noqa: E402
 
@@ -196,18 +200,36 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one legend label per --network; default the file names")
     parser.add_argument("--data_root", required=True, help="image data (ImageDataModule root)")
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--max_speed_up", type=float, default=4.0)
+    parser.add_argument("--dataset", default=None,
+                        help="cifar10 | cifar100 | imagenet | imagefolder; default the networks' own "
+                             "(recorded in their files), else cifar10")
+    parser.add_argument("--max_speed_up", type=float, default=4.0,
+                        help="stop at the first point reaching this speed-up (default 4)")
     parser.add_argument("--out", default=None, help="output folder; default next to the first --network")
     parser.add_argument("--subset", type=int, default=None,
-                        help="training images per class (the val split is val_fraction of them)")
-    parser.add_argument("--val_fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0, help="data split seed (as the zoo's)")
-    parser.add_argument("--iterative_steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=500)
-    parser.add_argument("--title", default=None, help="plot title")
+                        help="training images per class the val split is carved from; default the "
+                             "networks' own split (recorded in their files), else all")
+    parser.add_argument("--val_fraction", type=float, default=None,
+                        help="share of those images in the val split; default the networks' own, else 0.1")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="data split seed; default the networks' own, else 0")
+    parser.add_argument("--iterative_steps", type=int, default=200,
+                        help="pruning steps from the network to --max_speed_up (default 200)")
+    parser.add_argument("--every", type=int, default=10,
+                        help="evaluate every N-th pruning step (default 10: about 20 points)")
+    parser.add_argument("--batch_size", type=int, default=500, help="evaluation batch size (default 500)")
+    parser.add_argument("--title", default=None, help="plot title; default names the networks")
     add_calibration_arguments(parser)
+
+
+def evaluation_split(args: argparse.Namespace, lineages: list[list[dict]]) -> tuple[DataSplit, bool]:
+    """The split to evaluate on: the command-line's where given, else the last split the first
+    recorded network trained on (its own val images); and whether any network records one."""
+    own = next((DataSplit.from_dict(lineage[-1]) for lineage in lineages if lineage), None)
+    base = own or DataSplit(args.dataset or "cifar10", None, 0.1, 0)
+    given = {"dataset": args.dataset, "subset": args.subset, "val_fraction": args.val_fraction,
+             "seed": args.seed}
+    return replace(base, **{k: v for k, v in given.items() if v is not None}), own is not None
 
 
 def curve_command(args: argparse.Namespace) -> int:
@@ -222,20 +244,34 @@ def curve_command(args: argparse.Namespace) -> int:
     if len(classes) > 1:
         raise CurveError(f"the --network files have different class counts {sorted(classes)}; "
                          "curves on one dataset need networks of one task")
-    dm = ImageDataModule(args.data_root, dataset=args.dataset, num_classes=classes.pop(),
-                         batch_size=args.batch_size, num_workers=0, val_fraction=args.val_fraction,
-                         subset=args.subset, seed=args.seed)
+    lineages = [list(record["metadata"].get("trained_on") or []) for _, record in loaded]
+    split, recorded = evaluation_split(args, lineages)
+    dm = ImageDataModule(args.data_root, dataset=split.dataset, num_classes=classes.pop(),
+                         batch_size=args.batch_size, num_workers=0,
+                         val_fraction=split.val_fraction, subset=split.subset, seed=split.seed)
+    for file, lineage in zip(args.network, lineages):
+        dm.check_held_out(lineage, f"network file {file!r}")
+    if not all(lineages):
+        unknown = [f for f, lineage in zip(args.network, lineages) if not lineage]
+        print(f"prune.py curve: WARNING: {', '.join(unknown)} record no training data split (files "
+              "written before it was recorded, or by other code): the val images may include "
+              "images they trained on; pass --subset/--val_fraction/--seed as they were trained"
+              + ("" if recorded else " (using all training images, val_fraction 0.1, seed 0)"),
+              file=sys.stderr)
     dm.setup("validate")
     example = dm.val_set[0][0].unsqueeze(0)
     batches = calibration(dm, args.bn_batches, args.bn_batch_size)
     curves: Curves = {}
-    for label, (network, record) in zip(labels, loaded):
+    for label, (network, record) in tqdm(list(zip(labels, loaded)), desc="curves", unit="network",
+                                          disable=len(loaded) < 2):
         curves[label] = networks.accuracy_curve(
             network.eval(), example, base_macs(record["arch"], example),
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
             args.every, batches)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
-    csv_path, png_path = save_curves(curves, out, args.title, chance=1 / dm.num_classes)
+    title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
+                           f"({len(dm.val_set)} val images)")
+    csv_path, png_path = save_curves(curves, out, title, chance=1 / dm.num_classes)
     for label, points in curves.items():
         print(f"{label}\n| speed-up | MACs | val acc |\n|---|---|---|")
         for s, m, a in points:

@@ -143,4 +143,5 @@ class SaveNetwork(Callback):
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         if trainer.is_global_zero and not self.path.is_file():
-            networks.save_network(pl_module.network, self.path, arch=pl_module.arch)
+            networks.save_network(pl_module.network, self.path, arch=pl_module.arch,
+                                  metadata=pl_module.lineage())

@@ -218,9 +218,10 @@ class ExportToZoo(Callback):
         }
         metadata = {k: v for k, v in self.row.items() if k not in ("file", "widths", "architecture")}
         metadata["checkpoint"] = best
+        metadata.update(pl_module.lineage(trainer.datamodule))
         networks.save_network(network, self.zoo_dir / self.row["file"], arch=arch, metadata=metadata)
         rank_zero_info(f"zoo member seed {self.seed}: {self.zoo_dir / self.row['file']} "
-                       f"({self.row['speed_up']:.3f}x, val/acc {val_acc})")
+                       f"({self.row['speed_up']:.3f}x, val/acc {'-' if val_acc is None else f'{val_acc:.4f}'})")
         if not self.wait_for_test:
             self._register()
 

@@ -1,5 +1,5 @@
 """Lightning data modules: image data, and the zoo of target networks for meta-training."""
-from .images import DatasetError, ImageDataModule
+from .images import DatasetError, DataSplit, ImageDataModule
 from .zoo import ModelZooDataModule, ZooError
 
-__all__ = ["DatasetError", "ImageDataModule", "ModelZooDataModule", "ZooError"]
+__all__ = ["DataSplit", "DatasetError", "ImageDataModule", "ModelZooDataModule", "ZooError"]

@@ -14,15 +14,15 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from .sources import (CIFAR_FOLDERS, DatasetError, Split, decode, decode_all, folder_layout,
-                      per_class, read_cifar, scan_folder)
+from .sources import (CIFAR_FOLDERS, DatasetError, DataSplit, Split, decode, decode_all,
+                      folder_layout, per_class, read_cifar, scan_folder, split_indices)
 from .transforms import MEAN_STD, BatchCropFlip, BatchNormalize, large_image_transforms
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder")
 DEFAULT_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 CIFAR_SIZE = 32
 
-__all__ = ["DATASETS", "DatasetError", "ImageDataModule"]
+__all__ = ["DATASETS", "DataSplit", "DatasetError", "ImageDataModule"]
 
 
 class TensorImages(Dataset):
@@ -117,8 +117,8 @@ class ImageDataModule(LightningDataModule):
         looked_for = "train/ and test/ (or val/) class folders"
         if self._is_cifar():
             looked_for = f"{CIFAR_FOLDERS[self.dataset]}/ (torchvision) or {looked_for}"
-            fix = ("rerun with download=true (--data.init_args.download true) to fetch it there, "
-                   "or set data.root to a folder that has it")
+            fix = ("set the data's download option to true to fetch it there (train.py: "
+                   "--data.init_args.download true), or point data.root at a folder that has it")
         else:
             fix = "set data.root to an ImageFolder tree such as /data/imagenet with train/ and val/"
         if not self.root.is_dir():
@@ -191,17 +191,37 @@ class ImageDataModule(LightningDataModule):
         return FileImages([split.files[i] for i in indices.tolist()], targets,
                           train_tf if train else eval_tf)
 
+    @property
+    def split(self) -> DataSplit:
+        """The train/val split this module serves (recorded in the network files it trains)."""
+        return DataSplit(self.dataset, self.subset, self.val_fraction, self.seed)
+
+    def check_held_out(self, trained_on: list[dict], what: str) -> None:
+        """Raise when this module's val split holds an image that ``what`` (e.g. a network
+        file) was trained on under any of the ``trained_on`` splits (``DataSplit`` records of
+        the same data set); checked by image index, without decoding any image."""
+        targets = self._read(train=True).targets
+        val = split_indices(targets, self.split)[1]
+        for record in trained_on:
+            other = DataSplit.from_dict(record)
+            if other.dataset != self.dataset:
+                continue  # another data set: other images
+            overlap = int(torch.isin(val, split_indices(targets, other)[0]).sum())
+            if overlap:
+                raise DatasetError(
+                    f"{overlap} of the {len(val)} val images (subset={self.subset}, val_fraction="
+                    f"{self.val_fraction}, seed={self.seed}) are training images of {what} (it was "
+                    f"trained with subset={other.subset}, val_fraction={other.val_fraction}, "
+                    f"seed={other.seed}); evaluate it on its own split: subset={other.subset}, "
+                    f"val_fraction={other.val_fraction}, seed={other.seed}")
+
     def setup(self, stage: str | None = None) -> None:
         _ = self.num_classes  # fail early, with the clear message, before reading any image
         if stage in ("fit", "validate", None) and self.train_set is None:
             split = self._read(train=True)
-            train_idx, val_idx = [], []
-            for idx in per_class(split.targets, self.subset, torch.Generator().manual_seed(self.seed)):
-                n_val = max(1, round(len(idx) * self.val_fraction)) if len(idx) > 1 else 0
-                val_idx.append(idx[:n_val])
-                train_idx.append(idx[n_val:])
-            self.train_set = self._dataset(split, torch.cat(train_idx).sort().values, train=True)
-            self.val_set = self._dataset(split, torch.cat(val_idx).sort().values, train=False)
+            train_idx, val_idx = split_indices(split.targets, self.split)
+            self.train_set = self._dataset(split, train_idx, train=True)
+            self.val_set = self._dataset(split, val_idx, train=False)
         if stage in ("test", None) and self.test_set is None:
             split = self._read(train=False)
             gen = torch.Generator().manual_seed(self.seed)

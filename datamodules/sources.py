@@ -30,6 +30,40 @@ class Split:
     images: torch.Tensor | None = None  # (N, 3, H, W) uint8
 
 
+@dataclass(frozen=True)
+class DataSplit:
+    """Which of a data set's training images a network trains on and which it validates on.
+
+    Enough to rebuild both index sets (:func:`split_indices`) from the data set's training
+    split; stored in network files (``metadata["trained_on"]``) so that a later evaluation
+    can prove it never scores a network on an image the network trained on.
+    """
+    dataset: str
+    subset: int | None
+    val_fraction: float
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "subset": self.subset,
+                "val_fraction": float(self.val_fraction), "seed": int(self.seed)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "DataSplit":
+        return cls(str(record["dataset"]), None if record.get("subset") is None
+                   else int(record["subset"]), float(record["val_fraction"]), int(record["seed"]))
+
+
+def split_indices(targets: torch.Tensor, split: DataSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` indices into the training split (sorted): per class, ``split.subset``
+    images in a ``split.seed``-seeded order, the first ``val_fraction`` of them for val."""
+    train_idx, val_idx = [], []
+    for idx in per_class(targets, split.subset, torch.Generator().manual_seed(split.seed)):
+        n_val = max(1, round(len(idx) * split.val_fraction)) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
 def folder_layout(root: Path) -> tuple[Path, Path] | None:
     """``(train_dir, test_dir)`` of an ImageFolder tree, or None; test/ wins over val/."""
     train = root / "train"

@@ -34,6 +34,9 @@ class ImageClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.arch = {"name": network, "num_classes": num_classes, "kwargs": dict(network_kwargs or {})}
+        # The data splits the weights were trained on, oldest first (DataSplit records): they
+        # travel with the weights into every network file written from this module.
+        self.trained_on: list[dict] = []
         if weights is None:
             self.network = networks.build(network, num_classes, **self.arch["kwargs"])
         else:
@@ -46,6 +49,7 @@ class ImageClassifier(LightningModule):
                     "make them agree with the file"
                 )
             self.arch = stored  # keeps the unpruned build recipe of the file
+            self.trained_on = list(record["metadata"].get("trained_on") or [])
         # One metric object per split: their running states must never mix.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -93,6 +97,18 @@ class ImageClassifier(LightningModule):
                                                      gamma=hp.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
+    def lineage(self, datamodule: Any = None) -> dict:
+        """Metadata that travels with the weights: ``{"trained_on": [split, ...]}``, the splits
+        of the weights file plus ``datamodule``'s (when given: the data this fit trained on).
+        Evaluations read it to make sure they never score a network on its training images."""
+        splits = list(self.trained_on)
+        split = getattr(datamodule, "split", None)
+        if split is not None and split.as_dict() not in splits:
+            splits.append(split.as_dict())
+        return {"trained_on": splits}
+
     def export_network(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-        """Save the network as a network file (atomic; loadable with ``networks.load_network``)."""
-        return networks.save_network(self.network, path, arch=self.arch, metadata=metadata)
+        """Save the network as a network file (atomic; loadable with ``networks.load_network``),
+        with its lineage (the data splits its weights were trained on) in the metadata."""
+        return networks.save_network(self.network, path, arch=self.arch,
+                                     metadata={**self.lineage(), **(metadata or {})})

@@ -39,13 +39,43 @@ def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
     return ()
 
 
-def network_record(model: nn.Module, arch: dict[str, Any], metadata: dict | None = None) -> dict:
-    """The dictionary stored in a network file (see module docstring)."""
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module path: {shape attribute: value}}`` of every Conv/Linear/BatchNorm layer: what a
+    pruned model needs beyond its constructor to take its state dict back."""
     layers = {}
     for path, module in model.named_modules():
         attrs = _shape_attrs(module)
         if attrs:
             layers[path] = {a: int(getattr(module, a)) for a in attrs}
+    return layers
+
+
+def apply_layer_shapes(model: nn.Module, layers: dict[str, dict[str, int]],
+                       state: dict[str, torch.Tensor], source: str) -> None:
+    """Resize ``model``'s layers in place to ``layers`` (from :func:`layer_shapes`), with
+    parameters and buffers shaped like ``state``'s, so that ``model.load_state_dict(state)``
+    fits; the values are not loaded here."""
+    modules = dict(model.named_modules())
+    for path, attrs in layers.items():
+        if path not in modules:
+            raise CheckpointError(f"{source}: layer {path!r} does not exist in {type(model).__name__}")
+        module = modules[path]
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        prefix = f"{path}." if path else ""
+        for name, p in list(module.named_parameters(recurse=False)):
+            shape = state[prefix + name].shape
+            if p.shape != shape:
+                module._parameters[name] = nn.Parameter(p.new_empty(shape), p.requires_grad)
+        for name, b in list(module.named_buffers(recurse=False)):
+            key = prefix + name
+            if key in state and b is not None and b.shape != state[key].shape:
+                module._buffers[name] = b.new_empty(state[key].shape)
+
+
+def network_record(model: nn.Module, arch: dict[str, Any], metadata: dict | None = None) -> dict:
+    """The dictionary stored in a network file (see module docstring)."""
+    layers = layer_shapes(model)
     return {
         "format": FORMAT,
         "arch": {"name": arch["name"], "num_classes": int(arch["num_classes"]),
@@ -95,6 +125,11 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist; check the path")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive or a pickle
+        raise CheckpointError(f"{what} {str(path)!r} is not a file saved by torch.save (it begins "
+                              f"with {head!r}); pass a file this project wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...
@@ -116,23 +151,8 @@ def network_from_record(record: dict, source: str = "<record>") -> nn.Module:
         )
     arch = record["arch"]
     model = build(arch["name"], arch["num_classes"], **arch["kwargs"])
-    modules = dict(model.named_modules())
     state = record["state_dict"]
-    for path, attrs in record["layers"].items():
-        if path not in modules:
-            raise CheckpointError(f"{source}: layer {path!r} does not exist in {arch['name']}")
-        module = modules[path]
-        for attr, value in attrs.items():
-            setattr(module, attr, value)
-        prefix = f"{path}." if path else ""
-        for name, p in list(module.named_parameters(recurse=False)):
-            shape = state[prefix + name].shape
-            if p.shape != shape:
-                module._parameters[name] = nn.Parameter(p.new_empty(shape), p.requires_grad)
-        for name, b in list(module.named_buffers(recurse=False)):
-            key = prefix + name
-            if key in state and b is not None and b.shape != state[key].shape:
-                module._buffers[name] = b.new_empty(state[key].shape)
+    apply_layer_shapes(model, record["layers"], state, source)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

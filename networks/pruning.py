@@ -181,7 +181,8 @@ def _index_mappings_per_shape(model: nn.Module) -> Iterator[None]:
 
 def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: float,
                       base_macs: int, iterative_steps: int = 200,
-                      mac_counter: MacCounter | None = None) -> float:
+                      mac_counter: MacCounter | None = None,
+                      pruner: tp.pruner.MetaPruner | None = None) -> float:
     """Prune ``model`` in place, step by step, until MACs(base) / MACs(now) >= ``target``.
 
     ``base_macs`` are the MACs of the original unpruned architecture, so earlier pruning (the
@@ -192,6 +193,9 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
     and after the last, so the stopping step (hence the channels removed) and the returned
     speed-up are those of the plain loop with :func:`count_macs` (``mac_counter=count_macs``,
     kept for tests and benchmarks).
+
+    ``pruner`` (built on ``model`` with ``iterative_steps`` steps) replaces the criterion of
+    :func:`magnitude_pruner`, e.g. with another importance or more ignored layers.
     """
     macs = count_macs(model, example_inputs)
     current = base_macs / macs
@@ -199,7 +203,7 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
         raise ValueError(f"speed-up target {target:.3f}x is not above the network's current "
                          f"speed-up {current:.3f}x; ask for a larger target")
     counter = mac_counter or _checked_counter(model, example_inputs, macs)
-    pruner = magnitude_pruner(model, example_inputs, iterative_steps)
+    pruner = pruner or magnitude_pruner(model, example_inputs, iterative_steps)
     plain = mac_counter is not None  # the reference loop: torch_pruning exactly as shipped
     with contextlib.nullcontext() if plain else _index_mappings_per_shape(model):
         for _ in range(iterative_steps):

@@ -6,7 +6,8 @@ import sys
 from typing import Any, Callable
 
 
-DESCRIPTION = "The pruning pipeline of DESIGN section 2, one subcommand per step."
+DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
+               "run; demo runs them all on a built-in default (docs/pruning.md).")
 Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 
@@ -33,6 +34,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "import_paper": (_lazy("pipeline.import_paper", "add_import_paper_arguments"),
                      _lazy("pipeline.import_paper", "import_paper_command"),
                      "convert the paper's saved metanetwork into a checkpoint for run/select"),
+    "measure": (_lazy("pipeline.measure", "add_measure_arguments"),
+                _lazy("pipeline.measure", "measure_command"),
+                "measured forward latency of a network file and of its unpruned architecture"),
     "demo": (_lazy("pipeline.demo", "add_demo_arguments"), _lazy("pipeline.demo", "demo_command"),
              "the whole pipeline on a built-in default: zoo, meta-train, select, prune 3 ways, table"),
 }
@@ -42,9 +46,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s arguments are added (all when None), so that parsing
     one subcommand never imports another's dependencies."""
     parser = argparse.ArgumentParser(prog="prune.py", description=DESCRIPTION)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show everything: Lightning's messages, model summaries, warnings, "
+                             "every stage's own output (default: a quiet console)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
-        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        subparser = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if command in (None, name):
             add_arguments(subparser)
     return parser
@@ -64,6 +72,12 @@ USER_ERRORS = {"CurveError", "PruneRunError", "DemoError", "SelectionError", "Zo
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """The console entry point: a quiet console unless ``--verbose`` (pipeline.console), and
+    bad input reported as one line with exit status 2."""
+    from .console import configure
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure(verbose="--verbose" in argv)
     try:
         return main(argv)
     except ValueError as e:

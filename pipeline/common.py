@@ -75,6 +75,44 @@ def fit_stage(config: dict, test: bool = False) -> Any:
     return cli
 
 
+def check_stage_config(config: dict, where: str, error: type[ValueError]) -> None:
+    """Parse and type-check a stage's LightningCLI config without building anything, so a typo
+    in a later stage fails before the first one trains; ``error`` names ``where`` (file and
+    section) and the offending key in one line."""
+    import argparse
+
+    import train
+
+    class _Check(train.TrainCLI):  # parse and validate only: nothing instantiated, no seeding
+        def _set_seed(self) -> None: ...
+        def before_instantiate_classes(self) -> None: ...
+        def instantiate_classes(self) -> None: ...
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        _Check(args=["--config", yaml.safe_dump(config, sort_keys=False)], run=False,
+               subclass_mode_model=True, subclass_mode_data=True, seed_everything_default=0,
+               parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
+    except argparse.ArgumentError as e:
+        raise error(f"{where}: {_one_line(str(e))}; fix that key and rerun") from None
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's nested validation report reduced to ``key: reason``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Parser key"):
+        return lines[0] if lines else message
+    key, detail, inside = lines[0].removeprefix("Parser key").strip(' ":'), [], False
+    for line in lines[1:]:
+        if line.startswith("- Problem with given class_path"):
+            inside = True
+        elif inside and (line.startswith("- ") or line.startswith("Given value")):
+            break
+        elif inside:
+            detail.append(line)
+    return f"{key}: {' '.join(detail) or lines[-1]}"
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     """``networks.atomic_write``, imported late: finished runs are answered without torch."""
     from networks import atomic_write

@@ -9,14 +9,17 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from .common import atomic_write, deep_merge, fit_stage, is_rank_zero, read_yaml_config, write_json
 from .cli import main
+from .common import (atomic_write, check_stage_config, deep_merge, fit_stage, is_rank_zero,
+                     read_yaml_config, write_json)
+from .console import Stages
 from .paired import PairedDifference, paired, paired_table
 from .run import FIRST_STAGE, METHODS, REPORT
 
@@ -113,13 +116,16 @@ def demo_table(reports: dict[str, dict]) -> str:
     """The demo's result table (markdown): one row per report.json, keyed
     ``seed<N>/<S>x/<method>`` (``run_key``)."""
     pct = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
-    lines = ["| network | method | speed-up | MACs | params | test acc before | test acc after "
-             "| val acc after |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| network | method | speed-up vs unpruned: MACs | measured (batch) | MACs | params "
+             "| test acc before | test acc after | val acc after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, r in reports.items():
         acc, seed = r["accuracy"], key.split("/")[0]
+        measured = " / ".join(f"{v:.2f}x ({b})" for b, v in
+                              (r["speed_up"].get("measured") or {}).items()) or "-"
         lines.append(
             f"| {seed} | {r['method']} | {r['speed_up']['reached']:.2f}x "
-            f"(target {r['speed_up']['target']:g}x) "
+            f"(target {r['speed_up']['target']:g}x) | {measured} "
             f"| {_fmt_count(r['macs']['before'])} -> {_fmt_count(r['macs']['after'])} "
             f"| {_fmt_count(r['params']['before'])} -> {_fmt_count(r['params']['after'])} "
             f"| {pct(acc['original']['test'])} | {pct(acc['final']['test'])} "
@@ -192,14 +198,43 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (configs/demo/demo.yaml)")
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    cfg = load_demo_config(args.config, args.fast)
-    demo = cfg["demo"]
-    out = Path(args.out or ("runs/demo_pipeline_fast" if args.fast else "runs/demo_pipeline")).resolve()
-    data, data_source = demo_data(args.data_root)
-    stages = demo_stage_configs(cfg, out, data)
-    settings = json.loads(json.dumps({"demo": demo, "select": cfg["select"], "stages": stages}))
+STAGES = ("zoo", "held-out networks", "meta-training", "checkpoint selection", "pruning")
+
+
+def check_demo(cfg: dict, stages: dict[str, dict], configs: dict[str, Path], data: dict) -> None:
+    """Everything that can be checked before training: the data is there (unless it is to be
+    downloaded) and every stage config of every step parses, each error naming its file,
+    section and key."""
+    from datamodules import DatasetError, ImageDataModule
+
+    from .run import load_prune_config, stage_configs
+    from .zoo import check_zoo_stages, load_zoo_config
+
+    if not data.get("download"):
+        images = stages["zoo"]["pretrain"]["data"].get("init_args") or {}
+        try:
+            ImageDataModule(**images).num_classes
+        except DatasetError as e:
+            raise DemoError(f"{e} (the demo reads it from --data_root, else ${DATA_ENV}; without "
+                            f"either it downloads CIFAR-10 to {DEFAULT_DATA})") from None
+    # the zoo and the held-out networks share one config; only the seed differs
+    check_zoo_stages(load_zoo_config(configs["zoo"], seed=cfg["demo"]["zoo_seeds"][0]), configs["zoo"])
+    check_stage_config(stages["meta"], f"meta config {str(configs['meta'])!r}", DemoError)
+    model = stages["zoo"]["pretrain"]["model"]["init_args"]
+    arch = {"name": model["network"], "num_classes": model.get("num_classes", 10),
+            "kwargs": model.get("network_kwargs") or {}}
+    prune = load_prune_config(configs["prune"])
+    for method in cfg["demo"]["methods"]:
+        args = argparse.Namespace(method=method, network="network.pt", metanetwork="best.ckpt")
+        for section, stage in zip(("finetune", "final"),
+                                  stage_configs(prune, args, configs["prune"].parent, arch)):
+            check_stage_config(stage, f"prune config {str(configs['prune'])!r}, section "
+                               f"{section!r} (merged over 'base')", DemoError)
+
+
+def write_demo_configs(out: Path, settings: dict, stages: dict[str, dict]) -> dict[str, Path]:
+    """``<out>/demo.json`` (refusing a folder that holds another demo) and the stage configs as
+    files the subcommands read, ``<out>/configs/<stage>.yaml``."""
     if (out / DEMO_FILE).is_file():
         stored = json.loads((out / DEMO_FILE).read_text())
         if stored != settings:
@@ -211,12 +246,27 @@ def demo_command(args: argparse.Namespace) -> int:
     elif is_rank_zero():
         write_json(out / DEMO_FILE, settings)
     configs = {}
-    for name, stage in stages.items():  # the stage configs, as files the subcommands read
+    for name, stage in stages.items():
         configs[name] = out / "configs" / f"{name}.yaml"
         if not configs[name].is_file() or yaml.safe_load(configs[name].read_text()) != stage:
             text = yaml.safe_dump(stage, sort_keys=False)
             atomic_write(configs[name], lambda tmp, text=text: Path(tmp).write_text(text))
+    return configs
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cfg = load_demo_config(args.config, args.fast)
+    demo = cfg["demo"]
+    out = Path(args.out or ("runs/demo_pipeline_fast" if args.fast else "runs/demo_pipeline")).resolve()
+    data, data_source = demo_data(args.data_root)
+    stages = demo_stage_configs(cfg, out, data)
+    settings = json.loads(json.dumps({"demo": demo, "select": cfg["select"], "stages": stages}))
+    with tempfile.TemporaryDirectory() as tmp:  # checked before --out is touched
+        check_demo(cfg, stages, write_demo_configs(Path(tmp) / "demo", settings, stages), data)
+    configs = write_demo_configs(out, settings, stages)
     print(f"demo: data {data['root']} ({data_source}); outputs in {out}", file=sys.stderr)
+    console = Stages(list(STAGES), out / "logs")
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -226,62 +276,72 @@ def demo_command(args: argparse.Namespace) -> int:
         return result
 
     # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
-    for seed in demo["zoo_seeds"]:
-        timed(f"zoo seed{seed}", lambda s=seed: main(["zoo", "--config", str(configs["zoo"]),
-                                                      "--seed", str(s)]))
+    with console.stage("zoo", len(demo["zoo_seeds"]), "networks") as step:
+        for seed in demo["zoo_seeds"]:
+            timed(f"zoo seed{seed}", lambda s=seed: main(["zoo", "--config", str(configs["zoo"]),
+                                                          "--seed", str(s)]))
+            step()
     from callbacks import find_member
 
     targets = {}
-    for seed in demo["target_seeds"]:
-        timed(f"target seed{seed}", lambda s=seed: main([
-            "zoo", "--config", str(configs["zoo"]), "--seed", str(s), "--zoo_dir", str(out / "target")]))
-        row = find_member(out / "target", int(seed))
-        if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
-            return 0
-        targets[int(seed)] = out / "target" / row["file"]
+    with console.stage("held-out networks", len(demo["target_seeds"]), "networks") as step:
+        for seed in demo["target_seeds"]:
+            timed(f"target seed{seed}", lambda s=seed: main([
+                "zoo", "--config", str(configs["zoo"]), "--seed", str(s), "--zoo_dir", str(out / "target")]))
+            row = find_member(out / "target", int(seed))
+            if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
+                return 0
+            targets[int(seed)] = out / "target" / row["file"]
+            step()
 
     # 2. meta-training (train.main through fit_stage: resumes from last.ckpt when killed).
     meta_done = out / "meta" / "done.json"
-    if meta_done.is_file():
-        print(f"meta-training done already: {meta_done}", file=sys.stderr)
-    else:
-        timed("meta-train", lambda: fit_stage(stages["meta"]))
-        if not is_rank_zero():
-            return 0
-        ckpts = sorted(p.name for p in (out / "meta" / "checkpoints").glob("*.ckpt"))
-        write_json(meta_done, {"checkpoints": ckpts})
+    with console.stage("meta-training", 1, "run") as step:
+        if meta_done.is_file():
+            print(f"meta-training done already: {meta_done}", file=sys.stderr)
+        else:
+            timed("meta-train", lambda: fit_stage(stages["meta"]))
+            if not is_rank_zero():
+                return 0
+            ckpts = sorted(p.name for p in (out / "meta" / "checkpoints").glob("*.ckpt"))
+            write_json(meta_done, {"checkpoints": ckpts})
+        step()
 
     # 3. checkpoint selection on the meta-val members (validation data only).
     selection = out / "meta" / "selection"
     best = selection / "best.ckpt"
-    if best.is_file():
-        print(f"selection done already: {best}", file=sys.stderr)
-    else:
-        s = cfg["select"]
-        argv = ["select", "--config", str(configs["meta"]), "--run", str(out / "meta"),
-                "--out", str(selection)]
-        for key, value in s.items():
-            argv += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
-        timed("select", lambda: main(argv))
+    with console.stage("checkpoint selection", 1, "run") as step:
+        if best.is_file():
+            print(f"selection done already: {best}", file=sys.stderr)
+        else:
+            argv = ["select", "--config", str(configs["meta"]), "--run", str(out / "meta"),
+                    "--out", str(selection)]
+            for key, value in cfg["select"].items():
+                argv += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+            timed("select", lambda: main(argv))
+        step()
 
     # 4. prune every held-out network with every method to every target (`prune.py run`, one
     # folder each). Stage 1 does not depend on the target: later targets reuse the first's.
     reports = {}
-    for seed, target in targets.items():
-        for method in demo["methods"]:
-            first = None
-            for speed_up in demo["speed_ups"]:
-                key = run_key(seed, speed_up, method)
-                run_out = out / "prune" / key
-                argv = ["run", "--config", str(configs["prune"]), "--network", str(target),
-                        "--method", method, "--speed_up", str(speed_up), "--out", str(run_out)]
-                if method == "metanetwork":
-                    argv += ["--metanetwork", str(best)]
-                if first is not None:
-                    argv += ["--reuse_first_stage", str(first)]
-                timed(f"prune {key}", lambda argv=argv: main(argv))
-                reports[key] = json.loads((run_out / REPORT).read_text())
-                first = first or run_out
+    cells = len(targets) * len(demo["methods"]) * len(demo["speed_ups"])
+    with console.stage("pruning", cells, "runs") as step:
+        for seed, target in targets.items():
+            for method in demo["methods"]:
+                first = None
+                for speed_up in demo["speed_ups"]:
+                    key = run_key(seed, speed_up, method)
+                    run_out = out / "prune" / key
+                    argv = ["run", "--config", str(configs["prune"]), "--network", str(target),
+                            "--method", method, "--speed_up", str(speed_up), "--out", str(run_out)]
+                    if method == "metanetwork":
+                        argv += ["--metanetwork", str(best)]
+                    if first is not None:
+                        argv += ["--reuse_first_stage", str(first)]
+                    timed(f"prune {key}", lambda argv=argv: main(argv))
+                    reports[key] = json.loads((run_out / REPORT).read_text())
+                    first = first or run_out
+                    step()
 
     table = demo_table(reports)
     differences = paired_table(paired_differences(measures(reports)))

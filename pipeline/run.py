@@ -17,17 +17,21 @@ from typing import Any, Callable
 
 import yaml
 
-from .common import (atomic_write, deep_merge, fit_stage, is_rank_zero, read_yaml_config,
-                     wait_for, write_json)
+from .common import (atomic_write, check_stage_config, deep_merge, fit_stage, is_rank_zero,
+                     read_yaml_config, wait_for, write_json)
 
 RUN_SECTIONS = ("prune", "base", "finetune", "final")
 RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
-            "bn_batches", "bn_batch_size", "curve_range", "curve_every"}
+            "bn_batches", "bn_batch_size", "curve_range", "curve_every", "latency_batch_sizes",
+            "onnx"}
 METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
+# Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
+# a default, not written into the stored settings, so runs from before it keep their settings.
+LATENCY_BATCH_SIZES = (1, 64)
 CLASSIFIER = "lightning_modules.ImageClassifier"
 
 
@@ -67,6 +71,9 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if prune.get("speed_up") is None:
         raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
     prune["speed_up"], prune["seed"] = float(prune["speed_up"]), int(prune["seed"])
+    if not prune["speed_up"] > 1.0:
+        raise PruneRunError(f"{where}: speed-up target {prune['speed_up']:g} must be above 1 (a "
+                            "factor of fewer MACs than the unpruned architecture, e.g. 2)")
     lo_hi = prune["curve_range"]
     if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and 1.0 <= float(lo_hi[0]) < float(lo_hi[1])):
         raise PruneRunError(f"{where}: prune.curve_range {lo_hi!r} must be [LO, HI] with "
@@ -129,6 +136,12 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
     if isinstance(classes, int) and classes != arch["num_classes"]:
         raise PruneRunError(f"{source} has {arch['num_classes']} classes but the config's data "
                             f"has num_classes={classes}; use the config of the network's task")
+    data = cfg["base"]["data"]
+    if str(data.get("class_path", "")).endswith("ImageDataModule"):  # data found, no leakage
+        from datamodules import ImageDataModule
+
+        ImageDataModule(**(data.get("init_args") or {})).check_held_out(
+            record["metadata"].get("trained_on") or [], source)
     if metanetwork_path is not None:
         metanetwork = load_metanetwork(metanetwork_path)
         graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
@@ -277,15 +290,31 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     return points
 
 
-def export_program(network: Any, example: Any, path: Path) -> Path:
-    """``torch.export`` the network (eval mode, any batch size) to a ``.pt2`` that loads with
-    plain PyTorch: ``torch.export.load(path).module()(x)``."""
+def export_checked_onnx(network: Any, example: Any, path: Path) -> dict:
+    """``network.onnx`` (written once), checked in onnxruntime in a fresh process against the
+    PyTorch network on 4 seeded random images (max abs difference <= 1e-4)."""
     import torch
 
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(network.eval(), (example.repeat(2, 1, 1, 1),),
-                                  dynamic_shapes=({0: batch},))
-    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    from networks.export import ONNX_OPSET, check_onnx, export_onnx
+
+    if not path.is_file():
+        export_onnx(network, example, path)
+    inputs = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    return {"file": path.name, "opset": ONNX_OPSET, **check_onnx(path, network, inputs)}
+
+
+def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
+    """Forward latency of the final network and of its unpruned architecture at each of
+    ``prune.latency_batch_sizes`` (pipeline.measure; on CUDA when there is one), so the report
+    holds the measured speed-up beside the MACs one."""
+    import torch
+
+    from .measure import compare
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = [int(b) for b in p.get("latency_batch_sizes", LATENCY_BATCH_SIZES)]
+    return compare(copy.deepcopy(network), arch, p["input_size"], sizes, device,
+                   min_run_time=0.25)["latency"] if sizes else []
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,32 +335,37 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "seed and config that differs only in the speed-up target")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
-    out = run_dir(cfg, args.network, args.method, args.out)
-    settings = run_settings(cfg, args)
-    if (out / RUN_FILE).is_file():
-        stored = json.loads((out / RUN_FILE).read_text())
-        if stored != settings:
-            diff = sorted(k for k in settings if stored.get(k) != settings[k])
-            raise PruneRunError(
-                f"run directory {str(out)!r} holds a run with other settings (differs in "
-                f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
+def stored_settings_check(out: Path, settings: dict) -> bool:
+    """Compare ``settings`` with the run already in ``out``; True when that run is complete.
+
+    Other settings are refused, except a changed ``final`` section before stage 2 finished:
+    stage 1 does not depend on it, so it is kept and stage 2 starts over (a partial stage-2
+    folder is moved aside to ``prune_finetune.superseded-<n>``, nothing is deleted)."""
+    if not (out / RUN_FILE).is_file():
+        return False
+    stored = json.loads((out / RUN_FILE).read_text())
+    if stored == settings:
         if (out / REPORT).is_file():
             print(f"done already: {out / REPORT}", file=sys.stderr)
-            return 0
-    import networks  # after the "done already" exit: a finished run imports no torch
+            return True
+        return False
+    stage1 = lambda s: {**s, "config": {k: v for k, v in s["config"].items() if k != "final"}}  # noqa: E731
+    if stage1(stored) == stage1(settings) and not (out / SECOND_STAGE / "network.pt").is_file():
+        if (out / SECOND_STAGE).exists() and is_rank_zero():
+            n = 1 + sum(1 for _ in out.glob(f"{SECOND_STAGE}.superseded-*"))
+            (out / SECOND_STAGE).rename(out / f"{SECOND_STAGE}.superseded-{n}")
+        print(f"{out}: section 'final' changed; stage 1 kept, stage 2 starts over", file=sys.stderr)
+        return False
+    diff = sorted(k for k in settings if stored.get(k) != settings[k])
+    raise PruneRunError(
+        f"run directory {str(out)!r} holds a run with other settings (differs in "
+        f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
 
-    info = check_inputs(cfg, args.network, settings["metanetwork"])
-    first = FIRST_STAGE[args.method]
-    if args.reuse_first_stage and not (out / first / "network.pt").is_file() and is_rank_zero():
-        reuse_first_stage(Path(args.reuse_first_stage), settings, out, first)
-    if is_rank_zero() and not (out / RUN_FILE).is_file():
-        write_json(out / RUN_FILE, settings)
-    p, arch = cfg["prune"], info["arch"]
 
-    # Stage 1: feedforward + finetune, identity + finetune, or sparse training.
+def stage_configs(cfg: dict, args: argparse.Namespace, out: Path, arch: dict) -> tuple[dict, dict]:
+    """The two Lightning stages of a run: stage 1 (feedforward + finetune, finetune, or sparse
+    training) and stage 2 (prune to S against the unpruned architecture + finetune)."""
+    p, first = cfg["prune"], FIRST_STAGE[args.method]
     extra: list[dict] = []
     if args.method == "metanetwork":
         extra = [{"class_path": "callbacks.MetanetworkFeedforward",
@@ -342,14 +376,36 @@ def run_command(args: argparse.Namespace) -> int:
                   "init_args": {"reg": float(p["reg"]), "alpha": float(p["alpha"]),
                                 "input_size": p["input_size"]}}]
     stage1 = run_stage_config(cfg, "finetune", out, first, args.network, arch, extra)
-    finetuned = run_stage(stage1, out / first / "network.pt", first)
-
-    # Stage 2: prune to S (against the unpruned architecture) + finetune.
     prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
                  "init_args": {"speed_up": p["speed_up"], "iterative_steps": int(p["iterative_steps"]),
                                "input_size": p["input_size"]}},
                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
-    stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, finetuned, arch, prune_cb)
+    stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, out / first / "network.pt", arch,
+                              prune_cb)
+    return stage1, stage2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
+    out = run_dir(cfg, args.network, args.method, args.out)
+    settings = run_settings(cfg, args)
+    if stored_settings_check(out, settings):
+        return 0
+    import networks  # after the "done already" exit: a finished run imports no torch
+    from networks.export import export_program
+
+    info = check_inputs(cfg, args.network, settings["metanetwork"])
+    p, arch, first = cfg["prune"], info["arch"], FIRST_STAGE[args.method]
+    stage1, stage2 = stage_configs(cfg, args, out, arch)
+    for section, stage in (("finetune", stage1), ("final", stage2)):  # before anything trains
+        check_stage_config(stage, f"prune config {str(args.config)!r}, section {section!r} (merged "
+                           "over 'base')", PruneRunError)
+    if args.reuse_first_stage and not (out / first / "network.pt").is_file() and is_rank_zero():
+        reuse_first_stage(Path(args.reuse_first_stage), settings, out, first)
+    if is_rank_zero():
+        write_json(out / RUN_FILE, settings)
+    finetuned = run_stage(stage1, out / first / "network.pt", first)
     final = run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
     if not is_rank_zero():
         return 0
@@ -369,15 +425,17 @@ def run_command(args: argparse.Namespace) -> int:
     from callbacks.pruning import example_input
 
     example = example_input(p["input_size"])
-    network, _ = networks.load_network(final)
+    network, final_record = networks.load_network(final)
     macs, params = networks.count_macs(network, example), networks.count_params(network)
     reached = info["base_macs"] / macs
     if not (out / "network.pt").is_file():
         networks.save_network(network, out / "network.pt", arch=arch, metadata={
             "method": args.method, "speed_up": reached, "macs": macs, "base_macs": info["base_macs"],
-            "val_acc": acc["final"]["val_acc"], "test_acc": acc["final"]["test_acc"]})
+            "val_acc": acc["final"]["val_acc"], "test_acc": acc["final"]["test_acc"],
+            "trained_on": final_record["metadata"].get("trained_on", [])})
     if not (out / "network.pt2").is_file():
         export_program(network, example, out / "network.pt2")
+    onnx = export_checked_onnx(network, example, out / "network.onnx") if p.get("onnx", True) else None
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
     network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
@@ -389,11 +447,15 @@ def run_command(args: argparse.Namespace) -> int:
                                   info["base_macs"], hi, p, out / first,
                                   f"{args.method}: after stage 1, no finetuning",
                                   1 / arch["num_classes"])
+    latency = measured_latency(network, arch, p)
     report = {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
         "architecture": arch,
-        "speed_up": {"target": p["speed_up"], "reached": reached, "before": info["speed_up"]},
+        "speed_up": {"target": p["speed_up"], "reached": reached, "before": info["speed_up"],
+                     "measured": {str(r["batch_size"]): r["speed_up_measured"] for r in latency}},
+        "latency": latency,
+        "onnx": onnx,
         "macs": {"unpruned": info["base_macs"], "before": info["macs"], "after": macs},
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
@@ -401,7 +463,8 @@ def run_command(args: argparse.Namespace) -> int:
                          "bn_batches": int(p["bn_batches"]), "csv": f"{first}/curve.csv"},
         "seeds": {"seed_everything": p["seed"],
                   "data_split": (cfg["base"]["data"].get("init_args") or {}).get("seed")},
-        "files": {"network": "network.pt", "exported": "network.pt2", "curve": "curve.png",
+        "files": {"network": "network.pt", "exported": "network.pt2",
+                  "onnx": "network.onnx" if onnx else None, "curve": "curve.png",
                   "curve_csv": "curve.csv", "stage1_curve": f"{first}/curve.png",
                   "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
         "config": {"prune": p, "stages": {first: stage1, SECOND_STAGE: stage2}},

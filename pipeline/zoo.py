@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import deep_merge, fit_stage, is_rank_zero, read_yaml_config, wait_for
+from .common import check_stage_config, deep_merge, fit_stage, is_rank_zero, read_yaml_config, wait_for
 
 ZOO_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "pretrained", "seed"}
 
@@ -136,6 +136,20 @@ def run_finetune(cfg: dict, weights: Path) -> dict | None:
     return find_member(zoo["dir"], zoo["seed"])
 
 
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def check_zoo_stages(cfg: dict, path: str | os.PathLike) -> None:
+    """Both stage configs parsed and type-checked before stage 1 trains (errors name the file,
+    the section and the key)."""
+    where = f"zoo config {str(path)!r}, section"
+    check_stage_config(pretrain_config(cfg), f"{where} 'pretrain'", ZooConfigError)
+    weights = stage_dir(cfg["zoo"]["dir"], cfg["zoo"]["seed"], "pretrain") / "network.pt"
+    check_stage_config(finetune_config(cfg, weights), f"{where} 'finetune' (merged over 'pretrain')",
+                       ZooConfigError)
+
+
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="configs/<task>/zoo.yaml")
     parser.add_argument("--seed", type=int, default=None,
@@ -149,13 +163,14 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
 def zoo_command(args: argparse.Namespace) -> int:
     cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
                           data_root=args.data_root, pretrained=args.pretrained)
+    check_zoo_stages(cfg, args.config)
     t0 = time.perf_counter()
     weights = run_pretrain(cfg)
     row = run_finetune(cfg, weights)
     if row is not None and is_rank_zero():
         zoo = cfg["zoo"]
         print(f"zoo {zoo['dir']}: seed {row['seed']} -> {row['file']}, speed-up "
-              f"{row['speed_up']:.3f}x ({row['macs']:,} MACs), val/acc {row['val_acc']}, "
-              f"test/acc {row['test_acc']} [{time.perf_counter() - t0:.0f} s]")
+              f"{row['speed_up']:.3f}x ({row['macs']:,} MACs), val/acc {_acc(row['val_acc'])}, "
+              f"test/acc {_acc(row['test_acc'])} [{time.perf_counter() - t0:.0f} s]")
     return 0
 

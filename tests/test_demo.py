@@ -3,8 +3,11 @@ checkpoint selection, pruning a held-out network three ways, the table) on gener
 through the shipped configs/demo/demo.yaml shrunk to seconds; a rerun recomputes nothing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ import prune
 from pipeline import demo as pipeline_demo
 from pipeline import run as pipeline_run
 from pipeline import zoo as pipeline_zoo
+from pipeline.cli import cli
+from pipeline.console import configure
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "demo.yaml"
@@ -60,11 +65,30 @@ def finished(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     tmp = tmp_path_factory.mktemp("demo")
     config, out = tiny_demo_config(tmp), tmp / "out"
     argv, sys.argv = sys.argv, ["prune.py"]
+    console = io.StringIO()  # the demo as a user runs it: through the entry point, quiet
     try:
-        assert demo(config, tiny_cifar, out) == 0
+        with warnings.catch_warnings(), contextlib.redirect_stdout(console), \
+                contextlib.redirect_stderr(console):
+            assert cli(["demo", "--config", str(config), "--data_root", str(tiny_cifar), "--out",
+                        str(out)]) == 0
     finally:
         sys.argv = argv
-    return {"config": config, "out": out, "root": tiny_cifar}
+        configure(verbose=True)  # the library default, for the other tests
+    return {"config": config, "out": out, "root": tiny_cifar, "console": console.getvalue()}
+
+
+def test_demo_console_is_quiet_and_nothing_is_lost(finished: dict) -> None:
+    """One line per stage (header + progress bar), the result tables, nothing else; each
+    stage's own output (Lightning's messages included) is in its log file."""
+    lines = finished["console"].split("\n")  # a progress bar redraws its line with "\r"
+    assert len(lines) < 80, finished["console"]
+    for k, stage in enumerate(pipeline_demo.STAGES, 1):
+        assert sum(line.lstrip("\r").startswith(f"[{k}/5] {stage}") for line in lines) == 1
+    for noise in ("Seed set to", "GPU available", "Tip:", "Total params", "LeafSpec"):
+        assert noise not in finished["console"]
+    logs = finished["out"] / "logs"
+    assert "Seed set to 0" in (logs / "zoo.log").read_text()
+    assert "| seed100 | metanetwork |" in finished["console"]
 
 
 def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixture) -> None:
@@ -131,10 +155,28 @@ def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.Monke
 
 
 def test_demo_refuses_an_output_folder_of_other_settings(finished: dict, tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
+    import shutil
+
+    other = shutil.copytree(finished["root"], tmp_path / "other")  # same data, another root
     with pytest.raises(pipeline_demo.DemoError, match="holds a demo with other settings"):
         demo(finished["config"], other, finished["out"])
+
+
+def test_demo_checks_data_and_every_stage_config_before_touching_out(
+        finished: dict, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(pipeline_demo.DemoError, match=r"data not found.*--data_root.*METAPRUNE_DATA"):
+        demo(finished["config"], empty, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    cfg = yaml.safe_load(finished["config"].read_text())
+    cfg["prune"].setdefault("final", {}).setdefault("trainer", {})["max_epoch"] = 1  # a typo
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_demo.DemoError, match=r"prune config .*prune.yaml', section 'final'"
+                                                      r".*'max_epoch'"):
+        demo(config, finished["root"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_data_root_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -175,18 +217,22 @@ def test_quality_benchmark_table_is_mean_and_std_over_networks() -> None:
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
 
-    def report(method: str, target: float, test: float) -> dict:
+    def report(method: str, target: float, test: float, measured: float | None = None) -> dict:
         acc = {"test": test, "val": test / 2}
-        return {"method": method, "speed_up": {"target": target, "reached": target + 0.01},
+        speed_up = {"target": target, "reached": target + 0.01}
+        if measured is not None:  # runs from before latency was measured have none
+            speed_up["measured"] = {"1": measured, "64": 9.0}
+        return {"method": method, "speed_up": speed_up,
                 "accuracy": {"final": acc, "finetuned": {"test": 0.5, "val": 0.5}},
                 "macs": {"after": 2e6}, "params": {"after": 3000}}
 
-    reports = {f"seed{i}/2x/none": report("none", 2.0, a) for i, a in enumerate((0.50, 0.60, 0.70))}
+    reports = {f"seed{i}/2x/none": report("none", 2.0, a, 1.5 + i / 10)
+               for i, a in enumerate((0.50, 0.60, 0.70))}
     reports["seed0/3x/sparse"] = report("sparse", 3.0, 0.40)
     table = quality.summary_table(reports).splitlines()
     assert table[2].startswith("| 2x | none | 3 | 60.00 +- 10.00 | 30.00 +- 5.00 | 50.00 +- 0.00 "
-                               "| 2.01-2.01x | 2.00M | 3.0k |")
-    assert table[3].startswith("| 3x | sparse | 1 | 40.00 | 20.00 |")
+                               "| 2.01-2.01x | 1.60x | 2.00M | 3.0k |")
+    assert table[3].startswith("| 3x | sparse | 1 | 40.00 | 20.00 | 50.00 | 3.01-3.01x | - |")
 
 
 def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:

@@ -111,6 +111,10 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
         load_network(other)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_network(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("hello world")
+    with pytest.raises(CheckpointError, match=r"notes.txt' is not a file saved by torch.save "
+                                              r"\(it begins with b'hello wo'\)"):
+        load_network(tmp_path / "notes.txt")
     record = torch.load(path, weights_only=True)
     record["state_dict"]["conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(record, tmp_path / "nan.pt")

@@ -2,6 +2,7 @@
 independent oracles, bad input stopped before training, reruns recompute nothing."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 import networks
+import networks.export
 import prune
 from pipeline import run as pipeline_run
 from callbacks.zoo import widths
@@ -287,8 +289,11 @@ def test_rerunning_a_finished_run_recomputes_nothing(runs: dict[str, Path], setu
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    for name in ("fit_stage", "evaluate_networks", "check_inputs", "export_program"):
+    for name in ("fit_stage", "evaluate_networks", "check_inputs", "measured_latency",
+                 "export_checked_onnx"):
         monkeypatch.setattr(pipeline_run, name, fail)
+    for name in ("export_program", "export_onnx"):
+        monkeypatch.setattr(networks.export, name, fail)
     assert run(setup["config"], setup["network"], "none", out) == 0
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -309,6 +314,57 @@ def test_killed_run_resumes_without_redoing_finished_stages(runs: dict[str, Path
     assert json.loads((out / "report.json").read_text())["accuracy"] == \
         json.loads((runs["none"] / "report.json").read_text())["accuracy"]
     assert (out / "network.pt2").is_file() and (out / "curve.png").is_file()
+
+
+def test_stage2_typo_fails_before_stage1_and_the_fix_reuses_stage1(
+        runs: dict[str, Path], setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelled key in `final:` is refused before anything trains or is written, naming the
+    file, the section and the key; after stage 1 finished, a changed `final:` keeps stage 1."""
+    import shutil
+
+    cfg = yaml.safe_load(setup["config"].read_text())
+    bad = copy.deepcopy(cfg)
+    bad["final"]["trainer"]["max_epoch"] = 1  # typo of max_epochs
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    trained = []
+    monkeypatch.setattr(pipeline_run, "fit_stage", lambda *a, **k: trained.append(a))
+    with pytest.raises(pipeline_run.PruneRunError,
+                       match=rf"prune config '{config}', section 'final'.*'max_epoch'"):
+        run(config, setup["network"], "none", tmp_path / "typo")
+    assert not trained and not (tmp_path / "typo").exists()
+    bad = copy.deepcopy(cfg)
+    bad["final"]["model"]["init_args"]["lrr"] = 0.1
+    config.write_text(yaml.safe_dump(bad))
+    with pytest.raises(pipeline_run.PruneRunError, match=r"section 'final'.*model.*'lrr'"):
+        run(config, setup["network"], "none", tmp_path / "typo")
+    assert not trained
+
+    # stage 1 finished (copied from a finished run minus its stage 2), then 'final' changes
+    out = tmp_path / "changed"
+    shutil.copytree(runs["none"], out)
+    shutil.rmtree(out / pipeline_run.SECOND_STAGE / "checkpoints")
+    (out / pipeline_run.SECOND_STAGE / "network.pt").unlink()
+    for name in ("report.json", "network.pt", "network.pt2", "eval.json"):
+        (out / name).unlink()
+    changed = copy.deepcopy(cfg)
+    changed["final"]["model"]["init_args"]["lr"] = 0.02
+    config.write_text(yaml.safe_dump(changed))
+    stages = []
+
+    def run_stage(config: dict, output: Path, name: str) -> Path:
+        stages.append((name, output.is_file()))
+        if name == pipeline_run.SECOND_STAGE:
+            pytest.fail("stop after the stages were chosen")
+        return output
+
+    monkeypatch.setattr(pipeline_run, "run_stage", run_stage)
+    with pytest.raises(pytest.fail.Exception, match="stop after"):
+        run(config, setup["network"], "none", out)
+    assert stages == [("finetune", True), (pipeline_run.SECOND_STAGE, False)]  # stage 1 kept
+    assert (out / f"{pipeline_run.SECOND_STAGE}.superseded-1").is_dir()  # moved aside, not deleted
+    stored = json.loads((out / "run.json").read_text())
+    assert stored["config"]["final"]["model"]["init_args"]["lr"] == 0.02
 
 
 # ---- bad input stops early ----------------------------------------------------------------------
@@ -417,3 +473,13 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
         cli = train.main(["--config", yaml.safe_dump(stage)], run=False)
         assert cli.trainer.max_epochs == raw[section]["trainer"]["max_epochs"]
         assert cli.model.hparams.lr == raw[section]["model"]["init_args"]["lr"]
+
+
+def test_run_writes_a_checked_onnx_file_and_measured_latency(runs: dict[str, Path]) -> None:
+    report = json.loads((runs["sparse"] / "report.json").read_text())
+    assert report["onnx"]["file"] == "network.onnx" and (runs["sparse"] / "network.onnx").is_file()
+    assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["opset"] == 18
+    assert [r["batch_size"] for r in report["latency"]] == [1, 64]
+    for row in report["latency"]:
+        assert row["speed_up_measured"] == pytest.approx(row["unpruned_latency_ms"] / row["latency_ms"])
+        assert report["speed_up"]["measured"][str(row["batch_size"])] == row["speed_up_measured"]

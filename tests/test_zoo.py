@@ -270,3 +270,70 @@ def test_bad_zoo_config_is_named(tmp_path: Path) -> None:
     bad.write_text("zoo: {speed_up: 2}\npretrain: {seed_everything: 1}\n")
     with pytest.raises(pipeline_zoo.ZooConfigError, match="seed_everything"):
         pipeline_zoo.load_zoo_config(bad)
+
+
+# ---- held-out evaluation: network files record their training split ---------------------------
+
+def _image_keys(dataset) -> set[bytes]:
+    """The raw bytes of every image of an in-memory split (content, not position)."""
+    return {bytes(img.numpy()) for img in dataset.images}
+
+
+def test_curve_without_split_flags_scores_no_training_image(tiny_cifar: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A zoo member trained on a non-default split (8 of 12 images per class, val_fraction
+    0.25, seed 5): `prune.py curve` without split flags evaluates it on images none of which
+    were ever served to its training (recorded from the training loaders themselves), and the
+    default split (all 12 images, seed 0), which would score training images, is refused."""
+    import sys
+
+    from callbacks import curve as curve_module
+    from datamodules import DatasetError
+
+    trained, evaluated = set(), set()
+    train_loader, make_evaluator = ImageDataModule.train_dataloader, curve_module.evaluator
+
+    def spy_train(self):
+        trained.update(_image_keys(self.train_set))
+        return train_loader(self)
+
+    def spy_evaluator(loader, device):
+        evaluated.update(_image_keys(loader.dataset))
+        return make_evaluator(loader, device)
+
+    monkeypatch.setattr(ImageDataModule, "train_dataloader", spy_train)
+    monkeypatch.setattr(curve_module, "evaluator", spy_evaluator)
+    config = tiny_zoo_config(tiny_cifar, tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["pretrain"]["data"]["init_args"].update(subset=8, val_fraction=0.25, seed=5)
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["prune.py"])
+    assert run_zoo(config, 0) == 0
+    member = tmp_path / "zoo" / "members" / "seed0.pt"
+    split = {"dataset": "cifar10", "subset": 8, "val_fraction": 0.25, "seed": 5}
+    assert networks.load_network(member)[1]["metadata"]["trained_on"] == [split]
+    assert len(trained) == 3 * 6  # 8 per class, 2 of them val
+
+    curve = ["curve", "--network", str(member), "--data_root", str(tiny_cifar), "--max_speed_up",
+             "1.5", "--iterative_steps", "10", "--every", "5", "--bn_batches", "1", "--out",
+             str(tmp_path / "curve")]
+    assert prune.main(curve) == 0
+    assert len(evaluated) == 3 * 2 and not evaluated & trained
+    assert "WARNING" not in capsys.readouterr().err
+    with pytest.raises(DatasetError, match=r"\d+ of the 18 val images \(subset=12.* are training "
+                                           r"images of network file .*seed0\.pt.* trained with subset=8"):
+        prune.main(curve + ["--subset", "12", "--seed", "0", "--val_fraction", "0.5"])
+
+
+def test_finetune_typo_fails_before_pretraining(tiny_cifar: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_zoo_config(tiny_cifar, tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["finetune"]["trainer"]["max_epoch"] = 1  # typo of max_epochs
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(pipeline_zoo, "fit_stage", lambda *a, **k: pytest.fail("a stage trained"))
+    with pytest.raises(pipeline_zoo.ZooConfigError,
+                       match=rf"zoo config '{config}', section 'finetune'.*'max_epoch'"):
+        run_zoo(config, 0)
+    assert not (tmp_path / "zoo").exists()

@@ -1,0 +1,65 @@
+"""Paired differences over the held-out networks of several quality-benchmark folders at once.
+
+    python benchmarks/quality_pool.py \
+        --runs runs/quality_cifar10/prune runs/quality_confirm/prune \
+        --variant metanetwork=runs/variants/paper_distill/prune [--out pooled.md]
+
+Every ``<folder>/seed<N>/<S>x/<method>/report.json`` under ``--runs`` counts, keyed by network
+and method; ``--variant METHOD=FOLDER`` makes the runs in FOLDER (``quality_variant.py``'s
+``<out>/prune``, whose method is ``variant``) stand for METHOD, replacing that method's runs of
+the same networks. Networks must be held out of meta-training in every folder; nothing here is
+selected, it only pools what was run. Prints and optionally writes the paired table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline.common import atomic_write  # noqa: E402
+from pipeline.paired import paired_table  # noqa: E402
+
+
+def reports_under(folder: Path, method: str | None = None) -> dict[str, dict]:
+    """``{run_key: report}`` of every finished run under ``folder`` (method renamed if given)."""
+    out = {}
+    for path in sorted(folder.glob("seed*/*x/*/report.json")):
+        report = json.loads(path.read_text())
+        report["method"] = method or report["method"]
+        seed, target = path.parts[-4], path.parts[-3]
+        out[f"{seed}/{target}/{report['method']}"] = report
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="prune/ folders of benchmarks")
+    parser.add_argument("--variant", nargs="*", default=[], metavar="METHOD=FOLDER",
+                        help="runs that stand for METHOD (replacing its runs of the same networks)")
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+    reports: dict[str, dict] = {}
+    for folder in args.runs:
+        reports.update(reports_under(Path(folder)))
+    for spec in args.variant:
+        method, _, folder = spec.partition("=")
+        if not folder:
+            parser.error(f"--variant {spec!r}: write METHOD=FOLDER")
+        reports = {k: r for k, r in reports.items() if r["method"] != method
+                   or not (Path(folder) / k.rsplit("/", 1)[0]).is_dir()}
+        reports.update(reports_under(Path(folder), method))
+    networks = sorted({pipeline_demo.network_of(k) for k in reports})
+    table = paired_table(pipeline_demo.paired_differences(pipeline_demo.measures(reports)))
+    text = f"Held-out networks: {', '.join(networks)} ({len(reports)} runs)\n\n{table}\n"
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

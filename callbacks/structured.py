@@ -1,0 +1,203 @@
+"""StructuredPruning: dependency-aware channel pruning inside any Lightning fit.
+
+Lightning's own ``ModelPruning`` masks weights (``torch.nn.utils.prune``): the network keeps
+its shape and its cost. This callback removes whole channels with Torch-Pruning's dependency
+graph (coupled layers, e.g. both sides of a residual sum, pruned together), so the network
+gets smaller and faster, and keeps the fit consistent around the change:
+
+* it prunes at the start of the chosen epochs (one shot, or progressively over a range),
+  before that epoch's first step, to a MACs speed-up or a share of channels;
+* it rebuilds the optimizers and schedulers through ``configure_optimizers`` for the new
+  parameters, at the learning rate and schedule position they had (optimizer state such as
+  momentum is started afresh: it belonged to the removed shapes);
+* under DDP every rank prunes the same channels (the criteria are deterministic functions of
+  the replicated weights) and the DDP wrapper is rebuilt around the pruned module;
+* a pruned checkpoint's weights carry their shapes: a resumed fit resizes the module's layers
+  to them before Lightning loads them, and :meth:`StructuredPruning.load` rebuilds a pruned
+  module from a checkpoint.
+
+docs/structured_pruning.md has a complete example on a plain LightningModule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+import networks
+from networks.checkpoint import apply_layer_shapes
+
+# Deterministic criteria only: every DDP rank must remove the same channels.
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    "fpgm": lambda: tp.importance.FPGMImportance(),
+}
+
+
+class StructuredPruning(Callback):
+    """Remove channels of ``pl_module`` (or of its attribute ``module``) during ``fit``.
+
+    Args:
+        speed_up: target MACs(before the first pruning) / MACs(after the last); or
+        channel_ratio: share of the prunable channels to remove (exactly one of the two).
+        epochs: the epoch to prune at, or ``[first, last]``: prune at the start of each of
+            these epochs, the speed-up growing geometrically (the ratio linearly) to the target.
+        input_size: ``[C, H, W]`` of one input, for tracing and MAC counting.
+        importance: ``l2`` | ``l1`` (group magnitude), ``bn_scale``, ``fpgm``.
+        ignored_layers: module paths (as in ``named_modules``) never pruned; the layer that
+            produces the output (the classifier) is always left out.
+        module: attribute of the LightningModule holding the network; None prunes the
+            LightningModule itself (its ``forward`` must take the input tensor).
+        iterative_steps: small pruning steps per epoch for a speed-up target.
+    """
+
+    def __init__(self, speed_up: float | None = None, channel_ratio: float | None = None,
+                 epochs: int | Sequence[int] = 0, input_size: Sequence[int] = (3, 32, 32),
+                 importance: str = "l2", ignored_layers: Sequence[str] = (),
+                 module: str | None = None, iterative_steps: int = 100) -> None:
+        if (speed_up is None) == (channel_ratio is None):
+            raise ValueError("StructuredPruning: give exactly one of speed_up (e.g. 2.0) or "
+                             "channel_ratio (e.g. 0.3)")
+        if speed_up is not None and not speed_up > 1.0:
+            raise ValueError(f"StructuredPruning: speed_up={speed_up} must be above 1")
+        if channel_ratio is not None and not 0.0 < channel_ratio < 1.0:
+            raise ValueError(f"StructuredPruning: channel_ratio={channel_ratio} must lie in (0, 1)")
+        if importance not in IMPORTANCES:
+            raise ValueError(f"StructuredPruning: importance={importance!r} is unknown; use one "
+                             f"of {sorted(IMPORTANCES)}")
+        first, last = (epochs, epochs) if isinstance(epochs, int) else tuple(epochs)
+        if not 0 <= first <= last:
+            raise ValueError(f"StructuredPruning: epochs={epochs!r} must be an epoch or "
+                             "[first, last] with 0 <= first <= last")
+        self.speed_up, self.channel_ratio = speed_up, channel_ratio
+        self.first, self.last = int(first), int(last)
+        self.example = torch.zeros(1, *(int(s) for s in input_size))
+        self.importance, self.ignored = importance, list(ignored_layers)
+        self.module, self.iterative_steps = module, int(iterative_steps)
+        self.steps_done, self.base_macs = 0, None
+
+    # ---- the network, and what a checkpoint must carry -----------------------------------
+    def network(self, pl_module: LightningModule) -> nn.Module:
+        return pl_module if self.module is None else getattr(pl_module, self.module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "base_macs": self.base_macs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps_done, self.base_macs = state_dict["steps_done"], state_dict["base_macs"]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """A resumed fit loads a pruned state dict: resize the layers to it first."""
+        if stage == "fit" and not getattr(pl_module, "_structured_pruning_hook", None):
+            pl_module._structured_pruning_hook = pl_module.register_load_state_dict_pre_hook(
+                lambda module, state, prefix, *args: reshape_to_state(module, state, prefix))
+
+    @staticmethod
+    def load(pl_module: LightningModule, path: str | Path) -> LightningModule:
+        """``pl_module`` (freshly constructed, unpruned) with the pruned shapes and the
+        weights of the Lightning checkpoint at ``path``."""
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        reshape_to_state(pl_module, state)
+        pl_module.load_state_dict(state)
+        return pl_module
+
+    # ---- pruning ---------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch, steps = trainer.current_epoch, self.last - self.first + 1
+        if not self.first <= epoch <= self.last or self.steps_done > epoch - self.first:
+            return
+        network = self.network(pl_module)
+        example = self.example.to(next(network.parameters()).device)
+        was_training = network.training
+        network.eval()  # tracing runs a forward: BN statistics must not move
+        try:
+            before = networks.count_macs(network, example)
+            if self.base_macs is None:
+                self.base_macs = before
+            k = epoch - self.first + 1
+            if self.speed_up is not None:
+                target = self.speed_up ** (k / steps)
+                networks.prune_to_speed_up(network, example, target, self.base_macs,
+                                           self.iterative_steps,
+                                           pruner=self._pruner(network, example, 1.0,
+                                                               self.iterative_steps))
+            else:  # the share of the channels left now that step k removes
+                keep_now, keep_next = 1 - self.channel_ratio * (k - 1) / steps, \
+                    1 - self.channel_ratio * k / steps
+                self._pruner(network, example, 1 - keep_next / keep_now, 1).step()
+        finally:
+            network.train(was_training)
+        self.steps_done = k
+        _rebuild_optimizers(trainer)
+        _rewrap_ddp(trainer)
+        macs, params = networks.count_macs(network, example), networks.count_params(network)
+        rank_zero_info(f"StructuredPruning epoch {epoch}: {before:,} -> {macs:,} MACs, "
+                       f"{params:,} params, speed-up {self.base_macs / macs:.3f}x")
+        for logger in trainer.loggers:
+            logger.log_metrics({"pruning/macs": float(macs), "pruning/params": float(params),
+                                "pruning/speed_up": self.base_macs / macs}, step=trainer.global_step)
+
+    def _pruner(self, network: nn.Module, example: torch.Tensor, ratio: float,
+                steps: int) -> tp.pruner.MetaPruner:
+        modules = dict(network.named_modules())
+        unknown = [n for n in self.ignored if n not in modules]
+        if unknown:
+            raise ValueError(f"StructuredPruning: ignored_layers {unknown} are not modules of "
+                             f"{type(network).__name__}; use names from named_modules()")
+        ignored = [networks.classifier_layer(network, example)] + [modules[n] for n in self.ignored]
+        return tp.pruner.MetaPruner(network, example, importance=IMPORTANCES[self.importance](),
+                                    global_pruning=True, pruning_ratio=ratio,
+                                    iterative_steps=steps, ignored_layers=ignored)
+
+
+def reshape_to_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Resize ``model``'s Conv/Linear/BatchNorm layers to the shapes of ``state`` (a state dict
+    of a pruned copy), so that ``load_state_dict(state)`` fits. A depthwise conv stays
+    depthwise (its groups follow its channels), as channel pruning keeps it."""
+    layers = {}
+    for path, m in model.named_modules():
+        weight = state.get(f"{prefix}{path}.weight" if path else f"{prefix}weight")
+        if isinstance(m, nn.modules.conv._ConvNd) and weight is not None:
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            groups = int(weight.shape[0]) if depthwise else m.groups
+            layers[path] = {"out_channels": int(weight.shape[0]),
+                            "in_channels": int(weight.shape[1]) * groups, "groups": groups}
+        elif isinstance(m, nn.Linear) and weight is not None:
+            layers[path] = {"out_features": int(weight.shape[0]), "in_features": int(weight.shape[1])}
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            stats = state.get(f"{prefix}{path}.running_mean")
+            stats = weight if weight is not None else stats
+            if stats is not None:
+                layers[path] = {"num_features": int(stats.shape[0])}
+    unprefixed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    apply_layer_shapes(model, layers, unprefixed, type(model).__name__)
+
+
+def _rebuild_optimizers(trainer: Trainer) -> None:
+    """New optimizers and schedulers over the pruned parameters (``configure_optimizers``),
+    at the old learning rates and schedule positions."""
+    old_optimizers, old_schedulers = trainer.optimizers, trainer.lr_scheduler_configs
+    trainer.strategy.setup_optimizers(trainer)
+    for old, new in zip(old_optimizers, trainer.optimizers):
+        for old_group, new_group in zip(old.param_groups, new.param_groups):
+            new_group["lr"] = old_group["lr"]
+    for old, new in zip(old_schedulers, trainer.lr_scheduler_configs):
+        new.scheduler.load_state_dict(old.scheduler.state_dict())
+
+
+def _rewrap_ddp(trainer: Trainer) -> None:
+    """DistributedDataParallel registers the parameters it reduces when it is built: build it
+    again around the pruned module."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, nn.parallel.DistributedDataParallel):
+        strategy.model = strategy._setup_model(strategy.lightning_module)
+        strategy._register_ddp_hooks()

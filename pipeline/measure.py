@@ -1,0 +1,73 @@
+"""``prune.py measure`` (docs/pruning.md): measured latency of a network file beside its MACs.
+
+Pruning promises speed, and MACs are only a proxy for it (small layers, memory traffic and
+kernel choice decide the rest). This command times the network's forward and that of its
+unpruned architecture (same build recipe, untrained weights: the time does not depend on the
+values) at each batch size, and prints both speed-ups against the unpruned architecture: by
+MACs, the number every report uses, and measured.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import write_json
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--network", required=True, help="network file (networks.save_network)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64],
+                        help="batch sizes to time (default 1 64: latency and throughput)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where to run the forward passes (default cpu)")
+    parser.add_argument("--input_size", type=int, nargs=3, default=[3, 32, 32],
+                        metavar=("C", "H", "W"), help="one input image (default 3 32 32; ImageNet: 3 224 224)")
+    parser.add_argument("--min_run_time", type=float, default=1.0,
+                        help="seconds of timing per network and batch size (default 1)")
+    parser.add_argument("--out", default=None, help="also write the measurements to this JSON file")
+
+
+def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], device: str,
+            min_run_time: float) -> dict:
+    """MACs and measured latency of ``network`` and of its unpruned architecture; speed-ups
+    of ``network`` against it, by MACs and measured per batch size."""
+    import networks
+    from callbacks.pruning import example_input
+    from networks.latency import measure_latency
+
+    example = example_input(input_size)
+    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    macs, base = networks.count_macs(network, example), networks.count_macs(unpruned, example)
+    ours = measure_latency(network, input_size, batch_sizes, device, min_run_time)
+    ref = measure_latency(unpruned, input_size, batch_sizes, device, min_run_time)
+    return {"macs": macs, "base_macs": base, "speed_up": base / macs,
+            "latency": [{"batch_size": a.batch_size, "device": a.device, "threads": a.threads,
+                         "latency_ms": a.median_ms, "iqr_ms": a.iqr_ms,
+                         "unpruned_latency_ms": b.median_ms, "unpruned_iqr_ms": b.iqr_ms,
+                         "speed_up_measured": b.median_ms / a.median_ms}
+                        for a, b in zip(ours, ref)]}
+
+
+def measure_table(result: dict) -> str:
+    lines = ["| batch | device (threads) | unpruned ms | this network ms | speed-up measured "
+             "| speed-up by MACs |", "|---|---|---|---|---|---|"]
+    for row in result["latency"]:
+        lines.append(f"| {row['batch_size']} | {row['device']} ({row['threads']}) "
+                     f"| {row['unpruned_latency_ms']:.3f} +- {row['unpruned_iqr_ms'] / 2:.3f} "
+                     f"| {row['latency_ms']:.3f} +- {row['iqr_ms'] / 2:.3f} "
+                     f"| {row['speed_up_measured']:.2f}x | {result['speed_up']:.2f}x |")
+    return "\n".join(lines)
+
+
+def measure_command(args: argparse.Namespace) -> int:
+    import networks
+
+    network, record = networks.load_network(args.network)
+    result = compare(network, record["arch"], args.input_size, args.batch_sizes, args.device,
+                     args.min_run_time)
+    print(f"{args.network}: {record['arch']['name']}, {result['macs']:,} of {result['base_macs']:,} "
+          f"MACs; latency median +- half the interquartile range\n")
+    print(measure_table(result))
+    if args.out:
+        write_json(Path(args.out), {"network": str(args.network), **result})
+    return 0
