@@ -199,7 +199,9 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network file(s) (networks.save_network); several give one overlay plot")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one legend label per --network; default the file names")
-    parser.add_argument("--data_root", required=True, help="image data (ImageDataModule root)")
+    from pipeline.common import add_data_root_argument  # CLI glue (belongs in pipeline/)
+
+    add_data_root_argument(parser, required=True, what="the networks' image data")
     parser.add_argument("--dataset", default=None,
                         help="cifar10 | cifar100 | imagenet | imagefolder; default the networks' own "
                              "(recorded in their files), else cifar10")

@@ -158,7 +158,9 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=1, help="evaluate every N pruning steps")
     parser.add_argument("--out", default=None, help="output folder; default <run>/selection")
     parser.add_argument("--zoo_dir", default=None, help="overrides data.init_args.zoo")
-    parser.add_argument("--data_root", default=None, help="overrides the image data root")
+    from pipeline.common import add_data_root_argument  # CLI glue (belongs in pipeline/)
+
+    add_data_root_argument(parser, what="overrides the image data root")
     parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
     add_calibration_arguments(parser)
 

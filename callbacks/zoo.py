@@ -220,8 +220,9 @@ class ExportToZoo(Callback):
         metadata["checkpoint"] = best
         metadata.update(pl_module.lineage(trainer.datamodule))
         networks.save_network(network, self.zoo_dir / self.row["file"], arch=arch, metadata=metadata)
+        acc = "-" if val_acc is None else f"{val_acc:.4f}"
         rank_zero_info(f"zoo member seed {self.seed}: {self.zoo_dir / self.row['file']} "
-                       f"({self.row['speed_up']:.3f}x, val/acc {'-' if val_acc is None else f'{val_acc:.4f}'})")
+                       f"({self.row['speed_up']:.3f}x, val/acc {acc})")
         if not self.wait_for_test:
             self._register()
 

@@ -110,8 +110,8 @@ def check_onnx(path: str | os.PathLike, network: nn.Module, inputs: torch.Tensor
         done = subprocess.run([sys.executable, "-c", _CHECK, str(path), str(data)],
                               capture_output=True, text=True, cwd=tmp)
     if done.returncode:
-        raise ExportError(f"onnxruntime could not run {str(path)!r}: "
-                          f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        raise ExportError(f"onnxruntime could not run {str(path)!r}: {last}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not result["max_abs_diff"] <= atol:
         raise ExportError(f"{str(path)!r} in onnxruntime differs from the PyTorch network by "

@@ -43,6 +43,19 @@ def read_yaml_config(path: str | os.PathLike, kind: str, error: type[ValueError]
     return cfg
 
 
+# Every command's --data_root defaults to this environment variable: one way to point them all
+# at a data set (torch-free here, so that building a parser imports no torch).
+DATA_ENV = "METAPRUNE_DATA"
+
+
+def add_data_root_argument(parser: Any, required: bool = False, what: str = "the image data") -> None:
+    """``--data_root`` on an argparse parser, defaulting to ``$METAPRUNE_DATA``."""
+    env = os.environ.get(DATA_ENV) or None
+    parser.add_argument("--data_root", default=env, required=required and env is None,
+                        help=f"{what}: a CIFAR/ImageFolder root (default ${DATA_ENV}"
+                             f"{', now ' + repr(env) if env else ', unset'})")
+
+
 def is_rank_zero() -> bool:
     ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
     return all(os.environ.get(k, "0") == "0" for k in ranks)

@@ -4,8 +4,8 @@ Quiet means: Lightning's info messages (seed, accelerators, tips, model summarie
 known third-party warnings that nobody can act on are not shown, and the demo prints one line
 per stage, a numbered header with a progress bar ("[3/5] meta-training: 100%|###| 1/1"), while
 each stage's own output (training progress bars, per-stage summaries, remaining warnings)
-goes to ``<out>/logs/<stage>.log``. Only entry points (``prune.py``, ``train.py``) call
-:func:`configure`; library code never changes warning filters or log levels.
+goes to ``<out>/logs/<stage>.log``. Only the entry point (``prune.py``'s ``pipeline.cli.cli``)
+calls :func:`configure`; library code never changes warning filters or log levels.
 """
 from __future__ import annotations
 
@@ -63,10 +63,6 @@ def _captured(log: TextIO) -> Iterator[None]:
             handler.setStream(stream)
 
 
-def is_verbose() -> bool:
-    return _verbose
-
-
 class Stages:
     """Numbered stages of a long command, each one console line with a progress bar.
 
@@ -80,7 +76,7 @@ class Stages:
         self.console = console or sys.stderr
 
     def log_file(self, name: str) -> Path:
-        return self.log_dir / (name.split(":")[0].replace(" ", "_") + ".log")
+        return self.log_dir / (name.replace(" ", "_") + ".log")
 
     @contextlib.contextmanager
     def stage(self, name: str, total: int, unit: str = "step") -> Iterator[Callable[[], None]]:

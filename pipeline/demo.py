@@ -17,15 +17,14 @@ from typing import Any, Callable
 import yaml
 
 from .cli import main
-from .common import (atomic_write, check_stage_config, deep_merge, fit_stage, is_rank_zero,
-                     read_yaml_config, write_json)
+from .common import (DATA_ENV, atomic_write, check_stage_config, deep_merge, fit_stage,
+                     is_rank_zero, read_yaml_config, write_json)
 from .console import Stages
 from .paired import PairedDifference, paired, paired_table
 from .run import FIRST_STAGE, METHODS, REPORT
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
 DEMO_SECTIONS = ("demo", "data", "zoo", "meta", "prune", "select", "fast")
-DATA_ENV = "METAPRUNE_DATA"      # where the demo looks for CIFAR-10 when --data_root is not given
 DEFAULT_DATA = "data/cifar10"    # otherwise: downloaded here (torchvision) on first use
 DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written on first start
 RESULTS = "results.json"

@@ -21,7 +21,8 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where to run the forward passes (default cpu)")
     parser.add_argument("--input_size", type=int, nargs=3, default=[3, 32, 32],
-                        metavar=("C", "H", "W"), help="one input image (default 3 32 32; ImageNet: 3 224 224)")
+                        metavar=("C", "H", "W"),
+                        help="one input image (default 3 32 32; ImageNet: 3 224 224)")
     parser.add_argument("--min_run_time", type=float, default=1.0,
                         help="seconds of timing per network and batch size (default 1)")
     parser.add_argument("--out", default=None, help="also write the measurements to this JSON file")

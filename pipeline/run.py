@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .common import (atomic_write, check_stage_config, deep_merge, fit_stage, is_rank_zero,
-                     read_yaml_config, wait_for, write_json)
+from .common import (add_data_root_argument, atomic_write, check_stage_config, deep_merge,
+                     fit_stage, is_rank_zero, read_yaml_config, wait_for, write_json)
 
 RUN_SECTIONS = ("prune", "base", "finetune", "final")
 RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
@@ -328,7 +328,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed_up", type=float, default=None, help="target; default prune.speed_up")
     parser.add_argument("--out", default=None,
                         help="run directory; default <prune.dir>/<network>_<method>_<S>x_seed<N>")
-    parser.add_argument("--data_root", default=None, help="overrides data.init_args.root")
+    add_data_root_argument(parser, what="overrides data.init_args.root")
     parser.add_argument("--seed", type=int, default=None, help="seeds every stage; default prune.seed or 0")
     parser.add_argument("--reuse_first_stage", default=None, metavar="RUN_DIR",
                         help="take stage 1 from a run of the same network, method, metanetwork, "

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import check_stage_config, deep_merge, fit_stage, is_rank_zero, read_yaml_config, wait_for
+from .common import (add_data_root_argument, check_stage_config, deep_merge, fit_stage,
+                     is_rank_zero, read_yaml_config, wait_for)
 
 ZOO_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "pretrained", "seed"}
 
@@ -155,7 +156,7 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="member seed (seeds both stages); default zoo.seed or 0")
     parser.add_argument("--zoo_dir", default=None, help="zoo directory; default zoo.dir")
-    parser.add_argument("--data_root", default=None, help="overrides data.init_args.root")
+    add_data_root_argument(parser, what="overrides data.init_args.root")
     parser.add_argument("--pretrained", default=None,
                         help="network file to start from; skips stage 1 (overrides zoo.pretrained)")
 

@@ -162,3 +162,16 @@ def test_select_names_a_missing_or_corrupt_checkpoint(meta_run, tmp_path):
     finally:
         bad.unlink()
     assert not (tmp_path / "best.ckpt").exists()
+
+
+def test_every_data_command_reads_the_data_root_from_the_environment(monkeypatch, tmp_path) -> None:
+    from pipeline.cli import build_parser
+
+    monkeypatch.setenv("METAPRUNE_DATA", str(tmp_path))
+    for argv in (["curve", "--network", "n.pt"], ["run", "--config", "c.yaml", "--network", "n.pt"],
+                 ["zoo", "--config", "c.yaml"], ["select", "--config", "c.yaml", "--run", "r"]):
+        assert build_parser(argv[0]).parse_args(argv).data_root == str(tmp_path)
+    monkeypatch.delenv("METAPRUNE_DATA")
+    with pytest.raises(SystemExit):  # curve needs data: without the variable, --data_root is required
+        build_parser("curve").parse_args(["curve", "--network", "n.pt"])
+    assert build_parser("run").parse_args(["run", "--config", "c", "--network", "n"]).data_root is None
