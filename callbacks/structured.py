@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 import networks
-from networks.checkpoint import apply_layer_shapes
+from networks.checkpoint import reshape_to_state
 
 # Deterministic criteria only: every DDP rank must remove the same channels.
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -155,29 +155,6 @@ class StructuredPruning(Callback):
         return tp.pruner.MetaPruner(network, example, importance=IMPORTANCES[self.importance](),
                                     global_pruning=True, pruning_ratio=ratio,
                                     iterative_steps=steps, ignored_layers=ignored)
-
-
-def reshape_to_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Resize ``model``'s Conv/Linear/BatchNorm layers to the shapes of ``state`` (a state dict
-    of a pruned copy), so that ``load_state_dict(state)`` fits. A depthwise conv stays
-    depthwise (its groups follow its channels), as channel pruning keeps it."""
-    layers = {}
-    for path, m in model.named_modules():
-        weight = state.get(f"{prefix}{path}.weight" if path else f"{prefix}weight")
-        if isinstance(m, nn.modules.conv._ConvNd) and weight is not None:
-            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-            groups = int(weight.shape[0]) if depthwise else m.groups
-            layers[path] = {"out_channels": int(weight.shape[0]),
-                            "in_channels": int(weight.shape[1]) * groups, "groups": groups}
-        elif isinstance(m, nn.Linear) and weight is not None:
-            layers[path] = {"out_features": int(weight.shape[0]), "in_features": int(weight.shape[1])}
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            stats = state.get(f"{prefix}{path}.running_mean")
-            stats = weight if weight is not None else stats
-            if stats is not None:
-                layers[path] = {"num_features": int(stats.shape[0])}
-    unprefixed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    apply_layer_shapes(model, layers, unprefixed, type(model).__name__)
 
 
 def _rebuild_optimizers(trainer: Trainer) -> None:

@@ -1,6 +1,6 @@
 """Target architectures (plain torch) and their pruning-aware checkpoint format."""
 from .checkpoint import (CheckpointError, atomic_save, atomic_write, load_network, network_from_record,
-                         network_record, safe_load, save_network)
+                         network_from_state_dict, network_record, safe_load, save_network)
 from .cifar_resnet import CifarResNet
 from .curve import (accuracy, accuracy_curve, calibration_batches, curve_area,
                     recalibrate_batchnorm)
@@ -15,5 +15,6 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_c
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "group_norms", "load_network",
            "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
+           "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "safe_load",
            "save_network"]

@@ -73,6 +73,29 @@ def apply_layer_shapes(model: nn.Module, layers: dict[str, dict[str, int]],
                 module._buffers[name] = b.new_empty(state[key].shape)
 
 
+def reshape_to_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Resize ``model``'s Conv/Linear/BatchNorm layers to the shapes of ``state`` (a state dict
+    of a pruned copy), so that ``load_state_dict(state)`` fits. A depthwise conv stays
+    depthwise (its groups follow its channels), as channel pruning keeps it."""
+    layers = {}
+    for path, m in model.named_modules():
+        weight = state.get(f"{prefix}{path}.weight" if path else f"{prefix}weight")
+        if isinstance(m, nn.modules.conv._ConvNd) and weight is not None:
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            groups = int(weight.shape[0]) if depthwise else m.groups
+            layers[path] = {"out_channels": int(weight.shape[0]),
+                            "in_channels": int(weight.shape[1]) * groups, "groups": groups}
+        elif isinstance(m, nn.Linear) and weight is not None:
+            layers[path] = {"out_features": int(weight.shape[0]), "in_features": int(weight.shape[1])}
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            stats = state.get(f"{prefix}{path}.running_mean")
+            stats = weight if weight is not None else stats
+            if stats is not None:
+                layers[path] = {"num_features": int(stats.shape[0])}
+    unprefixed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    apply_layer_shapes(model, layers, unprefixed, type(model).__name__)
+
+
 def network_record(model: nn.Module, arch: dict[str, Any], metadata: dict | None = None) -> dict:
     """The dictionary stored in a network file (see module docstring)."""
     layers = layer_shapes(model)
@@ -163,6 +186,30 @@ def network_from_record(record: dict, source: str = "<record>") -> nn.Module:
                 f"{source}: tensor {key!r} contains NaN or Inf; the network diverged or the file "
                 "is damaged. Retrain or pick an earlier checkpoint"
             )
+    return model
+
+
+def network_from_state_dict(arch: dict[str, Any], state: dict[str, torch.Tensor], source: str,
+                            pruned: bool = False) -> nn.Module:
+    """The registry architecture ``arch`` with the weights ``state`` (a plain state dict).
+
+    ``pruned=True`` resizes the layers to the state's shapes first (a pruned copy of the
+    architecture); otherwise any key or shape that does not match is refused, the first ones
+    named."""
+    model = build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    if pruned:
+        reshape_to_state(model, state)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in {arch['name']}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match {arch['name']} with {arch['num_classes']} classes "
+            f"{arch.get('kwargs') or ''}({len(problems)} problems; first: {'; '.join(problems[:3])}). "
+            "Pass the architecture and class count the weights were saved from")
+    model.load_state_dict(state)
     return model
 
 

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -104,7 +105,13 @@ def _sha256(path: Path) -> str:
 
 def run_settings(cfg: dict, args: argparse.Namespace) -> dict:
     """What defines a run (``run.json``): a run dir never mixes outputs of two settings."""
-    for what, value in (("network file", args.network), ("metanetwork checkpoint", args.metanetwork)):
+    if (args.network is None) == (args.arch is None) or (args.arch is None) != (args.weights is None):
+        raise PruneRunError("give the network to prune as --network FILE (this project's network "
+                            "file or a Lightning checkpoint of ImageClassifier), or as --arch NAME "
+                            "--weights FILE (a plain state_dict)")
+    source = args.network or args.weights
+    for what, value in (("network file", args.network), ("weights file", args.weights),
+                        ("metanetwork checkpoint", args.metanetwork)):
         if value is not None and not Path(value).is_file():
             raise PruneRunError(f"{what} {value!r} does not exist; check the path")
     if args.method == "metanetwork" and not args.metanetwork:
@@ -113,10 +120,48 @@ def run_settings(cfg: dict, args: argparse.Namespace) -> dict:
     meta = args.metanetwork if args.method == "metanetwork" else None
     return json.loads(json.dumps({
         "method": args.method, "speed_up": cfg["prune"]["speed_up"], "seed": cfg["prune"]["seed"],
-        "network": str(Path(args.network).resolve()), "network_sha256": _sha256(Path(args.network)),
+        "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),
+        **({"arch": {"name": args.arch, "num_classes": args.num_classes}} if args.arch else {}),
         "metanetwork": str(Path(meta).resolve()) if meta else None,
         "metanetwork_sha256": _sha256(Path(meta)) if meta else None,
         "config": {k: cfg[k] for k in RUN_SECTIONS}}))
+
+
+def input_network(args: argparse.Namespace, cfg: dict, folder: Path) -> Path:
+    """The network to prune as this project's network file: ``--network`` in that format as
+    it is; a Lightning checkpoint of ``ImageClassifier`` (pruned or not), or ``--arch NAME
+    --weights FILE`` (a plain state_dict, loaded with weights_only=True), converted into
+    ``folder/input_network.pt``."""
+    import networks
+
+    if args.arch is not None:
+        classes = args.num_classes or (cfg["base"]["data"].get("init_args") or {}).get("num_classes")
+        if not isinstance(classes, int):
+            raise PruneRunError("--arch needs the class count: pass --num_classes N (the config's "
+                                "data does not set num_classes)")
+        state = networks.safe_load(args.weights, "weights file")
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        arch, pruned, source = {"name": args.arch, "num_classes": classes, "kwargs": {}}, False, \
+            f"weights file {str(args.weights)!r}"
+    else:
+        record = networks.safe_load(args.network, "network file")
+        hp = record.get("hyper_parameters") if isinstance(record, dict) else None
+        if not (isinstance(hp, dict) and "network" in hp and "state_dict" in record):
+            return Path(args.network)  # this project's format (load_network explains anything else)
+        arch = {"name": hp["network"], "num_classes": int(hp["num_classes"]),
+                "kwargs": dict(hp.get("network_kwargs") or {})}
+        state = {k.removeprefix("network."): v for k, v in record["state_dict"].items()
+                 if k.startswith("network.")}
+        pruned, source = True, f"Lightning checkpoint {str(args.network)!r}"
+    try:
+        model = networks.network_from_state_dict(arch, state, source, pruned=pruned)
+    except networks.CheckpointError:
+        raise
+    except ValueError as e:  # an unknown --arch
+        raise PruneRunError(f"{source}: {e}") from e
+    return networks.save_network(model, folder / "input_network.pt", arch,
+                                 metadata={"source": str(args.weights or args.network)})
 
 
 def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> dict:
@@ -319,7 +364,15 @@ def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="configs/<task>/prune.yaml")
-    parser.add_argument("--network", required=True, help="network file to prune (networks.save_network)")
+    parser.add_argument("--network", default=None,
+                        help="network to prune: this project's network file, or a Lightning "
+                             "checkpoint of ImageClassifier (or use --arch with --weights)")
+    parser.add_argument("--arch", default=None,
+                        help="with --weights: a registry/torchvision architecture name, e.g. resnet50")
+    parser.add_argument("--weights", default=None,
+                        help="with --arch: a plain state_dict file (torch.save(model.state_dict()))")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="with --arch: the class count (default the config data's num_classes)")
     parser.add_argument("--metanetwork", default=None,
                         help="meta-training checkpoint (needed by --method metanetwork)")
     parser.add_argument("--method", choices=METHODS, default="metanetwork",
@@ -388,19 +441,26 @@ def stage_configs(cfg: dict, args: argparse.Namespace, out: Path, arch: dict) ->
 def run_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
-    out = run_dir(cfg, args.network, args.method, args.out)
+    out = run_dir(cfg, args.network or args.weights or "network", args.method, args.out)
     settings = run_settings(cfg, args)
     if stored_settings_check(out, settings):
         return 0
     import networks  # after the "done already" exit: a finished run imports no torch
     from networks.export import export_program
 
-    info = check_inputs(cfg, args.network, settings["metanetwork"])
-    p, arch, first = cfg["prune"], info["arch"], FIRST_STAGE[args.method]
-    stage1, stage2 = stage_configs(cfg, args, out, arch)
-    for section, stage in (("finetune", stage1), ("final", stage2)):  # before anything trains
-        check_stage_config(stage, f"prune config {str(args.config)!r}, section {section!r} (merged "
-                           "over 'base')", PruneRunError)
+    with tempfile.TemporaryDirectory() as tmp:  # a converted input reaches --out after the checks
+        given = input_network(args, cfg, Path(tmp))
+        info = check_inputs(cfg, str(given), settings["metanetwork"])
+        if args.network is None or given != Path(args.network):
+            args.network = str(out / "input_network.pt")
+        p, arch, first = cfg["prune"], info["arch"], FIRST_STAGE[args.method]
+        stage1, stage2 = stage_configs(cfg, args, out, arch)
+        for section, stage in (("finetune", stage1), ("final", stage2)):  # before anything trains
+            check_stage_config(stage, f"prune config {str(args.config)!r}, section {section!r} "
+                               "(merged over 'base')", PruneRunError)
+        if given != Path(args.network) and is_rank_zero():
+            data = given.read_bytes()
+            atomic_write(Path(args.network), lambda tmp_file: Path(tmp_file).write_bytes(data))
     if args.reuse_first_stage and not (out / first / "network.pt").is_file() and is_rank_zero():
         reuse_first_stage(Path(args.reuse_first_stage), settings, out, first)
     if is_rank_zero():

@@ -483,3 +483,35 @@ def test_run_writes_a_checked_onnx_file_and_measured_latency(runs: dict[str, Pat
     for row in report["latency"]:
         assert row["speed_up_measured"] == pytest.approx(row["unpruned_latency_ms"] / row["latency_ms"])
         assert report["speed_up"]["measured"][str(row["batch_size"])] == row["speed_up_measured"]
+
+
+def test_bring_your_own_state_dict(setup: dict, tmp_path: Path) -> None:
+    """`--arch NAME --weights FILE`: a state_dict saved by plain PyTorch code is pruned like a
+    network file; the converted input computes what the plain model computes, bit for bit."""
+    torch.manual_seed(1)
+    plain = networks.build("resnet8_cifar", 3)  # code that knows nothing of our file format
+    weights = tmp_path / "plain_state_dict.pt"
+    torch.save(plain.state_dict(), weights)
+    out = tmp_path / "byo"
+    config = yaml.safe_load(setup["config"].read_text())
+    config["prune"]["latency_batch_sizes"], config["prune"]["onnx"] = [], False
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert prune.main(["run", "--config", str(path), "--arch", "resnet8_cifar", "--weights",
+                       str(weights), "--method", "none", "--speed_up", "1.5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["network"] == str(weights.resolve())
+    assert report["architecture"]["name"] == "resnet8_cifar"
+    converted, _ = networks.load_network(out / "input_network.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), plain.eval()(x))
+    # weights of another architecture: refused before anything is written, keys named
+    with pytest.raises(networks.CheckpointError, match=r"does not match resnet20_cifar with 3 "
+                                                       r"classes .*first: missing layer1\.1"):
+        prune.main(["run", "--config", str(path), "--arch", "resnet20_cifar", "--weights",
+                    str(weights), "--method", "none", "--out", str(tmp_path / "wrong")])
+    assert not (tmp_path / "wrong").exists()
+    with pytest.raises(pipeline_run.PruneRunError, match="--arch NAME --weights FILE"):
+        prune.main(["run", "--config", str(path), "--arch", "resnet8_cifar", "--method", "none",
+                    "--out", str(tmp_path / "wrong")])
