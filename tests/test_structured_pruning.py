@@ -107,3 +107,53 @@ def test_bad_arguments_are_named() -> None:
         StructuredPruning(speed_up=2.0, importance="taylorr")
     with pytest.raises(ValueError, match=r"epochs=\[3, 1\]"):
         StructuredPruning(channel_ratio=0.3, epochs=[3, 1])
+
+
+DDP_SCRIPT = '''
+import hashlib, json, os, sys
+import torch
+from lightning.pytorch import Trainer
+sys.path.insert(0, sys.argv[1])
+from callbacks import StructuredPruning
+namespace = {"__name__": "ddp_example"}
+code = open(sys.argv[2]).read()
+exec(code.split("torch.manual_seed(0)")[0], namespace)  # the doc's imports and LitNet
+torch.manual_seed(0)
+from torch.utils.data import DataLoader, TensorDataset
+data = DataLoader(TensorDataset(torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))),
+                  batch_size=8)
+model = namespace["LitNet"]()
+pruning = StructuredPruning(speed_up=2.0, epochs=[1, 2], input_size=[3, 16, 16])
+trainer = Trainer(max_epochs=3, callbacks=[pruning], accelerator="cpu", devices=2, strategy="ddp",
+                  logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False)
+trainer.fit(model, data)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+json.dump({"shapes": [list(p.shape) for p in model.parameters()], "digest": digest.hexdigest(),
+           "optimizer_has_params": ids == {id(p) for p in model.parameters()}},
+          open(os.path.join(sys.argv[3], f"rank{trainer.global_rank}.json"), "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_prunes_identically_on_every_rank(tmp_path: Path) -> None:
+    """2-process CPU DDP (Lightning's subprocess launcher): both ranks remove the same channels,
+    train the same pruned weights (DDP rebuilt around them) and step them with the optimizer."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_example.py"
+    script.write_text(DDP_SCRIPT)
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    (tmp_path / "doc.py").write_text(code)
+    subprocess.run([sys.executable, str(script), str(DOC.parents[1]), str(tmp_path / "doc.py"),
+                    str(tmp_path)], cwd=tmp_path, check=True, timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # same shapes and the same weights after two more epochs on different data shards: the
+    # gradients of the pruned parameters were averaged (a DDP wrapper left on the removed
+    # parameters would not sync them, and the ranks would drift apart)
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["optimizer_has_params"]
+    assert ranks[0]["shapes"][0][0] < 16  # pruned
