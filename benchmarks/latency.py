@@ -5,7 +5,7 @@ pruned to 2x and 3x by our pruner, timed against their unpruned architecture.
 
 Weights are random (time does not depend on their values; the pruner's group-norm criterion
 then picks an arbitrary but valid structure, as it would on trained weights of another seed).
-Each network is timed with ``networks.latency.measure_latency`` (eval mode, no gradient,
+Each network is timed with ``networks.latency.compare_latency`` (eval mode, no gradient,
 median and IQR over ``torch.utils.benchmark`` blocks) at batch 1 and a throughput batch.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import networks  # noqa: E402
-from networks.latency import measure_latency  # noqa: E402
+from networks.latency import compare_latency  # noqa: E402
 
 CASES = (  # name, classes, input size, throughput batch
     ("resnet56_cifar", 10, (3, 32, 32), 64),
@@ -44,17 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.zeros(1, *size)
         unpruned = networks.build(name, classes)
         base = networks.count_macs(unpruned, example)
-        ref = measure_latency(unpruned, size, (1, batch), args.device, args.min_run_time)
         for target in args.speed_ups:
+            torch.manual_seed(0)  # the same weights, hence structure, whatever was timed before
             pruned = networks.build(name, classes).eval()
             networks.prune_to_speed_up(pruned, example, target, base, 100)
             macs = networks.count_macs(pruned, example)
-            for r, p in zip(ref, measure_latency(pruned, size, (1, batch), args.device,
-                                                  args.min_run_time)):
+            for r in compare_latency(pruned, unpruned, size, (1, batch), args.device,
+                                     args.min_run_time):
                 lines.append(f"| {name} | {target:g}x | {macs / 1e6:.1f}M of {base / 1e6:.1f}M "
-                             f"| {base / macs:.2f}x | {r.batch_size} | {r.median_ms:.2f} "
-                             f"(IQR {r.iqr_ms:.2f}) | {p.median_ms:.2f} (IQR {p.iqr_ms:.2f}) "
-                             f"| {r.median_ms / p.median_ms:.2f}x |")
+                             f"| {base / macs:.2f}x | {r['batch_size']} "
+                             f"| {r['unpruned_latency_ms']:.2f} (IQR {r['unpruned_iqr_ms']:.2f}) "
+                             f"| {r['latency_ms']:.2f} (IQR {r['iqr_ms']:.2f}) "
+                             f"| {r['speed_up_measured']:.2f}x |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:

@@ -251,8 +251,8 @@ def curve_command(args: argparse.Namespace) -> int:
     dm = ImageDataModule(args.data_root, dataset=split.dataset, num_classes=classes.pop(),
                          batch_size=args.batch_size, num_workers=0,
                          val_fraction=split.val_fraction, subset=split.subset, seed=split.seed)
-    for file, lineage in zip(args.network, lineages):
-        dm.check_held_out(lineage, f"network file {file!r}")
+    dm.check_held_out({f"network file {file!r}": lineage
+                       for file, lineage in zip(args.network, lineages)})
     if not all(lineages):
         unknown = [f for f, lineage in zip(args.network, lineages) if not lineage]
         print(f"prune.py curve: WARNING: {', '.join(unknown)} record no training data split (files "

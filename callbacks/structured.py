@@ -83,7 +83,7 @@ class StructuredPruning(Callback):
         self.module, self.iterative_steps = module, int(iterative_steps)
         self.steps_done, self.base_macs = 0, None
 
-    # ---- the network, and what a checkpoint must carry -----------------------------------
+    # ---- the network, and the callback's own state ------------------------------------
     def network(self, pl_module: LightningModule) -> nn.Module:
         return pl_module if self.module is None else getattr(pl_module, self.module)
 

@@ -196,16 +196,20 @@ class ImageDataModule(LightningDataModule):
         """The train/val split this module serves (recorded in the network files it trains)."""
         return DataSplit(self.dataset, self.subset, self.val_fraction, self.seed)
 
-    def check_held_out(self, trained_on: list[dict], what: str) -> None:
-        """Raise when this module's val split holds an image that ``what`` (e.g. a network
-        file) was trained on under any of the ``trained_on`` splits (``DataSplit`` records of
-        the same data set); checked by image index, without decoding any image."""
+    def check_held_out(self, lineages: dict[str, list[dict]]) -> None:
+        """Raise when this module's val split holds an image that one of the networks (keys:
+        what to call it, e.g. a network file) was trained on under any split of its lineage
+        (``DataSplit`` records of the same data set); checked by image index, without decoding
+        any image, the data set's targets read once."""
         targets = self._read(train=True).targets
         val = split_indices(targets, self.split)[1]
-        for record in trained_on:
-            other = DataSplit.from_dict(record)
-            if other.dataset != self.dataset:
-                continue  # another data set: other images
+        for what, trained_on in lineages.items():
+            for record in trained_on:
+                self._check_disjoint(targets, val, DataSplit.from_dict(record), what)
+
+    def _check_disjoint(self, targets: torch.Tensor, val: torch.Tensor, other: DataSplit,
+                        what: str) -> None:
+        if other.dataset == self.dataset:  # another data set holds other images
             overlap = int(torch.isin(val, split_indices(targets, other)[0]).sum())
             if overlap:
                 raise DatasetError(

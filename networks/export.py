@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -104,8 +105,6 @@ def check_onnx(path: str | os.PathLike, network: nn.Module, inputs: torch.Tensor
         expected = network.eval()(inputs)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "io.npz"
-        import numpy as np
-
         np.savez(data, x=inputs.numpy(), y=expected.numpy())
         done = subprocess.run([sys.executable, "-c", _CHECK, str(path), str(data)],
                               capture_output=True, text=True, cwd=tmp)

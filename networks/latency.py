@@ -51,3 +51,16 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Se
         results.append(Latency(batch, str(device), torch.get_num_threads(), m.median * 1e3,
                                m.iqr * 1e3, len(m.times) * m.number_per_run))
     return results
+
+
+def compare_latency(network: nn.Module, unpruned: nn.Module, input_size: Sequence[int],
+                    batch_sizes: Sequence[int], device: str | torch.device = "cpu",
+                    min_run_time: float = 1.0) -> list[dict]:
+    """Per batch size: the latency of ``network`` and of ``unpruned`` (median and IQR, ms) and
+    the measured speed-up of the first over the second."""
+    ours = measure_latency(network, input_size, batch_sizes, device, min_run_time)
+    ref = measure_latency(unpruned, input_size, batch_sizes, device, min_run_time)
+    return [{"batch_size": a.batch_size, "device": a.device, "threads": a.threads,
+             "latency_ms": a.median_ms, "iqr_ms": a.iqr_ms,
+             "unpruned_latency_ms": b.median_ms, "unpruned_iqr_ms": b.iqr_ms,
+             "speed_up_measured": b.median_ms / a.median_ms} for a, b in zip(ours, ref)]

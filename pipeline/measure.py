@@ -34,19 +34,14 @@ def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], 
     of ``network`` against it, by MACs and measured per batch size."""
     import networks
     from callbacks.pruning import example_input
-    from networks.latency import measure_latency
+    from networks.latency import compare_latency
 
     example = example_input(input_size)
     unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
     macs, base = networks.count_macs(network, example), networks.count_macs(unpruned, example)
-    ours = measure_latency(network, input_size, batch_sizes, device, min_run_time)
-    ref = measure_latency(unpruned, input_size, batch_sizes, device, min_run_time)
     return {"macs": macs, "base_macs": base, "speed_up": base / macs,
-            "latency": [{"batch_size": a.batch_size, "device": a.device, "threads": a.threads,
-                         "latency_ms": a.median_ms, "iqr_ms": a.iqr_ms,
-                         "unpruned_latency_ms": b.median_ms, "unpruned_iqr_ms": b.iqr_ms,
-                         "speed_up_measured": b.median_ms / a.median_ms}
-                        for a, b in zip(ours, ref)]}
+            "latency": compare_latency(network, unpruned, input_size, batch_sizes, device,
+                                       min_run_time)}
 
 
 def measure_table(result: dict) -> str:

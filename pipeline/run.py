@@ -186,7 +186,7 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
         from datamodules import ImageDataModule
 
         ImageDataModule(**(data.get("init_args") or {})).check_held_out(
-            record["metadata"].get("trained_on") or [], source)
+            {source: record["metadata"].get("trained_on") or []})
     if metanetwork_path is not None:
         metanetwork = load_metanetwork(metanetwork_path)
         graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
@@ -354,12 +354,14 @@ def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
     holds the measured speed-up beside the MACs one."""
     import torch
 
-    from .measure import compare
+    import networks
+    from networks.latency import compare_latency
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [int(b) for b in p.get("latency_batch_sizes", LATENCY_BATCH_SIZES)]
-    return compare(copy.deepcopy(network), arch, p["input_size"], sizes, device,
-                   min_run_time=0.25)["latency"] if sizes else []
+    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    return compare_latency(copy.deepcopy(network), unpruned, p["input_size"], sizes, device,
+                           min_run_time=0.25) if sizes else []
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
