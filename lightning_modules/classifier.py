@@ -12,6 +12,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import networks
 
+from .distributed import destroy_process_group_at_exit
+
 
 class ImageClassifier(LightningModule):
     """Cross-entropy training with SGD and a per-epoch MultiStepLR.
@@ -56,6 +58,7 @@ class ImageClassifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         # Omegaconf interpolations resolve when the config loads, so a command-line override of
         # the data's class count does not reach the model: catch that here, not as a CUDA assert.
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)

@@ -26,6 +26,8 @@ from torch_geometric.data import Data
 import networks
 from graph import Metanetwork, NetworkGraph
 
+from .distributed import destroy_process_group_at_exit
+
 
 
 @dataclass
@@ -264,6 +266,9 @@ class MetaPruningModule(LightningModule):
                       on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
         if isinstance(self.logger, TensorBoardLogger) and batch_idx == 0:
             self.logger.experiment.add_histogram("val/group_norms", norms, self.global_step)
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,6 +1,8 @@
 """2-process CPU DDP of classifier training equals one process with the same global batch."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -125,3 +127,31 @@ def test_ddp_run_equals_one_process_over_the_same_batches(tiny_cifar: Path, tmp_
             if "running" in name or "num_batches" in name:
                 continue  # per-rank BatchNorm statistics
             torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_worker_destroys_its_process_group_at_exit(tmp_path: Path) -> None:
+    """Our modules' setup registers an exit handler that destroys the process group (a gloo
+    worker exiting with a live group can abort in interpreter finalization). In a fresh
+    process: join a 1-rank gloo group, run ImageClassifier.setup as Lightning does, and check
+    from an exit handler registered earlier (exit handlers run last-in first-out, so it runs
+    after ours) that the group is gone; without setup it is still alive there."""
+    script = """
+import atexit, sys
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning_modules import ImageClassifier
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+module = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.25})
+module.trainer = Trainer(accelerator="cpu", logger=False)
+if sys.argv[2] == "setup":
+    module.setup("fit")
+"""
+    outputs = []
+    for mode in ("setup", "none"):
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"store-{mode}"), mode],
+                                capture_output=True, text=True, timeout=120,
+                                cwd=Path(__file__).parents[1])
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout.strip().splitlines()[-1])
+    assert outputs == ["initialized at exit: False", "initialized at exit: True"]
