@@ -127,8 +127,8 @@ def main() -> None:
         _report(f"{name} trace (one-time)", time.perf_counter() - start)
         state = {k: v.to(device) for k, v in model.state_dict().items()}
         data = graph.encode(state)
-        _report(f"{name} encode", _median_time(lambda: graph.encode(state), args.repeats, device))
-        _report(f"{name} decode", _median_time(lambda: graph.decode(data), args.repeats, device))
+        _report(f"{name} encode", _median_time(lambda g=graph, s=state: g.encode(s), args.repeats, device))
+        _report(f"{name} decode", _median_time(lambda g=graph, d=data: g.decode(d), args.repeats, device))
         if name == "resnet56":
             for variant in (("paper", "dense"), ("joint", "diagonal")):
                 subprocess.run([sys.executable, __file__, "--gnn", *variant, "--repeats",

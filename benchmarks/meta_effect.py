@@ -27,7 +27,7 @@ from jsonargparse import ArgumentParser  # noqa: E402
 import networks  # noqa: E402
 from datamodules import ModelZooDataModule  # noqa: E402
 from lightning_modules import MetaPruningModule  # noqa: E402
-from lightning_modules.meta_pruning import MemberState  # noqa: E402
+from objective import MemberState  # noqa: E402
 
 
 def zoo_from_config(path: Path) -> ModelZooDataModule:

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 import networks  # noqa: E402
 from datamodules import ImageDataModule  # noqa: E402
 from graph import Metanetwork  # noqa: E402
-from lightning_modules.meta_pruning import MemberState, meta_loss, weight_gradients  # noqa: E402
+from objective import MemberState, meta_loss, weight_gradients  # noqa: E402
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 def measure(batches: int, batch: int, device: str, what: str, message_passing: str) -> dict:
     import networks
     from graph import Metanetwork
-    from lightning_modules.meta_pruning import MemberState, meta_loss
+    from objective import MemberState, meta_loss
 
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 import networks  # noqa: E402
-from callbacks.zoo import widths  # noqa: E402
+from datamodules.zoo_manifest import widths  # noqa: E402
 
 CASES = {  # name: (build, input size, target speed-up)
     "resnet56": (lambda: networks.build("resnet56_cifar", 10), (1, 3, 32, 32), 2.0),

@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
-from pipeline import run as pipeline_run  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.paired import paired_table  # noqa: E402
 
@@ -65,7 +64,7 @@ def summary_table(reports: dict[str, dict]) -> str:
              "(%) | reached | measured, batch 1 | MACs | params |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (target, method), rows in sorted(cells.items()):
-        acc = lambda stage, split: [r["accuracy"][stage][split] for r in rows]  # noqa: E731
+        acc = lambda stage, split, rows=rows: [r["accuracy"][stage][split] for r in rows]  # noqa: E731
         reached = [r["speed_up"]["reached"] for r in rows]
         measured = [r["speed_up"].get("measured", {}).get("1") for r in rows]
         measured_text = (f"{statistics.mean(measured):.2f}x" if None not in measured else "-")
@@ -101,7 +100,8 @@ def cost_table(reports: dict[str, dict], seconds: dict[str, float]) -> str:
     lines = ["| method | seconds per network (all targets, mean) |", "|---|---|"]
     lines += [f"| {m} | {statistics.fmean(v.values()):.0f} |" for m, v in sorted(per.items())]
     once = {k: v for k, v in seconds.items() if k.startswith(("zoo ", "meta", "select"))}
-    lines.append(f"\nOne-time (metanetwork only): zoo {sum(v for k, v in once.items() if k.startswith('zoo')):.0f} s, "
+    zoo_time = sum(v for k, v in once.items() if k.startswith('zoo'))
+    lines.append(f"\nOne-time (metanetwork only): zoo {zoo_time:.0f} s, "
                  f"meta-training {once.get('meta-train', 0):.0f} s, selection {once.get('select', 0):.0f} s")
     return "\n".join(lines)
 

@@ -1,13 +1,12 @@
-"""Lightning callbacks: metanetwork feedforward, sparse training, structured pruning and zoo
-export (curves/selection live in their own modules)."""
-from .curve import AccuracyCurve
-from .feedforward import (MetanetworkError, MetanetworkFeedforward, SaveNetwork,
-                          load_metanetwork)
+"""Lightning callbacks: metanetwork feedforward, pruning to a speed-up, sparse training,
+structured pruning of any LightningModule, and export of a fit's network (to a file or a zoo)."""
+from .export import ExportNetwork
+from .feedforward import MetanetworkError, MetanetworkFeedforward, SaveNetwork, load_metanetwork
 from .pruning import PruneToSpeedUp
 from .sparse import SparseTraining
 from .structured import StructuredPruning
-from .zoo import ExportToZoo, ZooError, add_member, find_member, read_manifest, write_manifest
+from .zoo import ExportToZoo
 
-__all__ = ["AccuracyCurve", "ExportToZoo", "MetanetworkError", "MetanetworkFeedforward", "PruneToSpeedUp",
-           "SaveNetwork", "SparseTraining", "StructuredPruning", "ZooError", "add_member", "find_member",
-           "load_metanetwork", "read_manifest", "write_manifest"]
+__all__ = ["ExportNetwork", "ExportToZoo", "MetanetworkError", "MetanetworkFeedforward",
+           "PruneToSpeedUp", "SaveNetwork", "SparseTraining", "StructuredPruning",
+           "load_metanetwork"]

@@ -23,11 +23,12 @@ from torch import nn
 
 import networks
 from graph import Metanetwork, NetworkGraph, UnsupportedArchitectureError
+from metaprune.errors import UserError
 
-from .pruning import example_input
+from .target import classifier
 
 
-class MetanetworkError(ValueError):
+class MetanetworkError(UserError):
     """A metanetwork checkpoint is missing, of the wrong kind, or made for another layout."""
 
 
@@ -85,9 +86,7 @@ def check_layout(metanetwork: Metanetwork, graph: NetworkGraph, metanetwork_sour
 def feedforward(metanetwork: Metanetwork, network: nn.Module, example: torch.Tensor,
                 metanetwork_source: str = "metanetwork", network_source: str = "network") -> None:
     """Replace ``network``'s weights in place by the metanetwork's output for them."""
-    was_training = network.training
-    network.eval()  # tracing runs the network: train mode would move BN running statistics
-    try:
+    with networks.evaluating(network):
         device = next(network.parameters()).device
         graph = network_graph(network, example.to(device), network_source,
                               metanetwork.identity_edges)
@@ -97,8 +96,6 @@ def feedforward(metanetwork: Metanetwork, network: nn.Module, example: torch.Ten
         state = network.state_dict()
         state.update({k: v.detach().to(state[k].dtype) for k, v in weights.items()})
         network.load_state_dict(state)
-    finally:
-        network.train(was_training)
 
 
 class MetanetworkFeedforward(Callback):
@@ -112,16 +109,16 @@ class MetanetworkFeedforward(Callback):
     def __init__(self, checkpoint: str, input_size: Sequence[int] = (3, 32, 32)) -> None:
         self.checkpoint = str(checkpoint)
         self.input_size = [int(s) for s in input_size]
-        example_input(self.input_size)  # validate now, not after data loading
+        networks.example_input(self.input_size)  # validate now, not after data loading
         self.done = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.done:  # once per module
             return
+        model = classifier(pl_module, "MetanetworkFeedforward")
         metanetwork = load_metanetwork(self.checkpoint)
-        feedforward(metanetwork, pl_module.network, example_input(self.input_size),
-                    f"metanetwork checkpoint {self.checkpoint!r}",
-                    f"network {getattr(pl_module, 'arch', {}).get('name', '')!r}")
+        feedforward(metanetwork, model.network, networks.example_input(self.input_size),
+                    f"metanetwork checkpoint {self.checkpoint!r}", f"network {model.arch['name']!r}")
         self.done = True
         rank_zero_info(f"metanetwork feedforward applied ({self.checkpoint})")
 
@@ -143,5 +140,5 @@ class SaveNetwork(Callback):
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         if trainer.is_global_zero and not self.path.is_file():
-            networks.save_network(pl_module.network, self.path, arch=pl_module.arch,
-                                  metadata=pl_module.lineage())
+            model = classifier(pl_module, "SaveNetwork")
+            networks.save_network(model.network, self.path, arch=model.arch, metadata=model.lineage())

@@ -15,26 +15,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 import networks
 
-
-def example_input(input_size: Sequence[int]) -> torch.Tensor:
-    """A one-image batch of shape ``(1, *input_size)`` for tracing and MAC counting."""
-    size = tuple(int(s) for s in input_size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"input_size={list(input_size)} must be [channels, height, width], "
-                         "e.g. [3, 32, 32] for CIFAR or [3, 224, 224] for ImageNet")
-    return torch.zeros(1, *size)
-
-
-def base_macs(arch: dict, example: torch.Tensor) -> int:
-    """MACs of the unpruned architecture ``arch`` (``{"name", "num_classes", "kwargs"}``)."""
-    return networks.count_macs(networks.build(arch["name"], arch["num_classes"],
-                                              **arch.get("kwargs", {})), example)
+from .target import classifier
 
 
 class PruneToSpeedUp(Callback):
@@ -56,7 +42,7 @@ class PruneToSpeedUp(Callback):
         self.speed_up = float(speed_up)
         self.iterative_steps = int(iterative_steps)
         self.input_size = [int(s) for s in input_size]
-        example_input(self.input_size)  # validate now, not after minutes of data loading
+        networks.example_input(self.input_size)  # validate now, not after minutes of data loading
         self.base_macs: int | None = None
         self.macs: int | None = None
         self.params: int | None = None
@@ -65,22 +51,18 @@ class PruneToSpeedUp(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.speed_up_reached is not None:  # prune once per module
             return
-        network = pl_module.network
-        example = example_input(self.input_size).to(next(network.parameters()).device)
-        self.base_macs = base_macs(pl_module.arch, example.cpu())
+        model = classifier(pl_module, "PruneToSpeedUp")
+        network = model.network
+        example = networks.example_input(self.input_size).to(next(network.parameters()).device)
+        self.base_macs = networks.base_macs(model.arch, example.cpu())
         before = networks.count_macs(network, example)
-        # Tracing runs the network forward: in train mode that would move BN running statistics.
-        was_training = network.training
-        network.eval()
-        try:
+        with networks.evaluating(network):
             self.speed_up_reached = networks.prune_to_speed_up(
                 network, example, self.speed_up, self.base_macs, self.iterative_steps)
-        finally:
-            network.train(was_training)
         self.macs = networks.count_macs(network, example)
         self.params = networks.count_params(network)
         rank_zero_info(
-            f"pruned {pl_module.arch['name']}: {before:,} -> {self.macs:,} MACs, "
+            f"pruned {model.arch['name']}: {before:,} -> {self.macs:,} MACs, "
             f"{self.params:,} params, speed-up {self.speed_up_reached:.3f}x "
             f"(target {self.speed_up}x, base {self.base_macs:,} MACs)")
         for logger in trainer.loggers:

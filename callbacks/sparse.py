@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 import networks
 
-from .pruning import example_input
+from .target import classifier
 
 
 class SparseTraining(Callback):
@@ -43,25 +43,20 @@ class SparseTraining(Callback):
                              f"alpha={alpha})")
         self.reg, self.alpha = float(reg), float(alpha)
         self.input_size = [int(s) for s in input_size]
-        example_input(self.input_size)
+        networks.example_input(self.input_size)
         self.pruner = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Built here, after setup hooks (a pruned or modified network is final by now).
-        network = pl_module.network
-        example = example_input(self.input_size).to(next(network.parameters()).device)
-        was_training = network.training
-        network.eval()  # tracing runs the network: train mode would move BN statistics
-        try:
-            with torch.enable_grad():  # torch_pruning traces dependencies through autograd
-                self.pruner = networks.magnitude_pruner(network, example, reg=self.reg,
-                                                        alpha=self.alpha)
-        finally:
-            network.train(was_training)
+        network = classifier(pl_module, "SparseTraining").network
+        example = networks.example_input(self.input_size).to(next(network.parameters()).device)
+        # torch_pruning traces dependencies through autograd
+        with networks.evaluating(network), torch.enable_grad():
+            self.pruner = networks.magnitude_pruner(network, example, reg=self.reg, alpha=self.alpha)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: Optimizer) -> None:
-        self.pruner.regularize(pl_module.network, alpha=self.alpha, bias=False)
+        self.pruner.regularize(classifier(pl_module, "SparseTraining").network, alpha=self.alpha, bias=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fraction = networks.near_zero_fraction(self.pruner)

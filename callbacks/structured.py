@@ -81,7 +81,8 @@ class StructuredPruning(Callback):
         self.example = torch.zeros(1, *(int(s) for s in input_size))
         self.importance, self.ignored = importance, list(ignored_layers)
         self.module, self.iterative_steps = module, int(iterative_steps)
-        self.steps_done, self.base_macs = 0, None
+        self.steps_done: int = 0
+        self.base_macs: int | None = None
 
     # ---- the network, and the callback's own state ------------------------------------
     def network(self, pl_module: LightningModule) -> nn.Module:
@@ -115,34 +116,28 @@ class StructuredPruning(Callback):
             return
         network = self.network(pl_module)
         example = self.example.to(next(network.parameters()).device)
-        was_training = network.training
-        network.eval()  # tracing runs a forward: BN statistics must not move
-        try:
+        with networks.evaluating(network):  # tracing runs a forward: BN statistics must not move
             before = networks.count_macs(network, example)
-            if self.base_macs is None:
-                self.base_macs = before
+            base = self.base_macs = before if self.base_macs is None else self.base_macs
             k = epoch - self.first + 1
             if self.speed_up is not None:
                 target = self.speed_up ** (k / steps)
-                networks.prune_to_speed_up(network, example, target, self.base_macs,
-                                           self.iterative_steps,
+                networks.prune_to_speed_up(network, example, target, base, self.iterative_steps,
                                            pruner=self._pruner(network, example, 1.0,
                                                                self.iterative_steps))
             else:  # the share of the channels left now that step k removes
-                keep_now, keep_next = 1 - self.channel_ratio * (k - 1) / steps, \
-                    1 - self.channel_ratio * k / steps
+                ratio = float(self.channel_ratio or 0.0)  # set whenever speed_up is not
+                keep_now, keep_next = 1 - ratio * (k - 1) / steps, 1 - ratio * k / steps
                 self._pruner(network, example, 1 - keep_next / keep_now, 1).step()
-        finally:
-            network.train(was_training)
         self.steps_done = k
         _rebuild_optimizers(trainer)
         _rewrap_ddp(trainer)
         macs, params = networks.count_macs(network, example), networks.count_params(network)
         rank_zero_info(f"StructuredPruning epoch {epoch}: {before:,} -> {macs:,} MACs, "
-                       f"{params:,} params, speed-up {self.base_macs / macs:.3f}x")
+                       f"{params:,} params, speed-up {base / macs:.3f}x")
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/macs": float(macs), "pruning/params": float(params),
-                                "pruning/speed_up": self.base_macs / macs}, step=trainer.global_step)
+                                "pruning/speed_up": base / macs}, step=trainer.global_step)
 
     def _pruner(self, network: nn.Module, example: torch.Tensor, ratio: float,
                 steps: int) -> tp.pruner.MetaPruner:
@@ -165,8 +160,8 @@ def _rebuild_optimizers(trainer: Trainer) -> None:
     for old, new in zip(old_optimizers, trainer.optimizers):
         for old_group, new_group in zip(old.param_groups, new.param_groups):
             new_group["lr"] = old_group["lr"]
-    for old, new in zip(old_schedulers, trainer.lr_scheduler_configs):
-        new.scheduler.load_state_dict(old.scheduler.state_dict())
+    for old_config, new_config in zip(old_schedulers, trainer.lr_scheduler_configs):
+        new_config.scheduler.load_state_dict(old_config.scheduler.state_dict())
 
 
 def _rewrap_ddp(trainer: Trainer) -> None:
@@ -176,5 +171,6 @@ def _rewrap_ddp(trainer: Trainer) -> None:
 
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, nn.parallel.DistributedDataParallel):
+        assert strategy.lightning_module is not None  # pruning runs inside a fit
         strategy.model = strategy._setup_model(strategy.lightning_module)
         strategy._register_ddp_hooks()

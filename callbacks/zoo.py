@@ -1,161 +1,17 @@
-"""The zoo of target networks: member files plus ``manifest.json`` (see docs/zoo.md).
-
-Layout of a zoo directory::
-
-    manifest.json          {"format": "metaprune.zoo/v1", "members": [row, ...]}
-    members/seed<N>.pt     network files (networks.save_network; load with weights_only=True)
-    runs/seed<N>/...       TensorBoard logs and checkpoints of the runs that made them
-
-A row: ``seed, architecture, widths, macs, params, base_macs, speed_up, val_acc, test_acc,
-file`` (``file`` relative to the zoo directory). Write order makes a crash harmless: the member
-file is written to a temporary name and renamed, and only then the manifest is rewritten to a
-temporary name and renamed. A member file without a row is an unfinished member: the next run
-for that seed overwrites it. A row always points at a complete file.
-"""
+"""ExportToZoo: the best network of a fit becomes a zoo member (datamodules/zoo_manifest.py has
+the zoo's format)."""
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
-import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 import networks
+from datamodules.zoo_manifest import MANIFEST, add_member, member_file, widths
 
-from .pruning import base_macs, example_input
-
-MANIFEST = "manifest.json"
-FORMAT = "metaprune.zoo/v1"
-ROW_KEYS = {"seed": int, "architecture": dict, "widths": dict, "macs": int, "params": int,
-            "base_macs": int, "speed_up": float, "val_acc": (float, type(None)),
-            "test_acc": (float, type(None)), "file": str}
-
-
-class ZooError(ValueError):
-    """A zoo directory or its manifest is missing, broken or inconsistent."""
-
-
-def member_file(seed: int) -> str:
-    """Path of a member file, relative to the zoo directory."""
-    return f"members/seed{int(seed)}.pt"
-
-
-def widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every Conv/Linear layer, ``{module path: channels}``."""
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[path] = int(m.out_channels)
-        elif isinstance(m, nn.Linear):
-            out[path] = int(m.out_features)
-    return out
-
-
-def _check_row(row: Any, i: int, where: str) -> None:
-    if not isinstance(row, dict):
-        raise ZooError(f"{where}: members[{i}] is a {type(row).__name__}, expected an object")
-    missing = sorted(set(ROW_KEYS) - set(row))
-    if missing:
-        raise ZooError(f"{where}: members[{i}] lacks {', '.join(missing)}")
-    for key, kind in ROW_KEYS.items():
-        value = row[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise ZooError(f"{where}: members[{i}].{key}={value!r} has the wrong type")
-    arch = row["architecture"]
-    if not {"name", "num_classes", "kwargs"} <= set(arch):
-        raise ZooError(f"{where}: members[{i}].architecture needs name, num_classes and kwargs")
-    if row["macs"] <= 0 or abs(row["base_macs"] / row["macs"] - row["speed_up"]) > 1e-6 * row["speed_up"]:
-        raise ZooError(f"{where}: members[{i}] speed_up={row['speed_up']} is not "
-                       f"base_macs/macs={row['base_macs']}/{row['macs']}")
-
-
-def read_manifest(zoo_dir: str | os.PathLike, check_files: bool = True,
-                  missing_ok: bool = False) -> dict:
-    """Read and validate ``<zoo_dir>/manifest.json``; errors name the file and what is wrong.
-
-    ``check_files``: every row's member file must exist. ``missing_ok``: a zoo without a
-    manifest yet reads as ``{"format": ..., "members": []}``.
-    """
-    path = Path(zoo_dir) / MANIFEST
-    where = f"zoo manifest {str(path)!r}"
-    if not path.is_file():
-        if missing_ok:
-            return {"format": FORMAT, "members": []}
-        raise ZooError(f"{where} does not exist; create the zoo with "
-                       "`python prune.py zoo --config configs/<task>/zoo.yaml --seed N`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ZooError(f"{where} cannot be read as JSON ({e}); it was edited by hand or "
-                       "damaged. Restore it, or delete it and rerun the zoo command per seed "
-                       "(members whose file exists are re-registered after a finetune)") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
-        raise ZooError(f"{where} must be an object with a 'members' list")
-    if manifest.get("format", FORMAT) != FORMAT:
-        raise ZooError(f"{where} has format {manifest['format']!r}, expected {FORMAT!r}")
-    seen = set()
-    for i, row in enumerate(manifest["members"]):
-        _check_row(row, i, where)
-        if row["seed"] in seen:
-            raise ZooError(f"{where}: seed {row['seed']} appears twice")
-        seen.add(row["seed"])
-        if check_files and not (Path(zoo_dir) / row["file"]).is_file():
-            raise ZooError(f"{where}: members[{i}] (seed {row['seed']}) points at "
-                           f"{row['file']!r}, which does not exist in {str(zoo_dir)!r}")
-    manifest.setdefault("format", FORMAT)
-    return manifest
-
-
-def find_member(zoo_dir: str | os.PathLike, seed: int) -> dict | None:
-    """The manifest row of ``seed``, or None (no manifest yet counts as no row)."""
-    rows = read_manifest(zoo_dir, missing_ok=True)["members"]
-    return next((r for r in rows if r["seed"] == int(seed)), None)
-
-
-@contextlib.contextmanager
-def _locked(zoo_dir: Path) -> Iterator[None]:
-    """Serialize manifest updates of concurrent runs (different seeds) on one zoo (POSIX)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, runs must not overlap
-        yield
-        return
-    zoo_dir.mkdir(parents=True, exist_ok=True)
-    with open(zoo_dir / f".{MANIFEST}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_manifest(zoo_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically (temporary file in the same folder, then rename)."""
-    text = json.dumps(manifest, indent=1) + "\n"
-    return networks.atomic_write(Path(zoo_dir) / MANIFEST, lambda tmp: Path(tmp).write_text(text))
-
-
-def add_member(zoo_dir: str | os.PathLike, row: dict) -> Path:
-    """Add (or replace) the row of ``row['seed']``; its member file must already exist."""
-    zoo_dir = Path(zoo_dir)
-    if not (zoo_dir / row["file"]).is_file():
-        raise ZooError(f"refusing to register seed {row['seed']}: {row['file']!r} does not "
-                       f"exist in {str(zoo_dir)!r}")
-    _check_row(row, 0, "new zoo row")
-    with _locked(zoo_dir):
-        manifest = read_manifest(zoo_dir, check_files=False, missing_ok=True)
-        members = [r for r in manifest["members"] if r["seed"] != row["seed"]] + [row]
-        manifest["members"] = sorted(members, key=lambda r: r["seed"])
-        return write_manifest(zoo_dir, manifest)
+from .target import best_network, classifier
 
 
 def _metric(trainer: Trainer, key: str) -> float | None:
@@ -186,31 +42,21 @@ class ExportToZoo(Callback):
         self.zoo_dir = Path(zoo_dir)
         self.seed = int(seed)
         self.input_size = [int(s) for s in input_size]
-        example_input(self.input_size)
+        networks.example_input(self.input_size)
         self.wait_for_test = wait_for_test
         self.row: dict | None = None  # the row of this run once built (rank 0)
         self.registered = False
 
-    def _best_network(self, trainer: Trainer, pl_module: LightningModule,
-                      ) -> tuple[nn.Module, float | None, str | None]:
-        ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") if ckpt else ""
-        network = copy.deepcopy(pl_module.network).cpu()
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            network.load_state_dict({k.removeprefix("network."): v for k, v in state.items()
-                                     if k.startswith("network.")})
-            score = getattr(ckpt, "best_model_score", None)
-            return network, (float(score) if score is not None else None), best
-        return network, _metric(trainer, "val/acc"), None
-
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        network, val_acc, best = self._best_network(trainer, pl_module)
-        example = example_input(self.input_size)
-        arch = dict(pl_module.arch)
-        macs, base = networks.count_macs(network, example), base_macs(arch, example)
+        model = classifier(pl_module, "ExportToZoo")
+        network, val_acc, best = best_network(trainer, model)
+        if best is None:
+            val_acc = _metric(trainer, "val/acc")
+        example = networks.example_input(self.input_size)
+        arch = dict(model.arch)
+        macs, base = networks.count_macs(network, example), networks.base_macs(arch, example)
         self.row = {
             "seed": self.seed, "architecture": arch, "widths": widths(network), "macs": macs,
             "params": networks.count_params(network), "base_macs": base, "speed_up": base / macs,
@@ -218,7 +64,7 @@ class ExportToZoo(Callback):
         }
         metadata = {k: v for k, v in self.row.items() if k not in ("file", "widths", "architecture")}
         metadata["checkpoint"] = best
-        metadata.update(pl_module.lineage(trainer.datamodule))
+        metadata.update(model.lineage(trainer.datamodule))
         networks.save_network(network, self.zoo_dir / self.row["file"], arch=arch, metadata=metadata)
         acc = "-" if val_acc is None else f"{val_acc:.4f}"
         rank_zero_info(f"zoo member seed {self.seed}: {self.zoo_dir / self.row['file']} "
@@ -233,6 +79,7 @@ class ExportToZoo(Callback):
         self._register()
 
     def _register(self) -> None:
+        assert self.row is not None  # built by on_fit_end
         add_member(self.zoo_dir, self.row)
         self.registered = True
         rank_zero_info(f"zoo {self.zoo_dir}: registered seed {self.seed} in {MANIFEST}")

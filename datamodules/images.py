@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sized, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from .sources import (CIFAR_FOLDERS, DatasetError, DataSplit, Split, decode, decode_all,
-                      folder_layout, per_class, read_cifar, scan_folder, split_indices)
+from .sources import (
+    CIFAR_FOLDERS,
+    DatasetError,
+    DataSplit,
+    Split,
+    decode,
+    decode_all,
+    folder_layout,
+    per_class,
+    read_cifar,
+    scan_folder,
+    split_indices,
+)
 from .transforms import MEAN_STD, BatchCropFlip, BatchNormalize, large_image_transforms
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder")
@@ -108,6 +119,14 @@ class ImageDataModule(LightningDataModule):
     def _is_cifar(self) -> bool:
         return self.dataset in CIFAR_FOLDERS
 
+    def _folders(self) -> tuple[Path, Path]:
+        """(train, test) folders of an ImageFolder tree; only called once ``_layout`` said so."""
+        folders = folder_layout(self.root)
+        if folders is None:
+            raise DatasetError(f"data.root={str(self.root)!r} has no train/ and test/ (or val/) "
+                               "class folders")
+        return folders
+
     def _layout(self) -> str:
         """'cifar' (torchvision files) or 'folder' (ImageFolder tree); raise when neither."""
         if self._is_cifar() and (self.root / CIFAR_FOLDERS[self.dataset]).is_dir():
@@ -153,7 +172,7 @@ class ImageDataModule(LightningDataModule):
         if self._layout() == "cifar":
             found, where = DEFAULT_CLASSES[self.dataset], str(self.root / CIFAR_FOLDERS[self.dataset])
         else:
-            train_dir = folder_layout(self.root)[0]
+            train_dir = self._folders()[0]
             found, where = sum(p.is_dir() for p in train_dir.iterdir()), str(train_dir)
         expected = self._expected_classes or DEFAULT_CLASSES.get(self.dataset)
         if expected is not None and expected != found:
@@ -170,25 +189,26 @@ class ImageDataModule(LightningDataModule):
     def _read(self, train: bool) -> Split:
         if self._layout() == "cifar":
             return read_cifar(self.root, self.dataset, train)
-        split = scan_folder(folder_layout(self.root)[0 if train else 1])
+        split = scan_folder(self._folders()[0 if train else 1])
         if len(split.classes) != self.num_classes:
-            raise DatasetError(f"{str(folder_layout(self.root)[1])!r} holds {len(split.classes)} "
+            raise DatasetError(f"{str(self._folders()[1])!r} holds {len(split.classes)} "
                                f"classes but the train folder holds {self.num_classes}; they must match")
         return split
 
     def _dataset(self, split: Split, indices: torch.Tensor, train: bool) -> Dataset:
         targets = split.targets[indices]
         mean, std = MEAN_STD[self.dataset]
+        files = split.files or []  # None when the split holds decoded images
         if self._is_cifar():
             t0 = time.perf_counter()
             images = (split.images[indices] if split.images is not None
-                      else decode_all([split.files[i] for i in indices.tolist()], CIFAR_SIZE))
+                      else decode_all([files[i] for i in indices.tolist()], CIFAR_SIZE))
             if split.files is not None:
                 rank_zero_info(f"decoded {len(indices)} images in {time.perf_counter() - t0:.1f} s")
             transform = BatchCropFlip(mean, std) if train else BatchNormalize(mean, std)
             return TensorImages(images, targets, transform)
         train_tf, eval_tf = large_image_transforms(self.dataset)
-        return FileImages([split.files[i] for i in indices.tolist()], targets,
+        return FileImages([files[i] for i in indices.tolist()], targets,
                           train_tf if train else eval_tf)
 
     @property
@@ -233,22 +253,27 @@ class ImageDataModule(LightningDataModule):
             self.test_set = self._dataset(split, idx, train=False)
         sizes = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
         rank_zero_info(f"{self.dataset} at {self.root}: " + ", ".join(
-            f"{name} {len(ds)}" for name, ds in sizes.items() if ds is not None))
+            f"{name} {len(cast(Sized, ds))}" for name, ds in sizes.items() if ds is not None))
 
     # ---- loaders -----------------------------------------------------------------------
-    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader:
+    def split_set(self, name: str) -> Dataset:
+        """The ``"train"``, ``"val"`` or ``"test"`` dataset, once ``setup`` has built it."""
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[name]
         if ds is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size,
+            raise RuntimeError(f"the {name} split is built by setup(); call it first")
+        return ds
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        return DataLoader(self.split_set(name), batch_size=self.batch_size if train else self.eval_batch_size,
                           shuffle=train, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader("test", train=False)

@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from metaprune.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # torchvision's folder name for each CIFAR release inside ``root``.
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The data set is missing, laid out wrongly or does not match the configuration."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sized, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -17,13 +18,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import networks
-from callbacks.zoo import ZooError, read_manifest
 
 from .images import ImageDataModule
+from .zoo_manifest import ZooError, read_manifest
 
 
 @dataclass
 class ZooMember:
+    """One zoo member: its network, its network file's record and its manifest row."""
+
     index: int
     network: nn.Module
     record: dict      # the network file's record: arch, layers, metadata
@@ -49,7 +52,7 @@ class StepDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % (2 ** 62))
         count = self.batches_per_step * self.batch_size
-        idx = torch.randint(len(self.images), (count,), generator=gen).tolist()
+        idx = torch.randint(len(cast(Sized, self.images)), (count,), generator=gen).tolist()
         fetch = getattr(self.images, "__getitems__", None)
         items = fetch(idx) if fetch else [self.images[j] for j in idx]
         x = torch.stack([im for im, _ in items])
@@ -106,17 +109,17 @@ class ModelZooDataModule(LightningDataModule):
 
     def example_input(self) -> torch.Tensor:
         """One image, for tracing member networks."""
-        return self.images.val_set[0][0].unsqueeze(0)
+        return self.images.split_set("val")[0][0].unsqueeze(0)
 
     def _steps(self, ids: list[int], images: Dataset, repeats: int, seed: int) -> StepDataset:
         return StepDataset([i for i in ids for _ in range(repeats)], images,
                            self.batches_per_step, self.batch_size, seed)
 
     def train_dataloader(self) -> DataLoader:
-        self.train_steps = self._steps(self.train_ids, self.images.train_set,
+        self.train_steps = self._steps(self.train_ids, self.images.split_set("train"),
                                        self.steps_per_member, self.seed)
         return DataLoader(self.train_steps, batch_size=None, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._steps(self.val_ids, self.images.val_set, 1, self.seed + 1),
+        return DataLoader(self._steps(self.val_ids, self.images.split_set("val"), 1, self.seed + 1),
                           batch_size=None)

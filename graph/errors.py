@@ -1,7 +1,8 @@
 """Errors raised by the graph encoding."""
+from metaprune.errors import UserError
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError):
     """The network uses an operation the graph encoding does not model.
 
     The message names the fx node, the module path and the operation.

@@ -13,7 +13,7 @@ metanetwork weights.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +68,12 @@ class _Statistics:
                                             hi, lo)):
             part.append(value.reshape(-1, hid))
 
-    def scatter(self, size: int) -> tuple[torch.Tensor, ...]:
+    def scatter(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum, sum of squares, max, min) per receiver; 0 where a receiver got no message."""
         recv = torch.cat(self.receivers)
-        return tuple(scatter(torch.cat(part), recv, 0, size, reduce=reduce)
-                     for part, reduce in zip(self.parts, ("sum", "sum", "max", "min")))
+        total, square, hi, lo = (scatter(torch.cat(part), recv, 0, size, reduce=reduce)
+                                 for part, reduce in zip(self.parts, ("sum", "sum", "max", "min")))
+        return total, square, hi, lo
 
 
 def _receiver_scaled(factor: torch.Tensor, total, square, hi, lo, degree: torch.Tensor,
@@ -107,6 +108,9 @@ class MessagePassingLayer(nn.Module):
     Parameters: ``phi_msg`` = [phi1 | phi2] (sender | receiver factor), ``phi_edge`` =
     [phi3 | phi4], ``aggregate`` = A, ``sign`` = sigma.
     """
+
+    sign: torch.Tensor
+    hidden: int
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -180,6 +184,13 @@ LAYERS = {"paper": PaperLayer, "joint": JointLayer}
 class Metanetwork(nn.Module):
     """GNN mapping a network graph to a modified network graph of the same layout."""
 
+    layers: nn.ModuleList
+    hidden: int
+    node_update_mask: torch.Tensor
+    gated_node_columns: torch.Tensor
+    gate_decoder: nn.Sequential | None
+    node_decoder: nn.Sequential
+
     def __init__(self, node_dim: int, edge_types: Sequence[int], num_layers: int = 8,
                  hidden: int = 64, node_res_ratio: float = 0.01, edge_res_ratio: float = 0.01,
                  frozen_node_columns: Sequence[int] = (), layout: dict | None = None,
@@ -192,6 +203,7 @@ class Metanetwork(nn.Module):
                              f"{sorted(LAYERS)}")
         self.edge_types = tuple(int(a) for a in edge_types)
         self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
+        self.hidden = hidden
         self.message_passing = message_passing
         self.layout = dict(layout or {"node_dim": node_dim, "edge_types": list(self.edge_types)})
         # Layouts stored before the identity_edges option existed were all diagonal.
@@ -206,8 +218,9 @@ class Metanetwork(nn.Module):
             # An untrained metanetwork is then exactly the identity, and the residual ratio
             # only sets how fast the output may move (see docs/meta_training.md).
             for decoder in [self.node_decoder, *self.edge_decoders.values()]:
-                nn.init.zeros_(decoder[-1].weight)
-                nn.init.zeros_(decoder[-1].bias)
+                last = cast(nn.Linear, cast(nn.Sequential, decoder)[-1])
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         # Columns the metanetwork must not change (BN running statistics by default).
         mask = torch.ones(node_dim)
         mask[list(frozen_node_columns)] = 0.0
@@ -219,7 +232,7 @@ class Metanetwork(nn.Module):
             # g minus the largest g of its layer, so a bias would cancel.
             self.gate_decoder = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.SiLU(),
                                               nn.Linear(hidden, 1, bias=False))
-            nn.init.zeros_(self.gate_decoder[-1].weight)
+            nn.init.zeros_(cast(nn.Linear, self.gate_decoder[-1]).weight)
             gated = torch.ones(node_dim)
             gated[list(ungated_node_columns)] = 0.0
             self.register_buffer("gated_node_columns", gated, persistent=False)
@@ -346,6 +359,7 @@ class Metanetwork(nn.Module):
         norm = squares.sqrt()
         largest = scatter(norm, layer, 0, num_layers, reduce="max")[layer]
         relative = torch.where(largest > 0, norm / largest.clamp_min(1e-30), 1.0)
+        assert self.gate_decoder is not None  # forward calls this only with channel gates
         g = self.gate_decoder(torch.cat([F.layer_norm(h, h.shape[1:]),
                                          relative.unsqueeze(1)], 1)).squeeze(1)
         top = scatter(g, layer, 0, num_layers, reduce="max")

@@ -275,7 +275,7 @@ class NetworkGraph:
                 out[key] = part.reshape(self.shapes[key])
         if self._node_keys:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
-            for (key, n), chunk in zip(self._node_keys,
+            for (key, _), chunk in zip(self._node_keys,
                                        values.split([n for _, n in self._node_keys])):
                 chunk = chunk.reshape(self.shapes[key])
                 out[key] = chunk.detach() if key.endswith(_RUNNING_STATS) else chunk

@@ -22,9 +22,11 @@ exact wherever no node has both a BN and a bias.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, cast
 
 import torch
+
+from metaprune.errors import UserError
 
 from .metanetwork import Metanetwork
 from .network_graph import NetworkGraph
@@ -33,7 +35,7 @@ _UNUSED = re.compile(r"mlps\.\d+\.0\.(weight|bias)")
 _LAYER_KEY = re.compile(r"convs\.(\d+)\.")
 
 
-class PaperWeightsError(ValueError):
+class PaperWeightsError(UserError):
     """A paper-format state_dict that cannot be mapped onto our metanetwork for this graph."""
 
 
@@ -130,16 +132,16 @@ def from_paper_state_dict(state_dict: Mapping[str, torch.Tensor], graph: Network
         ours[f"edge_decoders.{area}.1.bias"] = take(f"{dec}.1.bias", (hidden,))
         ours[f"edge_decoders.{area}.3.weight"] = take(f"{dec}.3.weight", (width, hidden))[cols]
         ours[f"edge_decoders.{area}.3.bias"] = take(f"{dec}.3.bias", (width,))[cols]
-    for l in layers:
-        p = f"convs.{l}"
+    for layer in layers:
+        p = f"convs.{layer}"
         for mine, (first, second) in (("phi_msg", ("lin1", "lin2")), ("phi_edge", ("lin3", "lin4"))):
             for kind, shape in (("weight", (hidden, hidden)), ("bias", (hidden,))):
-                ours[f"layers.{l}.{mine}.0.{kind}"] = torch.cat(
+                ours[f"layers.{layer}.{mine}.0.{kind}"] = torch.cat(
                     [take(f"{p}.{first}.0.{kind}", shape), take(f"{p}.{second}.0.{kind}", shape)])
-        ours[f"layers.{l}.aggregate.weight"] = take(f"{p}.downlin.weight", (hidden, 4 * hidden))
-        ours[f"layers.{l}.aggregate.bias"] = take(f"{p}.downlin.bias", (hidden,))
+        ours[f"layers.{layer}.aggregate.weight"] = take(f"{p}.downlin.weight", (hidden, 4 * hidden))
+        ours[f"layers.{layer}.aggregate.bias"] = take(f"{p}.downlin.bias", (hidden,))
     sign = take("edgeInverter", (hidden,))
-    if not torch.equal(sign, meta.layers[0].sign.to(sign.dtype)):
+    if not torch.equal(sign, cast(torch.Tensor, meta.layers[0].sign).to(sign.dtype)):
         raise PaperWeightsError("edgeInverter is not +1 on the first H//2 features and -1 on the "
                                 "rest, the sign vector of the paper's layer")
     extra = sorted(k for k in state if k not in used and not _UNUSED.fullmatch(k))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +151,7 @@ class _Walker:
         return Value(value.nodes, value.fresh and len(arg.users) == 1, value.area)
 
     # -- layers ---------------------------------------------------------------------------
-    def conv(self, node: fx.Node, m: nn.Module, value: Value) -> Value:
+    def conv(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         if m.transposed:
             raise self.fail(node, "transposed convolutions are not supported")
         if len(value.nodes) != m.in_channels:
@@ -163,7 +164,7 @@ class _Walker:
             self.add_channels(node, f"{node.target}.bias", "bias", 0, out_nodes)
         return Value(out_nodes, True, area)
 
-    def linear(self, node: fx.Node, m: nn.Linear, value: Value) -> Value:
+    def linear(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         shape = _shape(node.args[0])
         if shape is None or len(shape) != 2:
             raise self.fail(node, "Linear is supported only on [batch, channels] inputs "
@@ -183,11 +184,22 @@ class _Walker:
                 self.add_channels(node, f"{node.target}.{name}", "bn", i, value.nodes)
         return self.passthrough(arg, value)
 
-    def add_weight(self, node, key, area, src, dst) -> None:
+    def new_nodes(self, count: int) -> torch.Tensor:
+        """``count`` new graph nodes (the output channels of a layer)."""
+        return self.rec.new_nodes(count)
+
+    def add_weight(self, node: fx.Node, key: str, area: int, src: torch.Tensor,
+                   dst: torch.Tensor) -> None:
+        """State-dict tensor ``key`` of shape [out, in/groups, *kernel] as edges: ``src``
+        [groups, in/groups] input nodes to ``dst`` [groups, out/groups] output nodes, each edge
+        ``area`` features wide."""
         self.use_key(node, key)
         self.rec.weights.append((key, area, src, dst))
 
-    def add_channels(self, node, key, kind, index, nodes) -> None:
+    def add_channels(self, node: fx.Node, key: str, kind: str, index: int,
+                     nodes: torch.Tensor) -> None:
+        """State-dict tensor ``key`` of shape [C] as node features of ``nodes`` [C]: a BatchNorm
+        field (``kind`` "bn", ``index`` into BN_FIELDS) or a bias (``kind`` "bias", index 0)."""
         self.use_key(node, key)
         self.rec.channels.append((key, kind, index, nodes))
 
@@ -268,17 +280,11 @@ class _Walker:
         target = node.target
         if node.op == "call_module":
             m = self.modules[target]
-            if isinstance(m, nn.modules.conv._ConvNd):
-                return self.conv(node, m, value)
-            if isinstance(m, nn.Linear):
-                return self.linear(node, m, value)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                return self.batchnorm(node, m, arg, value)
-            if isinstance(m, nn.Flatten):
-                return self.reshape(node, arg, value)
-            if type(m) in _PASSTHROUGH_MODULES:
-                return self.passthrough(arg, value)
-            raise self.fail(node, f"module type {type(m).__name__} is not supported")
+            handler = module_handler(type(m))
+            if handler is None:
+                raise self.fail(node, f"module type {type(m).__name__} is not supported "
+                                "(graph.register_module adds a type)")
+            return handler(self, node, m, arg, value)
         if target in (operator.add, operator.iadd, torch.add):
             return self.add(node, args)
         if target is torch.cat:
@@ -300,10 +306,50 @@ class _Walker:
         return self.rec
 
 
+# -- the module registry: how each module type maps channels --------------------------------
+ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Value]
+_MODULE_HANDLERS: dict[type, ModuleHandler] = {}
+
+
+def register_module(*types: type) -> Callable[[ModuleHandler], ModuleHandler]:
+    """Decorator: ``handler(walker, node, module, arg, value) -> Value`` encodes modules of
+    ``types`` (and their subclasses, unless a subclass has its own handler).
+
+    The handler gets the walker (``new_nodes``, ``add_weight``, ``add_channels``,
+    ``passthrough``, ``fail``), the fx node of the call, the module, the input node and its
+    channel ``Value``, and returns the output's ``Value``. Registered types are traced as
+    leaves: torch.fx records one call instead of inlining their forward. docs/graph.md has an
+    example."""
+    def register(handler: ModuleHandler) -> ModuleHandler:
+        for t in types:
+            _MODULE_HANDLERS[t] = handler
+        return handler
+    return register
+
+
+def module_handler(module_type: type) -> ModuleHandler | None:
+    """The handler of ``module_type``: its own, else that of its nearest registered base."""
+    return next((_MODULE_HANDLERS[t] for t in module_type.__mro__ if t in _MODULE_HANDLERS), None)
+
+
+register_module(nn.modules.conv._ConvNd)(_Walker.conv)
+register_module(nn.Linear)(_Walker.linear)
+register_module(nn.modules.batchnorm._BatchNorm)(_Walker.batchnorm)
+register_module(nn.Flatten)(lambda walker, node, m, arg, value: walker.reshape(node, arg, value))
+register_module(*_PASSTHROUGH_MODULES)(lambda walker, node, m, arg, value: walker.passthrough(arg, value))
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every registered module type as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_handler(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:
     """Trace ``module`` on ``example_inputs``; returns the records and the keys they cover."""
     try:
-        gm = fx.symbolic_trace(module)
+        gm = fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
     except Exception as e:
         raise UnsupportedArchitectureError(
             f"{type(module).__name__} cannot be traced with torch.fx ({type(e).__name__}: {e}); "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torchmetrics.classification import MulticlassAccuracy
 
 import networks
@@ -35,7 +36,8 @@ class ImageClassifier(LightningModule):
                  label_smoothing: float = 0.0, nesterov: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.arch = {"name": network, "num_classes": num_classes, "kwargs": dict(network_kwargs or {})}
+        self.arch: dict[str, Any] = {"name": network, "num_classes": num_classes,
+                                     "kwargs": dict(network_kwargs or {})}
         # The data splits the weights were trained on, oldest first (DataSplit records): they
         # travel with the weights into every network file written from this module.
         self.trained_on: list[dict] = []
@@ -92,7 +94,7 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         opt = torch.optim.SGD(self.network.parameters(), lr=hp.lr, momentum=hp.momentum,
                               weight_decay=hp.weight_decay, nesterov=hp.nesterov)

@@ -1,119 +1,21 @@
-"""MetaPruningModule: meta-train the GNN metanetwork on a zoo (DESIGN section 6).
-
-One step = one zoo member: W' = decode(M(encode(W))); loss = CE of the target network with
-weights W' over ``batches_per_step`` image batches + DepGraph's group-sparsity regularizer on W'.
-
-Single backward: W' is copied into a working copy of the member network (detached leaves), the
-cross-entropy gradients of all batches accumulate there, torch_pruning's
-``GroupNormPruner.regularize`` adds its gradient, and then one backward pushes that gradient
-through decode and the metanetwork. Same gradient as backpropagating each batch through the GNN,
-at one GNN backward per step and memory independent of the number of batches.
-"""
+"""MetaPruningModule: meta-train the GNN metanetwork on a zoo (DESIGN section 6); the objective
+itself is ``objective.training``."""
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
-from torch_geometric.data import Data
 
 import networks
 from graph import Metanetwork, NetworkGraph
+from objective import MemberState, load_weights, meta_loss
 
 from .distributed import destroy_process_group_at_exit
-
-
-
-@dataclass
-class MemberState:
-    """What meta-training keeps per zoo member."""
-
-    graph: NetworkGraph
-    data: Data                     # the encoded original weights
-    work: nn.Module                # receives the decoded weights; eval mode
-    pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
-
-    @classmethod
-    def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
-              device: torch.device | str = "cpu", identity_edges: str = "diagonal"
-              ) -> "MemberState":
-        graph = NetworkGraph.from_module(network, example, identity_edges)
-        work = copy.deepcopy(network).to(device).eval()
-        with torch.enable_grad():  # torch_pruning traces dependencies with autograd
-            pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
-        data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
-        return cls(graph, data, work, pruner)
-
-
-def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
-              labels: torch.Tensor, alpha: float, distill: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
-    metanetwork the gradient of the objective (``weight_gradients``) + regularizer, through one
-    GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets.
-
-    The metanetwork runs twice: without autograd for the image batches, then with it for the
-    surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
-    each batch slower than the same batch alone; one extra forward costs less."""
-    soft = original_predictions(member, images) if distill > 0 else None
-    with torch.no_grad():
-        weights = member.graph.decode(metanetwork(member.data))
-    ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
-                                           alpha, soft, distill)
-    weights = member.graph.decode(metanetwork(member.data))
-    # d(surrogate)/dW' equals the accumulated gradient.
-    surrogate = sum((weights[name] * g).sum() for name, g in grads.items())
-    return ce, sparsity, surrogate
-
-
-@torch.no_grad()
-def original_predictions(member: MemberState, images: torch.Tensor) -> torch.Tensor:
-    """Class probabilities [K, B, classes] of the member's original network on ``images``."""
-    _load(member.work, member.graph.decode(member.data))
-    return torch.stack([F.softmax(member.work(x), dim=1) for x in images])
-
-
-def _load(work: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` (every floating tensor) into ``work``'s parameters and buffers."""
-    with torch.no_grad():
-        for name, t in [*work.named_parameters(), *work.named_buffers()]:
-            if name in weights:
-                t.copy_(weights[name])
-
-
-def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
-                     labels: torch.Tensor, pruner, alpha: float,
-                     soft: torch.Tensor | None = None, distill: float = 0.0
-                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
-    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. With ``soft``
-    (the original network's probabilities, [K, B, classes]) each batch's loss is
-    ``(1 - distill) * CE(labels) + distill * CE(soft)`` (ours, not the paper's: distillation
-    gives a denser signal per image). Returns (label cross-entropy summed over the batches,
-    regularizer value, gradients by parameter name). ``work`` is overwritten with ``weights``."""
-    params = dict(work.named_parameters())
-    _load(work, weights)
-    for p in params.values():
-        p.grad = torch.zeros_like(p)
-    ce = torch.zeros((), device=images.device)
-    for k, (x, y) in enumerate(zip(images, labels)):
-        logits = work(x)
-        loss = F.cross_entropy(logits, y)
-        ce += loss.detach()
-        if soft is not None:
-            loss = (1.0 - distill) * loss + distill * F.cross_entropy(logits, soft[k])
-        loss.backward()
-    before = {name: p.grad.clone() for name, p in params.items()}
-    pruner.regularize(work, alpha=alpha, bias=False)
-    # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
-    sparsity = sum(((p.grad - before[n]) * p.detach()).sum() for n, p in params.items()) / 2
-    return ce, sparsity, {name: p.grad for name, p in params.items()}
 
 
 class MetaPruningModule(LightningModule):
@@ -166,7 +68,7 @@ class MetaPruningModule(LightningModule):
         ``hparams``: the checkpoint's hyper-parameters when the caller has read them already."""
         saved = hparams if hparams is not None else torch.load(
             path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-        legacy = {} if "message_passing" in saved else {"message_passing": "joint"}
+        legacy: dict[str, Any] = {} if "message_passing" in saved else {"message_passing": "joint"}
         return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **legacy)
 
     def _build(self, layout: dict) -> None:
@@ -192,15 +94,24 @@ class MetaPruningModule(LightningModule):
             zoo = self.trainer.datamodule
             state = MemberState.build(zoo.members[index].network, zoo.example_input(),
                                       self.hparams.reg, self.hparams.alpha, self.device,
-                                      self.metanetwork.identity_edges)
-            self.metanetwork.check_layout(state.graph)
+                                      self.gnn.identity_edges)
+            self.gnn.check_layout(state.graph)
             self._members[index] = state
         return self._members[index]
+
+    @property
+    def gnn(self) -> Metanetwork:
+        """The metanetwork; built from the zoo's layout by ``configure_model`` (or at once when
+        a ``layout`` was given)."""
+        if self.metanetwork is None:
+            raise RuntimeError("the metanetwork is built in configure_model, from the data's zoo "
+                               "layout: attach a ModelZooDataModule (trainer.fit) or pass layout=")
+        return self.metanetwork
 
     def modified_weights(self, index: int) -> dict[str, torch.Tensor]:
         """The metanetwork's output for zoo member ``index`` (differentiable)."""
         member = self._member(index)
-        return member.graph.decode(self.metanetwork(member.data))
+        return member.graph.decode(self.gnn(member.data))
 
     # -- training ----------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -213,7 +124,7 @@ class MetaPruningModule(LightningModule):
         index, images, labels = batch
         index = int(index)
         member = self._member(index)
-        ce, sparsity, surrogate = meta_loss(self.metanetwork, member, images, labels,
+        ce, sparsity, surrogate = meta_loss(self.gnn, member, images, labels,
                                             self.hparams.alpha, self.hparams.distill)
         if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
             raise FloatingPointError(
@@ -241,7 +152,7 @@ class MetaPruningModule(LightningModule):
     def _evaluate(self, member: MemberState, weights: dict, images, labels) -> tuple:
         """(cross-entropy, normalized group norms) of ``member`` with ``weights`` (parameters
         and BN statistics, as training uses them)."""
-        _load(member.work, weights)
+        load_weights(member.work, weights)
         ce = sum(F.cross_entropy(member.work(x), y) for x, y in zip(images, labels)) / len(images)
         return ce, networks.group_norms(member.pruner)
 
@@ -272,7 +183,7 @@ class MetaPruningModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.metanetwork.parameters(), lr=hp.lr,
+        optimizer = torch.optim.AdamW(self.gnn.parameters(), lr=hp.lr,
                                       weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones or []),
                                                          hp.gamma)

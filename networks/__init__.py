@@ -1,19 +1,38 @@
 """Target architectures (plain torch) and their pruning-aware checkpoint format."""
-from .checkpoint import (CheckpointError, atomic_save, atomic_write, load_network, network_from_record,
-                         network_from_state_dict, network_record, safe_load, save_network)
+from .checkpoint import (
+                         CheckpointError,
+                         atomic_save,
+                         atomic_write,
+                         load_network,
+                         network_from_record,
+                         network_from_state_dict,
+                         network_record,
+                         safe_load,
+                         save_network,
+)
 from .cifar_resnet import CifarResNet
-from .curve import (accuracy, accuracy_curve, calibration_batches, curve_area,
-                    recalibrate_batchnorm)
-from .pruning import (classifier_layer, count_macs, count_macs_fast, count_params, group_norms,
-                      magnitude_pruner, NEAR_ZERO, near_zero_fraction,
-                      prune_to_speed_up)
+from .common import evaluating, example_input
+from .curve import accuracy, accuracy_curve, calibration_batches, curve_area, recalibrate_batchnorm
+from .pruning import (
+                         NEAR_ZERO,
+                         base_macs,
+                         classifier_layer,
+                         count_macs,
+                         count_macs_fast,
+                         count_params,
+                         group_norms,
+                         magnitude_pruner,
+                         near_zero_fraction,
+                         prune_to_speed_up,
+)
 from .registry import available, build
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_curve",
-           "atomic_save", "atomic_write", "available", "build", "calibration_batches",
+           "atomic_save", "atomic_write", "available", "base_macs", "build", "calibration_batches",
            "classifier_layer", "count_macs",
-           "count_macs_fast", "count_params", "curve_area", "group_norms", "load_network",
+           "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",
+           "load_network",
            "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "safe_load",

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from metaprune.errors import UserError
+
 from .registry import build
 
 FORMAT = "metaprune.network/v1"
@@ -28,7 +30,7 @@ _SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, of the wrong kind or inconsistent."""
 
 

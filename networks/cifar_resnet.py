@@ -14,6 +14,8 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a residual connection (1x1 conv-BN where the shape changes)."""
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -34,6 +36,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """ResNet of ``depth`` = 6n+2 for 32x32 images, channel widths scaled by ``width``."""
+
     def __init__(self, depth: int = 56, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:

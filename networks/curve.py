@@ -4,13 +4,13 @@ Each point can be evaluated after re-estimating the BatchNorm running statistics
 training batches (adaptive BN, as EagleEye, Li et al., ECCV 2020): without it a pruned network's
 statistics describe channels that are gone and its accuracy falls to chance within a few steps,
 which says nothing about the capacity left (DESIGN section 9). Pure torch: the Lightning
-callback (callbacks/curve.py) and checkpoint selection (callbacks/selection.py) supply
+command (pipeline/curve.py) and checkpoint selection (pipeline/select.py) supply
 ``evaluate`` and the calibration batches.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Sized, cast
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def calibration_batches(dataset: Dataset, count: int, batch_size: int,
         raise ValueError(f"calibration needs count >= 0 and batch_size >= 1, got {count} and "
                          f"{batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(dataset), generator=generator)[:count * batch_size].tolist()
+    picked = torch.randperm(len(cast(Sized, dataset)), generator=generator)[:count * batch_size].tolist()
     if count and not picked:
         raise ValueError("no images to recalibrate BatchNorm on (empty training split)")
     with torch.random.fork_rng():

@@ -32,9 +32,10 @@ def _failing_layer(network: nn.Module, error: BaseException) -> str | None:
     """``path (Class)`` of the innermost module of ``network`` on the failing call stack."""
     names = {id(m): n for n, m in network.named_modules()}
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        found, tb = None, error.__traceback__
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found, tb = None, current.__traceback__
         while tb is not None:
             obj = tb.tb_frame.f_locals.get("self")
             if id(obj) in names:
@@ -42,7 +43,7 @@ def _failing_layer(network: nn.Module, error: BaseException) -> str | None:
             tb = tb.tb_next
         if found:
             return found
-        error = error.__cause__ or error.__context__
+        current = current.__cause__ or current.__context__
     return None
 
 

@@ -10,6 +10,9 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.utils import op_counter
 
+from .common import evaluating
+from .registry import build
+
 MacCounter = Callable[[nn.Module, torch.Tensor], int]
 
 
@@ -19,13 +22,10 @@ def classifier_layer(model: nn.Module, example_inputs: torch.Tensor) -> nn.Modul
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
              for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     if not order:
@@ -37,6 +37,11 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """MACs of one forward pass, as torch_pruning counts them (the number all reports use)."""
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs)
+
+
+def base_macs(arch: dict, example: torch.Tensor) -> int:
+    """MACs of the unpruned architecture ``arch`` (``{"name", "num_classes", "kwargs"}``)."""
+    return count_macs(build(arch["name"], arch["num_classes"], **arch.get("kwargs", {})), example)
 
 
 def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
@@ -83,7 +88,7 @@ def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:
     try:
         with torch.no_grad():
             model(example_inputs[:0])
-        total = sum(m.__flops__ for m in counted)
+        total = sum(int(vars(m)["__flops__"]) for m in counted)
     finally:
         for m in training:
             m.training = True
@@ -106,6 +111,7 @@ def _checked_counter(model: nn.Module, example_inputs: torch.Tensor, macs: int) 
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -9,6 +9,9 @@ VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
 
 
 class CifarVGG(nn.Module):
+    """VGG with BatchNorm for 32x32 images (``cfg``: widths and "M" max-pools), widths scaled
+    by ``width``."""
+
     def __init__(self, num_classes: int = 100, width: float = 1.0, cfg: tuple = VGG19_CFG) -> None:
         super().__init__()
         if width <= 0:

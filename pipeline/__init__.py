@@ -1,5 +1,5 @@
 """Orchestration of the pruning pipeline (DESIGN section 2) behind ``prune.py``: each command
-chains ordinary Lightning runs (built by ``train.main`` from YAML configs) with the callbacks of
+chains ordinary Lightning runs (built by ``pipeline.train.main`` from YAML configs) with the callbacks of
 callbacks/. ``cli`` (the command line), ``zoo``, ``run`` (prune one network), ``demo`` (the
 whole pipeline), ``common`` (configs, stages, atomic result files). Importing this package
 loads no torch: finished runs are answered from their files alone."""

@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from metaprune.errors import UserError
 
 DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
                "run; demo runs them all on a built-in default (docs/pruning.md).")
@@ -26,10 +27,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
             "train, prune and finetune one zoo member (docs/zoo.md)"),
     "run": (_lazy("pipeline.run", "add_run_arguments"), _lazy("pipeline.run", "run_command"),
             "prune a network to a speed-up: metanetwork/none/sparse, finetunes, export (docs/pruning.md)"),
-    "curve": (_lazy("callbacks.curve", "add_curve_arguments"), _lazy("callbacks.curve", "curve_command"),
+    "curve": (_lazy("pipeline.curve", "add_curve_arguments"), _lazy("pipeline.curve", "curve_command"),
               "accuracy-vs-speed-up curve of a network, no finetuning (docs/pruning.md)"),
-    "select": (_lazy("callbacks.selection", "add_select_arguments"),
-               _lazy("callbacks.selection", "select_command"),
+    "select": (_lazy("pipeline.select", "add_select_arguments"),
+               _lazy("pipeline.select", "select_command"),
                "pick the best metanetwork checkpoint of a meta-training run by curve area"),
     "import_paper": (_lazy("pipeline.import_paper", "add_import_paper_arguments"),
                      _lazy("pipeline.import_paper", "import_paper_command"),
@@ -59,16 +60,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
     return SUBCOMMANDS[args.command][1](args)
-
-
-# Errors that mean bad input (their messages name the problem and the fix): printed as one
-# line instead of a traceback. Matched by name so that `--help` needs no torch import.
-USER_ERRORS = {"CurveError", "PruneRunError", "DemoError", "SelectionError", "ZooConfigError", "ZooError",
-               "CheckpointError", "MetanetworkError", "UnsupportedArchitectureError", "DatasetError"}
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -80,8 +76,6 @@ def cli(argv: list[str] | None = None) -> int:
     configure(verbose="--verbose" in argv)
     try:
         return main(argv)
-    except ValueError as e:
-        if type(e).__name__ not in USER_ERRORS:
-            raise
+    except UserError as e:
         print(f"prune.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""What every pipeline command shares: YAML configs, Lightning stages built by ``train.main``,
+"""What every pipeline command shares: YAML configs, Lightning stages built by ``pipeline.train.main``,
 rank checks under DDP, and atomic writes of result files."""
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def add_data_root_argument(parser: Any, required: bool = False, what: str = "the
 
 
 def is_rank_zero() -> bool:
+    """Whether this process is the global rank 0 (or not part of a distributed run)."""
     ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
     return all(os.environ.get(k, "0") == "0" for k in ranks)
 
@@ -71,13 +72,13 @@ def wait_for(path: Path, timeout_s: float = 600.0) -> None:
 def fit_stage(config: dict, test: bool = False) -> Any:
     """Run one Lightning fit (optionally followed by a test of the best checkpoint) from a
     LightningCLI config dict; resumes from ``<log_dir>/checkpoints/last.ckpt`` when present."""
-    import train
+    from .train import main
 
-    # train.main warns when sys.argv (ours) and args both exist; sys.argv must stay as it is
+    # main warns when sys.argv (ours) and args both exist; sys.argv must stay as it is
     # (a relaunching DDP strategy starts the other ranks with it).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    cli = train.main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
-    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    cli = main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
+    last = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.is_file() else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
@@ -94,9 +95,9 @@ def check_stage_config(config: dict, where: str, error: type[ValueError]) -> Non
     section) and the offending key in one line."""
     import argparse
 
-    import train
+    from .train import TrainCLI
 
-    class _Check(train.TrainCLI):  # parse and validate only: nothing instantiated, no seeding
+    class _Check(TrainCLI):  # parse and validate only: nothing instantiated, no seeding
         def _set_seed(self) -> None: ...
         def before_instantiate_classes(self) -> None: ...
         def instantiate_classes(self) -> None: ...
@@ -133,6 +134,17 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
     return atomic_write(path, write)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` atomically."""
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` into ``path`` atomically."""
+    return write_bytes(path, text.encode())
+
+
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(obj, indent=1) + "\n")
 

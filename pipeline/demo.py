@@ -11,14 +11,26 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from metaprune.errors import UserError
+
 from .cli import main
-from .common import (DATA_ENV, atomic_write, check_stage_config, deep_merge, fit_stage,
-                     is_rank_zero, read_yaml_config, write_json)
+from .common import (
+    DATA_ENV,
+    atomic_write,
+    check_stage_config,
+    deep_merge,
+    fit_stage,
+    is_rank_zero,
+    read_yaml_config,
+    write_json,
+    write_text,
+)
 from .console import Stages
 from .paired import PairedDifference, paired, paired_table
 from .run import FIRST_STAGE, METHODS, REPORT
@@ -30,7 +42,7 @@ DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written
 RESULTS = "results.json"
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     """Bad demo input (config, data, an output folder holding another demo)."""
 
 
@@ -171,7 +183,7 @@ def paired_differences(values: dict[str, dict[str, dict[str, float]]]) -> list[P
 def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
     """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
     BN recalibrated) of the first held-out network, one per method, on one plot."""
-    from callbacks.curve import read_curves, save_figure
+    from .curve import read_curves, save_figure
 
     path, seed, curves = out / "stage1_curves.png", demo["target_seeds"][0], {}
     if path.is_file():  # stage 1 of a network is computed once: so is its plot
@@ -187,11 +199,13 @@ def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py demo``."""
     parser.add_argument("--data_root", default=None,
                         help=f"CIFAR-10 (ImageFolder train/ test/, or torchvision's folder); default "
                              f"${DATA_ENV}, else downloaded to {DEFAULT_DATA}")
     parser.add_argument("--out", default=None,
-                        help="output folder; default runs/demo_pipeline (runs/demo_pipeline_fast with --fast)")
+                        help="output folder; default runs/demo_pipeline "
+                             "(runs/demo_pipeline_fast with --fast)")
     parser.add_argument("--fast", action="store_true",
                         help="smoke run: every stage on a few batches (minutes; numbers mean nothing)")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (configs/demo/demo.yaml)")
@@ -212,7 +226,7 @@ def check_demo(cfg: dict, stages: dict[str, dict], configs: dict[str, Path], dat
     if not data.get("download"):
         images = stages["zoo"]["pretrain"]["data"].get("init_args") or {}
         try:
-            ImageDataModule(**images).num_classes
+            ImageDataModule(**images).num_classes  # noqa: B018 (reading it checks the data)
         except DatasetError as e:
             raise DemoError(f"{e} (the demo reads it from --data_root, else ${DATA_ENV}; without "
                             f"either it downloads CIFAR-10 to {DEFAULT_DATA})") from None
@@ -248,12 +262,12 @@ def write_demo_configs(out: Path, settings: dict, stages: dict[str, dict]) -> di
     for name, stage in stages.items():
         configs[name] = out / "configs" / f"{name}.yaml"
         if not configs[name].is_file() or yaml.safe_load(configs[name].read_text()) != stage:
-            text = yaml.safe_dump(stage, sort_keys=False)
-            atomic_write(configs[name], lambda tmp, text=text: Path(tmp).write_text(text))
+            write_text(configs[name], yaml.safe_dump(stage, sort_keys=False))
     return configs
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    """``prune.py demo``: the whole pipeline on a built-in default."""
     t0 = time.perf_counter()
     cfg = load_demo_config(args.config, args.fast)
     demo = cfg["demo"]
@@ -277,23 +291,24 @@ def demo_command(args: argparse.Namespace) -> int:
     # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
     with console.stage("zoo", len(demo["zoo_seeds"]), "networks") as step:
         for seed in demo["zoo_seeds"]:
-            timed(f"zoo seed{seed}", lambda s=seed: main(["zoo", "--config", str(configs["zoo"]),
-                                                          "--seed", str(s)]))
+            timed(f"zoo seed{seed}", partial(main, ["zoo", "--config", str(configs["zoo"]),
+                                                    "--seed", str(seed)]))
             step()
-    from callbacks import find_member
+    from datamodules.zoo_manifest import find_member
 
     targets = {}
     with console.stage("held-out networks", len(demo["target_seeds"]), "networks") as step:
         for seed in demo["target_seeds"]:
-            timed(f"target seed{seed}", lambda s=seed: main([
-                "zoo", "--config", str(configs["zoo"]), "--seed", str(s), "--zoo_dir", str(out / "target")]))
+            timed(f"target seed{seed}", partial(main, [
+                "zoo", "--config", str(configs["zoo"]), "--seed", str(seed),
+                "--zoo_dir", str(out / "target")]))
             row = find_member(out / "target", int(seed))
             if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
                 return 0
             targets[int(seed)] = out / "target" / row["file"]
             step()
 
-    # 2. meta-training (train.main through fit_stage: resumes from last.ckpt when killed).
+    # 2. meta-training (pipeline.train.main through fit_stage: resumes from last.ckpt when killed).
     meta_done = out / "meta" / "done.json"
     with console.stage("meta-training", 1, "run") as step:
         if meta_done.is_file():
@@ -337,7 +352,7 @@ def demo_command(args: argparse.Namespace) -> int:
                         argv += ["--metanetwork", str(best)]
                     if first is not None:
                         argv += ["--reuse_first_stage", str(first)]
-                    timed(f"prune {key}", lambda argv=argv: main(argv))
+                    timed(f"prune {key}", partial(main, argv))
                     reports[key] = json.loads((run_out / REPORT).read_text())
                     first = first or run_out
                     step()

@@ -8,10 +8,10 @@ The paper's code saves its GNN's state_dict (``nodeEnc``, ``edgeEnc``, ``convs.<
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_import_paper_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py import_paper``."""
     parser.add_argument("--state_dict", required=True,
                         help="file saved by the paper's code: its metanetwork's state_dict (or a "
                              "dict holding it under 'state_dict'); loaded with weights_only=True")
@@ -32,12 +32,12 @@ def add_import_paper_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def import_paper_command(args: argparse.Namespace) -> int:
+    """``prune.py import_paper``: the paper's saved metanetwork as our checkpoint."""
     import lightning
     import torch
 
     import networks
     from callbacks.feedforward import MetanetworkError, network_graph
-    from callbacks.pruning import example_input
     from graph import Metanetwork, PaperWeightsError
     from lightning_modules import MetaPruningModule
 
@@ -48,7 +48,7 @@ def import_paper_command(args: argparse.Namespace) -> int:
         raise MetanetworkError(f"{source} holds no state_dict of tensors; save the paper's GNN "
                                "with torch.save(model.state_dict(), path)")
     network = networks.build(args.arch, args.num_classes).eval()
-    graph = network_graph(network, example_input(args.input_size), f"architecture {args.arch!r}",
+    graph = network_graph(network, networks.example_input(args.input_size), f"architecture {args.arch!r}",
                           args.identity_edges)
     try:
         meta = Metanetwork.from_paper_state_dict(state, graph, args.node_res_ratio,
@@ -56,11 +56,11 @@ def import_paper_command(args: argparse.Namespace) -> int:
     except PaperWeightsError as e:
         raise MetanetworkError(f"{source} does not fit {args.arch!r}: {e}") from e
     module = MetaPruningModule(
-        num_layers=len(meta.layers), hidden=meta.layers[0].hidden,
+        num_layers=len(meta.layers), hidden=meta.hidden,
         node_res_ratio=args.node_res_ratio, edge_res_ratio=args.edge_res_ratio,
         zero_init_decoders=False, message_passing="paper", identity_edges=args.identity_edges,
         layout=graph.layout)
-    module.metanetwork.load_state_dict(meta.float().state_dict())
+    module.gnn.load_state_dict(meta.float().state_dict())
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                   "pytorch-lightning_version": lightning.__version__}
     out = networks.atomic_write(args.out, lambda tmp: torch.save(checkpoint, tmp))

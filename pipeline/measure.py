@@ -15,6 +15,7 @@ from .common import write_json
 
 
 def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py measure``."""
     parser.add_argument("--network", required=True, help="network file (networks.save_network)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64],
                         help="batch sizes to time (default 1 64: latency and throughput)")
@@ -33,10 +34,9 @@ def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], 
     """MACs and measured latency of ``network`` and of its unpruned architecture; speed-ups
     of ``network`` against it, by MACs and measured per batch size."""
     import networks
-    from callbacks.pruning import example_input
     from networks.latency import compare_latency
 
-    example = example_input(input_size)
+    example = networks.example_input(input_size)
     unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
     macs, base = networks.count_macs(network, example), networks.count_macs(unpruned, example)
     return {"macs": macs, "base_macs": base, "speed_up": base / macs,
@@ -45,6 +45,7 @@ def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], 
 
 
 def measure_table(result: dict) -> str:
+    """A markdown table of :func:`compare`'s result."""
     lines = ["| batch | device (threads) | unpruned ms | this network ms | speed-up measured "
              "| speed-up by MACs |", "|---|---|---|---|---|---|"]
     for row in result["latency"]:
@@ -56,6 +57,7 @@ def measure_table(result: dict) -> str:
 
 
 def measure_command(args: argparse.Namespace) -> int:
+    """``prune.py measure``: MACs and measured latency of a network file against its unpruned architecture."""
     import networks
 
     network, record = networks.load_network(args.network)

@@ -1,6 +1,6 @@
 """``prune.py run`` (docs/pruning.md): prune one network to ``S`` x fewer MACs than its unpruned
 architecture. Stage 1 (metanetwork feedforward, the identity, or sparse training) + finetune,
-stage 2 prune + finetune, each a Lightning fit through ``train.main``; then evaluation, export
+stage 2 prune + finetune, each a Lightning fit through ``pipeline.train.main``; then evaluation, export
 (network file, ``torch.export`` program, ``curve.png``) and ``report.json``. Inputs are checked
 before any training; finished stages are skipped."""
 from __future__ import annotations
@@ -18,8 +18,20 @@ from typing import Any, Callable
 
 import yaml
 
-from .common import (add_data_root_argument, atomic_write, check_stage_config, deep_merge,
-                     fit_stage, is_rank_zero, read_yaml_config, wait_for, write_json)
+from metaprune.errors import UserError
+
+from .common import (
+    add_data_root_argument,
+    atomic_write,
+    check_stage_config,
+    deep_merge,
+    fit_stage,
+    is_rank_zero,
+    read_yaml_config,
+    wait_for,
+    write_bytes,
+    write_json,
+)
 
 RUN_SECTIONS = ("prune", "base", "finetune", "final")
 RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
@@ -36,7 +48,7 @@ LATENCY_BATCH_SIZES = (1, 64)
 CLASSIFIER = "lightning_modules.ImageClassifier"
 
 
-class PruneRunError(ValueError):
+class PruneRunError(UserError):
     """Bad input to ``prune.py run``: the message names the problem and the fix."""
 
 
@@ -171,10 +183,9 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
     import networks
     from callbacks import load_metanetwork
     from callbacks.feedforward import check_layout, network_graph
-    from callbacks.pruning import base_macs, example_input
 
     p = cfg["prune"]
-    example = example_input(p["input_size"])
+    example = networks.example_input(p["input_size"])
     network, record = networks.load_network(network_path)  # missing, corrupt, not a network
     arch, source = record["arch"], f"network file {network_path!r}"
     classes = (cfg["base"]["data"].get("init_args") or {}).get("num_classes")
@@ -191,7 +202,7 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
         metanetwork = load_metanetwork(metanetwork_path)
         graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
-    base, macs = base_macs(arch, example), networks.count_macs(network, example)
+    base, macs = networks.base_macs(arch, example), networks.count_macs(network, example)
     target, current = p["speed_up"], base / macs
     if target <= current:
         raise PruneRunError(
@@ -259,8 +270,7 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
     # network.pt last: it marks stage 1 done
     for name in ("curve.csv", "curve.png", "feedforward.pt", "network.pt"):
         if (source / stage / name).is_file():
-            data = (source / stage / name).read_bytes()
-            atomic_write(out / stage / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            write_bytes(out / stage / name, (source / stage / name).read_bytes())
     if (source / EVAL_FILE).is_file() and not (out / EVAL_FILE).is_file():
         shared = {k: v for k, v in json.loads((source / EVAL_FILE).read_text()).items()
                   if k in ("original", "feedforward", "finetuned")}
@@ -283,14 +293,14 @@ def run_stage(config: dict, output: Path, name: str) -> Path:
 def eval_cli(cfg: dict, arch: dict, weights: str | os.PathLike, out: Path) -> Any:
     """A LightningCLI (not run) holding the config's data and a classifier, on one device
     (exact val/test accuracy: no distributed sampler padding), for evaluating network files."""
-    import train
+    from .train import main
 
     config = run_stage_config(cfg, "final", out, "eval", weights, arch, [])
     config["trainer"].update(logger=False, callbacks=[], devices=1, num_nodes=1,
                              strategy="auto", enable_progress_bar=False,
                              enable_model_summary=False)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return train.main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
+    return main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
 
 
 def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache: Path) -> dict:
@@ -317,9 +327,10 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
     pruned progressively without finetuning, up to ``max_speed_up``, every
     ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
-    batches (callbacks/curve.py)."""
-    from callbacks.curve import calibration, evaluator, read_curves, save_curves
+    batches (pipeline/curve.py)."""
     from networks import accuracy_curve
+
+    from .curve import calibration, evaluator, read_curves, save_curves
 
     if (out / "curve.csv").is_file() and (out / "curve.png").is_file():
         return next(iter(read_curves(out / "curve.csv").values()))
@@ -365,6 +376,7 @@ def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py run``."""
     parser.add_argument("--config", required=True, help="configs/<task>/prune.yaml")
     parser.add_argument("--network", default=None,
                         help="network to prune: this project's network file, or a Lightning "
@@ -441,6 +453,7 @@ def stage_configs(cfg: dict, args: argparse.Namespace, out: Path, arch: dict) ->
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``prune.py run``: prune one network to one speed-up with one method."""
     t0 = time.perf_counter()
     cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
     out = run_dir(cfg, args.network or args.weights or "network", args.method, args.out)
@@ -484,9 +497,8 @@ def run_command(args: argparse.Namespace) -> int:
         return cli[0]
 
     acc = evaluate_networks(get_cli, files, out / EVAL_FILE)
-    from callbacks.pruning import example_input
 
-    example = example_input(p["input_size"])
+    example = networks.example_input(p["input_size"])
     network, final_record = networks.load_network(final)
     macs, params = networks.count_macs(network, example), networks.count_params(network)
     reached = info["base_macs"] / macs
@@ -533,7 +545,7 @@ def run_command(args: argparse.Namespace) -> int:
         "time_s": time.perf_counter() - t0,
     }
     write_json(out / REPORT, report)
-    fin = accuracy["final"]
+    fin = {"val": acc["final"]["val_acc"], "test": acc["final"]["test_acc"]}
     print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {macs:,} MACs, speed-up "
           f"{reached:.3f}x (target {p['speed_up']:g}x), final val/acc {fin['val']:.4f} "
           f"test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")

@@ -1,6 +1,6 @@
 """``prune.py zoo`` (docs/zoo.md): train a target network (stage 1, "pretrain"), prune it to the
 task's initial speed-up and finetune it (stage 2, "finetune"), and add it to the zoo as member
-``seed``. Both stages are ordinary Lightning fits built from the config by ``train.main``. A stage
+``seed``. Both stages are ordinary Lightning fits built from the config by ``pipeline.train.main``. A stage
 whose output exists is skipped, and a stage killed half way resumes from its ``last.ckpt``."""
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (add_data_root_argument, check_stage_config, deep_merge, fit_stage,
-                     is_rank_zero, read_yaml_config, wait_for)
+from metaprune.errors import UserError
+
+from .common import (
+    add_data_root_argument,
+    check_stage_config,
+    deep_merge,
+    fit_stage,
+    is_rank_zero,
+    read_yaml_config,
+    wait_for,
+)
 
 ZOO_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "pretrained", "seed"}
 
 
-class ZooConfigError(ValueError):
+class ZooConfigError(UserError):
     """A zoo.yaml is malformed; the message names the file and the key."""
 
 
@@ -125,7 +134,7 @@ def run_pretrain(cfg: dict) -> Path:
 
 def run_finetune(cfg: dict, weights: Path) -> dict | None:
     """Stage 2: prune, finetune, test, register the member (skipped when its row exists)."""
-    from callbacks import find_member
+    from datamodules.zoo_manifest import find_member
 
     zoo = cfg["zoo"]
     row = find_member(zoo["dir"], zoo["seed"])
@@ -152,6 +161,7 @@ def check_zoo_stages(cfg: dict, path: str | os.PathLike) -> None:
 
 
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py zoo``."""
     parser.add_argument("--config", required=True, help="configs/<task>/zoo.yaml")
     parser.add_argument("--seed", type=int, default=None,
                         help="member seed (seeds both stages); default zoo.seed or 0")
@@ -162,6 +172,7 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def zoo_command(args: argparse.Namespace) -> int:
+    """``prune.py zoo``: train, prune and finetune one zoo member."""
     cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
                           data_root=args.data_root, pretrained=args.pretrained)
     check_zoo_stages(cfg, args.config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -52,3 +53,34 @@ def _fresh_ddp_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest process reused that port (one gloo abort seen in a full run)."""
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
         monkeypatch.delenv(key, raising=False)
+
+
+def _make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
+    """Tiny zoo: quarter-width ResNet-8s pruned differently, registered in a manifest."""
+    import torch
+    from pruning_helpers import random_prune
+
+    import networks
+    from datamodules.zoo_manifest import add_member, member_file, widths
+
+    example = torch.zeros(1, 3, 32, 32)
+    arch = {"name": "resnet8_cifar", "num_classes": num_classes, "kwargs": {"width": 0.25}}
+    base = networks.count_macs(networks.build("resnet8_cifar", num_classes, width=0.25), example)
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = networks.build("resnet8_cifar", num_classes, width=0.25)
+        random_prune(model, example, ratio=0.2, seed=seed)
+        file = member_file(seed)
+        networks.save_network(model, root / file, arch)
+        macs = networks.count_macs(model, example)
+        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
+                          "macs": macs, "params": networks.count_params(model),
+                          "base_macs": base, "speed_up": base / macs, "val_acc": None,
+                          "test_acc": None, "file": file})
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_zoo() -> Callable[..., Path]:
+    """``make_zoo(root, count=3, num_classes=3)`` builds a tiny zoo of pruned ResNet-8s."""
+    return _make_zoo

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from train import main
+from pipeline.train import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/pretrain.yaml"))
 pytestmark = pytest.mark.usefixtures("cli_argv")

@@ -9,15 +9,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
 import networks
-from callbacks.curve import AccuracyCurve, CurveError, add_curve_arguments, curve_command
-from callbacks.selection import add_select_arguments, select_command
-from callbacks.zoo import widths
 from datamodules import ImageDataModule, ModelZooDataModule
-from lightning_modules import ImageClassifier, MetaPruningModule
-from test_meta_training import make_zoo
+from datamodules.zoo_manifest import widths
+from lightning_modules import MetaPruningModule
+from pipeline.curve import CurveError, add_curve_arguments, curve_command
+from pipeline.select import add_select_arguments, select_command
 
 X32 = torch.zeros(1, 3, 32, 32)
 
@@ -51,25 +49,6 @@ def test_accuracy_curve_is_monotone_and_leaves_the_model_alone():
     assert sparse[-1][:2] == points[-1][:2] and len(sparse) < len(points)
 
 
-def test_accuracy_curve_callback_writes_csv_png_and_tensorboard(tiny_cifar, tmp_path):
-    seed_everything(0)
-    dm = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
-                         num_workers=0, val_fraction=0.25)
-    model = ImageClassifier("resnet8_cifar", num_classes=3, network_kwargs={"width": 0.25})
-    curve = AccuracyCurve(max_speed_up=2.0, iterative_steps=20)
-    trainer = Trainer(max_epochs=1, accelerator="cpu", callbacks=[curve],
-                      logger=TensorBoardLogger(tmp_path, name="c"), enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, dm)
-    out = Path(trainer.log_dir)
-    rows = list(csv.DictReader((out / "curve.csv").open()))
-    assert len(rows) == len(curve.points) > 2 and float(rows[-1]["speed_up"]) >= 2.0
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
-    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert any(p.name.startswith("events.out") for p in out.iterdir())
-    assert not list(out.glob(".*.tmp"))
-
-
 def test_curve_command(tiny_cifar, tmp_path, capsys):
     torch.manual_seed(0)
     net = networks.build("resnet8_cifar", 3, width=0.25)
@@ -97,7 +76,7 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def meta_run(tiny_cifar, tmp_path_factory):
+def meta_run(tiny_cifar, tmp_path_factory, make_zoo):
     """A tiny zoo, a 3-epoch meta-training run (one checkpoint per epoch) and its meta.yaml."""
     root = tmp_path_factory.mktemp("select")
     seed_everything(0)

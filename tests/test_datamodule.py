@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from datamodules import DatasetError, ImageDataModule
-from datamodules.transforms import MEAN_STD, BatchCropFlip
 from datamodules.sources import decode
+from datamodules.transforms import MEAN_STD, BatchCropFlip
 
 
 def _dm(root: Path, **kw) -> ImageDataModule:

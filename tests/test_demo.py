@@ -93,7 +93,7 @@ def test_demo_console_is_quiet_and_nothing_is_lost(finished: dict) -> None:
 
 def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixture) -> None:
     out = finished["out"]
-    from callbacks import read_manifest
+    from datamodules.zoo_manifest import read_manifest
 
     zoo = read_manifest(out / "zoo")
     assert [m["seed"] for m in zoo["members"]] == [0, 1, 2, 3]  # the meta-training zoo
@@ -133,8 +133,8 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
 
 def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    import train
-    from callbacks import selection
+    from pipeline import select as selection
+    from pipeline import train
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished demo stage ran again")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pruning_helpers import random_prune
 from torch import nn
 
 import networks
 from networks.export import ExportError, check_onnx, export_onnx, export_program
-from pruning_helpers import random_prune
 
 X = torch.zeros(1, 3, 32, 32)
 

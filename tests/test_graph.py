@@ -5,13 +5,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from pruning_helpers import prune_out_channels, random_prune, randomize
 from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
 import networks
 from graph import Metanetwork, NetworkGraph, UnsupportedArchitectureError, edge_attr_key
-from pruning_helpers import prune_out_channels, random_prune, randomize
 
 X32 = torch.randn(1, 3, 32, 32)
 X64 = torch.randn(1, 3, 64, 64)
@@ -406,3 +406,61 @@ def test_graph_package_imports_no_lightning():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _ChannelAffine(nn.Module):
+    """A user's module the encoding does not know: a learned scale and shift per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels))
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class _AffineNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.affine = _ChannelAffine(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.affine(self.conv(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_custom_module_type_is_added_through_the_registry_alone():
+    """Unregistered, the module's forward is traced through and refused (a multiply by a
+    tensor); one handler registered from here makes it a leaf whose scale and shift are the
+    affine fields of a BatchNorm slot on the conv's output channels: the round trip is bit-exact,
+    the node columns hold exactly its values, and the function survives encode/decode."""
+    from graph import BN_FIELDS, module_handler, register_module
+
+    torch.manual_seed(0)
+    model = _AffineNet()
+    with pytest.raises(UnsupportedArchitectureError, match="multiplying or dividing by a tensor"):
+        NetworkGraph.from_module(model, X32)
+    assert module_handler(_ChannelAffine) is None
+
+    @register_module(_ChannelAffine)
+    def _affine(walker, node, module, arg, value):
+        for field in ("weight", "bias"):
+            walker.add_channels(node, f"{node.target}.{field}", "bn", BN_FIELDS.index(field),
+                                value.nodes)
+        return walker.passthrough(arg, value)
+
+    graph = _assert_round_trip(model, X32)
+    other = _AffineNet()  # other weights, then the decoded ones: the same function
+    assert not torch.equal(other(X32), model(X32))
+    other.load_state_dict(graph.decode(graph.encode(model)))
+    assert torch.equal(other(X32), model(X32))
+    x = graph.encode(model.state_dict()).x
+    assert graph.bn_slots == 1 and graph.bias_slots == 1  # the fc bias has its own slot
+    for i, field in enumerate(("weight", "bias")):
+        column = x[:, BN_FIELDS.index(field)]
+        values = getattr(model.affine, field).detach()
+        # the conv's 6 output channels carry the affine's values, no other node does
+        assert sorted(column[torch.isin(column, values)].tolist()) == sorted(values.tolist()), i

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pruning_helpers import random_prune
 from torch import nn
 
 import networks
 import prune
 from networks.latency import measure_latency
-from pruning_helpers import random_prune
 
 
 class Sleeper(nn.Module):

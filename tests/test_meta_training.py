@@ -8,34 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
-
-import networks
-from callbacks.zoo import ZooError, add_member, member_file, widths
-from datamodules import ImageDataModule, ModelZooDataModule
-from graph import Metanetwork, NetworkGraph
-from lightning_modules import MetaPruningModule
-from lightning_modules.meta_pruning import MemberState, meta_loss, weight_gradients
 from pruning_helpers import random_prune
 
+import networks
+from datamodules import ImageDataModule, ModelZooDataModule
+from datamodules.zoo_manifest import ZooError
+from graph import Metanetwork, NetworkGraph
+from lightning_modules import MetaPruningModule
+from objective import MemberState, meta_loss, weight_gradients
+
 X32 = torch.randn(1, 3, 32, 32)
-
-
-def make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
-    """Tiny zoo: quarter-width ResNet-8s pruned differently, registered in a manifest."""
-    arch = {"name": "resnet8_cifar", "num_classes": num_classes, "kwargs": {"width": 0.25}}
-    base = networks.count_macs(networks.build("resnet8_cifar", num_classes, width=0.25), X32)
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = networks.build("resnet8_cifar", num_classes, width=0.25)
-        random_prune(model, X32, ratio=0.2, seed=seed)
-        file = member_file(seed)
-        networks.save_network(model, root / file, arch)
-        macs = networks.count_macs(model, X32)
-        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
-                          "macs": macs, "params": networks.count_params(model),
-                          "base_macs": base, "speed_up": base / macs, "val_acc": None,
-                          "test_acc": None, "file": file})
-    return root
 
 
 @pytest.mark.parametrize("gates", [False, True], ids=["additive", "channel_gates"])
@@ -92,7 +74,7 @@ def _datamodule(zoo: Path, images_root: Path, **kwargs) -> ModelZooDataModule:
                               batch_size=4, **kwargs)
 
 
-def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, tmp_path):
+def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, tmp_path, make_zoo):
     seed_everything(0)
     zoo = make_zoo(tmp_path / "zoo")
     dm = _datamodule(zoo, tiny_cifar)
@@ -104,9 +86,9 @@ def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, 
     trainer = Trainer(max_epochs=2, accelerator="cpu", callbacks=[ckpt], logger=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)
-    before = [p.detach().clone() for p in module.parameters()] if module.metanetwork else None
+    assert module.metanetwork is None  # built in configure_model, from the zoo's layout
     trainer.fit(module, dm)
-    assert before is None and module.metanetwork is not None
+    assert module.metanetwork is not None
     assert dm.val_ids and set(dm.val_ids).isdisjoint(dm.train_ids)
     metrics = trainer.callback_metrics
     for key in ("train/ce", "train/sparsity", "train/near_zero_groups", "val/ce",
@@ -123,7 +105,7 @@ def test_meta_training_fit_logs_checkpoints_every_epoch_and_reloads(tiny_cifar, 
     assert loaded.hparams.layout == module.hparams.layout
 
 
-def test_zoo_errors_name_the_manifest(tiny_cifar, tmp_path):
+def test_zoo_errors_name_the_manifest(tiny_cifar, tmp_path, make_zoo):
     with pytest.raises(ZooError, match="manifest.json.*does not exist.*prune.py zoo"):
         _datamodule(tmp_path, tiny_cifar).setup("fit")
     zoo = make_zoo(tmp_path / "zoo", count=1)
@@ -143,10 +125,10 @@ def test_every_task_has_a_meta_config():
 
 
 @pytest.mark.parametrize("config", META_CONFIGS, ids=lambda p: p.parent.name)
-def test_meta_config_runs_through_train_py(config, tiny_cifar, tmp_path, monkeypatch):
+def test_meta_config_runs_through_train_py(config, tiny_cifar, tmp_path, monkeypatch, make_zoo):
     """Each shipped meta config parses and meta-trains one step (fast_dev_run) on a tiny zoo
     through the same CLI users run; the config's own metanetwork size is kept."""
-    from train import main
+    from pipeline.train import main
     monkeypatch.setattr("sys.argv", ["train.py"])
     zoo = make_zoo(tmp_path / "zoo")
     cli = main(["fit", "--config", str(config), f"--data.init_args.zoo={zoo}",
@@ -186,7 +168,7 @@ class _RecordStep(Callback):
         torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
 
 
-def test_ddp_meta_training_averages_the_per_rank_gradients(tiny_cifar, tmp_path):
+def test_ddp_meta_training_averages_the_per_rank_gradients(tiny_cifar, tmp_path, make_zoo):
     """2-process CPU DDP (gloo): each rank takes a different member and images; the synced
     metanetwork gradient equals the mean of the two single-process gradients."""
     zoo = make_zoo(tmp_path / "zoo", count=3)
@@ -244,7 +226,8 @@ class _RecordRun(Callback):
                     "final": pl_module.metanetwork.state_dict()}, self.out / f"run{trainer.global_rank}.pt")
 
 
-def test_ddp_meta_training_run_equals_one_process_over_the_same_items(tiny_cifar, tmp_path):
+def test_ddp_meta_training_run_equals_one_process_over_the_same_items(tiny_cifar, tmp_path,
+                                                                     make_zoo):
     """A whole 2-rank meta-training run (3 AdamW steps) against one process that, at each step,
     averages the gradients of the two ranks' items (member + images) and steps the same
     optimizer: every step's cross-entropy and the final metanetwork agree to 1e-4 relative."""
@@ -285,12 +268,12 @@ def test_ddp_meta_training_run_equals_one_process_over_the_same_items(tiny_cifar
 
 
 def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, make_zoo):
     """benchmarks/meta_effect.py reads a train.py run back: one row for the original meta-val
     member and one per checkpoint; the original's numbers equal a direct evaluation."""
     import importlib.util
 
-    from train import main
+    from pipeline.train import main
     monkeypatch.setattr("sys.argv", ["train.py"])
     zoo = make_zoo(tmp_path / "zoo")
     main(["fit", "--config", "configs/demo/meta.yaml", f"--data.init_args.zoo={zoo}",

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch_pruning as tp
+from pruning_helpers import random_prune
 from torch import nn
 
 import networks
 from networks import CheckpointError, load_network, save_network
-from pruning_helpers import random_prune
 
 X32 = torch.randn(2, 3, 32, 32)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from pruning_helpers import random_prune, randomize
 from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.nn import MessagePassing
@@ -16,7 +17,6 @@ from torch_geometric.nn.aggr import VarAggregation
 
 import networks
 from graph import Metanetwork, NetworkGraph, PaperWeightsError, edge_attr_key
-from pruning_helpers import random_prune, randomize
 
 X32 = torch.randn(1, 3, 32, 32, dtype=torch.double)
 
@@ -56,8 +56,8 @@ def _paper_layers(h, e, src, dst, layers) -> tuple[torch.Tensor, torch.Tensor, i
 def _our_layers(meta: Metanetwork):
     for layer in meta.layers:
         hid = layer.hidden
-        yield (lambda x, l=layer: l.phi_msg(x)[:, :hid], lambda x, l=layer: l.phi_msg(x)[:, hid:],
-               lambda x, l=layer: l.phi_edge(x)[:, :hid], lambda x, l=layer: l.phi_edge(x)[:, hid:],
+        yield (lambda x, m=layer, h=hid: m.phi_msg(x)[:, :h], lambda x, m=layer, h=hid: m.phi_msg(x)[:, h:],
+               lambda x, m=layer, h=hid: m.phi_edge(x)[:, :h], lambda x, m=layer, h=hid: m.phi_edge(x)[:, h:],
                layer.aggregate)
 
 
@@ -176,11 +176,11 @@ def _paper_state_dict(node_cols: int, hidden: int, num_layers: int, seed: int = 
     sd = {**linear("nodeEnc", node_cols, hidden), **linear("edgeEnc", 9, hidden),
           **linear("edgeDec.1", hidden, hidden), **linear("edgeDec.3", hidden, 9),
           **linear("nodeDec.1", hidden, hidden), **linear("nodeDec.3", hidden, node_cols)}
-    for l in range(num_layers):
+    for i in range(num_layers):
         for lin in ("lin1", "lin2", "lin3", "lin4"):
-            sd.update(linear(f"convs.{l}.{lin}.0", hidden, hidden))
-        sd.update(linear(f"convs.{l}.downlin", 4 * hidden, hidden))
-        sd.update(linear(f"mlps.{l}.0", hidden, hidden))  # unused by the paper's forward
+            sd.update(linear(f"convs.{i}.{lin}.0", hidden, hidden))
+        sd.update(linear(f"convs.{i}.downlin", 4 * hidden, hidden))
+        sd.update(linear(f"mlps.{i}.0", hidden, hidden))  # unused by the paper's forward
     sd["edgeInverter"] = torch.cat([torch.ones(hidden // 2), -torch.ones((hidden + 1) // 2)]).double()
     return sd
 
@@ -193,10 +193,10 @@ def _paper_function(sd: dict, x: torch.Tensor, src, dst, e9: torch.Tensor, ratio
     def decoder(name, t):
         return lin(f"{name}.3", F.silu(lin(f"{name}.1", F.layer_norm(t, t.shape[1:]))))
 
-    layers = [(*(lambda t, n=f"convs.{l}.{k}.0": F.silu(lin(n, t))
+    layers = [(*(lambda t, n=f"convs.{i}.{k}.0": F.silu(lin(n, t))
                  for k in ("lin1", "lin2", "lin3", "lin4")),
-               lambda t, n=f"convs.{l}.downlin": lin(n, t))
-              for l in range(len({k.split(".")[1] for k in sd if k.startswith("convs.")}))]
+               lambda t, n=f"convs.{i}.downlin": lin(n, t))
+              for i in range(len({k.split(".")[1] for k in sd if k.startswith("convs.")}))]
     h, e, _ = _paper_layers(lin("nodeEnc", x), lin("edgeEnc", e9), src, dst, layers)
     return x + ratio * decoder("nodeDec", h), e9 + ratio * decoder("edgeDec", e)
 
@@ -237,10 +237,12 @@ def test_converted_paper_weights_compute_the_papers_function(build, identity_edg
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda sd: sd.pop("convs.1.lin3.0.bias"), r"missing key 'convs.1.lin3.0.bias' \(expected shape \[12\]\)"),
+    (lambda sd: sd.pop("convs.1.lin3.0.bias"),
+     r"missing key 'convs.1.lin3.0.bias' \(expected shape \[12\]\)"),
     (lambda sd: sd.update({"convs.0.downlin.weight": torch.zeros(12, 12)}),
      r"'convs.0.downlin.weight' has shape \[12, 12\], expected \[12, 48\]"),
-    (lambda sd: sd.update({"edgeEnc_49.weight": torch.zeros(12, 49)}), r"unexpected keys \['edgeEnc_49.weight'\]"),
+    (lambda sd: sd.update({"edgeEnc_49.weight": torch.zeros(12, 49)}),
+     r"unexpected keys \['edgeEnc_49.weight'\]"),
     (lambda sd: sd.update({"nodeEnc.weight": torch.zeros(12, 6)}), "reads 6 node columns; this graph has 9"),
     (lambda sd: sd["edgeInverter"].neg_(), "edgeInverter"),
 ])

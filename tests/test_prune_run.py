@@ -13,15 +13,15 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
+from pruning_helpers import random_prune
 from torch import nn
 
 import networks
 import networks.export
 import prune
-from pipeline import run as pipeline_run
-from callbacks.zoo import widths
+from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
-from pruning_helpers import random_prune
+from pipeline import run as pipeline_run
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
@@ -52,10 +52,9 @@ def zoo_like_network(path: Path, seed: int = 0) -> Path:
     return networks.save_network(model, path, ARCH)
 
 
-def meta_checkpoint(tiny_cifar: Path, out: Path) -> Path:
+def meta_checkpoint(tiny_cifar: Path, out: Path, make_zoo) -> Path:
     """A real MetaPruningModule checkpoint: one meta-training step on a tiny zoo."""
     from datamodules import ImageDataModule, ModelZooDataModule
-    from test_meta_training import make_zoo
 
     seed_everything(0)
     zoo = make_zoo(out / "zoo")
@@ -80,10 +79,10 @@ def run(config: Path, network: Path, method: str, out: Path, meta: Path | None =
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory, make_zoo) -> dict:
     out = tmp_path_factory.mktemp("prune_run")
     return {"config": tiny_config(tiny_cifar, out), "network": zoo_like_network(out / "net.pt"),
-            "meta": meta_checkpoint(tiny_cifar, out), "out": out}
+            "meta": meta_checkpoint(tiny_cifar, out, make_zoo), "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
 @pytest.mark.parametrize("method", pipeline_run.METHODS)
 def test_stage1_curve_starts_at_the_stage1_network_and_its_area_is_reported(
         runs: dict[str, Path], method: str) -> None:
-    from callbacks.curve import read_curves
+    from pipeline.curve import read_curves
 
     report = json.loads((runs[method] / "report.json").read_text())
     first = runs[method] / pipeline_run.FIRST_STAGE[method]
@@ -457,7 +456,7 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
                                                tiny_imagenet: Path, tmp_path: Path) -> None:
     """Each shipped prune.yaml parses and both of its stages build through train.py's CLI with
     the config's own budgets (parse only: the full runs are the benchmarks' job)."""
-    import train
+    from pipeline import train
 
     large = "imagenet" in config.parent.name
     cfg = pipeline_run.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))

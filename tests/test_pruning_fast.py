@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import networks
-from callbacks.zoo import widths
+from datamodules.zoo_manifest import widths
 from networks.pruning import _checked_counter
 
 X32 = torch.zeros(1, 3, 32, 32)
@@ -137,7 +137,6 @@ def test_regularize_leaves_out_a_one_channel_group_and_matches_torch_pruning_els
     channel; torch_pruning then writes NaN into the gradients. Ours leaves that group out and
     adds exactly the library's gradient everywhere else."""
     import torch_pruning as tp
-
     from pruning_helpers import prune_out_channels, randomize
 
     torch.manual_seed(0)

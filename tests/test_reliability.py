@@ -16,8 +16,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from test_meta_training import make_zoo
-
 ROOT = Path(__file__).parents[1]
 DEMO_META = ROOT / "configs" / "demo" / "meta.yaml"
 
@@ -50,7 +48,7 @@ def _load(path: Path) -> dict:
 
 # -- 1. resume ----------------------------------------------------------------------------------
 
-def test_meta_training_resumes_after_sigkill_with_ckpt_path_last(tiny_cifar, tmp_path):
+def test_meta_training_resumes_after_sigkill_with_ckpt_path_last(tiny_cifar, tmp_path, make_zoo):
     """SIGKILL a meta-training run once its first epoch checkpoint exists (it is then inside
     epoch 1); ``--ckpt_path last`` continues from that checkpoint: step and epoch counters,
     AdamW's per-parameter step count and the MultiStepLR's last_epoch carry on, and the run
@@ -114,11 +112,11 @@ def test_meta_training_resumes_after_sigkill_with_ckpt_path_last(tiny_cifar, tmp
 # -- 2. a non-finite loss stops meta-training, the last good checkpoint stays ---------------------
 
 def test_nan_loss_stops_meta_training_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, make_zoo):
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import lightning_modules.meta_pruning as mp
+    import objective.training as mp
     from datamodules import ImageDataModule, ModelZooDataModule
     from lightning_modules import MetaPruningModule
 
@@ -191,7 +189,7 @@ def test_metanetwork_checkpoint_with_pickled_code_is_refused_unexecuted(tmp_path
 
 
 def test_config_with_unknown_key_stops_with_lightningcli_message(tmp_path, capsys, cli_argv):
-    from train import main
+    from pipeline.train import main
 
     bad = tmp_path / "typo.yaml"
     text = DEMO_META.read_text().replace("    batches_per_step: 4", "    batches_per_stepp: 4")
@@ -220,9 +218,10 @@ X224 = torch.randn(1, 3, 224, 224)
 def make_resnet50_zoo(root: Path, count: int = 2, ratio: float = 0.9) -> Path:
     """ResNet-50 members (torchvision layout, 2 classes), 90% of channels randomly pruned so
     meta-training one step at 224x224 takes seconds on a CPU."""
-    import networks
-    from callbacks.zoo import add_member, member_file, widths
     from pruning_helpers import random_prune
+
+    import networks
+    from datamodules.zoo_manifest import add_member, member_file, widths
 
     arch = {"name": "resnet50", "num_classes": 2, "kwargs": {}}
     for seed in range(count):
@@ -237,7 +236,7 @@ def make_resnet50_zoo(root: Path, count: int = 2, ratio: float = 0.9) -> Path:
 
 
 def test_imagenet_meta_config_meta_trains_a_step_at_224(tiny_imagenet, tmp_path, cli_argv):
-    from train import main
+    from pipeline.train import main
 
     zoo = make_resnet50_zoo(tmp_path / "zoo")
     cli = main(["fit", "--config", str(IMAGENET / "meta.yaml"), f"--data.init_args.zoo={zoo}",
@@ -258,10 +257,11 @@ def test_imagenet_meta_config_meta_trains_a_step_at_224(tiny_imagenet, tmp_path,
 
 def test_imagenet_zoo_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path, cli_argv):
     """The zoo config's stage 2 (prune to 1.32x, finetune, register) on a narrow start."""
-    import networks
     import yaml
+
+    import networks
     from pipeline import zoo as pipeline_zoo
-    from train import main
+    from pipeline.train import main
 
     cfg = pipeline_zoo.load_zoo_config(IMAGENET / "zoo.yaml", seed=0, zoo_dir=str(tmp_path / "zoo"),
                                        data_root=str(tiny_imagenet))
@@ -288,10 +288,11 @@ def test_imagenet_zoo_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path
 
 def test_imagenet_prune_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path, cli_argv):
     """The prune config's stage 2 (PruneToSpeedUp + finetune + SaveNetwork), fast_dev_run."""
-    import networks
     import yaml
+
+    import networks
     from pipeline import run as pipeline_run
-    from train import main
+    from pipeline.train import main
 
     cfg = pipeline_run.load_prune_config(IMAGENET / "prune.yaml", speed_up=100.0,
                                          data_root=str(tiny_imagenet))
@@ -336,7 +337,7 @@ def test_imagenet_pretrain_config_under_ddp_spawn_uses_a_distributed_sampler(tin
                                                                               tmp_path, cli_argv):
     """The resnet50_imagenet pretrain config, 2-process CPU ddp_spawn, one batch: each rank's
     train DataLoader has a DistributedSampler and the ranks see disjoint images."""
-    from train import main
+    from pipeline.train import main
 
     cli = main(["--config", str(IMAGENET / "pretrain.yaml"),
                 f"--data.init_args.root={tiny_imagenet}", "--data.init_args.num_classes=2",

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import networks
+from callbacks import ExportNetwork
 from datamodules import DatasetError
 from lightning_modules import ImageClassifier
-from train import ExportNetwork, main
+from pipeline.train import main
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 CONFIG = str(Path(__file__).parents[1] / "configs" / "demo" / "pretrain.yaml")

@@ -1,9 +1,9 @@
-"""Accuracy-vs-speed-up curves as a Lightning callback and as ``python prune.py curve``.
+"""Accuracy-vs-speed-up curves: ``python prune.py curve`` and the plots and files of every curve.
 
 The curve (``networks.accuracy_curve``) prunes a copy of the network progressively without
 finetuning and records val accuracy at each speed-up, each point after re-estimating the BN
-running statistics on ``bn_batches`` training batches (0: the raw curve). Outputs: ``curve.csv``, ``curve.png``
-(written atomically), TensorBoard scalars (x = speed-up in hundredths, as the step) and a figure.
+running statistics on ``bn_batches`` training batches (0: the raw curve). Outputs:
+``curve.csv``, ``curve.png`` (written atomically).
 """
 from __future__ import annotations
 
@@ -14,36 +14,30 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Sized, cast
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import networks  # noqa: E402
 from datamodules.sources import DataSplit  # noqa: E402
+from metaprune.errors import UserError
 
-from .pruning import base_macs, example_input  # noqa: E402
+from .common import write_bytes  # noqa: E402
 
 Curves = dict[str, list[tuple[float, int, float]]]
 
 
-class CurveError(ValueError):
+class CurveError(UserError):
     """Bad input to ``prune.py curve``."""
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``data`` into ``path`` atomically (``networks.atomic_write``)."""
-    return networks.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def curves_csv(curves: Curves) -> bytes:
+    """The curves as CSV (``curve, speed_up, macs, accuracy``, one row per point)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["curve", "speed_up", "macs", "accuracy"])
@@ -90,7 +84,7 @@ def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetun
 def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = None,
                 **style) -> Path:
     """The curves plotted into a PNG at ``path``, atomically (``style``: see curves_figure)."""
-    fig = curves_figure(curves, *([title] if title else []), **style)
+    fig = curves_figure(curves, title, **style) if title else curves_figure(curves, **style)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
@@ -106,6 +100,7 @@ def save_curves(curves: Curves, out_dir: str | os.PathLike,
 
 
 def evaluator(loader, device: torch.device | str):
+    """A function model -> accuracy on ``loader``."""
     return lambda model: networks.accuracy(model, loader, device)
 
 
@@ -124,6 +119,7 @@ def calibration(datamodule, count: int = BN_BATCHES,
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The BN-recalibration options shared by ``curve`` and ``select``."""
     parser.add_argument("--bn_batches", type=int, default=BN_BATCHES,
                         help="re-estimate BN statistics on this many training batches before "
                              f"every curve point (default {BN_BATCHES}; 0: raw curve, statistics "
@@ -132,69 +128,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"images per recalibration batch (default {BN_BATCH_SIZE})")
 
 
-class AccuracyCurve(Callback):
-    """At the end of fit (or test), the acc-vs-speed-up curve of ``pl_module.network`` on the
-    datamodule's val split; logged to TensorBoard and saved as ``curve.csv``/``curve.png`` in
-    the trainer's log dir (or ``out_dir``).
-
-    Args:
-        max_speed_up: the curve stops at the first step reaching it.
-        iterative_steps, every: pruning steps, and evaluate every ``every``-th step.
-        input_size: ``[C, H, W]`` of one image, for MAC counting.
-        stage: ``"fit"`` or ``"test"``: which end triggers the curve.
-        bn_batches, bn_batch_size: BN recalibration before every point (0 batches: raw).
-    """
-
-    def __init__(self, max_speed_up: float = 4.0, iterative_steps: int = 200, every: int = 1,
-                 input_size: Sequence[int] = (3, 32, 32), stage: str = "fit",
-                 out_dir: str | None = None, bn_batches: int = BN_BATCHES,
-                 bn_batch_size: int = BN_BATCH_SIZE) -> None:
-        if stage not in ("fit", "test"):
-            raise ValueError(f"stage={stage!r} must be 'fit' or 'test'")
-        self.max_speed_up, self.iterative_steps, self.every = max_speed_up, iterative_steps, every
-        self.input_size = [int(s) for s in input_size]
-        example_input(self.input_size)
-        self.stage, self.out_dir = stage, out_dir
-        self.bn_batches, self.bn_batch_size = bn_batches, bn_batch_size
-        self.points: list[tuple[float, int, float]] | None = None
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "fit":
-            self._run(trainer, pl_module)
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "test":
-            self._run(trainer, pl_module)
-
-    def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        dm = trainer.datamodule
-        if getattr(dm, "val_set", None) is None:
-            dm.setup("validate")  # the val split only; the test split is never used
-        network: nn.Module = pl_module.network
-        device = next(network.parameters()).device
-        example = example_input(self.input_size)
-        was_training = network.training
-        try:
-            self.points = networks.accuracy_curve(
-                network, example.to(device), base_macs(pl_module.arch, example),
-                evaluator(dm.val_dataloader(), device), self.max_speed_up,
-                self.iterative_steps, self.every,
-                calibration(dm, self.bn_batches, self.bn_batch_size))
-        finally:
-            network.train(was_training)
-        out = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir)
-        save_curves({"val": self.points}, out, chance=1 / pl_module.arch["num_classes"])
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for s, macs, acc in self.points:
-                    logger.experiment.add_scalar("curve/val_acc", acc, round(s * 100))
-                logger.experiment.add_figure("curve/val_acc_vs_speed_up",
-                                             curves_figure({"val": self.points}))
-
-
 def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py curve``."""
     parser.add_argument("--network", required=True, nargs="+",
                         help="network file(s) (networks.save_network); several give one overlay plot")
     parser.add_argument("--labels", nargs="+", default=None,
@@ -235,6 +170,7 @@ def evaluation_split(args: argparse.Namespace, lineages: list[list[dict]]) -> tu
 
 
 def curve_command(args: argparse.Namespace) -> int:
+    """``prune.py curve``: one accuracy-vs-speed-up curve per network file, one overlay plot."""
     from datamodules import ImageDataModule
 
     labels = args.labels or [str(Path(f)) for f in args.network]
@@ -261,18 +197,19 @@ def curve_command(args: argparse.Namespace) -> int:
               + ("" if recorded else " (using all training images, val_fraction 0.1, seed 0)"),
               file=sys.stderr)
     dm.setup("validate")
-    example = dm.val_set[0][0].unsqueeze(0)
+    val_set = dm.split_set("val")
+    example = val_set[0][0].unsqueeze(0)
     batches = calibration(dm, args.bn_batches, args.bn_batch_size)
     curves: Curves = {}
     for label, (network, record) in tqdm(list(zip(labels, loaded)), desc="curves", unit="network",
                                           disable=len(loaded) < 2):
         curves[label] = networks.accuracy_curve(
-            network.eval(), example, base_macs(record["arch"], example),
+            network.eval(), example, networks.base_macs(record["arch"], example),
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
             args.every, batches)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
-                           f"({len(dm.val_set)} val images)")
+                           f"({len(cast(Sized, val_set))} val images)")
     csv_path, png_path = save_curves(curves, out, title, chance=1 / dm.num_classes)
     for label, points in curves.items():
         print(f"{label}\n| speed-up | MACs | val acc |\n|---|---|---|")

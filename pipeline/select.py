@@ -21,6 +21,7 @@ import importlib
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,18 +30,18 @@ import yaml
 from torch import nn
 
 import networks
+from callbacks.feedforward import feedforward, load_metanetwork
 from graph import Metanetwork
+from metaprune.errors import UserError
 from networks import CheckpointError
 
-from .curve import (add_calibration_arguments, calibration, curves_csv, evaluator, save_figure,
-                    write_bytes)
-from .feedforward import feedforward, load_metanetwork
-from .pruning import base_macs
+from .common import write_bytes
+from .curve import add_calibration_arguments, calibration, curves_csv, evaluator, save_figure
 
 IDENTITY = "none (identity)"
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """Bad input to ``prune.py select``; the message names the file or option."""
 
 
@@ -146,6 +147,7 @@ def mean_curve(curves: list[list], lo: float, hi: float, n: int = 60) -> list[tu
 
 
 def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``prune.py select``."""
     parser.add_argument("--config", required=True, help="configs/<task>/meta.yaml (data section)")
     parser.add_argument("--run", required=True, help="meta-training run dir holding *.ckpt")
     parser.add_argument("--checkpoints", default="all",
@@ -166,6 +168,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select_command(args: argparse.Namespace) -> int:
+    """``prune.py select``: score every checkpoint of a meta-training run, copy the best."""
     lo, hi = args.speed_up_range
     if not 1.0 <= lo < hi:
         raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
@@ -179,10 +182,11 @@ def select_command(args: argparse.Namespace) -> int:
     members = []
     for i in dm.val_ids:
         member = dm.members[i]
-        members.append((i, member.network, base_macs(member.record["arch"], example)))
+        members.append((i, member.network, networks.base_macs(member.record["arch"], example)))
     evaluate = evaluator(dm.images.val_dataloader(), device)
     batches = calibration(dm.images, args.bn_batches, args.bn_batch_size)
-    rows, curves, mean_curves = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    curves, mean_curves = {}, {}
     for name, meta in [(IDENTITY, None), *metas.items()]:
         label = (str(Path(name).relative_to(run)) if meta is not None and run in Path(name).parents
                  else name)

@@ -1,0 +1,1 @@
+"""Project-wide definitions that every layer may import: no torch, no Lightning."""

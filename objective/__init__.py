@@ -1,0 +1,4 @@
+"""The meta-training objective, pure torch (no Lightning)."""
+from .training import MemberState, load_weights, meta_loss, original_predictions, weight_gradients
+
+__all__ = ["MemberState", "load_weights", "meta_loss", "original_predictions", "weight_gradients"]

@@ -1,0 +1,116 @@
+"""The meta-training objective in plain torch (DESIGN section 6); Lightning-free, so benchmarks
+and tests use it directly and ``lightning_modules.MetaPruningModule`` only schedules it.
+
+One step = one zoo member: W' = decode(M(encode(W))); loss = CE of the target network with
+weights W' over ``batches_per_step`` image batches + DepGraph's group-sparsity regularizer on W'.
+
+Single backward: W' is copied into a working copy of the member network (detached leaves), the
+cross-entropy gradients of all batches accumulate there, torch_pruning's
+``GroupNormPruner.regularize`` adds its gradient, and then one backward pushes that gradient
+through decode and the metanetwork. Same gradient as backpropagating each batch through the GNN,
+at one GNN backward per step and memory independent of the number of batches.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import Data
+
+import networks
+from graph import Metanetwork, NetworkGraph
+
+
+@dataclass
+class MemberState:
+    """What meta-training keeps per zoo member."""
+
+    graph: NetworkGraph
+    data: Data                     # the encoded original weights
+    work: nn.Module                # receives the decoded weights; eval mode
+    pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
+
+    @classmethod
+    def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
+              device: torch.device | str = "cpu", identity_edges: str = "diagonal"
+              ) -> "MemberState":
+        graph = NetworkGraph.from_module(network, example, identity_edges)
+        work = copy.deepcopy(network).to(device).eval()
+        with torch.enable_grad():  # torch_pruning traces dependencies with autograd
+            pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
+        data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
+        return cls(graph, data, work, pruner)
+
+
+def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
+              labels: torch.Tensor, alpha: float, distill: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
+    metanetwork the gradient of the objective (``weight_gradients``) + regularizer, through one
+    GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets.
+
+    The metanetwork runs twice: without autograd for the image batches, then with it for the
+    surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
+    each batch slower than the same batch alone; one extra forward costs less."""
+    soft = original_predictions(member, images) if distill > 0 else None
+    with torch.no_grad():
+        weights = member.graph.decode(metanetwork(member.data))
+    ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
+                                           alpha, soft, distill)
+    weights = member.graph.decode(metanetwork(member.data))
+    # d(surrogate)/dW' equals the accumulated gradient.
+    surrogate = torch.stack([(weights[name] * g).sum() for name, g in grads.items()]).sum()
+    return ce, sparsity, surrogate
+
+
+@torch.no_grad()
+def original_predictions(member: MemberState, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities [K, B, classes] of the member's original network on ``images``."""
+    load_weights(member.work, member.graph.decode(member.data))
+    return torch.stack([F.softmax(member.work(x), dim=1) for x in images])
+
+
+def load_weights(work: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (every floating tensor) into ``work``'s parameters and buffers."""
+    with torch.no_grad():
+        for name, t in [*work.named_parameters(), *work.named_buffers()]:
+            if name in weights:
+                t.copy_(weights[name])
+
+
+def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
+                     labels: torch.Tensor, pruner, alpha: float,
+                     soft: torch.Tensor | None = None, distill: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
+    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. With ``soft``
+    (the original network's probabilities, [K, B, classes]) each batch's loss is
+    ``(1 - distill) * CE(labels) + distill * CE(soft)`` (ours, not the paper's: distillation
+    gives a denser signal per image). Returns (label cross-entropy summed over the batches,
+    regularizer value, gradients by parameter name). ``work`` is overwritten with ``weights``."""
+    params = dict(work.named_parameters())
+    load_weights(work, weights)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    ce = torch.zeros((), device=images.device)
+    for k, (x, y) in enumerate(zip(images, labels)):
+        logits = work(x)
+        loss = F.cross_entropy(logits, y)
+        ce += loss.detach()
+        if soft is not None:
+            loss = (1.0 - distill) * loss + distill * F.cross_entropy(logits, soft[k])
+        loss.backward()
+    before = {name: _grad(p).clone() for name, p in params.items()}
+    pruner.regularize(work, alpha=alpha, bias=False)
+    # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
+    sparsity = torch.stack([((_grad(p) - before[n]) * p.detach()).sum()
+                            for n, p in params.items()]).sum() / 2
+    return ce, sparsity, {name: _grad(p) for name, p in params.items()}
+
+
+def _grad(p: nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None  # weight_gradients zeroes every .grad first
+    return p.grad
