@@ -2,7 +2,6 @@
 rank checks under DDP, and atomic writes of result files."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -13,15 +12,22 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from metaprune.errors import UserError
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """``override`` merged into a copy of ``base``: dicts recursively, anything else replaced."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+
+def merged(*configs: dict) -> dict:
+    """The configs merged left to right by OmegaConf (mappings recursively, anything else
+    replaced), as a plain dict; ``${...}`` interpolations are left for LightningCLI."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        out = OmegaConf.to_container(OmegaConf.merge(*configs), resolve=False)
+    except (TypeError, OmegaConfBaseException) as e:
+        raise UserError(f"stage configs cannot be merged ({e}): a later section gives a list "
+                        "where an earlier one gives a mapping, or the reverse; give the same "
+                        "kind of value in both") from None
+    assert isinstance(out, dict)
     return out
 
 

@@ -24,9 +24,9 @@ from .common import (
     DATA_ENV,
     atomic_write,
     check_stage_config,
-    deep_merge,
     fit_stage,
     is_rank_zero,
+    merged,
     read_yaml_config,
     write_json,
     write_text,
@@ -55,7 +55,7 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> dict:
         raise DemoError(f"{where} must be a mapping with a 'demo' section")
     cfg = {k: (cfg.get(k) or {}) for k in DEMO_SECTIONS}
     if fast:
-        cfg = deep_merge(cfg, cfg["fast"])
+        cfg = merged(cfg, cfg["fast"])
     demo = cfg["demo"]
     for key in ("configs", "zoo_seeds", "target_seeds", "speed_ups", "methods"):
         if key not in demo:
@@ -100,20 +100,20 @@ def _merge_data(section: dict, data: dict) -> None:
 def demo_stage_configs(cfg: dict, out: Path, data: dict) -> dict[str, dict]:
     """The zoo, meta and prune stage configs of the demo: the shipped configs with the demo's
     overrides, the data, and every output path under ``out`` (stable, so reruns skip)."""
-    paths, data = cfg["demo"]["configs"], deep_merge(cfg["data"], data)
-    zoo = deep_merge(_read_yaml(paths["zoo"]), cfg["zoo"])
+    paths, data = cfg["demo"]["configs"], merged(cfg["data"], data)
+    zoo = merged(_read_yaml(paths["zoo"]), cfg["zoo"])
     zoo["zoo"]["dir"] = str(out / "zoo")
     _merge_data(zoo["pretrain"]["data"], data)
     if isinstance((zoo.get("finetune") or {}).get("data"), dict):
         _merge_data(zoo["finetune"]["data"], data)
-    meta = deep_merge(_read_yaml(paths["meta"]), cfg["meta"])
+    meta = merged(_read_yaml(paths["meta"]), cfg["meta"])
     meta["data"]["init_args"]["zoo"] = str(out / "zoo")
     _merge_data(meta["data"]["init_args"]["images"], data)
     meta.setdefault("trainer", {})["logger"] = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(out), "name": "", "version": "meta"}}
     meta["trainer"]["default_root_dir"] = str(out / "meta")
-    prune_cfg = deep_merge(_read_yaml(paths["prune"]), cfg["prune"])
+    prune_cfg = merged(_read_yaml(paths["prune"]), cfg["prune"])
     prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg["demo"]["speed_ups"][0]))
     _merge_data(prune_cfg["base"]["data"], data)
     return {"zoo": zoo, "meta": meta, "prune": prune_cfg}

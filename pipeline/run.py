@@ -24,9 +24,9 @@ from .common import (
     add_data_root_argument,
     atomic_write,
     check_stage_config,
-    deep_merge,
     fit_stage,
     is_rank_zero,
+    merged,
     read_yaml_config,
     wait_for,
     write_bytes,
@@ -226,7 +226,7 @@ def run_stage_config(cfg: dict, section: str, out: Path, stage: str, weights: st
                      arch: dict, callbacks: list[dict]) -> dict:
     """The LightningCLI config of one stage: ``section`` merged over ``base``, the classifier
     built from ``weights`` (architecture from the file), logs in ``<out>/<stage>``."""
-    config = deep_merge(cfg["base"], cfg[section])
+    config = merged(cfg["base"], cfg[section])
     config["seed_everything"] = cfg["prune"]["seed"]
     model = config.setdefault("model", {})
     model.setdefault("class_path", CLASSIFIER)

@@ -16,9 +16,9 @@ from metaprune.errors import UserError
 from .common import (
     add_data_root_argument,
     check_stage_config,
-    deep_merge,
     fit_stage,
     is_rank_zero,
+    merged,
     read_yaml_config,
     wait_for,
 )
@@ -93,7 +93,7 @@ def finetune_config(cfg: dict, weights: str | os.PathLike) -> dict:
     """The LightningCLI config of stage 2: ``finetune`` merged over ``pretrain``, starting
     from ``weights``, with the PruneToSpeedUp and ExportToZoo callbacks."""
     zoo = cfg["zoo"]
-    out = deep_merge(cfg["pretrain"], cfg["finetune"])
+    out = merged(cfg["pretrain"], cfg["finetune"])
     out["seed_everything"] = zoo["seed"]
     out.setdefault("model", {}).setdefault("init_args", {})["weights"] = str(weights)
     trainer = out.setdefault("trainer", {})

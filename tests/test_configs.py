@@ -34,3 +34,23 @@ def test_config_runs_fast_dev_run(config: Path, tiny_cifar: Path, tiny_imagenet:
     assert cli.trainer.state.finished
     assert cli.model.hparams.network == NETWORKS[config.parent.name]  # the config's own model
     assert cli.model.network(cli.datamodule.val_set[0][0][None]).shape == (1, classes)
+
+
+def test_stage_configs_merge_mappings_recursively_and_replace_everything_else():
+    """pipeline.common.merged (OmegaConf): a later section overrides an earlier one key by key
+    inside mappings; lists and scalars are replaced whole; interpolations stay for LightningCLI;
+    the inputs are not modified; a list against a mapping is a one-line UserError."""
+    from metaprune.errors import UserError
+    from pipeline.common import merged
+
+    base = {"trainer": {"max_epochs": 12, "callbacks": [{"class_path": "A"}]},
+            "model": {"init_args": {"lr": 0.1, "num_classes": "${data.init_args.num_classes}"}}}
+    stage = {"trainer": {"max_epochs": 3, "callbacks": []}, "model": {"init_args": {"lr": 0.01}},
+             "extra": None}
+    assert merged(base, stage) == {
+        "trainer": {"max_epochs": 3, "callbacks": []},
+        "model": {"init_args": {"lr": 0.01, "num_classes": "${data.init_args.num_classes}"}},
+        "extra": None}
+    assert base["trainer"]["max_epochs"] == 12 and stage["model"] == {"init_args": {"lr": 0.01}}
+    with pytest.raises(UserError, match="cannot be merged"):
+        merged({"trainer": {"callbacks": []}}, {"trainer": {"callbacks": {"x": 1}}})
