@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 from torch.optim import Optimizer
 
 import networks
@@ -45,10 +46,11 @@ class SparseTraining(Callback):
         self.input_size = [int(s) for s in input_size]
         networks.example_input(self.input_size)
         self.pruner = None
+        self.network: nn.Module | None = None  # the network the pruner is bound to
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Built here, after setup hooks (a pruned or modified network is final by now).
-        network = classifier(pl_module, "SparseTraining").network
+        network = self.network = classifier(pl_module, "SparseTraining").network
         example = networks.example_input(self.input_size).to(next(network.parameters()).device)
         # torch_pruning traces dependencies through autograd
         with networks.evaluating(network), torch.enable_grad():
@@ -56,7 +58,8 @@ class SparseTraining(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: Optimizer) -> None:
-        self.pruner.regularize(classifier(pl_module, "SparseTraining").network, alpha=self.alpha, bias=False)
+        # the module checked once at fit start, not at every step
+        self.pruner.regularize(self.network, alpha=self.alpha, bias=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fraction = networks.near_zero_fraction(self.pruner)
