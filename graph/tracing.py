@@ -346,15 +346,20 @@ class _Tracer(fx.Tracer):
         return module_handler(type(m)) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:
-    """Trace ``module`` on ``example_inputs``; returns the records and the keys they cover."""
+def symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    """``module``'s fx graph, every registered module type one call (a leaf)."""
     try:
-        gm = fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
+        return fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
     except Exception as e:
         raise UnsupportedArchitectureError(
             f"{type(module).__name__} cannot be traced with torch.fx ({type(e).__name__}: {e}); "
             "data-dependent control flow in forward() is not supported"
         ) from e
+
+
+def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:
+    """Trace ``module`` on ``example_inputs``; returns the records and the keys they cover."""
+    gm = symbolic_trace(module)
     was_training = module.training
     module.eval()  # shape propagation must not touch BN running statistics
     try:

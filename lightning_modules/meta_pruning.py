@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import networks
 from graph import Metanetwork, NetworkGraph
+from metaprune.errors import UserError
 from objective import MemberState, load_weights, meta_loss
 
 from .distributed import destroy_process_group_at_exit
@@ -38,6 +39,10 @@ class MetaPruningModule(LightningModule):
         distill: weight of the original network's predictions as soft targets in each batch's
             loss, ``(1 - distill) * CE(labels) + distill * CE(original)`` (ours; 0: the paper's
             label cross-entropy).
+        augment: weight-space augmentation (ours): each step, the member's BN-normalized
+            channels are rescaled by random factors in [1/augment, augment] with the BN
+            statistics compensating, so the function is the same and the norms differ
+            (``objective.augment``); 1: off (the paper).
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -49,10 +54,14 @@ class MetaPruningModule(LightningModule):
                  gamma: float = 0.1, zero_init_decoders: bool = True,
                  channel_gates: bool = False, gate_floor: float = 0.5,
                  message_passing: str = "paper", identity_edges: str = "diagonal",
-                 distill: float = 0.0, layout: dict | None = None) -> None:
+                 distill: float = 0.0, augment: float = 1.0,
+                 layout: dict | None = None) -> None:
         super().__init__()
         if not 0.0 <= distill <= 1.0:
-            raise ValueError(f"model.init_args.distill={distill} must lie in [0, 1]")
+            raise UserError(f"model.init_args.distill={distill} must lie in [0, 1]")
+        if augment < 1.0:
+            raise UserError(f"model.init_args.augment={augment}: channels are rescaled by "
+                            "factors in [1/augment, augment], so it must be at least 1 (1: off)")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.metanetwork: Metanetwork | None = None
@@ -124,8 +133,8 @@ class MetaPruningModule(LightningModule):
         index, images, labels = batch
         index = int(index)
         member = self._member(index)
-        ce, sparsity, surrogate = meta_loss(self.gnn, member, images, labels,
-                                            self.hparams.alpha, self.hparams.distill)
+        ce, sparsity, surrogate = meta_loss(self.gnn, member, images, labels, self.hparams.alpha,
+                                            self.hparams.distill, self.hparams.augment)
         if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
             raise FloatingPointError(
                 f"meta-training loss is not finite at epoch {self.current_epoch}, step "

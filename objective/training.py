@@ -23,6 +23,8 @@ from torch_geometric.data import Data
 import networks
 from graph import Metanetwork, NetworkGraph
 
+from .augment import NormalizedChannels, normalized_channels, rescale_channels
+
 
 @dataclass
 class MemberState:
@@ -32,6 +34,7 @@ class MemberState:
     data: Data                     # the encoded original weights
     work: nn.Module                # receives the decoded weights; eval mode
     pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
+    channels: list[NormalizedChannels]  # what weight-space augmentation may rescale
 
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
@@ -42,25 +45,36 @@ class MemberState:
         with torch.enable_grad():  # torch_pruning traces dependencies with autograd
             pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
         data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
-        return cls(graph, data, work, pruner)
+        return cls(graph, data, work, pruner, normalized_channels(network))
+
+    def augmented(self, spread: float) -> Data:
+        """The encoded weights, every BN-normalized channel rescaled by a random factor in
+        [1/spread, spread] (the same function, other norms; ``objective.augment``)."""
+        if spread == 1.0:
+            return self.data
+        weights = self.graph.decode(self.data)
+        return self.graph.encode(rescale_channels(weights, self.channels, spread))
 
 
 def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
-              labels: torch.Tensor, alpha: float, distill: float = 0.0
+              labels: torch.Tensor, alpha: float, distill: float = 0.0, augment: float = 1.0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
     metanetwork the gradient of the objective (``weight_gradients``) + regularizer, through one
-    GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets.
+    GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets;
+    ``augment`` > 1 feeds the metanetwork a randomly rescaled copy of the member's weights
+    (``MemberState.augmented``).
 
     The metanetwork runs twice: without autograd for the image batches, then with it for the
     surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
     each batch slower than the same batch alone; one extra forward costs less."""
     soft = original_predictions(member, images) if distill > 0 else None
+    data = member.augmented(augment)
     with torch.no_grad():
-        weights = member.graph.decode(metanetwork(member.data))
+        weights = member.graph.decode(metanetwork(data))
     ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
                                            alpha, soft, distill)
-    weights = member.graph.decode(metanetwork(member.data))
+    weights = member.graph.decode(metanetwork(data))
     # d(surrogate)/dW' equals the accumulated gradient.
     surrogate = torch.stack([(weights[name] * g).sum() for name, g in grads.items()]).sum()
     return ce, sparsity, surrogate
