@@ -157,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((out / pipeline_demo.RESULTS).read_text())
     reports = {k: json.loads(Path(p).read_text()) for k, p in results["reports"].items()}
     values = pipeline_demo.measures(reports)
-    curves = pipeline_demo.stage1_overlay(out, cfg["demo"], reports)
-    text = (f"# quality_cifar10: {len(cfg['demo']['target_seeds'])} held-out networks x "
-            f"{len(cfg['demo']['methods'])} methods x {len(cfg['demo']['speed_ups'])} speed-ups\n\n"
-            f"Held-out networks (seeds {cfg['demo']['target_seeds']}), never meta-trained on; "
+    demo = cfg.demo
+    curves = pipeline_demo.stage1_overlay(out, demo, reports)
+    text = (f"# quality_cifar10: {len(demo.target_seeds)} held-out networks x "
+            f"{len(demo.methods)} methods x {len(demo.speed_ups)} speed-ups\n\n"
+            f"Held-out networks (seeds {demo.target_seeds}), never meta-trained on; "
             f"metanetwork checkpoint {Path(results['metanetwork']).name} chosen by `select` on "
             f"meta-val data. Config: {config}\n\n"
             f"## Paired differences (first - second, percentage points)\n\n"

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +29,7 @@ from .common import (
     fit_stage,
     is_rank_zero,
     merged,
-    read_yaml_config,
+    read_config,
     write_json,
     write_text,
 )
@@ -36,7 +38,6 @@ from .paired import PairedDifference, paired, paired_table
 from .run import FIRST_STAGE, METHODS, REPORT
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
-DEMO_SECTIONS = ("demo", "data", "zoo", "meta", "prune", "select", "fast")
 DEFAULT_DATA = "data/cifar10"    # otherwise: downloaded here (torchvision) on first use
 DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written on first start
 RESULTS = "results.json"
@@ -46,31 +47,61 @@ class DemoError(UserError):
     """Bad demo input (config, data, an output folder holding another demo)."""
 
 
-def load_demo_config(path: str | os.PathLike, fast: bool = False) -> dict:
-    """demo.yaml with ``fast`` merged over it when asked; every section present."""
+@dataclass
+class DemoSettings:
+    """The ``demo`` section of demo.yaml (and of benchmarks/quality_cifar10.yaml).
+
+    Args:
+        configs: the stage configs (keys zoo, meta, prune), relative to the demo config.
+        zoo_seeds: the meta-training zoo's members.
+        target_seeds: the held-out networks to prune (never in the zoo).
+        speed_ups: the targets; stage 1 runs once per network and method.
+        methods: any of metanetwork, none, sparse.
+    """
+
+    configs: dict[str, str]
+    zoo_seeds: list[int]
+    target_seeds: list[int]
+    speed_ups: list[float]
+    methods: list[str]
+
+
+@dataclass
+class DemoConfig:
+    """A demo.yaml: the demo's settings, the image data overrides, each stage's differences
+    from its shipped config, ``prune.py select``'s options and the ``--fast`` overlay."""
+
+    demo: DemoSettings
+    data: dict = field(default_factory=dict)
+    zoo: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    prune: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)
+    fast: dict = field(default_factory=dict)
+
+
+def load_demo_config(path: str | os.PathLike, fast: bool = False) -> DemoConfig:
+    """demo.yaml, with its ``fast`` section merged over it when asked; stage config paths
+    resolved against the file's folder."""
     path = Path(path)
     where = f"demo config {str(path)!r}"
-    cfg = read_yaml_config(path, "demo", DemoError, DEMO_SECTIONS)
-    if not isinstance(cfg.get("demo"), dict):
-        raise DemoError(f"{where} must be a mapping with a 'demo' section")
-    cfg = {k: (cfg.get(k) or {}) for k in DEMO_SECTIONS}
-    if fast:
-        cfg = merged(cfg, cfg["fast"])
-    demo = cfg["demo"]
-    for key in ("configs", "zoo_seeds", "target_seeds", "speed_ups", "methods"):
-        if key not in demo:
-            raise DemoError(f"{where}: demo.{key} is required")
+    cfg = read_config(path, DemoConfig, DemoError, "demo", overlay="fast" if fast else None)
+    demo = cfg.demo
+    missing = sorted({"zoo", "meta", "prune"} - set(demo.configs))
+    if missing:
+        raise DemoError(f"{where}: demo.configs has no {missing}; name the zoo, meta and prune "
+                        "stage configs")
     for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
-        if not isinstance(demo[key], list) or not demo[key]:
-            raise DemoError(f"{where}: demo.{key} must be a non-empty list, e.g. [{demo[key]}]")
-    shared = sorted({int(s) for s in demo["target_seeds"]} & {int(s) for s in demo["zoo_seeds"]})
+        if not getattr(demo, key):
+            raise DemoError(f"{where}: demo.{key} must be a non-empty list")
+    shared = sorted(set(demo.target_seeds) & set(demo.zoo_seeds))
     if shared:
         raise DemoError(f"{where}: demo.target_seeds {shared} are also in demo.zoo_seeds; the "
                         "networks to prune must be held out of meta-training")
-    bad = sorted(set(demo["methods"]) - set(METHODS))
+    bad = sorted(set(demo.methods) - set(METHODS))
     if bad:
         raise DemoError(f"{where}: unknown methods {bad}; allowed: {list(METHODS)}")
-    demo["configs"] = {k: str((path.parent / v).resolve()) for k, v in demo["configs"].items()}
+    demo.configs = {k: str((path.parent / v).resolve()) for k, v in demo.configs.items()}
     return cfg
 
 
@@ -97,24 +128,24 @@ def _merge_data(section: dict, data: dict) -> None:
     section.setdefault("init_args", {}).update(copy.deepcopy(data))
 
 
-def demo_stage_configs(cfg: dict, out: Path, data: dict) -> dict[str, dict]:
+def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict]:
     """The zoo, meta and prune stage configs of the demo: the shipped configs with the demo's
     overrides, the data, and every output path under ``out`` (stable, so reruns skip)."""
-    paths, data = cfg["demo"]["configs"], merged(cfg["data"], data)
-    zoo = merged(_read_yaml(paths["zoo"]), cfg["zoo"])
+    paths, data = cfg.demo.configs, merged(cfg.data, data)
+    zoo = merged(_read_yaml(paths["zoo"]), cfg.zoo)
     zoo["zoo"]["dir"] = str(out / "zoo")
     _merge_data(zoo["pretrain"]["data"], data)
     if isinstance((zoo.get("finetune") or {}).get("data"), dict):
         _merge_data(zoo["finetune"]["data"], data)
-    meta = merged(_read_yaml(paths["meta"]), cfg["meta"])
+    meta = merged(_read_yaml(paths["meta"]), cfg.meta)
     meta["data"]["init_args"]["zoo"] = str(out / "zoo")
     _merge_data(meta["data"]["init_args"]["images"], data)
     meta.setdefault("trainer", {})["logger"] = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(out), "name": "", "version": "meta"}}
     meta["trainer"]["default_root_dir"] = str(out / "meta")
-    prune_cfg = merged(_read_yaml(paths["prune"]), cfg["prune"])
-    prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg["demo"]["speed_ups"][0]))
+    prune_cfg = merged(_read_yaml(paths["prune"]), cfg.prune)
+    prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg.demo.speed_ups[0]))
     _merge_data(prune_cfg["base"]["data"], data)
     return {"zoo": zoo, "meta": meta, "prune": prune_cfg}
 
@@ -180,16 +211,16 @@ def paired_differences(values: dict[str, dict[str, dict[str, float]]]) -> list[P
             for a, b in PAIRS if a in per and b in per]
 
 
-def stage1_overlay(out: Path, demo: dict, reports: dict[str, dict]) -> Path:
+def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> Path:
     """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
     BN recalibrated) of the first held-out network, one per method, on one plot."""
     from .curve import read_curves, save_figure
 
-    path, seed, curves = out / "stage1_curves.png", demo["target_seeds"][0], {}
+    path, seed, curves = out / "stage1_curves.png", demo.target_seeds[0], {}
     if path.is_file():  # stage 1 of a network is computed once: so is its plot
         return path
-    for method in demo["methods"]:
-        key = run_key(seed, demo["speed_ups"][0], method)
+    for method in demo.methods:
+        key = run_key(seed, demo.speed_ups[0], method)
         stage1 = read_curves(out / "prune" / key / reports[key]["stage1_curve"]["csv"])
         curves[f"{method} (after {FIRST_STAGE[method]})"] = next(iter(stage1.values()))
     lo, hi = reports[key]["stage1_curve"]["range"]
@@ -214,7 +245,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 STAGES = ("zoo", "held-out networks", "meta-training", "checkpoint selection", "pruning")
 
 
-def check_demo(cfg: dict, stages: dict[str, dict], configs: dict[str, Path], data: dict) -> None:
+def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path], data: dict) -> None:
     """Everything that can be checked before training: the data is there (unless it is to be
     downloaded) and every stage config of every step parses, each error naming its file,
     section and key."""
@@ -231,13 +262,13 @@ def check_demo(cfg: dict, stages: dict[str, dict], configs: dict[str, Path], dat
             raise DemoError(f"{e} (the demo reads it from --data_root, else ${DATA_ENV}; without "
                             f"either it downloads CIFAR-10 to {DEFAULT_DATA})") from None
     # the zoo and the held-out networks share one config; only the seed differs
-    check_zoo_stages(load_zoo_config(configs["zoo"], seed=cfg["demo"]["zoo_seeds"][0]), configs["zoo"])
+    check_zoo_stages(load_zoo_config(configs["zoo"], seed=cfg.demo.zoo_seeds[0]), configs["zoo"])
     check_stage_config(stages["meta"], f"meta config {str(configs['meta'])!r}", DemoError)
     model = stages["zoo"]["pretrain"]["model"]["init_args"]
     arch = {"name": model["network"], "num_classes": model.get("num_classes", 10),
             "kwargs": model.get("network_kwargs") or {}}
     prune = load_prune_config(configs["prune"])
-    for method in cfg["demo"]["methods"]:
+    for method in cfg.demo.methods:
         args = argparse.Namespace(method=method, network="network.pt", metanetwork="best.ckpt")
         for section, stage in zip(("finetune", "final"),
                                   stage_configs(prune, args, configs["prune"].parent, arch)):
@@ -270,11 +301,12 @@ def demo_command(args: argparse.Namespace) -> int:
     """``prune.py demo``: the whole pipeline on a built-in default."""
     t0 = time.perf_counter()
     cfg = load_demo_config(args.config, args.fast)
-    demo = cfg["demo"]
+    demo = cfg.demo
     out = Path(args.out or ("runs/demo_pipeline_fast" if args.fast else "runs/demo_pipeline")).resolve()
     data, data_source = demo_data(args.data_root)
     stages = demo_stage_configs(cfg, out, data)
-    settings = json.loads(json.dumps({"demo": demo, "select": cfg["select"], "stages": stages}))
+    settings = json.loads(json.dumps({"demo": dataclasses.asdict(demo), "select": cfg.select,
+                                      "stages": stages}))
     with tempfile.TemporaryDirectory() as tmp:  # checked before --out is touched
         check_demo(cfg, stages, write_demo_configs(Path(tmp) / "demo", settings, stages), data)
     configs = write_demo_configs(out, settings, stages)
@@ -289,16 +321,16 @@ def demo_command(args: argparse.Namespace) -> int:
         return result
 
     # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
-    with console.stage("zoo", len(demo["zoo_seeds"]), "networks") as step:
-        for seed in demo["zoo_seeds"]:
+    with console.stage("zoo", len(demo.zoo_seeds), "networks") as step:
+        for seed in demo.zoo_seeds:
             timed(f"zoo seed{seed}", partial(main, ["zoo", "--config", str(configs["zoo"]),
                                                     "--seed", str(seed)]))
             step()
     from datamodules.zoo_manifest import find_member
 
     targets = {}
-    with console.stage("held-out networks", len(demo["target_seeds"]), "networks") as step:
-        for seed in demo["target_seeds"]:
+    with console.stage("held-out networks", len(demo.target_seeds), "networks") as step:
+        for seed in demo.target_seeds:
             timed(f"target seed{seed}", partial(main, [
                 "zoo", "--config", str(configs["zoo"]), "--seed", str(seed),
                 "--zoo_dir", str(out / "target")]))
@@ -330,7 +362,7 @@ def demo_command(args: argparse.Namespace) -> int:
         else:
             argv = ["select", "--config", str(configs["meta"]), "--run", str(out / "meta"),
                     "--out", str(selection)]
-            for key, value in cfg["select"].items():
+            for key, value in cfg.select.items():
                 argv += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
             timed("select", lambda: main(argv))
         step()
@@ -338,12 +370,12 @@ def demo_command(args: argparse.Namespace) -> int:
     # 4. prune every held-out network with every method to every target (`prune.py run`, one
     # folder each). Stage 1 does not depend on the target: later targets reuse the first's.
     reports = {}
-    cells = len(targets) * len(demo["methods"]) * len(demo["speed_ups"])
+    cells = len(targets) * len(demo.methods) * len(demo.speed_ups)
     with console.stage("pruning", cells, "runs") as step:
         for seed, target in targets.items():
-            for method in demo["methods"]:
+            for method in demo.methods:
                 first = None
-                for speed_up in demo["speed_ups"]:
+                for speed_up in demo.speed_ups:
                     key = run_key(seed, speed_up, method)
                     run_out = out / "prune" / key
                     argv = ["run", "--config", str(configs["prune"]), "--network", str(target),
@@ -377,8 +409,8 @@ def demo_command(args: argparse.Namespace) -> int:
         atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     arch = next(iter(reports.values()))["architecture"]
     print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {list(targets)} (held out "
-          f"of the zoo of seeds {list(demo['zoo_seeds'])}), methods {list(demo['methods'])} at "
-          f"{', '.join(f'{float(s):g}x' for s in demo['speed_ups'])}, same finetune budgets\n")
+          f"of the zoo of seeds {demo.zoo_seeds}), methods {demo.methods} at "
+          f"{', '.join(f'{float(s):g}x' for s in demo.speed_ups)}, same finetune budgets\n")
     print(table)
     print(f"\npaired differences (first - second, percentage points; the stage-1 curve area is "
           f"the mean val accuracy over the range, pruned without finetuning):\n{differences}")

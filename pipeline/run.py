@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,16 +29,12 @@ from .common import (
     fit_stage,
     is_rank_zero,
     merged,
-    read_yaml_config,
+    read_config,
     wait_for,
     write_bytes,
     write_json,
 )
 
-RUN_SECTIONS = ("prune", "base", "finetune", "final")
-RUN_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "reg", "alpha", "seed",
-            "bn_batches", "bn_batch_size", "curve_range", "curve_every", "latency_batch_sizes",
-            "onnx"}
 METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -52,56 +50,104 @@ class PruneRunError(UserError):
     """Bad input to ``prune.py run``: the message names the problem and the fix."""
 
 
+@dataclass
+class PruneSettings:
+    """The ``prune`` section of a prune.yaml (docs/pruning.md).
+
+    Args:
+        speed_up: the target, MACs of the unpruned architecture over MACs of the pruned
+            network (``--speed_up`` overrides it; one of the two is required).
+        dir: where runs go without ``--out``; empty: ``runs/prune/<the config's folder>``.
+        iterative_steps: pruning steps to the target (and for the curves).
+        input_size: one input's shape (channels, height, width).
+        reg, alpha: the sparse method's regularizer (DepGraph's sparse learning).
+        seed: seeds every stage (``--seed`` overrides it).
+        bn_batches, bn_batch_size: BN statistics re-estimated on this many training batches
+            before every curve point (0: raw curves).
+        curve_range: the speed-ups the stage-1 curve area averages over.
+        curve_every: evaluate every N-th pruning step of a curve.
+        latency_batch_sizes: batch sizes of the measured speed-up (unset: 1 and 64; []: none).
+        onnx: export and check ``network.onnx`` (unset: yes).
+    """
+
+    speed_up: float | None = None
+    dir: str = ""
+    iterative_steps: int = 200
+    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    reg: float = 5e-4
+    alpha: float = 4.0
+    seed: int = 0
+    bn_batches: int = 8
+    bn_batch_size: int = 128
+    curve_range: tuple[float, float] = (2.0, 3.0)
+    curve_every: int = 5
+    latency_batch_sizes: list[int] | None = None
+    onnx: bool | None = None
+
+    @property
+    def target(self) -> float:
+        """The speed-up target (``load_prune_config`` makes sure there is one)."""
+        assert self.speed_up is not None
+        return self.speed_up
+
+    def record(self) -> dict:
+        """The settings as stored in run.json and report.json; the options left unset are
+        left out, so runs from before an option existed keep their stored settings."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class PruneConfig:
+    """A prune.yaml: the run's settings and its stages' LightningCLI configs (``finetune``,
+    stage 1, and ``final``, stage 2, are each merged over ``base``)."""
+
+    prune: PruneSettings
+    base: dict
+    finetune: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """Every section as stored in run.json."""
+        return {"prune": self.prune.record(), "base": self.base, "finetune": self.finetune,
+                "final": self.final}
+
+
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
-                      seed: int | None = None, data_root: str | None = None) -> dict:
-    """Read a prune.yaml (sections ``prune``, ``base``, ``finetune``, ``final``) and apply the
-    command-line overrides; ``prune`` comes back complete (defaults filled in)."""
+                      seed: int | None = None, data_root: str | None = None) -> PruneConfig:
+    """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in)."""
     path = Path(path)
     where = f"prune config {str(path)!r}"
-    cfg = read_yaml_config(path, "prune", PruneRunError, RUN_SECTIONS)
-    for key in RUN_SECTIONS:
-        cfg.setdefault(key, {})
-        if not isinstance(cfg[key], dict):
-            raise PruneRunError(f"{where}: section {key!r} must be a mapping")
-        if "seed_everything" in cfg[key]:
+    cfg = read_config(path, PruneConfig, PruneRunError, "prune")
+    for section in (cfg.base, cfg.finetune, cfg.final):
+        if "seed_everything" in section:
             raise PruneRunError(f"{where}: do not set seed_everything; --seed (or prune.seed) "
                                 "seeds every stage")
-    if not cfg["base"].get("data"):
+    if not cfg.base.get("data"):
         raise PruneRunError(f"{where}: section 'base' needs a data section (a train.py fit config)")
-    prune = cfg["prune"]
-    unknown = sorted(set(prune) - RUN_KEYS)
-    if unknown:
-        raise PruneRunError(f"{where}: unknown prune keys {unknown}; allowed: {sorted(RUN_KEYS)}")
-    defaults = {"dir": f"runs/prune/{path.parent.name}", "iterative_steps": 200,
-                "input_size": [3, 32, 32], "reg": 5e-4, "alpha": 4.0, "seed": 0,
-                "bn_batches": 8, "bn_batch_size": 128, "curve_range": [2.0, 3.0],
-                "curve_every": 5}
-    for key, value in defaults.items():
-        prune.setdefault(key, value)
-    for key, value in (("speed_up", speed_up), ("seed", seed)):
-        if value is not None:
-            prune[key] = value
-    if prune.get("speed_up") is None:
+    prune = cfg.prune
+    prune.dir = prune.dir or f"runs/prune/{path.parent.name}"
+    prune.speed_up = prune.speed_up if speed_up is None else float(speed_up)
+    prune.seed = prune.seed if seed is None else int(seed)
+    if prune.speed_up is None:
         raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
-    prune["speed_up"], prune["seed"] = float(prune["speed_up"]), int(prune["seed"])
-    if not prune["speed_up"] > 1.0:
-        raise PruneRunError(f"{where}: speed-up target {prune['speed_up']:g} must be above 1 (a "
+    if not prune.speed_up > 1.0:
+        raise PruneRunError(f"{where}: speed-up target {prune.speed_up:g} must be above 1 (a "
                             "factor of fewer MACs than the unpruned architecture, e.g. 2)")
-    lo_hi = prune["curve_range"]
-    if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and 1.0 <= float(lo_hi[0]) < float(lo_hi[1])):
-        raise PruneRunError(f"{where}: prune.curve_range {lo_hi!r} must be [LO, HI] with "
+    lo, hi = prune.curve_range
+    if not 1.0 <= lo < hi:
+        raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
     if data_root is not None:
-        cfg["base"]["data"].setdefault("init_args", {})["root"] = data_root
+        cfg.base["data"].setdefault("init_args", {})["root"] = data_root
     return cfg
 
 
-def run_dir(cfg: dict, network: str | os.PathLike, method: str, out: str | None) -> Path:
+def run_dir(cfg: PruneConfig, network: str | os.PathLike, method: str, out: str | None) -> Path:
     """``--out``, else ``<prune.dir>/<network file stem>_<method>_<S>x_seed<N>``."""
     if out:
         return Path(out)
-    p = cfg["prune"]
-    return Path(p["dir"]) / f"{Path(network).stem}_{method}_{p['speed_up']:g}x_seed{p['seed']}"
+    p = cfg.prune
+    return Path(p.dir) / f"{Path(network).stem}_{method}_{p.target:g}x_seed{p.seed}"
 
 
 def _sha256(path: Path) -> str:
@@ -115,7 +161,7 @@ def _sha256(path: Path) -> str:
 
 
 
-def run_settings(cfg: dict, args: argparse.Namespace) -> dict:
+def run_settings(cfg: PruneConfig, args: argparse.Namespace) -> dict:
     """What defines a run (``run.json``): a run dir never mixes outputs of two settings."""
     if (args.network is None) == (args.arch is None) or (args.arch is None) != (args.weights is None):
         raise PruneRunError("give the network to prune as --network FILE (this project's network "
@@ -131,15 +177,15 @@ def run_settings(cfg: dict, args: argparse.Namespace) -> dict:
                             "checkpoint); or use --method none / sparse")
     meta = args.metanetwork if args.method == "metanetwork" else None
     return json.loads(json.dumps({
-        "method": args.method, "speed_up": cfg["prune"]["speed_up"], "seed": cfg["prune"]["seed"],
+        "method": args.method, "speed_up": cfg.prune.target, "seed": cfg.prune.seed,
         "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),
         **({"arch": {"name": args.arch, "num_classes": args.num_classes}} if args.arch else {}),
         "metanetwork": str(Path(meta).resolve()) if meta else None,
         "metanetwork_sha256": _sha256(Path(meta)) if meta else None,
-        "config": {k: cfg[k] for k in RUN_SECTIONS}}))
+        "config": cfg.record()}))
 
 
-def input_network(args: argparse.Namespace, cfg: dict, folder: Path) -> Path:
+def input_network(args: argparse.Namespace, cfg: PruneConfig, folder: Path) -> Path:
     """The network to prune as this project's network file: ``--network`` in that format as
     it is; a Lightning checkpoint of ``ImageClassifier`` (pruned or not), or ``--arch NAME
     --weights FILE`` (a plain state_dict, loaded with weights_only=True), converted into
@@ -147,7 +193,7 @@ def input_network(args: argparse.Namespace, cfg: dict, folder: Path) -> Path:
     import networks
 
     if args.arch is not None:
-        classes = args.num_classes or (cfg["base"]["data"].get("init_args") or {}).get("num_classes")
+        classes = args.num_classes or (cfg.base["data"].get("init_args") or {}).get("num_classes")
         if not isinstance(classes, int):
             raise PruneRunError("--arch needs the class count: pass --num_classes N (the config's "
                                 "data does not set num_classes)")
@@ -176,7 +222,7 @@ def input_network(args: argparse.Namespace, cfg: dict, folder: Path) -> Path:
                                  metadata={"source": str(args.weights or args.network)})
 
 
-def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> dict:
+def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | None) -> dict:
     """Every check that can fail before training, so bad input costs seconds, not epochs.
 
     Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
@@ -184,15 +230,15 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
     from callbacks import load_metanetwork
     from callbacks.feedforward import check_layout, network_graph
 
-    p = cfg["prune"]
-    example = networks.example_input(p["input_size"])
+    p = cfg.prune
+    example = networks.example_input(p.input_size)
     network, record = networks.load_network(network_path)  # missing, corrupt, not a network
     arch, source = record["arch"], f"network file {network_path!r}"
-    classes = (cfg["base"]["data"].get("init_args") or {}).get("num_classes")
+    classes = (cfg.base["data"].get("init_args") or {}).get("num_classes")
     if isinstance(classes, int) and classes != arch["num_classes"]:
         raise PruneRunError(f"{source} has {arch['num_classes']} classes but the config's data "
                             f"has num_classes={classes}; use the config of the network's task")
-    data = cfg["base"]["data"]
+    data = cfg.base["data"]
     if str(data.get("class_path", "")).endswith("ImageDataModule"):  # data found, no leakage
         from datamodules import ImageDataModule
 
@@ -203,7 +249,7 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
         graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
     base, macs = networks.base_macs(arch, example), networks.count_macs(network, example)
-    target, current = p["speed_up"], base / macs
+    target, current = p.target, base / macs
     if target <= current:
         raise PruneRunError(
             f"speed-up target {target:g}x is not above the network's current speed-up "
@@ -213,7 +259,7 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
     # (The real prune acts on finetuned weights; reachability depends on the structure.)
     try:
         networks.prune_to_speed_up(copy.deepcopy(network).eval(), example, target, base,
-                                   int(p["iterative_steps"]))
+                                   p.iterative_steps)
     except ValueError as e:
         raise PruneRunError(
             f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
@@ -222,12 +268,12 @@ def check_inputs(cfg: dict, network_path: str, metanetwork_path: str | None) -> 
             "params": networks.count_params(network), "speed_up": current}
 
 
-def run_stage_config(cfg: dict, section: str, out: Path, stage: str, weights: str | os.PathLike,
+def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weights: str | os.PathLike,
                      arch: dict, callbacks: list[dict]) -> dict:
     """The LightningCLI config of one stage: ``section`` merged over ``base``, the classifier
     built from ``weights`` (architecture from the file), logs in ``<out>/<stage>``."""
-    config = merged(cfg["base"], cfg[section])
-    config["seed_everything"] = cfg["prune"]["seed"]
+    config = merged(cfg.base, getattr(cfg, section))
+    config["seed_everything"] = cfg.prune.seed
     model = config.setdefault("model", {})
     model.setdefault("class_path", CLASSIFIER)
     model.setdefault("init_args", {}).update(
@@ -290,7 +336,7 @@ def run_stage(config: dict, output: Path, name: str) -> Path:
     return output
 
 
-def eval_cli(cfg: dict, arch: dict, weights: str | os.PathLike, out: Path) -> Any:
+def eval_cli(cfg: PruneConfig, arch: dict, weights: str | os.PathLike, out: Path) -> Any:
     """A LightningCLI (not run) holding the config's data and a classifier, on one device
     (exact val/test accuracy: no distributed sampler padding), for evaluating network files."""
     from .train import main
@@ -323,7 +369,7 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
 
 
 def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
-                  max_speed_up: float, p: dict, out: Path, label: str, chance: float) -> list:
+                  max_speed_up: float, p: PruneSettings, out: Path, label: str, chance: float) -> list:
     """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
     pruned progressively without finetuning, up to ``max_speed_up``, every
     ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
@@ -339,10 +385,10 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     device = get_cli().trainer.strategy.root_device
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
                             evaluator(dm.val_dataloader(), device), max_speed_up,
-                            int(p["iterative_steps"]), int(p["curve_every"]),
-                            calibration(dm, int(p["bn_batches"]), int(p["bn_batch_size"])))
-    save_curves({label: points}, out, f"{label} (BN recalibrated on {p['bn_batches']} batches)"
-                if p["bn_batches"] else label, chance=chance)
+                            p.iterative_steps, p.curve_every,
+                            calibration(dm, p.bn_batches, p.bn_batch_size))
+    save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
+                if p.bn_batches else label, chance=chance)
     return points
 
 
@@ -359,7 +405,7 @@ def export_checked_onnx(network: Any, example: Any, path: Path) -> dict:
     return {"file": path.name, "opset": ONNX_OPSET, **check_onnx(path, network, inputs)}
 
 
-def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
+def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
     """Forward latency of the final network and of its unpruned architecture at each of
     ``prune.latency_batch_sizes`` (pipeline.measure; on CUDA when there is one), so the report
     holds the measured speed-up beside the MACs one."""
@@ -369,9 +415,9 @@ def measured_latency(network: Any, arch: dict, p: dict) -> list[dict]:
     from networks.latency import compare_latency
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = [int(b) for b in p.get("latency_batch_sizes", LATENCY_BATCH_SIZES)]
+    sizes = LATENCY_BATCH_SIZES if p.latency_batch_sizes is None else p.latency_batch_sizes
     unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
-    return compare_latency(copy.deepcopy(network), unpruned, p["input_size"], sizes, device,
+    return compare_latency(copy.deepcopy(network), unpruned, p.input_size, list(sizes), device,
                            min_run_time=0.25) if sizes else []
 
 
@@ -429,23 +475,22 @@ def stored_settings_check(out: Path, settings: dict) -> bool:
         f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
 
 
-def stage_configs(cfg: dict, args: argparse.Namespace, out: Path, arch: dict) -> tuple[dict, dict]:
+def stage_configs(cfg: PruneConfig, args: argparse.Namespace, out: Path, arch: dict) -> tuple[dict, dict]:
     """The two Lightning stages of a run: stage 1 (feedforward + finetune, finetune, or sparse
     training) and stage 2 (prune to S against the unpruned architecture + finetune)."""
-    p, first = cfg["prune"], FIRST_STAGE[args.method]
+    p, first = cfg.prune, FIRST_STAGE[args.method]
     extra: list[dict] = []
     if args.method == "metanetwork":
         extra = [{"class_path": "callbacks.MetanetworkFeedforward",
-                  "init_args": {"checkpoint": str(args.metanetwork), "input_size": p["input_size"]}},
+                  "init_args": {"checkpoint": str(args.metanetwork), "input_size": p.input_size}},
                  {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "feedforward.pt"}}]
     elif args.method == "sparse":
         extra = [{"class_path": "callbacks.SparseTraining",
-                  "init_args": {"reg": float(p["reg"]), "alpha": float(p["alpha"]),
-                                "input_size": p["input_size"]}}]
+                  "init_args": {"reg": p.reg, "alpha": p.alpha, "input_size": p.input_size}}]
     stage1 = run_stage_config(cfg, "finetune", out, first, args.network, arch, extra)
     prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
-                 "init_args": {"speed_up": p["speed_up"], "iterative_steps": int(p["iterative_steps"]),
-                               "input_size": p["input_size"]}},
+                 "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
+                               "input_size": p.input_size}},
                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
     stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, out / first / "network.pt", arch,
                               prune_cb)
@@ -468,7 +513,7 @@ def run_command(args: argparse.Namespace) -> int:
         info = check_inputs(cfg, str(given), settings["metanetwork"])
         if args.network is None or given != Path(args.network):
             args.network = str(out / "input_network.pt")
-        p, arch, first = cfg["prune"], info["arch"], FIRST_STAGE[args.method]
+        p, arch, first = cfg.prune, info["arch"], FIRST_STAGE[args.method]
         stage1, stage2 = stage_configs(cfg, args, out, arch)
         for section, stage in (("finetune", stage1), ("final", stage2)):  # before anything trains
             check_stage_config(stage, f"prune config {str(args.config)!r}, section {section!r} "
@@ -498,7 +543,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     acc = evaluate_networks(get_cli, files, out / EVAL_FILE)
 
-    example = networks.example_input(p["input_size"])
+    example = networks.example_input(p.input_size)
     network, final_record = networks.load_network(final)
     macs, params = networks.count_macs(network, example), networks.count_params(network)
     reached = info["base_macs"] / macs
@@ -509,14 +554,14 @@ def run_command(args: argparse.Namespace) -> int:
             "trained_on": final_record["metadata"].get("trained_on", [])})
     if not (out / "network.pt2").is_file():
         export_program(network, example, out / "network.pt2")
-    onnx = export_checked_onnx(network, example, out / "network.onnx") if p.get("onnx", True) else None
+    onnx = export_checked_onnx(network, example, out / "network.onnx") if p.onnx in (None, True) else None
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
     network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
-                  2 * p["speed_up"], p, out, f"{args.method}: final network, no finetuning",
+                  2 * p.target, p, out, f"{args.method}: final network, no finetuning",
                   1 / arch["num_classes"])
     # "Easier to prune": the stage-1 network's curve over prune.curve_range (DESIGN section 9).
-    lo, hi = (float(v) for v in p["curve_range"])
+    lo, hi = p.curve_range
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
                                   info["base_macs"], hi, p, out / first,
                                   f"{args.method}: after stage 1, no finetuning",
@@ -526,7 +571,7 @@ def run_command(args: argparse.Namespace) -> int:
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
         "architecture": arch,
-        "speed_up": {"target": p["speed_up"], "reached": reached, "before": info["speed_up"],
+        "speed_up": {"target": p.target, "reached": reached, "before": info["speed_up"],
                      "measured": {str(r["batch_size"]): r["speed_up_measured"] for r in latency}},
         "latency": latency,
         "onnx": onnx,
@@ -534,20 +579,20 @@ def run_command(args: argparse.Namespace) -> int:
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
         "stage1_curve": {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
-                         "bn_batches": int(p["bn_batches"]), "csv": f"{first}/curve.csv"},
-        "seeds": {"seed_everything": p["seed"],
-                  "data_split": (cfg["base"]["data"].get("init_args") or {}).get("seed")},
+                         "bn_batches": p.bn_batches, "csv": f"{first}/curve.csv"},
+        "seeds": {"seed_everything": p.seed,
+                  "data_split": (cfg.base["data"].get("init_args") or {}).get("seed")},
         "files": {"network": "network.pt", "exported": "network.pt2",
                   "onnx": "network.onnx" if onnx else None, "curve": "curve.png",
                   "curve_csv": "curve.csv", "stage1_curve": f"{first}/curve.png",
                   "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
-        "config": {"prune": p, "stages": {first: stage1, SECOND_STAGE: stage2}},
+        "config": {"prune": p.record(), "stages": {first: stage1, SECOND_STAGE: stage2}},
         "time_s": time.perf_counter() - t0,
     }
     write_json(out / REPORT, report)
     fin = {"val": acc["final"]["val_acc"], "test": acc["final"]["test_acc"]}
     print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {macs:,} MACs, speed-up "
-          f"{reached:.3f}x (target {p['speed_up']:g}x), final val/acc {fin['val']:.4f} "
+          f"{reached:.3f}x (target {p.target:g}x), final val/acc {fin['val']:.4f} "
           f"test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
     return 0
 

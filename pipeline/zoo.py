@@ -9,6 +9,7 @@ import copy
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metaprune.errors import UserError
@@ -19,53 +20,63 @@ from .common import (
     fit_stage,
     is_rank_zero,
     merged,
-    read_yaml_config,
+    read_config,
     wait_for,
 )
-
-ZOO_KEYS = {"dir", "speed_up", "iterative_steps", "input_size", "pretrained", "seed"}
 
 
 class ZooConfigError(UserError):
     """A zoo.yaml is malformed; the message names the file and the key."""
 
 
+@dataclass
+class ZooSettings:
+    """The ``zoo`` section of a zoo.yaml (docs/zoo.md).
+
+    Args:
+        speed_up: the initial pruning target, against the unpruned architecture.
+        dir: the zoo folder; empty: ``zoo/<the config's folder name>``.
+        iterative_steps: pruning steps to reach ``speed_up``.
+        input_size: one input's shape (channels, height, width).
+        pretrained: a network file to start from instead of stage 1.
+        seed: the member's seed (seeds both stages; ``--seed`` overrides it).
+    """
+
+    speed_up: float
+    dir: str = ""
+    iterative_steps: int = 200
+    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    pretrained: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ZooConfig:
+    """A zoo.yaml: the member's settings and its two stages' LightningCLI configs (``finetune``
+    is merged over ``pretrain``)."""
+
+    zoo: ZooSettings
+    pretrain: dict
+    finetune: dict = field(default_factory=dict)
+
+
 def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
-                    data_root: str | None = None, pretrained: str | None = None) -> dict:
-    """Read a zoo.yaml and apply the command-line overrides. Returns ``{"zoo", "pretrain",
-    "finetune"}`` with ``zoo`` complete (defaults filled in, ``seed`` set)."""
+                    data_root: str | None = None, pretrained: str | None = None) -> ZooConfig:
+    """Read a zoo.yaml and apply the command-line overrides (``zoo.dir`` filled in)."""
     path = Path(path)
-    cfg = read_yaml_config(path, "zoo", ZooConfigError, ("zoo", "pretrain", "finetune"))
-    where = f"zoo config {str(path)!r}"
-    for key in ("zoo", "pretrain"):
-        if not isinstance(cfg.get(key), dict):
-            raise ZooConfigError(f"{where}: section {key!r} is missing or not a mapping")
-    cfg.setdefault("finetune", {})
-    if not isinstance(cfg["finetune"], dict):
-        raise ZooConfigError(f"{where}: section 'finetune' must be a mapping")
-    zoo = cfg["zoo"]
-    unknown = sorted(set(zoo) - ZOO_KEYS)
-    if unknown:
-        raise ZooConfigError(f"{where}: unknown zoo keys {unknown}; allowed: {sorted(ZOO_KEYS)}")
-    if "speed_up" not in zoo:
-        raise ZooConfigError(f"{where}: zoo.speed_up (the initial pruning target) is required")
-    if "seed_everything" in cfg["pretrain"] or "seed_everything" in cfg["finetune"]:
-        raise ZooConfigError(f"{where}: do not set seed_everything; the member's seed comes from "
-                             "--seed (or zoo.seed) and seeds both stages")
-    zoo.setdefault("dir", f"zoo/{path.parent.name}")
-    zoo.setdefault("iterative_steps", 200)
-    zoo.setdefault("input_size", [3, 32, 32])
-    zoo.setdefault("pretrained", None)
-    zoo.setdefault("seed", 0)
-    for key, value in (("seed", seed), ("dir", zoo_dir), ("pretrained", pretrained)):
-        if value is not None:
-            zoo[key] = value
+    cfg = read_config(path, ZooConfig, ZooConfigError, "zoo")
+    if "seed_everything" in cfg.pretrain or "seed_everything" in cfg.finetune:
+        raise ZooConfigError(f"zoo config {str(path)!r}: do not set seed_everything; the "
+                             "member's seed comes from --seed (or zoo.seed) and seeds both stages")
+    zoo = cfg.zoo
+    zoo.dir = zoo_dir or zoo.dir or f"zoo/{path.parent.name}"
+    zoo.seed = zoo.seed if seed is None else int(seed)
+    zoo.pretrained = pretrained or zoo.pretrained
     if data_root is not None:
-        for section in ("pretrain", "finetune"):
-            data = cfg[section].get("data")
-            if section == "pretrain" or (isinstance(data, dict) and "init_args" in data):
-                cfg[section].setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
-    zoo["seed"] = int(zoo["seed"])
+        for section in (cfg.pretrain, cfg.finetune):
+            data = section.get("data")
+            if section is cfg.pretrain or (isinstance(data, dict) and "init_args" in data):
+                section.setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
     return cfg
 
 
@@ -79,51 +90,51 @@ def stage_dir(zoo_dir: str | os.PathLike, seed: int, stage: str) -> Path:
     return Path(zoo_dir) / "runs" / f"seed{int(seed)}" / stage
 
 
-def pretrain_config(cfg: dict) -> dict:
+def pretrain_config(cfg: ZooConfig) -> dict:
     """The LightningCLI config (without subcommand) of stage 1."""
-    zoo, out = cfg["zoo"], copy.deepcopy(cfg["pretrain"])
-    out["seed_everything"] = zoo["seed"]
+    zoo, out = cfg.zoo, copy.deepcopy(cfg.pretrain)
+    out["seed_everything"] = zoo.seed
     trainer = out.setdefault("trainer", {})
-    trainer["logger"] = _logger(Path(zoo["dir"]), zoo["seed"], "pretrain")
-    trainer["default_root_dir"] = str(stage_dir(zoo["dir"], zoo["seed"], "pretrain"))
+    trainer["logger"] = _logger(Path(zoo.dir), zoo.seed, "pretrain")
+    trainer["default_root_dir"] = str(stage_dir(zoo.dir, zoo.seed, "pretrain"))
     return out
 
 
-def finetune_config(cfg: dict, weights: str | os.PathLike) -> dict:
+def finetune_config(cfg: ZooConfig, weights: str | os.PathLike) -> dict:
     """The LightningCLI config of stage 2: ``finetune`` merged over ``pretrain``, starting
     from ``weights``, with the PruneToSpeedUp and ExportToZoo callbacks."""
-    zoo = cfg["zoo"]
-    out = merged(cfg["pretrain"], cfg["finetune"])
-    out["seed_everything"] = zoo["seed"]
+    zoo = cfg.zoo
+    out = merged(cfg.pretrain, cfg.finetune)
+    out["seed_everything"] = zoo.seed
     out.setdefault("model", {}).setdefault("init_args", {})["weights"] = str(weights)
     trainer = out.setdefault("trainer", {})
-    trainer["logger"] = _logger(Path(zoo["dir"]), zoo["seed"], "finetune")
-    trainer["default_root_dir"] = str(stage_dir(zoo["dir"], zoo["seed"], "finetune"))
+    trainer["logger"] = _logger(Path(zoo.dir), zoo.seed, "finetune")
+    trainer["default_root_dir"] = str(stage_dir(zoo.dir, zoo.seed, "finetune"))
     callbacks = list(trainer.get("callbacks") or [
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
          "init_args": {"logging_interval": "epoch"}}])
     callbacks += [
         {"class_path": "callbacks.PruneToSpeedUp",
-         "init_args": {"speed_up": float(zoo["speed_up"]), "iterative_steps": int(zoo["iterative_steps"]),
-                       "input_size": list(zoo["input_size"])}},
+         "init_args": {"speed_up": zoo.speed_up, "iterative_steps": zoo.iterative_steps,
+                       "input_size": list(zoo.input_size)}},
         {"class_path": "callbacks.ExportToZoo",
-         "init_args": {"zoo_dir": str(zoo["dir"]), "seed": zoo["seed"],
-                       "input_size": list(zoo["input_size"])}},
+         "init_args": {"zoo_dir": zoo.dir, "seed": zoo.seed,
+                       "input_size": list(zoo.input_size)}},
     ]
     trainer["callbacks"] = callbacks
     return out
 
 
-def run_pretrain(cfg: dict) -> Path:
+def run_pretrain(cfg: ZooConfig) -> Path:
     """Stage 1: train the target network; returns its network file (skipped when it exists)."""
-    zoo = cfg["zoo"]
-    if zoo["pretrained"]:
-        path = Path(zoo["pretrained"])
+    zoo = cfg.zoo
+    if zoo.pretrained:
+        path = Path(zoo.pretrained)
         if not path.is_file():
             raise ZooConfigError(f"zoo.pretrained={str(path)!r} does not exist; pass a network "
                                  "file (networks.save_network) or set it to null to train one")
         return path
-    path = stage_dir(zoo["dir"], zoo["seed"], "pretrain") / "network.pt"
+    path = stage_dir(zoo.dir, zoo.seed, "pretrain") / "network.pt"
     if path.is_file():
         print(f"stage 1 (pretrain) done already: {path}", file=sys.stderr)
         return path
@@ -132,30 +143,29 @@ def run_pretrain(cfg: dict) -> Path:
     return path
 
 
-def run_finetune(cfg: dict, weights: Path) -> dict | None:
+def run_finetune(cfg: ZooConfig, weights: Path) -> dict | None:
     """Stage 2: prune, finetune, test, register the member (skipped when its row exists)."""
     from datamodules.zoo_manifest import find_member
 
-    zoo = cfg["zoo"]
-    row = find_member(zoo["dir"], zoo["seed"])
+    row = find_member(cfg.zoo.dir, cfg.zoo.seed)
     if row is not None:
-        print(f"stage 2 (finetune) done already: seed {zoo['seed']} is in the zoo", file=sys.stderr)
+        print(f"stage 2 (finetune) done already: seed {cfg.zoo.seed} is in the zoo", file=sys.stderr)
         return row
     wait_for(weights)
     fit_stage(finetune_config(cfg, weights), test=True)
-    return find_member(zoo["dir"], zoo["seed"])
+    return find_member(cfg.zoo.dir, cfg.zoo.seed)
 
 
 def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def check_zoo_stages(cfg: dict, path: str | os.PathLike) -> None:
+def check_zoo_stages(cfg: ZooConfig, path: str | os.PathLike) -> None:
     """Both stage configs parsed and type-checked before stage 1 trains (errors name the file,
     the section and the key)."""
     where = f"zoo config {str(path)!r}, section"
     check_stage_config(pretrain_config(cfg), f"{where} 'pretrain'", ZooConfigError)
-    weights = stage_dir(cfg["zoo"]["dir"], cfg["zoo"]["seed"], "pretrain") / "network.pt"
+    weights = stage_dir(cfg.zoo.dir, cfg.zoo.seed, "pretrain") / "network.pt"
     check_stage_config(finetune_config(cfg, weights), f"{where} 'finetune' (merged over 'pretrain')",
                        ZooConfigError)
 
@@ -180,8 +190,7 @@ def zoo_command(args: argparse.Namespace) -> int:
     weights = run_pretrain(cfg)
     row = run_finetune(cfg, weights)
     if row is not None and is_rank_zero():
-        zoo = cfg["zoo"]
-        print(f"zoo {zoo['dir']}: seed {row['seed']} -> {row['file']}, speed-up "
+        print(f"zoo {cfg.zoo.dir}: seed {row['seed']} -> {row['file']}, speed-up "
               f"{row['speed_up']:.3f}x ({row['macs']:,} MACs), val/acc {_acc(row['val_acc'])}, "
               f"test/acc {_acc(row['test_acc'])} [{time.perf_counter() - t0:.0f} s]")
     return 0

@@ -1,4 +1,5 @@
-"""Test networks: random weights, and pruning with torch_pruning (random channels, chosen widths)."""
+"""Test networks: random weights, pruning with torch_pruning (random channels, chosen widths),
+and a plain accuracy loop to check reported accuracies against."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +45,14 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         else:
             value.copy_(0.2 * (noise - 0.5))
     return model.eval()
+
+
+@torch.no_grad()
+def plain_accuracy(model: nn.Module, loader) -> float:
+    """Fraction of correctly classified images of ``loader``, by a plain loop in eval mode."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -42,7 +44,10 @@ def test_accuracy_curve_is_monotone_and_leaves_the_model_alone():
     speed = [p[0] for p in points]
     assert speed[0] == pytest.approx(1.0) and speed[-1] >= 2.0 > speed[-2]
     assert all(a < b for a, b in zip(speed, speed[1:]))
-    assert all(0.0 <= p[2] <= 1.0 for p in points)
+    assert points[0][2] == evaluate(model)  # the unpruned network
+    pruned = copy.deepcopy(model)
+    networks.prune_to_speed_up(pruned, X32, 2.0, base, 40)
+    assert points[-1][1] == networks.count_macs(pruned, X32) and points[-1][2] == evaluate(pruned)
     assert all(base / p[1] == pytest.approx(p[0]) for p in points)
     assert widths(model) == before
     sparse = networks.accuracy_curve(model, X32, base, evaluate, 2.0, 40, every=3)
@@ -113,8 +118,16 @@ def test_select_writes_table_plot_and_the_best_checkpoint(meta_run, capsys):
     rows = list(csv.DictReader((out / "selection.csv").open()))
     names = [r["checkpoint"] for r in rows]
     assert names == ["none (identity)"] + [f"checkpoints/epoch00{i}.ckpt" for i in range(3)]
-    scores = {r["checkpoint"]: float(r["score"]) for r in rows}
-    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    # each score is the mean over members of its curves' mean accuracy over 1.5-2.5x, here by
+    # dense sampling of the piecewise-linear curves in selection_curves.csv
+    curves: dict[str, list] = {}
+    for r in csv.DictReader((out / "selection_curves.csv").open()):
+        curves.setdefault(r["curve"], []).append((float(r["speed_up"]), float(r["accuracy"])))
+    grid = np.linspace(1.5, 2.5, 20001)
+    for r in rows:
+        mine = [sorted(c) for name, c in curves.items() if name.startswith(r["checkpoint"] + " ")]
+        sampled = [np.interp(grid, *zip(*c)).mean() for c in mine]
+        assert mine and float(r["score"]) == pytest.approx(np.mean(sampled), abs=1e-4)
     best = [r for r in rows if r["best"] == "True"]
     assert len(best) == 1 and float(best[0]["score"]) == max(
         float(r["score"]) for r in rows if r["path"])

@@ -198,13 +198,18 @@ def test_demo_target_must_be_held_out(tmp_path: Path) -> None:
         pipeline_demo.load_demo_config(path)
 
 
-@pytest.mark.parametrize("key,value", [("speed_ups", 2.0), ("target_seeds", []), ("methods", None)])
-def test_demo_lists_must_be_non_empty_lists(tmp_path: Path, key: str, value) -> None:
+@pytest.mark.parametrize("key,value,error", [
+    ("speed_ups", 2.0, "demo.speed_ups: Expected a .*list.*Got value: 2.0"),
+    ("target_seeds", [], "must be a non-empty list"),
+    ("methods", None, "required: demo.methods"), ("zoo_seeds", [1.5], "demo.zoo_seeds.*1.5"),
+    ("methods", ["none", "random"], r"unknown methods \['random'\]"),
+    ("configs", {"zoo": "zoo.yaml"}, r"demo.configs has no \['meta', 'prune'\]")])
+def test_demo_section_is_checked_key_by_key(tmp_path: Path, key: str, value, error: str) -> None:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["demo"][key] = value
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(pipeline_demo.DemoError, match=f"demo.{key} must be a non-empty list"):
+    with pytest.raises(pipeline_demo.DemoError, match=f"demo config '{path}'.*{error}"):
         pipeline_demo.load_demo_config(path)
 
 

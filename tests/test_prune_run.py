@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from pruning_helpers import random_prune
+from pruning_helpers import plain_accuracy, random_prune
 from torch import nn
 
 import networks
 import networks.export
 import prune
+from datamodules import ImageDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from pipeline import run as pipeline_run
@@ -101,7 +102,7 @@ def runs(setup: dict) -> dict[str, Path]:
 
 # ---- each method end to end -------------------------------------------------------------------
 @pytest.mark.parametrize("method", pipeline_run.METHODS)
-def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
+def test_method_runs_end_to_end(setup: dict, runs: dict[str, Path], method: str) -> None:
     out = runs[method]
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["format"] == "metaprune.prune_run/v1"
@@ -110,8 +111,13 @@ def test_method_runs_end_to_end(runs: dict[str, Path], method: str) -> None:
     assert report["macs"]["after"] < report["macs"]["before"] < report["macs"]["unpruned"]
     assert report["params"]["after"] < report["params"]["before"]
     acc = report["accuracy"]
-    for stage in ("original", "finetuned", "pruned", "final"):
-        assert 0.0 <= acc[stage]["val"] <= 1.0 and 0.0 <= acc[stage]["test"] <= 1.0, stage
+    data = ImageDataModule(**yaml.safe_load(setup["config"].read_text())["base"]["data"]["init_args"])
+    data.setup("validate")
+    data.setup("test")
+    for stage in ("original", "finetuned", "pruned", "final"):  # against a plain loop
+        net = networks.load_network(report["files"]["stages"][stage])[0]
+        assert acc[stage]["val"] == pytest.approx(plain_accuracy(net, data.val_dataloader())), stage
+        assert acc[stage]["test"] == pytest.approx(plain_accuracy(net, data.test_dataloader())), stage
     assert (acc["feedforward"] is None) == (method != "metanetwork")
     assert report["seeds"]["seed_everything"] == 0
     stages = report["config"]["stages"]
@@ -460,10 +466,11 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
 
     large = "imagenet" in config.parent.name
     cfg = pipeline_run.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))
-    assert cfg["prune"]["speed_up"] > 1
+    raw = yaml.safe_load(config.read_text())
+    assert cfg.prune.speed_up == raw["prune"]["speed_up"]
+    assert cfg.prune.dir == (raw["prune"].get("dir") or f"runs/prune/{config.parent.name}")
     arch = {"name": "resnet50" if large else "resnet8_cifar",
             "num_classes": 2 if large else 3, "kwargs": {}}
-    raw = yaml.safe_load(config.read_text())
     for section in ("finetune", "final"):
         stage = pipeline_run.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
         stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs

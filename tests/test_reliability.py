@@ -265,9 +265,9 @@ def test_imagenet_zoo_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_path
 
     cfg = pipeline_zoo.load_zoo_config(IMAGENET / "zoo.yaml", seed=0, zoo_dir=str(tmp_path / "zoo"),
                                        data_root=str(tiny_imagenet))
-    assert cfg["zoo"]["speed_up"] == 1.32 and cfg["zoo"]["input_size"] == [3, 224, 224]
+    assert cfg.zoo.speed_up == 1.32 and cfg.zoo.input_size == [3, 224, 224]
     # the narrow start (90% of channels gone) is at ~78x of ResNet-50's MACs already
-    cfg["zoo"].update(iterative_steps=4, speed_up=100.0)
+    cfg.zoo.iterative_steps, cfg.zoo.speed_up = 4, 100.0
     make_resnet50_zoo(tmp_path / "start", count=1)
     start = next((tmp_path / "start").rglob("seed0*.pt"))
     stage = pipeline_zoo.finetune_config(cfg, start)
@@ -296,8 +296,8 @@ def test_imagenet_prune_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_pa
 
     cfg = pipeline_run.load_prune_config(IMAGENET / "prune.yaml", speed_up=100.0,
                                          data_root=str(tiny_imagenet))
-    assert cfg["prune"]["input_size"] == [3, 224, 224]
-    assert cfg["base"]["data"]["init_args"]["dataset"] == "imagenet"
+    assert cfg.prune.input_size == [3, 224, 224]
+    assert cfg.base["data"]["init_args"]["dataset"] == "imagenet"
     make_resnet50_zoo(tmp_path / "start", count=1)  # ~78x already: 100x takes a few steps
     start = next((tmp_path / "start").rglob("seed0*.pt"))
     arch = {"name": "resnet50", "num_classes": 2, "kwargs": {}}

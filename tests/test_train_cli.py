@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pruning_helpers import plain_accuracy
 
 import networks
 from callbacks import ExportNetwork
@@ -48,8 +49,9 @@ def test_fit_exports_best_network_and_test_evaluates(tiny_cifar: Path, tmp_path:
         torch.testing.assert_close(net.eval()(x), reference(x), rtol=0, atol=0)
 
     cli = main(["test", *tiny_args(tiny_cifar, tmp_path / "test"), f"--ckpt_path={best}"])
-    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
     assert cli.datamodule.test_set is not None and len(cli.datamodule.test_set) == 12
+    expected = plain_accuracy(reference, cli.datamodule.test_dataloader())  # the best checkpoint's
+    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(expected)
 
 
 def test_fast_dev_run_exports_final_weights(tiny_cifar: Path, tmp_path: Path) -> None:

@@ -229,8 +229,10 @@ def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, 
     large = "imagenet" in config.parent.name
     root = tiny_imagenet if large else tiny_cifar
     cfg = pipeline_zoo.load_zoo_config(config, seed=5, zoo_dir=str(tmp_path), data_root=str(root))
-    assert cfg["zoo"]["speed_up"] > 1 and cfg["zoo"]["seed"] == 5
-    assert cfg["zoo"]["input_size"] == ([3, 224, 224] if large else [3, 32, 32])
+    raw = yaml.safe_load(config.read_text())
+    assert cfg.zoo.speed_up == raw["zoo"]["speed_up"] and cfg.zoo.seed == 5
+    assert cfg.zoo.dir == str(tmp_path)
+    assert cfg.zoo.input_size == ([3, 224, 224] if large else [3, 32, 32])
     stages = {"pretrain": pipeline_zoo.pretrain_config(cfg),
               "finetune": pipeline_zoo.finetune_config(cfg, tmp_path / "weights.pt")}
     for name, stage in stages.items():
@@ -243,9 +245,8 @@ def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, 
         if name == "finetune":
             prune_cb = next(c for c in cli.trainer.callbacks if isinstance(c, PruneToSpeedUp))
             export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportToZoo))
-            assert prune_cb.speed_up == cfg["zoo"]["speed_up"] and export.seed == 5
+            assert prune_cb.speed_up == cfg.zoo.speed_up and export.seed == 5
             # the finetune section's learning rate where it sets one, else the pretrain one
-            raw = yaml.safe_load(config.read_text())
             own = ((raw["finetune"].get("model") or {}).get("init_args") or {}).get("lr")
             assert cli.model.hparams.lr == (own if own is not None
                                             else raw["pretrain"]["model"]["init_args"]["lr"])
@@ -259,9 +260,9 @@ def test_pretrained_skips_stage_one(tiny_cifar: Path, tmp_path: Path,
                                   arch={"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}})
     calls = []
     monkeypatch.setattr(pipeline_zoo, "fit_stage", lambda c, test=False: calls.append(c))
-    cfg["zoo"]["pretrained"] = str(start)
+    cfg.zoo.pretrained = str(start)
     assert pipeline_zoo.run_pretrain(cfg) == start and calls == []
-    cfg["zoo"]["pretrained"] = str(tmp_path / "missing.pt")
+    cfg.zoo.pretrained = str(tmp_path / "missing.pt")
     with pytest.raises(pipeline_zoo.ZooConfigError, match="missing.pt"):
         pipeline_zoo.run_pretrain(cfg)
 
@@ -271,6 +272,17 @@ def test_bad_zoo_config_is_named(tmp_path: Path) -> None:
     bad.write_text("zoo: {dir: x}\npretrain: {}\n")
     with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*speed_up"):
         pipeline_zoo.load_zoo_config(bad)
+    bad.write_text("zoo: {speed_up: 2, sede: 3}\npretrain: {}\n")
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*sede"):
+        pipeline_zoo.load_zoo_config(bad)
+    bad.write_text("zoo: {speed_up: fast}\npretrain: {}\n")
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*zoo.speed_up.*fast"):
+        pipeline_zoo.load_zoo_config(bad)
+    bad.write_text("zoo: {speed_up: 2}\npretrain: [1]\n")
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*pretrain"):
+        pipeline_zoo.load_zoo_config(bad)
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="missing.yaml.*does not exist"):
+        pipeline_zoo.load_zoo_config(tmp_path / "missing.yaml")
     bad.write_text("zoo: {speed_up: 2}\npretrain: {seed_everything: 1}\n")
     with pytest.raises(pipeline_zoo.ZooConfigError, match="seed_everything"):
         pipeline_zoo.load_zoo_config(bad)
