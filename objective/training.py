@@ -13,6 +13,7 @@ at one GNN backward per step and memory independent of the number of batches.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,6 @@ class MemberState:
     data: Data                     # the encoded original weights
     work: nn.Module                # receives the decoded weights; eval mode
     pruner: object                 # torch_pruning GroupNormPruner bound to ``work``
-    channels: list[NormalizedChannels]  # what weight-space augmentation may rescale
 
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
@@ -45,7 +45,12 @@ class MemberState:
         with torch.enable_grad():  # torch_pruning traces dependencies with autograd
             pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
         data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
-        return cls(graph, data, work, pruner, normalized_channels(network))
+        return cls(graph, data, work, pruner)
+
+    @functools.cached_property
+    def channels(self) -> list[NormalizedChannels]:
+        """What weight-space augmentation may rescale (traced on first use only)."""
+        return normalized_channels(self.work)
 
     def augmented(self, spread: float) -> Data:
         """The encoded weights, every BN-normalized channel rescaled by a random factor in

@@ -554,7 +554,7 @@ def run_command(args: argparse.Namespace) -> int:
             "trained_on": final_record["metadata"].get("trained_on", [])})
     if not (out / "network.pt2").is_file():
         export_program(network, example, out / "network.pt2")
-    onnx = export_checked_onnx(network, example, out / "network.onnx") if p.onnx in (None, True) else None
+    onnx = export_checked_onnx(network, example, out / "network.onnx") if p.onnx is not False else None
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
     network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
