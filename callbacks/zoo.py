@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 import networks
-from datamodules.zoo_manifest import MANIFEST, add_member, member_file, widths
+from datamodules.zoo_manifest import MANIFEST, add_member, member_file, member_name, widths
 
 from .target import best_network, classifier
 
@@ -20,11 +20,12 @@ def _metric(trainer: Trainer, key: str) -> float | None:
 
 
 class ExportToZoo(Callback):
-    """Save the best-val network of a fit as zoo member ``seed`` and register it.
+    """Save the best-val network of a fit as zoo member ``(seed, variant)`` and register it.
 
     On fit end (rank 0) the best checkpoint's network (by the checkpoint callback's monitor,
     ``val/acc`` in the configs; the final weights when there is no checkpoint) is written to
-    ``<zoo_dir>/members/seed<N>.pt`` (temporary name, then rename). Its manifest row follows:
+    ``<zoo_dir>/members/seed<N>[-<variant>].pt`` (temporary name, then rename). Its manifest
+    row follows:
 
     * ``wait_for_test=True`` (default; what ``prune.py zoo`` uses): at the end of the
       ``trainer.test(ckpt_path="best")`` that follows the fit, with ``test_acc`` from
@@ -33,14 +34,17 @@ class ExportToZoo(Callback):
 
     Args:
         zoo_dir: the zoo directory.
-        seed: the member's seed (its key in the manifest).
+        seed: the seed of the trained network the member comes from.
         input_size: ``[C, H, W]`` of one input image, for MAC counting.
+        variant: "" for the config's member of that network, else a name for another one
+            (e.g. another initial speed-up); ``(seed, variant)`` is the manifest key.
     """
 
     def __init__(self, zoo_dir: str, seed: int, input_size: Sequence[int] = (3, 32, 32),
-                 wait_for_test: bool = True) -> None:
+                 wait_for_test: bool = True, variant: str = "") -> None:
         self.zoo_dir = Path(zoo_dir)
-        self.seed = int(seed)
+        self.seed, self.variant = int(seed), variant
+        self.name = member_name(self.seed, variant)
         self.input_size = [int(s) for s in input_size]
         networks.example_input(self.input_size)
         self.wait_for_test = wait_for_test
@@ -58,16 +62,17 @@ class ExportToZoo(Callback):
         arch = dict(model.arch)
         macs, base = networks.count_macs(network, example), networks.base_macs(arch, example)
         self.row = {
-            "seed": self.seed, "architecture": arch, "widths": widths(network), "macs": macs,
+            "seed": self.seed, "variant": self.variant, "architecture": arch,
+            "widths": widths(network), "macs": macs,
             "params": networks.count_params(network), "base_macs": base, "speed_up": base / macs,
-            "val_acc": val_acc, "test_acc": None, "file": member_file(self.seed),
+            "val_acc": val_acc, "test_acc": None, "file": member_file(self.seed, self.variant),
         }
         metadata = {k: v for k, v in self.row.items() if k not in ("file", "widths", "architecture")}
         metadata["checkpoint"] = best
         metadata.update(model.lineage(trainer.datamodule))
         networks.save_network(network, self.zoo_dir / self.row["file"], arch=arch, metadata=metadata)
         acc = "-" if val_acc is None else f"{val_acc:.4f}"
-        rank_zero_info(f"zoo member seed {self.seed}: {self.zoo_dir / self.row['file']} "
+        rank_zero_info(f"zoo member {self.name}: {self.zoo_dir / self.row['file']} "
                        f"({self.row['speed_up']:.3f}x, val/acc {acc})")
         if not self.wait_for_test:
             self._register()
@@ -82,4 +87,4 @@ class ExportToZoo(Callback):
         assert self.row is not None  # built by on_fit_end
         add_member(self.zoo_dir, self.row)
         self.registered = True
-        rank_zero_info(f"zoo {self.zoo_dir}: registered seed {self.seed} in {MANIFEST}")
+        rank_zero_info(f"zoo {self.zoo_dir}: registered {self.name} in {MANIFEST}")

@@ -67,7 +67,9 @@ class ModelZooDataModule(LightningDataModule):
     Args:
         zoo: the zoo directory (``manifest.json`` and member files).
         images: the image data; its train split feeds meta-training, its val split meta-val.
-        meta_val_members: members held out (seeded) for checkpoint selection, never trained on.
+        meta_val_members: trained networks held out (seeded) for checkpoint selection, never
+            trained on; every member of a held-out network (all variants of its seed) is held
+            out with it, so no meta-val member shares a trained network with a training one.
         batches_per_step: image batches per meta-training step (the reference uses 8).
         batch_size: images per batch (the reference uses 500).
         steps_per_member: how often each meta-train member is visited per epoch.
@@ -93,16 +95,18 @@ class ModelZooDataModule(LightningDataModule):
         if self.members:
             return
         rows = read_manifest(self.zoo)["members"]
-        if len(rows) <= self.meta_val_members:
-            raise ZooError(f"zoo {str(self.zoo)!r} has {len(rows)} members, but "
-                           f"meta_val_members={self.meta_val_members} are held out; add members "
-                           "(rerun the zoo command with new seeds) or hold out fewer")
+        seeds = sorted({row["seed"] for row in rows})
+        if len(seeds) <= self.meta_val_members:
+            raise ZooError(f"zoo {str(self.zoo)!r} has members of {len(seeds)} trained networks "
+                           f"(seeds), but meta_val_members={self.meta_val_members} are held out; "
+                           "add members (rerun the zoo command with new seeds) or hold out fewer")
         for i, row in enumerate(rows):
             network, record = networks.load_network(self.zoo / row["file"])
             self.members.append(ZooMember(i, network.eval(), record, row))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
-        split = len(rows) - self.meta_val_members
-        self.train_ids, self.val_ids = sorted(order[:split].tolist()), sorted(order[split:].tolist())
+        order = torch.randperm(len(seeds), generator=torch.Generator().manual_seed(self.seed))
+        held_out = {seeds[j] for j in order[len(seeds) - self.meta_val_members:].tolist()}
+        self.train_ids = [i for i, row in enumerate(rows) if row["seed"] not in held_out]
+        self.val_ids = [i for i, row in enumerate(rows) if row["seed"] in held_out]
         self.images.setup("fit")
         rank_zero_info(f"zoo {self.zoo}: meta-train members {self.train_ids}, "
                        f"meta-val members {self.val_ids}")

@@ -4,10 +4,13 @@ Layout of a zoo directory::
 
     manifest.json          {"format": "metaprune.zoo/v1", "members": [row, ...]}
     members/seed<N>.pt     network files (networks.save_network; load with weights_only=True)
-    runs/seed<N>/...       TensorBoard logs and checkpoints of the runs that made them
+    members/seed<N>-<V>.pt variant V of the same trained network (e.g. another initial speed-up)
+    runs/seed<N>[-<V>]/... TensorBoard logs and checkpoints of the runs that made them
 
-A row: ``seed, architecture, widths, macs, params, base_macs, speed_up, val_acc, test_acc,
-file`` (``file`` relative to the zoo directory). Write order makes a crash harmless: the member
+A row: ``seed, variant, architecture, widths, macs, params, base_macs, speed_up, val_acc,
+test_acc, file`` (``file`` relative to the zoo directory). A member is keyed by ``(seed,
+variant)``; ``variant`` is "" for the member made the config's way, and rows written before
+variants existed read as "". Write order makes a crash harmless: the member
 file is written to a temporary name and renamed, and only then the manifest is rewritten to a
 temporary name and renamed. A member file without a row is an unfinished member: the next run
 for that seed overwrites it. A row always points at a complete file.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,15 +34,29 @@ FORMAT = "metaprune.zoo/v1"
 ROW_KEYS: dict[str, type | tuple[type, ...]] = {
     "seed": int, "architecture": dict, "widths": dict, "macs": int, "params": int, "base_macs": int,
     "speed_up": float, "val_acc": (float, type(None)), "test_acc": (float, type(None)), "file": str}
+VARIANT = re.compile(r"[A-Za-z0-9_.]*")
 
 
 class ZooError(UserError):
     """A zoo directory or its manifest is missing, broken or inconsistent."""
 
 
-def member_file(seed: int) -> str:
+def member_name(seed: int, variant: str = "") -> str:
+    """``seed<N>``, or ``seed<N>-<variant>``: the member's file stem and run folder name."""
+    if not isinstance(variant, str) or not VARIANT.fullmatch(variant):
+        raise ZooError(f"zoo member variant {variant!r}: use letters, digits, '_' and '.' only "
+                       "(it becomes part of a file name), e.g. 's1.6'")
+    return f"seed{int(seed)}" + (f"-{variant}" if variant else "")
+
+
+def member_file(seed: int, variant: str = "") -> str:
     """Path of a member file, relative to the zoo directory."""
-    return f"members/seed{int(seed)}.pt"
+    return f"members/{member_name(seed, variant)}.pt"
+
+
+def member_key(row: dict) -> tuple[int, str]:
+    """A row's key in the manifest: ``(seed, variant)``."""
+    return int(row["seed"]), row["variant"]
 
 
 def widths(model: nn.Module) -> dict[str, int]:
@@ -65,6 +83,10 @@ def _check_row(row: Any, i: int, where: str) -> None:
             ok = True
         if not ok:
             raise ZooError(f"{where}: members[{i}].{key}={value!r} has the wrong type")
+    variant = row.get("variant", "")
+    if not isinstance(variant, str) or not VARIANT.fullmatch(variant):
+        raise ZooError(f"{where}: members[{i}].variant={variant!r} is not a variant name "
+                       "(letters, digits, '_' and '.')")
     arch = row["architecture"]
     if not {"name", "num_classes", "kwargs"} <= set(arch):
         raise ZooError(f"{where}: members[{i}].architecture needs name, num_classes and kwargs")
@@ -100,20 +122,23 @@ def read_manifest(zoo_dir: str | os.PathLike, check_files: bool = True,
     seen = set()
     for i, row in enumerate(manifest["members"]):
         _check_row(row, i, where)
-        if row["seed"] in seen:
-            raise ZooError(f"{where}: seed {row['seed']} appears twice")
-        seen.add(row["seed"])
+        row.setdefault("variant", "")
+        name = member_name(*member_key(row))
+        if member_key(row) in seen:
+            raise ZooError(f"{where}: member {name} appears twice")
+        seen.add(member_key(row))
         if check_files and not (Path(zoo_dir) / row["file"]).is_file():
-            raise ZooError(f"{where}: members[{i}] (seed {row['seed']}) points at "
+            raise ZooError(f"{where}: members[{i}] ({name}) points at "
                            f"{row['file']!r}, which does not exist in {str(zoo_dir)!r}")
     manifest.setdefault("format", FORMAT)
     return manifest
 
 
-def find_member(zoo_dir: str | os.PathLike, seed: int) -> dict | None:
-    """The manifest row of ``seed``, or None (no manifest yet counts as no row)."""
+def find_member(zoo_dir: str | os.PathLike, seed: int, variant: str = "") -> dict | None:
+    """The manifest row of member ``(seed, variant)``, or None (no manifest yet counts as no
+    row)."""
     rows = read_manifest(zoo_dir, missing_ok=True)["members"]
-    return next((r for r in rows if r["seed"] == int(seed)), None)
+    return next((r for r in rows if member_key(r) == (int(seed), variant)), None)
 
 
 @contextlib.contextmanager
@@ -140,16 +165,17 @@ def write_manifest(zoo_dir: str | os.PathLike, manifest: dict) -> Path:
 
 
 def add_member(zoo_dir: str | os.PathLike, row: dict) -> Path:
-    """Add (or replace) the row of ``row['seed']``; its member file must already exist."""
-    zoo_dir = Path(zoo_dir)
+    """Add (or replace) the row of member ``(row['seed'], row['variant'])``; its member file
+    must already exist (a row without ``variant`` gets "")."""
+    zoo_dir, row = Path(zoo_dir), {"variant": "", **row}
     if not (zoo_dir / row["file"]).is_file():
-        raise ZooError(f"refusing to register seed {row['seed']}: {row['file']!r} does not "
+        raise ZooError(f"refusing to register {member_name(*member_key(row))}: {row['file']!r} does not "
                        f"exist in {str(zoo_dir)!r}")
     _check_row(row, 0, "new zoo row")
     with _locked(zoo_dir):
         manifest = read_manifest(zoo_dir, check_files=False, missing_ok=True)
-        members = [r for r in manifest["members"] if r["seed"] != row["seed"]] + [row]
-        manifest["members"] = sorted(members, key=lambda r: r["seed"])
+        members = [r for r in manifest["members"] if member_key(r) != member_key(row)] + [row]
+        manifest["members"] = sorted(members, key=member_key)
         return write_manifest(zoo_dir, manifest)
 
 

@@ -1,7 +1,8 @@
 """``prune.py zoo`` (docs/zoo.md): train a target network (stage 1, "pretrain"), prune it to the
 task's initial speed-up and finetune it (stage 2, "finetune"), and add it to the zoo as member
-``seed``. Both stages are ordinary Lightning fits built from the config by ``pipeline.train.main``. A stage
-whose output exists is skipped, and a stage killed half way resumes from its ``last.ckpt``."""
+``seed`` (or ``seed<N>-<variant>``: another member of the same trained network). Both stages
+are ordinary Lightning fits built from the config by ``pipeline.train.main``. A stage whose
+output exists is skipped, and a stage killed half way resumes from its ``last.ckpt``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datamodules.zoo_manifest import ZooError, find_member, member_name
 from metaprune.errors import UserError
 
 from .common import (
@@ -40,6 +42,9 @@ class ZooSettings:
         input_size: one input's shape (channels, height, width).
         pretrained: a network file to start from instead of stage 1.
         seed: the member's seed (seeds both stages; ``--seed`` overrides it).
+        variant: "" for the member made as configured; a name (``--variant``) for another
+            member of the same trained network, e.g. pruned to another ``--speed_up``. Stage 1
+            is shared by every variant of a seed; stage 2 runs per variant.
     """
 
     speed_up: float
@@ -48,6 +53,7 @@ class ZooSettings:
     input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
     pretrained: str | None = None
     seed: int = 0
+    variant: str = ""
 
 
 @dataclass
@@ -61,7 +67,8 @@ class ZooConfig:
 
 
 def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
-                    data_root: str | None = None, pretrained: str | None = None) -> ZooConfig:
+                    data_root: str | None = None, pretrained: str | None = None,
+                    speed_up: float | None = None, variant: str | None = None) -> ZooConfig:
     """Read a zoo.yaml and apply the command-line overrides (``zoo.dir`` filled in)."""
     path = Path(path)
     cfg = read_config(path, ZooConfig, ZooConfigError, "zoo")
@@ -72,6 +79,12 @@ def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: s
     zoo.dir = zoo_dir or zoo.dir or f"zoo/{path.parent.name}"
     zoo.seed = zoo.seed if seed is None else int(seed)
     zoo.pretrained = pretrained or zoo.pretrained
+    zoo.speed_up = zoo.speed_up if speed_up is None else float(speed_up)
+    zoo.variant = zoo.variant if variant is None else variant
+    try:
+        member_name(zoo.seed, zoo.variant)
+    except ZooError as e:
+        raise ZooConfigError(f"zoo config {str(path)!r}: {e}") from None
     if data_root is not None:
         for section in (cfg.pretrain, cfg.finetune):
             data = section.get("data")
@@ -80,14 +93,15 @@ def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: s
     return cfg
 
 
-def _logger(zoo_dir: Path, seed: int, stage: str) -> dict:
+def _logger(zoo_dir: Path, name: str, stage: str) -> dict:
     return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(zoo_dir / "runs"), "name": f"seed{seed}", "version": stage}}
+            "init_args": {"save_dir": str(zoo_dir / "runs"), "name": name, "version": stage}}
 
 
-def stage_dir(zoo_dir: str | os.PathLike, seed: int, stage: str) -> Path:
-    """``<zoo_dir>/runs/seed<N>/<stage>``: the stage's log dir (TensorBoard, checkpoints, config)."""
-    return Path(zoo_dir) / "runs" / f"seed{int(seed)}" / stage
+def stage_dir(zoo_dir: str | os.PathLike, seed: int, stage: str, variant: str = "") -> Path:
+    """``<zoo_dir>/runs/seed<N>[-<variant>]/<stage>``: the stage's log dir (TensorBoard,
+    checkpoints, config)."""
+    return Path(zoo_dir) / "runs" / member_name(seed, variant) / stage
 
 
 def pretrain_config(cfg: ZooConfig) -> dict:
@@ -95,7 +109,7 @@ def pretrain_config(cfg: ZooConfig) -> dict:
     zoo, out = cfg.zoo, copy.deepcopy(cfg.pretrain)
     out["seed_everything"] = zoo.seed
     trainer = out.setdefault("trainer", {})
-    trainer["logger"] = _logger(Path(zoo.dir), zoo.seed, "pretrain")
+    trainer["logger"] = _logger(Path(zoo.dir), member_name(zoo.seed), "pretrain")
     trainer["default_root_dir"] = str(stage_dir(zoo.dir, zoo.seed, "pretrain"))
     return out
 
@@ -108,8 +122,8 @@ def finetune_config(cfg: ZooConfig, weights: str | os.PathLike) -> dict:
     out["seed_everything"] = zoo.seed
     out.setdefault("model", {}).setdefault("init_args", {})["weights"] = str(weights)
     trainer = out.setdefault("trainer", {})
-    trainer["logger"] = _logger(Path(zoo.dir), zoo.seed, "finetune")
-    trainer["default_root_dir"] = str(stage_dir(zoo.dir, zoo.seed, "finetune"))
+    trainer["logger"] = _logger(Path(zoo.dir), member_name(zoo.seed, zoo.variant), "finetune")
+    trainer["default_root_dir"] = str(stage_dir(zoo.dir, zoo.seed, "finetune", zoo.variant))
     callbacks = list(trainer.get("callbacks") or [
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
          "init_args": {"logging_interval": "epoch"}}])
@@ -118,7 +132,7 @@ def finetune_config(cfg: ZooConfig, weights: str | os.PathLike) -> dict:
          "init_args": {"speed_up": zoo.speed_up, "iterative_steps": zoo.iterative_steps,
                        "input_size": list(zoo.input_size)}},
         {"class_path": "callbacks.ExportToZoo",
-         "init_args": {"zoo_dir": zoo.dir, "seed": zoo.seed,
+         "init_args": {"zoo_dir": zoo.dir, "seed": zoo.seed, "variant": zoo.variant,
                        "input_size": list(zoo.input_size)}},
     ]
     trainer["callbacks"] = callbacks
@@ -145,15 +159,15 @@ def run_pretrain(cfg: ZooConfig) -> Path:
 
 def run_finetune(cfg: ZooConfig, weights: Path) -> dict | None:
     """Stage 2: prune, finetune, test, register the member (skipped when its row exists)."""
-    from datamodules.zoo_manifest import find_member
-
-    row = find_member(cfg.zoo.dir, cfg.zoo.seed)
+    zoo = cfg.zoo
+    row = find_member(zoo.dir, zoo.seed, zoo.variant)
     if row is not None:
-        print(f"stage 2 (finetune) done already: seed {cfg.zoo.seed} is in the zoo", file=sys.stderr)
+        print(f"stage 2 (finetune) done already: {member_name(zoo.seed, zoo.variant)} is in "
+              "the zoo", file=sys.stderr)
         return row
     wait_for(weights)
     fit_stage(finetune_config(cfg, weights), test=True)
-    return find_member(cfg.zoo.dir, cfg.zoo.seed)
+    return find_member(zoo.dir, zoo.seed, zoo.variant)
 
 
 def _acc(value: float | None) -> str:
@@ -179,18 +193,25 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_root_argument(parser, what="overrides data.init_args.root")
     parser.add_argument("--pretrained", default=None,
                         help="network file to start from; skips stage 1 (overrides zoo.pretrained)")
+    parser.add_argument("--speed_up", type=float, default=None,
+                        help="initial pruning target (overrides zoo.speed_up); with --variant")
+    parser.add_argument("--variant", default=None,
+                        help="name of another member of the same trained network (e.g. s1.6 "
+                             "for --speed_up 1.6): member seed<N>-<variant>, stage 1 shared")
 
 
 def zoo_command(args: argparse.Namespace) -> int:
     """``prune.py zoo``: train, prune and finetune one zoo member."""
     cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
-                          data_root=args.data_root, pretrained=args.pretrained)
+                          data_root=args.data_root, pretrained=args.pretrained,
+                          speed_up=args.speed_up, variant=args.variant)
     check_zoo_stages(cfg, args.config)
     t0 = time.perf_counter()
     weights = run_pretrain(cfg)
     row = run_finetune(cfg, weights)
     if row is not None and is_rank_zero():
-        print(f"zoo {cfg.zoo.dir}: seed {row['seed']} -> {row['file']}, speed-up "
+        name = member_name(row["seed"], row["variant"])
+        print(f"zoo {cfg.zoo.dir}: {name} -> {row['file']}, speed-up "
               f"{row['speed_up']:.3f}x ({row['macs']:,} MACs), val/acc {_acc(row['val_acc'])}, "
               f"test/acc {_acc(row['test_acc'])} [{time.perf_counter() - t0:.0f} s]")
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from pruning_helpers import random_prune
 
 import networks
 from datamodules import ImageDataModule, ModelZooDataModule
-from datamodules.zoo_manifest import ZooError
+from datamodules.zoo_manifest import ZooError, add_member, member_file, read_manifest
 from graph import Metanetwork, NetworkGraph
 from lightning_modules import MetaPruningModule
 from objective import MemberState, meta_loss, weight_gradients
@@ -109,11 +110,27 @@ def test_zoo_errors_name_the_manifest(tiny_cifar, tmp_path, make_zoo):
     with pytest.raises(ZooError, match="manifest.json.*does not exist.*prune.py zoo"):
         _datamodule(tmp_path, tiny_cifar).setup("fit")
     zoo = make_zoo(tmp_path / "zoo", count=1)
-    with pytest.raises(ZooError, match="1 members.*meta_val_members=1"):
+    with pytest.raises(ZooError, match="members of 1 trained networks.*meta_val_members=1"):
         _datamodule(zoo, tiny_cifar).setup("fit")
     (zoo / "manifest.json").write_text("{broken")
     with pytest.raises(ZooError, match="manifest.json.*cannot be read as JSON"):
         _datamodule(zoo, tiny_cifar).setup("fit")
+
+
+def test_meta_val_split_holds_out_every_variant_of_a_seed(tiny_cifar, tmp_path, make_zoo):
+    zoo = make_zoo(tmp_path / "zoo", count=3)
+    rows = read_manifest(zoo)["members"]
+    for row in rows:  # a second member of each trained network
+        shutil.copy(zoo / row["file"], zoo / member_file(row["seed"], "v"))
+        add_member(zoo, dict(row, variant="v", file=member_file(row["seed"], "v")))
+    for seed in range(3):
+        dm = _datamodule(zoo, tiny_cifar, seed=seed)
+        dm.setup("fit")
+        rows = [m.row for m in dm.members]
+        held_out = int(torch.randperm(3, generator=torch.Generator().manual_seed(seed))[-1])
+        assert [(rows[i]["seed"], rows[i]["variant"]) for i in dm.val_ids] == \
+            [(held_out, ""), (held_out, "v")]
+        assert sorted(dm.train_ids + dm.val_ids) == list(range(6))
 
 
 META_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/meta.yaml"))

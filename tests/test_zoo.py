@@ -43,8 +43,8 @@ def tiny_zoo_config(root: Path, out: Path, source: Path = DEMO) -> Path:
     return path
 
 
-def run_zoo(config: Path, seed: int) -> int:
-    return prune.main(["zoo", "--config", str(config), "--seed", str(seed)])
+def run_zoo(config: Path, seed: int, *extra: str) -> int:
+    return prune.main(["zoo", "--config", str(config), "--seed", str(seed), *extra])
 
 
 def check_member(zoo_dir: Path, row: dict) -> None:
@@ -174,6 +174,39 @@ def test_rerun_same_seed_is_a_no_op_and_new_seed_adds(zoo_seed0: Path, tmp_path:
     assert (zoo_dir / "members" / "seed0.pt").stat().st_mtime_ns == mtime
 
 
+def test_variant_member_shares_stage_one_and_keeps_the_first_row(
+        zoo_seed0: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(zoo_seed0, tmp_path, dirs_exist_ok=True)
+    config = tmp_path / "zoo.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["zoo"]["dir"] = str(tmp_path / "zoo")
+    config.write_text(yaml.safe_dump(cfg))
+    zoo_dir = tmp_path / "zoo"
+    first = read_manifest(zoo_dir)["members"][0]
+    pretrained = zoo_dir / "runs" / "seed0" / "pretrain" / "network.pt"
+    mtime = pretrained.stat().st_mtime_ns
+    stages = []
+    fit_stage = pipeline_zoo.fit_stage
+    monkeypatch.setattr(pipeline_zoo, "fit_stage",
+                        lambda config, **k: stages.append(config) or fit_stage(config, **k))
+    assert run_zoo(config, 0, "--variant", "s2", "--speed_up", "2.0") == 0
+    assert len(stages) == 1  # stage 2 only: the trained network of seed 0 is reused
+    assert stages[0]["model"]["init_args"]["weights"] == str(pretrained)
+    assert pretrained.stat().st_mtime_ns == mtime
+    rows = read_manifest(zoo_dir)["members"]
+    assert [(r["seed"], r["variant"]) for r in rows] == [(0, ""), (0, "s2")]
+    assert rows[0] == first
+    assert rows[1]["file"] == "members/seed0-s2.pt"
+    check_member(zoo_dir, rows[1])
+    assert rows[1]["speed_up"] >= 2.0 > first["speed_up"]
+    assert (zoo_dir / "runs" / "seed0-s2" / "finetune" / "checkpoints" / "last.ckpt").is_file()
+    stages.clear()
+    assert run_zoo(config, 0, "--variant", "s2", "--speed_up", "2.0") == 0  # done already
+    assert stages == []
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.yaml.*variant 'a/b'.*letters"):
+        run_zoo(config, 0, "--variant", "a/b")
+
+
 # ---- (d) crash between member file and manifest ------------------------------------------------
 def test_crash_before_manifest_row_leaves_consistent_zoo_and_rerun_completes(
         tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,7 +248,14 @@ def test_broken_manifest_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"members": [row]}))
     with pytest.raises(ZooError, match="members/seed0.pt"):
         read_manifest(tmp_path)
-    assert read_manifest(tmp_path, check_files=False)["members"] == [row]
+    assert read_manifest(tmp_path, check_files=False)["members"] == [dict(row, variant="")]
+    variant = dict(row, variant="s2", file="members/seed0-s2.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps({"members": [row, variant, variant]}))
+    with pytest.raises(ZooError, match=r"member seed0-s2 appears twice"):
+        read_manifest(tmp_path, check_files=False)
+    (tmp_path / "manifest.json").write_text(json.dumps({"members": [dict(variant, variant="x-y")]}))
+    with pytest.raises(ZooError, match=r"members\[0\].variant='x-y' is not a variant name"):
+        read_manifest(tmp_path, check_files=False)
 
 
 # ---- (e) shipped configs ---------------------------------------------------------------------
