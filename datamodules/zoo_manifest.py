@@ -60,13 +60,13 @@ def member_key(row: dict) -> tuple[int, str]:
 
 
 def widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every Conv/Linear layer, ``{module path: channels}``."""
+    """Output width of every layer whose shape record names one (Conv, Linear and registered
+    types; ``networks.layers``), ``{module path: channels}``."""
     out = {}
     for path, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[path] = int(m.out_channels)
-        elif isinstance(m, nn.Linear):
-            out[path] = int(m.out_features)
+        shape = networks.layer_shape(m)
+        if shape is not None and shape.width is not None:
+            out[path] = int(getattr(m, shape.width))
     return out
 
 

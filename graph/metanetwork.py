@@ -21,7 +21,8 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.utils import scatter
 
-from .network_graph import NetworkGraph, edge_attr_key, running_stat_columns
+from .network_graph import NetworkGraph, edge_attr_key
+from .node_slots import NodeColumns, canonical_layout
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -205,9 +206,9 @@ class Metanetwork(nn.Module):
         self.node_res_ratio, self.edge_res_ratio = node_res_ratio, edge_res_ratio
         self.hidden = hidden
         self.message_passing = message_passing
-        self.layout = dict(layout or {"node_dim": node_dim, "edge_types": list(self.edge_types)})
-        # Layouts stored before the identity_edges option existed were all diagonal.
-        self.layout.setdefault("identity_edges", "diagonal")
+        # canonical: layouts stored before the identity_edges option existed were all diagonal
+        self.layout = canonical_layout(layout or {"node_dim": node_dim,
+                                                  "edge_types": list(self.edge_types)})
         self.node_encoder = nn.Linear(node_dim, hidden)
         self.edge_encoders = nn.ModuleDict({str(a): nn.Linear(a, hidden) for a in self.edge_types})
         self.layers = nn.ModuleList(LAYERS[message_passing](hidden) for _ in range(num_layers))
@@ -255,7 +256,7 @@ class Metanetwork(nn.Module):
                    channel_gates: bool = False, gate_floor: float = 0.5,
                    message_passing: str = "paper") -> "Metanetwork":
         """A metanetwork for a ``NetworkGraph.layout`` (as stored in checkpoints)."""
-        running_stats = running_stat_columns(layout["bn_slots"])
+        running_stats = NodeColumns.from_layout(layout).statistics()
         frozen = () if update_running_stats else running_stats
         return cls(layout["node_dim"], layout["edge_types"], num_layers, hidden, node_res_ratio,
                    edge_res_ratio, frozen, layout, zero_init_decoders, channel_gates,
@@ -279,8 +280,7 @@ class Metanetwork(nn.Module):
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""
-        mine = {k: self.layout.get(k) for k in graph.layout}
-        if mine != graph.layout:
+        if canonical_layout(self.layout) != canonical_layout(graph.layout):
             raise ValueError(f"metanetwork layout {self.layout} does not match the network's graph "
                              f"layout {graph.layout}; use a metanetwork trained on this "
                              "architecture family")

@@ -21,12 +21,10 @@ from torch import nn
 from torch_geometric.data import Data
 
 from .errors import UnsupportedArchitectureError
-from .tracing import BN_FIELDS, trace
+from .node_slots import NODE_SLOTS, NodeColumns
+from .tracing import trace
 
-# Default node feature of an absent BN slot (identity BN) and of an absent bias.
-BN_DEFAULT = (1.0, 0.0, 0.0, 1.0)
 _CACHE_SIZE = 64
-_RUNNING_STATS = (".running_mean", ".running_var")
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one
 # Dirac edge per channel (i -> i); "dense" is the paper's CIFAR-ResNet encoding, all C x C
 # pairs with zero features except the Dirac centre tap of the i -> i edges (DESIGN section 5).
@@ -62,12 +60,6 @@ class EdgeBlock:
         src = self.src[:, None, :].expand(g, o, i).reshape(-1)
         dst = self.dst[:, :, None].expand(g, o, i).reshape(-1)
         return torch.stack([src, dst])
-
-
-def running_stat_columns(bn_slots: int) -> tuple[int, ...]:
-    """Node-feature columns holding BN running statistics (the metanetwork keeps them)."""
-    return tuple(4 * s + BN_FIELDS.index(f) for s in range(bn_slots)
-                 for f in ("running_mean", "running_var"))
 
 
 def edge_attr_key(area: int) -> str:
@@ -152,32 +144,31 @@ class NetworkGraph:
         return EdgeBlock(area, start, src[None, :], dst[None, :])
 
     def _build_nodes(self, records, rep: torch.Tensor) -> None:
-        # Slots are assigned per node in trace order: the first BN on a channel takes slot 0,
-        # a second BN on the same (merged) channel, e.g. a projection shortcut's, slot 1.
-        next_free = {"bn": torch.zeros(self.num_nodes, dtype=torch.long),
-                     "bias": torch.zeros(self.num_nodes, dtype=torch.long)}
+        # Slots are assigned per node in trace order: the first layer of a kind on a channel
+        # takes slot 0, a second one on the same (merged) channel, e.g. a projection shortcut's
+        # BatchNorm, slot 1. All fields one layer writes share its slot.
+        next_free: dict[str, torch.Tensor] = {}
         placed = []  # (key, kind, field, nodes, slot)
-        seen_layers: dict[str, int] = {}
+        layer_slot: dict[tuple[str, str], int] = {}
         for key, kind, fld, nodes in records.channels:
             nodes = rep[nodes]
-            layer = key.rsplit(".", 1)[0] + "/" + kind
-            if layer not in seen_layers:  # all fields of one BN share one slot
-                seen_layers[layer] = int(next_free[kind][nodes].max())
-                next_free[kind][nodes] = seen_layers[layer] + 1
-            placed.append((key, kind, fld, nodes, seen_layers[layer]))
-        self.bn_slots = int(next_free["bn"].max()) if self.num_nodes else 0
-        self.bias_slots = int(next_free["bias"].max()) if self.num_nodes else 0
-        self.node_dim = 4 * self.bn_slots + self.bias_slots
-        default = torch.zeros(self.num_nodes, self.node_dim)
-        for slot in range(self.bn_slots):
-            default[:, 4 * slot:4 * slot + 4] = torch.tensor(BN_DEFAULT)
-        self._x_default = default
-        self._node_keys = [(key, len(nodes)) for key, *_, nodes, _ in placed]
+            free = next_free.setdefault(kind, torch.zeros(self.num_nodes, dtype=torch.long))
+            layer = (key.rsplit(".", 1)[0], kind)
+            if layer not in layer_slot:
+                layer_slot[layer] = int(free[nodes].max())
+                free[nodes] = layer_slot[layer] + 1
+            placed.append((key, kind, fld, nodes, layer_slot[layer]))
+        self.columns = NodeColumns.from_counts({k: int(v.max()) for k, v in next_free.items()})
+        self.node_dim = self.columns.node_dim
+        self._x_default = self.columns.defaults().expand(self.num_nodes, -1).clone()
+        # (key, channels, is a running statistic: decoded detached)
+        self._node_keys = [(key, len(nodes), fld in NODE_SLOTS[kind].statistics)
+                           for key, kind, fld, nodes, _ in placed]
         self._node_index = torch.cat([
-            nodes * self.node_dim + (4 * slot + fld if kind == "bn" else 4 * self.bn_slots + slot)
+            nodes * self.node_dim + self.columns.column(kind, slot, fld)
             for _, kind, fld, nodes, slot in placed
         ]) if placed else torch.zeros(0, dtype=torch.long)
-        self.running_stat_columns = running_stat_columns(self.bn_slots)
+        self.running_stat_columns = self.columns.statistics()
 
     # -- public API -----------------------------------------------------------------------------
     @classmethod
@@ -210,12 +201,11 @@ class NetworkGraph:
     def layout(self) -> dict:
         """What a metanetwork must match to read this graph."""
         return {"node_dim": self.node_dim, "edge_types": list(self.edge_types),
-                "bn_slots": self.bn_slots, "bias_slots": self.bias_slots,
-                "identity_edges": self.identity_edges}
+                **self.columns.layout(), "identity_edges": self.identity_edges}
 
     def filled_node_columns(self) -> torch.Tensor:
         """Bool [nodes, node_dim]: which node features hold a network tensor (the rest hold
-        the defaults of absent BN slots and biases)."""
+        the defaults of absent slots)."""
         filled = torch.zeros(self.num_nodes * self.node_dim, dtype=torch.bool)
         filled[self._node_index] = True
         return filled.view(self.num_nodes, self.node_dim)
@@ -248,7 +238,7 @@ class NetworkGraph:
             blocks[edge_attr_key(area)] = torch.cat(parts)
         x = self._x_default.to(device, dtype).reshape(-1)
         if self._node_keys:
-            values = torch.cat([state[k].reshape(-1) for k, _ in self._node_keys])
+            values = torch.cat([state[k].reshape(-1) for k, *_ in self._node_keys])
             x = x.index_put((self._node_index.to(device),), values)
         return Data(x=x.view(self.num_nodes, self.node_dim), edge_index=self.edge_index.to(device),
                     edge_type=self.edge_type.to(device), num_nodes=self.num_nodes, graph=self,
@@ -275,10 +265,10 @@ class NetworkGraph:
                 out[key] = part.reshape(self.shapes[key])
         if self._node_keys:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
-            for (key, _), chunk in zip(self._node_keys,
-                                       values.split([n for _, n in self._node_keys])):
+            for (key, _, statistic), chunk in zip(self._node_keys,
+                                                  values.split([n for _, n, _ in self._node_keys])):
                 chunk = chunk.reshape(self.shapes[key])
-                out[key] = chunk.detach() if key.endswith(_RUNNING_STATS) else chunk
+                out[key] = chunk.detach() if statistic else chunk
         return out
 
     def __repr__(self) -> str:

@@ -64,17 +64,20 @@ def _node_map(graph: NetworkGraph, paper_dim: int) -> torch.Tensor:
     ours = graph.node_dim
     if paper_dim == ours:
         return torch.arange(ours)
-    bias_col = 4 * graph.bn_slots
-    if not (paper_dim == ours - 1 and graph.bias_slots == 1 and graph.bn_slots >= 1):
+    columns = graph.columns
+    # our columns: the BN slots, then the bias slot last (registration order of the kinds)
+    if not (paper_dim == ours - 1 and [k for k, _ in columns.counts] == ["bn", "bias"]
+            and columns.slots("bias") == 1):
         raise PaperWeightsError(
             f"nodeEnc.weight reads {paper_dim} node columns; this graph has {ours} "
-            f"({graph.bn_slots} BN slots x 4 + {graph.bias_slots} bias). Only the same layout or "
-            "the paper's ResNet layout (biases in column 1, one column fewer) can be mapped")
+            f"({columns.layout()}). Only the same layout or the paper's ResNet layout (BN slots "
+            "and one bias slot, biases in column 1, one column fewer) can be mapped")
+    bias_col, bn_bias_col = columns.column("bias", 0, "bias"), columns.column("bn", 0, "bias")
     filled = graph.filled_node_columns()
-    if (filled[:, 1] & filled[:, bias_col]).any():
+    if (filled[:, bn_bias_col] & filled[:, bias_col]).any():
         raise PaperWeightsError("a node has both a BN and a bias: the paper's layout keeps both in "
                                 "column 1, so its features cannot be mapped onto this graph")
-    return torch.cat([torch.arange(paper_dim), torch.tensor([1])])
+    return torch.cat([torch.arange(paper_dim), torch.tensor([bn_bias_col])])
 
 
 def _expect(state: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:

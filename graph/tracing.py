@@ -8,7 +8,7 @@ raises :class:`UnsupportedArchitectureError`: a wrong graph would silently corru
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import UnsupportedArchitectureError
+from networks.layers import LayerShape, register_layer_shape
 
-BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+from .errors import UnsupportedArchitectureError
+from .node_slots import BATCHNORM, BIAS, NODE_SLOTS
 
 # Leaf modules and functions that act on each channel separately (or only on spatial dims).
 _PASSTHROUGH_MODULES = (
@@ -52,6 +53,7 @@ class Value:
     nodes: torch.Tensor          # provisional graph node of each channel, LongTensor [C]
     fresh: bool                  # a conv/linear output that nothing else has consumed yet
     area: int                    # kernel area of the layer that produced the channels
+    axis: int = 1                # the tensor dimension holding the channels (>= 1)
 
 
 @dataclass
@@ -64,8 +66,8 @@ class TraceRecords:
     # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group])
     # in trace order; the weight's rows, in (out, in) order, are the edges of this dense block
     weights: list[tuple[str, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # (state_dict key, "bn" | "bias", field index, node per channel), in trace order
-    channels: list[tuple[str, str, int, torch.Tensor]] = field(default_factory=list)
+    # (state_dict key, node slot kind, field name, node per channel), in trace order
+    channels: list[tuple[str, str, str, torch.Tensor]] = field(default_factory=list)
     # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
     identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
 
@@ -148,12 +150,19 @@ class _Walker:
 
     def passthrough(self, arg: fx.Node, value: Value) -> Value:
         # A value stays "fresh" only along a single-consumer chain from its conv.
-        return Value(value.nodes, value.fresh and len(arg.users) == 1, value.area)
+        return replace(value, fresh=value.fresh and len(arg.users) == 1)
+
+    def channels_first(self, node: fx.Node, value: Value, what: str) -> None:
+        """Refuse ``node`` unless ``value`` holds its channels in dim 1 (``what`` needs that)."""
+        if value.axis != 1:
+            raise self.fail(node, f"{what} on a tensor whose channels are in dim {value.axis}, "
+                            "not dim 1")
 
     # -- layers ---------------------------------------------------------------------------
     def conv(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         if m.transposed:
             raise self.fail(node, "transposed convolutions are not supported")
+        self.channels_first(node, value, type(m).__name__)
         if len(value.nodes) != m.in_channels:
             raise self.fail(node, f"expects {m.in_channels} channels, input has {len(value.nodes)}")
         out_nodes = self.rec.new_nodes(m.out_channels)
@@ -161,7 +170,7 @@ class _Walker:
         self.add_weight(node, f"{node.target}.weight", area, value.nodes.view(m.groups, -1),
                         out_nodes.view(m.groups, -1))
         if m.bias is not None:
-            self.add_channels(node, f"{node.target}.bias", "bias", 0, out_nodes)
+            self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
         return Value(out_nodes, True, area)
 
     def linear(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
@@ -169,19 +178,21 @@ class _Walker:
         if shape is None or len(shape) != 2:
             raise self.fail(node, "Linear is supported only on [batch, channels] inputs "
                             "(after global pooling or flatten of a 1x1 map)")
+        self.channels_first(node, value, "Linear")
         out_nodes = self.rec.new_nodes(m.out_features)
         self.add_weight(node, f"{node.target}.weight", 1, value.nodes.view(1, -1),
                         out_nodes.view(1, -1))
         if m.bias is not None:
-            self.add_channels(node, f"{node.target}.bias", "bias", 0, out_nodes)
+            self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
         return Value(out_nodes, True, 1)
 
     def batchnorm(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         if len(value.nodes) != m.num_features:
             raise self.fail(node, f"expects {m.num_features} channels, input has {len(value.nodes)}")
-        for i, name in enumerate(BN_FIELDS):
+        self.channels_first(node, value, type(m).__name__)
+        for name in BATCHNORM.fields:
             if getattr(m, name, None) is not None:
-                self.add_channels(node, f"{node.target}.{name}", "bn", i, value.nodes)
+                self.add_channels(node, f"{node.target}.{name}", BATCHNORM.name, name, value.nodes)
         return self.passthrough(arg, value)
 
     def new_nodes(self, count: int) -> torch.Tensor:
@@ -196,12 +207,18 @@ class _Walker:
         self.use_key(node, key)
         self.rec.weights.append((key, area, src, dst))
 
-    def add_channels(self, node: fx.Node, key: str, kind: str, index: int,
+    def add_channels(self, node: fx.Node, key: str, kind: str, field: str,
                      nodes: torch.Tensor) -> None:
-        """State-dict tensor ``key`` of shape [C] as node features of ``nodes`` [C]: a BatchNorm
-        field (``kind`` "bn", ``index`` into BN_FIELDS) or a bias (``kind`` "bias", index 0)."""
+        """State-dict tensor ``key`` of shape [C] as field ``field`` of a node slot of kind
+        ``kind`` (``graph.NODE_SLOTS``: "bn", "bias", or one registered with
+        ``register_node_slot``) on ``nodes`` [C]. The fields one layer writes share one slot."""
+        slot = NODE_SLOTS.get(kind)
+        if slot is None or field not in slot.fields:
+            raise self.fail(node, f"{key!r} goes to field {field!r} of node slot kind {kind!r}, "
+                            f"which is not registered (kinds: {sorted(NODE_SLOTS)}"
+                            + (f"; {kind!r} has fields {slot.fields})" if slot else ")"))
         self.use_key(node, key)
-        self.rec.channels.append((key, kind, index, nodes))
+        self.rec.channels.append((key, kind, field, nodes))
 
     # -- functions ------------------------------------------------------------------------
     def add(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
@@ -213,33 +230,39 @@ class _Walker:
         if len(a.nodes) != len(b.nodes) or _shape(na) != _shape(nb):
             raise self.fail(node, f"residual add of tensors with shapes {tuple(_shape(na) or ())} "
                             f"and {tuple(_shape(nb) or ())} (broadcasting over channels)")
+        if a.axis != b.axis:
+            raise self.fail(node, f"adding tensors with channels in dims {a.axis} and {b.axis}")
         if torch.equal(a.nodes, b.nodes):
-            return Value(a.nodes, False, a.area)
+            return replace(a, fresh=False)
         fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
         if fresh_b and not fresh_a:
             (na, a), (nb, b), fresh_a, fresh_b = (nb, b), (na, a), fresh_b, fresh_a
         if fresh_a and fresh_b:  # projection shortcut: b's channels are a's channels
             self.rec.merge(b.nodes, a.nodes)
-            return Value(a.nodes, False, a.area)
+            return replace(a, fresh=False)
         if fresh_a:  # identity shortcut from an older tensor into a's channels
             self.rec.identities.append((b.nodes, a.nodes, a.area))
-            return Value(a.nodes, False, a.area)
+            return replace(a, fresh=False)
         # Sum of two older tensors: new nodes fed by identity edges from both.
         out = self.rec.new_nodes(len(a.nodes))
         self.rec.identities += [(a.nodes, out, 1), (b.nodes, out, 1)]
-        return Value(out, False, 1)
+        return Value(out, False, 1, a.axis)
 
     def cat(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         ndim = len(_shape(node) or ())
-        if dim not in (1, 1 - ndim) or ndim < 2:
-            raise self.fail(node, f"concatenation along dim {dim} (only channels, dim 1)")
         tensors = node.args[0]
         if any(self.env.get(t) is None for t in tensors):
             raise self.fail(node, "concatenating a tensor without channel structure")
-        return Value(torch.cat([self.env[t].nodes for t in tensors]), False, 1)
+        values = [self.env[t] for t in tensors]
+        axis = values[0].axis
+        if ndim < 2 or dim % ndim != axis or any(v.axis != axis for v in values):
+            raise self.fail(node, f"concatenation along dim {dim}; the channels are in dim "
+                            f"{axis} (only concatenation along the channels is supported)")
+        return Value(torch.cat([v.nodes for v in values]), False, 1, axis)
 
     def reshape(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        self.channels_first(node, value, "a reshape")
         src, dst = _shape(arg), _shape(node)
         if src is not None and dst is not None and dst[:2] == src[:2] \
                 and all(s == 1 for s in src[2:]) and all(d == 1 for d in dst[2:]):
@@ -251,7 +274,7 @@ class _Walker:
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         ndim = len(_shape(arg) or ())
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if not dims or any(d % ndim in (0, 1) for d in dims):
+        if not dims or any(d % ndim in (0, value.axis) for d in dims):
             raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
         return self.passthrough(arg, value)
 
@@ -311,18 +334,23 @@ ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Value]
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {}
 
 
-def register_module(*types: type) -> Callable[[ModuleHandler], ModuleHandler]:
+def register_module(*types: type, shape: LayerShape | None = None
+                    ) -> Callable[[ModuleHandler], ModuleHandler]:
     """Decorator: ``handler(walker, node, module, arg, value) -> Value`` encodes modules of
     ``types`` (and their subclasses, unless a subclass has its own handler).
 
     The handler gets the walker (``new_nodes``, ``add_weight``, ``add_channels``,
-    ``passthrough``, ``fail``), the fx node of the call, the module, the input node and its
-    channel ``Value``, and returns the output's ``Value``. Registered types are traced as
-    leaves: torch.fx records one call instead of inlining their forward. docs/graph.md has an
-    example."""
+    ``passthrough``, ``channels_first``, ``fail``), the fx node of the call, the module, the
+    input node and its channel ``Value``, and returns the output's ``Value``. Registered types
+    are traced as leaves: torch.fx records one call instead of inlining their forward.
+    ``shape``: how the type's constructor attributes follow its tensors
+    (``networks.LayerShape``), for a type whose tensors channel pruning resizes, so that
+    network files and zoo manifests record it too. docs/graph.md has an example."""
     def register(handler: ModuleHandler) -> ModuleHandler:
         for t in types:
             _MODULE_HANDLERS[t] = handler
+        if shape is not None:
+            register_layer_shape(shape, *types)
         return handler
     return register
 

@@ -13,6 +13,7 @@ from .checkpoint import (
 from .cifar_resnet import CifarResNet
 from .common import evaluating, example_input
 from .curve import accuracy, accuracy_curve, calibration_batches, curve_area, recalibrate_batchnorm
+from .layers import LayerShape, layer_shape, register_layer_shape
 from .pruning import (
                          NEAR_ZERO,
                          base_macs,
@@ -28,12 +29,13 @@ from .pruning import (
 from .registry import available, build
 from .vgg import CifarVGG
 
-__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "accuracy", "accuracy_curve",
+__all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy", "accuracy_curve",
            "atomic_save", "atomic_write", "available", "base_macs", "build", "calibration_batches",
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",
-           "load_network",
+           "layer_shape", "load_network",
            "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
            "network_from_state_dict",
-           "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "safe_load",
+           "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
+           "safe_load",
            "save_network"]

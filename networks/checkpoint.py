@@ -18,37 +18,25 @@ from torch import nn
 
 from metaprune.errors import UserError
 
+from .layers import layer_shape
 from .registry import build
 
 FORMAT = "metaprune.network/v1"
-
-# Layer attributes that follow the weight shapes; rebuilt from the file on load.
-_SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
-    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),
-    nn.Linear: ("in_features", "out_features"),
-    nn.modules.batchnorm._NormBase: ("num_features",),
-}
 
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, of the wrong kind or inconsistent."""
 
 
-def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
-    for cls, attrs in _SHAPE_ATTRS.items():
-        if isinstance(module, cls):
-            return attrs
-    return ()
-
-
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """``{module path: {shape attribute: value}}`` of every Conv/Linear/BatchNorm layer: what a
-    pruned model needs beyond its constructor to take its state dict back."""
+    """``{module path: {shape attribute: value}}`` of every layer with a shape record
+    (``networks.layers``: Conv, Linear, BatchNorm and registered types): what a pruned model
+    needs beyond its constructor to take its state dict back."""
     layers = {}
     for path, module in model.named_modules():
-        attrs = _shape_attrs(module)
-        if attrs:
-            layers[path] = {a: int(getattr(module, a)) for a in attrs}
+        shape = layer_shape(module)
+        if shape is not None:
+            layers[path] = {a: int(getattr(module, a)) for a in shape.attrs}
     return layers
 
 
@@ -76,24 +64,21 @@ def apply_layer_shapes(model: nn.Module, layers: dict[str, dict[str, int]],
 
 
 def reshape_to_state(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Resize ``model``'s Conv/Linear/BatchNorm layers to the shapes of ``state`` (a state dict
-    of a pruned copy), so that ``load_state_dict(state)`` fits. A depthwise conv stays
-    depthwise (its groups follow its channels), as channel pruning keeps it."""
+    """Resize ``model``'s layers with a shape record (``networks.layers``) to the shapes of
+    ``state`` (a state dict of a pruned copy), so that ``load_state_dict(state)`` fits. A
+    depthwise conv stays depthwise (its groups follow its channels), as channel pruning keeps
+    it."""
     layers = {}
     for path, m in model.named_modules():
-        weight = state.get(f"{prefix}{path}.weight" if path else f"{prefix}weight")
-        if isinstance(m, nn.modules.conv._ConvNd) and weight is not None:
-            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-            groups = int(weight.shape[0]) if depthwise else m.groups
-            layers[path] = {"out_channels": int(weight.shape[0]),
-                            "in_channels": int(weight.shape[1]) * groups, "groups": groups}
-        elif isinstance(m, nn.Linear) and weight is not None:
-            layers[path] = {"out_features": int(weight.shape[0]), "in_features": int(weight.shape[1])}
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            stats = state.get(f"{prefix}{path}.running_mean")
-            stats = weight if weight is not None else stats
-            if stats is not None:
-                layers[path] = {"num_features": int(stats.shape[0])}
+        shape = layer_shape(m)
+        if shape is None:
+            continue
+        local = [n for n, _ in m.named_parameters(recurse=False)] + \
+            [n for n, _ in m.named_buffers(recurse=False)]
+        keys = {n: f"{prefix}{path}.{n}" if path else f"{prefix}{n}" for n in local}
+        attrs = shape.infer(m, {n: state[k] for n, k in keys.items() if k in state})
+        if attrs is not None:
+            layers[path] = attrs
     unprefixed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     apply_layer_shapes(model, layers, unprefixed, type(model).__name__)
 

@@ -11,7 +11,7 @@ from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
 import networks
-from graph import Metanetwork, NetworkGraph, UnsupportedArchitectureError, edge_attr_key
+from graph import Metanetwork, NetworkGraph, NodeColumns, UnsupportedArchitectureError, edge_attr_key
 
 X32 = torch.randn(1, 3, 32, 32)
 X64 = torch.randn(1, 3, 64, 64)
@@ -78,7 +78,7 @@ def test_projection_shortcut_merges_into_the_main_path_and_identity_edges_are_sp
     blocks = {b.key: b for b in graph.blocks}
     main, shortcut = blocks["layer2.0.conv2.weight"], blocks["layer2.0.shortcut.0.weight"]
     assert torch.equal(main.dst, shortcut.dst)  # same output nodes: one group, two BN slots
-    assert graph.bn_slots == 2 and graph.node_dim == 4 * 2 + 1
+    assert graph.columns.slots("bn") == 2 and graph.node_dim == 4 * 2 + 1
     # identity shortcuts: one Dirac edge per channel, not a dense zero block
     assert graph.num_identity_edges == 3 * 16 + 2 * 32 + 2 * 64
     # input + stem + two convs per block + classifier; the projection convs add no nodes
@@ -413,11 +413,12 @@ class _ChannelAffine(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels))
-        self.bias = nn.Parameter(torch.randn(channels))
+        self.channels = channels
+        self.scale = nn.Parameter(torch.randn(channels))
+        self.shift = nn.Parameter(torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
 
 
 class _AffineNet(nn.Module):
@@ -434,22 +435,30 @@ class _AffineNet(nn.Module):
 
 def test_a_custom_module_type_is_added_through_the_registry_alone():
     """Unregistered, the module's forward is traced through and refused (a multiply by a
-    tensor); one handler registered from here makes it a leaf whose scale and shift are the
-    affine fields of a BatchNorm slot on the conv's output channels: the round trip is bit-exact,
-    the node columns hold exactly its values, and the function survives encode/decode."""
-    from graph import BN_FIELDS, module_handler, register_module
+    tensor). Declared from here (a node slot kind for its two vectors, a handler, a shape
+    record) it is a leaf whose values sit in the declared columns with the declared defaults
+    elsewhere, the round trip is bit-exact, the function survives encode/decode, and a pruned
+    copy's file shapes are recorded and rebuilt."""
+    from graph import NodeSlot, module_handler, register_module, register_node_slot
+    from networks import LayerShape, layer_shape
+    from networks.checkpoint import layer_shapes, reshape_to_state
 
     torch.manual_seed(0)
     model = _AffineNet()
     with pytest.raises(UnsupportedArchitectureError, match="multiplying or dividing by a tensor"):
         NetworkGraph.from_module(model, X32)
-    assert module_handler(_ChannelAffine) is None
+    assert module_handler(_ChannelAffine) is None and layer_shape(model.affine) is None
 
-    @register_module(_ChannelAffine)
+    register_node_slot(NodeSlot("affine", ("scale", "shift"), (1.0, 0.0)))
+
+    def channels(module, tensors):
+        return {"channels": int(tensors["scale"].shape[0])} if "scale" in tensors else None
+
+    @register_module(_ChannelAffine, shape=LayerShape(("channels",), channels))
     def _affine(walker, node, module, arg, value):
-        for field in ("weight", "bias"):
-            walker.add_channels(node, f"{node.target}.{field}", "bn", BN_FIELDS.index(field),
-                                value.nodes)
+        walker.channels_first(node, value, "a channel affine")
+        for field in ("scale", "shift"):
+            walker.add_channels(node, f"{node.target}.{field}", "affine", field, value.nodes)
         return walker.passthrough(arg, value)
 
     graph = _assert_round_trip(model, X32)
@@ -457,10 +466,42 @@ def test_a_custom_module_type_is_added_through_the_registry_alone():
     assert not torch.equal(other(X32), model(X32))
     other.load_state_dict(graph.decode(graph.encode(model)))
     assert torch.equal(other(X32), model(X32))
+    layout = {k: v for k, v in graph.layout.items() if k.endswith("_slots")}
+    assert layout == {"bias_slots": 1, "affine_slots": 1} and graph.node_dim == 3
     x = graph.encode(model.state_dict()).x
-    assert graph.bn_slots == 1 and graph.bias_slots == 1  # the fc bias has its own slot
-    for i, field in enumerate(("weight", "bias")):
-        column = x[:, BN_FIELDS.index(field)]
-        values = getattr(model.affine, field).detach()
-        # the conv's 6 output channels carry the affine's values, no other node does
-        assert sorted(column[torch.isin(column, values)].tolist()) == sorted(values.tolist()), i
+    conv = next(b for b in graph.blocks if b.key == "conv.weight")
+    conv_out = conv.dst.reshape(-1)  # the nodes the conv writes, in channel order
+    for field, default in (("scale", 1.0), ("shift", 0.0)):
+        column = x[:, graph.columns.column("affine", 0, field)]
+        assert torch.equal(column[conv_out], getattr(model.affine, field).detach())
+        others = torch.ones(graph.num_nodes, dtype=torch.bool)
+        others[conv_out] = False
+        assert torch.all(column[others] == default)
+
+    keep = torch.tensor([0, 2, 3, 5])  # a pruned copy: channels 1 and 4 removed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update({"conv.weight": state["conv.weight"][keep], "affine.scale": state["affine.scale"][keep],
+                  "affine.shift": state["affine.shift"][keep], "fc.weight": state["fc.weight"][:, keep]})
+    pruned = _AffineNet()
+    reshape_to_state(pruned, state)
+    pruned.load_state_dict(state)
+    assert layer_shapes(pruned)["affine"] == {"channels": 4}
+    assert pruned.conv.out_channels == 4 and pruned.fc.in_features == 4
+    _assert_round_trip(pruned, X32)
+
+
+def test_layouts_stored_by_older_versions_still_match():
+    """Checkpoints store a graph layout; older ones list zero slot counts and lack
+    identity_edges. They read the same graphs, and a layout naming a slot kind nobody
+    registered is refused by name."""
+    graph = NetworkGraph.from_module(networks.build("resnet20_cifar", 10), X32)
+    old = {"node_dim": 9, "edge_types": list(graph.edge_types), "bn_slots": 2, "bias_slots": 1}
+    Metanetwork.for_layout(old, num_layers=1, hidden=4).check_layout(graph)
+    with pytest.raises(ValueError, match="does not match"):
+        Metanetwork.for_layout(dict(old, bn_slots=1, node_dim=5), num_layers=1,
+                               hidden=4).check_layout(graph)
+    with pytest.raises(ValueError, match=r"\['ln'\] are not registered"):
+        Metanetwork.for_layout(dict(old, ln_slots=1), num_layers=1, hidden=4)
+    no_bias = dict(old, bias_slots=0, node_dim=8)
+    assert NodeColumns.from_layout(no_bias).layout() == {"bn_slots": 2}
+    assert NodeColumns.from_layout(no_bias).statistics() == (2, 3, 6, 7)
