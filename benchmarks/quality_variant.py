@@ -23,10 +23,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.paired import paired, paired_table  # noqa: E402
+from pipeline.run import RunRequest, prune_run  # noqa: E402
 
 VARIANT = "variant"
 
@@ -46,14 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         first = None
         for speed_up in demo["speed_ups"]:
             key = pipeline_demo.run_key(seed, speed_up, VARIANT)
-            argv = ["run", "--config", str(config), "--network", str(network), "--method",
-                    "metanetwork", "--metanetwork", str(Path(args.metanetwork).resolve()),
-                    "--speed_up", str(speed_up), "--out", str(out / "prune" / key)]
-            if first is not None:
-                argv += ["--reuse_first_stage", str(first)]
-            status = prune.main(argv)
-            if status:
-                return status
+            run = out / "prune" / key
+            prune_run(RunRequest(str(config), network=str(network), method="metanetwork",
+                                 metanetwork=str(Path(args.metanetwork).resolve()),
+                                 speed_up=speed_up, out=str(run),
+                                 reuse_first_stage=str(first) if first else None))
             reports[key] = json.loads((out / "prune" / key / "report.json").read_text())
             reports[key]["method"] = VARIANT
             first = first or out / "prune" / key

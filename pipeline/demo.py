@@ -21,7 +21,6 @@ import yaml
 
 from metaprune.errors import UserError
 
-from .cli import main
 from .common import (
     DATA_ENV,
     atomic_write,
@@ -35,7 +34,9 @@ from .common import (
 )
 from .console import Stages
 from .paired import PairedDifference, paired, paired_table
-from .run import FIRST_STAGE, METHODS, REPORT
+from .run import FIRST_STAGE, METHODS, REPORT, RunRequest, prune_run
+from .select import SelectRequest, select_checkpoint
+from .zoo import check_zoo_stages, load_zoo_config, zoo_member
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
 DEFAULT_DATA = "data/cifar10"    # otherwise: downloaded here (torchvision) on first use
@@ -245,6 +246,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 STAGES = ("zoo", "held-out networks", "meta-training", "checkpoint selection", "pruning")
 
 
+def select_request(cfg: DemoConfig, config: Path, run: Path, out: Path) -> SelectRequest:
+    """The checkpoint selection of the demo: ``prune.py select``'s options from its ``select``
+    section (an unknown option is named)."""
+    try:
+        return SelectRequest(str(config), str(run), out=str(out), **cfg.select)
+    except TypeError as e:
+        raise DemoError(f"demo config: section 'select': {e}; its keys are prune.py select's "
+                        "options (docs/pruning.md)") from None
+
+
 def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path], data: dict) -> None:
     """Everything that can be checked before training: the data is there (unless it is to be
     downloaded) and every stage config of every step parses, each error naming its file,
@@ -252,8 +263,8 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
     from datamodules import DatasetError, ImageDataModule
 
     from .run import load_prune_config, stage_configs
-    from .zoo import check_zoo_stages, load_zoo_config
 
+    select_request(cfg, configs["meta"], Path("meta"), Path("selection"))
     if not data.get("download"):
         images = stages["zoo"]["pretrain"]["data"].get("init_args") or {}
         try:
@@ -269,7 +280,8 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
             "kwargs": model.get("network_kwargs") or {}}
     prune = load_prune_config(configs["prune"])
     for method in cfg.demo.methods:
-        args = argparse.Namespace(method=method, network="network.pt", metanetwork="best.ckpt")
+        args = RunRequest(str(configs["prune"]), network="network.pt", method=method,
+                          metanetwork="best.ckpt")
         for section, stage in zip(("finetune", "final"),
                                   stage_configs(prune, args, configs["prune"].parent, arch)):
             check_stage_config(stage, f"prune config {str(configs['prune'])!r}, section "
@@ -323,18 +335,14 @@ def demo_command(args: argparse.Namespace) -> int:
     # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
     with console.stage("zoo", len(demo.zoo_seeds), "networks") as step:
         for seed in demo.zoo_seeds:
-            timed(f"zoo seed{seed}", partial(main, ["zoo", "--config", str(configs["zoo"]),
-                                                    "--seed", str(seed)]))
+            timed(f"zoo seed{seed}", partial(zoo_member, configs["zoo"], seed=seed))
             step()
-    from datamodules.zoo_manifest import find_member
 
     targets = {}
     with console.stage("held-out networks", len(demo.target_seeds), "networks") as step:
         for seed in demo.target_seeds:
-            timed(f"target seed{seed}", partial(main, [
-                "zoo", "--config", str(configs["zoo"]), "--seed", str(seed),
-                "--zoo_dir", str(out / "target")]))
-            row = find_member(out / "target", int(seed))
+            _, row = timed(f"target seed{seed}", partial(zoo_member, configs["zoo"], seed=seed,
+                                                         zoo_dir=str(out / "target")))
             if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
                 return 0
             targets[int(seed)] = out / "target" / row["file"]
@@ -360,11 +368,8 @@ def demo_command(args: argparse.Namespace) -> int:
         if best.is_file():
             print(f"selection done already: {best}", file=sys.stderr)
         else:
-            argv = ["select", "--config", str(configs["meta"]), "--run", str(out / "meta"),
-                    "--out", str(selection)]
-            for key, value in cfg.select.items():
-                argv += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
-            timed("select", lambda: main(argv))
+            timed("select", partial(select_checkpoint,
+                                    select_request(cfg, configs["meta"], out / "meta", selection)))
         step()
 
     # 4. prune every held-out network with every method to every target (`prune.py run`, one
@@ -378,13 +383,12 @@ def demo_command(args: argparse.Namespace) -> int:
                 for speed_up in demo.speed_ups:
                     key = run_key(seed, speed_up, method)
                     run_out = out / "prune" / key
-                    argv = ["run", "--config", str(configs["prune"]), "--network", str(target),
-                            "--method", method, "--speed_up", str(speed_up), "--out", str(run_out)]
-                    if method == "metanetwork":
-                        argv += ["--metanetwork", str(best)]
-                    if first is not None:
-                        argv += ["--reuse_first_stage", str(first)]
-                    timed(f"prune {key}", partial(main, argv))
+                    request = RunRequest(
+                        str(configs["prune"]), network=str(target), method=method,
+                        speed_up=speed_up, out=str(run_out),
+                        reuse_first_stage=str(first) if first else None,
+                        metanetwork=str(best) if method == "metanetwork" else None)
+                    timed(f"prune {key}", partial(prune_run, request))
                     reports[key] = json.loads((run_out / REPORT).read_text())
                     first = first or run_out
                     step()

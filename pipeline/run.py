@@ -112,6 +112,64 @@ class PruneConfig:
                 "final": self.final}
 
 
+@dataclass
+class RunRequest:
+    """One ``prune.py run``: its options as typed fields (the command line's ``--<field>``;
+    ``prune_run`` is the same command for Python callers such as the demo).
+
+    Args:
+        config: configs/<task>/prune.yaml.
+        network: the network to prune: this project's network file, or a Lightning checkpoint
+            of ImageClassifier (or use ``arch`` with ``weights``).
+        arch: with ``weights``: a registry/torchvision architecture name.
+        weights: with ``arch``: a plain state_dict file.
+        num_classes: with ``arch``: the class count (default the config data's num_classes).
+        metanetwork: meta-training checkpoint (needed by method "metanetwork").
+        method: "metanetwork" (feedforward + finetune), "none" (finetune only) or "sparse"
+            (DepGraph sparse training).
+        speed_up: the target; default ``prune.speed_up``.
+        out: the run folder; default ``<prune.dir>/<network>_<method>_<S>x_seed<N>``.
+        data_root: overrides ``data.init_args.root``.
+        seed: seeds every stage; default ``prune.seed`` or 0.
+        reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
+            config that differs only in the speed-up: stage 1 is taken from it.
+    """
+
+    config: str
+    network: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    metanetwork: str | None = None
+    method: str = "metanetwork"
+    speed_up: float | None = None
+    out: str | None = None
+    data_root: str | None = None
+    seed: int | None = None
+    reuse_first_stage: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.network is None) == (self.arch is None) or \
+                (self.arch is None) != (self.weights is None):
+            raise PruneRunError("give the network to prune as --network FILE (this project's "
+                                "network file or a Lightning checkpoint of ImageClassifier), or "
+                                "as --arch NAME --weights FILE (a plain state_dict)")
+        if self.method not in METHODS:
+            raise PruneRunError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        for name in ("config", "network", "arch", "weights", "metanetwork", "out", "data_root",
+                     "reuse_first_stage"):  # paths may come as Path objects from Python callers
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+
+    @property
+    def source(self) -> str:
+        """The file the network comes from: ``network``, else ``weights``."""
+        source = self.network or self.weights
+        assert source is not None  # __post_init__ requires one of them
+        return source
+
+
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
                       seed: int | None = None, data_root: str | None = None) -> PruneConfig:
     """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in)."""
@@ -161,13 +219,9 @@ def _sha256(path: Path) -> str:
 
 
 
-def run_settings(cfg: PruneConfig, args: argparse.Namespace) -> dict:
+def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
     """What defines a run (``run.json``): a run dir never mixes outputs of two settings."""
-    if (args.network is None) == (args.arch is None) or (args.arch is None) != (args.weights is None):
-        raise PruneRunError("give the network to prune as --network FILE (this project's network "
-                            "file or a Lightning checkpoint of ImageClassifier), or as --arch NAME "
-                            "--weights FILE (a plain state_dict)")
-    source = args.network or args.weights
+    source = args.source
     for what, value in (("network file", args.network), ("weights file", args.weights),
                         ("metanetwork checkpoint", args.metanetwork)):
         if value is not None and not Path(value).is_file():
@@ -185,7 +239,7 @@ def run_settings(cfg: PruneConfig, args: argparse.Namespace) -> dict:
         "config": cfg.record()}))
 
 
-def input_network(args: argparse.Namespace, cfg: PruneConfig, folder: Path) -> Path:
+def input_network(args: RunRequest, cfg: PruneConfig, folder: Path) -> Path:
     """The network to prune as this project's network file: ``--network`` in that format as
     it is; a Lightning checkpoint of ``ImageClassifier`` (pruned or not), or ``--arch NAME
     --weights FILE`` (a plain state_dict, loaded with weights_only=True), converted into
@@ -197,16 +251,16 @@ def input_network(args: argparse.Namespace, cfg: PruneConfig, folder: Path) -> P
         if not isinstance(classes, int):
             raise PruneRunError("--arch needs the class count: pass --num_classes N (the config's "
                                 "data does not set num_classes)")
-        state = networks.safe_load(args.weights, "weights file")
+        state = networks.safe_load(args.source, "weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         arch, pruned, source = {"name": args.arch, "num_classes": classes, "kwargs": {}}, False, \
             f"weights file {str(args.weights)!r}"
     else:
-        record = networks.safe_load(args.network, "network file")
+        record = networks.safe_load(args.source, "network file")
         hp = record.get("hyper_parameters") if isinstance(record, dict) else None
         if not (isinstance(hp, dict) and "network" in hp and "state_dict" in record):
-            return Path(args.network)  # this project's format (load_network explains anything else)
+            return Path(args.source)  # this project's format (load_network explains anything else)
         arch = {"name": hp["network"], "num_classes": int(hp["num_classes"]),
                 "kwargs": dict(hp.get("network_kwargs") or {})}
         state = {k.removeprefix("network."): v for k, v in record["state_dict"].items()
@@ -475,7 +529,7 @@ def stored_settings_check(out: Path, settings: dict) -> bool:
         f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
 
 
-def stage_configs(cfg: PruneConfig, args: argparse.Namespace, out: Path, arch: dict) -> tuple[dict, dict]:
+def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> tuple[dict, dict]:
     """The two Lightning stages of a run: stage 1 (feedforward + finetune, finetune, or sparse
     training) and stage 2 (prune to S against the unpruned architecture + finetune)."""
     p, first = cfg.prune, FIRST_STAGE[args.method]
@@ -487,7 +541,7 @@ def stage_configs(cfg: PruneConfig, args: argparse.Namespace, out: Path, arch: d
     elif args.method == "sparse":
         extra = [{"class_path": "callbacks.SparseTraining",
                   "init_args": {"reg": p.reg, "alpha": p.alpha, "input_size": p.input_size}}]
-    stage1 = run_stage_config(cfg, "finetune", out, first, args.network, arch, extra)
+    stage1 = run_stage_config(cfg, "finetune", out, first, args.source, arch, extra)
     prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
                  "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
                                "input_size": p.input_size}},
@@ -499,6 +553,12 @@ def stage_configs(cfg: PruneConfig, args: argparse.Namespace, out: Path, arch: d
 
 def run_command(args: argparse.Namespace) -> int:
     """``prune.py run``: prune one network to one speed-up with one method."""
+    return prune_run(RunRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunRequest)}))
+
+
+def prune_run(args: RunRequest) -> int:
+    """Prune one network to one speed-up with one method (``prune.py run``); returns 0, also
+    when the run was complete already. Writes ``<out>/report.json`` last."""
     t0 = time.perf_counter()
     cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
     out = run_dir(cfg, args.network or args.weights or "network", args.method, args.out)
@@ -538,7 +598,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     def get_cli() -> Any:
         if not cli:
-            cli.append(eval_cli(cfg, arch, args.network, out))
+            cli.append(eval_cli(cfg, arch, args.source, out))
         return cli[0]
 
     acc = evaluate_networks(get_cli, files, out / EVAL_FILE)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import importlib
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,59 @@ from metaprune.errors import UserError
 from networks import CheckpointError
 
 from .common import write_bytes
-from .curve import add_calibration_arguments, calibration, curves_csv, evaluator, save_figure
+from .curve import (
+    BN_BATCH_SIZE,
+    BN_BATCHES,
+    add_calibration_arguments,
+    calibration,
+    curves_csv,
+    evaluator,
+    save_figure,
+)
+
+
+@dataclass
+class SelectRequest:
+    """One ``prune.py select``: its options as typed fields (``--<field>`` on the command
+    line; ``select_checkpoint`` runs it for Python callers such as the demo).
+
+    Args:
+        config: configs/<task>/meta.yaml (its data section: the zoo and the images).
+        run: the meta-training run folder holding the ``*.ckpt`` candidates.
+        checkpoints: "all", N (evenly spaced, first and last included) or "a.ckpt,b.ckpt".
+        finetune_steps: finetune steps after the metanetwork, per member and candidate.
+        finetune_lr: their learning rate.
+        speed_up_range: (LO, HI): the score is the mean val accuracy over this range.
+        iterative_steps: pruning steps of the curve.
+        every: evaluate every N pruning steps.
+        out: the output folder; default ``<run>/selection``.
+        zoo_dir: overrides ``data.init_args.zoo``.
+        data_root: overrides the image data root.
+        seed: seeds every finetune alike.
+        bn_batches: BN recalibration batches before every curve point (0: raw curves).
+        bn_batch_size: images per recalibration batch.
+    """
+
+    config: str
+    run: str
+    checkpoints: str = "all"
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    speed_up_range: tuple[float, float] = (2.0, 3.0)
+    iterative_steps: int = 200
+    every: int = 1
+    out: str | None = None
+    zoo_dir: str | None = None
+    data_root: str | None = None
+    seed: int = 0
+    bn_batches: int = BN_BATCHES
+    bn_batch_size: int = BN_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        lo, hi = self.speed_up_range
+        if not 1.0 <= lo < hi:
+            raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
+        self.checkpoints = str(self.checkpoints)  # N may come as an int from a YAML file
 
 IDENTITY = "none (identity)"
 
@@ -169,9 +223,14 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
 def select_command(args: argparse.Namespace) -> int:
     """``prune.py select``: score every checkpoint of a meta-training run, copy the best."""
+    return select_checkpoint(SelectRequest(**{f.name: getattr(args, f.name)
+                                              for f in dataclasses.fields(SelectRequest)}))
+
+
+def select_checkpoint(args: SelectRequest) -> int:
+    """Score every candidate checkpoint of a meta-training run on the meta-val members and
+    copy the best to ``<out>/best.ckpt`` (``prune.py select``); returns 0."""
     lo, hi = args.speed_up_range
-    if not 1.0 <= lo < hi:
-        raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "selection"
     files = find_checkpoints(run, args.checkpoints, out)

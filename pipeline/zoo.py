@@ -200,15 +200,25 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
                              "for --speed_up 1.6): member seed<N>-<variant>, stage 1 shared")
 
 
+def zoo_member(config: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
+               data_root: str | None = None, pretrained: str | None = None,
+               speed_up: float | None = None, variant: str | None = None) -> tuple[ZooConfig, dict | None]:
+    """Train, prune and finetune one zoo member (``prune.py zoo``; the arguments are its
+    options, None meaning the config's value). Returns the config as applied and the member's
+    manifest row (None on a DDP rank that does not register it)."""
+    cfg = load_zoo_config(config, seed=seed, zoo_dir=zoo_dir, data_root=data_root,
+                          pretrained=pretrained, speed_up=speed_up, variant=variant)
+    check_zoo_stages(cfg, config)
+    weights = run_pretrain(cfg)
+    return cfg, run_finetune(cfg, weights)
+
+
 def zoo_command(args: argparse.Namespace) -> int:
     """``prune.py zoo``: train, prune and finetune one zoo member."""
-    cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
+    t0 = time.perf_counter()
+    cfg, row = zoo_member(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
                           data_root=args.data_root, pretrained=args.pretrained,
                           speed_up=args.speed_up, variant=args.variant)
-    check_zoo_stages(cfg, args.config)
-    t0 = time.perf_counter()
-    weights = run_pretrain(cfg)
-    row = run_finetune(cfg, weights)
     if row is not None and is_rank_zero():
         name = member_name(row["seed"], row["variant"])
         print(f"zoo {cfg.zoo.dir}: {name} -> {row['file']}, speed-up "

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -31,6 +32,7 @@ class _RecordStep(Callback):
         torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow  # one step of what test_ddp_run_equals_... checks over four (default suite)
 def test_ddp_gradient_equals_one_process_over_the_same_batches(tiny_cifar: Path,
                                                                 tmp_path: Path) -> None:
     """The synced gradient of a 2-rank step equals, to 1e-5 relative, one process averaging the

@@ -133,7 +133,6 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
 
 def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    from pipeline import select as selection
     from pipeline import train
 
     def forbidden(*args, **kwargs):
@@ -142,7 +141,7 @@ def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.Monke
     out = finished["out"]
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     patched = [(pipeline_demo, "fit_stage"), (pipeline_run, "fit_stage"), (pipeline_zoo, "fit_stage"),
-               (train, "main"), (selection, "select_command")]
+               (train, "main"), (pipeline_demo, "select_checkpoint")]
     for target, name in patched:
         monkeypatch.setattr(target, name, forbidden)
     capsys.readouterr()
@@ -175,6 +174,12 @@ def test_demo_checks_data_and_every_stage_config_before_touching_out(
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(pipeline_demo.DemoError, match=r"prune config .*prune.yaml', section 'final'"
                                                       r".*'max_epoch'"):
+        demo(config, finished["root"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    cfg = yaml.safe_load(finished["config"].read_text())
+    cfg["select"]["finetune_step"] = 3  # a typo
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_demo.DemoError, match=r"section 'select'.*'finetune_step'"):
         demo(config, finished["root"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -185,6 +185,7 @@ class _RecordStep(Callback):
         torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow  # one step of what the next test checks over three (the default suite runs that)
 def test_ddp_meta_training_averages_the_per_rank_gradients(tiny_cifar, tmp_path, make_zoo):
     """2-process CPU DDP (gloo): each rank takes a different member and images; the synced
     metanetwork gradient equals the mean of the two single-process gradients."""
