@@ -41,9 +41,13 @@ class ZooError(UserError):
     """A zoo directory or its manifest is missing, broken or inconsistent."""
 
 
+def _is_variant(variant: Any) -> bool:
+    return isinstance(variant, str) and VARIANT.fullmatch(variant) is not None
+
+
 def member_name(seed: int, variant: str = "") -> str:
     """``seed<N>``, or ``seed<N>-<variant>``: the member's file stem and run folder name."""
-    if not isinstance(variant, str) or not VARIANT.fullmatch(variant):
+    if not _is_variant(variant):
         raise ZooError(f"zoo member variant {variant!r}: use letters, digits, '_' and '.' only "
                        "(it becomes part of a file name), e.g. 's1.6'")
     return f"seed{int(seed)}" + (f"-{variant}" if variant else "")
@@ -84,7 +88,7 @@ def _check_row(row: Any, i: int, where: str) -> None:
         if not ok:
             raise ZooError(f"{where}: members[{i}].{key}={value!r} has the wrong type")
     variant = row.get("variant", "")
-    if not isinstance(variant, str) or not VARIANT.fullmatch(variant):
+    if not _is_variant(variant):
         raise ZooError(f"{where}: members[{i}].variant={variant!r} is not a variant name "
                        "(letters, digits, '_' and '.')")
     arch = row["architecture"]
@@ -123,10 +127,11 @@ def read_manifest(zoo_dir: str | os.PathLike, check_files: bool = True,
     for i, row in enumerate(manifest["members"]):
         _check_row(row, i, where)
         row.setdefault("variant", "")
-        name = member_name(*member_key(row))
-        if member_key(row) in seen:
+        key = member_key(row)
+        name = member_name(*key)
+        if key in seen:
             raise ZooError(f"{where}: member {name} appears twice")
-        seen.add(member_key(row))
+        seen.add(key)
         if check_files and not (Path(zoo_dir) / row["file"]).is_file():
             raise ZooError(f"{where}: members[{i}] ({name}) points at "
                            f"{row['file']!r}, which does not exist in {str(zoo_dir)!r}")

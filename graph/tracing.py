@@ -213,10 +213,12 @@ class _Walker:
         ``kind`` (``graph.NODE_SLOTS``: "bn", "bias", or one registered with
         ``register_node_slot``) on ``nodes`` [C]. The fields one layer writes share one slot."""
         slot = NODE_SLOTS.get(kind)
-        if slot is None or field not in slot.fields:
+        if slot is None:
+            raise self.fail(node, f"{key!r} goes to node slot kind {kind!r}, which is not "
+                            f"registered (kinds: {sorted(NODE_SLOTS)}; see register_node_slot)")
+        if field not in slot.fields:
             raise self.fail(node, f"{key!r} goes to field {field!r} of node slot kind {kind!r}, "
-                            f"which is not registered (kinds: {sorted(NODE_SLOTS)}"
-                            + (f"; {kind!r} has fields {slot.fields})" if slot else ")"))
+                            f"which has fields {slot.fields}")
         self.use_key(node, key)
         self.rec.channels.append((key, kind, field, nodes))
 

@@ -76,6 +76,12 @@ def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError]
 DATA_ENV = "METAPRUNE_DATA"
 
 
+def request_from(args: Any, request: type[C]) -> C:
+    """The typed request dataclass ``request`` of a command from its parsed argparse namespace
+    (the option names are the field names)."""
+    return request(**{f.name: getattr(args, f.name) for f in dataclasses.fields(request)})
+
+
 def add_data_root_argument(parser: Any, required: bool = False, what: str = "the image data") -> None:
     """``--data_root`` on an argparse parser, defaulting to ``$METAPRUNE_DATA``."""
     env = os.environ.get(DATA_ENV) or None

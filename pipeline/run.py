@@ -30,6 +30,7 @@ from .common import (
     is_rank_zero,
     merged,
     read_config,
+    request_from,
     wait_for,
     write_bytes,
     write_json,
@@ -156,11 +157,6 @@ class RunRequest:
                                 "as --arch NAME --weights FILE (a plain state_dict)")
         if self.method not in METHODS:
             raise PruneRunError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
-        for name in ("config", "network", "arch", "weights", "metanetwork", "out", "data_root",
-                     "reuse_first_stage"):  # paths may come as Path objects from Python callers
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, str(value))
 
     @property
     def source(self) -> str:
@@ -553,7 +549,7 @@ def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> 
 
 def run_command(args: argparse.Namespace) -> int:
     """``prune.py run``: prune one network to one speed-up with one method."""
-    return prune_run(RunRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunRequest)}))
+    return prune_run(request_from(args, RunRequest))
 
 
 def prune_run(args: RunRequest) -> int:
@@ -561,7 +557,7 @@ def prune_run(args: RunRequest) -> int:
     when the run was complete already. Writes ``<out>/report.json`` last."""
     t0 = time.perf_counter()
     cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
-    out = run_dir(cfg, args.network or args.weights or "network", args.method, args.out)
+    out = run_dir(cfg, args.source, args.method, args.out)
     settings = run_settings(cfg, args)
     if stored_settings_check(out, settings):
         return 0

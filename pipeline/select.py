@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import dataclasses
 import importlib
 import io
 import time
@@ -37,7 +36,7 @@ from graph import Metanetwork
 from metaprune.errors import UserError
 from networks import CheckpointError
 
-from .common import write_bytes
+from .common import request_from, write_bytes
 from .curve import (
     BN_BATCH_SIZE,
     BN_BATCHES,
@@ -223,8 +222,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
 def select_command(args: argparse.Namespace) -> int:
     """``prune.py select``: score every checkpoint of a meta-training run, copy the best."""
-    return select_checkpoint(SelectRequest(**{f.name: getattr(args, f.name)
-                                              for f in dataclasses.fields(SelectRequest)}))
+    return select_checkpoint(request_from(args, SelectRequest))
 
 
 def select_checkpoint(args: SelectRequest) -> int:
