@@ -95,12 +95,17 @@ class NetworkGraph:
         missing = [k for k, v in state.items() if v.is_floating_point() and k not in used]
         if missing:
             raise UnsupportedArchitectureError(
-                f"{type(module).__name__}: tensors {missing[:5]} are not used by any supported "
-                "layer (Conv, Linear, BatchNorm), so the graph cannot carry them"
+                f"{type(module).__name__}: tensors {missing[:5]} are not used by the network "
+                "in eval mode or not by a layer the graph encodes, so the graph cannot carry "
+                "them (a training-only branch such as an auxiliary classifier: build the "
+                "network without it, e.g. aux_logits=False)"
             )
         rep = records.rep()
         self.num_nodes = int(rep.max()) + 1 if len(rep) else 0
         self.input_channels = records.input_channels
+        # the channels of the input and of the output(s): fixed, unlike the hidden channels
+        self.input_nodes = rep[:records.input_channels]
+        self.output_nodes = rep[records.outputs]
         self.shapes = {k: tuple(v.shape) for k, v in state.items() if k in used}
         self._build_edges(records, rep)
         self._build_nodes(records, rep)
@@ -209,6 +214,11 @@ class NetworkGraph:
         filled = torch.zeros(self.num_nodes * self.node_dim, dtype=torch.bool)
         filled[self._node_index] = True
         return filled.view(self.num_nodes, self.node_dim)
+
+    def channel_nodes(self) -> list[tuple[str, torch.Tensor]]:
+        """``(state_dict key, node of each channel)`` of every per-channel tensor (node slots)."""
+        nodes = (self._node_index // max(self.node_dim, 1)).split([n for _, n, _ in self._node_keys])
+        return [(key, n) for (key, *_), n in zip(self._node_keys, nodes)]
 
     @property
     def num_edges(self) -> int:

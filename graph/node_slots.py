@@ -65,6 +65,9 @@ BATCHNORM = register_node_slot(NodeSlot(
     "bn", ("weight", "bias", "running_mean", "running_var"), (1.0, 0.0, 0.0, 1.0),
     statistics=("running_mean", "running_var")))
 BIAS = register_node_slot(NodeSlot("bias", ("bias",), (0.0,)))
+LAYERNORM = register_node_slot(NodeSlot("layernorm", ("weight", "bias"), (1.0, 0.0)))
+# a per-channel factor applied to a layer's output (ConvNeXt's layer scale)
+SCALE = register_node_slot(NodeSlot("scale", ("weight",), (1.0,)))
 
 
 @dataclass(frozen=True)

@@ -7,53 +7,74 @@ raises :class:`UnsupportedArchitectureError`: a wrong graph would silently corru
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
+import torchvision.ops
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from networks.layers import LayerShape, register_layer_shape
 
 from .errors import UnsupportedArchitectureError
-from .node_slots import BATCHNORM, BIAS, NODE_SLOTS
+from .node_slots import BATCHNORM, BIAS, LAYERNORM, NODE_SLOTS, SCALE
 
-# Leaf modules and functions that act on each channel separately (or only on spatial dims).
-_PASSTHROUGH_MODULES = (
+# Operations that act on each element (or each sample) alone: any channel layout. Dropout and
+# stochastic depth are traced in eval mode, where they are the identity.
+_ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
     nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.elu, F.selu, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torchvision.ops.stochastic_depth,
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "detach",
+)
+# Pooling works on the dims after dim 1: the channels must be in dim 1.
+_SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
-_PASSTHROUGH_FUNCTIONS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.elu, F.selu, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
+_SPATIAL_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-}
-_PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone",
-                        "float", "detach"}
-# Reshapes are fine only while they keep [batch, channels] and add or drop trailing 1-dims.
-_RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.unsqueeze, "unsqueeze",
-             torch.squeeze, "squeeze"}
-_MEAN = {torch.mean, "mean", torch.amax, "amax", "amin", torch.amin}
+)
+_RESHAPES = (torch.flatten, "flatten", "view", "reshape", torch.reshape, torch.unsqueeze,
+             "unsqueeze", torch.squeeze, "squeeze")
+_PERMUTES = (torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes",
+             torch.swapdims, "swapdims")
+_SPLITS = (torch.chunk, "chunk", torch.split, "split")
+_REDUCTIONS = (torch.mean, "mean", torch.amax, "amax", torch.amin, "amin")
+_MULTIPLY = (operator.mul, operator.imul, torch.mul, "mul")
+_DIVIDE = (operator.truediv, operator.itruediv, torch.div, "div")
 
 
 @dataclass
 class Value:
     """Channel bookkeeping for one tensor of the trace."""
 
-    nodes: torch.Tensor          # provisional graph node of each channel, LongTensor [C]
+    # provisional graph node of each channel, LongTensor [C]; [C1, C2, ...] while a reshape
+    # spreads the channels over consecutive dims (as a channel shuffle does)
+    nodes: torch.Tensor
     fresh: bool                  # a conv/linear output that nothing else has consumed yet
     area: int                    # kernel area of the layer that produced the channels
-    axis: int = 1                # the tensor dimension holding the channels (>= 1)
+    axis: int = 1                # the first tensor dimension holding the channels (>= 1)
+    # entries per channel in its dim: > 1 after a spatial map is flattened into the channel
+    # dim ([B, C, H, W] -> [B, C*H*W], channel c at entries c*H*W ...), as before VGG's Linear
+    spread: int = 1
+
+    @property
+    def dims(self) -> range:
+        """The tensor dimensions holding the channels."""
+        return range(self.axis, self.axis + self.nodes.dim())
 
 
 @dataclass
@@ -70,6 +91,8 @@ class TraceRecords:
     channels: list[tuple[str, str, str, torch.Tensor]] = field(default_factory=list)
     # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
     identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    # the channels of the network's output(s), in output order
+    outputs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def new_nodes(self, count: int) -> torch.Tensor:
         ids = torch.arange(self.num_nodes, self.num_nodes + count)
@@ -114,21 +137,37 @@ def _shape(node) -> torch.Size | None:
     return getattr(meta, "shape", None)
 
 
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``name`` of a call, given by position ``index`` or by keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _dims_arg(node: fx.Node) -> list[int]:
+    """The dims of ``x.permute(0, 2, 1)``, ``x.permute([0, 2, 1])`` or ``torch.permute(x, dims)``."""
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
+Env = Union[Value, tuple[Value, ...], None]
+
+
 class _Walker:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.params = set(dict(gm.named_parameters())) | set(dict(gm.named_buffers()))
         self.rec = TraceRecords()
-        self.env: dict[fx.Node, Value | None] = {}
+        self.env: dict[fx.Node, Env] = {}
         self.used_keys: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
         return UnsupportedArchitectureError(
             f"fx node {node.name!r} (module path {_module_path(node)!r}, operation "
-            f"{_op_name(node)}): {why}. The graph encoding supports convs, BatchNorm, Linear after "
-            "global pooling, residual add, channel concat and channel-wise ops; see "
-            "docs/graph.md for the list"
+            f"{_op_name(node)}): {why}. docs/graph.md lists the supported operations; "
+            "graph.register_module / register_function add one"
         )
 
     def use_key(self, node: fx.Node, key: str) -> None:
@@ -136,7 +175,7 @@ class _Walker:
             raise self.fail(node, f"parameter {key!r} is used twice (weight sharing)")
         self.used_keys.add(key)
 
-    def channel_args(self, node: fx.Node) -> list[tuple[fx.Node, Value]]:
+    def channel_args(self, node: fx.Node) -> list[tuple[fx.Node, Env]]:
         found = []
 
         def visit(a):
@@ -152,11 +191,37 @@ class _Walker:
         # A value stays "fresh" only along a single-consumer chain from its conv.
         return replace(value, fresh=value.fresh and len(arg.users) == 1)
 
+    def one_axis(self, node: fx.Node, value: Value, what: str) -> None:
+        """Refuse ``node`` unless ``value``'s channels are one dim, one entry each (not spread
+        over several dims, or over a flattened spatial map, by an earlier reshape)."""
+        if value.nodes.dim() != 1:
+            raise self.fail(node, f"{what} on a tensor whose channels are spread over dims "
+                            f"{list(value.dims)} by an earlier reshape")
+        if value.spread != 1:
+            raise self.fail(node, f"{what} on a tensor whose channels were flattened together "
+                            f"with a spatial map ({value.spread} entries per channel)")
+
     def channels_first(self, node: fx.Node, value: Value, what: str) -> None:
         """Refuse ``node`` unless ``value`` holds its channels in dim 1 (``what`` needs that)."""
+        self.one_axis(node, value, what)
         if value.axis != 1:
             raise self.fail(node, f"{what} on a tensor whose channels are in dim {value.axis}, "
                             "not dim 1")
+
+    def channels_last(self, node: fx.Node, arg: fx.Node, value: Value, what: str) -> None:
+        """Refuse ``node`` unless ``value`` (the tensor of ``arg``) holds its channels in its
+        last dim (``what`` acts on the last dim: Linear, LayerNorm)."""
+        self.one_axis(node, value, what)
+        ndim = len(_shape(arg) or ())
+        if value.axis != ndim - 1:
+            raise self.fail(node, f"{what} acts on the last dim of a {ndim}-dim tensor whose "
+                            f"channels are in dim {value.axis}")
+
+    def state_key(self, node: fx.Node, tensor) -> str:
+        """The state_dict key of a parameter or buffer read by ``node`` (an fx get_attr)."""
+        if isinstance(tensor, fx.Node) and tensor.op == "get_attr" and tensor.target in self.params:
+            return str(tensor.target)
+        raise self.fail(node, f"argument {tensor} is not a parameter or buffer of the network")
 
     # -- layers ---------------------------------------------------------------------------
     def conv(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
@@ -174,25 +239,37 @@ class _Walker:
         return Value(out_nodes, True, area)
 
     def linear(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
-        shape = _shape(node.args[0])
-        if shape is None or len(shape) != 2:
-            raise self.fail(node, "Linear is supported only on [batch, channels] inputs "
-                            "(after global pooling or flatten of a 1x1 map)")
-        self.channels_first(node, value, "Linear")
+        """A Linear on the channels (last dim). After a flattened spatial map its weight
+        [out, C*H*W] holds one H*W kernel per (channel, output) pair: edges of that area, as
+        a conv with a kernel covering the whole map."""
+        self.channels_last(node, arg, replace(value, spread=1), "Linear")
         out_nodes = self.rec.new_nodes(m.out_features)
-        self.add_weight(node, f"{node.target}.weight", 1, value.nodes.view(1, -1),
+        self.add_weight(node, f"{node.target}.weight", value.spread, value.nodes.view(1, -1),
                         out_nodes.view(1, -1))
         if m.bias is not None:
             self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
-        return Value(out_nodes, True, 1)
+        return Value(out_nodes, True, 1, value.axis)
 
     def batchnorm(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
+        self.channels_first(node, value, type(m).__name__)
         if len(value.nodes) != m.num_features:
             raise self.fail(node, f"expects {m.num_features} channels, input has {len(value.nodes)}")
-        self.channels_first(node, value, type(m).__name__)
         for name in BATCHNORM.fields:
             if getattr(m, name, None) is not None:
                 self.add_channels(node, f"{node.target}.{name}", BATCHNORM.name, name, value.nodes)
+        return self.passthrough(arg, value)
+
+    def layer_norm(self, node: fx.Node, arg: fx.Node, value: Value, normalized_shape,
+                   weight: str | None, bias: str | None) -> Value:
+        """LayerNorm over the channels (in the last dim): its weight and bias become node
+        features; a LayerNorm over more than the channels mixes them and is refused."""
+        self.channels_last(node, arg, value, "LayerNorm")
+        if tuple(normalized_shape) != (len(value.nodes),):
+            raise self.fail(node, f"LayerNorm over shape {tuple(normalized_shape)}: only a "
+                            f"normalization over the {len(value.nodes)} channels is supported")
+        for name, key in (("weight", weight), ("bias", bias)):
+            if key is not None:
+                self.add_channels(node, key, LAYERNORM.name, name, value.nodes)
         return self.passthrough(arg, value)
 
     def new_nodes(self, count: int) -> torch.Tensor:
@@ -209,8 +286,8 @@ class _Walker:
 
     def add_channels(self, node: fx.Node, key: str, kind: str, field: str,
                      nodes: torch.Tensor) -> None:
-        """State-dict tensor ``key`` of shape [C] as field ``field`` of a node slot of kind
-        ``kind`` (``graph.NODE_SLOTS``: "bn", "bias", or one registered with
+        """State-dict tensor ``key`` of ``len(nodes)`` elements as field ``field`` of a node
+        slot of kind ``kind`` (``graph.NODE_SLOTS``, or one registered with
         ``register_node_slot``) on ``nodes`` [C]. The fields one layer writes share one slot."""
         slot = NODE_SLOTS.get(kind)
         if slot is None:
@@ -232,8 +309,7 @@ class _Walker:
         if len(a.nodes) != len(b.nodes) or _shape(na) != _shape(nb):
             raise self.fail(node, f"residual add of tensors with shapes {tuple(_shape(na) or ())} "
                             f"and {tuple(_shape(nb) or ())} (broadcasting over channels)")
-        if a.axis != b.axis:
-            raise self.fail(node, f"adding tensors with channels in dims {a.axis} and {b.axis}")
+        self.same_layout(node, a, b, "adding")
         if torch.equal(a.nodes, b.nodes):
             return replace(a, fresh=False)
         fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
@@ -250,13 +326,73 @@ class _Walker:
         self.rec.identities += [(a.nodes, out, 1), (b.nodes, out, 1)]
         return Value(out, False, 1, a.axis)
 
+    def same_layout(self, node: fx.Node, a: Value, b: Value, what: str) -> None:
+        """Refuse combining two channel tensors element by element unless their channels lie
+        in the same single dim and are equally many."""
+        self.one_axis(node, a, what)
+        self.one_axis(node, b, what)
+        if a.axis != b.axis or len(a.nodes) != len(b.nodes):
+            raise self.fail(node, f"{what} tensors with {len(a.nodes)} and {len(b.nodes)} "
+                            f"channels in dims {a.axis} and {b.axis}")
+
+    def multiply(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
+        if len(args) == 2:
+            return self.gate(node, args)
+        arg, value = args[0]
+        others = [a for a in (*node.args, *node.kwargs.values()) if a is not arg]
+        if all(isinstance(a, (int, float)) for a in others):
+            return self.passthrough(arg, value)
+        if len(others) == 1 and isinstance(others[0], fx.Node) and others[0].op == "get_attr":
+            return self.channel_scale(node, arg, value, others[0])
+        raise self.fail(node, "multiplying by a tensor that is neither a channel tensor nor a "
+                        "parameter of the network")
+
+    def divide(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
+        arg, value = args[0]
+        if len(args) == 1 and node.args[0] is arg and all(
+                isinstance(a, (int, float)) for a in (*node.args[1:], *node.kwargs.values())):
+            return self.passthrough(arg, value)
+        raise self.fail(node, "dividing by a tensor (or a number by channels)")
+
+    def channel_scale(self, node: fx.Node, arg: fx.Node, value: Value, param: fx.Node) -> Value:
+        """``value * p`` with a parameter ``p`` of one factor per channel (layer scale): the
+        factors become node features."""
+        self.one_axis(node, value, "scaling by a parameter")
+        shape, ndim = tuple(_shape(param) or ()), len(_shape(node) or ())
+        aligned = (1,) * (ndim - len(shape)) + shape  # broadcasting aligns the trailing dims
+        per_channel = tuple(len(value.nodes) if d == value.axis else 1 for d in range(ndim))
+        if aligned != per_channel:
+            raise self.fail(node, f"multiplying by parameter {param.target!r} of shape {shape}: "
+                            f"only one factor per channel (shape {per_channel}) is supported")
+        self.add_channels(node, self.state_key(node, param), SCALE.name, "weight", value.nodes)
+        return self.passthrough(arg, value)
+
+    def gate(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
+        """``x * g`` channel by channel (squeeze-excitation): channel i of the gate ``g``, the
+        fresh output of its own layer, is channel i of ``x``, so its node becomes x's node
+        (pruning one prunes the other), as a projection shortcut's channels do in a sum."""
+        (na, a), (nb, b) = args
+        self.same_layout(node, a, b, "multiplying")
+        if torch.equal(a.nodes, b.nodes):
+            return replace(a, fresh=False)
+        fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
+        if fresh_a and not fresh_b:
+            a, b, fresh_b = b, a, fresh_a
+        if not fresh_b:
+            raise self.fail(node, "multiplying two tensors whose channels both feed other "
+                            "operations (a gate must be used only by the multiplication)")
+        self.rec.merge(b.nodes, a.nodes)
+        return replace(a, fresh=False)
+
     def cat(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = _arg(node, 1, "dim", 0)
         ndim = len(_shape(node) or ())
         tensors = node.args[0]
-        if any(self.env.get(t) is None for t in tensors):
+        values = [self.env.get(t) for t in tensors]
+        if any(not isinstance(v, Value) for v in values):
             raise self.fail(node, "concatenating a tensor without channel structure")
-        values = [self.env[t] for t in tensors]
+        for v in values:
+            self.one_axis(node, v, "concatenation")
         axis = values[0].axis
         if ndim < 2 or dim % ndim != axis or any(v.axis != axis for v in values):
             raise self.fail(node, f"concatenation along dim {dim}; the channels are in dim "
@@ -264,30 +400,76 @@ class _Walker:
         return Value(torch.cat([v.nodes for v in values]), False, 1, axis)
 
     def reshape(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
-        self.channels_first(node, value, "a reshape")
+        """A reshape keeps every channel apart when the dims before the channels hold as many
+        elements after it as before, and so do the channel dims: then in row-major order
+        each element keeps its channel. The channels may be split over several dims (or
+        merged back), as a channel shuffle does."""
         src, dst = _shape(arg), _shape(node)
-        if src is not None and dst is not None and dst[:2] == src[:2] \
-                and all(s == 1 for s in src[2:]) and all(d == 1 for d in dst[2:]):
-            return self.passthrough(arg, value)
-        raise self.fail(node, f"reshape from {tuple(src or ())} to {tuple(dst or ())} mixes the "
-                        "channel dimension with others (flatten of a spatial map, view of channels)")
+        if src is None or dst is None:
+            raise self.fail(node, "a reshape whose shapes the trace could not see")
+        if value.spread != 1:
+            self.one_axis(node, value, "a reshape")
+        before, count = math.prod(src[:value.axis]), value.nodes.numel()
+        starts = [k for k in range(1, len(dst)) if math.prod(dst[:k]) == before]
+        for k in sorted(starts, key=lambda k: dst[k] == 1 and count != 1):  # skip leading 1s
+            ends = [j for j in range(k + 1, len(dst) + 1) if math.prod(dst[k:j]) == count]
+            if ends:
+                nodes = value.nodes.reshape(dst[k:ends[0]])
+                return replace(self.passthrough(arg, value), nodes=nodes, axis=k)
+            # the dims after one channel dim flattened into it: a spatial map per channel
+            inner = [math.prod(src[value.axis + 1:m]) for m in range(value.axis + 2, len(src) + 1)]
+            if value.nodes.dim() == 1 and dst[k] in [count * i for i in inner]:
+                return replace(self.passthrough(arg, value), axis=k, spread=dst[k] // count)
+        raise self.fail(node, f"reshape from {tuple(src)} to {tuple(dst)} mixes the channel "
+                        f"dimension (dims {list(value.dims)}) with others")
 
-    def reduce_spatial(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    def permute(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        """Moving dims keeps the channels if the batch stays first and the channel dims stay
+        together; their new order reorders the channel nodes (a channel shuffle's transpose)."""
         ndim = len(_shape(arg) or ())
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if not dims or any(d % ndim in (0, value.axis) for d in dims):
-            raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
-        return self.passthrough(arg, value)
+        if node.target in ("permute", torch.permute):
+            perm = [d % ndim for d in _dims_arg(node)]
+        else:
+            d0, d1 = (_arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim)
+            perm = list(range(ndim))
+            perm[d0], perm[d1] = d1, d0
+        where = [perm.index(d) for d in value.dims]  # new position of each channel dim
+        if perm[0] != 0 or max(where) - min(where) != len(where) - 1:
+            raise self.fail(node, f"permutation {perm} moves the batch dim or separates the "
+                            f"channel dims {list(value.dims)}")
+        order = sorted(range(len(where)), key=where.__getitem__)
+        return replace(self.passthrough(arg, value), nodes=value.nodes.permute(order),
+                       axis=min(where))
 
-    def scale(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
-        others = [a for a in node.args if a is not arg]
-        if all(isinstance(a, (int, float)) for a in others):
-            return self.passthrough(arg, value)
-        raise self.fail(node, "multiplying or dividing by a tensor (multiplicative gating)")
+    def split(self, node: fx.Node, arg: fx.Node, value: Value) -> tuple[Value, ...]:
+        """``chunk``/``split``: pieces along the channels take their share of the nodes; pieces
+        along another dim keep them all."""
+        metas = node.meta.get("tensor_meta")
+        ndim = len(_shape(arg) or ())
+        dim = _arg(node, 2, "dim", 0) % max(ndim, 1)
+        if not isinstance(metas, (tuple, list)):
+            raise self.fail(node, "a split whose pieces the trace could not see")
+        if dim not in value.dims:
+            return tuple(replace(value, fresh=False) for _ in metas)
+        self.one_axis(node, value, "a split along the channels")
+        pieces = value.nodes.split([m.shape[dim] for m in metas])
+        return tuple(Value(p, False, value.area, value.axis) for p in pieces)
+
+    def reduce(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        """Mean/max/min over dims other than batch and channels."""
+        ndim = len(_shape(arg) or ())
+        dims = _arg(node, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        dims = [d % ndim for d in dims]
+        if not dims or 0 in dims or any(d in value.dims for d in dims):
+            raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
+        axis = value.axis
+        if not _arg(node, 2, "keepdim", False):
+            axis -= sum(d < value.axis for d in dims)
+        return replace(self.passthrough(arg, value), axis=axis)
 
     # -- walk -----------------------------------------------------------------------------
-    def step(self, node: fx.Node) -> Value | None:
+    def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder":
             if self.rec.num_nodes:
                 raise self.fail(node, "networks with more than one input tensor")
@@ -296,34 +478,40 @@ class _Walker:
                 raise self.fail(node, "the input must be a tensor [batch, channels, ...]")
             self.rec.input_channels = shape[1]
             return Value(self.rec.new_nodes(shape[1]), False, 1)
-        if node.op in ("get_attr", "output"):
+        if node.op == "get_attr":
             return None
         args = self.channel_args(node)
-        if not args or _shape(node) is None:
+        if node.op == "output":
+            values = [v for _, v in args if isinstance(v, Value)]
+            if values:
+                self.rec.outputs = torch.cat([v.nodes.reshape(-1) for v in values])
+            return None
+        if not args:
             return None  # shape arithmetic and the like: no channels involved
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self.getitem(node, args)
+        if any(not isinstance(v, Value) for _, v in args):
+            raise self.fail(node, "a tuple of channel tensors used other than by indexing")
+        if _shape(node) is None and node.target not in _SPLITS:
+            return None  # x.size(), x.shape and the like
         arg, value = args[0]
-        target = node.target
         if node.op == "call_module":
-            m = self.modules[target]
+            m = self.modules[node.target]
             handler = module_handler(type(m))
             if handler is None:
                 raise self.fail(node, f"module type {type(m).__name__} is not supported "
                                 "(graph.register_module adds a type)")
             return handler(self, node, m, arg, value)
-        if target in (operator.add, operator.iadd, torch.add):
-            return self.add(node, args)
-        if target is torch.cat:
-            return self.cat(node, args)
-        if target in (operator.mul, operator.imul, operator.truediv, torch.mul):
-            return self.scale(node, arg, value)
-        if target in _PASSTHROUGH_FUNCTIONS or (node.op == "call_method"
-                                                and target in _PASSTHROUGH_METHODS):
-            return self.passthrough(arg, value)
-        if target in _RESHAPES:
-            return self.reshape(node, arg, value)
-        if target in _MEAN:
-            return self.reduce_spatial(node, arg, value)
-        raise self.fail(node, "this operation on channel tensors is not supported")
+        function = _FUNCTION_HANDLERS.get(node.target)
+        if function is None:
+            raise self.fail(node, "this operation on channel tensors is not supported")
+        return function(self, node, args)
+
+    def getitem(self, node: fx.Node, args) -> Env:
+        (source, env), = args[:1]
+        if isinstance(env, tuple):
+            return env[node.args[1]]
+        raise self.fail(node, "indexing a channel tensor")
 
     def run(self) -> TraceRecords:
         for node in self.gm.graph.nodes:
@@ -331,21 +519,24 @@ class _Walker:
         return self.rec
 
 
-# -- the module registry: how each module type maps channels --------------------------------
+# -- the registries: how each module type and each function maps channels -------------------
 ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Value]
+FunctionHandler = Callable[[_Walker, fx.Node, list], Env]
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {}
+_FUNCTION_HANDLERS: dict[object, FunctionHandler] = {}
 
 
 def register_module(*types: type, shape: LayerShape | None = None
                     ) -> Callable[[ModuleHandler], ModuleHandler]:
     """Decorator: ``handler(walker, node, module, arg, value) -> Value`` encodes modules of
-    ``types`` (and their subclasses, unless a subclass has its own handler).
+    ``types`` (and their subclasses that keep its ``forward``, unless a subclass has its own
+    handler; a subclass with its own ``forward`` is traced through).
 
     The handler gets the walker (``new_nodes``, ``add_weight``, ``add_channels``,
-    ``passthrough``, ``channels_first``, ``fail``), the fx node of the call, the module, the
-    input node and its channel ``Value``, and returns the output's ``Value``. Registered types
-    are traced as leaves: torch.fx records one call instead of inlining their forward.
-    ``shape``: how the type's constructor attributes follow its tensors
+    ``passthrough``, ``channels_first``, ``channels_last``, ``fail``), the fx node of the call,
+    the module, the input node and its channel ``Value``, and returns the output's ``Value``.
+    Registered types are traced as leaves: torch.fx records one call instead of inlining their
+    forward. ``shape``: how the type's constructor attributes follow its tensors
     (``networks.LayerShape``), for a type whose tensors channel pruning resizes, so that
     network files and zoo manifests record it too. docs/graph.md has an example."""
     def register(handler: ModuleHandler) -> ModuleHandler:
@@ -357,16 +548,76 @@ def register_module(*types: type, shape: LayerShape | None = None
     return register
 
 
+def register_function(*targets) -> Callable[[FunctionHandler], FunctionHandler]:
+    """Decorator: ``handler(walker, node, args) -> Value`` encodes calls of ``targets``
+    (functions, or method names as strings); ``args`` are the call's (fx node, ``Value``)
+    pairs that carry channels, in argument order."""
+    def register(handler: FunctionHandler) -> FunctionHandler:
+        for t in targets:
+            _FUNCTION_HANDLERS[t] = handler
+        return handler
+    return register
+
+
 def module_handler(module_type: type) -> ModuleHandler | None:
-    """The handler of ``module_type``: its own, else that of its nearest registered base."""
-    return next((_MODULE_HANDLERS[t] for t in module_type.__mro__ if t in _MODULE_HANDLERS), None)
+    """The handler of ``module_type``: its own, else that of its nearest registered base if
+    ``module_type`` keeps that base's ``forward`` (an overriding forward computes something
+    else, so it is traced through instead)."""
+    for t in module_type.__mro__:
+        if t in _MODULE_HANDLERS:
+            keeps_forward = (t is module_type
+                             or getattr(module_type, "forward", None) is getattr(t, "forward", None))
+            return _MODULE_HANDLERS[t] if keeps_forward else None
+    return None
 
 
-register_module(nn.modules.conv._ConvNd)(_Walker.conv)
+def _first(handler: Callable[[_Walker, fx.Node, fx.Node, Value], Env]) -> FunctionHandler:
+    """A function handler of the first channel argument alone."""
+    return lambda walker, node, args: handler(walker, node, *args[0])
+
+
+def _spatial(walker: _Walker, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+    walker.channels_first(node, value, "pooling")
+    return walker.passthrough(arg, value)
+
+
+def _layer_norm_function(walker: _Walker, node: fx.Node, args) -> Value:
+    arg, value = args[0]
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    return walker.layer_norm(node, arg, value, _arg(node, 1, "normalized_shape"),
+                             None if weight is None else walker.state_key(node, weight),
+                             None if bias is None else walker.state_key(node, bias))
+
+
+register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d)(_Walker.conv)
 register_module(nn.Linear)(_Walker.linear)
-register_module(nn.modules.batchnorm._BatchNorm)(_Walker.batchnorm)
+register_module(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)(_Walker.batchnorm)
+
+
+@register_module(nn.LayerNorm)
+def _layer_norm_module(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node,
+                       value: Value) -> Value:
+    keys = [None if getattr(m, name) is None else f"{node.target}.{name}"
+            for name in ("weight", "bias")]
+    return walker.layer_norm(node, arg, value, m.normalized_shape, *keys)
+
+
 register_module(nn.Flatten)(lambda walker, node, m, arg, value: walker.reshape(node, arg, value))
-register_module(*_PASSTHROUGH_MODULES)(lambda walker, node, m, arg, value: walker.passthrough(arg, value))
+register_module(*_ELEMENTWISE_MODULES)(
+    lambda walker, node, m, arg, value: walker.passthrough(arg, value))
+register_module(*_SPATIAL_MODULES)(lambda walker, node, m, arg, value: _spatial(walker, node, arg, value))
+register_function(*_ELEMENTWISE_FUNCTIONS)(_first(lambda w, node, arg, value: w.passthrough(arg, value)))
+register_function(*_SPATIAL_FUNCTIONS)(_first(_spatial))
+register_function(*_RESHAPES)(_first(_Walker.reshape))
+register_function(*_PERMUTES)(_first(_Walker.permute))
+register_function(*_SPLITS)(_first(_Walker.split))
+register_function(*_REDUCTIONS)(_first(_Walker.reduce))
+register_function(operator.add, operator.iadd, torch.add, "add")(_Walker.add)
+register_function(*_MULTIPLY)(_Walker.multiply)
+register_function(*_DIVIDE)(_Walker.divide)
+register_function(torch.cat, torch.concat)(_Walker.cat)
+register_function(F.layer_norm)(_layer_norm_function)
 
 
 class _Tracer(fx.Tracer):
@@ -377,7 +628,10 @@ class _Tracer(fx.Tracer):
 
 
 def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    """``module``'s fx graph, every registered module type one call (a leaf)."""
+    """``module``'s fx graph in eval mode (the function its weights define: no dropout or
+    stochastic depth), every registered module type one call (a leaf)."""
+    was_training = module.training
+    module.eval()
     try:
         return fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
     except Exception as e:
@@ -385,6 +639,8 @@ def symbolic_trace(module: nn.Module) -> fx.GraphModule:
             f"{type(module).__name__} cannot be traced with torch.fx ({type(e).__name__}: {e}); "
             "data-dependent control flow in forward() is not supported"
         ) from e
+    finally:
+        module.train(was_training)
 
 
 def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:

@@ -1,0 +1,141 @@
+"""Census of the graph encoding over every torchvision classification model (issue 15).
+
+    python benchmarks/census.py [--max_params 40] [--size 224] [--swaps 4] \
+        [--out runs/census.jsonl] [--table runs/census.md]
+
+Each model is built untrained (10 classes, random weights, no download), encoded and checked by
+``graph.check_encoding`` in a fresh subprocess (so that peak memory is the model's own): exact
+(bit-exact round trip, same outputs, every node swap tried that maps the graph onto itself is a
+symmetry of the network), refused (with the reason the encoder gives), wrong or crash. It
+records the parameter count, graph size, the time and the peak memory (resident set growth) of
+trace + encode alone. Results are appended to ``--out`` one line per model, so a rerun resumes
+where the last one stopped; ``--table`` gets the markdown table (docs/graph.md quotes it).
+Training-only auxiliary classifiers (GoogLeNet, Inception v3) are built without them
+(``aux_logits=False``), as they are never part of the network that gets pruned.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# constructor arguments that leave out training-only branches (their weights are unused at
+# inference, which the encoder refuses with that reason)
+_BUILD_ARGS = {"googlenet": {"aux_logits": False, "init_weights": False},
+               "inception_v3": {"aux_logits": False, "init_weights": False}}
+# the input size a model needs when it is not --size (Inception v3 wants at least 75 pixels)
+_MIN_SIZE = {"inception_v3": 299}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def census_one(name: str, size: int, swaps: int) -> dict:
+    """Build, encode and check one model (run in its own process)."""
+    import torch
+    from torch import nn
+
+    import networks
+    from graph import NetworkGraph
+    from graph.check import check_encoding
+
+    torch.manual_seed(0)
+    model: nn.Module = networks.build(name, 10, **_BUILD_ARGS.get(name, {})).eval()
+    params = sum(p.numel() for p in model.parameters())
+    size = max(size, _MIN_SIZE.get(name, 0))
+    example = torch.randn(1, 3, size, size)
+    before = _peak_mb()
+    start = time.perf_counter()
+    timing: dict = {}
+    try:
+        graph = NetworkGraph(model, example)
+        graph.encode(model)
+        timing = {"encode_s": round(time.perf_counter() - start, 2),
+                  "encode_peak_mb": round(_peak_mb() - before)}
+    except Exception:  # noqa: BLE001 - the check below gives the verdict and its reason
+        pass
+    verdict = check_encoding(model, example, swaps=swaps)
+    return {"model": name, "params_m": round(params / 1e6, 1), "size": size,
+            "status": verdict.status, "reason": verdict.reason, "nodes": verdict.nodes,
+            "edges": verdict.edges, "swaps": verdict.swaps, **timing}
+
+
+def _short(reason: str) -> str:
+    """The encoder's reason without the pointer to the docs (the table is in the docs)."""
+    return reason.split(". docs/graph.md")[0].replace("|", "/").replace("\n", " ")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | params (M) | input | verdict | nodes | edges | swaps | trace+encode s | "
+             "peak MB | reason |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["status"], r["model"])):
+        lines.append(f"| {r['model']} | {r['params_m']} | {r['size']} | {r['status']} | "
+                     f"{r['nodes'] or ''} | {r['edges'] or ''} | {r['swaps'] if r['nodes'] else ''} | "
+                     f"{r.get('encode_s', '')} | {r.get('encode_peak_mb', '')} | {_short(r['reason'])} |")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("exact", "refused", "wrong", "crash")}
+    return "\n".join(lines) + "\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max_params", type=float, default=None,
+                        help="skip models with more parameters (millions); default: all")
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--swaps", type=int, default=4, help="node swaps tried per model")
+    parser.add_argument("--models", nargs="*", help="only these models (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("runs/census.jsonl"))
+    parser.add_argument("--table", type=Path, default=Path("runs/census.md"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(census_one(args.one, args.size, args.swaps)))
+        return 0
+    import torchvision
+
+    import networks
+
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    done = {}
+    if args.out.exists():
+        done = {r["model"]: r for r in map(json.loads, args.out.read_text().splitlines())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        if name in done:
+            continue
+        if args.max_params is not None:
+            params = sum(p.numel() for p in networks.build(name, 10, **_BUILD_ARGS.get(name, {}))
+                         .parameters()) / 1e6
+            if params > args.max_params:
+                print(f"[{i + 1}/{len(names)}] {name}: {params:.0f}M parameters, skipped")
+                continue
+        child = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size),
+                                "--swaps", str(args.swaps)], capture_output=True, text=True)
+        if child.returncode != 0:
+            row = {"model": name, "params_m": 0, "size": args.size, "status": "crash",
+                   "reason": child.stderr.strip().splitlines()[-1] if child.stderr else "",
+                   "nodes": 0, "edges": 0, "swaps": 0}
+        else:
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+        done[name] = row
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {_short(row['reason'])[:120]}",
+              flush=True)
+    text = table(list(done.values()))
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.table.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.table)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

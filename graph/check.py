@@ -1,0 +1,180 @@
+"""Can a network be encoded? One verdict per network, for users and for the census (issue 15).
+
+``check_encoding(model, example)`` traces and encodes ``model``, decodes the graph and compares:
+every floating state-dict tensor must come back bit for bit and the decoded weights must give
+the network's outputs. A round trip cannot see a graph that joins or separates the wrong
+channels, so the check also tries node swaps: swapping two hidden nodes (with whatever group
+structure moves along, as the channels of a depthwise conv's input follow its output) so that
+the graph maps onto itself must be a symmetry of the network, i.e. the decoded network must
+compute the same function. A graph that leaves apart two channels the network ties together
+(a gate and its gated channel, a channel shuffle read in the wrong order) fails it.
+
+A refusal (:class:`UnsupportedArchitectureError`) is a verdict too, with its reason; anything
+else that goes wrong is a crash, never hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch_geometric.data import Data
+
+from .errors import UnsupportedArchitectureError
+from .network_graph import EdgeBlock, NetworkGraph, edge_attr_key
+
+EXACT, REFUSED, WRONG, CRASH = "exact", "refused", "wrong", "crash"
+
+
+@dataclass(frozen=True)
+class EncodingCheck:
+    """The verdict on one network: ``status`` (exact, refused, wrong or crash) and why."""
+
+    status: str
+    reason: str = ""
+    nodes: int = 0
+    edges: int = 0
+    swaps: int = 0               # node swaps found to be symmetries of graph and network
+
+    @property
+    def ok(self) -> bool:
+        """Exact, or refused with a reason: the encoding never gives a wrong graph."""
+        return self.status in (EXACT, REFUSED)
+
+
+def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, seed: int = 0,
+                   atol: float = 1e-5) -> EncodingCheck:
+    """Encode ``model`` (in eval mode) on ``example``, decode, compare tensors and outputs, and
+    try one node swap in each of up to ``swaps`` weight tensors (chosen at random)."""
+    model.eval()
+    try:
+        graph = NetworkGraph.from_module(model, example)
+        state = model.state_dict()
+        with torch.no_grad():
+            data = graph.encode(state)
+            decoded = graph.decode(data)
+            floating = {k for k, v in state.items() if v.is_floating_point()}
+            if set(decoded) != floating:
+                return EncodingCheck(WRONG, f"decoded keys differ: {sorted(set(decoded) ^ floating)[:3]}")
+            bad = [k for k in floating if not torch.equal(decoded[k], state[k])]
+            if bad:
+                return EncodingCheck(WRONG, f"round trip changed {bad[:3]}")
+            expected = model(example)
+            got = torch.func.functional_call(model, decoded, (example,))
+            if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+                return EncodingCheck(WRONG, f"decoded network's outputs differ by "
+                                            f"{float((got - expected).abs().max()):.3g}")
+            tested = 0
+            generator = torch.Generator().manual_seed(seed)
+            blocks = [b for b in graph.blocks if b.key is not None]
+            for i in torch.randperm(len(blocks), generator=generator)[:swaps].tolist():
+                pair = _random_pair(blocks[i], generator)
+                permuted = None if pair is None else swapped(graph, data, *pair)
+                if permuted is None:
+                    continue
+                got = torch.func.functional_call(model, graph.decode(permuted), (example,))
+                if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+                    return EncodingCheck(WRONG, f"swapping nodes {pair} (outputs of "
+                                                f"{blocks[i].key!r}) maps the graph onto itself "
+                                                "but changes the network's function")
+                tested += 1
+    except UnsupportedArchitectureError as e:
+        return EncodingCheck(REFUSED, str(e))
+    except Exception as e:  # noqa: BLE001 - a crash is a verdict of its own, reported in full
+        return EncodingCheck(CRASH, f"{type(e).__name__}: {e}")
+    return EncodingCheck(EXACT, nodes=graph.num_nodes, edges=graph.num_edges, swaps=tested)
+
+
+def _random_pair(block: EdgeBlock, generator: torch.Generator) -> tuple[int, int] | None:
+    nodes = block.dst.reshape(-1)
+    if len(nodes) < 2:
+        return None
+    i, j = torch.randperm(len(nodes), generator=generator)[:2].tolist()
+    return int(nodes[i]), int(nodes[j])
+
+
+def swapped(graph: NetworkGraph, data: Data, u: int, v: int) -> Data | None:
+    """``data`` with nodes ``u`` and ``v`` swapped, together with every pair of nodes that
+    must move with them (the groups of a grouped conv move whole), or None when that does not
+    map the graph onto itself (input and output nodes stay, every tensor keeps its nodes,
+    identity edges keep their features)."""
+    pairs = _closure(graph, u, v)
+    if pairs is None:
+        return None
+    perm = torch.arange(graph.num_nodes)
+    perm[list(pairs)] = torch.tensor(list(pairs.values()))
+    for _, nodes in graph.channel_nodes():
+        if set(perm[nodes].tolist()) != set(nodes.tolist()):
+            return None
+    x = torch.empty_like(data.x)
+    x[perm] = data.x
+    features = {edge_attr_key(a): data[edge_attr_key(a)].clone() for a in graph.edge_types}
+    for block in graph.blocks:
+        moved = _permuted_block(block, data[edge_attr_key(block.area)], perm, graph.num_nodes)
+        if moved is None:
+            return None
+        features[edge_attr_key(block.area)][block.start:block.start + block.rows] = moved
+    return Data(x=x, **features)
+
+
+def _closure(graph: NetworkGraph, u: int, v: int) -> dict[int, int] | None:
+    """The involution swapping ``u`` and ``v`` and, wherever two swapped nodes lie in
+    different groups of a grouped block, those groups' nodes pairwise; None on a conflict or
+    when it moves an input or output node."""
+    pairs = {u: v, v: u}
+    grouped = []
+    for b in graph.blocks:
+        if b.src.shape[0] > 1:
+            group_of = {n: g for g, row in enumerate(b.src.tolist()) for n in row}
+            group_of.update({n: g for g, row in enumerate(b.dst.tolist()) for n in row})
+            grouped.append((torch.cat([b.src, b.dst], 1).tolist(), group_of))
+    queue = [u, v]
+    while queue:
+        n = queue.pop()
+        for rows, group_of in grouped:
+            if n not in group_of:
+                continue
+            g1, g2 = group_of[n], group_of.get(pairs[n])
+            if g2 is None:
+                return None
+            for a, c in zip(rows[g1], rows[g2]):
+                if a == c or pairs.get(a) == c:
+                    continue
+                if a in pairs or c in pairs:
+                    return None
+                pairs[a], pairs[c] = c, a
+                queue += [a, c]
+    fixed = set(graph.input_nodes.tolist()) | set(graph.output_nodes.tolist())
+    return None if fixed & pairs.keys() else pairs
+
+
+def _permuted_block(block: EdgeBlock, features: torch.Tensor, perm: torch.Tensor,
+                    num_nodes: int) -> torch.Tensor | None:
+    """The block's edge features after relabelling its nodes by ``perm``, in the block's own
+    row order; None when the relabelled edges are not the block's edges."""
+    groups, outs, ins = block.shape
+    rows = features[block.start:block.start + block.rows].view(groups, outs, ins, block.area)
+    src, dst = perm[block.src], perm[block.dst]
+    if torch.equal(src, block.src) and torch.equal(dst, block.dst):
+        return rows.reshape(block.rows, block.area)
+    places = []
+    for old, new, width in ((block.src, src, ins), (block.dst, dst, outs)):
+        if len(old.unique()) != old.numel():
+            return None  # a node twice in one block (a tensor concatenated with itself)
+        lookup = torch.full((num_nodes,), -1, dtype=torch.long)
+        lookup[old.reshape(-1)] = torch.arange(old.numel())
+        place = lookup[new]
+        if (place < 0).any():
+            return None
+        places.append((place // width, place % width))
+    (src_group, src_pos), (dst_group, dst_pos) = places
+    group = src_group[:, :1]
+    if not ((src_group == group).all() and (dst_group == group).all()):
+        return None  # a group would be split across groups
+    shape = (groups, outs, ins)
+    moved = torch.empty_like(rows)
+    moved[group[:, :, None].expand(shape), dst_pos[:, :, None].expand(shape),
+          src_pos[:, None, :].expand(shape)] = rows
+    if block.key is None and not torch.equal(moved, rows):
+        return None  # an identity residual would change its structure
+    return moved.reshape(block.rows, block.area)
