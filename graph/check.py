@@ -45,7 +45,8 @@ class EncodingCheck:
 def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, seed: int = 0,
                    atol: float = 1e-5) -> EncodingCheck:
     """Encode ``model`` (in eval mode) on ``example``, decode, compare tensors and outputs, and
-    try one node swap in each of up to ``swaps`` weight tensors (chosen at random)."""
+    try ``swaps`` node swaps, each among the outputs of one weight tensor (the tensors in a
+    random order, again from the first when there are fewer)."""
     model.eval()
     try:
         graph = NetworkGraph.from_module(model, example)
@@ -67,7 +68,9 @@ def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, see
             tested = 0
             generator = torch.Generator().manual_seed(seed)
             blocks = [b for b in graph.blocks if b.key is not None]
-            for i in torch.randperm(len(blocks), generator=generator)[:swaps].tolist():
+            order = torch.randperm(len(blocks), generator=generator).tolist()
+            for t in range(swaps if blocks else 0):
+                i = order[t % len(blocks)]
                 pair = _random_pair(blocks[i], generator)
                 permuted = None if pair is None else swapped(graph, data, *pair)
                 if permuted is None:

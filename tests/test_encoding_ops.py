@@ -1,0 +1,229 @@
+"""graph/: the operations of modern CNNs (issue 15): channel shuffle, squeeze-excitation gates,
+channels-last blocks with LayerNorm and layer scale, chunks, stochastic depth, a flattened
+spatial map into a Linear; and the census over torchvision's classifiers.
+
+The oracles: where each channel lands is computed by running the network's own operation on
+channel indices; every tensor must come back bit for bit; gradients through decode must equal
+autograd's on the network itself; and swapping two nodes so that the graph maps onto itself must
+leave the function unchanged (``graph.check``), which a graph with a wrongly tied or untied
+channel fails, as the monkeypatched encoders below show.
+"""
+import pytest
+import torch
+import torchvision
+from pruning_helpers import random_prune, randomize
+from torch import nn
+from torch_geometric.data import Data
+from torchvision.models import convnext, efficientnet, regnet, shufflenetv2
+from torchvision.ops.misc import SqueezeExcitation
+
+import networks
+from graph import NetworkGraph, edge_attr_key
+from graph import tracing
+from graph.check import EXACT, REFUSED, WRONG, check_encoding
+
+X = torch.randn(2, 3, 32, 32)
+
+# The blocks of each family at a width that runs in a fraction of a second.
+TINY = {
+    "convnext": lambda: convnext.ConvNeXt(
+        [convnext.CNBlockConfig(16, 32, 2), convnext.CNBlockConfig(32, None, 1)],
+        stochastic_depth_prob=0.1, num_classes=10),
+    "efficientnet": lambda: efficientnet.EfficientNet(
+        [efficientnet.MBConvConfig(1, 3, 1, 16, 16, 1), efficientnet.MBConvConfig(6, 3, 2, 16, 24, 2)],
+        dropout=0.2, stochastic_depth_prob=0.2, num_classes=10),
+    "regnet_y": lambda: regnet.RegNet(
+        regnet.BlockParams.from_init_params(depth=3, w_0=8, w_a=8, w_m=2, group_width=8,
+                                            se_ratio=0.25), stem_width=8, num_classes=10),
+    "shufflenet_v2": lambda: shufflenetv2.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10),
+    "mobilenet_v3": lambda: torchvision.models.mobilenet_v3_small(num_classes=10, width_mult=0.25),
+}
+
+
+def _block(graph: NetworkGraph, key: str):
+    return next(b for b in graph.blocks if b.key == key)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+def test_modern_cnn_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
+    model = TINY[name]()
+    if pruned:
+        random_prune(model, X, ratio=0.4, seed=1)
+    verdict = check_encoding(randomize(model), X, swaps=12)
+    assert verdict.status == EXACT, verdict.reason
+    assert verdict.swaps >= 4  # enough swaps were symmetries of the graph to test something
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_gradients_through_decode_equal_autograd_on_the_network(name):
+    model = randomize(TINY[name]())
+    graph = NetworkGraph.from_module(model, X)
+    data = graph.encode(model)
+    leaves = {k: data[k].clone().requires_grad_() for k in ["x"] + [edge_attr_key(a) for a in graph.edge_types]}
+    decoded = graph.decode(Data(**leaves))
+    torch.func.functional_call(model, decoded, (X,)).square().mean().backward()
+    model.zero_grad()
+    model(X).square().mean().backward()
+    through_graph = graph.decode(Data(**{k: v.grad for k, v in leaves.items()}))
+    for key, param in model.named_parameters():
+        torch.testing.assert_close(through_graph[key], param.grad, rtol=1e-5, atol=1e-7)
+
+
+class _Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(shufflenetv2.channel_shuffle(self.conv1(x), 2))
+
+
+def test_channel_shuffle_reorders_the_nodes_as_the_shuffle_moves_channels():
+    graph = NetworkGraph.from_module(_Shuffle(), X)
+    moved = shufflenetv2.channel_shuffle(torch.arange(8.0).view(1, 8, 1, 1), 2).view(-1).long()
+    written = _block(graph, "conv1.weight").dst[0]
+    assert torch.equal(_block(graph, "conv2.weight").src[0], written[moved])
+    assert graph.num_nodes == 3 + 8 + 4  # one node per channel, nothing added
+
+
+class _Chunks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = self.conv1(x).chunk(2, dim=1)
+        return self.conv2(torch.cat([b, a], dim=1))
+
+
+def test_chunks_along_the_channels_take_their_share_of_the_nodes():
+    graph = NetworkGraph.from_module(_Chunks(), X)
+    written = _block(graph, "conv1.weight").dst[0]
+    assert torch.equal(_block(graph, "conv2.weight").src[0], torch.cat([written[4:], written[:4]]))
+
+
+class _Excite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.se = SqueezeExcitation(8, 2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.se(self.conv(x)))
+
+
+def test_a_squeeze_excitation_gate_is_the_channel_it_gates():
+    graph = NetworkGraph.from_module(_Excite(), X)
+    gated = _block(graph, "conv.weight").dst[0]
+    assert torch.equal(_block(graph, "se.fc2.weight").dst[0], gated)
+    assert torch.equal(_block(graph, "se.fc1.weight").src[0], gated)
+    assert torch.equal(_block(graph, "head.weight").src[0], gated)
+    columns = graph.columns  # the gated conv's bias and the gate's bias: two bias slots
+    assert columns.slots("bias") == 2
+
+
+def test_untying_the_gate_is_caught_by_the_swap_check(monkeypatch):
+    model = randomize(_Excite())
+    assert check_encoding(model, X, swaps=10).status == EXACT
+    NetworkGraph._cache.clear()
+    monkeypatch.setattr(tracing._Walker, "gate",
+                        lambda self, node, args: tracing.replace(args[0][1], fresh=False))
+    verdict = check_encoding(model, X, swaps=10)
+    NetworkGraph._cache.clear()
+    assert verdict.status == WRONG and "changes the network's function" in verdict.reason
+
+
+def test_a_shuffle_read_in_channel_order_is_caught_by_the_swap_check(monkeypatch):
+    model = randomize(_Shuffle())
+    assert check_encoding(model, X, swaps=10).status == EXACT
+    NetworkGraph._cache.clear()
+
+    def in_channel_order(walker, node, args):  # moves the dims but not the channels' nodes
+        arg, value = args[0]
+        moved = walker.permute(node, arg, value)
+        return tracing.replace(moved, nodes=value.nodes.reshape(moved.nodes.shape))
+
+    for target in tracing._PERMUTES:
+        monkeypatch.setitem(tracing._FUNCTION_HANDLERS, target, in_channel_order)
+    verdict = check_encoding(model, X, swaps=10)
+    NetworkGraph._cache.clear()
+    assert verdict.status == WRONG
+
+
+class _ChannelsLast(nn.Module):
+    """A ConvNeXt-style block written out: depthwise conv, LayerNorm and MLP on channels-last
+    tensors, layer scale, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.down(nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channels_last_layers_and_layer_scale_sit_on_the_channels_they_act_on():
+    model = randomize(_ChannelsLast())
+    graph = NetworkGraph.from_module(model, X)
+    x = graph.encode(model).x
+    dw = _block(graph, "dw.weight").dst.reshape(-1)
+    assert torch.equal(_block(graph, "up.weight").src[0], dw)
+    for field in ("weight", "bias"):
+        column = graph.columns.column("layernorm", 0, field)
+        assert torch.equal(x[dw, column], getattr(model.norm, field).detach())
+    down = _block(graph, "down.weight").dst[0]
+    assert torch.equal(x[down, graph.columns.column("scale", 0, "weight")], model.gamma.detach().view(-1))
+    assert check_encoding(model, X, swaps=10).status == EXACT
+
+
+class _FlatHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=5)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+def test_a_linear_after_a_flattened_map_has_one_kernel_per_channel_pair():
+    model = randomize(_FlatHead())
+    graph = NetworkGraph.from_module(model, X)
+    block = _block(graph, "fc.weight")
+    assert block.area == 36 and block.shape == (1, 5, 4)
+    assert torch.equal(block.src[0], _block(graph, "conv.weight").dst[0])
+    features = graph.encode(model)[edge_attr_key(36)][block.start:block.start + block.rows]
+    weight = model.fc.weight.detach()
+    for o, c in ((0, 0), (3, 2), (4, 3)):  # edge (channel c -> output o): the c-th 6x6 slice
+        assert torch.equal(features[o * 4 + c], weight[o, c * 36:(c + 1) * 36])
+    assert check_encoding(model, X, swaps=10).status == EXACT
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "squeezenet1_1"])
+def test_census_small_torchvision_classifiers(name):
+    verdict = check_encoding(randomize(networks.build(name, 10)), X[:1], swaps=2)
+    assert verdict.status == EXACT, verdict.reason
+
+
+_CENSUS = [n for n in torchvision.models.list_models(module=torchvision.models)
+           if n not in ("shufflenet_v2_x0_5", "squeezenet1_1")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _CENSUS)
+def test_census_every_torchvision_classifier_is_exact_or_refused(name):
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    size = 299 if name == "inception_v3" else 224
+    verdict = check_encoding(networks.build(name, 10, **kwargs), torch.randn(1, 3, size, size), swaps=2)
+    assert verdict.status in (EXACT, REFUSED), verdict.reason
