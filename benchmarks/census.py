@@ -3,7 +3,9 @@
     python benchmarks/census.py [--max_params 40] [--size 224] [--swaps 4] \
         [--out runs/census.jsonl] [--table runs/census.md]
 
-Each model is built untrained (10 classes, random weights, no download), encoded and checked by
+Each model is built untrained (10 classes, its own random init, zero-initialized weight tensors
+such as a ViT's head drawn at random so that every layer reaches the output; no download),
+encoded and checked by
 ``graph.check_encoding`` in a fresh subprocess (so that peak memory is the model's own): exact
 (bit-exact round trip, same outputs, every node swap tried that maps the graph onto itself is a
 symmetry of the network), refused (with the reason the encoder gives), wrong or crash. It
@@ -48,6 +50,10 @@ def census_one(name: str, size: int, swaps: int) -> dict:
 
     torch.manual_seed(0)
     model: nn.Module = networks.build(name, 10, **_BUILD_ARGS.get(name, {})).eval()
+    with torch.no_grad():  # zero-initialized weights (a ViT's head) would hide what follows
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, p.shape[-1] ** -0.5)
     params = sum(p.numel() for p in model.parameters())
     size = max(size, _MIN_SIZE.get(name, 0))
     example = torch.randn(1, 3, size, size)

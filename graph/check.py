@@ -14,6 +14,7 @@ else that goes wrong is a crash, never hidden.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,12 +113,30 @@ def swapped(graph: NetworkGraph, data: Data, u: int, v: int) -> Data | None:
     x = torch.empty_like(data.x)
     x[perm] = data.x
     features = {edge_attr_key(a): data[edge_attr_key(a)].clone() for a in graph.edge_types}
+    if graph.passengers:
+        features["passengers"] = _permuted_passengers(graph, data.passengers, perm)
     for block in graph.blocks:
         moved = _permuted_block(block, data[edge_attr_key(block.area)], perm, graph.num_nodes)
         if moved is None:
             return None
         features[edge_attr_key(block.area)][block.start:block.start + block.rows] = moved
     return Data(x=x, **features)
+
+
+def _permuted_passengers(graph: NetworkGraph, flat: torch.Tensor, perm: torch.Tensor
+                         ) -> torch.Tensor:
+    """The passenger tensors with their channel slices moved along with their nodes."""
+    moved, offset = [], 0
+    for key, nodes, dim in graph.passengers:
+        shape = graph.shapes[key]
+        tensor = flat[offset:offset + math.prod(shape)].view(shape)
+        offset += math.prod(shape)
+        lookup = torch.full((graph.num_nodes,), -1, dtype=torch.long)
+        lookup[nodes] = torch.arange(len(nodes))
+        out = torch.empty_like(tensor)
+        out.index_copy_(dim, lookup[perm[nodes]], tensor)  # channel i goes where its node goes
+        moved.append(out.reshape(-1))
+    return torch.cat(moved)
 
 
 def _closure(graph: NetworkGraph, u: int, v: int) -> dict[int, int] | None:

@@ -12,6 +12,7 @@ edges.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
@@ -22,7 +23,7 @@ from torch_geometric.data import Data
 
 from .errors import UnsupportedArchitectureError
 from .node_slots import NODE_SLOTS, NodeColumns
-from .tracing import trace
+from .tracing import Rows, trace
 
 _CACHE_SIZE = 64
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one
@@ -69,11 +70,37 @@ def edge_attr_key(area: int) -> str:
 
 def _identity_features(block: EdgeBlock) -> torch.Tensor:
     """Features of an identity block: the Dirac kernel (centre tap 1) on edges i -> i, zero
-    on the other pairs of a dense block."""
+    on the other pairs of a dense block; none for a membership block (area 0)."""
     groups, out, inp = block.shape
     features = torch.zeros(block.rows, block.area)
-    features[:, block.area // 2] = torch.eye(out, inp).expand(groups, out, inp).reshape(-1)
+    if block.area:
+        features[:, block.area // 2] = torch.eye(out, inp).expand(groups, out, inp).reshape(-1)
     return features
+
+
+def _take(tensor: torch.Tensor, rows: Rows, width: int) -> torch.Tensor:
+    """``rows`` of ``tensor`` as [n, width] features (zipped row groups side by side)."""
+    part = tensor[rows.start:rows.stop]
+    if rows.zip > 1:
+        part = part.reshape(rows.zip, -1, *part.shape[1:]).movedim(0, -1)
+    return part.reshape(-1, width)
+
+
+def _put(features: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``_take``: features back to the rows' part of a tensor of ``shape``."""
+    count = (shape[0] if rows.stop is None else rows.stop) - rows.start
+    if rows.zip > 1:
+        per_group = count // rows.zip
+        return features.reshape(per_group, *shape[1:], rows.zip).movedim(-1, 0).reshape(
+            count, *shape[1:])
+    return features.reshape(count, *shape[1:])
+
+
+def _assemble(parts: dict[str, list[tuple[Rows, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Each key's tensor from its parts (a whole tensor is one part)."""
+    return {key: chunks[0][1] if len(chunks) == 1 else
+            torch.cat([t for _, t in sorted(chunks, key=lambda c: c[0].start)])
+            for key, chunks in parts.items()}
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -107,34 +134,43 @@ class NetworkGraph:
         self.input_nodes = rep[:records.input_channels]
         self.output_nodes = rep[records.outputs]
         self.shapes = {k: tuple(v.shape) for k, v in state.items() if k in used}
+        # tensors that follow channels outside the graph: (key, node per channel, their dim)
+        self.passengers = [(key, rep[nodes], dim) for key, nodes, dim in records.passengers]
         self._build_edges(records, rep)
         self._build_nodes(records, rep)
 
     # -- construction -------------------------------------------------------------------------
     def _build_edges(self, records, rep: torch.Tensor) -> None:
-        areas = sorted({a for _, a, _, _ in records.weights} | {a for *_, a in records.identities})
+        areas = sorted({a for _, a, *_ in records.weights} | {a for *_, a in records.identities}
+                       | ({0} if records.memberships else set()))
         self.edge_types: tuple[int, ...] = tuple(areas)
         self.blocks: list[EdgeBlock] = []
         self._block_index: dict[str, list] = {}
         self._identity: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, Rows] = {}
         counts = []
         for area in areas:
             start = 0
-            for key, a, src, dst in records.weights:
+            for key, a, src, dst, rows in records.weights:
                 if a == area:
                     self.blocks.append(EdgeBlock(area, start, rep[src], rep[dst], key))
+                    self._rows[len(self.blocks) - 1] = rows
                     start += self.blocks[-1].rows
             identities = []
             for src, dst, a in records.identities:
                 if a == area:
                     identities.append(self._identity_block(area, start, rep[src], rep[dst]))
                     start += identities[-1].rows
+            for src, dst in records.memberships if area == 0 else []:
+                identities.append(EdgeBlock(0, start, rep[src], rep[dst]))
+                start += identities[-1].rows
             if identities:
                 self.blocks += identities
                 self._identity[area] = torch.cat([_identity_features(b) for b in identities])
             counts.append(start)
-        self._edge_keys = {a: [(b.key, b.rows) for b in self.blocks if b.area == a and b.key]
-                           for a in areas}
+        # per area: (key, edge count, the key's rows) of each weight block, in block order
+        self._edge_keys = {a: [(b.key, b.rows, self._rows[i]) for i, b in enumerate(self.blocks)
+                               if b.area == a and b.key] for a in areas}
         self.edge_index = torch.cat([b.edge_index() for b in self.blocks], dim=1)
         self.edge_type = torch.repeat_interleave(torch.tensor(areas, dtype=torch.long),
                                                  torch.tensor(counts))
@@ -153,25 +189,25 @@ class NetworkGraph:
         # takes slot 0, a second one on the same (merged) channel, e.g. a projection shortcut's
         # BatchNorm, slot 1. All fields one layer writes share its slot.
         next_free: dict[str, torch.Tensor] = {}
-        placed = []  # (key, kind, field, nodes, slot)
+        placed = []  # (key, kind, field, nodes, slot, rows)
         layer_slot: dict[tuple[str, str], int] = {}
-        for key, kind, fld, nodes in records.channels:
+        for key, kind, fld, nodes, rows in records.channels:
             nodes = rep[nodes]
             free = next_free.setdefault(kind, torch.zeros(self.num_nodes, dtype=torch.long))
             layer = (key.rsplit(".", 1)[0], kind)
             if layer not in layer_slot:
                 layer_slot[layer] = int(free[nodes].max())
                 free[nodes] = layer_slot[layer] + 1
-            placed.append((key, kind, fld, nodes, layer_slot[layer]))
+            placed.append((key, kind, fld, nodes, layer_slot[layer], rows))
         self.columns = NodeColumns.from_counts({k: int(v.max()) for k, v in next_free.items()})
         self.node_dim = self.columns.node_dim
         self._x_default = self.columns.defaults().expand(self.num_nodes, -1).clone()
-        # (key, channels, is a running statistic: decoded detached)
-        self._node_keys = [(key, len(nodes), fld in NODE_SLOTS[kind].statistics)
-                           for key, kind, fld, nodes, _ in placed]
+        # (key, channels, is a running statistic: decoded detached, the key's rows)
+        self._node_keys = [(key, len(nodes), fld in NODE_SLOTS[kind].statistics, rows)
+                           for key, kind, fld, nodes, _, rows in placed]
         self._node_index = torch.cat([
             nodes * self.node_dim + self.columns.column(kind, slot, fld)
-            for _, kind, fld, nodes, slot in placed
+            for _, kind, fld, nodes, slot, _ in placed
         ]) if placed else torch.zeros(0, dtype=torch.long)
         self.running_stat_columns = self.columns.statistics()
 
@@ -217,8 +253,9 @@ class NetworkGraph:
 
     def channel_nodes(self) -> list[tuple[str, torch.Tensor]]:
         """``(state_dict key, node of each channel)`` of every per-channel tensor (node slots)."""
-        nodes = (self._node_index // max(self.node_dim, 1)).split([n for _, n, _ in self._node_keys])
-        return [(key, n) for (key, *_), n in zip(self._node_keys, nodes)]
+        nodes = (self._node_index // max(self.node_dim, 1)).split([n for _, n, *_ in self._node_keys])
+        return [(key, n) for (key, *_), n in zip(self._node_keys, nodes)] + [
+            (key, n) for key, n, _ in self.passengers]
 
     @property
     def num_edges(self) -> int:
@@ -242,14 +279,17 @@ class NetworkGraph:
         dtype, device = ref.dtype, ref.device
         blocks = {}
         for area in self.edge_types:
-            parts = [state[k].reshape(-1, area) for k, _ in self._edge_keys[area]]
+            parts = [_take(state[k], rows, area) for k, _, rows in self._edge_keys[area]]
             if area in self._identity:
                 parts.append(self._identity[area].to(device, dtype))
             blocks[edge_attr_key(area)] = torch.cat(parts)
         x = self._x_default.to(device, dtype).reshape(-1)
         if self._node_keys:
-            values = torch.cat([state[k].reshape(-1) for k, *_ in self._node_keys])
+            values = torch.cat([_take(state[k], rows, 1).reshape(-1)
+                                for k, _, _, rows in self._node_keys])
             x = x.index_put((self._node_index.to(device),), values)
+        if self.passengers:  # flat, so that a Batch of different widths concatenates them
+            blocks["passengers"] = torch.cat([state[k].reshape(-1) for k, *_ in self.passengers])
         return Data(x=x.view(self.num_nodes, self.node_dim), edge_index=self.edge_index.to(device),
                     edge_type=self.edge_type.to(device), num_nodes=self.num_nodes, graph=self,
                     **blocks)
@@ -265,21 +305,25 @@ class NetworkGraph:
             raise ValueError(f"node features of shape {tuple(data.x.shape)} do not match this "
                              f"graph ({self.num_nodes} nodes x {self.node_dim}); split a Batch "
                              "with to_data_list() before decoding")
-        out: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[tuple[Rows, torch.Tensor]]] = {}
         for area in self.edge_types:
             block = data[edge_attr_key(area)]
-            rows = [n for _, n in self._edge_keys[area]]
+            counts = [n for _, n, _ in self._edge_keys[area]]
             # split, not slices: one backward for the whole block instead of one per tensor
-            parts = block.split(rows + [block.shape[0] - sum(rows)])  # the rest: identities
-            for (key, _), part in zip(self._edge_keys[area], parts):
-                out[key] = part.reshape(self.shapes[key])
+            chunks = block.split(counts + [block.shape[0] - sum(counts)])  # the rest: identities
+            for (key, _, rows), chunk in zip(self._edge_keys[area], chunks):
+                parts.setdefault(key, []).append((rows, _put(chunk, rows, self.shapes[key])))
         if self._node_keys:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
-            for (key, _, statistic), chunk in zip(self._node_keys,
-                                                  values.split([n for _, n, _ in self._node_keys])):
-                chunk = chunk.reshape(self.shapes[key])
-                out[key] = chunk.detach() if statistic else chunk
-        return out
+            counts = [n for _, n, *_ in self._node_keys]
+            for (key, _, statistic, rows), chunk in zip(self._node_keys, values.split(counts)):
+                chunk = _put(chunk, rows, self.shapes[key])
+                parts.setdefault(key, []).append((rows, chunk.detach() if statistic else chunk))
+        if self.passengers:
+            sizes = [math.prod(self.shapes[k]) for k, *_ in self.passengers]
+            for (key, *_), chunk in zip(self.passengers, data.passengers.split(sizes)):
+                parts[key] = [(Rows(), chunk.reshape(self.shapes[key]))]
+        return _assemble(parts)
 
     def __repr__(self) -> str:
         return (f"NetworkGraph(nodes={self.num_nodes}, edges={self.num_edges} "

@@ -68,6 +68,8 @@ BIAS = register_node_slot(NodeSlot("bias", ("bias",), (0.0,)))
 LAYERNORM = register_node_slot(NodeSlot("layernorm", ("weight", "bias"), (1.0, 0.0)))
 # a per-channel factor applied to a layer's output (ConvNeXt's layer scale)
 SCALE = register_node_slot(NodeSlot("scale", ("weight",), (1.0,)))
+# the query and key biases of one attention channel (its value bias is a plain "bias")
+ATTENTION = register_node_slot(NodeSlot("attention", ("q_bias", "k_bias"), (0.0, 0.0)))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from networks.layers import LayerShape, register_layer_shape
 
 from .errors import UnsupportedArchitectureError
-from .node_slots import BATCHNORM, BIAS, LAYERNORM, NODE_SLOTS, SCALE
+from .node_slots import ATTENTION, BATCHNORM, BIAS, LAYERNORM, NODE_SLOTS, SCALE
 
 # Operations that act on each element (or each sample) alone: any channel layout. Dropout and
 # stochastic depth are traced in eval mode, where they are the identity.
@@ -77,6 +77,17 @@ class Value:
         return range(self.axis, self.axis + self.nodes.dim())
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Which rows (dim 0) of a state-dict tensor a record covers: ``[start, stop)``, all by
+    default. ``zip`` > 1 splits them into that many equal groups and zips the groups into one
+    feature (an attention's query and key rows of one channel: one edge with 2 features)."""
+
+    start: int = 0
+    stop: int | None = None
+    zip: int = 1
+
+
 @dataclass
 class TraceRecords:
     """What the walk found; node ids are provisional (see ``rep``)."""
@@ -84,13 +95,19 @@ class TraceRecords:
     num_nodes: int = 0
     input_channels: int = 0
     parent: list[int] = field(default_factory=list)        # union-find over provisional ids
-    # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group])
-    # in trace order; the weight's rows, in (out, in) order, are the edges of this dense block
-    weights: list[tuple[str, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # (state_dict key, node slot kind, field name, node per channel), in trace order
-    channels: list[tuple[str, str, str, torch.Tensor]] = field(default_factory=list)
+    # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group],
+    # rows) in trace order; the rows, in (out, in) order, are the edges of this dense block
+    weights: list[tuple[str, int, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=list)
+    # (state_dict key, node slot kind, field name, node per channel, rows), in trace order
+    channels: list[tuple[str, str, str, torch.Tensor, Rows]] = field(default_factory=list)
     # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
     identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    # featureless edges from a node to the nodes it groups (an attention head to its
+    # channels): (src [groups, 1], dst [groups, members])
+    memberships: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # tensors that follow channels but stay out of the graph (a class token, a positional
+    # embedding): (state_dict key, node per channel, the tensor's dim holding the channels)
+    passengers: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
     # the channels of the network's output(s), in output order
     outputs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
@@ -150,7 +167,7 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
 
 
-Env = Union[Value, tuple[Value, ...], None]
+Env = Union[Value, tuple[Union[Value, None], ...], None]
 
 
 class _Walker:
@@ -160,7 +177,7 @@ class _Walker:
         self.params = set(dict(gm.named_parameters())) | set(dict(gm.named_buffers()))
         self.rec = TraceRecords()
         self.env: dict[fx.Node, Env] = {}
-        self.used_keys: set[str] = set()
+        self.used: set[tuple[str, int, int | None]] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
@@ -170,10 +187,14 @@ class _Walker:
             "graph.register_module / register_function add one"
         )
 
-    def use_key(self, node: fx.Node, key: str) -> None:
-        if key in self.used_keys:
+    def use_key(self, node: fx.Node, key: str, rows: Rows = Rows()) -> None:
+        if (key, rows.start, rows.stop) in self.used:
             raise self.fail(node, f"parameter {key!r} is used twice (weight sharing)")
-        self.used_keys.add(key)
+        self.used.add((key, rows.start, rows.stop))
+
+    @property
+    def used_keys(self) -> set[str]:
+        return {key for key, *_ in self.used}
 
     def channel_args(self, node: fx.Node) -> list[tuple[fx.Node, Env]]:
         found = []
@@ -277,17 +298,17 @@ class _Walker:
         return self.rec.new_nodes(count)
 
     def add_weight(self, node: fx.Node, key: str, area: int, src: torch.Tensor,
-                   dst: torch.Tensor) -> None:
-        """State-dict tensor ``key`` of shape [out, in/groups, *kernel] as edges: ``src``
-        [groups, in/groups] input nodes to ``dst`` [groups, out/groups] output nodes, each edge
-        ``area`` features wide."""
-        self.use_key(node, key)
-        self.rec.weights.append((key, area, src, dst))
+                   dst: torch.Tensor, rows: Rows = Rows()) -> None:
+        """State-dict tensor ``key`` (its ``rows``) of shape [out, in/groups, *kernel] as edges:
+        ``src`` [groups, in/groups] input nodes to ``dst`` [groups, out/groups] output nodes,
+        each edge ``area`` features wide."""
+        self.use_key(node, key, rows)
+        self.rec.weights.append((key, area, src, dst, rows))
 
     def add_channels(self, node: fx.Node, key: str, kind: str, field: str,
-                     nodes: torch.Tensor) -> None:
-        """State-dict tensor ``key`` of ``len(nodes)`` elements as field ``field`` of a node
-        slot of kind ``kind`` (``graph.NODE_SLOTS``, or one registered with
+                     nodes: torch.Tensor, rows: Rows = Rows()) -> None:
+        """State-dict tensor ``key`` (its ``rows``) of ``len(nodes)`` elements as field
+        ``field`` of a node slot of kind ``kind`` (``graph.NODE_SLOTS``, or one registered with
         ``register_node_slot``) on ``nodes`` [C]. The fields one layer writes share one slot."""
         slot = NODE_SLOTS.get(kind)
         if slot is None:
@@ -296,15 +317,35 @@ class _Walker:
         if field not in slot.fields:
             raise self.fail(node, f"{key!r} goes to field {field!r} of node slot kind {kind!r}, "
                             f"which has fields {slot.fields}")
+        self.use_key(node, key, rows)
+        self.rec.channels.append((key, kind, field, nodes, rows))
+
+    def add_passenger(self, node: fx.Node, param: fx.Node, value: Value) -> None:
+        """The parameter read by fx node ``param`` (through expand/view/...) has one slice per
+        channel of ``value`` (right-aligned with ``node``'s output, as broadcasting does) and
+        stays out of the graph (decoded as it was)."""
+        while param.op == "call_method" and param.target in ("expand", "expand_as", "repeat"):
+            source = param.args[0]
+            if not isinstance(source, fx.Node):
+                break
+            param = source
+        key, shape = self.state_key(node, param), tuple(_shape(param) or ())
+        dim = value.axis - (len(_shape(node) or ()) - len(shape))
+        if not 0 <= dim < len(shape) or shape[dim] != len(value.nodes):
+            raise self.fail(node, f"parameter {key!r} of shape {shape} has no dim of the "
+                            f"{len(value.nodes)} channels aligned with dim {value.axis}")
         self.use_key(node, key)
-        self.rec.channels.append((key, kind, field, nodes))
+        self.rec.passengers.append((key, value.nodes, dim))
 
     # -- functions ------------------------------------------------------------------------
     def add(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
-        if len(args) == 1:  # tensor + python scalar
-            if any(isinstance(a, fx.Node) and self.env.get(a) is None for a in node.args):
-                raise self.fail(node, "adding a tensor without channel structure")
-            return self.passthrough(*args[0])
+        if len(args) == 1:  # tensor + python scalar, or + a parameter (positional embedding)
+            arg, value = args[0]
+            for other in node.args:
+                if isinstance(other, fx.Node) and other is not arg:
+                    self.aligned(node, other, value, "adding")
+                    self.add_passenger(node, other, value)
+            return self.passthrough(arg, value)
         (na, a), (nb, b) = args
         if len(a.nodes) != len(b.nodes) or _shape(na) != _shape(nb):
             raise self.fail(node, f"residual add of tensors with shapes {tuple(_shape(na) or ())} "
@@ -354,6 +395,16 @@ class _Walker:
             return self.passthrough(arg, value)
         raise self.fail(node, "dividing by a tensor (or a number by channels)")
 
+    def aligned(self, node: fx.Node, tensor: fx.Node, value: Value, what: str) -> None:
+        """Refuse ``node`` unless ``tensor`` broadcasts against ``value`` (the output's
+        channels) with its full channel dim on theirs."""
+        self.one_axis(node, value, what)
+        shape, ndim = tuple(_shape(tensor) or ()), len(_shape(node) or ())
+        aligned = (1,) * (ndim - len(shape)) + shape  # broadcasting aligns the trailing dims
+        if len(aligned) != ndim or aligned[value.axis] != len(value.nodes):
+            raise self.fail(node, f"{what} a tensor of shape {shape} whose dim {value.axis} is "
+                            f"not the {len(value.nodes)} channels")
+
     def channel_scale(self, node: fx.Node, arg: fx.Node, value: Value, param: fx.Node) -> Value:
         """``value * p`` with a parameter ``p`` of one factor per channel (layer scale): the
         factors become node features."""
@@ -389,6 +440,16 @@ class _Walker:
         ndim = len(_shape(node) or ())
         tensors = node.args[0]
         values = [self.env.get(t) for t in tensors]
+        first = next((v for v in values if isinstance(v, Value)), None)
+        if first is not None and dim % ndim not in first.dims and all(
+                not isinstance(v, Value) or torch.equal(v.nodes, first.nodes) for v in values):
+            # along tokens or space: the same channels; a parameter joining them (a class
+            # token) follows them out of the graph
+            for t, v in zip(tensors, values):
+                if not isinstance(v, Value):
+                    self.aligned(node, t, first, "concatenating")
+                    self.add_passenger(node, t, first)
+            return replace(first, fresh=False)
         if any(not isinstance(v, Value) for v in values):
             raise self.fail(node, "concatenating a tensor without channel structure")
         for v in values:
@@ -492,8 +553,6 @@ class _Walker:
             return self.getitem(node, args)
         if any(not isinstance(v, Value) for _, v in args):
             raise self.fail(node, "a tuple of channel tensors used other than by indexing")
-        if _shape(node) is None and node.target not in _SPLITS:
-            return None  # x.size(), x.shape and the like
         arg, value = args[0]
         if node.op == "call_module":
             m = self.modules[node.target]
@@ -503,15 +562,29 @@ class _Walker:
                                 "(graph.register_module adds a type)")
             return handler(self, node, m, arg, value)
         function = _FUNCTION_HANDLERS.get(node.target)
-        if function is None:
-            raise self.fail(node, "this operation on channel tensors is not supported")
-        return function(self, node, args)
+        if function is not None:
+            return function(self, node, args)
+        if _shape(node) is None:
+            return None  # x.size(), x.dim() and the like: no channels in the result
+        raise self.fail(node, "this operation on channel tensors is not supported")
 
     def getitem(self, node: fx.Node, args) -> Env:
+        """An output of a multi-output call, or ``x[:, 0]`` (a token) and other indexing that
+        leaves the channel dims whole."""
         (source, env), = args[:1]
+        index = node.args[1]
         if isinstance(env, tuple):
-            return env[node.args[1]]
-        raise self.fail(node, "indexing a channel tensor")
+            return env[index]
+        index = index if isinstance(index, tuple) else (index,)
+        whole = slice(None)
+        if isinstance(env, Value) and all(isinstance(i, int) or i == whole for i in index):
+            touched = [d for d, i in enumerate(index) if i != whole]
+            if 0 not in touched and not set(touched) & set(env.dims):
+                axis = env.axis - sum(d < env.axis for d, i in enumerate(index) if isinstance(i, int))
+                return replace(self.passthrough(source, env), axis=axis)
+        raise self.fail(node, f"indexing {index} of a tensor whose channels are in dims "
+                        f"{list(env.dims) if isinstance(env, Value) else '?'} (only whole "
+                        "channel dims and integer or full indices elsewhere are supported)")
 
     def run(self) -> TraceRecords:
         for node in self.gm.graph.nodes:
@@ -520,7 +593,7 @@ class _Walker:
 
 
 # -- the registries: how each module type and each function maps channels -------------------
-ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Value]
+ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Env]
 FunctionHandler = Callable[[_Walker, fx.Node, list], Env]
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {}
 _FUNCTION_HANDLERS: dict[object, FunctionHandler] = {}
@@ -601,6 +674,42 @@ def _layer_norm_module(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Nod
     keys = [None if getattr(m, name) is None else f"{node.target}.{name}"
             for name in ("weight", "bias")]
     return walker.layer_norm(node, arg, value, m.normalized_shape, *keys)
+
+
+@register_module(nn.MultiheadAttention)
+def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
+               ) -> tuple[Value, None]:
+    """Self-attention with head nodes (after NiNo, Knyazev et al. 2025): channel i of a head's
+    queries and keys is one node (one edge per input channel with the query and key weights
+    as 2 features: the scores need both permuted alike), channel i of its values another (it
+    feeds the output projection's input i), and a featureless membership edge ties each
+    head's nodes to a head node, so that only whole heads and channels within a head can be
+    permuted: exactly the network's symmetries."""
+    query, key, val = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    if not (query is key is val):
+        raise walker.fail(node, "attention whose query, key and value are different tensors "
+                          "(only self-attention is supported)")
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise walker.fail(node, "attention with separate key/value sizes, bias_k/bias_v or "
+                          "add_zero_attn")
+    walker.channels_last(node, arg, value, "MultiheadAttention")
+    width, heads = m.embed_dim, m.num_heads
+    head_nodes, qk, v = walker.new_nodes(heads), walker.new_nodes(width), walker.new_nodes(width)
+    out = walker.new_nodes(width)
+    inputs, prefix = value.nodes.view(1, -1), str(node.target)
+    weight, bias = f"{prefix}.in_proj_weight", f"{prefix}.in_proj_bias"
+    walker.add_weight(node, weight, 2, inputs, qk.view(1, -1), Rows(0, 2 * width, zip=2))
+    walker.add_weight(node, weight, 1, inputs, v.view(1, -1), Rows(2 * width, 3 * width))
+    if m.in_proj_bias is not None:
+        for i, name in enumerate(ATTENTION.fields):
+            walker.add_channels(node, bias, ATTENTION.name, name, qk, Rows(i * width, (i + 1) * width))
+        walker.add_channels(node, bias, BIAS.name, "bias", v, Rows(2 * width, 3 * width))
+    walker.add_weight(node, f"{prefix}.out_proj.weight", 1, v.view(1, -1), out.view(1, -1))
+    if m.out_proj.bias is not None:
+        walker.add_channels(node, f"{prefix}.out_proj.bias", BIAS.name, "bias", out)
+    for members in (qk, v):
+        walker.rec.memberships.append((head_nodes[:, None], members.view(heads, -1)))
+    return Value(out, True, 1, value.axis), None
 
 
 register_module(nn.Flatten)(lambda walker, node, m, arg, value: walker.reshape(node, arg, value))

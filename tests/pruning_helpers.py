@@ -38,7 +38,10 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         if not value.is_floating_point():
             continue
         noise = torch.rand(value.shape, generator=g, dtype=value.dtype)
-        if value.dim() > 1:  # conv/linear weights: keep the He-style scale of the init
+        if value.dim() > 1 and not value.any():  # zero-initialized (a ViT's head, class token)
+            fan_in = value[0].numel() if value.shape[0] > 1 else value.shape[-1]
+            value.copy_(torch.randn(value.shape, generator=g, dtype=value.dtype) / fan_in ** 0.5)
+        elif value.dim() > 1:  # conv/linear weights: keep the He-style scale of the init
             value.mul_(0.5 + noise)
         elif key.endswith("running_var") or key.endswith("weight"):
             value.copy_(0.5 + noise)

@@ -19,7 +19,7 @@ from torchvision.ops.misc import SqueezeExcitation
 
 import networks
 from graph import NetworkGraph, edge_attr_key
-from graph import tracing
+from graph import check, tracing
 from graph.check import EXACT, REFUSED, WRONG, check_encoding
 
 X = torch.randn(2, 3, 32, 32)
@@ -38,16 +38,20 @@ TINY = {
     "shufflenet_v2": lambda: shufflenetv2.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10),
     "mobilenet_v3": lambda: torchvision.models.mobilenet_v3_small(num_classes=10, width_mult=0.25),
 }
+# A ViT at CIFAR scale: patch 4, width 16, 2 heads; pruned copies need the pruning work of
+# issue 15 (torchvision's ViT reads its width from an attribute), so it is tested dense here.
+VIT = {"vit": lambda: torchvision.models.VisionTransformer(
+    image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)}
 
 
-def _block(graph: NetworkGraph, key: str):
-    return next(b for b in graph.blocks if b.key == key)
+def _block(graph: NetworkGraph, key: str, area: int | None = None):
+    return next(b for b in graph.blocks if b.key == key and area in (None, b.area))
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
-def test_modern_cnn_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
-    model = TINY[name]()
+@pytest.mark.parametrize("name,pruned", [(n, p) for n in sorted(TINY) for p in (False, True)]
+                         + [("vit", False)])
+def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
+    model = {**TINY, **VIT}[name]()
     if pruned:
         random_prune(model, X, ratio=0.4, seed=1)
     verdict = check_encoding(randomize(model), X, swaps=12)
@@ -55,17 +59,19 @@ def test_modern_cnn_blocks_are_exact_and_their_node_swaps_are_symmetries(name, p
     assert verdict.swaps >= 4  # enough swaps were symmetries of the graph to test something
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY) + ["vit"])
 def test_gradients_through_decode_equal_autograd_on_the_network(name):
-    model = randomize(TINY[name]())
+    model = randomize({**TINY, **VIT}[name]())
     graph = NetworkGraph.from_module(model, X)
     data = graph.encode(model)
-    leaves = {k: data[k].clone().requires_grad_() for k in ["x"] + [edge_attr_key(a) for a in graph.edge_types]}
+    names = ["x"] + [edge_attr_key(a) for a in graph.edge_types] + (["passengers"] if graph.passengers else [])
+    leaves = {k: data[k].clone().requires_grad_() for k in names}
     decoded = graph.decode(Data(**leaves))
     torch.func.functional_call(model, decoded, (X,)).square().mean().backward()
     model.zero_grad()
     model(X).square().mean().backward()
-    through_graph = graph.decode(Data(**{k: v.grad for k, v in leaves.items()}))
+    grads = {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
+    through_graph = graph.decode(Data(**grads))  # (featureless membership edges: no gradient)
     for key, param in model.named_parameters():
         torch.testing.assert_close(through_graph[key], param.grad, rtol=1e-5, atol=1e-7)
 
@@ -227,3 +233,51 @@ def test_census_every_torchvision_classifier_is_exact_or_refused(name):
     size = 299 if name == "inception_v3" else 224
     verdict = check_encoding(networks.build(name, 10, **kwargs), torch.randn(1, 3, size, size), swaps=2)
     assert verdict.status in (EXACT, REFUSED), verdict.reason
+
+
+def test_attention_heads_permute_whole_and_channels_only_within_a_head():
+    model = randomize(VIT["vit"]())
+    graph = NetworkGraph.from_module(model, X)
+    data, expected = graph.encode(model), model(X)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the output sees the input
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    # 2 heads x 8 query/key channels, one edge per input channel with both weights (area 2)
+    qk = _block(graph, f"{prefix}.in_proj_weight", area=2).dst[0]
+    assert len(qk) == 16
+
+    def function(permuted):
+        return torch.func.functional_call(model, graph.decode(permuted), (X,))
+
+    within = check.swapped(graph, data, int(qk[1]), int(qk[5]))  # same head
+    assert within is not None
+    torch.testing.assert_close(function(within), expected)
+    across = check.swapped(graph, data, int(qk[1]), int(qk[9]))  # heads 0 and 1: the closure
+    assert across is not None                                    # swaps the whole heads
+    torch.testing.assert_close(function(across), expected)
+    moved = across.x.ne(data.x).any(1).nonzero().view(-1)  # every channel of both heads moved
+    assert set(moved.tolist()) >= set(qk.tolist())
+    # one query/key channel moved to the other head alone: not a symmetry of the network, and
+    # not an automorphism of the graph (its membership edge would change heads)
+    perm = torch.arange(graph.num_nodes)
+    perm[qk[1]], perm[qk[9]] = qk[9], qk[1]
+    members = next(b for b in graph.blocks if b.area == 0 and b.dst.numel() == len(qk)
+                   and set(b.dst.reshape(-1).tolist()) == set(qk.tolist()))
+    assert check._permuted_block(members, data[edge_attr_key(0)], perm, graph.num_nodes) is None
+    weights = dict(model.state_dict())
+    in_proj = weights[f"{prefix}.in_proj_weight"].clone()
+    in_proj[[1, 9, 17, 25]] = in_proj[[9, 1, 25, 17]]  # query and key rows 1 <-> 9
+    weights[f"{prefix}.in_proj_weight"] = in_proj
+    assert not torch.allclose(torch.func.functional_call(model, weights, (X,)), expected, atol=1e-4)
+
+
+def test_class_token_and_positional_embedding_stay_out_of_the_graph_and_follow_channels():
+    model = randomize(VIT["vit"]())
+    graph = NetworkGraph.from_module(model, X)
+    keys = {key for key, *_ in graph.passengers}
+    assert keys == {"class_token", "encoder.pos_embedding"}
+    stream = _block(graph, "conv_proj.weight").dst.reshape(-1)
+    assert all(torch.equal(nodes, stream) and dim == 2 for _, nodes, dim in graph.passengers)
+    data = graph.encode(model)
+    assert data.x.shape[1] == graph.node_dim  # not among the node features
+    decoded = graph.decode(data)
+    assert torch.equal(decoded["class_token"], model.class_token.detach())
