@@ -4,9 +4,9 @@ from .metanetwork import Metanetwork
 from .network_graph import IDENTITY_EDGES, NetworkGraph, edge_attr_key
 from .node_slots import NODE_SLOTS, NodeColumns, NodeSlot, register_node_slot
 from .paper_weights import PaperWeightsError
-from .tracing import Value, module_handler, register_module, symbolic_trace
+from .tracing import Rows, Value, module_handler, register_function, register_module, symbolic_trace
 
 __all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "Metanetwork", "NetworkGraph", "NodeColumns",
-           "NodeSlot", "PaperWeightsError", "UnsupportedArchitectureError", "Value",
-           "edge_attr_key", "module_handler", "register_module", "register_node_slot",
-           "symbolic_trace"]
+           "NodeSlot", "PaperWeightsError", "Rows", "UnsupportedArchitectureError", "Value",
+           "edge_attr_key", "module_handler", "register_function", "register_module",
+           "register_node_slot", "symbolic_trace"]
