@@ -18,8 +18,7 @@ from torchvision.models import convnext, efficientnet, regnet, shufflenetv2
 from torchvision.ops.misc import SqueezeExcitation
 
 import networks
-from graph import NetworkGraph, edge_attr_key
-from graph import check, tracing
+from graph import NetworkGraph, check, edge_attr_key, tracing
 from graph.check import EXACT, REFUSED, WRONG, check_encoding
 
 X = torch.randn(2, 3, 32, 32)
@@ -64,7 +63,8 @@ def test_gradients_through_decode_equal_autograd_on_the_network(name):
     model = randomize({**TINY, **VIT}[name]())
     graph = NetworkGraph.from_module(model, X)
     data = graph.encode(model)
-    names = ["x"] + [edge_attr_key(a) for a in graph.edge_types] + (["passengers"] if graph.passengers else [])
+    names = ["x"] + [edge_attr_key(a) for a in graph.edge_types]
+    names += ["passengers"] if graph.passengers else []
     leaves = {k: data[k].clone().requires_grad_() for k in names}
     decoded = graph.decode(Data(**leaves))
     torch.func.functional_call(model, decoded, (X,)).square().mean().backward()
