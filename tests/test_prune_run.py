@@ -432,10 +432,10 @@ def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
 def test_unsupported_network(setup: dict, tmp_path: Path) -> None:
     from graph import UnsupportedArchitectureError
 
-    net = networks.build("shufflenet_v2_x0_5", 3)
-    path = networks.save_network(net, tmp_path / "shuffle.pt",
-                                 {"name": "shufflenet_v2_x0_5", "num_classes": 3, "kwargs": {}})
-    _expect(setup, tmp_path, r"shuffle\.pt' cannot be encoded as a graph.*--method none",
+    net = networks.build("swin_t", 3)  # shifted-window attention: refused (docs/graph.md)
+    path = networks.save_network(net, tmp_path / "swin.pt",
+                                 {"name": "swin_t", "num_classes": 3, "kwargs": {}})
+    _expect(setup, tmp_path, r"swin\.pt' cannot be encoded as a graph.*--method none",
             network=path, error=UnsupportedArchitectureError)
 
 
