@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size),
                                 "--swaps", str(args.swaps)], capture_output=True, text=True)
         if child.returncode != 0:
+            last = [line for line in child.stderr.splitlines() if "warn" not in line.lower()]
+            why = (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
+                   else last[-1] if last else f"exit status {child.returncode}")
             row = {"model": name, "params_m": 0, "size": args.size, "status": "crash",
-                   "reason": child.stderr.strip().splitlines()[-1] if child.stderr else "",
-                   "nodes": 0, "edges": 0, "swaps": 0}
+                   "reason": f"the check's process failed: {why}", "nodes": 0, "edges": 0,
+                   "swaps": 0}
         else:
             row = json.loads(child.stdout.strip().splitlines()[-1])
         done[name] = row

@@ -63,7 +63,7 @@ def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, see
                 return EncodingCheck(WRONG, f"round trip changed {bad[:3]}")
             expected = model(example)
             got = torch.func.functional_call(model, decoded, (example,))
-            if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+            if not _same(got, expected, atol):
                 return EncodingCheck(WRONG, f"decoded network's outputs differ by "
                                             f"{float((got - expected).abs().max()):.3g}")
             tested = 0
@@ -77,7 +77,7 @@ def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, see
                 if permuted is None:
                     continue
                 got = torch.func.functional_call(model, graph.decode(permuted), (example,))
-                if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+                if not _same(got, expected, atol):
                     return EncodingCheck(WRONG, f"swapping nodes {pair} (outputs of "
                                                 f"{blocks[i].key!r}) maps the graph onto itself "
                                                 "but changes the network's function")
@@ -87,6 +87,12 @@ def check_encoding(model: nn.Module, example: torch.Tensor, swaps: int = 16, see
     except Exception as e:  # noqa: BLE001 - a crash is a verdict of its own, reported in full
         return EncodingCheck(CRASH, f"{type(e).__name__}: {e}")
     return EncodingCheck(EXACT, nodes=graph.num_nodes, edges=graph.num_edges, swaps=tested)
+
+
+def _same(got: torch.Tensor, expected: torch.Tensor, atol: float) -> bool:
+    """Equal up to float rounding, relative to the outputs' scale: reordered sums in an
+    untrained 100-layer network with outputs near 3e4 differ by 1e-2 at outputs near 0."""
+    return bool((got - expected).abs().max() <= atol + 1e-5 * expected.abs().max())
 
 
 def _random_pair(block: EdgeBlock, generator: torch.Generator) -> tuple[int, int] | None:
