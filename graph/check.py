@@ -14,6 +14,7 @@ else that goes wrong is a crash, never hidden.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -122,6 +123,8 @@ def swapped(graph: NetworkGraph, data: Data, u: int, v: int) -> Data | None:
     if graph.passengers:
         features["passengers"] = _permuted_passengers(graph, data.passengers, perm)
     for block in graph.blocks:
+        if torch.equal(perm[block.src], block.src) and torch.equal(perm[block.dst], block.dst):
+            continue  # untouched by the swap
         moved = _permuted_block(block, data[edge_attr_key(block.area)], perm, graph.num_nodes)
         if moved is None:
             return None
@@ -145,21 +148,28 @@ def _permuted_passengers(graph: NetworkGraph, flat: torch.Tensor, perm: torch.Te
     return torch.cat(moved)
 
 
-def _closure(graph: NetworkGraph, u: int, v: int) -> dict[int, int] | None:
-    """The involution swapping ``u`` and ``v`` and, wherever two swapped nodes lie in
-    different groups of a grouped block, those groups' nodes pairwise; None on a conflict or
-    when it moves an input or output node."""
-    pairs = {u: v, v: u}
+@functools.lru_cache(maxsize=8)
+def _groups(graph: NetworkGraph) -> list[tuple[list[list[int]], dict[int, int]]]:
+    """Per grouped block: each group's nodes (inputs, then outputs) and each node's group;
+    computed once per graph (every swap of a check reads them)."""
     grouped = []
     for b in graph.blocks:
         if b.src.shape[0] > 1:
             group_of = {n: g for g, row in enumerate(b.src.tolist()) for n in row}
             group_of.update({n: g for g, row in enumerate(b.dst.tolist()) for n in row})
             grouped.append((torch.cat([b.src, b.dst], 1).tolist(), group_of))
+    return grouped
+
+
+def _closure(graph: NetworkGraph, u: int, v: int) -> dict[int, int] | None:
+    """The involution swapping ``u`` and ``v`` and, wherever two swapped nodes lie in
+    different groups of a grouped block, those groups' nodes pairwise; None on a conflict or
+    when it moves an input or output node."""
+    pairs = {u: v, v: u}
     queue = [u, v]
     while queue:
         n = queue.pop()
-        for rows, group_of in grouped:
+        for rows, group_of in _groups(graph):
             if n not in group_of:
                 continue
             g1, g2 = group_of[n], group_of.get(pairs[n])

@@ -147,14 +147,16 @@ class NetworkGraph:
         self.blocks: list[EdgeBlock] = []
         self._block_index: dict[str, list] = {}
         self._identity: dict[int, torch.Tensor] = {}
-        self._rows: dict[int, Rows] = {}
+        # per area: (key, edge count, the key's rows) of each weight block, in block order
+        self._edge_keys: dict[int, list[tuple[str, int, Rows]]] = {}
         counts = []
         for area in areas:
             start = 0
+            self._edge_keys[area] = []
             for key, a, src, dst, rows in records.weights:
                 if a == area:
                     self.blocks.append(EdgeBlock(area, start, rep[src], rep[dst], key))
-                    self._rows[len(self.blocks) - 1] = rows
+                    self._edge_keys[area].append((key, self.blocks[-1].rows, rows))
                     start += self.blocks[-1].rows
             identities = []
             for src, dst, a in records.identities:
@@ -168,9 +170,6 @@ class NetworkGraph:
                 self.blocks += identities
                 self._identity[area] = torch.cat([_identity_features(b) for b in identities])
             counts.append(start)
-        # per area: (key, edge count, the key's rows) of each weight block, in block order
-        self._edge_keys = {a: [(b.key, b.rows, self._rows[i]) for i, b in enumerate(self.blocks)
-                               if b.area == a and b.key] for a in areas}
         self.edge_index = torch.cat([b.edge_index() for b in self.blocks], dim=1)
         self.edge_type = torch.repeat_interleave(torch.tensor(areas, dtype=torch.long),
                                                  torch.tensor(counts))
@@ -252,7 +251,8 @@ class NetworkGraph:
         return filled.view(self.num_nodes, self.node_dim)
 
     def channel_nodes(self) -> list[tuple[str, torch.Tensor]]:
-        """``(state_dict key, node of each channel)`` of every per-channel tensor (node slots)."""
+        """``(state_dict key, node of each channel)`` of every per-channel tensor: node-slot
+        tensors, then passengers."""
         nodes = (self._node_index // max(self.node_dim, 1)).split([n for _, n, *_ in self._node_keys])
         return [(key, n) for (key, *_), n in zip(self._node_keys, nodes)] + [
             (key, n) for key, n, _ in self.passengers]

@@ -320,20 +320,27 @@ class _Walker:
         self.use_key(node, key, rows)
         self.rec.channels.append((key, kind, field, nodes, rows))
 
+    def channel_dim(self, node: fx.Node, param: fx.Node, value: Value) -> int:
+        """The dim of parameter ``param`` that broadcasting (right-aligned against ``node``'s
+        output) puts on ``value``'s channels; refused unless it has their size."""
+        self.one_axis(node, value, "combining with a parameter")
+        shape = tuple(_shape(param) or ())
+        dim = value.axis - (len(_shape(node) or ()) - len(shape))
+        if not 0 <= dim < len(shape) or shape[dim] != len(value.nodes):
+            raise self.fail(node, f"parameter {param.target!r} of shape {shape} has no dim of "
+                            f"the {len(value.nodes)} channels aligned with dim {value.axis}")
+        return dim
+
     def add_passenger(self, node: fx.Node, param: fx.Node, value: Value) -> None:
-        """The parameter read by fx node ``param`` (through expand/view/...) has one slice per
-        channel of ``value`` (right-aligned with ``node``'s output, as broadcasting does) and
-        stays out of the graph (decoded as it was)."""
+        """The parameter read by fx node ``param`` (through expand/expand_as/repeat) has one
+        slice per channel of ``value`` and stays out of the graph (decoded as it was)."""
         while param.op == "call_method" and param.target in ("expand", "expand_as", "repeat"):
             source = param.args[0]
             if not isinstance(source, fx.Node):
                 break
             param = source
-        key, shape = self.state_key(node, param), tuple(_shape(param) or ())
-        dim = value.axis - (len(_shape(node) or ()) - len(shape))
-        if not 0 <= dim < len(shape) or shape[dim] != len(value.nodes):
-            raise self.fail(node, f"parameter {key!r} of shape {shape} has no dim of the "
-                            f"{len(value.nodes)} channels aligned with dim {value.axis}")
+        key = self.state_key(node, param)
+        dim = self.channel_dim(node, param, value)
         self.use_key(node, key)
         self.rec.passengers.append((key, value.nodes, dim))
 
@@ -343,7 +350,6 @@ class _Walker:
             arg, value = args[0]
             for other in node.args:
                 if isinstance(other, fx.Node) and other is not arg:
-                    self.aligned(node, other, value, "adding")
                     self.add_passenger(node, other, value)
             return self.passthrough(arg, value)
         (na, a), (nb, b) = args
@@ -395,26 +401,14 @@ class _Walker:
             return self.passthrough(arg, value)
         raise self.fail(node, "dividing by a tensor (or a number by channels)")
 
-    def aligned(self, node: fx.Node, tensor: fx.Node, value: Value, what: str) -> None:
-        """Refuse ``node`` unless ``tensor`` broadcasts against ``value`` (the output's
-        channels) with its full channel dim on theirs."""
-        self.one_axis(node, value, what)
-        shape, ndim = tuple(_shape(tensor) or ()), len(_shape(node) or ())
-        aligned = (1,) * (ndim - len(shape)) + shape  # broadcasting aligns the trailing dims
-        if len(aligned) != ndim or aligned[value.axis] != len(value.nodes):
-            raise self.fail(node, f"{what} a tensor of shape {shape} whose dim {value.axis} is "
-                            f"not the {len(value.nodes)} channels")
-
     def channel_scale(self, node: fx.Node, arg: fx.Node, value: Value, param: fx.Node) -> Value:
         """``value * p`` with a parameter ``p`` of one factor per channel (layer scale): the
         factors become node features."""
-        self.one_axis(node, value, "scaling by a parameter")
-        shape, ndim = tuple(_shape(param) or ()), len(_shape(node) or ())
-        aligned = (1,) * (ndim - len(shape)) + shape  # broadcasting aligns the trailing dims
-        per_channel = tuple(len(value.nodes) if d == value.axis else 1 for d in range(ndim))
-        if aligned != per_channel:
+        self.channel_dim(node, param, value)
+        shape = tuple(_shape(param) or ())
+        if math.prod(shape) != len(value.nodes):
             raise self.fail(node, f"multiplying by parameter {param.target!r} of shape {shape}: "
-                            f"only one factor per channel (shape {per_channel}) is supported")
+                            "only one factor per channel is supported")
         self.add_channels(node, self.state_key(node, param), SCALE.name, "weight", value.nodes)
         return self.passthrough(arg, value)
 
@@ -442,12 +436,12 @@ class _Walker:
         values = [self.env.get(t) for t in tensors]
         first = next((v for v in values if isinstance(v, Value)), None)
         if first is not None and dim % ndim not in first.dims and all(
-                not isinstance(v, Value) or torch.equal(v.nodes, first.nodes) for v in values):
+                not isinstance(v, Value) or (v.axis == first.axis and torch.equal(v.nodes, first.nodes))
+                for v in values):
             # along tokens or space: the same channels; a parameter joining them (a class
             # token) follows them out of the graph
             for t, v in zip(tensors, values):
                 if not isinstance(v, Value):
-                    self.aligned(node, t, first, "concatenating")
                     self.add_passenger(node, t, first)
             return replace(first, fresh=False)
         if any(not isinstance(v, Value) for v in values):
