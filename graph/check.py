@@ -140,6 +140,9 @@ def _permuted_passengers(graph: NetworkGraph, flat: torch.Tensor, perm: torch.Te
         shape = graph.shapes[key]
         tensor = flat[offset:offset + math.prod(shape)].view(shape)
         offset += math.prod(shape)
+        if dim is None:  # follows no channel
+            moved.append(tensor.reshape(-1))
+            continue
         lookup = torch.full((graph.num_nodes,), -1, dtype=torch.long)
         lookup[nodes] = torch.arange(len(nodes))
         out = torch.empty_like(tensor)

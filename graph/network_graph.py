@@ -79,16 +79,21 @@ def _identity_features(block: EdgeBlock) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, rows: Rows, width: int) -> torch.Tensor:
-    """``rows`` of ``tensor`` as [n, width] features (zipped row groups side by side)."""
+    """``rows`` of ``tensor`` as [n, width] features (zipped row groups side by side, column
+    copies side by side)."""
     part = tensor[rows.start:rows.stop]
     if rows.zip > 1:
         part = part.reshape(rows.zip, -1, *part.shape[1:]).movedim(0, -1)
+    if rows.columns > 1:
+        part = part.reshape(part.shape[0], rows.columns, -1).movedim(1, -1)
     return part.reshape(-1, width)
 
 
 def _put(features: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``_take``: features back to the rows' part of a tensor of ``shape``."""
     count = (shape[0] if rows.stop is None else rows.stop) - rows.start
+    if rows.columns > 1:
+        return features.reshape(count, -1, rows.columns).movedim(-1, 1).reshape(count, *shape[1:])
     if rows.zip > 1:
         per_group = count // rows.zip
         return features.reshape(per_group, *shape[1:], rows.zip).movedim(-1, 0).reshape(
@@ -134,7 +139,8 @@ class NetworkGraph:
         self.input_nodes = rep[:records.input_channels]
         self.output_nodes = rep[records.outputs]
         self.shapes = {k: tuple(v.shape) for k, v in state.items() if k in used}
-        # tensors that follow channels outside the graph: (key, node per channel, their dim)
+        # tensors that follow channels outside the graph: (key, node per channel, their dim,
+        # None for a tensor that follows no channel)
         self.passengers = [(key, rep[nodes], dim) for key, nodes, dim in records.passengers]
         self._build_edges(records, rep)
         self._build_nodes(records, rep)
@@ -190,10 +196,10 @@ class NetworkGraph:
         next_free: dict[str, torch.Tensor] = {}
         placed = []  # (key, kind, field, nodes, slot, rows)
         layer_slot: dict[tuple[str, str], int] = {}
-        for key, kind, fld, nodes, rows in records.channels:
+        for key, kind, fld, nodes, rows, name in records.channels:
             nodes = rep[nodes]
             free = next_free.setdefault(kind, torch.zeros(self.num_nodes, dtype=torch.long))
-            layer = (key.rsplit(".", 1)[0], kind)
+            layer = (name, kind)
             if layer not in layer_slot:
                 layer_slot[layer] = int(free[nodes].max())
                 free[nodes] = layer_slot[layer] + 1
@@ -255,7 +261,7 @@ class NetworkGraph:
         tensors, then passengers."""
         nodes = (self._node_index // max(self.node_dim, 1)).split([n for _, n, *_ in self._node_keys])
         return [(key, n) for (key, *_), n in zip(self._node_keys, nodes)] + [
-            (key, n) for key, n, _ in self.passengers]
+            (key, n) for key, n, dim in self.passengers if dim is not None]
 
     @property
     def num_edges(self) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.ops
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models import swin_transformer
 
 from networks.layers import LayerShape, register_layer_shape
 
@@ -70,6 +71,9 @@ class Value:
     # entries per channel in its dim: > 1 after a spatial map is flattened into the channel
     # dim ([B, C, H, W] -> [B, C*H*W], channel c at entries c*H*W ...), as before VGG's Linear
     spread: int = 1
+    # the spread entries lie outermost instead: channel c at entries c, C + c, 2C + c, ...
+    # (Swin's patch merging concatenates the channels of 2x2 neighbours)
+    outer: bool = False
 
     @property
     def dims(self) -> range:
@@ -86,6 +90,13 @@ class Rows:
     start: int = 0
     stop: int | None = None
     zip: int = 1
+    # > 1: the columns (dim 1) hold that many copies of the input channels one after another
+    # (a Linear after Swin's patch merging); an edge takes its channel's column of each copy
+    columns: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zip > 1 and self.columns > 1:
+            raise ValueError(f"{self}: zipped rows and column copies together are not supported")
 
 
 @dataclass
@@ -98,16 +109,18 @@ class TraceRecords:
     # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group],
     # rows) in trace order; the rows, in (out, in) order, are the edges of this dense block
     weights: list[tuple[str, int, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=list)
-    # (state_dict key, node slot kind, field name, node per channel, rows), in trace order
-    channels: list[tuple[str, str, str, torch.Tensor, Rows]] = field(default_factory=list)
+    # (state_dict key, node slot kind, field name, node per channel, rows, layer), in trace
+    # order; the fields one layer writes on a channel share one slot
+    channels: list[tuple[str, str, str, torch.Tensor, Rows, str]] = field(default_factory=list)
     # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
     identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
     # featureless edges from a node to the nodes it groups (an attention head to its
     # channels): (src [groups, 1], dst [groups, members])
     memberships: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # tensors that follow channels but stay out of the graph (a class token, a positional
-    # embedding): (state_dict key, node per channel, the tensor's dim holding the channels)
-    passengers: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    # embedding): (state_dict key, node per channel, the tensor's dim holding the channels);
+    # dim None for a tensor that follows no channel (the input table of Swin V2's position MLP)
+    passengers: list[tuple[str, torch.Tensor, int | None]] = field(default_factory=list)
     # the channels of the network's output(s), in output order
     outputs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
@@ -262,11 +275,12 @@ class _Walker:
     def linear(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         """A Linear on the channels (last dim). After a flattened spatial map its weight
         [out, C*H*W] holds one H*W kernel per (channel, output) pair: edges of that area, as
-        a conv with a kernel covering the whole map."""
+        a conv with a kernel covering the whole map; after a patch merging, one 2x2 kernel."""
         self.channels_last(node, arg, replace(value, spread=1), "Linear")
         out_nodes = self.rec.new_nodes(m.out_features)
+        rows = Rows(columns=value.spread) if value.outer else Rows()
         self.add_weight(node, f"{node.target}.weight", value.spread, value.nodes.view(1, -1),
-                        out_nodes.view(1, -1))
+                        out_nodes.view(1, -1), rows)
         if m.bias is not None:
             self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
         return Value(out_nodes, True, 1, value.axis)
@@ -283,14 +297,23 @@ class _Walker:
     def layer_norm(self, node: fx.Node, arg: fx.Node, value: Value, normalized_shape,
                    weight: str | None, bias: str | None) -> Value:
         """LayerNorm over the channels (in the last dim): its weight and bias become node
-        features; a LayerNorm over more than the channels mixes them and is refused."""
-        self.channels_last(node, arg, value, "LayerNorm")
-        if tuple(normalized_shape) != (len(value.nodes),):
+        features; a LayerNorm over more than the channels mixes them and is refused. Over
+        merged patches (each channel ``spread`` times, outermost) each copy's weight and bias
+        take a slot of their own on the channel's node."""
+        self.channels_last(node, arg, replace(value, spread=1, outer=False), "LayerNorm")
+        if value.spread != 1 and not value.outer:
+            self.one_axis(node, value, "LayerNorm")
+        count = len(value.nodes)
+        if tuple(normalized_shape) != (count * value.spread,):
             raise self.fail(node, f"LayerNorm over shape {tuple(normalized_shape)}: only a "
-                            f"normalization over the {len(value.nodes)} channels is supported")
-        for name, key in (("weight", weight), ("bias", bias)):
-            if key is not None:
-                self.add_channels(node, key, LAYERNORM.name, name, value.nodes)
+                            f"normalization over the {count * value.spread} channel entries "
+                            "of the last dim is supported")
+        for copy in range(value.spread):
+            rows = Rows(copy * count, (copy + 1) * count) if value.spread > 1 else Rows()
+            layer = f"{node.name}[{copy}]" if value.spread > 1 else None
+            for name, key in (("weight", weight), ("bias", bias)):
+                if key is not None:
+                    self.add_channels(node, key, LAYERNORM.name, name, value.nodes, rows, layer)
         return self.passthrough(arg, value)
 
     def new_nodes(self, count: int) -> torch.Tensor:
@@ -306,10 +329,11 @@ class _Walker:
         self.rec.weights.append((key, area, src, dst, rows))
 
     def add_channels(self, node: fx.Node, key: str, kind: str, field: str,
-                     nodes: torch.Tensor, rows: Rows = Rows()) -> None:
+                     nodes: torch.Tensor, rows: Rows = Rows(), layer: str | None = None) -> None:
         """State-dict tensor ``key`` (its ``rows``) of ``len(nodes)`` elements as field
         ``field`` of a node slot of kind ``kind`` (``graph.NODE_SLOTS``, or one registered with
-        ``register_node_slot``) on ``nodes`` [C]. The fields one layer writes share one slot."""
+        ``register_node_slot``) on ``nodes`` [C]. The fields one ``layer`` writes (by default
+        the module: ``key`` without its last part) share one slot."""
         slot = NODE_SLOTS.get(kind)
         if slot is None:
             raise self.fail(node, f"{key!r} goes to node slot kind {kind!r}, which is not "
@@ -318,7 +342,7 @@ class _Walker:
             raise self.fail(node, f"{key!r} goes to field {field!r} of node slot kind {kind!r}, "
                             f"which has fields {slot.fields}")
         self.use_key(node, key, rows)
-        self.rec.channels.append((key, kind, field, nodes, rows))
+        self.rec.channels.append((key, kind, field, nodes, rows, layer or key.rsplit(".", 1)[0]))
 
     def channel_dim(self, node: fx.Node, param: fx.Node, value: Value) -> int:
         """The dim of parameter ``param`` that broadcasting (right-aligned against ``node``'s
@@ -343,6 +367,41 @@ class _Walker:
         dim = self.channel_dim(node, param, value)
         self.use_key(node, key)
         self.rec.passengers.append((key, value.nodes, dim))
+
+    def add_fixed(self, node: fx.Node, key: str) -> None:
+        """State-dict tensor ``key`` follows no channel (a constant input table of a layer's
+        own MLP): it stays out of the graph and is decoded as it was."""
+        self.use_key(node, key)
+        self.rec.passengers.append((key, torch.zeros(0, dtype=torch.long), None))
+
+    def attention(self, node: fx.Node, value: Value, heads: int, qkv: tuple[str, str | None],
+                  proj: tuple[str, str | None]) -> tuple[Value, torch.Tensor]:
+        """Self-attention with head nodes (after NiNo, Knyazev et al. 2025) on the channels
+        of ``value``; ``qkv`` and ``proj`` are the state-dict keys of the weight and bias (or
+        None) of its input projection ([3C, C]: queries, keys, values, head by head) and of
+        its output projection. Channel i of a head's
+        queries and keys is one node (one edge per input channel with the query and key
+        weights as 2 features: the scores need both permuted alike), channel i of its values
+        another (it feeds the output projection's input i), and a featureless membership edge
+        ties each head's nodes to a head node, so that only whole heads and channels within a
+        head can be permuted: exactly the network's symmetries. Returns the output's value
+        and the head nodes."""
+        width = len(value.nodes)
+        head_nodes, qk, v = self.new_nodes(heads), self.new_nodes(width), self.new_nodes(width)
+        out, inputs = self.new_nodes(width), value.nodes.view(1, -1)
+        (weight, bias), (proj_weight, proj_bias) = qkv, proj
+        self.add_weight(node, weight, 2, inputs, qk.view(1, -1), Rows(0, 2 * width, zip=2))
+        self.add_weight(node, weight, 1, inputs, v.view(1, -1), Rows(2 * width, 3 * width))
+        if bias is not None:
+            for i, name in enumerate(ATTENTION.fields):
+                self.add_channels(node, bias, ATTENTION.name, name, qk, Rows(i * width, (i + 1) * width))
+            self.add_channels(node, bias, BIAS.name, "bias", v, Rows(2 * width, 3 * width))
+        self.add_weight(node, proj_weight, 1, v.view(1, -1), out.view(1, -1))
+        if proj_bias is not None:
+            self.add_channels(node, proj_bias, BIAS.name, "bias", out)
+        for members in (qk, v):
+            self.rec.memberships.append((head_nodes[:, None], members.view(heads, -1)))
+        return Value(out, True, 1, value.axis), head_nodes
 
     # -- functions ------------------------------------------------------------------------
     def add(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
@@ -673,12 +732,8 @@ def _layer_norm_module(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Nod
 @register_module(nn.MultiheadAttention)
 def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
                ) -> tuple[Value, None]:
-    """Self-attention with head nodes (after NiNo, Knyazev et al. 2025): channel i of a head's
-    queries and keys is one node (one edge per input channel with the query and key weights
-    as 2 features: the scores need both permuted alike), channel i of its values another (it
-    feeds the output projection's input i), and a featureless membership edge ties each
-    head's nodes to a head node, so that only whole heads and channels within a head can be
-    permuted: exactly the network's symmetries."""
+    """Self-attention (``_Walker.attention``); its in_proj_weight/in_proj_bias are the
+    input projection."""
     query, key, val = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     if not (query is key is val):
         raise walker.fail(node, "attention whose query, key and value are different tensors "
@@ -687,23 +742,51 @@ def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value
         raise walker.fail(node, "attention with separate key/value sizes, bias_k/bias_v or "
                           "add_zero_attn")
     walker.channels_last(node, arg, value, "MultiheadAttention")
-    width, heads = m.embed_dim, m.num_heads
-    head_nodes, qk, v = walker.new_nodes(heads), walker.new_nodes(width), walker.new_nodes(width)
-    out = walker.new_nodes(width)
-    inputs, prefix = value.nodes.view(1, -1), str(node.target)
-    weight, bias = f"{prefix}.in_proj_weight", f"{prefix}.in_proj_bias"
-    walker.add_weight(node, weight, 2, inputs, qk.view(1, -1), Rows(0, 2 * width, zip=2))
-    walker.add_weight(node, weight, 1, inputs, v.view(1, -1), Rows(2 * width, 3 * width))
-    if m.in_proj_bias is not None:
-        for i, name in enumerate(ATTENTION.fields):
-            walker.add_channels(node, bias, ATTENTION.name, name, qk, Rows(i * width, (i + 1) * width))
-        walker.add_channels(node, bias, BIAS.name, "bias", v, Rows(2 * width, 3 * width))
-    walker.add_weight(node, f"{prefix}.out_proj.weight", 1, v.view(1, -1), out.view(1, -1))
-    if m.out_proj.bias is not None:
-        walker.add_channels(node, f"{prefix}.out_proj.bias", BIAS.name, "bias", out)
-    for members in (qk, v):
-        walker.rec.memberships.append((head_nodes[:, None], members.view(heads, -1)))
-    return Value(out, True, 1, value.axis), None
+    p = str(node.target)
+    out, _ = walker.attention(
+        node, value, m.num_heads,
+        (f"{p}.in_proj_weight", None if m.in_proj_bias is None else f"{p}.in_proj_bias"),
+        (f"{p}.out_proj.weight", None if m.out_proj.bias is None else f"{p}.out_proj.bias"))
+    return out, None
+
+
+# Swin's per-head tensors (the dim holding the heads), and the tensors of its position MLP
+# that follow no channel (V2)
+_WINDOW_HEAD_TENSORS = {"relative_position_bias_table": 1, "logit_scale": 0, "cpb_mlp.2.weight": 0}
+_WINDOW_FIXED_TENSORS = ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "relative_coords_table")
+
+
+@register_module(swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2)
+def _window_attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
+                      ) -> Value:
+    """Swin's shifted-window self-attention: its qkv and proj Linears as an attention
+    (``_Walker.attention``); the per-head relative position bias (V1: a table, V2: logit
+    scales and the last layer of the position MLP) travels with the head nodes outside the
+    graph, and the rest of the position MLP follows no channel."""
+    walker.channels_last(node, arg, value, type(m).__name__)
+    prefix = str(node.target)
+    out, heads = walker.attention(node, value, m.num_heads, *(
+        (f"{prefix}.{name}.weight", None if layer.bias is None else f"{prefix}.{name}.bias")
+        for name, layer in (("qkv", m.qkv), ("proj", m.proj))))
+    state = m.state_dict()
+    for name, dim in _WINDOW_HEAD_TENSORS.items():
+        if name in state:
+            walker.use_key(node, f"{prefix}.{name}")
+            walker.rec.passengers.append((f"{prefix}.{name}", heads, dim))
+    for name in _WINDOW_FIXED_TENSORS:
+        if name in state:
+            walker.add_fixed(node, f"{prefix}.{name}")
+    return out
+
+
+@register_function(swin_transformer._patch_merging_pad)
+def _patch_merging(walker: _Walker, node: fx.Node, args) -> Value:
+    """Swin's patch merging: the channels of each 2x2 neighbourhood concatenated, [..., H, W,
+    C] -> [..., H/2, W/2, 4C]: each channel 4 times, outermost (a Linear after it is a 2x2
+    stride-2 conv)."""
+    arg, value = args[0]
+    walker.channels_last(node, arg, value, "patch merging")
+    return replace(walker.passthrough(arg, value), spread=4, outer=True)
 
 
 register_module(nn.Flatten)(lambda walker, node, m, arg, value: walker.reshape(node, arg, value))

@@ -14,7 +14,7 @@ import torchvision
 from pruning_helpers import random_prune, randomize
 from torch import nn
 from torch_geometric.data import Data
-from torchvision.models import convnext, efficientnet, regnet, shufflenetv2
+from torchvision.models import convnext, efficientnet, regnet, shufflenetv2, swin_transformer
 from torchvision.ops.misc import SqueezeExcitation
 
 import networks
@@ -43,24 +43,56 @@ VIT = {"vit": lambda: torchvision.models.VisionTransformer(
     image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)}
 
 
+def _swin(v2: bool = False) -> nn.Module:
+    """Two Swin stages (window 4, a shifted block in each, a patch merging between)."""
+    parts = ({"block": swin_transformer.SwinTransformerBlockV2,
+              "downsample_layer": swin_transformer.PatchMergingV2} if v2 else {})
+    return swin_transformer.SwinTransformer(
+        patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        stochastic_depth_prob=0.1, num_classes=10, **parts)
+
+
+def _narrow_mlps(model: nn.Module, seed: int) -> nn.Module:
+    """Keep a random subset of every transformer MLP's hidden channels, a different count per
+    block (torchvision's Swin and ViT read their attention widths from attributes, so the
+    hidden layer of the MLPs is what can be pruned without the pruning work of issue 15)."""
+    g = torch.Generator().manual_seed(seed)
+    for mlp in [m for m in model.modules() if isinstance(m, torchvision.ops.MLP)]:
+        up, down = mlp[0], mlp[3]
+        keep = torch.randperm(up.out_features, generator=g)[:int(torch.randint(
+            2, up.out_features, (1,), generator=g))].sort().values
+        mlp[0], mlp[3] = nn.Linear(up.in_features, len(keep)), nn.Linear(len(keep), down.out_features)
+        with torch.no_grad():
+            mlp[0].weight.copy_(up.weight[keep])
+            mlp[0].bias.copy_(up.bias[keep])
+            mlp[3].weight.copy_(down.weight[:, keep])
+            mlp[3].bias.copy_(down.bias)
+    return model
+
+
+SWIN = {"swin": _swin, "swin_v2": lambda: _swin(v2=True)}
+
+
 def _block(graph: NetworkGraph, key: str, area: int | None = None):
     return next(b for b in graph.blocks if b.key == key and area in (None, b.area))
 
 
 @pytest.mark.parametrize("name,pruned", [(n, p) for n in sorted(TINY) for p in (False, True)]
-                         + [("vit", False)])
+                         + [(n, p) for n in (*VIT, *SWIN) for p in (False, True)])
 def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
-    model = {**TINY, **VIT}[name]()
-    if pruned:
+    model = {**TINY, **VIT, **SWIN}[name]()
+    if pruned and name in TINY:
         random_prune(model, X, ratio=0.4, seed=1)
+    elif pruned:
+        _narrow_mlps(model, seed=1)
     verdict = check_encoding(randomize(model), X, swaps=12)
     assert verdict.status == EXACT, verdict.reason
     assert verdict.swaps >= 4  # enough swaps were symmetries of the graph to test something
 
 
-@pytest.mark.parametrize("name", sorted(TINY) + ["vit"])
+@pytest.mark.parametrize("name", [*sorted(TINY), *VIT, *SWIN])
 def test_gradients_through_decode_equal_autograd_on_the_network(name):
-    model = randomize({**TINY, **VIT}[name]())
+    model = randomize({**TINY, **VIT, **SWIN}[name]())
     graph = NetworkGraph.from_module(model, X)
     data = graph.encode(model)
     names = ["x"] + [edge_attr_key(a) for a in graph.edge_types]
@@ -281,3 +313,42 @@ def test_class_token_and_positional_embedding_stay_out_of_the_graph_and_follow_c
     assert data.x.shape[1] == graph.node_dim  # not among the node features
     decoded = graph.decode(data)
     assert torch.equal(decoded["class_token"], model.class_token.detach())
+
+
+def test_patch_merging_then_linear_is_a_2x2_kernel_per_channel_pair():
+    model = randomize(_swin())
+    graph = NetworkGraph.from_module(model, X)
+    stream = _block(graph, "features.1.1.mlp.3.weight").dst[0]  # stage 1's 16 output channels
+    block = _block(graph, "features.2.reduction.weight")
+    assert block.area == 4 and block.shape == (1, 32, 16) and torch.equal(block.src[0], stream)
+    data = graph.encode(model)
+    features = data[edge_attr_key(4)][block.start:block.start + block.rows]
+    weight = model.features[2].reduction.weight.detach()  # [32, 4 x 16]: neighbour-major
+    for o, c in ((0, 0), (5, 3), (31, 15)):
+        assert torch.equal(features[o * 16 + c], weight[o, c::16])
+    norm = model.features[2].norm  # LayerNorm over the 4 x 16 merged entries: 4 slots a node
+    slots = [graph.columns.column("layernorm", s, "weight") for s in range(graph.columns.slots("layernorm"))]
+    for c in (0, 7):
+        assert set(norm.weight.detach()[c::16].tolist()) <= set(data.x[stream[c], slots].tolist())
+
+
+def test_swin_heads_carry_their_relative_position_bias():
+    model = randomize(_swin())
+    prefix = "features.3.0.attn"  # 4 heads of 8 channels
+    table = model.get_parameter(f"{prefix}.relative_position_bias_table")
+    torch.nn.init.normal_(table, std=2.0)  # biases that change the attention visibly
+    graph = NetworkGraph.from_module(model, X)
+    data, expected = graph.encode(model), model(X)
+    qk = _block(graph, f"{prefix}.qkv.weight", area=2).dst[0]
+    assert {key: dim for key, _, dim in graph.passengers} == {
+        f"features.{s}.{b}.attn.relative_position_bias_table": 1 for s in (1, 3) for b in (0, 1)}
+
+    def function(permuted):
+        return torch.func.functional_call(model, graph.decode(permuted), (X,))
+
+    across = check.swapped(graph, data, int(qk[1]), int(qk[17]))  # heads 0 and 2 swap whole
+    assert across is not None
+    torch.testing.assert_close(function(across), expected)
+    # the same swap with each head keeping its old bias table column: another network
+    across.passengers = data.passengers
+    assert not torch.allclose(function(across), expected, atol=1e-4)
