@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision.ops
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torchvision.models import swin_transformer
+from torchvision.models import maxvit, swin_transformer
 
 from networks.layers import LayerShape, register_layer_shape
 
@@ -750,33 +750,42 @@ def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value
     return out, None
 
 
-# Swin's per-head tensors (the dim holding the heads), and the tensors of its position MLP
-# that follow no channel (V2)
-_WINDOW_HEAD_TENSORS = {"relative_position_bias_table": 1, "logit_scale": 0, "cpb_mlp.2.weight": 0}
-_WINDOW_FIXED_TENSORS = ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "relative_coords_table")
+def _attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, int],
+                      fixed: tuple[str, ...] = ()) -> ModuleHandler:
+    """A handler for a self-attention module whose Linears ``qkv`` (queries, keys, values,
+    head by head) and ``proj`` are submodules and whose head count is attribute ``heads``
+    (``_Walker.attention``). Its per-head tensors ``head_tensors`` (name: the dim holding
+    the heads; e.g. a relative position bias table) travel with the head nodes outside the
+    graph; ``fixed`` tensors follow no channel."""
+    def handler(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
+        walker.channels_last(node, arg, value, type(m).__name__)
+        prefix = str(node.target)
+        out, head_nodes = walker.attention(node, value, getattr(m, heads), *(
+            (f"{prefix}.{name}.weight",
+             None if m.get_submodule(name).bias is None else f"{prefix}.{name}.bias")
+            for name in (qkv, proj)))
+        state = m.state_dict()
+        for name, dim in head_tensors.items():
+            if name in state:
+                walker.use_key(node, f"{prefix}.{name}")
+                walker.rec.passengers.append((f"{prefix}.{name}", head_nodes, dim))
+        for name in fixed:
+            if name in state:
+                walker.add_fixed(node, f"{prefix}.{name}")
+        return out
+    return handler
 
 
-@register_module(swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2)
-def _window_attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
-                      ) -> Value:
-    """Swin's shifted-window self-attention: its qkv and proj Linears as an attention
-    (``_Walker.attention``); the per-head relative position bias (V1: a table, V2: logit
-    scales and the last layer of the position MLP) travels with the head nodes outside the
-    graph, and the rest of the position MLP follows no channel."""
-    walker.channels_last(node, arg, value, type(m).__name__)
-    prefix = str(node.target)
-    out, heads = walker.attention(node, value, m.num_heads, *(
-        (f"{prefix}.{name}.weight", None if layer.bias is None else f"{prefix}.{name}.bias")
-        for name, layer in (("qkv", m.qkv), ("proj", m.proj))))
-    state = m.state_dict()
-    for name, dim in _WINDOW_HEAD_TENSORS.items():
-        if name in state:
-            walker.use_key(node, f"{prefix}.{name}")
-            walker.rec.passengers.append((f"{prefix}.{name}", heads, dim))
-    for name in _WINDOW_FIXED_TENSORS:
-        if name in state:
-            walker.add_fixed(node, f"{prefix}.{name}")
-    return out
+# Swin's shifted-window attention (the windows, the shift and the mask act on tokens only):
+# V1 has a per-head relative position bias table; V2 per-head logit scales and a position MLP
+# whose last layer is per head and whose first layer and input table follow no channel.
+register_module(swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2)(
+    _attention_module("qkv", "proj", "num_heads",
+                      {"relative_position_bias_table": 1, "logit_scale": 0, "cpb_mlp.2.weight": 0},
+                      ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "relative_coords_table")))
+# MaxViT's block and grid attention (over the tokens of a window or a grid)
+register_module(maxvit.RelativePositionalMultiHeadAttention)(
+    _attention_module("to_qkv", "merge", "n_heads", {"relative_position_bias_table": 1}))
 
 
 @register_function(swin_transformer._patch_merging_pad)

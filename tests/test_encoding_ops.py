@@ -71,6 +71,11 @@ def _narrow_mlps(model: nn.Module, seed: int) -> nn.Module:
 
 
 SWIN = {"swin": _swin, "swin_v2": lambda: _swin(v2=True)}
+# MaxViT: MBConv with squeeze-excitation, then block and grid attention with a per-head
+# relative position bias
+MAXVIT = {"maxvit": lambda: torchvision.models.maxvit.MaxVit(
+    input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+    block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.1, num_classes=10)}
 
 
 def _block(graph: NetworkGraph, key: str, area: int | None = None):
@@ -78,9 +83,10 @@ def _block(graph: NetworkGraph, key: str, area: int | None = None):
 
 
 @pytest.mark.parametrize("name,pruned", [(n, p) for n in sorted(TINY) for p in (False, True)]
-                         + [(n, p) for n in (*VIT, *SWIN) for p in (False, True)])
+                         + [(n, p) for n in (*VIT, *SWIN) for p in (False, True)]
+                         + [("maxvit", False)])
 def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
-    model = {**TINY, **VIT, **SWIN}[name]()
+    model = {**TINY, **VIT, **SWIN, **MAXVIT}[name]()
     if pruned and name in TINY:
         random_prune(model, X, ratio=0.4, seed=1)
     elif pruned:
@@ -90,9 +96,9 @@ def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, prune
     assert verdict.swaps >= 4  # enough swaps were symmetries of the graph to test something
 
 
-@pytest.mark.parametrize("name", [*sorted(TINY), *VIT, *SWIN])
+@pytest.mark.parametrize("name", [*sorted(TINY), *VIT, *SWIN, *MAXVIT])
 def test_gradients_through_decode_equal_autograd_on_the_network(name):
-    model = randomize({**TINY, **VIT, **SWIN}[name]())
+    model = randomize({**TINY, **VIT, **SWIN, **MAXVIT}[name]())
     graph = NetworkGraph.from_module(model, X)
     data = graph.encode(model)
     names = ["x"] + [edge_attr_key(a) for a in graph.edge_types]
