@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from metaprune.errors import UserError
 
-from .layers import layer_shape
+from .layers import ShapeValue, layer_shape
 from .registry import build
 
 FORMAT = "metaprune.network/v1"
@@ -28,7 +28,7 @@ class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, of the wrong kind or inconsistent."""
 
 
-def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int | list[int]]]:
     """``{module path: {shape attribute: value}}`` of every layer with a shape record
     (``networks.layers``: Conv, Linear, BatchNorm and registered types): what a pruned model
     needs beyond its constructor to take its state dict back."""
@@ -36,11 +36,16 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     for path, module in model.named_modules():
         shape = layer_shape(module)
         if shape is not None:
-            layers[path] = {a: int(getattr(module, a)) for a in shape.attrs}
+            layers[path] = {a: _plain(getattr(module, a)) for a in shape.attrs}
     return layers
 
 
-def apply_layer_shapes(model: nn.Module, layers: dict[str, dict[str, int]],
+def _plain(value) -> int | list[int]:
+    """A shape attribute as a plain value a weights-only file holds (a tuple as a list)."""
+    return int(value) if isinstance(value, int) else [int(v) for v in value]
+
+
+def apply_layer_shapes(model: nn.Module, layers: Mapping[str, Mapping[str, ShapeValue | list[int]]],
                        state: dict[str, torch.Tensor], source: str) -> None:
     """Resize ``model``'s layers in place to ``layers`` (from :func:`layer_shapes`), with
     parameters and buffers shaped like ``state``'s, so that ``model.load_state_dict(state)``
@@ -51,7 +56,7 @@ def apply_layer_shapes(model: nn.Module, layers: dict[str, dict[str, int]],
             raise CheckpointError(f"{source}: layer {path!r} does not exist in {type(model).__name__}")
         module = modules[path]
         for attr, value in attrs.items():
-            setattr(module, attr, value)
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         prefix = f"{path}." if path else ""
         for name, p in list(module.named_parameters(recurse=False)):
             shape = state[prefix + name].shape

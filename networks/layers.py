@@ -9,14 +9,17 @@ its graph encoding, so a new layer type is declared in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, cast
+from typing import Callable, Mapping, Union, cast
 
 import torch
+import torchvision
 from torch import nn
 
+# A shape attribute: a size, or a tuple of sizes (LayerNorm's normalized_shape)
+ShapeValue = Union[int, tuple[int, ...]]
 # A layer's own tensors (by local name, e.g. "weight") -> its shape attributes, or None when
 # the tensors that fix them are absent.
-Infer = Callable[[nn.Module, Mapping[str, torch.Tensor]], "dict[str, int] | None"]
+Infer = Callable[[nn.Module, Mapping[str, torch.Tensor]], "dict[str, ShapeValue] | None"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def layer_shape(module: nn.Module) -> LayerShape | None:
     return next((_LAYER_SHAPES[t] for t in type(module).__mro__ if t in _LAYER_SHAPES), None)
 
 
-def _conv(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+def _conv(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
     weight = tensors.get("weight")
     if weight is None:
         return None
@@ -60,13 +63,13 @@ def _conv(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, int] |
             "groups": groups}
 
 
-def _linear(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+def _linear(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
     weight = tensors.get("weight")
     return None if weight is None else {"in_features": int(weight.shape[1]),
                                         "out_features": int(weight.shape[0])}
 
 
-def _norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+def _norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
     per_channel = tensors.get("weight", tensors.get("running_mean"))
     return None if per_channel is None else {"num_features": int(per_channel.shape[0])}
 
@@ -76,3 +79,47 @@ register_layer_shape(LayerShape(("in_channels", "out_channels", "groups"), _conv
 register_layer_shape(LayerShape(("in_features", "out_features"), _linear, "out_features"),
                      nn.Linear)
 register_layer_shape(LayerShape(("num_features",), _norm), nn.modules.batchnorm._NormBase)
+
+
+def _layer_norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
+    weight = tensors.get("weight", tensors.get("bias"))
+    return None if weight is None else {"normalized_shape": tuple(int(n) for n in weight.shape)}
+
+
+def _attention(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
+    # torch computes the head size from the input's width (embed_dim // num_heads), so channel
+    # pruning keeps query, key and value as wide as the input; heads are not removed
+    weight = tensors.get("in_proj_weight")
+    if weight is None:
+        return None
+    width, heads = int(weight.shape[1]), int(cast(nn.MultiheadAttention, m).num_heads)
+    return {"embed_dim": width, "kdim": width, "vdim": width, "head_dim": width // heads}
+
+
+def _vision_transformer(m: nn.Module, tensors: Mapping[str, torch.Tensor]
+                        ) -> dict[str, ShapeValue] | None:
+    token = tensors.get("class_token")  # its forward reshapes the patches to hidden_dim
+    return None if token is None else {"hidden_dim": int(token.shape[-1])}
+
+
+register_layer_shape(LayerShape(("normalized_shape",), _layer_norm), nn.LayerNorm)
+register_layer_shape(LayerShape(("embed_dim", "kdim", "vdim", "head_dim"), _attention),
+                     nn.MultiheadAttention)
+register_layer_shape(LayerShape(("hidden_dim",), _vision_transformer),
+                     torchvision.models.VisionTransformer)
+# no attribute, but a tensor of its own that follows the channels (the positional embedding)
+register_layer_shape(LayerShape((), lambda m, tensors: {}),
+                     torchvision.models.vision_transformer.Encoder)
+
+
+def sync_layer_shapes(model: nn.Module) -> None:
+    """Set every registered shape attribute of ``model``'s layers from their tensors (after
+    channel pruning: torch_pruning resizes tensors and the attributes it knows, not e.g. a
+    VisionTransformer's ``hidden_dim``, which its forward reads)."""
+    for m in model.modules():
+        shape = layer_shape(m)
+        if shape is None:
+            continue
+        tensors = {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
+        for attr, value in (shape.infer(m, tensors) or {}).items():
+            setattr(m, attr, value)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -11,6 +12,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.utils import op_counter
 
 from .common import evaluating
+from .layers import sync_layer_shapes
 from .registry import build
 
 MacCounter = Callable[[nn.Module, torch.Tensor], int]
@@ -149,9 +151,12 @@ def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
     ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training)."""
     importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean",
                                                         normalizer="max")
+    # attention splits its width into heads: widths stay multiples of every head count
+    heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return _GroupNormPruner(
         model, example_inputs, importance=importance, reg=reg, alpha=alpha, global_pruning=True,
         pruning_ratio=1.0, iterative_steps=iterative_steps,
+        round_to=math.lcm(*heads) if heads else None,
         ignored_layers=[classifier_layer(model, example_inputs)])
 
 
@@ -217,6 +222,7 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
             pruner.step()
             if count_params(model) == params and not plain:
                 continue  # nothing was removed: same MACs, still below the target
+            sync_layer_shapes(model)
             macs = counter(model, example_inputs)
             current = base_macs / macs
             if current >= target:

@@ -11,11 +11,13 @@ from .cifar_resnet import CifarResNet
 from .vgg import CifarVGG
 
 _CIFAR_RESNET = re.compile(r"^(?:cifar_)?resnet(\d+)_cifar$|^cifar_resnet(\d+)$")
+_VIT_CIFAR = {"image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 64,
+              "mlp_dim": 128}
 
 
 def available() -> list[str]:
     """Names accepted by :func:`build` (CIFAR nets plus every torchvision classifier)."""
-    cifar = [f"resnet{d}_cifar" for d in (20, 32, 44, 56, 110)] + ["vgg19_bn_cifar"]
+    cifar = [f"resnet{d}_cifar" for d in (20, 32, 44, 56, 110)] + ["vgg19_bn_cifar", "vit_cifar"]
     return cifar + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -23,7 +25,9 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build an untrained target network.
 
     ``resnet<depth>_cifar`` (depth 6n+2) and ``vgg19_bn_cifar`` accept ``width`` (a channel
-    multiplier for CPU-scale runs). Any other name is looked up among torchvision's
+    multiplier for CPU-scale runs). ``vit_cifar`` is torchvision's VisionTransformer at CIFAR
+    scale (32x32 images, patch 4, depth 4, 4 heads, width 64, MLP 128; each overridable by
+    keyword). Any other name is looked up among torchvision's
     classification models and built with ``weights=None`` (nothing is ever downloaded).
     """
     m = _CIFAR_RESNET.match(name)
@@ -31,6 +35,9 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         return CifarResNet(depth=int(m.group(1) or m.group(2)), num_classes=num_classes, **kwargs)
     if name == "vgg19_bn_cifar":
         return CifarVGG(num_classes=num_classes, **kwargs)
+    if name == "vit_cifar":
+        return torchvision.models.VisionTransformer(
+            **{**_VIT_CIFAR, **kwargs}, num_classes=num_classes)
     if name in torchvision.models.list_models(module=torchvision.models):
         if kwargs.get("weights") not in (None,):
             raise ValueError(
@@ -40,6 +47,6 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         kwargs.pop("weights", None)
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     raise ValueError(
-        f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar "
+        f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar, vit_cifar "
         f"or a torchvision classifier name such as resnet50 or mobilenet_v2"
     )

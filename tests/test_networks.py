@@ -97,6 +97,25 @@ def test_depthwise_pruned_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(example), model(example))
 
 
+def test_a_pruned_vision_transformer_runs_and_round_trips_through_a_file(tmp_path):
+    arch = {"name": "vit_cifar", "num_classes": 10,
+            "kwargs": {"num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}}
+    model = networks.build(arch["name"], 10, **arch["kwargs"])
+    base = networks.count_macs(model, X32[:1])
+    speed_up = networks.prune_to_speed_up(model, X32[:1], 1.5, base, iterative_steps=20)
+    assert speed_up >= 1.5 and base / networks.count_macs(model, X32[:1]) == speed_up
+    width = model.conv_proj.out_channels  # the residual width: pruned, a multiple of the heads
+    assert width < 16 and width % 2 == 0
+    attention = model.encoder.layers[0].self_attention
+    assert (model.hidden_dim, attention.embed_dim, attention.head_dim) == (width, width, width // 2)
+    model.eval()
+    path = save_network(model, tmp_path / "vit.pt", arch)
+    loaded, _ = load_network(path)
+    loaded.eval()
+    assert torch.equal(loaded(X32), model(X32))
+    assert loaded.encoder.layers[1].ln_2.normalized_shape == (width,)
+
+
 def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
     model = networks.build("resnet20_cifar", 10, width=0.25)
     path = save_network(model, tmp_path / "net.pt", {"name": "resnet20_cifar", "num_classes": 10,
