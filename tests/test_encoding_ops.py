@@ -8,6 +8,8 @@ autograd's on the network itself; and swapping two nodes so that the graph maps 
 leave the function unchanged (``graph.check``), which a graph with a wrongly tied or untied
 channel fails, as the monkeypatched encoders below show.
 """
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -18,7 +20,7 @@ from torchvision.models import convnext, efficientnet, regnet, shufflenetv2, swi
 from torchvision.ops.misc import SqueezeExcitation
 
 import networks
-from graph import NetworkGraph, check, edge_attr_key, tracing
+from graph import Metanetwork, NetworkGraph, check, edge_attr_key, tracing
 from graph.check import EXACT, REFUSED, WRONG, check_encoding
 
 X = torch.randn(2, 3, 32, 32)
@@ -359,3 +361,31 @@ def test_swin_heads_carry_their_relative_position_bias():
     # the same swap with each head keeping its old bias table column: another network
     across.passengers = data.passengers
     assert not torch.allclose(function(across), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [*VIT, "swin"])
+@pytest.mark.parametrize("message_passing", ["paper", "joint"])
+def test_the_metanetwork_commutes_with_a_head_swap(name, message_passing):
+    """On an attention graph (featureless membership edges, 2-feature query/key edges,
+    passengers) the metanetwork's output of the head-swapped graph is its output, swapped."""
+    model = randomize({**VIT, **SWIN}[name]())
+    graph = NetworkGraph.from_module(model, X)
+    torch.manual_seed(0)
+    meta = Metanetwork.for_graph(graph, num_layers=2, hidden=8, node_res_ratio=1.0,
+                                 edge_res_ratio=1.0, zero_init_decoders=False,
+                                 channel_gates=True, message_passing=message_passing)
+    torch.nn.init.normal_(meta.gate_decoder[-1].weight, std=1.0)  # gates away from 1
+    data = graph.encode(model)
+    qk = _block(graph, next(b.key for b in graph.blocks if b.area == 2), area=2).dst[0]
+    u, v = int(qk[1]), int(qk[len(qk) // 2 + 1])  # channel 1 of heads 0 and 1
+    swapped = copy.copy(data)
+    for key, value in check.swapped(graph, data, u, v).items():
+        swapped[key] = value
+    out = meta(data)
+    expected = check.swapped(graph, out, u, v)
+    got = meta(swapped)
+    assert not torch.allclose(out.x, data.x, atol=1e-3)  # the metanetwork changes the graph
+    for key in ["x"] + [edge_attr_key(a) for a in graph.edge_types]:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+    decoded = torch.func.functional_call(model, graph.decode(out), (X,))
+    assert torch.isfinite(decoded).all()
