@@ -86,7 +86,7 @@ def _identity_features(block: EdgeBlock) -> torch.Tensor:
 def _take(tensor: torch.Tensor, rows: Rows, width: int) -> torch.Tensor:
     """``rows`` of ``tensor`` as [n, width] features (zipped row groups side by side, column
     copies side by side)."""
-    part = tensor[rows.start:rows.stop]
+    part = tensor[rows.start:rows.stop:rows.step]
     if rows.zip > 1:
         part = part.reshape(rows.zip, -1, *part.shape[1:]).movedim(0, -1)
     if rows.columns > 1:
@@ -96,7 +96,7 @@ def _take(tensor: torch.Tensor, rows: Rows, width: int) -> torch.Tensor:
 
 def _put(features: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``_take``: features back to the rows' part of a tensor of ``shape``."""
-    count = (shape[0] if rows.stop is None else rows.stop) - rows.start
+    count = len(range(rows.start, shape[0] if rows.stop is None else rows.stop, rows.step))
     if rows.columns > 1:
         return features.reshape(count, -1, rows.columns).movedim(-1, 1).reshape(count, *shape[1:])
     if rows.zip > 1:
@@ -107,10 +107,16 @@ def _put(features: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Te
 
 
 def _assemble(parts: dict[str, list[tuple[Rows, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """Each key's tensor from its parts (a whole tensor is one part)."""
-    return {key: chunks[0][1] if len(chunks) == 1 else
-            torch.cat([t for _, t in sorted(chunks, key=lambda c: c[0].start)])
-            for key, chunks in parts.items()}
+    """Each key's tensor from its parts (a whole tensor is one part; parts every step-th row
+    interleave)."""
+    def whole(chunks: list[tuple[Rows, torch.Tensor]]) -> torch.Tensor:
+        if len(chunks) == 1:
+            return chunks[0][1]
+        ordered = [t for _, t in sorted(chunks, key=lambda c: c[0].start)]
+        if chunks[0][0].step > 1:
+            return torch.stack(ordered, 1).flatten(0, 1)
+        return torch.cat(ordered)
+    return {key: whole(chunks) for key, chunks in parts.items()}
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -122,12 +128,13 @@ class NetworkGraph:
 
     _cache: "OrderedDict[tuple, NetworkGraph]" = OrderedDict()
 
-    def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal") -> None:
+    def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
+                 attention: str = "heads") -> None:
         if identity_edges not in IDENTITY_EDGES:
             raise ValueError(f"identity_edges={identity_edges!r}: expected one of {IDENTITY_EDGES}")
-        self.identity_edges = identity_edges
+        self.identity_edges, self.attention = identity_edges, attention
         example_inputs = _as_tuple(example_inputs)
-        records, used = trace(module, example_inputs)
+        records, used = trace(module, example_inputs, attention)
         state = module.state_dict()
         missing = [k for k, v in state.items() if v.is_floating_point() and k not in used]
         if missing:
@@ -228,17 +235,18 @@ class NetworkGraph:
 
     # -- public API -----------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module, example_inputs,
-                    identity_edges: str = "diagonal") -> "NetworkGraph":
-        """Trace ``module`` (cached per architecture, width pattern and identity layout)."""
+    def from_module(cls, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
+                    attention: str = "heads") -> "NetworkGraph":
+        """Trace ``module`` (cached per architecture, width pattern, identity and attention
+        layout); ``attention``: "heads" (ours) or "paper" (docs/graph.md)."""
         example_inputs = _as_tuple(example_inputs)
-        key = (identity_edges, type(module).__module__, type(module).__qualname__,
+        key = (identity_edges, attention, type(module).__module__, type(module).__qualname__,
                tuple(type(m).__name__ for m in module.modules()),
                tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()),
                tuple(tuple(x.shape) for x in example_inputs))
         graph = cls._cache.get(key)
         if graph is None:
-            graph = cls(module, example_inputs, identity_edges)
+            graph = cls(module, example_inputs, identity_edges, attention)
             cls._cache[key] = graph
             if len(cls._cache) > _CACHE_SIZE:
                 cls._cache.popitem(last=False)
@@ -257,7 +265,8 @@ class NetworkGraph:
     def layout(self) -> dict:
         """What a metanetwork must match to read this graph."""
         return {"node_dim": self.node_dim, "edge_types": list(self.edge_types),
-                **self.columns.layout(), "identity_edges": self.identity_edges}
+                **self.columns.layout(), "identity_edges": self.identity_edges,
+                "attention": self.attention}
 
     def filled_node_columns(self) -> torch.Tensor:
         """Bool [nodes, node_dim]: which node features hold a network tensor (the rest hold

@@ -70,6 +70,8 @@ LAYERNORM = register_node_slot(NodeSlot("layernorm", ("weight", "bias"), (1.0, 0
 SCALE = register_node_slot(NodeSlot("scale", ("weight",), (1.0,)))
 # the query and key biases of one attention channel (its value bias is a plain "bias")
 ATTENTION = register_node_slot(NodeSlot("attention", ("q_bias", "k_bias"), (0.0, 0.0)))
+# the paper's attention layout: query, key and value bias features of one tied channel
+QKV_BIAS = register_node_slot(NodeSlot("qkv_bias", ("q_bias", "k_bias", "v_bias"), (0.0, 0.0, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -145,4 +147,5 @@ def canonical_layout(layout: Mapping) -> dict:
     layout that layouts stored before that option meant ("diagonal")."""
     out = {k: v for k, v in layout.items() if not (k.endswith(SLOTS_SUFFIX) and v == 0)}
     out.setdefault("identity_edges", "diagonal")
+    out.setdefault("attention", "heads")
     return out

@@ -22,7 +22,7 @@ from torchvision.models import maxvit, swin_transformer
 from networks.layers import LayerShape, register_layer_shape
 
 from .errors import UnsupportedArchitectureError
-from .node_slots import ATTENTION, BATCHNORM, BIAS, LAYERNORM, NODE_SLOTS, SCALE
+from .node_slots import ATTENTION, BATCHNORM, BIAS, LAYERNORM, NODE_SLOTS, QKV_BIAS, SCALE
 
 # Operations that act on each element (or each sample) alone: any channel layout. Dropout and
 # stochastic depth are traced in eval mode, where they are the identity.
@@ -90,13 +90,16 @@ class Rows:
     start: int = 0
     stop: int | None = None
     zip: int = 1
+    # > 1: every step-th row from start (the paper's code reads an attention's in-projection
+    # bias this way: entries 3i, 3i+1, 3i+2 as channel i's query, key and value biases)
+    step: int = 1
     # > 1: the columns (dim 1) hold that many copies of the input channels one after another
     # (a Linear after Swin's patch merging); an edge takes its channel's column of each copy
     columns: int = 1
 
     def __post_init__(self) -> None:
-        if self.zip > 1 and self.columns > 1:
-            raise ValueError(f"{self}: zipped rows and column copies together are not supported")
+        if sum(n > 1 for n in (self.zip, self.columns, self.step)) > 1:
+            raise ValueError(f"{self}: zipped rows, column copies and steps do not combine")
 
 
 @dataclass
@@ -183,14 +186,23 @@ def _dims_arg(node: fx.Node) -> list[int]:
 Env = Union[Value, tuple[Union[Value, None], ...], None]
 
 
+# How self-attention becomes graph structure (docs/graph.md): "heads" (ours: head nodes,
+# exactly the network's symmetries) or "paper" (the paper's code: query, key and value of one
+# channel index tied into a 3-feature edge, no heads)
+ATTENTION_LAYOUTS = ("heads", "paper")
+
+
 class _Walker:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, attention: str = "heads") -> None:
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_LAYOUTS}")
+        self.attention_layout = attention
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.params = set(dict(gm.named_parameters())) | set(dict(gm.named_buffers()))
         self.rec = TraceRecords()
         self.env: dict[fx.Node, Env] = {}
-        self.used: set[tuple[str, int, int | None]] = set()
+        self.used: set[tuple[str, Rows]] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
@@ -201,9 +213,9 @@ class _Walker:
         )
 
     def use_key(self, node: fx.Node, key: str, rows: Rows = Rows()) -> None:
-        if (key, rows.start, rows.stop) in self.used:
+        if (key, rows) in self.used:
             raise self.fail(node, f"parameter {key!r} is used twice (weight sharing)")
-        self.used.add((key, rows.start, rows.stop))
+        self.used.add((key, rows))
 
     @property
     def used_keys(self) -> set[str]:
@@ -375,7 +387,7 @@ class _Walker:
         self.rec.passengers.append((key, torch.zeros(0, dtype=torch.long), None))
 
     def attention(self, node: fx.Node, value: Value, heads: int, qkv: tuple[str, str | None],
-                  proj: tuple[str, str | None]) -> tuple[Value, torch.Tensor]:
+                  proj: tuple[str, str | None]) -> tuple[Value, torch.Tensor | None]:
         """Self-attention with head nodes (after NiNo, Knyazev et al. 2025) on the channels
         of ``value``; ``qkv`` and ``proj`` are the state-dict keys of the weight and bias (or
         None) of its input projection ([3C, C]: queries, keys, values, head by head) and of
@@ -385,7 +397,9 @@ class _Walker:
         another (it feeds the output projection's input i), and a featureless membership edge
         ties each head's nodes to a head node, so that only whole heads and channels within a
         head can be permuted: exactly the network's symmetries. Returns the output's value
-        and the head nodes."""
+        and the head nodes (None in the paper's layout, ``_paper_attention``)."""
+        if self.attention_layout == "paper":
+            return self._paper_attention(node, value, qkv, proj), None
         width = len(value.nodes)
         head_nodes, qk, v = self.new_nodes(heads), self.new_nodes(width), self.new_nodes(width)
         out, inputs = self.new_nodes(width), value.nodes.view(1, -1)
@@ -402,6 +416,26 @@ class _Walker:
         for members in (qk, v):
             self.rec.memberships.append((head_nodes[:, None], members.view(heads, -1)))
         return Value(out, True, 1, value.axis), head_nodes
+
+    def _paper_attention(self, node: fx.Node, value: Value, qkv: tuple[str, str | None],
+                         proj: tuple[str, str | None]) -> Value:
+        """The paper's code's attention layout (its ViT conversion): channel i of the queries,
+        keys and values is one node, fed by one 3-feature edge (query, key, value weight) per
+        input channel; its bias features are in-projection bias entries 3i, 3i+1, 3i+2, as
+        that code reads them (so not channel i's own biases). No head structure: the graph
+        cannot tell a permutation across heads, which is no symmetry, from one within."""
+        width = len(value.nodes)
+        inner, out = self.new_nodes(width), self.new_nodes(width)
+        (weight, bias), (proj_weight, proj_bias) = qkv, proj
+        self.add_weight(node, weight, 3, value.nodes.view(1, -1), inner.view(1, -1),
+                        Rows(0, 3 * width, zip=3))
+        if bias is not None:
+            for i, name in enumerate(QKV_BIAS.fields):
+                self.add_channels(node, bias, QKV_BIAS.name, name, inner, Rows(i, step=3))
+        self.add_weight(node, proj_weight, 1, inner.view(1, -1), out.view(1, -1))
+        if proj_bias is not None:
+            self.add_channels(node, proj_bias, BIAS.name, "bias", out)
+        return Value(out, True, 1, value.axis)
 
     # -- functions ------------------------------------------------------------------------
     def add(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
@@ -766,7 +800,9 @@ def _attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, i
             for name in (qkv, proj)))
         state = m.state_dict()
         for name, dim in head_tensors.items():
-            if name in state:
+            if name in state and head_nodes is None:  # a layout without heads
+                walker.add_fixed(node, f"{prefix}.{name}")
+            elif name in state:
                 walker.use_key(node, f"{prefix}.{name}")
                 walker.rec.passengers.append((f"{prefix}.{name}", head_nodes, dim))
         for name in fixed:
@@ -838,8 +874,10 @@ def symbolic_trace(module: nn.Module) -> fx.GraphModule:
         module.train(was_training)
 
 
-def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[TraceRecords, set]:
-    """Trace ``module`` on ``example_inputs``; returns the records and the keys they cover."""
+def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], attention: str = "heads"
+          ) -> tuple[TraceRecords, set]:
+    """Trace ``module`` on ``example_inputs`` with self-attention in layout ``attention``
+    (``ATTENTION_LAYOUTS``); returns the records and the keys they cover."""
     gm = symbolic_trace(module)
     was_training = module.training
     module.eval()  # shape propagation must not touch BN running statistics
@@ -848,5 +886,5 @@ def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple[
             ShapeProp(gm).propagate(*example_inputs)
     finally:
         module.train(was_training)
-    walker = _Walker(gm)
+    walker = _Walker(gm, attention)
     return walker.run(), walker.used_keys

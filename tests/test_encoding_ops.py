@@ -389,3 +389,28 @@ def test_the_metanetwork_commutes_with_a_head_swap(name, message_passing):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
     decoded = torch.func.functional_call(model, graph.decode(out), (X,))
     assert torch.isfinite(decoded).all()
+
+
+def test_the_papers_attention_layout_ties_query_key_and_value_and_cannot_see_heads():
+    model = randomize(VIT["vit"]())
+    graph = NetworkGraph.from_module(model, X, attention="paper")
+    data, expected = graph.encode(model), model(X)
+    assert graph.layout["attention"] == "paper" and 0 not in graph.edge_types  # no head nodes
+    decoded = graph.decode(data)
+    assert all(torch.equal(decoded[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    block = _block(graph, f"{prefix}.in_proj_weight", area=3)
+    weight = model.get_parameter(f"{prefix}.in_proj_weight").detach()  # [q; k; v], 16 rows each
+    features = data[edge_attr_key(3)][block.start:block.start + block.rows]
+    for i, j in ((0, 0), (5, 3), (15, 15)):  # edge (input j -> channel i): q, k, v weights
+        assert torch.equal(features[i * 16 + j], weight[[i, 16 + i, 32 + i], j])
+    # the paper's code reads the in-projection bias in steps of 3: channel i gets entries 3i..3i+2
+    bias = model.get_parameter(f"{prefix}.in_proj_bias").detach()
+    columns = [graph.columns.column("qkv_bias", 0, f) for f in ("q_bias", "k_bias", "v_bias")]
+    assert torch.equal(data.x[block.dst[0]][:, columns], bias.view(16, 3))
+    # channel 1 of head 0 swapped with channel 1 of head 1 maps this graph onto itself, but
+    # the network it decodes to computes something else
+    swapped = check.swapped(graph, data, int(block.dst[0, 1]), int(block.dst[0, 9]))
+    assert swapped is not None
+    assert not torch.allclose(torch.func.functional_call(model, graph.decode(swapped), (X,)),
+                              expected, atol=1e-4)
