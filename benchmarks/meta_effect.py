@@ -74,7 +74,7 @@ def main() -> None:
     first = MetaPruningModule.restore(checkpoints[0])
     hparams = first.hparams
     members = {i: MemberState.build(zoo.members[i].network, zoo.example_input(), hparams.reg,
-                                    hparams.alpha, identity_edges=first.metanetwork.identity_edges)
+                                    hparams.alpha, options=first.metanetwork.graph_options)
                for i in zoo.val_ids}
 
     def row(name: str, i: int, weights: dict) -> None:

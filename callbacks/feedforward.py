@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 import networks
-from graph import Metanetwork, NetworkGraph, UnsupportedArchitectureError
+from graph import GraphOptions, Metanetwork, NetworkGraph, UnsupportedArchitectureError
 from metaprune.errors import UserError
 
 from .target import classifier
@@ -58,10 +58,11 @@ def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
 
 
 def network_graph(network: nn.Module, example: torch.Tensor, source: str,
-                  identity_edges: str = "diagonal") -> NetworkGraph:
-    """The graph of ``network``; an unsupported architecture raises with the fix."""
+                  options: GraphOptions | None = None) -> NetworkGraph:
+    """The graph of ``network`` built with ``options`` (default: ``GraphOptions()``); an
+    unsupported architecture raises with the fix."""
     try:
-        return NetworkGraph.from_module(network, example, identity_edges)
+        return (options or GraphOptions()).graph(network, example)
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(
             f"{source} cannot be encoded as a graph for the metanetwork: {e}. Prune it with "
@@ -89,7 +90,7 @@ def feedforward(metanetwork: Metanetwork, network: nn.Module, example: torch.Ten
     with networks.evaluating(network):
         device = next(network.parameters()).device
         graph = network_graph(network, example.to(device), network_source,
-                              metanetwork.identity_edges)
+                              metanetwork.graph_options)
         check_layout(metanetwork, graph, metanetwork_source, network_source)
         weights = graph.decode(metanetwork.to(device).eval()(graph.encode(network)))
         # decode returns every floating tensor; integer buffers (num_batches_tracked) stay.

@@ -1,12 +1,12 @@
 """Pure-torch network <-> graph encoding and the GNN metanetwork (no Lightning here)."""
 from .errors import UnsupportedArchitectureError
 from .metanetwork import Metanetwork
-from .network_graph import IDENTITY_EDGES, NetworkGraph, edge_attr_key
+from .network_graph import IDENTITY_EDGES, GraphOptions, NetworkGraph, edge_attr_key
 from .node_slots import NODE_SLOTS, NodeColumns, NodeSlot, register_node_slot
 from .paper_weights import PaperWeightsError
 from .tracing import Rows, Value, module_handler, register_function, register_module, symbolic_trace
 
-__all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "Metanetwork", "NetworkGraph", "NodeColumns",
+__all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "GraphOptions", "Metanetwork", "NetworkGraph", "NodeColumns",
            "NodeSlot", "PaperWeightsError", "Rows", "UnsupportedArchitectureError", "Value",
            "edge_attr_key", "module_handler", "register_function", "register_module",
            "register_node_slot", "symbolic_trace"]

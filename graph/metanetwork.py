@@ -21,7 +21,7 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.utils import scatter
 
-from .network_graph import NetworkGraph, edge_attr_key
+from .network_graph import GraphOptions, NetworkGraph, edge_attr_key
 from .node_slots import NodeColumns, canonical_layout
 
 
@@ -273,10 +273,10 @@ class Metanetwork(nn.Module):
         return from_paper_state_dict(state_dict, graph, node_res_ratio, edge_res_ratio)
 
     @property
-    def identity_edges(self) -> str:
-        """The identity-edge layout of the graphs this metanetwork reads (build them with
-        ``NetworkGraph.from_module(..., identity_edges=metanetwork.identity_edges)``)."""
-        return self.layout["identity_edges"]
+    def graph_options(self) -> GraphOptions:
+        """How the graphs this metanetwork reads are built (identity edges, attention layout):
+        ``metanetwork.graph_options.graph(network, example)``."""
+        return GraphOptions.of_layout(self.layout)
 
     def check_layout(self, graph: NetworkGraph) -> None:
         """Raise if ``graph`` has a different layout than the one this metanetwork reads."""

@@ -23,8 +23,8 @@ from torch import nn
 from torch_geometric.data import Data
 
 from .errors import UnsupportedArchitectureError
-from .node_slots import NODE_SLOTS, NodeColumns
-from .tracing import Rows, trace
+from .node_slots import NODE_SLOTS, NodeColumns, canonical_layout
+from .tracing import ATTENTION_LAYOUTS, Rows, trace
 
 _CACHE_SIZE = 64
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one
@@ -66,6 +66,33 @@ class EdgeBlock:
         out[0].view(g, o, i).copy_(self.src[:, None, :].expand(g, o, i))
         out[1].view(g, o, i).copy_(self.dst[:, :, None].expand(g, o, i))
         return out
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """The encoder's choices where a network has more than one faithful graph: residual
+    identities (``IDENTITY_EDGES``) and self-attention (``ATTENTION_LAYOUTS``: "heads", ours,
+    or "paper"). A graph's layout records them, so a metanetwork rebuilds the graphs it was
+    trained on (``Metanetwork.graph_options``)."""
+
+    identity_edges: str = "diagonal"
+    attention: str = "heads"
+
+    def __post_init__(self) -> None:
+        if self.identity_edges not in IDENTITY_EDGES:
+            raise ValueError(f"identity_edges={self.identity_edges!r}: expected one of {IDENTITY_EDGES}")
+        if self.attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_LAYOUTS}")
+
+    @classmethod
+    def of_layout(cls, layout: Mapping) -> "GraphOptions":
+        """The options a ``NetworkGraph.layout`` (as stored in checkpoints) was built with."""
+        canonical = canonical_layout(layout)
+        return cls(canonical["identity_edges"], canonical["attention"])
+
+    def graph(self, module: nn.Module, example_inputs) -> "NetworkGraph":
+        """``module``'s graph built with these options (``NetworkGraph.from_module``)."""
+        return NetworkGraph.from_module(module, example_inputs, self.identity_edges, self.attention)
 
 
 def edge_attr_key(area: int) -> str:
@@ -130,8 +157,7 @@ class NetworkGraph:
 
     def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
                  attention: str = "heads") -> None:
-        if identity_edges not in IDENTITY_EDGES:
-            raise ValueError(f"identity_edges={identity_edges!r}: expected one of {IDENTITY_EDGES}")
+        GraphOptions(identity_edges, attention)  # refuses unknown choices
         self.identity_edges, self.attention = identity_edges, attention
         example_inputs = _as_tuple(example_inputs)
         records, used = trace(module, example_inputs, attention)

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import networks
-from graph import Metanetwork, NetworkGraph
+from graph import GraphOptions, Metanetwork
 from metaprune.errors import UserError
 from objective import MemberState, load_weights, meta_loss
 
@@ -36,6 +36,8 @@ class MetaPruningModule(LightningModule):
             over both directions, docs/decisions.md).
         identity_edges: how residual identities enter the graph: "diagonal" (one edge per
             channel; the paper's ResNet-50) or "dense" (C x C edges; the paper's CIFAR ResNets).
+        attention: how self-attention enters the graph: "heads" (ours: head nodes, exactly the
+            network's symmetries) or "paper" (the paper's ViT encoding; docs/graph.md).
         distill: weight of the original network's predictions as soft targets in each batch's
             loss, ``(1 - distill) * CE(labels) + distill * CE(original)`` (ours; 0: the paper's
             label cross-entropy).
@@ -54,7 +56,7 @@ class MetaPruningModule(LightningModule):
                  gamma: float = 0.1, zero_init_decoders: bool = True,
                  channel_gates: bool = False, gate_floor: float = 0.5,
                  message_passing: str = "paper", identity_edges: str = "diagonal",
-                 distill: float = 0.0, augment: float = 1.0,
+                 attention: str = "heads", distill: float = 0.0, augment: float = 1.0,
                  layout: dict | None = None) -> None:
         super().__init__()
         if not 0.0 <= distill <= 1.0:
@@ -92,8 +94,8 @@ class MetaPruningModule(LightningModule):
             return
         zoo = self.trainer.datamodule
         first = zoo.members[zoo.train_ids[0]]
-        layout = NetworkGraph.from_module(first.network, zoo.example_input(),
-                                          self.hparams.identity_edges).layout
+        options = GraphOptions(self.hparams.identity_edges, self.hparams.attention)
+        layout = options.graph(first.network, zoo.example_input()).layout
         self.hparams.layout = layout  # saved with every checkpoint
         self._build(layout)
 
@@ -103,7 +105,7 @@ class MetaPruningModule(LightningModule):
             zoo = self.trainer.datamodule
             state = MemberState.build(zoo.members[index].network, zoo.example_input(),
                                       self.hparams.reg, self.hparams.alpha, self.device,
-                                      self.gnn.identity_edges)
+                                      self.gnn.graph_options)
             self.gnn.check_layout(state.graph)
             self._members[index] = state
         return self._members[index]

@@ -22,7 +22,7 @@ from torch import nn
 from torch_geometric.data import Data
 
 import networks
-from graph import Metanetwork, NetworkGraph
+from graph import GraphOptions, Metanetwork, NetworkGraph
 
 from .augment import NormalizedChannels, normalized_channels, rescale_channels
 
@@ -38,9 +38,9 @@ class MemberState:
 
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
-              device: torch.device | str = "cpu", identity_edges: str = "diagonal"
+              device: torch.device | str = "cpu", options: GraphOptions | None = None
               ) -> "MemberState":
-        graph = NetworkGraph.from_module(network, example, identity_edges)
+        graph = (options or GraphOptions()).graph(network, example)
         work = copy.deepcopy(network).to(device).eval()
         with torch.enable_grad():  # torch_pruning traces dependencies with autograd
             pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)

@@ -296,7 +296,7 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
             {source: record["metadata"].get("trained_on") or []})
     if metanetwork_path is not None:
         metanetwork = load_metanetwork(metanetwork_path)
-        graph = network_graph(network.eval(), example, source, metanetwork.identity_edges)
+        graph = network_graph(network.eval(), example, source, metanetwork.graph_options)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
     base, macs = networks.base_macs(arch, example), networks.count_macs(network, example)
     target, current = p.target, base / macs

@@ -10,7 +10,8 @@ from pipeline.train import main
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/pretrain.yaml"))
 pytestmark = pytest.mark.usefixtures("cli_argv")
 NETWORKS = {"demo": "resnet20_cifar", "resnet56_cifar10": "resnet56_cifar",
-            "vgg19_cifar100": "vgg19_bn_cifar", "resnet50_imagenet": "resnet50"}
+            "vgg19_cifar100": "vgg19_bn_cifar", "resnet50_imagenet": "resnet50",
+            "vit_b16_imagenet": "vit_b_16"}
 
 
 def test_every_task_has_a_pretrain_config() -> None:

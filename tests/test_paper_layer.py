@@ -269,7 +269,7 @@ def test_import_paper_command_writes_a_checkpoint_that_run_and_select_load(tmp_p
     model = randomize(networks.build("resnet20_cifar", 10))
     graph = NetworkGraph.from_module(model, X32.float(), identity_edges="dense")
     direct = Metanetwork.from_paper_state_dict(sd, graph, 0.01, 0.02)
-    assert loaded.message_passing == "paper" and loaded.identity_edges == "dense"
+    assert loaded.message_passing == "paper" and loaded.graph_options.identity_edges == "dense"
     data = graph.encode(model)
     with torch.no_grad():
         expected, got = direct(data), loaded(data)
@@ -309,5 +309,5 @@ def test_checkpoints_from_before_the_option_load_as_the_joint_layer(tmp_path):
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams,
                 "pytorch-lightning_version": "2.6.0"}, tmp_path / "old.ckpt")
     meta = load_metanetwork(tmp_path / "old.ckpt")
-    assert meta.message_passing == "joint" and meta.identity_edges == "diagonal"
+    assert meta.message_passing == "joint" and meta.graph_options.identity_edges == "diagonal"
     meta.check_layout(graph)

@@ -235,6 +235,55 @@ def make_resnet50_zoo(root: Path, count: int = 2, ratio: float = 0.9) -> Path:
     return root
 
 
+def make_vit_b16_zoo(root: Path, count: int = 2) -> Path:
+    """ViT-B/16 members (torchvision layout, 2 classes) at width 24 (2 per head) and MLP width
+    24, random weights: a ViT-B/16 as channel pruning could leave it, cheap at 224x224."""
+    import networks
+    from datamodules.zoo_manifest import add_member, member_file, widths
+    from networks.checkpoint import reshape_to_state
+
+    narrow = {768: 24, 3072: 24, 2304: 72}  # width, MLP width, query+key+value
+    arch = {"name": "vit_b_16", "num_classes": 2, "kwargs": {}}
+    for seed in range(count):
+        model = networks.build("vit_b_16", 2)
+        g = torch.Generator().manual_seed(seed)
+        state = {k: 0.05 * torch.randn([narrow.get(n, n) for n in v.shape], generator=g)
+                 for k, v in model.state_dict().items()}
+        reshape_to_state(model, state)
+        model.load_state_dict(state)
+        networks.save_network(model, root / member_file(seed), arch)
+        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
+                          "macs": 1, "params": networks.count_params(model), "base_macs": 2,
+                          "speed_up": 2.0, "val_acc": None, "test_acc": None,
+                          "file": member_file(seed)})
+    return root
+
+
+def test_vit_b16_meta_config_meta_trains_a_step_at_224_in_the_papers_layout(
+        tiny_imagenet, tmp_path, cli_argv):
+    from pipeline.train import main
+
+    zoo = make_vit_b16_zoo(tmp_path / "zoo")
+    cli = main(["fit", "--config", str(ROOT / "configs" / "vit_b16_imagenet" / "meta.yaml"),
+                f"--data.init_args.zoo={zoo}",
+                f"--data.init_args.images.init_args.root={tiny_imagenet}",
+                "--data.init_args.images.init_args.num_classes=2",
+                "--data.init_args.images.init_args.num_workers=0",
+                "--data.init_args.images.init_args.val_fraction=0.25",
+                "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=1",
+                "--trainer.accelerator=cpu", "--trainer.fast_dev_run=true",
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.state.finished
+    assert cli.datamodule.example_input().shape[-2:] == (224, 224)
+    gnn = cli.model.metanetwork
+    assert (len(gnn.layers), gnn.hidden) == (2, 4)  # the paper's code's ViT metanetwork
+    assert gnn.graph_options.attention == "paper" and 3 in gnn.edge_types  # tied q/k/v edges
+    metrics = cli.trainer.callback_metrics  # the step's loss and the validation of its result
+    assert torch.isfinite(metrics["train/ce"]) and torch.isfinite(metrics["val/ce"])
+
+
 def test_imagenet_meta_config_meta_trains_a_step_at_224(tiny_imagenet, tmp_path, cli_argv):
     from pipeline.train import main
 
