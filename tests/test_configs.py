@@ -11,7 +11,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/pretrain.yaml")
 pytestmark = pytest.mark.usefixtures("cli_argv")
 NETWORKS = {"demo": "resnet20_cifar", "resnet56_cifar10": "resnet56_cifar",
             "vgg19_cifar100": "vgg19_bn_cifar", "resnet50_imagenet": "resnet50",
-            "vit_b16_imagenet": "vit_b_16"}
+            "vit_b16_imagenet": "vit_b_16", "vit_cifar10": "vit_cifar"}
 
 
 def test_every_task_has_a_pretrain_config() -> None:

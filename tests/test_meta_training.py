@@ -139,7 +139,7 @@ META_CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/meta.yaml"
 def test_every_task_has_a_meta_config():
     assert {p.parent.name for p in META_CONFIGS} == {"demo", "resnet56_cifar10",
                                                      "vgg19_cifar100", "resnet50_imagenet",
-                                                     "vit_b16_imagenet"}
+                                                     "vit_b16_imagenet", "vit_cifar10"}
 
 
 @pytest.mark.parametrize("config", META_CONFIGS, ids=lambda p: p.parent.name)

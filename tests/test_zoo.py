@@ -261,7 +261,8 @@ def test_broken_manifest_errors_name_the_file(tmp_path: Path) -> None:
 # ---- (e) shipped configs ---------------------------------------------------------------------
 def test_every_task_has_a_zoo_config() -> None:
     assert {p.parent.name for p in CONFIGS} == {"demo", "resnet56_cifar10", "vgg19_cifar100",
-                                                "resnet50_imagenet", "vit_b16_imagenet"}
+                                                "resnet50_imagenet", "vit_b16_imagenet",
+                                                "vit_cifar10"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
