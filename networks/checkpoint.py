@@ -47,21 +47,22 @@ def _plain(value) -> int | list[int]:
 
 def apply_layer_shapes(model: nn.Module, layers: Mapping[str, Mapping[str, ShapeValue | list[int]]],
                        state: dict[str, torch.Tensor], source: str) -> None:
-    """Resize ``model``'s layers in place to ``layers`` (from :func:`layer_shapes`), with
-    parameters and buffers shaped like ``state``'s, so that ``model.load_state_dict(state)``
-    fits; the values are not loaded here."""
+    """Resize ``model``'s layers in place to ``layers`` (from :func:`layer_shapes`), and every
+    module's own parameters and buffers to ``state``'s shapes (a layer scale or positional
+    embedding has no shape attribute but follows the channels), so that
+    ``model.load_state_dict(state)`` fits; the values are not loaded here."""
     modules = dict(model.named_modules())
     for path, attrs in layers.items():
         if path not in modules:
             raise CheckpointError(f"{source}: layer {path!r} does not exist in {type(model).__name__}")
-        module = modules[path]
         for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+            setattr(modules[path], attr, tuple(value) if isinstance(value, list) else value)
+    for path, module in modules.items():
         prefix = f"{path}." if path else ""
         for name, p in list(module.named_parameters(recurse=False)):
-            shape = state[prefix + name].shape
-            if p.shape != shape:
-                module._parameters[name] = nn.Parameter(p.new_empty(shape), p.requires_grad)
+            key = prefix + name
+            if key in state and p.shape != state[key].shape:
+                module._parameters[name] = nn.Parameter(p.new_empty(state[key].shape), p.requires_grad)
         for name, b in list(module.named_buffers(recurse=False)):
             key = prefix + name
             if key in state and b is not None and b.shape != state[key].shape:

@@ -107,9 +107,6 @@ register_layer_shape(LayerShape(("embed_dim", "kdim", "vdim", "head_dim"), _atte
                      nn.MultiheadAttention)
 register_layer_shape(LayerShape(("hidden_dim",), _vision_transformer),
                      torchvision.models.VisionTransformer)
-# no attribute, but a tensor of its own that follows the channels (the positional embedding)
-register_layer_shape(LayerShape((), lambda m, tensors: {}),
-                     torchvision.models.vision_transformer.Encoder)
 
 
 def sync_layer_shapes(model: nn.Module) -> None:
