@@ -118,8 +118,9 @@ def count_params(model: nn.Module) -> int:
 
 
 class _GroupNormPruner(tp.pruner.GroupNormPruner):
-    """torch_pruning's GroupNormPruner whose ``regularize`` leaves out groups whose channels all
-    have the same importance (in practice a layer pruned down to one channel).
+    """torch_pruning's GroupNormPruner whose steps keep shape attributes in sync (``step``) and
+    whose ``regularize`` leaves out groups whose channels all have the same importance (in
+    practice a layer pruned down to one channel).
 
     DepGraph's adaptive strength ``alpha ** ((max - imp) / (max - min))`` is 0/0 there, and the
     library then adds NaN to the gradients of every layer of the group (seen on a zoo member
@@ -128,6 +129,14 @@ class _GroupNormPruner(tp.pruner.GroupNormPruner):
     has a NaN, which is how the group is left out; pruning itself ranks as before."""
 
     _regularizing = False
+
+    def step(self, interactive: bool = False):
+        """One pruning step, then the layers' shape attributes the library does not update
+        (a VisionTransformer's ``hidden_dim``) set from their tensors, so the model runs."""
+        result = super().step(interactive)
+        if not interactive:
+            sync_layer_shapes(self.model)
+        return result
 
     def regularize(self, model: nn.Module, alpha: float = 2 ** 4, bias: bool = False) -> None:
         self._regularizing = True
@@ -222,7 +231,6 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
             pruner.step()
             if count_params(model) == params and not plain:
                 continue  # nothing was removed: same MACs, still below the target
-            sync_layer_shapes(model)
             macs = counter(model, example_inputs)
             current = base_macs / macs
             if current >= target:

@@ -186,3 +186,19 @@ def test_pruned_modern_cnns_round_trip_through_a_file(name, kwargs, tmp_path):
     loaded, _ = load_network(path)
     loaded.eval()
     assert torch.equal(loaded(X32), model(X32))
+
+
+def test_a_vision_transformer_curve_prunes_step_by_step_to_its_end():
+    """Every pruned point of a ViT's curve runs (its hidden_dim follows each step)."""
+    model = networks.build("vit_cifar", 10, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    base = networks.count_macs(model, X32[:1])
+    widths = []
+
+    def evaluate(pruned):
+        widths.append(pruned.hidden_dim)
+        return float(pruned(X32).softmax(1)[:, 0].mean())
+
+    points = networks.accuracy_curve(model, X32[:1], base, evaluate, max_speed_up=1.8,
+                                     iterative_steps=20)
+    assert points[-1][0] >= 1.8 and len(points) == len(widths) >= 3
+    assert widths[0] == 16 and widths[-1] < 16 and model.hidden_dim == 16  # a copy was pruned
