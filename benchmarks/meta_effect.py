@@ -21,23 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from jsonargparse import ArgumentParser  # noqa: E402
 
 import networks  # noqa: E402
-from datamodules import ModelZooDataModule  # noqa: E402
 from lightning_modules import MetaPruningModule  # noqa: E402
 from objective import MemberState  # noqa: E402
-
-
-def zoo_from_config(path: Path) -> ModelZooDataModule:
-    """The run's ModelZooDataModule, set up, from the config LightningCLI saved."""
-    parser = ArgumentParser()
-    parser.add_argument("--data", type=ModelZooDataModule)
-    data = yaml.safe_load(path.read_text())["data"]
-    zoo = parser.instantiate_classes(parser.parse_object({"data": data})).data
-    zoo.setup("fit")
-    return zoo
+from pipeline.select import zoo_datamodule  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,7 +53,7 @@ def main() -> None:
     if not checkpoints:
         sys.exit(f"no epoch*.ckpt in {args.run / 'checkpoints'}: pass the folder of a "
                  "meta-training run (runs/<task>/meta/version_<n>)")
-    zoo = zoo_from_config(args.run / "config.yaml")
+    zoo = zoo_datamodule(args.run / "config.yaml")
     loader = torch.utils.data.DataLoader(zoo.images.val_set, batch_size=500)
     lines = [f"Meta-val members of {args.run} on the whole val split "
              f"({len(zoo.images.val_set)} images)", "",

@@ -9,7 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 import yaml
 
@@ -67,13 +67,21 @@ def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError]
     try:
         parsed = parser.instantiate(parser.parse_object(raw))
     except argparse.ArgumentError as e:
-        raise error(f"{where}: {_one_line(str(e))}; fix that key and rerun") from None
+        raise error(f"{where}: {one_line(str(e))}; fix that key and rerun") from None
     return schema(**{name: parsed[name] for name in sections})
 
 
 # Every command's --data_root defaults to this environment variable: one way to point them all
 # at a data set (torch-free here, so that building a parser imports no torch).
 DATA_ENV = "METAPRUNE_DATA"
+
+
+def refuse_stage_seeds(sections: Iterable[dict], where: str, error: type[UserError],
+                       seeded_by: str) -> None:
+    """Stage sections must not set ``seed_everything``: ``seeded_by`` (a command-line option)
+    seeds every stage, so that a run is reproduced by its command line."""
+    if any("seed_everything" in section for section in sections):
+        raise error(f"{where}: do not set seed_everything; {seeded_by}")
 
 
 def request_from(args: Any, request: type[C]) -> C:
@@ -142,10 +150,10 @@ def check_stage_config(config: dict, where: str, error: type[ValueError]) -> Non
                subclass_mode_model=True, subclass_mode_data=True, seed_everything_default=0,
                parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
     except argparse.ArgumentError as e:
-        raise error(f"{where}: {_one_line(str(e))}; fix that key and rerun") from None
+        raise error(f"{where}: {one_line(str(e))}; fix that key and rerun") from None
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     """jsonargparse's nested validation report reduced to ``key: reason``."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if not lines or not lines[0].startswith("Parser key"):

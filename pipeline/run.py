@@ -30,6 +30,7 @@ from .common import (
     is_rank_zero,
     merged,
     read_config,
+    refuse_stage_seeds,
     request_from,
     wait_for,
     write_bytes,
@@ -172,10 +173,8 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     path = Path(path)
     where = f"prune config {str(path)!r}"
     cfg = read_config(path, PruneConfig, PruneRunError, "prune")
-    for section in (cfg.base, cfg.finetune, cfg.final):
-        if "seed_everything" in section:
-            raise PruneRunError(f"{where}: do not set seed_everything; --seed (or prune.seed) "
-                                "seeds every stage")
+    refuse_stage_seeds((cfg.base, cfg.finetune, cfg.final), where, PruneRunError,
+                       "--seed (or prune.seed) seeds every stage")
     if not cfg.base.get("data"):
         raise PruneRunError(f"{where}: section 'base' needs a data section (a train.py fit config)")
     prune = cfg.prune

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import importlib
 import io
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from graph import Metanetwork
 from metaprune.errors import UserError
 from networks import CheckpointError
 
-from .common import request_from, write_bytes
+from .common import one_line, request_from, write_bytes
 from .curve import (
     BN_BATCH_SIZE,
     BN_BATCHES,
@@ -98,22 +97,6 @@ class SelectionError(UserError):
     """Bad input to ``prune.py select``; the message names the file or option."""
 
 
-def instantiate(spec, where: str):
-    """Build ``{"class_path": ..., "init_args": {...}}`` specs recursively, as LightningCLI does."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise SelectionError(f"{where}: class_path {spec['class_path']!r} cannot be "
-                                 f"imported ({e})") from e
-        return cls(**{k: instantiate(v, where) for k, v in (spec.get("init_args") or {}).items()})
-    if isinstance(spec, str) and "${" in spec:
-        raise SelectionError(f"{where}: interpolation {spec!r} in the data section is not "
-                             "supported here; write the value out")
-    return spec
-
-
 def zoo_datamodule(config: str | Path, zoo_dir: str | None = None,
                    data_root: str | None = None):
     """The ``ModelZooDataModule`` of a meta.yaml's ``data`` section, set up (train/val only)."""
@@ -129,7 +112,17 @@ def zoo_datamodule(config: str | Path, zoo_dir: str | None = None,
         data["init_args"]["zoo"] = zoo_dir
     if data_root is not None:
         data["init_args"]["images"]["init_args"]["root"] = data_root
-    dm = instantiate(data, where)
+    from jsonargparse import ArgumentParser
+
+    from datamodules import ModelZooDataModule
+
+    parser = ArgumentParser(exit_on_error=False)  # builds class_path/init_args as LightningCLI
+    parser.add_argument("--data", type=ModelZooDataModule)
+    try:
+        dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    except argparse.ArgumentError as e:
+        raise SelectionError(f"{where}: its data section is not a ModelZooDataModule "
+                             f"({one_line(str(e))})") from None
     dm.setup("fit")  # reads the image train split and carves the val split out of it
     if not dm.val_ids:
         raise SelectionError(f"{where}: the zoo has no meta-val members (meta_val_members=0)")

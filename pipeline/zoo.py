@@ -23,6 +23,7 @@ from .common import (
     is_rank_zero,
     merged,
     read_config,
+    refuse_stage_seeds,
     wait_for,
 )
 
@@ -72,9 +73,8 @@ def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: s
     """Read a zoo.yaml and apply the command-line overrides (``zoo.dir`` filled in)."""
     path = Path(path)
     cfg = read_config(path, ZooConfig, ZooConfigError, "zoo")
-    if "seed_everything" in cfg.pretrain or "seed_everything" in cfg.finetune:
-        raise ZooConfigError(f"zoo config {str(path)!r}: do not set seed_everything; the "
-                             "member's seed comes from --seed (or zoo.seed) and seeds both stages")
+    refuse_stage_seeds((cfg.pretrain, cfg.finetune), f"zoo config {str(path)!r}", ZooConfigError,
+                       "the member's seed comes from --seed (or zoo.seed) and seeds both stages")
     zoo = cfg.zoo
     zoo.dir = zoo_dir or zoo.dir or f"zoo/{path.parent.name}"
     zoo.seed = zoo.seed if seed is None else int(seed)
