@@ -391,13 +391,13 @@ class _Walker:
         """Self-attention with head nodes (after NiNo, Knyazev et al. 2025) on the channels
         of ``value``; ``qkv`` and ``proj`` are the state-dict keys of the weight and bias (or
         None) of its input projection ([3C, C]: queries, keys, values, head by head) and of
-        its output projection. Channel i of a head's
-        queries and keys is one node (one edge per input channel with the query and key
-        weights as 2 features: the scores need both permuted alike), channel i of its values
-        another (it feeds the output projection's input i), and a featureless membership edge
-        ties each head's nodes to a head node, so that only whole heads and channels within a
-        head can be permuted: exactly the network's symmetries. Returns the output's value
-        and the head nodes (None in the paper's layout, ``_paper_attention``)."""
+        its output projection. Channel i of a head's queries and keys is one node (one edge
+        per input channel with the query and key weights as 2 features: the scores need both
+        permuted alike), channel i of its values another (it feeds the output projection's
+        input i), and a featureless membership edge ties each head's nodes to a head node, so
+        that only whole heads and channels within a head can be permuted: exactly the
+        network's symmetries. Returns the output's value and the head nodes (None in the
+        paper's layout, ``_paper_attention``)."""
         if self.attention_layout == "paper":
             return self._paper_attention(node, value, qkv, proj), None
         width = len(value.nodes)

@@ -38,7 +38,7 @@ def import_paper_command(args: argparse.Namespace) -> int:
 
     import networks
     from callbacks.feedforward import MetanetworkError, network_graph
-    from graph import Metanetwork, PaperWeightsError
+    from graph import GraphOptions, Metanetwork, PaperWeightsError
     from lightning_modules import MetaPruningModule
 
     source = f"paper metanetwork file {args.state_dict!r}"
@@ -49,7 +49,7 @@ def import_paper_command(args: argparse.Namespace) -> int:
                                "with torch.save(model.state_dict(), path)")
     network = networks.build(args.arch, args.num_classes).eval()
     graph = network_graph(network, networks.example_input(args.input_size), f"architecture {args.arch!r}",
-                          args.identity_edges)
+                          GraphOptions(args.identity_edges))
     try:
         meta = Metanetwork.from_paper_state_dict(state, graph, args.node_res_ratio,
                                                  args.edge_res_ratio)

@@ -17,6 +17,7 @@ from datamodules.zoo_manifest import ZooError, add_member, member_file, read_man
 from graph import Metanetwork, NetworkGraph
 from lightning_modules import MetaPruningModule
 from objective import MemberState, meta_loss, weight_gradients
+from pipeline.select import zoo_datamodule
 
 X32 = torch.randn(1, 3, 32, 32)
 
@@ -312,7 +313,7 @@ def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar
     rows = [line.split(" | ") for line in (run / "meta_effect.md").read_text().splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["| original", "| epoch000", "| epoch001"]
-    zoo_dm = meta_effect.zoo_from_config(run / "config.yaml")
+    zoo_dm = zoo_datamodule(run / "config.yaml")
     member = zoo_dm.members[zoo_dm.val_ids[0]].network
     images = torch.stack([x for x, _ in zoo_dm.images.val_set])
     labels = torch.tensor([y for _, y in zoo_dm.images.val_set])
