@@ -13,7 +13,7 @@ from .checkpoint import (
 from .cifar_resnet import CifarResNet
 from .common import evaluating, example_input
 from .curve import accuracy, accuracy_curve, calibration_batches, curve_area, recalibrate_batchnorm
-from .layers import LayerShape, layer_shape, register_layer_shape
+from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_shapes
 from .pruning import (
                          NEAR_ZERO,
                          base_macs,
@@ -38,4 +38,4 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
-           "save_network"]
+           "save_network", "sync_layer_shapes"]
