@@ -83,10 +83,8 @@ def _block(graph: NetworkGraph, key: str, area: int | None = None):
     return next(b for b in graph.blocks if b.key == key and area in (None, b.area))
 
 
-@pytest.mark.parametrize("name,pruned", [(n, p) for n in sorted(TINY) for p in (False, True)]
-                         + [(n, p) for n in (*VIT, *SWIN) for p in (False, True)]
-                         + [("maxvit", False)])
-def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
+def _built(name: str, pruned: bool) -> nn.Module:
+    """Family ``name`` at test width, pruned to irregular widths if ``pruned``."""
     model = {**TINY, **VIT, **SWIN, **MAXVIT}[name]()
     if pruned and name in TINY:
         random_prune(model, X, ratio=0.4, seed=1)
@@ -94,14 +92,23 @@ def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, prune
         networks.prune_to_speed_up(model, X, 1.5, networks.count_macs(model, X), iterative_steps=20)
     elif pruned:
         _narrow_mlps(model, seed=1)
-    verdict = check_encoding(randomize(model), X, swaps=12)
+    return model
+
+
+FAMILIES = ([(n, p) for n in sorted(TINY) for p in (False, True)]
+            + [(n, p) for n in (*VIT, *SWIN) for p in (False, True)] + [("maxvit", False)])
+
+
+@pytest.mark.parametrize("name,pruned", FAMILIES)
+def test_modern_blocks_are_exact_and_their_node_swaps_are_symmetries(name, pruned):
+    verdict = check_encoding(randomize(_built(name, pruned)), X, swaps=12)
     assert verdict.status == EXACT, verdict.reason
     assert verdict.swaps >= 4  # enough swaps were symmetries of the graph to test something
 
 
-@pytest.mark.parametrize("name", [*sorted(TINY), *VIT, *SWIN, *MAXVIT])
-def test_gradients_through_decode_equal_autograd_on_the_network(name):
-    model = randomize({**TINY, **VIT, **SWIN, **MAXVIT}[name]())
+@pytest.mark.parametrize("name,pruned", FAMILIES)
+def test_gradients_through_decode_equal_autograd_on_the_network(name, pruned):
+    model = randomize(_built(name, pruned))
     graph = NetworkGraph.from_module(model, X)
     data = graph.encode(model)
     names = ["x"] + [edge_attr_key(a) for a in graph.edge_types]
