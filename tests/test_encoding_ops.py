@@ -55,8 +55,7 @@ def _swin(v2: bool = False) -> nn.Module:
 
 def _narrow_mlps(model: nn.Module, seed: int) -> nn.Module:
     """Keep a random subset of every transformer MLP's hidden channels, a different count per
-    block (torchvision's Swin and ViT read their attention widths from attributes, so the
-    hidden layer of the MLPs is what can be pruned without the pruning work of issue 15)."""
+    block: Swin's pruned copies (torch_pruning cannot prune Swin yet, docs/pruning.md)."""
     g = torch.Generator().manual_seed(seed)
     for mlp in [m for m in model.modules() if isinstance(m, torchvision.ops.MLP)]:
         up, down = mlp[0], mlp[3]
