@@ -4,9 +4,17 @@ from .metanetwork import Metanetwork
 from .network_graph import IDENTITY_EDGES, GraphOptions, NetworkGraph, edge_attr_key
 from .node_slots import NODE_SLOTS, NodeColumns, NodeSlot, register_node_slot
 from .paper_weights import PaperWeightsError
-from .tracing import Rows, Value, module_handler, register_function, register_module, symbolic_trace
+from .tracing import (
+                      Rows,
+                      Value,
+                      attention_module,
+                      module_handler,
+                      register_function,
+                      register_module,
+                      symbolic_trace,
+)
 
 __all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "GraphOptions", "Metanetwork", "NetworkGraph", "NodeColumns",
            "NodeSlot", "PaperWeightsError", "Rows", "UnsupportedArchitectureError", "Value",
-           "edge_attr_key", "module_handler", "register_function", "register_module",
+           "attention_module", "edge_attr_key", "module_handler", "register_function", "register_module",
            "register_node_slot", "symbolic_trace"]

@@ -784,7 +784,7 @@ def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value
     return out, None
 
 
-def _attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, int],
+def attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, int],
                       fixed: tuple[str, ...] = ()) -> ModuleHandler:
     """A handler for a self-attention module whose Linears ``qkv`` (queries, keys, values,
     head by head) and ``proj`` are submodules and whose head count is attribute ``heads``
@@ -816,12 +816,12 @@ def _attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, i
 # V1 has a per-head relative position bias table; V2 per-head logit scales and a position MLP
 # whose last layer is per head and whose first layer and input table follow no channel.
 register_module(swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2)(
-    _attention_module("qkv", "proj", "num_heads",
+    attention_module("qkv", "proj", "num_heads",
                       {"relative_position_bias_table": 1, "logit_scale": 0, "cpb_mlp.2.weight": 0},
                       ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "relative_coords_table")))
 # MaxViT's block and grid attention (over the tokens of a window or a grid)
 register_module(maxvit.RelativePositionalMultiHeadAttention)(
-    _attention_module("to_qkv", "merge", "n_heads", {"relative_position_bias_table": 1}))
+    attention_module("to_qkv", "merge", "n_heads", {"relative_position_bias_table": 1}))
 
 
 @register_function(swin_transformer._patch_merging_pad)
