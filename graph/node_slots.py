@@ -143,8 +143,8 @@ class NodeColumns:
 
 
 def canonical_layout(layout: Mapping) -> dict:
-    """``layout`` without zero slot counts (older checkpoints list them), with the identity
-    layout that layouts stored before that option meant ("diagonal")."""
+    """``layout`` without zero slot counts (older checkpoints list them), with the identity and
+    attention layouts that layouts stored before those options meant ("diagonal", "heads")."""
     out = {k: v for k, v in layout.items() if not (k.endswith(SLOTS_SUFFIX) and v == 0)}
     out.setdefault("identity_edges", "diagonal")
     out.setdefault("attention", "heads")

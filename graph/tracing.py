@@ -375,16 +375,17 @@ class _Walker:
             if not isinstance(source, fx.Node):
                 break
             param = source
-        key = self.state_key(node, param)
-        dim = self.channel_dim(node, param, value)
-        self.use_key(node, key)
-        self.rec.passengers.append((key, value.nodes, dim))
+        self.carry(node, self.state_key(node, param), value.nodes,
+                   self.channel_dim(node, param, value))
 
-    def add_fixed(self, node: fx.Node, key: str) -> None:
-        """State-dict tensor ``key`` follows no channel (a constant input table of a layer's
-        own MLP): it stays out of the graph and is decoded as it was."""
+    def carry(self, node: fx.Node, key: str, nodes: torch.Tensor | None = None,
+              dim: int | None = None) -> None:
+        """State-dict tensor ``key`` stays out of the graph and is decoded as it was; its
+        ``dim`` has one slice per node of ``nodes`` (a positional embedding's channels, a bias
+        table's heads), or it follows no channel (None: a constant table of a layer's own MLP)."""
         self.use_key(node, key)
-        self.rec.passengers.append((key, torch.zeros(0, dtype=torch.long), None))
+        empty = torch.zeros(0, dtype=torch.long)
+        self.rec.passengers.append((key, empty if nodes is None else nodes, dim))
 
     def attention(self, node: fx.Node, value: Value, heads: int, qkv: tuple[str, str | None],
                   proj: tuple[str, str | None]) -> tuple[Value, torch.Tensor | None]:
@@ -800,14 +801,12 @@ def attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, in
             for name in (qkv, proj)))
         state = m.state_dict()
         for name, dim in head_tensors.items():
-            if name in state and head_nodes is None:  # a layout without heads
-                walker.add_fixed(node, f"{prefix}.{name}")
-            elif name in state:
-                walker.use_key(node, f"{prefix}.{name}")
-                walker.rec.passengers.append((f"{prefix}.{name}", head_nodes, dim))
+            if name in state:  # with the head nodes; in a layout without heads, with none
+                walker.carry(node, f"{prefix}.{name}", head_nodes,
+                             None if head_nodes is None else dim)
         for name in fixed:
             if name in state:
-                walker.add_fixed(node, f"{prefix}.{name}")
+                walker.carry(node, f"{prefix}.{name}")
         return out
     return handler
 

@@ -215,23 +215,47 @@ IMAGENET = ROOT / "configs" / "resnet50_imagenet"
 X224 = torch.randn(1, 3, 224, 224)
 
 
+def _register(root: Path, seed: int, arch: dict, model: torch.nn.Module) -> None:
+    """Save ``model`` as zoo member ``seed`` of ``root`` with a manifest row (sizes only)."""
+    import networks
+    from datamodules.zoo_manifest import add_member, member_file, widths
+
+    networks.save_network(model, root / member_file(seed), arch)
+    add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
+                      "macs": 1, "params": networks.count_params(model), "base_macs": 2,
+                      "speed_up": 2.0, "val_acc": None, "test_acc": None,
+                      "file": member_file(seed)})
+
+
+def _meta_step_at_224(config: Path, zoo: Path, images: Path, tmp_path: Path):
+    """``train.py fit`` of a meta config for one step (fast_dev_run) on ``zoo`` and a tiny
+    224x224 ImageNet tree with 2 classes; returns the CLI."""
+    from pipeline.train import main
+
+    return main(["fit", "--config", str(config), f"--data.init_args.zoo={zoo}",
+                 f"--data.init_args.images.init_args.root={images}",
+                 "--data.init_args.images.init_args.num_classes=2",
+                 "--data.init_args.images.init_args.num_workers=0",
+                 "--data.init_args.images.init_args.val_fraction=0.25",
+                 "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=1",
+                 "--trainer.accelerator=cpu", "--trainer.fast_dev_run=true",
+                 f"--trainer.default_root_dir={tmp_path}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path}",
+                 "--trainer.enable_progress_bar=false"])
+
+
 def make_resnet50_zoo(root: Path, count: int = 2, ratio: float = 0.9) -> Path:
     """ResNet-50 members (torchvision layout, 2 classes), 90% of channels randomly pruned so
     meta-training one step at 224x224 takes seconds on a CPU."""
     from pruning_helpers import random_prune
 
     import networks
-    from datamodules.zoo_manifest import add_member, member_file, widths
 
     arch = {"name": "resnet50", "num_classes": 2, "kwargs": {}}
     for seed in range(count):
         torch.manual_seed(seed)
         model = random_prune(networks.build("resnet50", 2), X224, ratio, seed)
-        networks.save_network(model, root / member_file(seed), arch)
-        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
-                          "macs": 1, "params": networks.count_params(model), "base_macs": 2,
-                          "speed_up": 2.0, "val_acc": None, "test_acc": None,
-                          "file": member_file(seed)})
+        _register(root, seed, arch, model)
     return root
 
 
@@ -239,7 +263,6 @@ def make_vit_b16_zoo(root: Path, count: int = 2) -> Path:
     """ViT-B/16 members (torchvision layout, 2 classes) at width 24 (2 per head) and MLP width
     24, random weights: a ViT-B/16 as channel pruning could leave it, cheap at 224x224."""
     import networks
-    from datamodules.zoo_manifest import add_member, member_file, widths
     from networks.checkpoint import reshape_to_state
 
     narrow = {768: 24, 3072: 24, 2304: 72}  # width, MLP width, query+key+value
@@ -251,30 +274,14 @@ def make_vit_b16_zoo(root: Path, count: int = 2) -> Path:
                  for k, v in model.state_dict().items()}
         reshape_to_state(model, state)
         model.load_state_dict(state)
-        networks.save_network(model, root / member_file(seed), arch)
-        add_member(root, {"seed": seed, "architecture": arch, "widths": widths(model),
-                          "macs": 1, "params": networks.count_params(model), "base_macs": 2,
-                          "speed_up": 2.0, "val_acc": None, "test_acc": None,
-                          "file": member_file(seed)})
+        _register(root, seed, arch, model)
     return root
 
 
 def test_vit_b16_meta_config_meta_trains_a_step_at_224_in_the_papers_layout(
         tiny_imagenet, tmp_path, cli_argv):
-    from pipeline.train import main
-
-    zoo = make_vit_b16_zoo(tmp_path / "zoo")
-    cli = main(["fit", "--config", str(ROOT / "configs" / "vit_b16_imagenet" / "meta.yaml"),
-                f"--data.init_args.zoo={zoo}",
-                f"--data.init_args.images.init_args.root={tiny_imagenet}",
-                "--data.init_args.images.init_args.num_classes=2",
-                "--data.init_args.images.init_args.num_workers=0",
-                "--data.init_args.images.init_args.val_fraction=0.25",
-                "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=1",
-                "--trainer.accelerator=cpu", "--trainer.fast_dev_run=true",
-                f"--trainer.default_root_dir={tmp_path}",
-                f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--trainer.enable_progress_bar=false"])
+    cli = _meta_step_at_224(ROOT / "configs" / "vit_b16_imagenet" / "meta.yaml",
+                            make_vit_b16_zoo(tmp_path / "zoo"), tiny_imagenet, tmp_path)
     assert cli.trainer.state.finished
     assert cli.datamodule.example_input().shape[-2:] == (224, 224)
     gnn = cli.model.metanetwork
@@ -285,19 +292,8 @@ def test_vit_b16_meta_config_meta_trains_a_step_at_224_in_the_papers_layout(
 
 
 def test_imagenet_meta_config_meta_trains_a_step_at_224(tiny_imagenet, tmp_path, cli_argv):
-    from pipeline.train import main
-
-    zoo = make_resnet50_zoo(tmp_path / "zoo")
-    cli = main(["fit", "--config", str(IMAGENET / "meta.yaml"), f"--data.init_args.zoo={zoo}",
-                f"--data.init_args.images.init_args.root={tiny_imagenet}",
-                "--data.init_args.images.init_args.num_classes=2",
-                "--data.init_args.images.init_args.num_workers=0",
-                "--data.init_args.images.init_args.val_fraction=0.25",
-                "--data.init_args.batch_size=2", "--data.init_args.batches_per_step=1",
-                "--trainer.accelerator=cpu", "--trainer.fast_dev_run=true",
-                f"--trainer.default_root_dir={tmp_path}",
-                f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--trainer.enable_progress_bar=false"])
+    cli = _meta_step_at_224(IMAGENET / "meta.yaml", make_resnet50_zoo(tmp_path / "zoo"),
+                            tiny_imagenet, tmp_path)
     assert cli.trainer.state.finished
     assert cli.datamodule.images.dataset == "imagenet"
     assert cli.datamodule.example_input().shape[-2:] == (224, 224)
