@@ -17,6 +17,7 @@ from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_sh
 from .pruning import (
                          NEAR_ZERO,
                          base_macs,
+                         check_max_pruning_ratio,
                          classifier_layer,
                          count_macs,
                          count_macs_fast,
@@ -33,7 +34,7 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "atomic_save", "atomic_write", "available", "base_macs", "build", "calibration_batches",
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",
-           "layer_shape", "load_network",
+           "layer_shape", "load_network", "check_max_pruning_ratio",
            "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",

@@ -152,19 +152,34 @@ class _GroupNormPruner(tp.pruner.GroupNormPruner):
         return imp
 
 
+def check_max_pruning_ratio(value: float) -> float:
+    """``value`` if it is a valid per-layer cap of :func:`magnitude_pruner`, else ValueError."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"max_pruning_ratio={value} must be in (0, 1]: the largest fraction of a "
+                         "layer's channels pruning may remove (1: no cap)")
+    return float(value)
+
+
 def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
-                     reg: float = 1e-4, alpha: float = 4.0) -> tp.pruner.GroupNormPruner:
+                     reg: float = 1e-4, alpha: float = 4.0,
+                     max_pruning_ratio: float = 1.0) -> tp.pruner.GroupNormPruner:
     """The pruning criterion of DESIGN section 7: global group-L2 magnitude (mean over a group,
     normalized by the max), small iterative steps, the classifier excluded by identity.
 
-    ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training)."""
+    ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training).
+    ``max_pruning_ratio`` below 1 stops ranking a group once one of its layers has lost that
+    fraction of the channels it had when the pruner was built (torch_pruning's per-layer cap;
+    the step that crosses the cap may remove a few channels more). 1, the paper's setting, lets
+    global ranking narrow a layer to a single channel.
+    """
+    check_max_pruning_ratio(max_pruning_ratio)
     importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean",
                                                         normalizer="max")
     # attention splits its width into heads: widths stay multiples of every head count
     heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return _GroupNormPruner(
         model, example_inputs, importance=importance, reg=reg, alpha=alpha, global_pruning=True,
-        pruning_ratio=1.0, iterative_steps=iterative_steps,
+        pruning_ratio=1.0, max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
         round_to=math.lcm(*heads) if heads else None,
         ignored_layers=[classifier_layer(model, example_inputs)])
 
@@ -202,7 +217,8 @@ def _index_mappings_per_shape(model: nn.Module) -> Iterator[None]:
 def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: float,
                       base_macs: int, iterative_steps: int = 200,
                       mac_counter: MacCounter | None = None,
-                      pruner: tp.pruner.MetaPruner | None = None) -> float:
+                      pruner: tp.pruner.MetaPruner | None = None,
+                      max_pruning_ratio: float = 1.0) -> float:
     """Prune ``model`` in place, step by step, until MACs(base) / MACs(now) >= ``target``.
 
     ``base_macs`` are the MACs of the original unpruned architecture, so earlier pruning (the
@@ -215,7 +231,8 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
     kept for tests and benchmarks).
 
     ``pruner`` (built on ``model`` with ``iterative_steps`` steps) replaces the criterion of
-    :func:`magnitude_pruner`, e.g. with another importance or more ignored layers.
+    :func:`magnitude_pruner`, e.g. with another importance or more ignored layers;
+    ``max_pruning_ratio`` is that criterion's per-layer cap.
     """
     macs = count_macs(model, example_inputs)
     current = base_macs / macs
@@ -223,7 +240,8 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
         raise ValueError(f"speed-up target {target:.3f}x is not above the network's current "
                          f"speed-up {current:.3f}x; ask for a larger target")
     counter = mac_counter or _checked_counter(model, example_inputs, macs)
-    pruner = pruner or magnitude_pruner(model, example_inputs, iterative_steps)
+    pruner = pruner or magnitude_pruner(model, example_inputs, iterative_steps,
+                                        max_pruning_ratio=max_pruning_ratio)
     plain = mac_counter is not None  # the reference loop: torch_pruning exactly as shipped
     with contextlib.nullcontext() if plain else _index_mappings_per_shape(model):
         for _ in range(iterative_steps):

@@ -41,6 +41,7 @@ METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
+SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio")  # prune settings stage 1 does not read
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
 # a default, not written into the stored settings, so runs from before it keep their settings.
@@ -68,6 +69,9 @@ class PruneSettings:
             before every curve point (0: raw curves).
         curve_range: the speed-ups the stage-1 curve area averages over.
         curve_every: evaluate every N-th pruning step of a curve.
+        max_pruning_ratio: the criterion's per-layer cap for stage 2 and the curves
+            (``networks.magnitude_pruner``); unset: 1, the paper's setting (no cap). Stage 1
+            does not depend on it (``--reuse_first_stage`` across caps works).
         latency_batch_sizes: batch sizes of the measured speed-up (unset: 1 and 64; []: none).
         onnx: export and check ``network.onnx`` (unset: yes).
     """
@@ -83,6 +87,7 @@ class PruneSettings:
     bn_batch_size: int = 128
     curve_range: tuple[float, float] = (2.0, 3.0)
     curve_every: int = 5
+    max_pruning_ratio: float | None = None
     latency_batch_sizes: list[int] | None = None
     onnx: bool | None = None
 
@@ -91,6 +96,11 @@ class PruneSettings:
         """The speed-up target (``load_prune_config`` makes sure there is one)."""
         assert self.speed_up is not None
         return self.speed_up
+
+    @property
+    def cap(self) -> float:
+        """``max_pruning_ratio``, 1 when unset."""
+        return 1.0 if self.max_pruning_ratio is None else self.max_pruning_ratio
 
     def record(self) -> dict:
         """The settings as stored in run.json and report.json; the options left unset are
@@ -134,7 +144,8 @@ class RunRequest:
         data_root: overrides ``data.init_args.root``.
         seed: seeds every stage; default ``prune.seed`` or 0.
         reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
-            config that differs only in the speed-up: stage 1 is taken from it.
+            config that differs only in the speed-up or the per-layer cap: stage 1 is taken
+            from it.
     """
 
     config: str
@@ -190,6 +201,10 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
+    if prune.max_pruning_ratio is not None and not 0.0 < prune.max_pruning_ratio <= 1.0:
+        raise PruneRunError(f"{where}: prune.max_pruning_ratio {prune.max_pruning_ratio:g} must be "
+                            "in (0, 1]: the largest fraction of a layer's channels pruning may "
+                            "remove (leave it unset for no cap)")
     if data_root is not None:
         cfg.base["data"].setdefault("init_args", {})["root"] = data_root
     return cfg
@@ -308,7 +323,7 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     # (The real prune acts on finetuned weights; reachability depends on the structure.)
     try:
         networks.prune_to_speed_up(copy.deepcopy(network).eval(), example, target, base,
-                                   p.iterative_steps)
+                                   p.iterative_steps, max_pruning_ratio=p.cap)
     except ValueError as e:
         raise PruneRunError(
             f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
@@ -338,11 +353,13 @@ def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weig
     return config
 
 
-def _without_target(settings: dict) -> dict:
-    """A run's settings minus the speed-up target: what stage 1 depends on."""
+def _first_stage_settings(settings: dict) -> dict:
+    """A run's settings minus those only stage 2 and the curves read (the speed-up target, the
+    per-layer cap): what stage 1 depends on."""
     out = copy.deepcopy(settings)
     out.pop("speed_up", None)
-    out["config"]["prune"].pop("speed_up", None)
+    for key in SECOND_STAGE_ONLY:
+        out["config"]["prune"].pop(key, None)
     return out
 
 
@@ -355,10 +372,12 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} is not a prune run directory "
                             f"(no {RUN_FILE}); pass the --out of an earlier `prune.py run`")
     other = json.loads(stored.read_text())
-    if _without_target(other) != _without_target(settings):
-        diff = sorted(k for k in settings if k != "speed_up" and other.get(k) != settings[k])
+    if _first_stage_settings(other) != _first_stage_settings(settings):
+        mine, theirs = _first_stage_settings(settings), _first_stage_settings(other)
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "
-                            f"in {', '.join(diff)}); only the speed-up target may differ")
+                            f"in {', '.join(diff)}); only the speed-up target and "
+                            "prune.max_pruning_ratio may differ")
     if not (source / stage / "network.pt").is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
                             f"({stage}/network.pt is missing); finish that run first")
@@ -435,7 +454,7 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
                             evaluator(dm.val_dataloader(), device), max_speed_up,
                             p.iterative_steps, p.curve_every,
-                            calibration(dm, p.bn_batches, p.bn_batch_size))
+                            calibration(dm, p.bn_batches, p.bn_batch_size), p.cap)
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
                 if p.bn_batches else label, chance=chance)
     return points
@@ -494,7 +513,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seeds every stage; default prune.seed or 0")
     parser.add_argument("--reuse_first_stage", default=None, metavar="RUN_DIR",
                         help="take stage 1 from a run of the same network, method, metanetwork, "
-                             "seed and config that differs only in the speed-up target")
+                             "seed and config that differs only in the speed-up target or "
+                             "prune.max_pruning_ratio")
 
 
 def stored_settings_check(out: Path, settings: dict) -> bool:
@@ -539,7 +559,8 @@ def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> 
     stage1 = run_stage_config(cfg, "finetune", out, first, args.source, arch, extra)
     prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
                  "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
-                               "input_size": p.input_size}},
+                               "input_size": p.input_size,
+                               **({"max_pruning_ratio": p.cap} if p.cap < 1 else {})}},
                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
     stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, out / first / "network.pt", arch,
                               prune_cb)

@@ -383,6 +383,36 @@ def _expect(setup: dict, tmp_path: Path, match: str, network: Path | None = None
     assert not out.exists()  # nothing written before the inputs were checked
 
 
+def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
+        runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
+    """prune.max_pruning_ratio changes stage 2 only: stage 1 comes from an uncapped run, and
+    stage 2 prunes it as the capped criterion does (networks.prune_to_speed_up)."""
+    cfg = yaml.safe_load(setup["config"].read_text())
+    cfg["prune"]["max_pruning_ratio"] = 0.1
+    config = tmp_path / "capped.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "capped"
+    assert run(config, setup["network"], "none", out, None,
+               "--reuse_first_stage", str(runs["none"])) == 0
+    first = pipeline_run.FIRST_STAGE["none"]
+    assert (out / first / "network.pt").read_bytes() == (runs["none"] / first / "network.pt").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["prune"]["max_pruning_ratio"] == 0.1
+
+    def widths(net: torch.nn.Module) -> list[int]:
+        return [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    expected = networks.load_network(out / first / "network.pt")[0].eval()
+    base = networks.base_macs(ARCH, X32)
+    networks.prune_to_speed_up(expected, X32, TARGET, base, STEPS, max_pruning_ratio=0.1)
+    capped = widths(networks.load_network(out / "network.pt")[0])
+    assert capped == widths(expected) != widths(networks.load_network(runs["none"] / "network.pt")[0])
+    cfg["prune"]["max_pruning_ratio"] = 1.5
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"prune.max_pruning_ratio 1.5 must be in \(0, 1\]"):
+        run(config, setup["network"], "none", tmp_path / "bad", None)
+
+
 def test_reuse_first_stage_only_from_a_run_that_differs_in_the_target(
         runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"--reuse_first_stage .*differs in method.*only the speed-up target",

@@ -163,3 +163,38 @@ def test_regularize_leaves_out_a_one_channel_group_and_matches_torch_pruning_els
             assert torch.isfinite(g).all(), key
         else:
             assert torch.equal(g, grads["library"][key]), key
+
+
+
+def test_a_per_layer_cap_stops_pruning_a_layer_once_it_is_below_its_floor():
+    """``max_pruning_ratio`` r: a layer narrower than (1 - r) of its width when the pruner was
+    built never loses another channel (torch_pruning's rule: its group leaves the ranking), while
+    the uncapped criterion keeps narrowing such layers on the same weights."""
+    torch.manual_seed(0)
+    model = networks.build("resnet20_cifar", 10, width=0.5).eval()
+    with torch.no_grad():  # uneven channel norms: global ranking empties whole layers
+        for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+            conv.weight.mul_(torch.rand(conv.weight.shape[0], 1, 1, 1) ** 3)
+
+    def widths(net: nn.Module) -> list[int]:
+        return [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+    floor = [0.5 * w for w in widths(model)]
+
+    def narrowed_below_floor(cap: float) -> tuple[int, int]:
+        """Steps (of 120) that removed channels of a layer already below its floor, and the
+        channels left."""
+        work = copy.deepcopy(model)
+        pruner = networks.magnitude_pruner(work, X32, iterative_steps=200, max_pruning_ratio=cap)
+        count = 0
+        for _ in range(120):  # to 60% of the channels
+            before = widths(work)
+            pruner.step()
+            count += any(b < f and a < b for a, b, f in zip(widths(work), before, floor))
+        return count, sum(widths(work))
+
+    assert narrowed_below_floor(1.0)[0] > 0
+    steps, left = narrowed_below_floor(0.5)
+    assert steps == 0 and left < 0.8 * sum(widths(model))  # the capped pruner still prunes
+    with pytest.raises(ValueError, match=r"max_pruning_ratio=0 must be in \(0, 1\]"):
+        networks.magnitude_pruner(model, X32, max_pruning_ratio=0)
