@@ -118,14 +118,18 @@ def calibration(datamodule, count: int = BN_BATCHES,
     return networks.calibration_batches(datamodule.train_set, count, batch_size)
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    """The BN-recalibration options shared by ``curve`` and ``select``."""
+def add_shared_curve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every curve point shared by ``curve`` and ``select``: BN recalibration and
+    the pruning criterion's per-layer cap."""
     parser.add_argument("--bn_batches", type=int, default=BN_BATCHES,
                         help="re-estimate BN statistics on this many training batches before "
                              f"every curve point (default {BN_BATCHES}; 0: raw curve, statistics "
                              "as pruned)")
     parser.add_argument("--bn_batch_size", type=int, default=BN_BATCH_SIZE,
                         help=f"images per recalibration batch (default {BN_BATCH_SIZE})")
+    parser.add_argument("--max_pruning_ratio", type=float, default=1.0,
+                        help="per-layer cap of the pruning criterion, in (0, 1] (default 1: none, "
+                             "the paper's; as prune.max_pruning_ratio of a run)")
 
 
 def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +160,7 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate every N-th pruning step (default 10: about 20 points)")
     parser.add_argument("--batch_size", type=int, default=500, help="evaluation batch size (default 500)")
     parser.add_argument("--title", default=None, help="plot title; default names the networks")
-    add_calibration_arguments(parser)
+    add_shared_curve_arguments(parser)
 
 
 def evaluation_split(args: argparse.Namespace, lineages: list[list[dict]]) -> tuple[DataSplit, bool]:
@@ -206,7 +210,7 @@ def curve_command(args: argparse.Namespace) -> int:
         curves[label] = networks.accuracy_curve(
             network.eval(), example, networks.base_macs(record["arch"], example),
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
-            args.every, batches)
+            args.every, batches, args.max_pruning_ratio)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
                            f"({len(cast(Sized, val_set))} val images)")

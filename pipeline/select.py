@@ -39,7 +39,7 @@ from .common import one_line, request_from, write_bytes
 from .curve import (
     BN_BATCH_SIZE,
     BN_BATCHES,
-    add_calibration_arguments,
+    add_shared_curve_arguments,
     calibration,
     curves_csv,
     evaluator,
@@ -67,6 +67,7 @@ class SelectRequest:
         seed: seeds every finetune alike.
         bn_batches: BN recalibration batches before every curve point (0: raw curves).
         bn_batch_size: images per recalibration batch.
+        max_pruning_ratio: the curves' per-layer pruning cap (1: none, the paper's).
     """
 
     config: str
@@ -83,11 +84,14 @@ class SelectRequest:
     seed: int = 0
     bn_batches: int = BN_BATCHES
     bn_batch_size: int = BN_BATCH_SIZE
+    max_pruning_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         lo, hi = self.speed_up_range
         if not 1.0 <= lo < hi:
             raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
+        if not 0.0 < self.max_pruning_ratio <= 1.0:
+            raise SelectionError(f"--max_pruning_ratio {self.max_pruning_ratio:g} must be in (0, 1]")
         self.checkpoints = str(self.checkpoints)  # N may come as an int from a YAML file
 
 IDENTITY = "none (identity)"
@@ -210,7 +214,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_root_argument(parser, what="overrides the image data root")
     parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
-    add_calibration_arguments(parser)
+    add_shared_curve_arguments(parser)
 
 
 def select_command(args: argparse.Namespace) -> int:
@@ -247,7 +251,8 @@ def select_checkpoint(args: SelectRequest) -> int:
             finetune(model, dm.images.train_dataloader(), args.finetune_steps, args.finetune_lr,
                      device)
             points = networks.accuracy_curve(model, example.to(device), base, evaluate, hi,
-                                             args.iterative_steps, args.every, batches)
+                                             args.iterative_steps, args.every, batches,
+                                             args.max_pruning_ratio)
             curves[f"{label} member{i}"] = points
             mine.append(points)
             areas.append(networks.curve_area(points, lo, hi))

@@ -17,7 +17,7 @@ from datamodules import ImageDataModule, ModelZooDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from pipeline.curve import CurveError, add_curve_arguments, curve_command
-from pipeline.select import add_select_arguments, select_command
+from pipeline.select import SelectionError, add_select_arguments, select_command
 
 X32 = torch.zeros(1, 3, 32, 32)
 
@@ -52,6 +52,12 @@ def test_accuracy_curve_is_monotone_and_leaves_the_model_alone():
     assert widths(model) == before
     sparse = networks.accuracy_curve(model, X32, base, evaluate, 2.0, 40, every=3)
     assert sparse[-1][:2] == points[-1][:2] and len(sparse) < len(points)
+    # a per-layer cap prunes the curve's copy as prune_to_speed_up with that cap does
+    capped = networks.accuracy_curve(model, X32, base, evaluate, 2.0, 40, max_pruning_ratio=0.3)
+    networks.prune_to_speed_up(pruned := copy.deepcopy(model), X32, 2.0, base, 40,
+                               max_pruning_ratio=0.3)
+    assert capped[-1][1] == networks.count_macs(pruned, X32) and capped[-1][2] == evaluate(pruned)
+    assert [p[1] for p in capped] != [p[1] for p in points]
 
 
 def test_curve_command(tiny_cifar, tmp_path, capsys):
@@ -167,3 +173,12 @@ def test_every_data_command_reads_the_data_root_from_the_environment(monkeypatch
     with pytest.raises(SystemExit):  # curve needs data: without the variable, --data_root is required
         build_parser("curve").parse_args(["curve", "--network", "n.pt"])
     assert build_parser("run").parse_args(["run", "--config", "c", "--network", "n"]).data_root is None
+
+
+def test_select_refuses_a_cap_outside_its_range(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_select_arguments(parser)
+    args = parser.parse_args(["--config", "meta.yaml", "--run", str(tmp_path),
+                              "--max_pruning_ratio", "1.5"])
+    with pytest.raises(SelectionError, match=r"--max_pruning_ratio 1.5 must be in \(0, 1\]"):
+        select_command(args)
