@@ -365,8 +365,9 @@ def _first_stage_settings(settings: dict) -> dict:
 
 def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> None:
     """Copy stage 1's output networks from ``source``, a run whose settings differ from
-    ``settings`` in the speed-up target at most (stage 1 does not depend on it): pruning one
-    finetuned network to several targets then trains stage 1 once, budgets unchanged."""
+    ``settings`` in the speed-up target and the per-layer cap at most (stage 1 reads neither):
+    pruning one finetuned network to several targets, or under another cap, then trains stage 1
+    once, budgets unchanged. Its curve is copied only under the same cap (the curve prunes)."""
     stored = source / RUN_FILE
     if not stored.is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} is not a prune run directory "
@@ -381,8 +382,12 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
     if not (source / stage / "network.pt").is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
                             f"({stage}/network.pt is missing); finish that run first")
-    # network.pt last: it marks stage 1 done
-    for name in ("curve.csv", "curve.png", "feedforward.pt", "network.pt"):
+    same_cap = other["config"]["prune"].get("max_pruning_ratio") == \
+        settings["config"]["prune"].get("max_pruning_ratio")
+    names = ("feedforward.pt", "network.pt")  # network.pt last: it marks stage 1 done
+    if same_cap:  # the curve prunes: under another cap it is another curve
+        names = ("curve.csv", "curve.png") + names
+    for name in names:
         if (source / stage / name).is_file():
             write_bytes(out / stage / name, (source / stage / name).read_bytes())
     if (source / EVAL_FILE).is_file() and not (out / EVAL_FILE).is_file():

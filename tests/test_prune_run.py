@@ -407,6 +407,8 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
     networks.prune_to_speed_up(expected, X32, TARGET, base, STEPS, max_pruning_ratio=0.1)
     capped = widths(networks.load_network(out / "network.pt")[0])
     assert capped == widths(expected) != widths(networks.load_network(runs["none"] / "network.pt")[0])
+    # the stage-1 curve prunes too: recomputed under the cap, not copied
+    assert (out / first / "curve.csv").read_text() != (runs["none"] / first / "curve.csv").read_text()
     cfg["prune"]["max_pruning_ratio"] = 1.5
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"prune.max_pruning_ratio 1.5 must be in \(0, 1\]"):
