@@ -167,9 +167,9 @@ def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
     normalized by the max), small iterative steps, the classifier excluded by identity.
 
     ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training).
-    ``max_pruning_ratio`` below 1 stops ranking a group once one of its layers has lost that
-    fraction of the channels it had when the pruner was built (torch_pruning's per-layer cap;
-    the step that crosses the cap may remove a few channels more). 1, the paper's setting, lets
+    ``max_pruning_ratio`` r below 1 stops ranking a group once one of its layers is narrower
+    than 1 - r of its width when the pruner was built (torch_pruning's per-layer cap; the step
+    that crosses that floor may remove a few channels more). 1, the paper's setting, lets
     global ranking narrow a layer to a single channel.
     """
     check_max_pruning_ratio(max_pruning_ratio)

@@ -177,6 +177,8 @@ def curve_command(args: argparse.Namespace) -> int:
     """``prune.py curve``: one accuracy-vs-speed-up curve per network file, one overlay plot."""
     from datamodules import ImageDataModule
 
+    if not 0.0 < args.max_pruning_ratio <= 1.0:
+        raise CurveError(f"--max_pruning_ratio {args.max_pruning_ratio:g} must be in (0, 1]")
     labels = args.labels or [str(Path(f)) for f in args.network]
     if len(labels) != len(args.network):
         raise CurveError(f"--labels has {len(labels)} names for {len(args.network)} --network "

@@ -384,9 +384,8 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
                             f"({stage}/network.pt is missing); finish that run first")
     same_cap = other["config"]["prune"].get("max_pruning_ratio") == \
         settings["config"]["prune"].get("max_pruning_ratio")
-    names = ("feedforward.pt", "network.pt")  # network.pt last: it marks stage 1 done
-    if same_cap:  # the curve prunes: under another cap it is another curve
-        names = ("curve.csv", "curve.png") + names
+    # network.pt last: it marks stage 1 done; the curve prunes, so another cap gives another one
+    names = [*(("curve.csv", "curve.png") if same_cap else ()), "feedforward.pt", "network.pt"]
     for name in names:
         if (source / stage / name).is_file():
             write_bytes(out / stage / name, (source / stage / name).read_bytes())

@@ -84,6 +84,9 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
     args.labels = ["only one"]
     with pytest.raises(CurveError, match="one label per network"):
         curve_command(args)
+    args.labels, args.max_pruning_ratio = None, 0.0
+    with pytest.raises(CurveError, match=r"--max_pruning_ratio 0 must be in \(0, 1\]"):
+        curve_command(args)
 
 
 @pytest.fixture(scope="module")
