@@ -415,6 +415,32 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
         run(config, setup["network"], "none", tmp_path / "bad", None)
 
 
+def test_quality_rerun_redoes_a_benchmark_run_under_a_cap_from_its_stored_settings(
+        runs: dict[str, Path], tmp_path: Path) -> None:
+    """benchmarks/quality_rerun.py: the stored run.json becomes a prune.yaml that reproduces the
+    run's settings but the cap, so stage 1 is reused (not retrained) and only the cap differs."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_rerun", Path(prune.__file__).parent / "benchmarks" / "quality_rerun.py")
+    assert spec and spec.loader
+    rerun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rerun)
+    source = tmp_path / "bench" / "seed0" / "2x" / "none"
+    shutil.copytree(runs["none"], source)
+    assert rerun.main(["--runs", str(tmp_path / "bench"), "--max_pruning_ratio", "0.1",
+                       "--methods", "none", "--out", str(tmp_path / "capped")]) == 0
+    out = tmp_path / "capped" / "prune" / "seed0" / "2x" / "none"
+    before, after = (json.loads((d / "run.json").read_text()) for d in (source, out))
+    assert after["config"]["prune"].pop("max_pruning_ratio") == 0.1
+    assert after == before
+    first = pipeline_run.FIRST_STAGE["none"]
+    assert (out / first / "network.pt").read_bytes() == (source / first / "network.pt").read_bytes()
+    assert not (out / first / "checkpoints").exists()  # reused, not trained again
+    assert json.loads((out / "report.json").read_text())["config"]["prune"]["max_pruning_ratio"] == 0.1
+
+
 def test_reuse_first_stage_only_from_a_run_that_differs_in_the_target(
         runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"--reuse_first_stage .*differs in method.*only the speed-up target",
