@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 import networks
 from graph import GraphOptions, Metanetwork
 from metaprune.errors import UserError
-from objective import MemberState, load_weights, meta_loss
+from objective import MemberState, PrunedView, load_weights, meta_loss
 
 from .distributed import destroy_process_group_at_exit
 
@@ -45,6 +45,10 @@ class MetaPruningModule(LightningModule):
             channels are rescaled by random factors in [1/augment, augment] with the BN
             statistics compensating, so the function is the same and the norms differ
             (``objective.augment``); 1: off (the paper).
+        pruned_view, pruned_fraction: weight of a second loss per batch, on the network with
+            its lowest-ranked channels removed (a share drawn per step from
+            ``pruned_fraction``), BatchNorm on batch statistics (ours, ``objective.pruned_view``;
+            0: off, the paper).
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -57,6 +61,7 @@ class MetaPruningModule(LightningModule):
                  channel_gates: bool = False, gate_floor: float = 0.5,
                  message_passing: str = "paper", identity_edges: str = "diagonal",
                  attention: str = "heads", distill: float = 0.0, augment: float = 1.0,
+                 pruned_view: float = 0.0, pruned_fraction: tuple[float, float] = (0.1, 0.4),
                  layout: dict | None = None) -> None:
         super().__init__()
         if not 0.0 <= distill <= 1.0:
@@ -64,6 +69,10 @@ class MetaPruningModule(LightningModule):
         if augment < 1.0:
             raise UserError(f"model.init_args.augment={augment}: channels are rescaled by "
                             "factors in [1/augment, augment], so it must be at least 1 (1: off)")
+        try:
+            self.view = PrunedView(pruned_view, tuple(pruned_fraction))  # type: ignore[arg-type]
+        except ValueError as e:
+            raise UserError(f"model.init_args.pruned_view / pruned_fraction: {e}") from None
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.metanetwork: Metanetwork | None = None
@@ -136,7 +145,7 @@ class MetaPruningModule(LightningModule):
         index = int(index)
         member = self._member(index)
         ce, sparsity, surrogate = meta_loss(self.gnn, member, images, labels, self.hparams.alpha,
-                                            self.hparams.distill, self.hparams.augment)
+                                            self.hparams.distill, self.hparams.augment, self.view)
         if not (math.isfinite(ce.item()) and math.isfinite(float(sparsity))):
             raise FloatingPointError(
                 f"meta-training loss is not finite at epoch {self.current_epoch}, step "

@@ -25,6 +25,7 @@ import networks
 from graph import GraphOptions, Metanetwork, NetworkGraph
 
 from .augment import NormalizedChannels, normalized_channels, rescale_channels
+from .pruned_view import PrunedView, batch_statistics, lowest_channel_masks, masked
 
 
 @dataclass
@@ -62,13 +63,15 @@ class MemberState:
 
 
 def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tensor,
-              labels: torch.Tensor, alpha: float, distill: float = 0.0, augment: float = 1.0
+              labels: torch.Tensor, alpha: float, distill: float = 0.0, augment: float = 1.0,
+              view: PrunedView | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce, regularizer value, surrogate): backpropagating the scalar ``surrogate`` gives the
     metanetwork the gradient of the objective (``weight_gradients``) + regularizer, through one
     GNN backward. ``distill`` > 0 mixes in the original network's predictions as soft targets;
     ``augment`` > 1 feeds the metanetwork a randomly rescaled copy of the member's weights
-    (``MemberState.augmented``).
+    (``MemberState.augmented``); ``view`` adds the loss of the network as pruning leaves it
+    (``objective.pruned_view``).
 
     The metanetwork runs twice: without autograd for the image batches, then with it for the
     surrogate. Holding its activations (gigabytes for ResNet-56) through all the batches made
@@ -78,7 +81,7 @@ def meta_loss(metanetwork: Metanetwork, member: MemberState, images: torch.Tenso
     with torch.no_grad():
         weights = member.graph.decode(metanetwork(data))
     ce, sparsity, grads = weight_gradients(member.work, weights, images, labels, member.pruner,
-                                           alpha, soft, distill)
+                                           alpha, soft, distill, view)
     weights = member.graph.decode(metanetwork(data))
     # d(surrogate)/dW' equals the accumulated gradient.
     surrogate = torch.stack([(weights[name] * g).sum() for name, g in grads.items()]).sum()
@@ -102,26 +105,40 @@ def load_weights(work: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: torch.Tensor,
                      labels: torch.Tensor, pruner, alpha: float,
-                     soft: torch.Tensor | None = None, distill: float = 0.0
+                     soft: torch.Tensor | None = None, distill: float = 0.0,
+                     view: PrunedView | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
     ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. With ``soft``
     (the original network's probabilities, [K, B, classes]) each batch's loss is
     ``(1 - distill) * CE(labels) + distill * CE(soft)`` (ours, not the paper's: distillation
-    gives a denser signal per image). Returns (label cross-entropy summed over the batches,
-    regularizer value, gradients by parameter name). ``work`` is overwritten with ``weights``."""
+    gives a denser signal per image). With an enabled ``view`` each batch also runs through
+    the network with its lowest-ranked channels removed (one fraction for the step, chosen on
+    ``weights``), and that loss, times ``view.weight``, is added (ours, ``objective.pruned_view``).
+    Returns (label cross-entropy of the full network summed over the batches, regularizer value,
+    gradients by parameter name). ``work`` is overwritten with ``weights``."""
     params = dict(work.named_parameters())
     load_weights(work, weights)
     for p in params.values():
         p.grad = torch.zeros_like(p)
-    ce = torch.zeros((), device=images.device)
-    for k, (x, y) in enumerate(zip(images, labels)):
+    view = view or PrunedView()
+    masks = lowest_channel_masks(pruner, view.draw()) if view.enabled else {}
+
+    def batch_loss(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = work(x)
-        loss = F.cross_entropy(logits, y)
-        ce += loss.detach()
-        if soft is not None:
-            loss = (1.0 - distill) * loss + distill * F.cross_entropy(logits, soft[k])
+        label_ce = F.cross_entropy(logits, labels[k])
+        if soft is None:
+            return label_ce, label_ce
+        return label_ce, (1.0 - distill) * label_ce + distill * F.cross_entropy(logits, soft[k])
+
+    ce = torch.zeros((), device=images.device)
+    for k, x in enumerate(images):
+        label_ce, loss = batch_loss(x, k)
+        ce += label_ce.detach()
         loss.backward()
+        if masks:
+            with masked(masks), batch_statistics(work):
+                (view.weight * batch_loss(x, k)[1]).backward()
     before = {name: _grad(p).clone() for name, p in params.items()}
     pruner.regularize(work, alpha=alpha, bias=False)
     # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
