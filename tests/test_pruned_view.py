@@ -61,7 +61,7 @@ def test_the_masked_network_computes_what_torch_pruning_leaves():
     # the oracle: a copy pruned for real, the same root channels of every group
     pruned = copy.deepcopy(model)
     other = networks.magnitude_pruner(pruned, X32.double())
-    for group, twin, removed in zip(pruner._groups, other._groups, _removed(pruner, masks)):
+    for twin, removed in zip(other._groups, _removed(pruner, masks)):
         if removed.any():
             root = twin[0].dep
             other.DG.get_pruning_group(root.target.module, root.handler,
