@@ -40,10 +40,9 @@ class PrunedView:
     fraction: tuple[float, float] = (0.1, 0.4)
 
     def __post_init__(self) -> None:
-        low, high = self.fraction
         if self.weight < 0:
             raise ValueError(f"pruned view weight={self.weight} must be at least 0 (0: off)")
-        if not 0.0 < low <= high < 1.0:
+        if len(self.fraction) != 2 or not 0.0 < self.fraction[0] <= self.fraction[1] < 1.0:
             raise ValueError(f"pruned view fraction={list(self.fraction)} must be [low, high] "
                              "with 0 < low <= high < 1: the share of prunable channels removed")
 

@@ -122,7 +122,8 @@ def test_the_view_adds_the_gradient_of_the_loss_with_pruned_weights_zeroed():
 
 
 @pytest.mark.parametrize("kwargs", [{"pruned_view": -1.0}, {"pruned_fraction": [0.5, 0.2]},
-                                    {"pruned_fraction": [0.0, 0.3]}])
+                                    {"pruned_fraction": [0.0, 0.3]},
+                                    {"pruned_fraction": [0.1, 0.2, 0.3]}])
 def test_bad_pruned_view_settings_are_refused_with_the_key(kwargs):
     with pytest.raises(UserError, match="pruned_view / pruned_fraction"):
         MetaPruningModule(**kwargs)
