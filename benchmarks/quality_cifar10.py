@@ -3,6 +3,7 @@
     python benchmarks/quality_cifar10.py --data_root ../shared/data/cifar10-jpeg \
         [--config benchmarks/quality_cifar10.yaml] [--out runs/quality_cifar10] \
         [--zoo_seeds 0 1 2 3 4 5] [--target_seeds 100 101 102 103 104] [--speed_ups 2 3] \
+        [--methods metanetwork none sparse] [--max_pruning_ratio 0.67] \
         [--meta_epochs 8] [--stage1_epochs 4] [--final_epochs 4]
 
 Runs ``prune.py demo`` with the config (a zoo, meta-training, checkpoint selection on meta-val
@@ -106,6 +107,13 @@ def cost_table(reports: dict[str, dict], seconds: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def chosen(metanetwork: str | None) -> str:
+    """Where the metanetwork came from (a benchmark of the baselines alone has none)."""
+    if metanetwork is None:
+        return "No metanetwork (baselines only)."
+    return f"Metanetwork checkpoint {Path(metanetwork).name} chosen by `select` on meta-val data."
+
+
 def compose_config(args: argparse.Namespace, out: Path) -> Path:
     """The benchmark config with the command-line overrides, written to ``<out>/benchmark.yaml``
     (stage-config paths made absolute, since they are relative to the original file)."""
@@ -113,7 +121,7 @@ def compose_config(args: argparse.Namespace, out: Path) -> Path:
     cfg = yaml.safe_load(path.read_text())
     demo = cfg["demo"]
     demo["configs"] = {k: str((path.parent / v).resolve()) for k, v in demo["configs"].items()}
-    for key in ("zoo_seeds", "target_seeds", "speed_ups"):
+    for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
         if getattr(args, key) is not None:
             demo[key] = getattr(args, key)
     epochs = {("meta", "trainer"): args.meta_epochs,
@@ -127,6 +135,8 @@ def compose_config(args: argparse.Namespace, out: Path) -> Path:
                     node[key] = {}
                 node = node[key]
             node["max_epochs"] = value
+    if args.max_pruning_ratio is not None:
+        cfg.setdefault("prune", {}).setdefault("prune", {})["max_pruning_ratio"] = args.max_pruning_ratio
     composed = out / "benchmark.yaml"
     text = yaml.safe_dump(cfg, sort_keys=False)
     if not composed.is_file() or composed.read_text() != text:
@@ -142,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo_seeds", type=int, nargs="+", help="meta-training zoo seeds")
     parser.add_argument("--target_seeds", type=int, nargs="+", help="held-out networks' seeds")
     parser.add_argument("--speed_ups", type=float, nargs="+", help="targets, e.g. 2 3")
+    parser.add_argument("--methods", nargs="+", choices=["metanetwork", "none", "sparse"],
+                        help="methods to run (without metanetwork: no zoo, no meta-training)")
+    parser.add_argument("--max_pruning_ratio", type=float,
+                        help="per-layer cap of stage 2 and the curves (prune.max_pruning_ratio)")
     parser.add_argument("--meta_epochs", type=int, help="meta-training epochs")
     parser.add_argument("--stage1_epochs", type=int, help="epochs of each method's stage 1")
     parser.add_argument("--final_epochs", type=int, help="finetune epochs after pruning")
@@ -162,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# quality_cifar10: {len(demo.target_seeds)} held-out networks x "
             f"{len(demo.methods)} methods x {len(demo.speed_ups)} speed-ups\n\n"
             f"Held-out networks (seeds {demo.target_seeds}), never meta-trained on; "
-            f"metanetwork checkpoint {Path(results['metanetwork']).name} chosen by `select` on "
-            f"meta-val data. Config: {config}\n\n"
+            f"{chosen(results['metanetwork'])} Config: {config}\n\n"
             f"## Paired differences (first - second, percentage points)\n\n"
             f"{paired_table(pipeline_demo.paired_differences(values))}\n\n"
             f"## Per network (%)\n\n{per_network_table(values)}\n\n"

@@ -58,6 +58,9 @@ class DemoSettings:
         target_seeds: the held-out networks to prune (never in the zoo).
         speed_ups: the targets; stage 1 runs once per network and method.
         methods: any of metanetwork, none, sparse.
+        zoo_speed_ups: more members per zoo seed, pruned to these initial speed-ups instead of
+            the zoo config's (variant ``s<speed-up>``, sharing the seed's pretrained network:
+            a more diverse zoo at the cost of a prune and a finetune each, docs/zoo.md).
     """
 
     configs: dict[str, str]
@@ -65,6 +68,7 @@ class DemoSettings:
     target_seeds: list[int]
     speed_ups: list[float]
     methods: list[str]
+    zoo_speed_ups: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -243,7 +247,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (configs/demo/demo.yaml)")
 
 
-STAGES = ("zoo", "held-out networks", "meta-training", "checkpoint selection", "pruning")
+STAGES = ("held-out networks", "zoo", "meta-training", "checkpoint selection", "pruning")
 
 
 def select_request(cfg: DemoConfig, config: Path, run: Path, out: Path) -> SelectRequest:
@@ -309,6 +313,44 @@ def write_demo_configs(out: Path, settings: dict, stages: dict[str, dict]) -> di
     return configs
 
 
+def metanetwork_stages(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path],
+                       out: Path, console: Stages, timed: Callable[[str, Callable[[], Any]], Any]
+                       ) -> Path | None:
+    """The zoo, meta-training (resumes from last.ckpt when killed) and checkpoint selection on
+    the meta-val members (validation data only): the selected checkpoint, or None on a DDP
+    rank > 0."""
+    demo = cfg.demo
+    variants = [(None, None)] + [(float(r), f"s{float(r):g}") for r in demo.zoo_speed_ups]
+    with console.stage("zoo", len(demo.zoo_seeds) * len(variants), "members") as step:
+        for seed in demo.zoo_seeds:
+            for speed_up, variant in variants:
+                timed(f"zoo seed{seed}" + (f" {variant}" if variant else ""),
+                      partial(zoo_member, configs["zoo"], seed=seed, speed_up=speed_up,
+                              variant=variant))
+                step()
+    meta_done = out / "meta" / "done.json"
+    with console.stage("meta-training", 1, "run") as step:
+        if meta_done.is_file():
+            print(f"meta-training done already: {meta_done}", file=sys.stderr)
+        else:
+            timed("meta-train", lambda: fit_stage(stages["meta"]))
+            if not is_rank_zero():
+                return None
+            ckpts = sorted(p.name for p in (out / "meta" / "checkpoints").glob("*.ckpt"))
+            write_json(meta_done, {"checkpoints": ckpts})
+        step()
+    selection = out / "meta" / "selection"
+    best = selection / "best.ckpt"
+    with console.stage("checkpoint selection", 1, "run") as step:
+        if best.is_file():
+            print(f"selection done already: {best}", file=sys.stderr)
+        else:
+            timed("select", partial(select_checkpoint,
+                                    select_request(cfg, configs["meta"], out / "meta", selection)))
+        step()
+    return best
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """``prune.py demo``: the whole pipeline on a built-in default."""
     t0 = time.perf_counter()
@@ -323,7 +365,8 @@ def demo_command(args: argparse.Namespace) -> int:
         check_demo(cfg, stages, write_demo_configs(Path(tmp) / "demo", settings, stages), data)
     configs = write_demo_configs(out, settings, stages)
     print(f"demo: data {data['root']} ({data_source}); outputs in {out}", file=sys.stderr)
-    console = Stages(list(STAGES), out / "logs")
+    stage_names = [s for s in STAGES if "metanetwork" in demo.methods or s in (STAGES[0], STAGES[-1])]
+    console = Stages(stage_names, out / "logs")
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -332,12 +375,7 @@ def demo_command(args: argparse.Namespace) -> int:
         times[name] = round(time.perf_counter() - start, 1)
         return result
 
-    # 1. the zoo (meta-training members) and the held-out targets, each a `prune.py zoo` run.
-    with console.stage("zoo", len(demo.zoo_seeds), "networks") as step:
-        for seed in demo.zoo_seeds:
-            timed(f"zoo seed{seed}", partial(zoo_member, configs["zoo"], seed=seed))
-            step()
-
+    # 1. the held-out targets, each a `prune.py zoo` run.
     targets = {}
     with console.stage("held-out networks", len(demo.target_seeds), "networks") as step:
         for seed in demo.target_seeds:
@@ -348,31 +386,15 @@ def demo_command(args: argparse.Namespace) -> int:
             targets[int(seed)] = out / "target" / row["file"]
             step()
 
-    # 2. meta-training (pipeline.train.main through fit_stage: resumes from last.ckpt when killed).
-    meta_done = out / "meta" / "done.json"
-    with console.stage("meta-training", 1, "run") as step:
-        if meta_done.is_file():
-            print(f"meta-training done already: {meta_done}", file=sys.stderr)
-        else:
-            timed("meta-train", lambda: fit_stage(stages["meta"]))
-            if not is_rank_zero():
-                return 0
-            ckpts = sorted(p.name for p in (out / "meta" / "checkpoints").glob("*.ckpt"))
-            write_json(meta_done, {"checkpoints": ckpts})
-        step()
+    # 2.-4. the zoo, meta-training and checkpoint selection, when a method needs a metanetwork
+    # (a benchmark of the baselines alone skips them).
+    best = None
+    if "metanetwork" in demo.methods:
+        best = metanetwork_stages(cfg, stages, configs, out, console, timed)
+        if best is None:
+            return 0
 
-    # 3. checkpoint selection on the meta-val members (validation data only).
-    selection = out / "meta" / "selection"
-    best = selection / "best.ckpt"
-    with console.stage("checkpoint selection", 1, "run") as step:
-        if best.is_file():
-            print(f"selection done already: {best}", file=sys.stderr)
-        else:
-            timed("select", partial(select_checkpoint,
-                                    select_request(cfg, configs["meta"], out / "meta", selection)))
-        step()
-
-    # 4. prune every held-out network with every method to every target (`prune.py run`, one
+    # 5. prune every held-out network with every method to every target (`prune.py run`, one
     # folder each). Stage 1 does not depend on the target: later targets reuse the first's.
     reports = {}
     cells = len(targets) * len(demo.methods) * len(demo.speed_ups)
@@ -403,7 +425,7 @@ def demo_command(args: argparse.Namespace) -> int:
     seconds = dict(old.get("seconds") or {})
     seconds.update({k: v for k, v in times.items() if k not in seconds})
     results = {"table": table, "targets": {str(k): str(v) for k, v in targets.items()},
-               "metanetwork": str(best),
+               "metanetwork": str(best) if best else None,
                "reports": {k: str(out / "prune" / k / REPORT) for k in reports},
                "seconds": seconds, "total_s": round(sum(seconds.values()), 1)}
     if old != json.loads(json.dumps(results)):
@@ -420,9 +442,10 @@ def demo_command(args: argparse.Namespace) -> int:
           f"the mean val accuracy over the range, pruned without finetuning):\n{differences}")
     where = f"{out / 'prune'}/seed<N>/<S>x/<method>"
     print(f"\nreports:     {where}/report.json   (table: {out / 'results.md'})")
-    print(f"plots:       {overlay}, {where}/curve.png, {selection / 'selection.png'}")
+    selection_plot = f", {best.parent / 'selection.png'}" if best else ""
+    print(f"plots:       {overlay}, {where}/curve.png{selection_plot}")
     print(f"tensorboard: tensorboard --logdir {out}")
-    print(f"networks:    {where}/network.pt (+ .pt2), metanetwork {best}")
+    print(f"networks:    {where}/network.pt (+ .pt2)" + (f", metanetwork {best}" if best else ""))
     print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")
     return 0

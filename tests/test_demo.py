@@ -258,3 +258,34 @@ def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     assert stages["prune"]["prune"]["speed_up"] == 2.0
     fast = pipeline_demo.demo_stage_configs(pipeline_demo.load_demo_config(DEMO, fast=True), tmp_path, {})
     assert fast["meta"]["trainer"]["max_epochs"] == 1
+
+
+def test_a_demo_of_the_baselines_alone_trains_no_metanetwork(
+        tiny_cifar: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = yaml.safe_load(tiny_demo_config(tmp_path).read_text())
+    cfg["demo"].update(methods=["none"], speed_ups=[2.0])
+    config, out = tmp_path / "baselines.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(cfg))
+    assert demo(config, tiny_cifar, out) == 0
+    assert not (out / "zoo").exists() and not (out / "meta").exists()
+    assert (out / "prune" / pipeline_demo.run_key(100, 2.0, "none") / "report.json").is_file()
+    assert json.loads((out / "results.json").read_text())["metanetwork"] is None
+    printed = capsys.readouterr().out
+    assert "| seed100 | none |" in printed and "metanetwork" not in printed
+
+
+def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every zoo seed gets its config's member, then one variant per extra initial speed-up."""
+    calls = []
+    monkeypatch.setattr(pipeline_demo, "zoo_member",
+                        lambda config, **kw: calls.append((config, kw)))
+    monkeypatch.setattr(pipeline_demo, "fit_stage", lambda stage: None)
+    monkeypatch.setattr(pipeline_demo, "select_checkpoint", lambda request: None)
+    cfg = pipeline_demo.load_demo_config(DEMO)
+    cfg.demo.zoo_seeds, cfg.demo.zoo_speed_ups = [3, 7], [1.2, 1.5]
+    console = pipeline_demo.Stages(list(pipeline_demo.STAGES), tmp_path / "logs")
+    best = pipeline_demo.metanetwork_stages(cfg, {"meta": {}}, {"zoo": "zoo.yaml", "meta": "m.yaml"},
+                                            tmp_path, console, lambda name, fn: fn())
+    assert best == tmp_path / "meta" / "selection" / "best.ckpt"
+    assert calls == [("zoo.yaml", {"seed": s, "speed_up": r, "variant": v}) for s in (3, 7)
+                     for r, v in ((None, None), (1.2, "s1.2"), (1.5, "s1.5"))]
