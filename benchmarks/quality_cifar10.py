@@ -20,7 +20,9 @@ never recomputed. Then it writes, under ``--out``, ``quality.md`` with
   the mean and a 95% confidence interval over the networks (``pipeline.paired``);
 * the time each method costs per pruned network, and the one-time cost of the zoo and
   meta-training;
-* ``stage1_curves.png``: the stage-1 curves of the first held-out network, one per method.
+* ``stage1_curves.png``: the stage-1 curves of the first held-out network, one per method;
+* ``paired.png``: the paired differences as a forest plot (each network a dot, the mean on its
+  95% interval).
 
 Nothing here is selected on test data: the metanetwork checkpoint comes from ``select`` (val
 curve area of meta-val members), all budgets are fixed in the config.
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
-from pipeline.paired import paired_table  # noqa: E402
+from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -173,12 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     values = pipeline_demo.measures(reports)
     demo = cfg.demo
     curves = pipeline_demo.stage1_overlay(out, demo, reports)
+    diffs = pipeline_demo.paired_differences(values)
+    forest = ""  # a benchmark of one method pairs nothing
+    if diffs:
+        save_paired_plot(diffs, out / "paired.png", f"{len(demo.target_seeds)} held-out networks: "
+                         "paired differences per network")
+        forest = "![paired differences](paired.png)\n\n"
     text = (f"# quality_cifar10: {len(demo.target_seeds)} held-out networks x "
             f"{len(demo.methods)} methods x {len(demo.speed_ups)} speed-ups\n\n"
             f"Held-out networks (seeds {demo.target_seeds}), never meta-trained on; "
             f"{chosen(results['metanetwork'])} Config: {config}\n\n"
             f"## Paired differences (first - second, percentage points)\n\n"
-            f"{paired_table(pipeline_demo.paired_differences(values))}\n\n"
+            f"{paired_table(diffs)}\n\n{forest}"
             f"## Per network (%)\n\n{per_network_table(values)}\n\n"
             f"## Mean +- std per method\n\n{summary_table(reports)}\n\n"
             f"## Cost\n\n{cost_table(reports, results['seconds'])}\n\n"

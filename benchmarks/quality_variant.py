@@ -8,7 +8,8 @@ folder with ``--method metanetwork`` and this metanetwork, to every speed-up, wi
 benchmark's own prune config (same budgets, same seeds), each cell a ``prune.py run`` folder
 under ``<out>/prune`` (resumable). Then writes ``<out>/variant.md``: the paired differences of
 this variant against the benchmark's ``none``, ``sparse`` and ``metanetwork`` runs on the same
-networks (stage-1 curve area and final test accuracy, 95% CI; ``pipeline.paired``). The
+networks (stage-1 curve area and final test accuracy, 95% CI; ``pipeline.paired``), and
+``<out>/variant.png``, their forest plot. The
 variant's metanetwork should be selected as the benchmark's is (``prune.py select`` on the
 meta-val members), never on these networks.
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
-from pipeline.paired import paired, paired_table  # noqa: E402
+from pipeline.paired import paired, paired_table, save_paired_plot  # noqa: E402
 from pipeline.run import RunRequest, prune_run  # noqa: E402
 
 VARIANT = "variant"
@@ -36,12 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", required=True, help="a quality_cifar10.py --out folder")
     parser.add_argument("--metanetwork", required=True, help="the variant's selected checkpoint")
     parser.add_argument("--out", required=True, help="output folder of this variant")
+    parser.add_argument("--target_seeds", type=int, nargs="+",
+                        help="prune only these of the benchmark's held-out networks (e.g. two "
+                             "processes on disjoint halves use two cores); the table pairs "
+                             "whatever has finished")
     args = parser.parse_args(argv)
     bench, out = Path(args.benchmark).resolve(), Path(args.out).resolve()
     demo = json.loads((bench / pipeline_demo.DEMO_FILE).read_text())["demo"]
+    unknown = sorted(set(args.target_seeds or []) - set(demo["target_seeds"]))
+    if unknown:
+        parser.error(f"--target_seeds {unknown} are not held-out networks of {bench} "
+                     f"(it has {demo['target_seeds']})")
     config = bench / "configs" / "prune.yaml"
     reports: dict[str, dict] = {}
-    for seed in demo["target_seeds"]:
+    for seed in args.target_seeds or demo["target_seeds"]:
         network = bench / "target" / "members" / f"seed{seed}.pt"
         first = None
         for speed_up in demo["speed_ups"]:
@@ -51,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                                  metanetwork=str(Path(args.metanetwork).resolve()),
                                  speed_up=speed_up, out=str(run),
                                  reuse_first_stage=str(first) if first else None))
-            reports[key] = json.loads((out / "prune" / key / "report.json").read_text())
-            reports[key]["method"] = VARIANT
-            first = first or out / "prune" / key
-    for key in sorted(bench.glob("prune/seed*/*x/*/report.json")):
-        rel = key.parent.relative_to(bench / "prune")
-        reports[str(rel)] = json.loads(key.read_text())
+            first = first or run
+    for path in sorted(out.glob(f"prune/seed*/*x/{VARIANT}/report.json")):  # this call's and others'
+        report = json.loads(path.read_text())
+        report["method"] = VARIANT
+        reports[str(path.parent.relative_to(out / "prune"))] = report
+    for path in sorted(bench.glob("prune/seed*/*x/*/report.json")):
+        reports[str(path.parent.relative_to(bench / "prune"))] = json.loads(path.read_text())
     values = pipeline_demo.measures(reports)
     diffs = [paired(per, VARIANT, other, measure) for measure, per in values.items()
              for other in ("none", "sparse", "metanetwork") if other in per and VARIANT in per]
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             f"baseline, percentage points) over the held-out networks {demo['target_seeds']}:"
             f"\n\n{paired_table(diffs)}\n")
     atomic_write(out / "variant.md", lambda tmp: Path(tmp).write_text(text))
+    save_paired_plot(diffs, out / "variant.png", f"{Path(args.metanetwork).name} on {bench.name}: "
+                     "variant - baseline per network")
     print(text)
     return 0
 

@@ -9,8 +9,10 @@ methods do).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 
@@ -76,3 +78,49 @@ def paired_table(diffs: list[PairedDifference], scale: float = 100.0, unit: str 
             + ("-" if ci is None else f"[{scale * ci[0]:+.2f}, {scale * ci[1]:+.2f}]")
             + f" | {d.verdict} |")
     return "\n".join(lines)
+
+
+def paired_figure(diffs: list[PairedDifference], title: str, scale: float = 100.0,
+                  unit: str = "points"):
+    """A forest plot of ``diffs``: one row per comparison (the first on top), each network's
+    difference a dot, the mean a diamond on its 95% interval, a line at 0. Where the interval
+    lies against 0 is what a reader looks for; the dots show whether one network carries it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(diffs) + 1.4))
+    for row, d in enumerate(reversed(diffs)):
+        ax.scatter([scale * v for v in d.differences.values()], [row] * d.n, s=14,
+                   color="tab:gray", alpha=0.6, zorder=2, label="networks" if row == 0 else None)
+        ci = d.ci95
+        if ci is not None:
+            ax.plot([scale * ci[0], scale * ci[1]], [row, row], color="tab:blue", lw=2.5, zorder=3)
+        ax.scatter([scale * d.mean], [row], marker="D", s=45, color="tab:blue", zorder=4,
+                   label="mean, 95% CI" if row == 0 else None)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(diffs)))
+    ax.set_yticklabels([f"{d.measure}: {d.first} - {d.second} (n={d.n})" for d in reversed(diffs)],
+                       fontsize=8)
+    ax.set_xlabel(f"paired difference ({unit})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def save_paired_plot(diffs: list[PairedDifference], path: str | os.PathLike, title: str,
+                     scale: float = 100.0, unit: str = "points") -> Path:
+    """``paired_figure`` as a PNG at ``path``, atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .common import write_bytes
+
+    fig = paired_figure(diffs, title, scale, unit)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return write_bytes(path, png.getvalue())

@@ -46,3 +46,27 @@ def test_the_stage1_area_is_paired_once_per_network_and_accuracy_per_target():
     assert diffs["stage-1 curve area 2-3x"].differences == pytest.approx({"seed0": 0.1, "seed1": 0.05})
     assert diffs["test acc at 3x"].differences == pytest.approx({"seed0": 0.13, "seed1": 0.08})
     assert all(d.first == "metanetwork" and d.second == "none" for d in diffs.values())
+
+
+def test_the_forest_plot_draws_each_network_and_the_interval(tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
+    from pipeline.paired import paired_figure, save_paired_plot
+
+    first = paired({"a": {"x": 0.52, "y": 0.64, "z": 0.76}, "b": {"x": 0.5, "y": 0.6, "z": 0.7}},
+                   "a", "b", "area")
+    second = paired({"a": {"x": 0.1, "y": 0.2}, "c": {"x": 0.2, "y": 0.2}}, "a", "c", "acc")
+    fig = paired_figure([first, second], "title")
+    ax = fig.axes[0]
+    half = T_975_DF2 * 2.0 / 3 ** 0.5  # in points: differences 2, 4, 6 (sample std 2)
+    bars = [line.get_xdata() for line in ax.lines if len(line.get_xdata()) == 2
+            and line.get_ydata()[0] == 1]  # the first comparison is the top row
+    assert len(bars) == 1 and bars[0] == pytest.approx([4 - half, 4 + half], abs=1e-2)
+    dots = [c.get_offsets() for c in ax.collections]
+    top = sorted(float(x) for pts in dots for x, y in pts if y == 1)
+    assert top == pytest.approx([2.0, 4.0, 4.0, 6.0])  # three networks and the mean
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["acc: a - c (n=2)", "area: a - b (n=3)"]
+    plt.close(fig)
+    path = save_paired_plot([first], tmp_path / "paired.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
