@@ -1,7 +1,8 @@
 """The paper's claim at CPU scale (issues 6, 13): meta pruning against its baselines, paired.
 
     python benchmarks/quality_cifar10.py --data_root ../shared/data/cifar10-jpeg \
-        [--config benchmarks/quality_cifar10.yaml] [--out runs/quality_cifar10] \
+        [--config benchmarks/quality_cifar10.yaml [benchmarks/quality_view.yaml]] \
+        [--out runs/quality_cifar10] \
         [--zoo_seeds 0 1 2 3 4 5] [--target_seeds 100 101 102 103 104] [--speed_ups 2 3] \
         [--methods metanetwork none sparse] [--max_pruning_ratio 0.67] \
         [--meta_epochs 8] [--stage1_epochs 4] [--final_epochs 4]
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
-from pipeline.common import atomic_write  # noqa: E402
+from pipeline.common import atomic_write, merged  # noqa: E402
 from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -117,12 +118,21 @@ def chosen(metanetwork: str | None) -> str:
 
 
 def compose_config(args: argparse.Namespace, out: Path) -> Path:
-    """The benchmark config with the command-line overrides, written to ``<out>/benchmark.yaml``
-    (stage-config paths made absolute, since they are relative to the original file)."""
-    path = Path(args.config).resolve()
-    cfg = yaml.safe_load(path.read_text())
+    """The benchmark configs merged in order (an experiment file holds only its differences
+    from the one before it), with the command-line overrides, written to
+    ``<out>/benchmark.yaml`` (stage-config paths made absolute, since each is relative to the
+    file that names it)."""
+    cfg: dict = {}
+    for name in args.config:
+        path = Path(name).resolve()
+        if not path.is_file():
+            raise SystemExit(f"quality_cifar10.py: error: --config {name}: no such file")
+        layer = yaml.safe_load(path.read_text()) or {}
+        configs = (layer.get("demo") or {}).get("configs")
+        if configs:
+            layer["demo"]["configs"] = {k: str((path.parent / v).resolve()) for k, v in configs.items()}
+        cfg = merged(cfg, layer)
     demo = cfg["demo"]
-    demo["configs"] = {k: str((path.parent / v).resolve()) for k, v in demo["configs"].items()}
     for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
         if getattr(args, key) is not None:
             demo[key] = getattr(args, key)
@@ -149,7 +159,9 @@ def compose_config(args: argparse.Namespace, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
-    parser.add_argument("--config", default=str(HERE / "quality_cifar10.yaml"))
+    parser.add_argument("--config", nargs="+", default=[str(HERE / "quality_cifar10.yaml")],
+                        help="benchmark configs, merged in order (e.g. quality_cifar10.yaml "
+                             "quality_view.yaml)")
     parser.add_argument("--out", default="runs/quality_cifar10")
     parser.add_argument("--zoo_seeds", type=int, nargs="+", help="meta-training zoo seeds")
     parser.add_argument("--target_seeds", type=int, nargs="+", help="held-out networks' seeds")
