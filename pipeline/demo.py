@@ -103,6 +103,10 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> DemoConfig:
     if shared:
         raise DemoError(f"{where}: demo.target_seeds {shared} are also in demo.zoo_seeds; the "
                         "networks to prune must be held out of meta-training")
+    low = [r for r in demo.zoo_speed_ups if not r > 1.0]
+    if low:
+        raise DemoError(f"{where}: demo.zoo_speed_ups {low}: an initial speed-up must be above 1 "
+                        "(e.g. [1.2, 1.5, 1.7])")
     bad = sorted(set(demo.methods) - set(METHODS))
     if bad:
         raise DemoError(f"{where}: unknown methods {bad}; allowed: {list(METHODS)}")
@@ -248,6 +252,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 STAGES = ("held-out networks", "zoo", "meta-training", "checkpoint selection", "pruning")
+METANETWORK_STAGES = ("zoo", "meta-training", "checkpoint selection")  # skipped without one
 
 
 def select_request(cfg: DemoConfig, config: Path, run: Path, out: Path) -> SelectRequest:
@@ -365,8 +370,8 @@ def demo_command(args: argparse.Namespace) -> int:
         check_demo(cfg, stages, write_demo_configs(Path(tmp) / "demo", settings, stages), data)
     configs = write_demo_configs(out, settings, stages)
     print(f"demo: data {data['root']} ({data_source}); outputs in {out}", file=sys.stderr)
-    stage_names = [s for s in STAGES if "metanetwork" in demo.methods or s in (STAGES[0], STAGES[-1])]
-    console = Stages(stage_names, out / "logs")
+    console = Stages([s for s in STAGES if "metanetwork" in demo.methods
+                       or s not in METANETWORK_STAGES], out / "logs")
     times: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:

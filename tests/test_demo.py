@@ -208,6 +208,7 @@ def test_demo_target_must_be_held_out(tmp_path: Path) -> None:
     ("target_seeds", [], "must be a non-empty list"),
     ("methods", None, "required: demo.methods"), ("zoo_seeds", [1.5], "demo.zoo_seeds.*1.5"),
     ("methods", ["none", "random"], r"unknown methods \['random'\]"),
+    ("zoo_speed_ups", [1.5, 1.0], r"zoo_speed_ups \[1.0\].*above 1"),
     ("configs", {"zoo": "zoo.yaml"}, r"demo.configs has no \['meta', 'prune'\]")])
 def test_demo_section_is_checked_key_by_key(tmp_path: Path, key: str, value, error: str) -> None:
     cfg = yaml.safe_load(DEMO.read_text())
