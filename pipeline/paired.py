@@ -90,7 +90,7 @@ def paired_figure(diffs: list[PairedDifference], title: str, scale: float = 100.
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(diffs) + 1.4))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(diffs) + 1.4))
     for row, d in enumerate(reversed(diffs)):
         ax.scatter([scale * v for v in d.differences.values()], [row] * d.n, s=14,
                    color="tab:gray", alpha=0.6, zorder=2, label="networks" if row == 0 else None)
