@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo_seeds", type=int, nargs="+", help="meta-training zoo seeds")
     parser.add_argument("--target_seeds", type=int, nargs="+", help="held-out networks' seeds")
     parser.add_argument("--speed_ups", type=float, nargs="+", help="targets, e.g. 2 3")
-    parser.add_argument("--methods", nargs="+", choices=["metanetwork", "none", "sparse"],
+    parser.add_argument("--methods", nargs="+", choices=list(pipeline_demo.METHODS),
                         help="methods to run (without metanetwork: no zoo, no meta-training)")
     parser.add_argument("--max_pruning_ratio", type=float,
                         help="per-layer cap of stage 2 and the curves (prune.max_pruning_ratio)")
