@@ -181,6 +181,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG at ``path``, atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return write_bytes(path, png.getvalue())
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """``text`` into ``path`` atomically."""
     return write_bytes(path, text.encode())

@@ -27,7 +27,7 @@ import networks  # noqa: E402
 from datamodules.sources import DataSplit  # noqa: E402
 from metaprune.errors import UserError
 
-from .common import write_bytes  # noqa: E402
+from .common import save_png, write_bytes  # noqa: E402
 
 Curves = dict[str, list[tuple[float, int, float]]]
 
@@ -85,10 +85,7 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
                 **style) -> Path:
     """The curves plotted into a PNG at ``path``, atomically (``style``: see curves_figure)."""
     fig = curves_figure(curves, title, **style) if title else curves_figure(curves, **style)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return write_bytes(path, png.getvalue())
+    return save_png(fig, path)
 
 
 def save_curves(curves: Curves, out_dir: str | os.PathLike,

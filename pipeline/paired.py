@@ -113,14 +113,6 @@ def paired_figure(diffs: list[PairedDifference], title: str, scale: float = 100.
 def save_paired_plot(diffs: list[PairedDifference], path: str | os.PathLike, title: str,
                      scale: float = 100.0, unit: str = "points") -> Path:
     """``paired_figure`` as a PNG at ``path``, atomically."""
-    import io
+    from .common import save_png
 
-    import matplotlib.pyplot as plt
-
-    from .common import write_bytes
-
-    fig = paired_figure(diffs, title, scale, unit)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return write_bytes(path, png.getvalue())
+    return save_png(paired_figure(diffs, title, scale, unit), path)
