@@ -119,21 +119,36 @@ def chosen(metanetwork: str | None) -> str:
     return f"Metanetwork checkpoint {Path(metanetwork).name} chosen by `select` on meta-val data."
 
 
-def compose_config(args: argparse.Namespace, out: Path) -> Path:
-    """The benchmark configs merged in order (an experiment file holds only its differences
-    from the one before it), with the command-line overrides, written to
-    ``<out>/benchmark.yaml`` (stage-config paths made absolute, since each is relative to the
-    file that names it)."""
+def merge_configs(names: list[str]) -> dict:
+    """Benchmark configs merged in order (an experiment file holds only its differences from
+    the one before it), stage-config paths made absolute (each is relative to the file that
+    names it)."""
     cfg: dict = {}
-    for name in args.config:
+    for name in names:
         path = Path(name).resolve()
         if not path.is_file():
-            raise SystemExit(f"quality_cifar10.py: error: --config {name}: no such file")
+            raise SystemExit(f"error: benchmark config {name}: no such file")
         layer = yaml.safe_load(path.read_text()) or {}
         configs = (layer.get("demo") or {}).get("configs")
         if configs:
             layer["demo"]["configs"] = {k: str((path.parent / v).resolve()) for k, v in configs.items()}
         cfg = merged(cfg, layer)
+    return cfg
+
+
+def write_config(cfg: dict, out: Path) -> Path:
+    """``<out>/benchmark.yaml`` (rewritten only when its content changes)."""
+    composed = out / "benchmark.yaml"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if not composed.is_file() or composed.read_text() != text:
+        atomic_write(composed, lambda tmp: Path(tmp).write_text(text))
+    return composed
+
+
+def compose_config(args: argparse.Namespace, out: Path) -> Path:
+    """The benchmark configs merged in order with the command-line overrides, written to
+    ``<out>/benchmark.yaml``."""
+    cfg = merge_configs(args.config)
     demo = cfg["demo"]
     for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
         if getattr(args, key) is not None:
@@ -151,11 +166,7 @@ def compose_config(args: argparse.Namespace, out: Path) -> Path:
             node["max_epochs"] = value
     if args.max_pruning_ratio is not None:
         cfg.setdefault("prune", {}).setdefault("prune", {})["max_pruning_ratio"] = args.max_pruning_ratio
-    composed = out / "benchmark.yaml"
-    text = yaml.safe_dump(cfg, sort_keys=False)
-    if not composed.is_file() or composed.read_text() != text:
-        atomic_write(composed, lambda tmp: Path(tmp).write_text(text))
-    return composed
+    return write_config(cfg, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch_pruning as tp
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 import networks
@@ -56,12 +56,15 @@ class StructuredPruning(Callback):
         module: attribute of the LightningModule holding the network; None prunes the
             LightningModule itself (its ``forward`` must take the input tensor).
         iterative_steps: small pruning steps per epoch for a speed-up target.
+        strict: when the fit cannot reach (``max_epochs`` ends before the last pruning epoch)
+            or did not reach the target (stopped early): raise an error instead of warning.
+            The first check runs before any training, so nothing is lost.
     """
 
     def __init__(self, speed_up: float | None = None, channel_ratio: float | None = None,
                  epochs: int | Sequence[int] = 0, input_size: Sequence[int] = (3, 32, 32),
                  importance: str = "l2", ignored_layers: Sequence[str] = (),
-                 module: str | None = None, iterative_steps: int = 100) -> None:
+                 module: str | None = None, iterative_steps: int = 100, strict: bool = False) -> None:
         if (speed_up is None) == (channel_ratio is None):
             raise ValueError("StructuredPruning: give exactly one of speed_up (e.g. 2.0) or "
                              "channel_ratio (e.g. 0.3)")
@@ -72,15 +75,13 @@ class StructuredPruning(Callback):
         if importance not in IMPORTANCES:
             raise ValueError(f"StructuredPruning: importance={importance!r} is unknown; use one "
                              f"of {sorted(IMPORTANCES)}")
-        first, last = (epochs, epochs) if isinstance(epochs, int) else tuple(epochs)
-        if not 0 <= first <= last:
-            raise ValueError(f"StructuredPruning: epochs={epochs!r} must be an epoch or "
-                             "[first, last] with 0 <= first <= last")
+        first, last = _epoch_range(epochs)
         self.speed_up, self.channel_ratio = speed_up, channel_ratio
         self.first, self.last = int(first), int(last)
         self.example = torch.zeros(1, *(int(s) for s in input_size))
         self.importance, self.ignored = importance, list(ignored_layers)
         self.module, self.iterative_steps = module, int(iterative_steps)
+        self.strict = strict
         self.steps_done: int = 0
         self.base_macs: int | None = None
 
@@ -108,6 +109,36 @@ class StructuredPruning(Callback):
         reshape_to_state(pl_module, state)
         pl_module.load_state_dict(state)
         return pl_module
+
+    # ---- a fit that ends before the target ---------------------------------------------
+    def _short(self, message: str) -> None:
+        if self.strict:
+            raise RuntimeError(f"StructuredPruning: {message}")
+        rank_zero_warn(f"StructuredPruning: {message} (strict=True makes this an error)")
+
+    def _target_text(self) -> str:
+        return (f"speed-up {self.speed_up:g}x" if self.speed_up is not None
+                else f"channel_ratio {self.channel_ratio:g}")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before any training: a ``max_epochs`` that ends before the last pruning epoch."""
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.max_epochs <= self.last:
+            self._short(f"the fit runs epochs 0-{trainer.max_epochs - 1} (max_epochs="
+                        f"{trainer.max_epochs}) but pruning is scheduled up to epoch {self.last}: "
+                        f"the {self._target_text()} target would not be reached. Raise max_epochs "
+                        f"above {self.last} or end the pruning epochs earlier")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After the fit: pruning steps that never ran (early stopping, a limit on steps)."""
+        planned = self.last - self.first + 1
+        if self.steps_done < planned:
+            network = self.network(pl_module)
+            example = self.example.to(next(network.parameters()).device)
+            with networks.evaluating(network):
+                macs = networks.count_macs(network, example)
+            reached = f", speed-up {self.base_macs / macs:.3f}x" if self.base_macs else ""
+            self._short(f"the fit ended after {self.steps_done} of {planned} pruning steps"
+                        f"{reached}: the {self._target_text()} target was not reached")
 
     # ---- pruning ---------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -150,6 +181,23 @@ class StructuredPruning(Callback):
         return tp.pruner.MetaPruner(network, example, importance=IMPORTANCES[self.importance](),
                                     global_pruning=True, pruning_ratio=ratio,
                                     iterative_steps=steps, ignored_layers=ignored)
+
+
+def _epoch_range(epochs: int | Sequence[int]) -> tuple[int, int]:
+    """``epochs`` as ``(first, last)``: one epoch, or a ``[first, last]`` pair."""
+    if isinstance(epochs, int) and not isinstance(epochs, bool):
+        first = last = epochs
+    elif (isinstance(epochs, Sequence) and len(epochs) == 2
+          and all(isinstance(e, int) and not isinstance(e, bool) for e in epochs)):
+        first, last = epochs
+    else:
+        raise ValueError(f"StructuredPruning: epochs={epochs!r} must be one epoch (e.g. 1) or a "
+                         "pair [first, last] (e.g. [1, 3]: prune at the start of epochs 1, 2 "
+                         "and 3)")
+    if not 0 <= first <= last:
+        raise ValueError(f"StructuredPruning: epochs={epochs!r} must be an epoch or "
+                         "[first, last] with 0 <= first <= last")
+    return first, last
 
 
 def _rebuild_optimizers(trainer: Trainer) -> None:

@@ -233,8 +233,9 @@ def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> P
         stage1 = read_curves(out / "prune" / key / reports[key]["stage1_curve"]["csv"])
         curves[f"{method} (after {FIRST_STAGE[method]})"] = next(iter(stage1.values()))
     lo, hi = reports[key]["stage1_curve"]["range"]
-    return save_figure(curves, path, f"seed {seed} after stage 1: val accuracy vs speed-up, no "
-                       "finetuning, BN recalibrated",
+    split = reports[key]["stage1_curve"].get("split", "val")
+    return save_figure(curves, path, f"seed {seed} after stage 1: {split} accuracy vs speed-up, "
+                       "no finetuning, BN recalibrated",
                        chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi))
 
 
@@ -356,6 +357,29 @@ def metanetwork_stages(cfg: DemoConfig, stages: dict[str, dict], configs: dict[s
     return best
 
 
+def prune_network(demo: DemoSettings, config: Path, out: Path, seed: int, target: Path,
+                  metanetwork: Path | None, timed: Callable[[str, Callable[[], Any]], Any],
+                  step: Callable[[], None]) -> dict[str, dict]:
+    """One held-out network pruned by every method to every target (``prune.py run``, one
+    folder each under ``<out>/prune``; stage 1 does not depend on the target, so later targets
+    reuse the first's): the reports, keyed by ``run_key``."""
+    reports = {}
+    for method in demo.methods:
+        first = None
+        for speed_up in demo.speed_ups:
+            key = run_key(seed, speed_up, method)
+            run_out = out / "prune" / key
+            request = RunRequest(str(config), network=str(target), method=method,
+                                 speed_up=speed_up, out=str(run_out),
+                                 reuse_first_stage=str(first) if first else None,
+                                 metanetwork=str(metanetwork) if method == "metanetwork" else None)
+            timed(f"prune {key}", partial(prune_run, request))
+            reports[key] = json.loads((run_out / REPORT).read_text())
+            first = first or run_out
+            step()
+    return reports
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """``prune.py demo``: the whole pipeline on a built-in default."""
     t0 = time.perf_counter()
@@ -399,26 +423,12 @@ def demo_command(args: argparse.Namespace) -> int:
         if best is None:
             return 0
 
-    # 5. prune every held-out network with every method to every target (`prune.py run`, one
-    # folder each). Stage 1 does not depend on the target: later targets reuse the first's.
+    # 5. prune every held-out network with every method to every target.
     reports = {}
     cells = len(targets) * len(demo.methods) * len(demo.speed_ups)
     with console.stage("pruning", cells, "runs") as step:
         for seed, target in targets.items():
-            for method in demo.methods:
-                first = None
-                for speed_up in demo.speed_ups:
-                    key = run_key(seed, speed_up, method)
-                    run_out = out / "prune" / key
-                    request = RunRequest(
-                        str(configs["prune"]), network=str(target), method=method,
-                        speed_up=speed_up, out=str(run_out),
-                        reuse_first_stage=str(first) if first else None,
-                        metanetwork=str(best) if method == "metanetwork" else None)
-                    timed(f"prune {key}", partial(prune_run, request))
-                    reports[key] = json.loads((run_out / REPORT).read_text())
-                    first = first or run_out
-                    step()
+            reports.update(prune_network(demo, configs["prune"], out, seed, target, best, timed, step))
 
     table = demo_table(reports)
     differences = paired_table(paired_differences(measures(reports)))

@@ -43,6 +43,7 @@ FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "spars
 SECOND_STAGE = "prune_finetune"
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio")  # prune settings stage 1 does not read
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
+CURVE_SPLITS = ("test", "val")
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
 # a default, not written into the stored settings, so runs from before it keep their settings.
 LATENCY_BATCH_SIZES = (1, 64)
@@ -68,6 +69,10 @@ class PruneSettings:
         bn_batches, bn_batch_size: BN statistics re-estimated on this many training batches
             before every curve point (0: raw curves).
         curve_range: the speed-ups the stage-1 curve area averages over.
+        stage1_curve_split: the images the stage-1 curve is evaluated on: "test" (default), so
+            that its area, a reported outcome, never uses the val images that select
+            checkpoints and settings; "val" when the area itself selects something (tuning).
+            The final network's curve is a diagnostic and stays on val.
         curve_every: evaluate every N-th pruning step of a curve.
         max_pruning_ratio: the criterion's per-layer cap for stage 2 and the curves
             (``networks.magnitude_pruner``); unset: 1, the paper's setting (no cap). Stage 1
@@ -87,6 +92,7 @@ class PruneSettings:
     bn_batch_size: int = 128
     curve_range: tuple[float, float] = (2.0, 3.0)
     curve_every: int = 5
+    stage1_curve_split: str = "test"
     max_pruning_ratio: float | None = None
     latency_batch_sizes: list[int] | None = None
     onnx: bool | None = None
@@ -201,6 +207,10 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
+    if prune.stage1_curve_split not in CURVE_SPLITS:
+        raise PruneRunError(f"{where}: prune.stage1_curve_split {prune.stage1_curve_split!r} must "
+                            f"be one of {list(CURVE_SPLITS)} (test: an outcome no selection "
+                            "touched; val: when the curve area selects something)")
     if prune.max_pruning_ratio is not None and not 0.0 < prune.max_pruning_ratio <= 1.0:
         raise PruneRunError(f"{where}: prune.max_pruning_ratio {prune.max_pruning_ratio:g} must be "
                             "in (0, 1]: the largest fraction of a layer's channels pruning may "
@@ -441,8 +451,9 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
 
 
 def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
-                  max_speed_up: float, p: PruneSettings, out: Path, label: str, chance: float) -> list:
-    """``curve.csv``/``curve.png`` in ``out`` (computed once): val accuracy of ``network``
+                  max_speed_up: float, p: PruneSettings, out: Path, label: str, chance: float,
+                  split: str = "val") -> list:
+    """``curve.csv``/``curve.png`` in ``out`` (computed once): ``split`` accuracy of ``network``
     pruned progressively without finetuning, up to ``max_speed_up``, every
     ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
     batches (pipeline/curve.py)."""
@@ -454,9 +465,12 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
         return next(iter(read_curves(out / "curve.csv").values()))
     dm = get_cli().datamodule
     dm.setup("validate")
+    if split == "test":
+        dm.setup("test")
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     device = get_cli().trainer.strategy.root_device
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
-                            evaluator(dm.val_dataloader(), device), max_speed_up,
+                            evaluator(loader, device), max_speed_up,
                             p.iterative_steps, p.curve_every,
                             calibration(dm, p.bn_batches, p.bn_batch_size), p.cap)
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
@@ -644,8 +658,8 @@ def prune_run(args: RunRequest) -> int:
     lo, hi = p.curve_range
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
                                   info["base_macs"], hi, p, out / first,
-                                  f"{args.method}: after stage 1, no finetuning",
-                                  1 / arch["num_classes"])
+                                  f"{args.method}: after stage 1, no finetuning ({p.stage1_curve_split})",
+                                  1 / arch["num_classes"], p.stage1_curve_split)
     latency = measured_latency(network, arch, p)
     report = {
         "format": "metaprune.prune_run/v1", "method": args.method,
@@ -659,7 +673,8 @@ def prune_run(args: RunRequest) -> int:
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
         "stage1_curve": {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
-                         "bn_batches": p.bn_batches, "csv": f"{first}/curve.csv"},
+                         "split": p.stage1_curve_split, "bn_batches": p.bn_batches,
+                         "csv": f"{first}/curve.csv"},
         "seeds": {"seed_everything": p.seed,
                   "data_split": (cfg.base["data"].get("init_args") or {}).get("seed")},
         "files": {"network": "network.pt", "exported": "network.pt2",

@@ -6,11 +6,14 @@ metanetwork, gets a short finetune on the image train split, and its acc-vs-spee
 computed on the val split (never the test split), every point after re-estimating the BN
 statistics on ``--bn_batches`` training batches. Score = mean over members of the curve's
 mean accuracy over ``--speed_up_range`` (``networks.curve_area``). The identity (no
-metanetwork, same finetune) is scored too, as a reference row; it is never selected.
+metanetwork, same finetune) is scored too, as a reference row; it is never selected, but when
+no checkpoint scores above it the command says so (a warning, and ``selection.json``), since
+then the metanetwork makes the members no easier to prune than finetuning alone.
 
 Outputs in ``--out`` (default ``<run>/selection``): ``selection.csv`` (one row per
-candidate), ``selection_curves.csv`` (every curve), ``selection.png`` (mean curves overlaid)
-and ``best.ckpt`` (a copy of the best checkpoint), all written atomically.
+candidate), ``selection_curves.csv`` (every curve), ``selection.png`` (mean curves overlaid),
+``selection.json`` (the best score against the identity's) and ``best.ckpt`` (a copy of the
+best checkpoint), all written atomically.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import copy
 import csv
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +39,7 @@ from graph import Metanetwork
 from metaprune.errors import UserError
 from networks import CheckpointError
 
-from .common import one_line, request_from, write_bytes
+from .common import one_line, request_from, write_bytes, write_json
 from .curve import (
     BN_BATCH_SIZE,
     BN_BATCHES,
@@ -95,6 +99,7 @@ class SelectRequest:
         self.checkpoints = str(self.checkpoints)  # N may come as an int from a YAML file
 
 IDENTITY = "none (identity)"
+SELECTION_FILE = "selection.json"  # the chosen checkpoint's score against the identity
 
 
 class SelectionError(UserError):
@@ -275,11 +280,26 @@ def select_checkpoint(args: SelectRequest) -> int:
                 title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after "
                       f"(bold: selected)", chance=1 / dm.images.num_classes, span=(lo, hi),
                 highlight=best["checkpoint"])
-    write_bytes(out / "best.ckpt", Path(best["path"]).read_bytes())
+    identity = next(r for r in rows if not r["path"])
+    verdict = selection_verdict(best, identity)
+    write_json(out / SELECTION_FILE, verdict)
+    write_bytes(out / "best.ckpt", Path(best["path"]).read_bytes())  # last: it marks selection done
     print(f"\nscore = mean val accuracy over speed-ups [{lo}, {hi}] (no finetune after pruning)\n")
     print("| checkpoint | score | per member | best |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkpoint']} | {r['score']:.4f} | {r['member_scores']} | "
               f"{'**best**' if r['best'] else ''} |")
     print(f"\nbest: {best['checkpoint']} -> {out / 'best.ckpt'}")
+    if not verdict["beats_identity"]:
+        print(f"WARNING: no checkpoint scores above the identity on the meta-val members (best "
+              f"{best['score']:.4f} <= identity {identity['score']:.4f}): this metanetwork makes "
+              "them no easier to prune than finetuning alone. best.ckpt is the best of them "
+              f"anyway; {out / SELECTION_FILE} records this.", file=sys.stderr)
     return 0
+
+
+def selection_verdict(best: dict, identity: dict) -> dict:
+    """What ``selection.json`` records: the chosen checkpoint, its score, the identity's, and
+    whether it beats the identity (so that a caller can refuse, or record, a draw that does not)."""
+    return {"checkpoint": best["checkpoint"], "score": best["score"],
+            "identity_score": identity["score"], "beats_identity": best["score"] > identity["score"]}

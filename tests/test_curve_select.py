@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +142,18 @@ def test_select_writes_table_plot_and_the_best_checkpoint(meta_run, capsys):
     assert len(best) == 1 and float(best[0]["score"]) == max(
         float(r["score"]) for r in rows if r["path"])
     assert (out / "best.ckpt").read_bytes() == Path(best[0]["path"]).read_bytes()
+    # selection.json sets the best against the identity row, and says when it is not above it
+    verdict = json.loads((out / "selection.json").read_text())
+    identity = float(rows[0]["score"])
+    assert verdict["checkpoint"] == best[0]["checkpoint"]
+    assert verdict["identity_score"] == pytest.approx(identity)
+    assert verdict["beats_identity"] == (float(best[0]["score"]) > identity)
+    captured = capsys.readouterr()
+    assert ("WARNING: no checkpoint scores above the identity" in captured.err) == (
+        not verdict["beats_identity"])
     assert (out / "selection.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "selection_curves.csv").is_file()
-    printed = capsys.readouterr().out
+    printed = captured.out
     assert "| checkpoint | score |" in printed and "**best**" in printed
     # a second run does not take the previous best.ckpt for a candidate; N picks evenly spaced
     assert _select(meta_run, "--checkpoints", "2") == 0

@@ -140,7 +140,7 @@ def test_method_runs_end_to_end(setup: dict, runs: dict[str, Path], method: str)
 
 @pytest.mark.parametrize("method", pipeline_run.METHODS)
 def test_stage1_curve_starts_at_the_stage1_network_and_its_area_is_reported(
-        runs: dict[str, Path], method: str) -> None:
+        setup: dict, runs: dict[str, Path], method: str) -> None:
     from pipeline.curve import read_curves
 
     report = json.loads((runs[method] / "report.json").read_text())
@@ -150,7 +150,15 @@ def test_stage1_curve_starts_at_the_stage1_network_and_its_area_is_reported(
     assert points[0][1] == networks.count_macs(network, X32)  # the curve starts unpruned
     assert [p[0] for p in points] == sorted(p[0] for p in points)
     curve = report["stage1_curve"]
-    assert curve["range"] == [2.0, 3.0] and curve["bn_batches"] == 8
+    assert curve["range"] == [2.0, 3.0] and curve["bn_batches"] == 8 and curve["split"] == "test"
+    # the first point is the unpruned stage-1 network on the *test* images (the area is an
+    # outcome; val images select things), after BN re-estimation on the training batches
+    data = ImageDataModule(**yaml.safe_load(setup["config"].read_text())["base"]["data"]["init_args"])
+    data.setup("validate")
+    data.setup("test")
+    calibrated = networks.recalibrate_batchnorm(
+        copy.deepcopy(network), networks.calibration_batches(data.train_set, 8, 128))
+    assert points[0][2] == pytest.approx(plain_accuracy(calibrated, data.test_dataloader()), abs=1e-5)
     assert curve["area"] == pytest.approx(networks.curve_area(points, 2.0, 3.0), abs=1e-5)  # csv: 6 digits
     assert (first / "curve.png").is_file()
 

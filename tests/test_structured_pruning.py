@@ -107,6 +107,52 @@ def test_bad_arguments_are_named() -> None:
         StructuredPruning(speed_up=2.0, importance="taylorr")
     with pytest.raises(ValueError, match=r"epochs=\[3, 1\]"):
         StructuredPruning(channel_ratio=0.3, epochs=[3, 1])
+    with pytest.raises(ValueError, match=r"epochs=\[1, 3, 5\] must be one epoch .* or a pair"):
+        StructuredPruning(speed_up=2.0, epochs=[1, 3, 5])
+    with pytest.raises(ValueError, match=r"epochs=1.5 must be one epoch"):
+        StructuredPruning(speed_up=2.0, epochs=1.5)  # type: ignore[arg-type]
+
+
+def _short_fit(example: dict, pruning: StructuredPruning, **trainer_args) -> nn.Module:
+    """The documented LitNet fitted on 16 random images with ``pruning``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))),
+                      batch_size=8)
+    model = example["LitNet"]()
+    trainer = Trainer(callbacks=[pruning], accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, **trainer_args)
+    trainer.fit(model, data)
+    return model
+
+
+def test_a_fit_that_cannot_reach_the_target_is_named(example: dict) -> None:
+    # max_epochs 2 ends before the last pruning epoch 5: a warning before training, and one
+    # after it with the speed-up reached; strict=True refuses before any step
+    with pytest.warns(UserWarning) as caught:
+        _short_fit(example, StructuredPruning(speed_up=2.0, epochs=[1, 5]), max_epochs=2)
+    messages = [str(w.message) for w in caught]
+    assert any("max_epochs=2" in m and "up to epoch 5" in m for m in messages)
+    ended = [m for m in messages if "ended after 1 of 5 pruning steps" in m]
+    reached = float(re.search(r"speed-up ([0-9.]+)x", ended[0]).group(1))
+    assert 1.0 < reached < 2.0 ** (1 / 5) + 0.05  # one geometric step of five toward 2x
+    model = example["LitNet"]()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="max_epochs=2"):
+        trainer = Trainer(max_epochs=2, callbacks=[StructuredPruning(speed_up=2.0, epochs=[1, 5],
+                                                                     strict=True)],
+                          accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_checkpointing=False, enable_model_summary=False)
+        trainer.fit(model, torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))),
+            batch_size=8))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing trained
+    # a fit stopped by max_steps inside epoch 1: warned after the fit, with the steps done
+    with pytest.warns(UserWarning, match="ended after 1 of 3 pruning steps"):
+        _short_fit(example, StructuredPruning(speed_up=2.0, epochs=[0, 2]), max_epochs=5,
+                   max_steps=2)
 
 
 DDP_SCRIPT = '''

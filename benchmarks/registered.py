@@ -1,0 +1,221 @@
+"""Run or report a registered comparison (``pipeline.registration``, docs/registration.md).
+
+    python benchmarks/registered.py run benchmarks/registrations/<name>.yaml \
+        --data_root ../shared/data/cifar10-jpeg [--seeds 200 202 ...] [--out runs/registrations/<name>]
+    python benchmarks/registered.py report benchmarks/registrations/<name>.yaml
+
+``run`` refuses a registration that is not committed, has uncommitted changes, whose recipe
+no longer hashes to the registered value, or whose existing results name another commit. Then
+it builds the recipe's metanetwork on this machine when absent (zoo, meta-training, ``select``
+on the meta-val members: one *draw*), applies the registration's rule when that draw scores no
+better than the identity, and prunes the registered networks in order (or ``--seeds``, e.g.
+two processes on disjoint halves), each with every method to every speed-up. After each
+network it writes that network's ledger, ``<registration folder>/<name>/results/seed<N>.json``
+(small; commit it: a fresh machine continues from the ledgers and rebuilds the rest).
+
+``report`` writes ``<name>/report.md`` and ``<name>/report.png`` beside the registration: the
+registered verdicts first (paired t per primary comparison, Holm over the family), only once
+every registered network has a result from enough draws; before that, an interim table
+labelled as such. Secondary comparisons, per-draw means and costs follow, labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import quality_cifar10  # noqa: E402
+
+from metaprune.errors import UserError  # noqa: E402
+from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline import registration as reg_lib  # noqa: E402
+from pipeline.common import write_json, write_text  # noqa: E402
+from pipeline.console import Stages  # noqa: E402
+from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
+from pipeline.registration import Registration, RegistrationError  # noqa: E402
+
+
+def composed_recipe(reg: Registration) -> dict:
+    """The registration's recipe merged, with its seeds, speed-ups and methods; refused when
+    its content no longer hashes to the registered value."""
+    cfg = quality_cifar10.merge_configs([str(p) for p in reg.recipe_paths()])
+    digest = reg_lib.recipe_sha256(cfg)
+    if digest != reg.recipe_sha256:
+        raise RegistrationError(f"registration {reg.path.name}: the recipe {reg.recipe} hashes to "
+                                f"{digest}, not the registered {reg.recipe_sha256}: a recipe file "
+                                "changed after registration; register a new one under a new name")
+    cfg["demo"].update(target_seeds=reg.target_seeds, speed_ups=reg.speed_ups, methods=reg.methods)
+    return cfg
+
+
+def checked(path: str) -> tuple[Registration, str, dict[int, dict]]:
+    """The registration, its commit and its results, every check passed."""
+    reg = reg_lib.load_registration(path)
+    commit = reg_lib.registration_commit(reg)
+    ledgers = reg_lib.read_ledgers(reg)
+    reg_lib.check_ledgers(reg, commit, ledgers)
+    return reg, commit, ledgers
+
+
+def draw_record(best: Path) -> dict:
+    """The metanetwork draw: its checkpoint's sha256 and its selection scores."""
+    import hashlib
+
+    verdict = json.loads((best.parent / "selection.json").read_text())
+    return {"checkpoint_sha256": hashlib.sha256(best.read_bytes()).hexdigest(), **verdict}
+
+
+def run(args: argparse.Namespace) -> int:
+    reg, commit, ledgers = checked(args.registration)
+    unknown = sorted(set(args.seeds or []) - set(reg.target_seeds))
+    if unknown:
+        raise RegistrationError(f"--seeds {unknown} are not registered networks ({reg.target_seeds})")
+    out = Path(args.out or f"runs/registrations/{reg.name}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    composed = quality_cifar10.write_config(composed_recipe(reg), out)
+    cfg = pipeline_demo.load_demo_config(composed)
+    data, _ = pipeline_demo.demo_data(args.data_root)
+    stages = pipeline_demo.demo_stage_configs(cfg, out, data)
+    settings = json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
+                                      "stages": stages}))
+    configs = pipeline_demo.write_demo_configs(out, settings, stages)
+    console = Stages(list(pipeline_demo.STAGES), out / "logs")
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        times[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    best = None
+    if "metanetwork" in reg.methods:
+        best = pipeline_demo.metanetwork_stages(cfg, stages, configs, out, console, timed)
+        assert best is not None  # one process, no DDP
+        draw = draw_record(best)
+        if not draw["beats_identity"] and reg.metanetwork.below_identity == "stop":
+            print(f"registered.py: this draw scores {draw['score']:.4f} <= identity "
+                  f"{draw['identity_score']:.4f} on the meta-val members; the registration says "
+                  "stop: nothing is run with it", file=sys.stderr)
+            return 1
+    else:
+        draw = {"checkpoint_sha256": None}
+    code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=reg.path.parent, capture_output=True,
+                          text=True).stdout.strip()
+    todo = [s for s in (args.seeds or reg.target_seeds) if s not in ledgers]
+    with console.stage("pruning", len(todo) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
+        for seed in todo:
+            _, row = timed(f"target seed{seed}", lambda seed=seed: pipeline_demo.zoo_member(
+                configs["zoo"], seed=seed, zoo_dir=str(out / "target")))
+            reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], out, seed,
+                                                  out / "target" / row["file"], best, timed, step)
+            record = reg_lib.ledger(reg, commit, code, seed, reports, draw,
+                                    pipeline_demo.measures(reports))
+            record["seconds"]["target training"] = times[f"target seed{seed}"]
+            write_json(reg.results_dir / f"seed{seed}.json", record)
+            print(f"registered.py: seed{seed} done -> {reg.results_dir / f'seed{seed}.json'}",
+                  file=sys.stderr)
+    return report(args)
+
+
+def verdict_table(rows: list[reg_lib.Verdict]) -> str:
+    lines = ["| comparison | networks | mean (points) | 95% CI | p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for v in rows:
+        ci = v.difference.ci95
+        interval = "-" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+        lines.append(f"| {v.comparison.label} | {v.difference.n} | {100 * v.difference.mean:+.2f} "
+                     f"| {interval} | {v.p:.3f} | {v.p_adjusted:.3f} | **{v.verdict}** |")
+    return "\n".join(lines)
+
+
+def per_draw(reg: Registration, ledgers: dict[int, dict]) -> str:
+    """Each draw's networks, selection scores and mean primary differences (secondary)."""
+    draws: dict[str, dict[int, dict]] = {}
+    for seed, led in ledgers.items():
+        draws.setdefault(str(led["draw"].get("checkpoint_sha256"))[:12], {})[seed] = led
+    lines = ["| draw (checkpoint sha256) | networks | meta-val score | identity | beats identity | "
+             + " | ".join(c.label for c in reg.primary) + " |",
+             "|---|---|---|---|---|" + "---|" * len(reg.primary)]
+    for name, group in draws.items():
+        d = next(iter(group.values()))["draw"]
+        means = [f"{100 * x.mean:+.2f}" if x.n else "-"
+                 for x in reg_lib.differences(reg, group, reg.primary)]
+        score = lambda k, d=d: f"{d[k]:.4f}" if k in d else "-"  # noqa: E731
+        lines.append(f"| {name} | {sorted(group)} | {score('score')} | {score('identity_score')} "
+                     f"| {d.get('beats_identity', '-')} | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def cost(ledgers: dict[int, dict]) -> str:
+    """Mean seconds per network of each method (and of training the network)."""
+    keys = sorted({k for led in ledgers.values() for k in led["seconds"]})
+    mean = lambda k: statistics.fmean(led["seconds"][k] for led in ledgers.values()  # noqa: E731
+                                      if k in led["seconds"])
+    return ", ".join(f"{k} {mean(k):.0f} s" for k in keys)
+
+
+def report(args: argparse.Namespace) -> int:
+    reg, commit, ledgers = checked(args.registration)
+    complete, status = reg_lib.completeness(reg, ledgers)
+    rows = reg_lib.verdicts(reg, ledgers)
+    secondary = reg_lib.differences(reg, ledgers, reg.secondary)
+    margin = [f"{v.comparison.label}: lower end {100 * v.difference.ci95[0]:+.2f} "
+              f"{'>' if v.difference.ci95[0] > -reg.margin else '<='} -{100 * reg.margin:g}"
+              for v in rows if v.comparison.measure.startswith("test acc") and v.difference.ci95]
+    head = ("## Registered verdicts" if complete else
+            "## Interim (not a verdict: the registered run is incomplete)")
+    folder = reg.path.parent / reg.name
+    plot = ""
+    if any(v.difference.n for v in rows):
+        save_paired_plot([v.difference for v in rows], folder / "report.png",
+                         f"{reg.name}: primary comparisons, per network ({status})")
+        plot = "![primary comparisons](report.png)\n\n"
+    text = (f"# Registered run {reg.name}\n\nRegistration: `{reg.path.name}` at commit {commit} "
+            f"(registered {reg.registered}); recipe sha256 {reg.recipe_sha256[:16]}...; "
+            f"{status}.\n\n{head}\n\nPaired t per comparison (two-sided), Holm over the "
+            f"{len(reg.primary)} primary comparisons at level {reg.level:g}.\n\n"
+            f"{verdict_table(rows)}\n\n{plot}Decision rule (registered): {reg.decision.strip()}\n\n"
+            f"## Secondary (registered, not corrected)\n\nNon-inferiority margin "
+            f"{100 * reg.margin:g} points on final accuracy: " + "; ".join(margin) + ".\n\n"
+            f"{paired_table(secondary) if secondary else ''}\n\n"
+            f"## Per metanetwork draw (secondary)\n\n{per_draw(reg, ledgers)}\n\n"
+            f"## Cost (mean seconds per network)\n\n{cost(ledgers) if ledgers else '-'}\n")
+    write_text(folder / "report.md", text)
+    write_json(folder / "report.json", {"registration_commit": commit, "complete": complete,
+                                        "status": status,
+                                        "primary": [reg_lib.as_record(v) for v in rows]})
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="build what is missing and prune the registered networks")
+    p_run.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
+    p_run.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
+    p_run.add_argument("--seeds", type=int, nargs="+", help="only these registered networks")
+    p_run.add_argument("--out", default=None, help="work folder (default runs/registrations/<name>)")
+    p_report = sub.add_parser("report", help="the registered verdicts from the committed results")
+    p_report.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
+    args = parser.parse_args(argv)
+    try:
+        return run(args) if args.command == "run" else report(args)
+    except UserError as e:
+        print(f"registered.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

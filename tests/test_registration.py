@@ -1,0 +1,168 @@
+"""Registered comparisons (pipeline.registration, benchmarks/registered.py): a registration runs
+only as committed, results record its commit, a changed registration is refused, and the
+analysis (paired t, Holm) matches hand computations."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import registration as reg_lib
+from pipeline.registration import RegistrationError
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def registered_module():
+    """benchmarks/registered.py as a module (benchmarks/ is not a package)."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("registered", BENCHMARKS / "registered.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def registration_text(digest: str) -> dict:
+    return {"name": "trial", "registered": "2026-12-01", "recipe": ["recipe.yaml"],
+            "recipe_sha256": digest, "target_seeds": [200, 201, 202], "speed_ups": [2.0],
+            "methods": ["metanetwork", "none"],
+            "metanetwork": {"rule": "built once per machine", "below_identity": "checkpoint",
+                            "min_draws": 2},
+            "primary": [{"measure": "test acc at 2x", "first": "metanetwork", "second": "none"}],
+            "decision": "metanetwork better when the Holm-adjusted p < 0.05 and the mean > 0"}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository holding a recipe (a benchmark config naming one stage config) and a
+    registration of it, committed."""
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "config", "user.email", "t@example.com")
+    git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "stage.yaml").write_text("trainer: {max_epochs: 3}\n")
+    (tmp_path / "recipe.yaml").write_text("demo: {configs: {zoo: stage.yaml}}\nprune: {lr: 0.01}\n")
+    composed = {"demo": {"configs": {"zoo": str(tmp_path / "stage.yaml")}}, "prune": {"lr": 0.01}}
+    digest = reg_lib.recipe_sha256(composed)
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(registration_text(digest)))
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "register trial")
+    return tmp_path
+
+
+def fake_reports(seed: int, meta: float, none: float) -> dict[str, dict]:
+    """Two run reports of one network, as prune.py run writes them (the fields read here)."""
+    def report(method: str, acc: float) -> dict:
+        return {"method": method, "time_s": 10.0, "speed_up": {"target": 2.0},
+                "accuracy": {"final": {"test": acc}},
+                "stage1_curve": {"range": [2.0, 3.0], "area": acc / 2}}
+    return {f"seed{seed}/2x/metanetwork": report("metanetwork", meta),
+            f"seed{seed}/2x/none": report("none", none)}
+
+
+def write_result(reg: reg_lib.Registration, commit: str, seed: int, meta: float, none: float,
+                 draw: str) -> dict:
+    from pipeline.demo import measures
+
+    reports = fake_reports(seed, meta, none)
+    record = reg_lib.ledger(reg, commit, "code", seed, reports, {"checkpoint_sha256": draw},
+                            measures(reports))
+    reg.results_dir.mkdir(parents=True, exist_ok=True)
+    (reg.results_dir / f"seed{seed}.json").write_text(json.dumps(record))
+    return record
+
+
+def test_a_registration_runs_only_as_committed(repo: Path) -> None:
+    registered = registered_module()
+    reg, commit, ledgers = registered.checked(str(repo / "trial.yaml"))
+    assert commit == git(repo, "rev-parse", "HEAD") and ledgers == {}
+    assert registered.composed_recipe(reg)["demo"]["target_seeds"] == [200, 201, 202]
+    # an uncommitted edit of the registration, or of its recipe, is refused
+    text = (repo / "trial.yaml").read_text()
+    (repo / "trial.yaml").write_text(text.replace("min_draws: 2", "min_draws: 1"))
+    with pytest.raises(RegistrationError, match="trial.yaml has uncommitted changes"):
+        registered.checked(str(repo / "trial.yaml"))
+    (repo / "trial.yaml").write_text(text)
+    (repo / "recipe.yaml").write_text("demo: {configs: {zoo: stage.yaml}}\nprune: {lr: 0.1}\n")
+    with pytest.raises(RegistrationError, match="recipe.yaml has uncommitted changes"):
+        registered.checked(str(repo / "trial.yaml"))
+    # committed, the changed recipe no longer hashes to the registered value
+    git(repo, "commit", "-qam", "change the recipe")
+    reg, _, _ = registered.checked(str(repo / "trial.yaml"))
+    with pytest.raises(RegistrationError, match="hashes to .* not the registered"):
+        registered.composed_recipe(reg)
+    # a registration never committed is refused
+    (repo / "other.yaml").write_text(yaml.safe_dump({**registration_text("0"), "name": "other"}))
+    with pytest.raises(RegistrationError, match="other.yaml is not committed"):
+        registered.checked(str(repo / "other.yaml"))
+
+
+def test_results_record_the_commit_and_a_changed_registration_is_refused(repo: Path) -> None:
+    registered = registered_module()
+    reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
+    record = write_result(reg, commit, 200, 0.50, 0.48, "drawA")
+    assert record["registration_commit"] == commit and record["recipe_sha256"] == reg.recipe_sha256
+    assert record["values"] == {"stage-1 curve area 2-3x": {"metanetwork": 0.25, "none": 0.24},
+                                "test acc at 2x": {"metanetwork": 0.50, "none": 0.48}}
+    assert record["seconds"] == {"metanetwork": 10.0, "none": 10.0}
+    assert registered.checked(str(repo / "trial.yaml"))[2][200]["draw"] == {"checkpoint_sha256": "drawA"}
+    # the registration edited and committed after a result exists: refused, naming both commits
+    text = (repo / "trial.yaml").read_text().replace("min_draws: 2", "min_draws: 1")
+    (repo / "trial.yaml").write_text(text)
+    git(repo, "commit", "-qam", "move the goalposts")
+    with pytest.raises(RegistrationError, match=f"changed after results exist.*{commit}"):
+        registered.checked(str(repo / "trial.yaml"))
+
+
+def test_holm_against_hand_values() -> None:
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> max so far 0.06
+    assert reg_lib.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert reg_lib.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_verdicts_wait_for_every_network_and_draw(repo: Path) -> None:
+    from scipy.stats import t
+
+    registered = registered_module()
+    reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
+    for seed, (meta, none) in zip((200, 201), ((0.50, 0.48), (0.52, 0.49))):
+        write_result(reg, commit, seed, meta, none, "drawA")
+    ledgers = reg_lib.read_ledgers(reg)
+    assert reg_lib.completeness(reg, ledgers)[0] is False  # 2 of 3 networks
+    write_result(reg, commit, 202, 0.47, 0.46, "drawA")
+    ledgers = reg_lib.read_ledgers(reg)
+    assert reg_lib.completeness(reg, ledgers)[0] is False  # one draw of the two registered
+    write_result(reg, commit, 202, 0.47, 0.46, "drawB")
+    ledgers = reg_lib.read_ledgers(reg)
+    assert reg_lib.completeness(reg, ledgers)[0] is True
+    (v,) = reg_lib.verdicts(reg, ledgers)
+    diffs = [0.02, 0.03, 0.01]  # by hand: mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt 3)
+    stat = 0.02 / (0.01 / math.sqrt(3))
+    assert v.difference.mean == pytest.approx(sum(diffs) / 3)
+    assert v.p == pytest.approx(2 * t.sf(stat, 2)) and v.p_adjusted == pytest.approx(v.p)
+    assert v.verdict == ("metanetwork better" if v.p < 0.05 else "no difference shown")
+    assert registered.main(["report", str(repo / "trial.yaml")]) == 0
+    text = (repo / "trial" / "report.md").read_text()
+    assert "## Registered verdicts" in text and f"{100 * v.difference.mean:+.2f}" in text
+
+
+def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
+    bad = {**registration_text("0"), "correction": "bonferroni"}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "recipe.yaml").write_text("demo: {}\n")
+    with pytest.raises(RegistrationError, match="correction 'bonferroni'"):
+        reg_lib.load_registration(tmp_path / "trial.yaml")
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump({**registration_text("0"), "name": "x"}))
+    with pytest.raises(RegistrationError, match="must equal the file's stem"):
+        reg_lib.load_registration(tmp_path / "trial.yaml")
