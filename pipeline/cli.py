@@ -7,14 +7,16 @@ from typing import Any, Callable
 
 from metaprune.errors import UserError
 
+from . import arguments
+
 DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
                "run; demo runs them all on a built-in default (docs/pruning.md).")
 Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 
 def _lazy(module: str, name: str) -> Callable:
-    """``module.name``, imported on the first call: subcommands living in modules that import
-    torch/Lightning keep ``prune.py --help`` fast."""
+    """``module.name``, imported on the first call: the commands import torch and Lightning,
+    their options (pipeline.arguments) do not, so ``--help`` stays fast."""
     def call(*args: Any) -> Any:
         import importlib
 
@@ -23,29 +25,26 @@ def _lazy(module: str, name: str) -> Callable:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "zoo": (_lazy("pipeline.zoo", "add_zoo_arguments"), _lazy("pipeline.zoo", "zoo_command"),
+    "zoo": (arguments.add_zoo_arguments, _lazy("pipeline.zoo", "zoo_command"),
             "train, prune and finetune one zoo member (docs/zoo.md)"),
-    "run": (_lazy("pipeline.run", "add_run_arguments"), _lazy("pipeline.run", "run_command"),
+    "run": (arguments.add_run_arguments, _lazy("pipeline.run", "run_command"),
             "prune a network to a speed-up: metanetwork/none/sparse, finetunes, export (docs/pruning.md)"),
-    "curve": (_lazy("pipeline.curve", "add_curve_arguments"), _lazy("pipeline.curve", "curve_command"),
+    "curve": (arguments.add_curve_arguments, _lazy("pipeline.curve", "curve_command"),
               "accuracy-vs-speed-up curve of a network, no finetuning (docs/pruning.md)"),
-    "select": (_lazy("pipeline.select", "add_select_arguments"),
-               _lazy("pipeline.select", "select_command"),
+    "select": (arguments.add_select_arguments, _lazy("pipeline.select", "select_command"),
                "pick the best metanetwork checkpoint of a meta-training run by curve area"),
-    "import_paper": (_lazy("pipeline.import_paper", "add_import_paper_arguments"),
+    "import_paper": (arguments.add_import_paper_arguments,
                      _lazy("pipeline.import_paper", "import_paper_command"),
                      "convert the paper's saved metanetwork into a checkpoint for run/select"),
-    "measure": (_lazy("pipeline.measure", "add_measure_arguments"),
-                _lazy("pipeline.measure", "measure_command"),
+    "measure": (arguments.add_measure_arguments, _lazy("pipeline.measure", "measure_command"),
                 "measured forward latency of a network file and of its unpruned architecture"),
-    "demo": (_lazy("pipeline.demo", "add_demo_arguments"), _lazy("pipeline.demo", "demo_command"),
+    "demo": (arguments.add_demo_arguments, _lazy("pipeline.demo", "demo_command"),
              "the whole pipeline on a built-in default: zoo, meta-train, select, prune 3 ways, table"),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s arguments are added (all when None), so that parsing
-    one subcommand never imports another's dependencies."""
+    """The parser; only ``command``'s arguments are added (all when None)."""
     parser = argparse.ArgumentParser(prog="prune.py", description=DESCRIPTION)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true",

@@ -27,6 +27,7 @@ import networks  # noqa: E402
 from datamodules.sources import DataSplit  # noqa: E402
 from metaprune.errors import UserError
 
+from .arguments import BN_BATCH_SIZE, BN_BATCHES  # noqa: E402
 from .common import save_png, write_bytes  # noqa: E402
 
 Curves = dict[str, list[tuple[float, int, float]]]
@@ -101,10 +102,6 @@ def evaluator(loader, device: torch.device | str):
     return lambda model: networks.accuracy(model, loader, device)
 
 
-# Adaptive BN before every curve point (networks.recalibrate_batchnorm): 8 batches of 128
-# training images re-estimate a small network's statistics (docs/pruning.md has the measured
-# effect); 0 gives the raw curve.
-BN_BATCHES, BN_BATCH_SIZE = 8, 128
 
 
 def calibration(datamodule, count: int = BN_BATCHES,
@@ -115,49 +112,6 @@ def calibration(datamodule, count: int = BN_BATCHES,
     return networks.calibration_batches(datamodule.train_set, count, batch_size)
 
 
-def add_shared_curve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of every curve point shared by ``curve`` and ``select``: BN recalibration and
-    the pruning criterion's per-layer cap."""
-    parser.add_argument("--bn_batches", type=int, default=BN_BATCHES,
-                        help="re-estimate BN statistics on this many training batches before "
-                             f"every curve point (default {BN_BATCHES}; 0: raw curve, statistics "
-                             "as pruned)")
-    parser.add_argument("--bn_batch_size", type=int, default=BN_BATCH_SIZE,
-                        help=f"images per recalibration batch (default {BN_BATCH_SIZE})")
-    parser.add_argument("--max_pruning_ratio", type=float, default=1.0,
-                        help="per-layer cap of the pruning criterion, in (0, 1] (default 1: none, "
-                             "the paper's; as prune.max_pruning_ratio of a run)")
-
-
-def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py curve``."""
-    parser.add_argument("--network", required=True, nargs="+",
-                        help="network file(s) (networks.save_network); several give one overlay plot")
-    parser.add_argument("--labels", nargs="+", default=None,
-                        help="one legend label per --network; default the file names")
-    from pipeline.common import add_data_root_argument  # CLI glue (belongs in pipeline/)
-
-    add_data_root_argument(parser, required=True, what="the networks' image data")
-    parser.add_argument("--dataset", default=None,
-                        help="cifar10 | cifar100 | imagenet | imagefolder; default the networks' own "
-                             "(recorded in their files), else cifar10")
-    parser.add_argument("--max_speed_up", type=float, default=4.0,
-                        help="stop at the first point reaching this speed-up (default 4)")
-    parser.add_argument("--out", default=None, help="output folder; default next to the first --network")
-    parser.add_argument("--subset", type=int, default=None,
-                        help="training images per class the val split is carved from; default the "
-                             "networks' own split (recorded in their files), else all")
-    parser.add_argument("--val_fraction", type=float, default=None,
-                        help="share of those images in the val split; default the networks' own, else 0.1")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="data split seed; default the networks' own, else 0")
-    parser.add_argument("--iterative_steps", type=int, default=200,
-                        help="pruning steps from the network to --max_speed_up (default 200)")
-    parser.add_argument("--every", type=int, default=10,
-                        help="evaluate every N-th pruning step (default 10: about 20 points)")
-    parser.add_argument("--batch_size", type=int, default=500, help="evaluation batch size (default 500)")
-    parser.add_argument("--title", default=None, help="plot title; default names the networks")
-    add_shared_curve_arguments(parser)
 
 
 def evaluation_split(args: argparse.Namespace, lineages: list[list[dict]]) -> tuple[DataSplit, bool]:

@@ -21,6 +21,7 @@ import yaml
 
 from metaprune.errors import UserError
 
+from .arguments import DEFAULT_DATA
 from .common import (
     DATA_ENV,
     atomic_write,
@@ -38,8 +39,6 @@ from .run import FIRST_STAGE, METHODS, REPORT, RunRequest, prune_run
 from .select import SelectRequest, select_checkpoint
 from .zoo import check_zoo_stages, load_zoo_config, zoo_member
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
-DEFAULT_DATA = "data/cifar10"    # otherwise: downloaded here (torchvision) on first use
 DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written on first start
 RESULTS = "results.json"
 
@@ -239,17 +238,6 @@ def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> P
                        chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi))
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py demo``."""
-    parser.add_argument("--data_root", default=None,
-                        help=f"CIFAR-10 (ImageFolder train/ test/, or torchvision's folder); default "
-                             f"${DATA_ENV}, else downloaded to {DEFAULT_DATA}")
-    parser.add_argument("--out", default=None,
-                        help="output folder; default runs/demo_pipeline "
-                             "(runs/demo_pipeline_fast with --fast)")
-    parser.add_argument("--fast", action="store_true",
-                        help="smoke run: every stage on a few batches (minutes; numbers mean nothing)")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (configs/demo/demo.yaml)")
 
 
 STAGES = ("held-out networks", "zoo", "meta-training", "checkpoint selection", "pruning")

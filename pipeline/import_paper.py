@@ -10,27 +10,6 @@ from __future__ import annotations
 import argparse
 
 
-def add_import_paper_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py import_paper``."""
-    parser.add_argument("--state_dict", required=True,
-                        help="file saved by the paper's code: its metanetwork's state_dict (or a "
-                             "dict holding it under 'state_dict'); loaded with weights_only=True")
-    parser.add_argument("--arch", required=True,
-                        help="architecture the metanetwork was trained for, e.g. resnet56_cifar, "
-                             "vgg19_bn_cifar, resnet50 (networks.available())")
-    parser.add_argument("--num_classes", type=int, required=True, help="e.g. 10 for CIFAR-10")
-    parser.add_argument("--input_size", type=int, nargs=3, default=[3, 32, 32],
-                        metavar=("C", "H", "W"), help="one input image (default 3 32 32)")
-    parser.add_argument("--identity_edges", choices=("dense", "diagonal"), required=True,
-                        help="the paper's identity layout: dense for the CIFAR ResNets, diagonal "
-                             "for ResNet-50 (VGG has none: either)")
-    parser.add_argument("--node_res_ratio", type=float, required=True,
-                        help="the paper's node residual ratio (ResNet-56 0.01, ResNet-50 0.002)")
-    parser.add_argument("--edge_res_ratio", type=float, required=True,
-                        help="the paper's edge residual ratio (ResNet-56 0.01, VGG-19 0.05)")
-    parser.add_argument("--out", required=True, help="checkpoint to write (.ckpt)")
-
-
 def import_paper_command(args: argparse.Namespace) -> int:
     """``prune.py import_paper``: the paper's saved metanetwork as our checkpoint."""
     import lightning

@@ -11,22 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from metaprune.errors import UserError
+
 from .common import write_json
 
 
-def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py measure``."""
-    parser.add_argument("--network", required=True, help="network file (networks.save_network)")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64],
-                        help="batch sizes to time (default 1 64: latency and throughput)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="where to run the forward passes (default cpu)")
-    parser.add_argument("--input_size", type=int, nargs=3, default=[3, 32, 32],
-                        metavar=("C", "H", "W"),
-                        help="one input image (default 3 32 32; ImageNet: 3 224 224)")
-    parser.add_argument("--min_run_time", type=float, default=1.0,
-                        help="seconds of timing per network and batch size (default 1)")
-    parser.add_argument("--out", default=None, help="also write the measurements to this JSON file")
+class MeasureError(UserError):
+    """Bad input to ``prune.py measure``."""
 
 
 def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], device: str,
@@ -58,8 +49,14 @@ def measure_table(result: dict) -> str:
 
 def measure_command(args: argparse.Namespace) -> int:
     """``prune.py measure``: MACs and measured latency of a network file against its unpruned architecture."""
+    import torch
+
     import networks
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MeasureError("--device cuda: no CUDA device is available here (torch "
+                           f"{torch.__version__}); measure on the CPU with --device cpu, or on a "
+                           "machine with a GPU")
     network, record = networks.load_network(args.network)
     result = compare(network, record["arch"], args.input_size, args.batch_sizes, args.device,
                      args.min_run_time)

@@ -22,8 +22,8 @@ import yaml
 
 from metaprune.errors import UserError
 
+from .arguments import METHODS
 from .common import (
-    add_data_root_argument,
     atomic_write,
     check_stage_config,
     fit_stage,
@@ -37,7 +37,6 @@ from .common import (
     write_json,
 )
 
-METHODS = ("metanetwork", "none", "sparse")
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
@@ -507,32 +506,6 @@ def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
                            min_run_time=0.25) if sizes else []
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py run``."""
-    parser.add_argument("--config", required=True, help="configs/<task>/prune.yaml")
-    parser.add_argument("--network", default=None,
-                        help="network to prune: this project's network file, or a Lightning "
-                             "checkpoint of ImageClassifier (or use --arch with --weights)")
-    parser.add_argument("--arch", default=None,
-                        help="with --weights: a registry/torchvision architecture name, e.g. resnet50")
-    parser.add_argument("--weights", default=None,
-                        help="with --arch: a plain state_dict file (torch.save(model.state_dict()))")
-    parser.add_argument("--num_classes", type=int, default=None,
-                        help="with --arch: the class count (default the config data's num_classes)")
-    parser.add_argument("--metanetwork", default=None,
-                        help="meta-training checkpoint (needed by --method metanetwork)")
-    parser.add_argument("--method", choices=METHODS, default="metanetwork",
-                        help="metanetwork: feedforward+finetune; none: finetune only; "
-                             "sparse: DepGraph sparse training (default metanetwork)")
-    parser.add_argument("--speed_up", type=float, default=None, help="target; default prune.speed_up")
-    parser.add_argument("--out", default=None,
-                        help="run directory; default <prune.dir>/<network>_<method>_<S>x_seed<N>")
-    add_data_root_argument(parser, what="overrides data.init_args.root")
-    parser.add_argument("--seed", type=int, default=None, help="seeds every stage; default prune.seed or 0")
-    parser.add_argument("--reuse_first_stage", default=None, metavar="RUN_DIR",
-                        help="take stage 1 from a run of the same network, method, metanetwork, "
-                             "seed and config that differs only in the speed-up target or "
-                             "prune.max_pruning_ratio")
 
 
 def stored_settings_check(out: Path, settings: dict) -> bool:

@@ -39,11 +39,9 @@ from graph import Metanetwork
 from metaprune.errors import UserError
 from networks import CheckpointError
 
+from .arguments import BN_BATCH_SIZE, BN_BATCHES
 from .common import one_line, request_from, write_bytes, write_json
 from .curve import (
-    BN_BATCH_SIZE,
-    BN_BATCHES,
-    add_shared_curve_arguments,
     calibration,
     curves_csv,
     evaluator,
@@ -201,25 +199,6 @@ def mean_curve(curves: list[list], lo: float, hi: float, n: int = 60) -> list[tu
     return [(float(s), 0, float(a)) for s, a in zip(grid, acc)]
 
 
-def add_select_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py select``."""
-    parser.add_argument("--config", required=True, help="configs/<task>/meta.yaml (data section)")
-    parser.add_argument("--run", required=True, help="meta-training run dir holding *.ckpt")
-    parser.add_argument("--checkpoints", default="all",
-                        help="all | N (evenly spaced, first and last included) | a.ckpt,b.ckpt")
-    parser.add_argument("--finetune_steps", type=int, default=50)
-    parser.add_argument("--finetune_lr", type=float, default=0.01)
-    parser.add_argument("--speed_up_range", type=float, nargs=2, default=(2.0, 3.0),
-                        metavar=("LO", "HI"))
-    parser.add_argument("--iterative_steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=1, help="evaluate every N pruning steps")
-    parser.add_argument("--out", default=None, help="output folder; default <run>/selection")
-    parser.add_argument("--zoo_dir", default=None, help="overrides data.init_args.zoo")
-    from pipeline.common import add_data_root_argument  # CLI glue (belongs in pipeline/)
-
-    add_data_root_argument(parser, what="overrides the image data root")
-    parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
-    add_shared_curve_arguments(parser)
 
 
 def select_command(args: argparse.Namespace) -> int:

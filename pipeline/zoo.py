@@ -17,7 +17,6 @@ from datamodules.zoo_manifest import ZooError, find_member, member_name
 from metaprune.errors import UserError
 
 from .common import (
-    add_data_root_argument,
     check_stage_config,
     fit_stage,
     is_rank_zero,
@@ -184,20 +183,6 @@ def check_zoo_stages(cfg: ZooConfig, path: str | os.PathLike) -> None:
                        ZooConfigError)
 
 
-def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``prune.py zoo``."""
-    parser.add_argument("--config", required=True, help="configs/<task>/zoo.yaml")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="member seed (seeds both stages); default zoo.seed or 0")
-    parser.add_argument("--zoo_dir", default=None, help="zoo directory; default zoo.dir")
-    add_data_root_argument(parser, what="overrides data.init_args.root")
-    parser.add_argument("--pretrained", default=None,
-                        help="network file to start from; skips stage 1 (overrides zoo.pretrained)")
-    parser.add_argument("--speed_up", type=float, default=None,
-                        help="initial pruning target (overrides zoo.speed_up); with --variant")
-    parser.add_argument("--variant", default=None,
-                        help="name of another member of the same trained network (e.g. s1.6 "
-                             "for --speed_up 1.6): member seed<N>-<variant>, stage 1 shared")
 
 
 def zoo_member(config: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,

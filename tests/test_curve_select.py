@@ -17,8 +17,9 @@ import networks
 from datamodules import ImageDataModule, ModelZooDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
-from pipeline.curve import CurveError, add_curve_arguments, curve_command
-from pipeline.select import SelectionError, add_select_arguments, select_command
+from pipeline.arguments import add_curve_arguments, add_select_arguments
+from pipeline.curve import CurveError, curve_command
+from pipeline.select import SelectionError, select_command
 
 X32 = torch.zeros(1, 3, 32, 32)
 
