@@ -37,6 +37,7 @@ def _number(kind: type, low: float, inclusive: bool) -> Callable[[str], Any]:
 
 positive_int, non_negative_int = _number(int, 1, True), _number(int, 0, True)
 positive_float = _number(float, 0.0, False)
+speed_up_factor = _number(float, 1.0, False)  # MACs of the unpruned architecture over MACs after
 
 
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +49,7 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_root_argument(parser, what="overrides data.init_args.root")
     parser.add_argument("--pretrained", default=None,
                         help="network file to start from; skips stage 1 (overrides zoo.pretrained)")
-    parser.add_argument("--speed_up", type=float, default=None,
+    parser.add_argument("--speed_up", type=speed_up_factor, default=None,
                         help="initial pruning target (overrides zoo.speed_up); with --variant")
     parser.add_argument("--variant", default=None,
                         help="name of another member of the same trained network (e.g. s1.6 "
@@ -72,7 +73,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="metanetwork",
                         help="metanetwork: feedforward+finetune; none: finetune only; "
                              "sparse: DepGraph sparse training (default metanetwork)")
-    parser.add_argument("--speed_up", type=float, default=None, help="target; default prune.speed_up")
+    parser.add_argument("--speed_up", type=speed_up_factor, default=None,
+                        help="target, above 1 (e.g. 2); default prune.speed_up")
     parser.add_argument("--out", default=None,
                         help="run directory; default <prune.dir>/<network>_<method>_<S>x_seed<N>")
     add_data_root_argument(parser, what="overrides data.init_args.root")

@@ -57,23 +57,28 @@ def read_curves(path: str | os.PathLike) -> Curves:
     return curves
 
 
+LINE_STYLES = (("-", "."), ("--", "x"), (":", "^"), ("-.", "s"))
+
+
 def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)",
                   chance: float | None = None, span: tuple[float, float] | None = None,
-                  highlight: str | None = None):
-    """Accuracy against speed-up, one line per curve, on a 0-1 axis (a zoomed axis makes noise
-    look like swings); optionally the chance level, a shaded speed-up range (what a score
-    averages over) and one curve drawn bold (e.g. the selected checkpoint)."""
+                  highlight: str | None = None, split: str = "val"):
+    """Accuracy (on ``split``) against speed-up, one line per curve, on a 0-1 axis (a zoomed
+    axis makes noise look like swings); optionally the chance level, a shaded speed-up range
+    (what a score averages over) and one curve drawn bold (e.g. the selected checkpoint). Each
+    curve gets its own line style and marker, so that curves lying on each other stay visible."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        ax.plot([p[0] for p in points], [p[-1] for p in points], marker=".", label=name,
-                linewidth=2.5 if name == highlight else 1.2)
+    for i, (name, points) in enumerate(curves.items()):
+        line, marker = LINE_STYLES[i % len(LINE_STYLES)]
+        ax.plot([p[0] for p in points], [p[-1] for p in points], marker=marker, linestyle=line,
+                markersize=4, label=name, linewidth=2.5 if name == highlight else 1.2)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0%})")
     if span is not None:
         ax.axvspan(*span, color="tab:blue", alpha=0.08, label=f"{span[0]:g}-{span[1]:g}x")
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("speed-up (MACs unpruned / MACs)")
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if len(curves) > 1 or chance is not None or span is not None:

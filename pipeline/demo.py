@@ -166,8 +166,9 @@ def demo_table(reports: dict[str, dict]) -> str:
     """The demo's result table (markdown): one row per report.json, keyed
     ``seed<N>/<S>x/<method>`` (``run_key``)."""
     pct = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
-    lines = ["| network | method | speed-up vs unpruned: MACs | measured (batch) | MACs | params "
-             "| test acc before | test acc after | val acc after |",
+    lines = ["| network | method | speed-up vs unpruned: MACs | measured (batch) | MACs: unpruned "
+             "architecture / network given -> pruned | params | test acc before | test acc after "
+             "| val acc after |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in reports.items():
         acc, seed = r["accuracy"], key.split("/")[0]
@@ -176,7 +177,8 @@ def demo_table(reports: dict[str, dict]) -> str:
         lines.append(
             f"| {seed} | {r['method']} | {r['speed_up']['reached']:.2f}x "
             f"(target {r['speed_up']['target']:g}x) | {measured} "
-            f"| {_fmt_count(r['macs']['before'])} -> {_fmt_count(r['macs']['after'])} "
+            f"| {_fmt_count(r['macs']['unpruned'])} / {_fmt_count(r['macs']['before'])} -> "
+            f"{_fmt_count(r['macs']['after'])} "
             f"| {_fmt_count(r['params']['before'])} -> {_fmt_count(r['params']['after'])} "
             f"| {pct(acc['original']['test'])} | {pct(acc['final']['test'])} "
             f"| {pct(acc['final']['val'])} |")
@@ -235,7 +237,8 @@ def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> P
     split = reports[key]["stage1_curve"].get("split", "val")
     return save_figure(curves, path, f"seed {seed} after stage 1: {split} accuracy vs speed-up, "
                        "no finetuning, BN recalibrated",
-                       chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi))
+                       chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi),
+                       split=split)
 
 
 
@@ -448,7 +451,7 @@ def demo_command(args: argparse.Namespace) -> int:
     selection_plot = f", {best.parent / 'selection.png'}" if best else ""
     print(f"plots:       {overlay}, {where}/curve.png{selection_plot}")
     print(f"tensorboard: tensorboard --logdir {out}")
-    print(f"networks:    {where}/network.pt (+ .pt2)" + (f", metanetwork {best}" if best else ""))
+    print(f"networks:    {where}/network.pt (+ .pt2, .onnx)" + (f", metanetwork {best}" if best else ""))
     print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")
     return 0

@@ -473,7 +473,7 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
                             p.iterative_steps, p.curve_every,
                             calibration(dm, p.bn_batches, p.bn_batch_size), p.cap)
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
-                if p.bn_batches else label, chance=chance)
+                if p.bn_batches else label, chance=chance, split=split)
     return points
 
 

@@ -42,6 +42,8 @@ def test_every_option_has_help_text(command: str) -> None:
 
 
 @pytest.mark.parametrize("argv, option", [
+    (["run", "--config", "p.yaml", "--network", "n.pt", "--speed_up", "0.5"],
+     "--speed_up: 0.5 must be above 1"),
     (["measure", "--network", "n.pt", "--batch_sizes", "0"], "--batch_sizes: 0 must be at least 1"),
     (["curve", "--network", "n.pt", "--data_root", ".", "--every", "0"], "--every: 0 must be at least 1"),
     (["curve", "--network", "n.pt", "--data_root", ".", "--bn_batch_size", "0"],

@@ -114,6 +114,10 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
             assert report["network"] == str((out / "target" / "members" / "seed100.pt").resolve())
             assert (run / "curve.png").is_file()
             assert f"| seed100 | {method} | " in table and f"(target {speed_up:g}x)" in table
+            # the MACs read consistently with the speed-up: unpruned architecture / given -> pruned
+            macs = {k: f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k"
+                    for k, v in report["macs"].items()}
+            assert f"| {macs['unpruned']} / {macs['before']} -> {macs['after']} |" in table
         # stage 1 ran once: the 2.5x run took the 2x run's network and trained no stage 1
         first, stage = out / "prune" / "seed100", pipeline_run.FIRST_STAGE[method]
         assert (first / "2.5x" / method / stage / "network.pt").read_bytes() == \
