@@ -1,4 +1,4 @@
-"""The pruning pipeline of DESIGN section 2, one subcommand per step.
+"""The pruning pipeline of docs/method.md, one subcommand per step.
 
     python prune.py zoo --config configs/<task>/zoo.yaml [--seed N] [--zoo_dir DIR] [--data_root PATH]
     python prune.py run --config configs/<task>/prune.yaml --network PATH [--metanetwork PATH]

@@ -4,7 +4,7 @@
         --data_root ../shared/data/cifar10-jpeg --mode direct --reg 0.01 --steps 200
     python benchmarks/meta_probe.py ... --mode metanetwork --reg 0.01 --ratio 0.1 --steps 300
 
-One zoo member, the meta-training loss of DESIGN section 6 (cross-entropy summed over 4 batches
+One zoo member, the meta-training loss of docs/method.md (cross-entropy summed over 4 batches
 of 128 + the group-sparsity regularizer), AdamW lr 1e-3, cycling over 12 fixed training batches.
 ``direct`` optimizes the decoded weights W' themselves; ``metanetwork`` trains a 4 x 32
 metanetwork on this single member (``--gated``: with channel gates, see graph/metanetwork.py;

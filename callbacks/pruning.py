@@ -9,7 +9,7 @@ calls ``setup`` before ``configure_optimizers`` and before it restores a checkpo
 
 Speed-up = MACs(unpruned architecture) / MACs(pruned network), where the unpruned architecture
 is rebuilt from ``pl_module.arch`` with ``networks.build``: pruning done before this run (the
-zoo's initial prune) counts toward the target (DESIGN section 7).
+zoo's initial prune) counts toward the target (docs/method.md).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class PruneToSpeedUp(Callback):
 
     Args:
         speed_up: target MACs(unpruned) / MACs(pruned); reached or exceeded by the smallest step.
-        iterative_steps: pruning steps of the global group-L2 magnitude pruner (DESIGN section 7).
+        iterative_steps: pruning steps of the global group-L2 magnitude pruner (docs/method.md).
         input_size: ``[C, H, W]`` of one input image, for tracing and MAC counting.
         max_pruning_ratio: the criterion's per-layer cap (``networks.magnitude_pruner``); 1, the
             paper's setting, leaves global ranking uncapped.

@@ -2,7 +2,7 @@
 
 During an ordinary fit, after every backward and before the optimizer step, torch_pruning's
 ``GroupNormPruner.regularize(network, alpha, bias=False)`` adds the importance-adaptive group-L2
-gradient ``reg * gamma_c * w`` to each channel group (DESIGN section 6): the same regularizer the
+gradient ``reg * gamma_c * w`` to each channel group (docs/method.md): the same regularizer the
 metanetwork is meta-trained with, applied directly to the network's weights instead.
 
 The hook is ``on_before_optimizer_step``, not ``on_after_backward``: with mixed precision the

@@ -1,4 +1,4 @@
-"""The GNN metanetwork: reads a network graph, writes one of the same layout (DESIGN section 5).
+"""The GNN metanetwork: reads a network graph, writes one of the same layout (docs/method.md).
 
 Message passing is equivariant to permutations of hidden channels because every operation is
 per node, per edge, or a symmetric aggregation over a node's edges. Each layer runs over both
@@ -97,7 +97,7 @@ def _receiver_scaled(factor: torch.Tensor, total, square, hi, lo, degree: torch.
 
 
 class MessagePassingLayer(nn.Module):
-    """One pre-LayerNorm residual layer updating node and edge states (DESIGN section 5).
+    """One pre-LayerNorm residual layer updating node and edge states (docs/method.md).
 
     Edge states live in dense blocks ``[groups, out, in, hidden]`` (one per weight tensor, see
     ``graph.network_graph.EdgeBlock``), so messages are broadcast products and their

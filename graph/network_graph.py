@@ -1,4 +1,4 @@
-"""Exact, differentiable network <-> graph encoding (DESIGN section 4).
+"""Exact, differentiable network <-> graph encoding (docs/graph.md, "Encoding").
 
 ``NetworkGraph.from_module`` traces a network once and precomputes index maps; ``encode`` is then
 a handful of reshapes and one scatter, ``decode`` a handful of views and one gather, so both are
@@ -29,7 +29,7 @@ from .tracing import ATTENTION_LAYOUTS, Rows, trace
 _CACHE_SIZE = 64
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one
 # Dirac edge per channel (i -> i); "dense" is the paper's CIFAR-ResNet encoding, all C x C
-# pairs with zero features except the Dirac centre tap of the i -> i edges (DESIGN section 5).
+# pairs with zero features except the Dirac centre tap of the i -> i edges (docs/method.md).
 IDENTITY_EDGES = ("diagonal", "dense")
 
 

@@ -1,4 +1,4 @@
-"""Walk a torch.fx trace and record which channels each weight connects (DESIGN section 4).
+"""Walk a torch.fx trace and record which channels each weight connects (docs/graph.md, "Encoding").
 
 The walk assigns every channel of every intermediate tensor a graph node. It produces plain
 records (which state_dict tensor lands on which nodes/edges); :mod:`graph.network_graph` turns

@@ -1,4 +1,4 @@
-"""MetaPruningModule: meta-train the GNN metanetwork on a zoo (DESIGN section 6); the objective
+"""MetaPruningModule: meta-train the GNN metanetwork on a zoo (docs/method.md); the objective
 itself is ``objective.training``."""
 from __future__ import annotations
 

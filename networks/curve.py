@@ -3,7 +3,7 @@
 Each point can be evaluated after re-estimating the BatchNorm running statistics on a few
 training batches (adaptive BN, as EagleEye, Li et al., ECCV 2020): without it a pruned network's
 statistics describe channels that are gone and its accuracy falls to chance within a few steps,
-which says nothing about the capacity left (DESIGN section 9). Pure torch: the Lightning
+which says nothing about the capacity left (docs/method.md). Pure torch: the Lightning
 command (pipeline/curve.py) and checkpoint selection (pipeline/select.py) supply
 ``evaluate`` and the calibration batches.
 """

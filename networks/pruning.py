@@ -163,7 +163,7 @@ def check_max_pruning_ratio(value: float) -> float:
 def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
                      reg: float = 1e-4, alpha: float = 4.0,
                      max_pruning_ratio: float = 1.0) -> tp.pruner.GroupNormPruner:
-    """The pruning criterion of DESIGN section 7: global group-L2 magnitude (mean over a group,
+    """The pruning criterion of docs/method.md: global group-L2 magnitude (mean over a group,
     normalized by the max), small iterative steps, the classifier excluded by identity.
 
     ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training).

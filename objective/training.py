@@ -1,4 +1,4 @@
-"""The meta-training objective in plain torch (DESIGN section 6); Lightning-free, so benchmarks
+"""The meta-training objective in plain torch (docs/method.md); Lightning-free, so benchmarks
 and tests use it directly and ``lightning_modules.MetaPruningModule`` only schedules it.
 
 One step = one zoo member: W' = decode(M(encode(W))); loss = CE of the target network with
@@ -109,7 +109,7 @@ def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: 
                      view: PrunedView | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """dL/dW' for the decoded weights ``weights``: the cross-entropy summed over the batches in
-    ``images`` [K, B, ...] (DESIGN section 6) plus the group-sparsity gradient. With ``soft``
+    ``images`` [K, B, ...] (docs/method.md) plus the group-sparsity gradient. With ``soft``
     (the original network's probabilities, [K, B, classes]) each batch's loss is
     ``(1 - distill) * CE(labels) + distill * CE(soft)`` (ours, not the paper's: distillation
     gives a denser signal per image). With an enabled ``view`` each batch also runs through

@@ -1,4 +1,4 @@
-"""Orchestration of the pruning pipeline (DESIGN section 2) behind ``prune.py``: each command
+"""Orchestration of the pruning pipeline (docs/method.md) behind ``prune.py``: each command
 chains ordinary Lightning runs (built by ``pipeline.train.main`` from YAML configs) with the callbacks of
 callbacks/. ``cli`` (the command line), ``zoo``, ``run`` (prune one network), ``demo`` (the
 whole pipeline), ``common`` (configs, stages, atomic result files). Importing this package

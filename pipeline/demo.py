@@ -1,5 +1,5 @@
-"""``prune.py demo`` (docs/pruning.md, "The demo pipeline"): the whole pipeline of DESIGN
-section 2 on a built-in default, configs/demo/demo.yaml: ``zoo`` for the zoo seeds and the
+"""``prune.py demo`` (docs/pruning.md, "The demo pipeline"): the whole pipeline
+(docs/method.md) on a built-in default, configs/demo/demo.yaml: ``zoo`` for the zoo seeds and the
 held-out targets, meta-training, ``select``, ``run`` with every method, a table. Data:
 ``--data_root``, else ``$METAPRUNE_DATA``, else CIFAR-10 downloaded to data/cifar10."""
 from __future__ import annotations

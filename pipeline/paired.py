@@ -1,4 +1,4 @@
-"""Paired comparison of two methods over the same networks (DESIGN section 9).
+"""Paired comparison of two methods over the same networks (docs/method.md).
 
 Every method prunes the same held-out networks, so the comparison is per network: the
 difference between the two methods on each network, then the mean difference with a 95%

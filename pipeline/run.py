@@ -627,7 +627,7 @@ def prune_run(args: RunRequest) -> int:
     network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
                   2 * p.target, p, out, f"{args.method}: final network, no finetuning",
                   1 / arch["num_classes"])
-    # "Easier to prune": the stage-1 network's curve over prune.curve_range (DESIGN section 9).
+    # "Easier to prune": the stage-1 network's curve over prune.curve_range (docs/method.md).
     lo, hi = p.curve_range
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
                                   info["base_macs"], hi, p, out / first,

@@ -1,4 +1,4 @@
-"""`prune.py demo` (issue 6): the whole pipeline of DESIGN section 2 (zoo, meta-training,
+"""`prune.py demo` (issue 6): the whole pipeline of docs/method.md (zoo, meta-training,
 checkpoint selection, pruning a held-out network three ways, the table) on generated tiny data,
 through the shipped configs/demo/demo.yaml shrunk to seconds; a rerun recomputes nothing."""
 from __future__ import annotations

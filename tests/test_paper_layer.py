@@ -1,7 +1,7 @@
 """The paper's metanetwork layer, its dense identity edges, and import of its weights (issue 12).
 
-The oracle is a per-edge implementation written from the layer's specification (DESIGN
-section 5) with torch_geometric's MessagePassing and its mean/std/max/min aggregators, the
+The oracle is a per-edge implementation written from the layer's specification (docs/graph.md,
+"Metanetwork") with torch_geometric's MessagePassing and its mean/std/max/min aggregators, the
 tools the paper's code uses; it shares nothing with the block computation in graph/.
 """
 from __future__ import annotations

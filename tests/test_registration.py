@@ -166,3 +166,27 @@ def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump({**registration_text("0"), "name": "x"}))
     with pytest.raises(RegistrationError, match="must equal the file's stem"):
         reg_lib.load_registration(tmp_path / "trial.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((BENCHMARKS / "registrations").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> None:
+    """Every registration in the repository loads, its recipe still hashes to the registered
+    value, and every stage of every method it runs parses (no data is read)."""
+    import dataclasses
+
+    from pipeline import demo as pipeline_demo
+
+    registered = registered_module()
+    reg = reg_lib.load_registration(path)
+    cfg = registered.composed_recipe(reg)  # raises when the recipe changed after registration
+    assert not set(reg.target_seeds) & set(cfg["demo"]["zoo_seeds"])
+    demo = pipeline_demo.load_demo_config(registered.quality_cifar10.write_config(cfg, tmp_path))
+    data = {"root": str(tmp_path / "data"), "download": True}
+    stages = pipeline_demo.demo_stage_configs(demo, tmp_path / "out", data)
+    settings = json.loads(json.dumps({"demo": dataclasses.asdict(demo.demo), "select": demo.select,
+                                      "stages": stages}))
+    configs = pipeline_demo.write_demo_configs(tmp_path / "out", settings, stages)
+    pipeline_demo.check_demo(demo, stages, configs, data)
+    measures = {c.measure for c in reg.primary + reg.secondary}
+    assert measures <= {"stage-1 curve area 2-3x"} | {f"test acc at {s:g}x" for s in reg.speed_ups}
