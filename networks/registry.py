@@ -1,6 +1,8 @@
 """One registry for every target architecture: ``networks.build(name, num_classes, **kwargs)``."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -27,9 +29,13 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     ``resnet<depth>_cifar`` (depth 6n+2) and ``vgg19_bn_cifar`` accept ``width`` (a channel
     multiplier for CPU-scale runs). ``vit_cifar`` is torchvision's VisionTransformer at CIFAR
     scale (32x32 images, patch 4, depth 4, 4 heads, width 64, MLP 128; each overridable by
-    keyword). Any other name is looked up among torchvision's
-    classification models and built with ``weights=None`` (nothing is ever downloaded).
+    keyword). ``package.module:Class`` builds a user's own ``nn.Module`` class (importable from
+    where the command runs), with ``kwargs`` and, when its constructor takes it,
+    ``num_classes``. Any other name is looked up among torchvision's classification models and
+    built with ``weights=None`` (nothing is ever downloaded).
     """
+    if ":" in name:
+        return _user_class(name, num_classes, kwargs)
     m = _CIFAR_RESNET.match(name)
     if m:
         return CifarResNet(depth=int(m.group(1) or m.group(2)), num_classes=num_classes, **kwargs)
@@ -47,6 +53,28 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         kwargs.pop("weights", None)
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     raise ValueError(
-        f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar, vit_cifar "
-        f"or a torchvision classifier name such as resnet50 or mobilenet_v2"
+        f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar, vit_cifar, "
+        f"a torchvision classifier name such as resnet50 or mobilenet_v2, or your own class as "
+        f"package.module:Class"
     )
+
+
+def _user_class(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``package.module:Class(**kwargs[, num_classes=...])``, every failure named."""
+    module_name, _, class_name = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as e:
+        raise ValueError(f"network {name!r}: module {module_name!r} cannot be imported ({e}); "
+                         "run from the folder that holds it, or install it") from None
+    except AttributeError:
+        raise ValueError(f"network {name!r}: module {module_name!r} has no {class_name!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"network {name!r}: {class_name!r} is not an nn.Module class")
+    params = inspect.signature(cls).parameters
+    if "num_classes" in params:
+        kwargs = {**kwargs, "num_classes": num_classes}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"network {name!r} with arguments {kwargs}: {e}") from None

@@ -37,6 +37,19 @@ def _number(kind: type, low: float, inclusive: bool) -> Callable[[str], Any]:
 
 positive_int, non_negative_int = _number(int, 1, True), _number(int, 0, True)
 positive_float = _number(float, 0.0, False)
+def mapping(text: str) -> dict:
+    """An argparse type: a YAML (or JSON) mapping such as ``{width: 0.5}``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not YAML: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping (e.g. '{{width: 0.5}}')")
+    return value
+
+
 speed_up_factor = _number(float, 1.0, False)  # MACs of the unpruned architecture over MACs after
 
 
@@ -63,7 +76,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network to prune: this project's network file, or a Lightning "
                              "checkpoint of ImageClassifier (or use --arch with --weights)")
     parser.add_argument("--arch", default=None,
-                        help="with --weights: a registry/torchvision architecture name, e.g. resnet50")
+                        help="with --weights: a registry/torchvision architecture name (e.g. "
+                             "resnet50) or your own nn.Module class as package.module:Class")
+    parser.add_argument("--arch_kwargs", type=mapping, default=None, metavar="YAML",
+                        help="with --arch: constructor arguments as a YAML/JSON mapping, e.g. "
+                             "'{width: 0.5}' (num_classes is passed when the class takes it)")
     parser.add_argument("--weights", default=None,
                         help="with --arch: a plain state_dict file (torch.save(model.state_dict()))")
     parser.add_argument("--num_classes", type=positive_int, default=None,

@@ -138,7 +138,9 @@ class RunRequest:
         config: configs/<task>/prune.yaml.
         network: the network to prune: this project's network file, or a Lightning checkpoint
             of ImageClassifier (or use ``arch`` with ``weights``).
-        arch: with ``weights``: a registry/torchvision architecture name.
+        arch: with ``weights``: a registry/torchvision architecture name, or a user's
+            ``nn.Module`` class as ``package.module:Class``.
+        arch_kwargs: with ``arch``: its constructor arguments.
         weights: with ``arch``: a plain state_dict file.
         num_classes: with ``arch``: the class count (default the config data's num_classes).
         metanetwork: meta-training checkpoint (needed by method "metanetwork").
@@ -156,6 +158,7 @@ class RunRequest:
     config: str
     network: str | None = None
     arch: str | None = None
+    arch_kwargs: dict | None = None
     weights: str | None = None
     num_classes: int | None = None
     metanetwork: str | None = None
@@ -172,6 +175,9 @@ class RunRequest:
             raise PruneRunError("give the network to prune as --network FILE (this project's "
                                 "network file or a Lightning checkpoint of ImageClassifier), or "
                                 "as --arch NAME --weights FILE (a plain state_dict)")
+        if self.arch_kwargs and self.arch is None:
+            raise PruneRunError("--arch_kwargs goes with --arch NAME --weights FILE (a network file "
+                                "records its own architecture arguments)")
         if self.method not in METHODS:
             raise PruneRunError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
 
@@ -252,7 +258,9 @@ def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
     return json.loads(json.dumps({
         "method": args.method, "speed_up": cfg.prune.target, "seed": cfg.prune.seed,
         "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),
-        **({"arch": {"name": args.arch, "num_classes": args.num_classes}} if args.arch else {}),
+        **({"arch": {"name": args.arch, "num_classes": args.num_classes,
+                     **({"kwargs": args.arch_kwargs} if args.arch_kwargs else {})}}
+           if args.arch else {}),
         "metanetwork": str(Path(meta).resolve()) if meta else None,
         "metanetwork_sha256": _sha256(Path(meta)) if meta else None,
         "config": cfg.record()}))
@@ -273,7 +281,8 @@ def input_network(args: RunRequest, cfg: PruneConfig, folder: Path) -> Path:
         state = networks.safe_load(args.source, "weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        arch, pruned, source = {"name": args.arch, "num_classes": classes, "kwargs": {}}, False, \
+        arch, pruned, source = {"name": args.arch, "num_classes": classes,
+                                "kwargs": dict(args.arch_kwargs or {})}, False, \
             f"weights file {str(args.weights)!r}"
     else:
         record = networks.safe_load(args.source, "network file")

@@ -59,3 +59,19 @@ def plain_accuracy(model: nn.Module, loader) -> float:
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     return correct / total
+
+
+class TinyNet(nn.Module):
+    """A user's own network, unknown to the registry: built by import path
+    (``pruning_helpers:TinyNet``) in tests of bring-your-own architectures."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
