@@ -68,7 +68,7 @@ class PruneSettings:
         bn_batches, bn_batch_size: BN statistics re-estimated on this many training batches
             before every curve point (0: raw curves).
         curve_range: the speed-ups the stage-1 curve area averages over.
-        stage1_curve_split: the images the stage-1 curve is evaluated on: "test" (default), so
+        stage1_curve_split: the images the stage-1 curve is evaluated on: "test" (unset), so
             that its area, a reported outcome, never uses the val images that select
             checkpoints and settings; "val" when the area itself selects something (tuning).
             The final network's curve is a diagnostic and stays on val.
@@ -91,7 +91,7 @@ class PruneSettings:
     bn_batch_size: int = 128
     curve_range: tuple[float, float] = (2.0, 3.0)
     curve_every: int = 5
-    stage1_curve_split: str = "test"
+    stage1_curve_split: str | None = None
     max_pruning_ratio: float | None = None
     latency_batch_sizes: list[int] | None = None
     onnx: bool | None = None
@@ -101,6 +101,11 @@ class PruneSettings:
         """The speed-up target (``load_prune_config`` makes sure there is one)."""
         assert self.speed_up is not None
         return self.speed_up
+
+    @property
+    def curve_split(self) -> str:
+        """``stage1_curve_split``, "test" when unset."""
+        return self.stage1_curve_split or "test"
 
     @property
     def cap(self) -> float:
@@ -212,7 +217,7 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
-    if prune.stage1_curve_split not in CURVE_SPLITS:
+    if prune.curve_split not in CURVE_SPLITS:
         raise PruneRunError(f"{where}: prune.stage1_curve_split {prune.stage1_curve_split!r} must "
                             f"be one of {list(CURVE_SPLITS)} (test: an outcome no selection "
                             "touched; val: when the curve area selects something)")
@@ -640,8 +645,8 @@ def prune_run(args: RunRequest) -> int:
     lo, hi = p.curve_range
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
                                   info["base_macs"], hi, p, out / first,
-                                  f"{args.method}: after stage 1, no finetuning ({p.stage1_curve_split})",
-                                  1 / arch["num_classes"], p.stage1_curve_split)
+                                  f"{args.method}: after stage 1, no finetuning ({p.curve_split})",
+                                  1 / arch["num_classes"], p.curve_split)
     latency = measured_latency(network, arch, p)
     report = {
         "format": "metaprune.prune_run/v1", "method": args.method,
@@ -655,7 +660,7 @@ def prune_run(args: RunRequest) -> int:
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
         "stage1_curve": {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
-                         "split": p.stage1_curve_split, "bn_batches": p.bn_batches,
+                         "split": p.curve_split, "bn_batches": p.bn_batches,
                          "csv": f"{first}/curve.csv"},
         "seeds": {"seed_everything": p.seed,
                   "data_split": (cfg.base["data"].get("init_args") or {}).get("seed")},

@@ -421,6 +421,11 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"prune.max_pruning_ratio 1.5 must be in \(0, 1\]"):
         run(config, setup["network"], "none", tmp_path / "bad", None)
+    cfg["prune"].update(max_pruning_ratio=0.5, stage1_curve_split="train")
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_run.PruneRunError, match="prune.stage1_curve_split 'train' must be"):
+        run(config, setup["network"], "none", tmp_path / "bad", None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_quality_rerun_redoes_a_benchmark_run_under_a_cap_from_its_stored_settings(
