@@ -3,6 +3,9 @@
     python benchmarks/registered.py run benchmarks/registrations/<name>.yaml \
         --data_root ../shared/data/cifar10-jpeg [--seeds 200 202 ...] [--out runs/registrations/<name>]
     python benchmarks/registered.py report benchmarks/registrations/<name>.yaml
+    python benchmarks/registered.py hash benchmarks/registrations/<name>.yaml
+    python benchmarks/registered.py freeze --config A.yaml [B.yaml ...] \
+        --out benchmarks/registrations/<name>/recipe
 
 ``run`` refuses a registration that is not committed, has uncommitted changes, whose recipe
 no longer hashes to the registered value, or whose existing results name another commit. Then
@@ -13,23 +16,27 @@ two processes on disjoint halves), each with every method to every speed-up. Aft
 network it writes that network's ledger, ``<registration folder>/<name>/results/seed<N>.json``
 (small; commit it: a fresh machine continues from the ledgers and rebuilds the rest).
 
-``report`` writes ``<name>/report.md`` and ``<name>/report.png`` beside the registration: the
-registered verdicts first (paired t per primary comparison, Holm over the family), only once
-every registered network has a result from enough draws; before that, an interim table
-labelled as such. Secondary comparisons, per-draw means and costs follow, labelled as such.
+``freeze`` writes a recipe the registration can own: the benchmark configs merged in order into
+``<out>/benchmark.yaml``, with copies of the stage configs it names beside it, so that later
+changes to the shipped configs never move a registered run; it prints the frozen recipe's
+hash. ``hash`` prints the sha256 of the registration's recipe as it is now, the value its
+``recipe_sha256`` must hold (run it once while writing a registration). ``report`` writes
+``<name>/report.md`` and ``<name>/report.png`` beside the registration: the registered verdicts
+first (paired t per primary comparison, Holm over the family), only once every registered
+network has a result from enough draws; before that, an interim table labelled as such.
+Secondary comparisons, per-draw means and costs follow, labelled as such.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+
+import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,19 +91,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     composed = quality_cifar10.write_config(composed_recipe(reg), out)
     cfg = pipeline_demo.load_demo_config(composed)
-    data, _ = pipeline_demo.demo_data(args.data_root)
-    stages = pipeline_demo.demo_stage_configs(cfg, out, data)
-    settings = json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
-                                      "stages": stages}))
-    configs = pipeline_demo.write_demo_configs(out, settings, stages)
+    stages, configs = pipeline_demo.demo_folder(cfg, out, pipeline_demo.demo_data(args.data_root)[0])
     console = Stages(list(pipeline_demo.STAGES), out / "logs")
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        result = fn()
-        times[name] = round(time.perf_counter() - start, 1)
-        return result
+    timed = times = pipeline_demo.Timings()
 
     best = None
     if "metanetwork" in reg.methods:
@@ -199,6 +196,30 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def freeze(args: argparse.Namespace) -> int:
+    import shutil
+
+    out = Path(args.out)
+    cfg = quality_cifar10.merge_configs(args.config)
+    stages = cfg["demo"]["configs"]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, path in stages.items():
+        shutil.copyfile(path, out / f"{name}.yaml")
+    cfg["demo"]["configs"] = {name: f"{name}.yaml" for name in stages}
+    text = ("# A frozen recipe (benchmarks/registered.py freeze): merged from "
+            f"{', '.join(Path(c).name for c in args.config)}; the stage configs beside it are "
+            "copies.\n" + yaml.safe_dump(cfg, sort_keys=False))
+    write_text(out / "benchmark.yaml", text)
+    print(reg_lib.recipe_sha256(quality_cifar10.merge_configs([str(out / "benchmark.yaml")])))
+    return 0
+
+
+def recipe_hash(args: argparse.Namespace) -> int:
+    reg = reg_lib.load_registration(args.registration)
+    print(reg_lib.recipe_sha256(quality_cifar10.merge_configs([str(p) for p in reg.recipe_paths()])))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,9 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--out", default=None, help="work folder (default runs/registrations/<name>)")
     p_report = sub.add_parser("report", help="the registered verdicts from the committed results")
     p_report.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
+    p_hash = sub.add_parser("hash", help="the sha256 of the registration's recipe as it is now")
+    p_hash.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
+    p_freeze = sub.add_parser("freeze", help="merge benchmark configs into a recipe a "
+                              "registration owns (stage configs copied beside it)")
+    p_freeze.add_argument("--config", nargs="+", required=True, help="benchmark configs, in order")
+    p_freeze.add_argument("--out", required=True, help="e.g. benchmarks/registrations/<name>/recipe")
     args = parser.parse_args(argv)
+    commands = {"run": run, "report": report, "hash": recipe_hash, "freeze": freeze}
     try:
-        return run(args) if args.command == "run" else report(args)
+        return commands[args.command](args)
     except UserError as e:
         print(f"registered.py: error: {e}", file=sys.stderr)
         return 2

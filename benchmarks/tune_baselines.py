@@ -90,11 +90,8 @@ def setup(args: argparse.Namespace, out: Path) -> tuple[pipeline_demo.DemoConfig
     """The benchmark's stage configs under ``<out>/configs`` (as the demo writes them)."""
     composed = quality_cifar10.write_config(quality_cifar10.merge_configs(args.config), out)
     cfg = pipeline_demo.load_demo_config(composed)  # its target seeds are not used here
-    data, _ = pipeline_demo.demo_data(args.data_root)
-    stages = pipeline_demo.demo_stage_configs(cfg, out, data)
-    settings = json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
-                                      "stages": stages}))
-    return cfg, pipeline_demo.write_demo_configs(out, settings, stages), stages
+    stages, configs = pipeline_demo.demo_folder(cfg, out, pipeline_demo.demo_data(args.data_root)[0])
+    return cfg, configs, stages
 
 
 def run_cell(cell: Cell, seed: int, speed_ups: list[float], configs: dict[str, Path],

@@ -57,6 +57,14 @@ def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
     return MetaPruningModule.restore(path, hparams).metanetwork.eval()
 
 
+def trained_criterion(path: str | os.PathLike) -> str:
+    """The pruning criterion a metanetwork checkpoint was meta-trained for (l2 for checkpoints
+    written before the option existed)."""
+    ckpt = networks.safe_load(path, "metanetwork checkpoint")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return str((hparams or {}).get("importance") or "l2")
+
+
 def network_graph(network: nn.Module, example: torch.Tensor, source: str,
                   options: GraphOptions | None = None) -> NetworkGraph:
     """The graph of ``network`` built with ``options`` (default: ``GraphOptions()``); an

@@ -30,18 +30,21 @@ class PruneToSpeedUp(Callback):
         speed_up: target MACs(unpruned) / MACs(pruned); reached or exceeded by the smallest step.
         iterative_steps: pruning steps of the global group-L2 magnitude pruner (docs/method.md).
         input_size: ``[C, H, W]`` of one input image, for tracing and MAC counting.
-        max_pruning_ratio: the criterion's per-layer cap (``networks.magnitude_pruner``); 1, the
+        max_pruning_ratio: the criterion's per-layer cap (``networks.criterion_pruner``); 1, the
             paper's setting, leaves global ranking uncapped.
+        importance: the criterion (``networks.IMPORTANCES``; l2, the paper's).
 
     After ``setup`` the attributes ``base_macs``, ``macs``, ``params`` and ``speed_up_reached``
     hold the result; they are also logged (``prune/*``) to the trainer's loggers.
     """
 
     def __init__(self, speed_up: float, iterative_steps: int = 200,
-                 input_size: Sequence[int] = (3, 32, 32), max_pruning_ratio: float = 1.0) -> None:
+                 input_size: Sequence[int] = (3, 32, 32), max_pruning_ratio: float = 1.0,
+                 importance: str = "l2") -> None:
         if speed_up <= 1.0:
             raise ValueError(f"speed_up={speed_up} must be above 1 (MACs(unpruned) / MACs(pruned))")
         self.max_pruning_ratio = networks.check_max_pruning_ratio(max_pruning_ratio)
+        self.importance = networks.check_importance(importance)
         self.speed_up = float(speed_up)
         self.iterative_steps = int(iterative_steps)
         self.input_size = [int(s) for s in input_size]
@@ -62,7 +65,7 @@ class PruneToSpeedUp(Callback):
         with networks.evaluating(network):
             self.speed_up_reached = networks.prune_to_speed_up(
                 network, example, self.speed_up, self.base_macs, self.iterative_steps,
-                max_pruning_ratio=self.max_pruning_ratio)
+                max_pruning_ratio=self.max_pruning_ratio, importance=self.importance)
         self.macs = networks.count_macs(network, example)
         self.params = networks.count_params(network)
         rank_zero_info(

@@ -32,17 +32,21 @@ class SparseTraining(Callback):
         alpha: adaptivity; the least important group gets ``alpha`` times the pull of the most
             important one.
         input_size: ``[C, H, W]`` of one input image, for tracing the channel groups.
+        importance: the pruning criterion whose torch_pruning regularizer is applied: l2
+            (DepGraph's adaptive group norm, the default) or bn_scale (L1 on BN scales, network
+            slimming, where ``alpha`` is unused).
 
     Logs ``sparse/near_zero_groups`` (fraction of groups whose normalized norm is below 0.01)
     at every training epoch end.
     """
 
     def __init__(self, reg: float = 5e-4, alpha: float = 4.0,
-                 input_size: Sequence[int] = (3, 32, 32)) -> None:
+                 input_size: Sequence[int] = (3, 32, 32), importance: str = "l2") -> None:
         if reg <= 0 or alpha < 1:
             raise ValueError(f"SparseTraining needs reg > 0 and alpha >= 1 (got reg={reg}, "
                              f"alpha={alpha})")
         self.reg, self.alpha = float(reg), float(alpha)
+        self.importance = networks.check_importance(importance, regularized=True)
         self.input_size = [int(s) for s in input_size]
         networks.example_input(self.input_size)
         self.pruner = None
@@ -54,7 +58,8 @@ class SparseTraining(Callback):
         example = networks.example_input(self.input_size).to(next(network.parameters()).device)
         # torch_pruning traces dependencies through autograd
         with networks.evaluating(network), torch.enable_grad():
-            self.pruner = networks.magnitude_pruner(network, example, reg=self.reg, alpha=self.alpha)
+            self.pruner = networks.criterion_pruner(network, example, reg=self.reg, alpha=self.alpha,
+                                                    importance=self.importance)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
                                  optimizer: Optimizer) -> None:

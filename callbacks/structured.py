@@ -21,7 +21,7 @@ docs/structured_pruning.md has a complete example on a plain LightningModule.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch_pruning as tp
@@ -31,14 +31,6 @@ from torch import nn
 
 import networks
 from networks.checkpoint import reshape_to_state
-
-# Deterministic criteria only: every DDP rank must remove the same channels.
-IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),
-    "fpgm": lambda: tp.importance.FPGMImportance(),
-}
 
 
 class StructuredPruning(Callback):
@@ -50,7 +42,8 @@ class StructuredPruning(Callback):
         epochs: the epoch to prune at, or ``[first, last]``: prune at the start of each of
             these epochs, the speed-up growing geometrically (the ratio linearly) to the target.
         input_size: ``[C, H, W]`` of one input, for tracing and MAC counting.
-        importance: ``l2`` | ``l1`` (group magnitude), ``bn_scale``, ``fpgm``.
+        importance: a criterion of ``networks.IMPORTANCES`` (l2, l1, fpgm, lamp, bn_scale;
+            deterministic ones only, so every DDP rank removes the same channels).
         ignored_layers: module paths (as in ``named_modules``) never pruned; the layer that
             produces the output (the classifier) is always left out.
         module: attribute of the LightningModule holding the network; None prunes the
@@ -72,9 +65,9 @@ class StructuredPruning(Callback):
             raise ValueError(f"StructuredPruning: speed_up={speed_up} must be above 1")
         if channel_ratio is not None and not 0.0 < channel_ratio < 1.0:
             raise ValueError(f"StructuredPruning: channel_ratio={channel_ratio} must lie in (0, 1)")
-        if importance not in IMPORTANCES:
+        if importance not in networks.IMPORTANCES:
             raise ValueError(f"StructuredPruning: importance={importance!r} is unknown; use one "
-                             f"of {sorted(IMPORTANCES)}")
+                             f"of {sorted(networks.IMPORTANCES)}")
         first, last = _epoch_range(epochs)
         self.speed_up, self.channel_ratio = speed_up, channel_ratio
         self.first, self.last = int(first), int(last)
@@ -178,7 +171,7 @@ class StructuredPruning(Callback):
             raise ValueError(f"StructuredPruning: ignored_layers {unknown} are not modules of "
                              f"{type(network).__name__}; use names from named_modules()")
         ignored = [networks.classifier_layer(network, example)] + [modules[n] for n in self.ignored]
-        return tp.pruner.MetaPruner(network, example, importance=IMPORTANCES[self.importance](),
+        return tp.pruner.MetaPruner(network, example, importance=networks.IMPORTANCES[self.importance](),
                                     global_pruning=True, pruning_ratio=ratio,
                                     iterative_steps=steps, ignored_layers=ignored)
 

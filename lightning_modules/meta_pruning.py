@@ -26,6 +26,10 @@ class MetaPruningModule(LightningModule):
         num_layers, hidden, node_res_ratio, edge_res_ratio, update_running_stats: metanetwork
             size and residual ratios (reference ResNet-56: 8 x 64, 0.01, 0.01).
         reg, alpha: strength and adaptivity of the group-sparsity regularizer (reference 10, 16).
+        importance: the pruning criterion the metanetwork is trained for (``networks.IMPORTANCES``
+            with a regularizer: l2, the paper's DepGraph group norm, or bn_scale, L1 on BN
+            scales); stored in checkpoints, and ``prune.py run`` refuses a metanetwork trained
+            for another criterion than the run's unless told otherwise.
         lr, weight_decay: AdamW. milestones, gamma: per-epoch MultiStepLR.
         zero_init_decoders: start the decoders' last layers at zero, so the untrained
             metanetwork is exactly the identity (the reference starts them random: False).
@@ -55,7 +59,7 @@ class MetaPruningModule(LightningModule):
 
     def __init__(self, num_layers: int = 8, hidden: int = 64, node_res_ratio: float = 0.01,
                  edge_res_ratio: float = 0.01, update_running_stats: bool = False,
-                 reg: float = 10.0, alpha: float = 16.0, lr: float = 1e-3,
+                 reg: float = 10.0, alpha: float = 16.0, importance: str = "l2", lr: float = 1e-3,
                  weight_decay: float = 5e-4, milestones: list[int] | None = None,
                  gamma: float = 0.1, zero_init_decoders: bool = True,
                  channel_gates: bool = False, gate_floor: float = 0.5,
@@ -64,6 +68,10 @@ class MetaPruningModule(LightningModule):
                  pruned_view: float = 0.0, pruned_fraction: tuple[float, float] = (0.1, 0.4),
                  layout: dict | None = None) -> None:
         super().__init__()
+        try:
+            networks.check_importance(importance, regularized=True)
+        except ValueError as e:
+            raise UserError(f"model.init_args.importance: {e}") from None
         if not 0.0 <= distill <= 1.0:
             raise UserError(f"model.init_args.distill={distill} must lie in [0, 1]")
         if augment < 1.0:
@@ -114,7 +122,7 @@ class MetaPruningModule(LightningModule):
             zoo = self.trainer.datamodule
             state = MemberState.build(zoo.members[index].network, zoo.example_input(),
                                       self.hparams.reg, self.hparams.alpha, self.device,
-                                      self.gnn.graph_options)
+                                      self.gnn.graph_options, self.hparams.importance)
             self.gnn.check_layout(state.graph)
             self._members[index] = state
         return self._members[index]

@@ -15,15 +15,17 @@ from .common import evaluating, example_input
 from .curve import accuracy, accuracy_curve, calibration_batches, curve_area, recalibrate_batchnorm
 from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_shapes
 from .pruning import (
+                         IMPORTANCES,
                          NEAR_ZERO,
                          base_macs,
+                         check_importance,
                          check_max_pruning_ratio,
                          classifier_layer,
                          count_macs,
                          count_macs_fast,
                          count_params,
+                         criterion_pruner,
                          group_norms,
-                         magnitude_pruner,
                          near_zero_fraction,
                          prune_to_speed_up,
 )
@@ -35,7 +37,8 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",
            "layer_shape", "load_network", "check_max_pruning_ratio",
-           "magnitude_pruner", "NEAR_ZERO", "near_zero_fraction", "network_from_record",
+           "criterion_pruner", "IMPORTANCES", "check_importance", "NEAR_ZERO", "near_zero_fraction",
+           "network_from_record",
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .pruning import _checked_counter, count_macs, count_params, magnitude_pruner
+from .pruning import _checked_counter, count_macs, count_params, criterion_pruner
 
 Point = tuple[float, int, float]  # (speed-up, MACs, accuracy)
 
@@ -73,10 +73,10 @@ def accuracy_curve(model: nn.Module, example: torch.Tensor, base_macs: int,
                    evaluate: Callable[[nn.Module], float], max_speed_up: float,
                    iterative_steps: int = 200, every: int = 1,
                    calibration: Sequence[torch.Tensor] = (),
-                   max_pruning_ratio: float = 1.0) -> list[Point]:
+                   max_pruning_ratio: float = 1.0, importance: str = "l2") -> list[Point]:
     """Points ``(speed_up, macs, accuracy)`` of a copy of ``model`` pruned step by step with the
-    criterion of :func:`networks.magnitude_pruner` (with its per-layer cap
-    ``max_pruning_ratio``; ``model`` itself is untouched).
+    criterion of :func:`networks.criterion_pruner` (with its per-layer cap
+    ``max_pruning_ratio`` and its ``importance``; ``model`` itself is untouched).
 
     The first point is the network as it is; then every ``every``-th step that removed
     something, and always the step that first reaches ``max_speed_up`` (the curve stops there,
@@ -97,7 +97,8 @@ def accuracy_curve(model: nn.Module, example: torch.Tensor, base_macs: int,
     if points[0][0] >= max_speed_up:
         return points
     counter = _checked_counter(work, example, macs)
-    pruner = magnitude_pruner(work, example, iterative_steps, max_pruning_ratio=max_pruning_ratio)
+    pruner = criterion_pruner(work, example, iterative_steps, max_pruning_ratio=max_pruning_ratio,
+                              importance=importance)
     for step in range(1, iterative_steps + 1):
         params = count_params(work)
         pruner.step()

@@ -117,9 +117,24 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class _GroupNormPruner(tp.pruner.GroupNormPruner):
-    """torch_pruning's GroupNormPruner whose steps keep shape attributes in sync (``step``) and
-    whose ``regularize`` leaves out groups whose channels all have the same importance (in
+class _SyncedSteps:
+    """A torch_pruning pruner mixin: after each step, the layers' shape attributes the library
+    does not update (a VisionTransformer's ``hidden_dim``) are set from their tensors, so the
+    model runs."""
+
+    model: nn.Module
+
+    def step(self, interactive: bool = False):
+        """One pruning step, then the shape attributes."""
+        result = super().step(interactive)  # type: ignore[misc]
+        if not interactive:
+            sync_layer_shapes(self.model)
+        return result
+
+
+class _GroupNormPruner(_SyncedSteps, tp.pruner.GroupNormPruner):
+    """torch_pruning's GroupNormPruner whose steps keep shape attributes in sync and whose
+    ``regularize`` leaves out groups whose channels all have the same importance (in
     practice a layer pruned down to one channel).
 
     DepGraph's adaptive strength ``alpha ** ((max - imp) / (max - min))`` is 0/0 there, and the
@@ -129,14 +144,6 @@ class _GroupNormPruner(tp.pruner.GroupNormPruner):
     has a NaN, which is how the group is left out; pruning itself ranks as before."""
 
     _regularizing = False
-
-    def step(self, interactive: bool = False):
-        """One pruning step, then the layers' shape attributes the library does not update
-        (a VisionTransformer's ``hidden_dim``) set from their tensors, so the model runs."""
-        result = super().step(interactive)
-        if not interactive:
-            sync_layer_shapes(self.model)
-        return result
 
     def regularize(self, model: nn.Module, alpha: float = 2 ** 4, bias: bool = False) -> None:
         self._regularizing = True
@@ -153,35 +160,77 @@ class _GroupNormPruner(tp.pruner.GroupNormPruner):
 
 
 def check_max_pruning_ratio(value: float) -> float:
-    """``value`` if it is a valid per-layer cap of :func:`magnitude_pruner`, else ValueError."""
+    """``value`` if it is a valid per-layer cap of :func:`criterion_pruner`, else ValueError."""
     if not 0.0 < value <= 1.0:
         raise ValueError(f"max_pruning_ratio={value} must be in (0, 1]: the largest fraction of a "
                          "layer's channels pruning may remove (1: no cap)")
     return float(value)
 
 
-def magnitude_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
-                     reg: float = 1e-4, alpha: float = 4.0,
-                     max_pruning_ratio: float = 1.0) -> tp.pruner.GroupNormPruner:
-    """The pruning criterion of docs/method.md: global group-L2 magnitude (mean over a group,
-    normalized by the max), small iterative steps, the classifier excluded by identity.
+class _BNScalePruner(_SyncedSteps, tp.pruner.BNScalePruner):
+    """torch_pruning's BNScalePruner (network slimming: L1 on BatchNorm scales), with synced
+    steps and the ``regularize`` signature of :class:`_GroupNormPruner` (``alpha`` unused), so
+    that sparse training and meta-training call either alike."""
 
-    ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training).
-    ``max_pruning_ratio`` r below 1 stops ranking a group once one of its layers is narrower
-    than 1 - r of its width when the pruner was built (torch_pruning's per-layer cap; the step
-    that crosses that floor may remove a few channels more). 1, the paper's setting, lets
-    global ranking narrow a layer to a single channel.
+    def regularize(self, model: nn.Module, alpha: float = 2 ** 4, bias: bool = False) -> None:
+        super().regularize(model, reg=self.reg, bias=bias)
+
+
+# Pruning criteria: torch_pruning importances, each ranking channel groups by a mean over the
+# group normalised by its maximum (scale-free across layers, so one global ranking is fair;
+# LAMP normalises by its own rule).
+# l2 is the paper's criterion. Only deterministic criteria that need no data: every DDP rank
+# must remove the same channels, and a curve must not depend on a batch.
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="max"),
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="max"),
+    "fpgm": lambda: tp.importance.FPGMImportance(p=2, group_reduction="mean", normalizer="max"),
+    "lamp": lambda: tp.importance.LAMPImportance(p=2, group_reduction="mean", normalizer="lamp"),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(group_reduction="mean", normalizer="max"),
+}
+# The sparse-training regularizer torch_pruning pairs with a criterion: DepGraph's adaptive
+# group norm (GroupNormPruner.regularize) with l2, network slimming's L1 on BN scales with
+# bn_scale. The others have none, so sparse training and meta-training refuse them.
+REGULARIZED = {"l2": _GroupNormPruner, "bn_scale": _BNScalePruner}
+
+
+def check_importance(name: str, regularized: bool = False) -> str:
+    """``name`` if it is a criterion of :data:`IMPORTANCES` (with a regularizer when
+    ``regularized``), else ValueError naming the choices."""
+    if name not in IMPORTANCES:
+        raise ValueError(f"importance {name!r} is unknown; use one of {sorted(IMPORTANCES)}")
+    if regularized and name not in REGULARIZED:
+        raise ValueError(f"importance {name!r} has no sparse-training regularizer in "
+                         f"torch_pruning; sparse training and meta-training take one of "
+                         f"{sorted(REGULARIZED)}")
+    return name
+
+
+def criterion_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
+                     reg: float = 1e-4, alpha: float = 4.0, max_pruning_ratio: float = 1.0,
+                     importance: str = "l2") -> tp.pruner.MetaPruner:
+    """The pruning criterion (docs/method.md): ``importance`` (default l2, the paper's: global
+    group-L2 magnitude, mean over a group, normalized by the max), global ranking, small
+    iterative steps, the classifier excluded by identity.
+
+    ``reg`` and ``alpha`` only matter for ``pruner.regularize`` (sparse training), which
+    exists for the criteria of :data:`REGULARIZED`. ``max_pruning_ratio`` r below 1 stops
+    ranking a group once one of its layers is narrower than 1 - r of its width when the pruner
+    was built (torch_pruning's per-layer cap; the step that crosses that floor may remove a few
+    channels more). 1, the paper's setting, lets global ranking narrow a layer to a single
+    channel.
     """
     check_max_pruning_ratio(max_pruning_ratio)
-    importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean",
-                                                        normalizer="max")
+    check_importance(importance)
     # attention splits its width into heads: widths stay multiples of every head count
     heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    return _GroupNormPruner(
-        model, example_inputs, importance=importance, reg=reg, alpha=alpha, global_pruning=True,
+    pruner = REGULARIZED.get(importance, _GroupNormPruner)
+    extra = {"alpha": alpha} if pruner is _GroupNormPruner else {}
+    return pruner(
+        model, example_inputs, importance=IMPORTANCES[importance](), reg=reg, global_pruning=True,
         pruning_ratio=1.0, max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
         round_to=math.lcm(*heads) if heads else None,
-        ignored_layers=[classifier_layer(model, example_inputs)])
+        ignored_layers=[classifier_layer(model, example_inputs)], **extra)
 
 
 @contextlib.contextmanager
@@ -218,7 +267,7 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
                       base_macs: int, iterative_steps: int = 200,
                       mac_counter: MacCounter | None = None,
                       pruner: tp.pruner.MetaPruner | None = None,
-                      max_pruning_ratio: float = 1.0) -> float:
+                      max_pruning_ratio: float = 1.0, importance: str = "l2") -> float:
     """Prune ``model`` in place, step by step, until MACs(base) / MACs(now) >= ``target``.
 
     ``base_macs`` are the MACs of the original unpruned architecture, so earlier pruning (the
@@ -231,8 +280,8 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
     kept for tests and benchmarks).
 
     ``pruner`` (built on ``model`` with ``iterative_steps`` steps) replaces the criterion of
-    :func:`magnitude_pruner`, e.g. with another importance or more ignored layers;
-    ``max_pruning_ratio`` is that criterion's per-layer cap.
+    :func:`criterion_pruner`, e.g. with more ignored layers; ``max_pruning_ratio`` and
+    ``importance`` are that criterion's per-layer cap and importance.
     """
     macs = count_macs(model, example_inputs)
     current = base_macs / macs
@@ -240,8 +289,8 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
         raise ValueError(f"speed-up target {target:.3f}x is not above the network's current "
                          f"speed-up {current:.3f}x; ask for a larger target")
     counter = mac_counter or _checked_counter(model, example_inputs, macs)
-    pruner = pruner or magnitude_pruner(model, example_inputs, iterative_steps,
-                                        max_pruning_ratio=max_pruning_ratio)
+    pruner = pruner or criterion_pruner(model, example_inputs, iterative_steps,
+                                        max_pruning_ratio=max_pruning_ratio, importance=importance)
     plain = mac_counter is not None  # the reference loop: torch_pruning exactly as shipped
     with contextlib.nullcontext() if plain else _index_mappings_per_shape(model):
         for _ in range(iterative_steps):

@@ -4,7 +4,7 @@ The paper's objective reads only the rewritten network itself: its cross-entropy
 group-sparsity pull. What pruning keeps of it is never seen, so nothing asks the metanetwork to
 put the function into the channels that survive. The pruned view adds that: each step, the
 lowest-ranked channels under the pruning criterion (global group-L2 ranking, the classifier
-excluded; ``networks.magnitude_pruner``) are removed from the working copy, whole
+excluded; ``networks.criterion_pruner``) are removed from the working copy, whole
 torch_pruning groups at a time, and the same image batches' loss is taken through what is left.
 
 Removal is by masking, so no tensor changes shape: every layer whose output channels a removed

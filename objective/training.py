@@ -39,12 +39,13 @@ class MemberState:
 
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
-              device: torch.device | str = "cpu", options: GraphOptions | None = None
-              ) -> "MemberState":
+              device: torch.device | str = "cpu", options: GraphOptions | None = None,
+              importance: str = "l2") -> "MemberState":
         graph = (options or GraphOptions()).graph(network, example)
         work = copy.deepcopy(network).to(device).eval()
         with torch.enable_grad():  # torch_pruning traces dependencies with autograd
-            pruner = networks.magnitude_pruner(work, example.to(device), reg=reg, alpha=alpha)
+            pruner = networks.criterion_pruner(work, example.to(device), reg=reg, alpha=alpha,
+                                               importance=importance)
         data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
         return cls(graph, data, work, pruner)
 

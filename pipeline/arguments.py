@@ -10,6 +10,10 @@ from typing import Any, Callable
 from .common import DATA_ENV, add_data_root_argument
 
 METHODS = ("metanetwork", "none", "sparse")
+# the pruning criteria of networks.IMPORTANCES by name (l2 is the paper's), listed here so that
+# the command line needs no torch; a test keeps the two equal
+IMPORTANCES = ("l2", "l1", "fpgm", "lamp", "bn_scale")
+REGULARIZED = ("l2", "bn_scale")  # those with a torch_pruning sparse-training regularizer
 # Adaptive BN before every curve point (networks.recalibrate_batchnorm): 8 batches of 128
 # training images re-estimate a small network's statistics (docs/pruning.md has the measured
 # effect); 0 gives the raw curve.
@@ -116,6 +120,12 @@ def add_shared_curve_arguments(parser: argparse.ArgumentParser) -> None:
                              "the paper's; as prune.max_pruning_ratio of a run)")
 
 
+def add_importance_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """``--importance``: the pruning criterion (networks.IMPORTANCES)."""
+    parser.add_argument("--importance", choices=IMPORTANCES, default=default,
+                        help=f"pruning criterion: {', '.join(IMPORTANCES)} ({what})")
+
+
 def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``prune.py curve``."""
     parser.add_argument("--network", required=True, nargs="+",
@@ -144,6 +154,7 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation batch size (default 500)")
     parser.add_argument("--title", default=None, help="plot title; default names the networks")
     add_shared_curve_arguments(parser)
+    add_importance_argument(parser, "l2", "default l2, the paper's")
 
 
 def add_select_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +180,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_root_argument(parser, what="overrides the image data root")
     parser.add_argument("--seed", type=int, default=0, help="seeds every finetune alike")
     add_shared_curve_arguments(parser)
+    add_importance_argument(parser, None, "default: the criterion the run was meta-trained for")
 
 
 def add_measure_arguments(parser: argparse.ArgumentParser) -> None:

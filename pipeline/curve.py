@@ -168,7 +168,7 @@ def curve_command(args: argparse.Namespace) -> int:
         curves[label] = networks.accuracy_curve(
             network.eval(), example, networks.base_macs(record["arch"], example),
             evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
-            args.every, batches, args.max_pruning_ratio)
+            args.every, batches, args.max_pruning_ratio, args.importance)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
                            f"({len(cast(Sized, val_set))} val images)")

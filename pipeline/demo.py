@@ -289,6 +289,30 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
                                f"{section!r} (merged over 'base')", DemoError)
 
 
+class Timings(dict):
+    """Seconds per named step: ``timings(name, fn)`` runs ``fn`` and records its wall time."""
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        self[name] = round(time.perf_counter() - start, 1)
+        return result
+
+
+def demo_settings(cfg: DemoConfig, stages: dict[str, dict]) -> dict:
+    """What ``<out>/demo.json`` records: the demo's settings, ``select``'s and the stage
+    configs, as JSON values."""
+    return json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
+                                  "stages": stages}))
+
+
+def demo_folder(cfg: DemoConfig, out: Path, data: dict) -> tuple[dict[str, dict], dict[str, Path]]:
+    """The stage configs of ``cfg`` with every output under ``out``, written there (a folder
+    of other settings is refused): ``(stages, their files)``."""
+    stages = demo_stage_configs(cfg, out, data)
+    return stages, write_demo_configs(out, demo_settings(cfg, stages), stages)
+
+
 def write_demo_configs(out: Path, settings: dict, stages: dict[str, dict]) -> dict[str, Path]:
     """``<out>/demo.json`` (refusing a folder that holds another demo) and the stage configs as
     files the subcommands read, ``<out>/configs/<stage>.yaml``."""
@@ -379,21 +403,14 @@ def demo_command(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/demo_pipeline_fast" if args.fast else "runs/demo_pipeline")).resolve()
     data, data_source = demo_data(args.data_root)
     stages = demo_stage_configs(cfg, out, data)
-    settings = json.loads(json.dumps({"demo": dataclasses.asdict(demo), "select": cfg.select,
-                                      "stages": stages}))
+    settings = demo_settings(cfg, stages)
     with tempfile.TemporaryDirectory() as tmp:  # checked before --out is touched
         check_demo(cfg, stages, write_demo_configs(Path(tmp) / "demo", settings, stages), data)
     configs = write_demo_configs(out, settings, stages)
     print(f"demo: data {data['root']} ({data_source}); outputs in {out}", file=sys.stderr)
     console = Stages([s for s in STAGES if "metanetwork" in demo.methods
                        or s not in METANETWORK_STAGES], out / "logs")
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        result = fn()
-        times[name] = round(time.perf_counter() - start, 1)
-        return result
+    timed = times = Timings()
 
     # 1. the held-out targets, each a `prune.py zoo` run.
     targets = {}

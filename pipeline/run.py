@@ -22,7 +22,7 @@ import yaml
 
 from metaprune.errors import UserError
 
-from .arguments import METHODS
+from .arguments import IMPORTANCES, METHODS, REGULARIZED
 from .common import (
     atomic_write,
     check_stage_config,
@@ -40,7 +40,9 @@ from .common import (
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
-SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio")  # prune settings stage 1 does not read
+# prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
+SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
+CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
 CURVE_SPLITS = ("test", "val")
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
@@ -73,8 +75,12 @@ class PruneSettings:
             checkpoints and settings; "val" when the area itself selects something (tuning).
             The final network's curve is a diagnostic and stays on val.
         curve_every: evaluate every N-th pruning step of a curve.
+        importance: the pruning criterion of stage 2, the curves and (for ``sparse``) the
+            regularizer (``networks.IMPORTANCES``); unset: l2, the paper's.
+        allow_other_criterion: run a metanetwork meta-trained for another criterion than
+            ``importance`` (refused unless true).
         max_pruning_ratio: the criterion's per-layer cap for stage 2 and the curves
-            (``networks.magnitude_pruner``); unset: 1, the paper's setting (no cap). Stage 1
+            (``networks.criterion_pruner``); unset: 1, the paper's setting (no cap). Stage 1
             does not depend on it (``--reuse_first_stage`` across caps works).
         latency_batch_sizes: batch sizes of the measured speed-up (unset: 1 and 64; []: none).
         onnx: export and check ``network.onnx`` (unset: yes).
@@ -92,6 +98,8 @@ class PruneSettings:
     curve_range: tuple[float, float] = (2.0, 3.0)
     curve_every: int = 5
     stage1_curve_split: str | None = None
+    importance: str | None = None
+    allow_other_criterion: bool | None = None
     max_pruning_ratio: float | None = None
     latency_batch_sizes: list[int] | None = None
     onnx: bool | None = None
@@ -101,6 +109,11 @@ class PruneSettings:
         """The speed-up target (``load_prune_config`` makes sure there is one)."""
         assert self.speed_up is not None
         return self.speed_up
+
+    @property
+    def criterion(self) -> str:
+        """``importance``, l2 when unset."""
+        return self.importance or "l2"
 
     @property
     def curve_split(self) -> str:
@@ -217,6 +230,9 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
+    if prune.importance is not None and prune.importance not in IMPORTANCES:
+        raise PruneRunError(f"{where}: prune.importance {prune.importance!r} is unknown; use one of "
+                            f"{list(IMPORTANCES)}")
     if prune.curve_split not in CURVE_SPLITS:
         raise PruneRunError(f"{where}: prune.stage1_curve_split {prune.stage1_curve_split!r} must "
                             f"be one of {list(CURVE_SPLITS)} (test: an outcome no selection "
@@ -315,7 +331,7 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
     import networks
     from callbacks import load_metanetwork
-    from callbacks.feedforward import check_layout, network_graph
+    from callbacks.feedforward import check_layout, network_graph, trained_criterion
 
     p = cfg.prune
     example = networks.example_input(p.input_size)
@@ -332,6 +348,13 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
         ImageDataModule(**(data.get("init_args") or {})).check_held_out(
             {source: record["metadata"].get("trained_on") or []})
     if metanetwork_path is not None:
+        trained_for = trained_criterion(metanetwork_path)
+        if trained_for != p.criterion and not p.allow_other_criterion:
+            raise PruneRunError(
+                f"metanetwork checkpoint {metanetwork_path!r} was meta-trained for the pruning "
+                f"criterion {trained_for!r}, but this run prunes by {p.criterion!r} "
+                "(prune.importance); set prune.importance to match, or prune.allow_other_criterion: "
+                "true to run it anyway")
         metanetwork = load_metanetwork(metanetwork_path)
         graph = network_graph(network.eval(), example, source, metanetwork.graph_options)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
@@ -346,7 +369,8 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     # (The real prune acts on finetuned weights; reachability depends on the structure.)
     try:
         networks.prune_to_speed_up(copy.deepcopy(network).eval(), example, target, base,
-                                   p.iterative_steps, max_pruning_ratio=p.cap)
+                                   p.iterative_steps, max_pruning_ratio=p.cap,
+                                   importance=p.criterion)
     except ValueError as e:
         raise PruneRunError(
             f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
@@ -378,19 +402,21 @@ def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weig
 
 def _first_stage_settings(settings: dict) -> dict:
     """A run's settings minus those only stage 2 and the curves read (the speed-up target, the
-    per-layer cap): what stage 1 depends on."""
+    per-layer cap, the criterion unless sparse training regularizes by it): what stage 1
+    depends on."""
     out = copy.deepcopy(settings)
     out.pop("speed_up", None)
-    for key in SECOND_STAGE_ONLY:
+    for key in SECOND_STAGE_ONLY + (("importance",) if settings["method"] != "sparse" else ()):
         out["config"]["prune"].pop(key, None)
     return out
 
 
 def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> None:
     """Copy stage 1's output networks from ``source``, a run whose settings differ from
-    ``settings`` in the speed-up target and the per-layer cap at most (stage 1 reads neither):
-    pruning one finetuned network to several targets, or under another cap, then trains stage 1
-    once, budgets unchanged. Its curve is copied only under the same cap (the curve prunes)."""
+    ``settings`` in the speed-up target, the per-layer cap and (but for ``sparse``) the
+    criterion at most (stage 1 reads none of them): pruning one finetuned network to several
+    targets, or under another cap or criterion, then trains stage 1 once, budgets unchanged. Its
+    curve is copied only under the same cap and criterion (the curve prunes)."""
     stored = source / RUN_FILE
     if not stored.is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} is not a prune run directory "
@@ -400,13 +426,14 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
         mine, theirs = _first_stage_settings(settings), _first_stage_settings(other)
         diff = sorted(k for k in mine if theirs.get(k) != mine[k])
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "
-                            f"in {', '.join(diff)}); only the speed-up target and "
-                            "prune.max_pruning_ratio may differ")
+                            f"in {', '.join(diff)}); only the speed-up target, "
+                            "prune.max_pruning_ratio and (but for sparse) prune.importance may "
+                            "differ")
     if not (source / stage / "network.pt").is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
                             f"({stage}/network.pt is missing); finish that run first")
-    same_cap = other["config"]["prune"].get("max_pruning_ratio") == \
-        settings["config"]["prune"].get("max_pruning_ratio")
+    same_cap = all(other["config"]["prune"].get(k) == settings["config"]["prune"].get(k)
+                   for k in CRITERION_KEYS)
     # network.pt last: it marks stage 1 done; the curve prunes, so another cap gives another one
     names = [*(("curve.csv", "curve.png") if same_cap else ()), "feedforward.pt", "network.pt"]
     for name in names:
@@ -485,7 +512,7 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
     points = accuracy_curve(network.to(device).eval(), example.to(device), base,
                             evaluator(loader, device), max_speed_up,
                             p.iterative_steps, p.curve_every,
-                            calibration(dm, p.bn_batches, p.bn_batch_size), p.cap)
+                            calibration(dm, p.bn_batches, p.bn_batch_size), p.cap, p.criterion)
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
                 if p.bn_batches else label, chance=chance, split=split)
     return points
@@ -559,17 +586,28 @@ def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> 
                   "init_args": {"checkpoint": str(args.metanetwork), "input_size": p.input_size}},
                  {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "feedforward.pt"}}]
     elif args.method == "sparse":
+        if p.criterion not in REGULARIZED:
+            raise PruneRunError(f"--method sparse: prune.importance {p.criterion!r} has no "
+                                "sparse-training regularizer in torch_pruning; use one of "
+                                f"{list(REGULARIZED)}, or --method none")
         extra = [{"class_path": "callbacks.SparseTraining",
-                  "init_args": {"reg": p.reg, "alpha": p.alpha, "input_size": p.input_size}}]
+                  "init_args": {"reg": p.reg, "alpha": p.alpha, "input_size": p.input_size,
+                                **criterion_args(p)}}]
     stage1 = run_stage_config(cfg, "finetune", out, first, args.source, arch, extra)
     prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
                  "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
-                               "input_size": p.input_size,
+                               "input_size": p.input_size, **criterion_args(p),
                                **({"max_pruning_ratio": p.cap} if p.cap < 1 else {})}},
                 {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
     stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, out / first / "network.pt", arch,
                               prune_cb)
     return stage1, stage2
+
+
+def criterion_args(p: PruneSettings) -> dict:
+    """The callbacks' ``importance`` argument when the config sets one (unset: their default,
+    l2, and the stage configs of earlier runs stay as they were)."""
+    return {"importance": p.importance} if p.importance is not None else {}
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 
 import networks
-from callbacks.feedforward import feedforward, load_metanetwork
+from callbacks.feedforward import feedforward, load_metanetwork, trained_criterion
 from graph import Metanetwork
 from metaprune.errors import UserError
 from networks import CheckpointError
@@ -70,6 +70,8 @@ class SelectRequest:
         bn_batches: BN recalibration batches before every curve point (0: raw curves).
         bn_batch_size: images per recalibration batch.
         max_pruning_ratio: the curves' per-layer pruning cap (1: none, the paper's).
+        importance: the curves' pruning criterion; None: the one the checkpoints were
+            meta-trained for (all of a run's must agree).
     """
 
     config: str
@@ -87,6 +89,7 @@ class SelectRequest:
     bn_batches: int = BN_BATCHES
     bn_batch_size: int = BN_BATCH_SIZE
     max_pruning_ratio: float = 1.0
+    importance: str | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.speed_up_range
@@ -214,6 +217,7 @@ def select_checkpoint(args: SelectRequest) -> int:
     out = Path(args.out) if args.out else run / "selection"
     files = find_checkpoints(run, args.checkpoints, out)
     metas = {str(f): load_metanetwork(f) for f in files}  # every file checked before any work
+    criterion = args.importance or run_criterion(files)
     dm = zoo_datamodule(args.config, args.zoo_dir, args.data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     example = dm.example_input()
@@ -236,7 +240,7 @@ def select_checkpoint(args: SelectRequest) -> int:
                      device)
             points = networks.accuracy_curve(model, example.to(device), base, evaluate, hi,
                                              args.iterative_steps, args.every, batches,
-                                             args.max_pruning_ratio)
+                                             args.max_pruning_ratio, criterion)
             curves[f"{label} member{i}"] = points
             mine.append(points)
             areas.append(networks.curve_area(points, lo, hi))
@@ -275,6 +279,15 @@ def select_checkpoint(args: SelectRequest) -> int:
               "them no easier to prune than finetuning alone. best.ckpt is the best of them "
               f"anyway; {out / SELECTION_FILE} records this.", file=sys.stderr)
     return 0
+
+
+def run_criterion(files: list[Path]) -> str:
+    """The pruning criterion the checkpoints were meta-trained for; refused when they differ."""
+    criteria = {str(f): trained_criterion(f) for f in files}
+    if len(set(criteria.values())) > 1:
+        raise SelectionError(f"the checkpoints were meta-trained for different pruning criteria "
+                             f"({criteria}); select among one run's checkpoints, or pass --importance")
+    return next(iter(criteria.values()))
 
 
 def selection_verdict(best: dict, identity: dict) -> dict:

@@ -238,9 +238,9 @@ def test_a_closed_channel_gate_zeroes_exactly_that_torch_pruning_group(monkeypat
     for key in ("layer2.1.bn1.running_mean", "layer2.1.bn1.running_var"):
         assert torch.equal(out[key], state[key]), key  # BN statistics are never gated
     # torch_pruning's view: that channel's group norm is 0, and no other
-    before = networks.group_norms(networks.magnitude_pruner(model, X32))
+    before = networks.group_norms(networks.criterion_pruner(model, X32))
     model.load_state_dict(out)
-    after = networks.group_norms(networks.magnitude_pruner(model, X32))
+    after = networks.group_norms(networks.criterion_pruner(model, X32))
     assert (after == 0).sum() == 1 and (before > 0).all()
 
 

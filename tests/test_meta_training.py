@@ -37,7 +37,7 @@ def test_single_backward_gradient_equals_per_batch_backward(gates):
     work = networks.build("resnet8_cifar", 3, width=0.5)
     work = networks.network_from_record(networks.network_record(
         model, {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.5}})).double()
-    pruner = networks.magnitude_pruner(work.eval(), X32.double(), reg=10.0, alpha=16.0)
+    pruner = networks.criterion_pruner(work.eval(), X32.double(), reg=10.0, alpha=16.0)
 
     # ours: accumulate dL/dW' on detached leaves, one backward through the metanetwork
     weights = graph.decode(meta(data))

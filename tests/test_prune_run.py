@@ -195,7 +195,7 @@ def test_sparse_training_adds_the_group_regularizer_before_the_step(setup: dict)
     reference = networks.load_network(setup["network"])[0]
     for p in reference.parameters():
         p.grad = torch.zeros_like(p)
-    networks.magnitude_pruner(reference.eval(), X32, reg=0.5, alpha=4.0).regularize(
+    networks.criterion_pruner(reference.eval(), X32, reg=0.5, alpha=4.0).regularize(
         reference, alpha=4.0, bias=False)
     got = dict(module.network.named_parameters())
     assert any(p.grad.abs().sum() > 0 for p in reference.parameters())
@@ -251,7 +251,7 @@ def test_report_macs_match_layer_shapes_and_target_is_reached_by_the_smallest_st
     # Oracle: the plain step-by-step loop (MAC count after every step) on the stage-1 network
     # stops at the same widths; one step less is below the target.
     start, _ = networks.load_network(out / pipeline_run.FIRST_STAGE[method] / "network.pt")
-    pruner = networks.magnitude_pruner(start.eval(), X32, STEPS)
+    pruner = networks.criterion_pruner(start.eval(), X32, STEPS)
     speed_ups = []
     for _ in range(STEPS):
         pruner.step()
@@ -640,3 +640,34 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
         prune.main(["run", "--config", str(path), "--arch", "no_such_module:Net", "--weights",
                     str(weights), "--method", "none", "--out", str(tmp_path / "wrong")])
     assert not (tmp_path / "wrong").exists()
+
+
+def test_another_criterion_prunes_stage_2_and_a_metanetwork_of_another_is_refused(
+        runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
+    """prune.importance: stage 2 prunes the stage-1 network as networks.prune_to_speed_up does
+    with that criterion; a metanetwork meta-trained for l2 is refused under l1 unless
+    prune.allow_other_criterion; sparse training refuses a criterion without a regularizer."""
+    cfg = yaml.safe_load(setup["config"].read_text())
+    cfg["prune"]["importance"] = "l1"
+    config = tmp_path / "l1.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "l1"
+    assert run(config, setup["network"], "none", out, None, "--reuse_first_stage", str(runs["none"])) == 0
+    first = pipeline_run.FIRST_STAGE["none"]
+    expected = networks.load_network(out / first / "network.pt")[0].eval()
+    networks.prune_to_speed_up(expected, X32, TARGET, networks.base_macs(ARCH, X32), STEPS,
+                               importance="l1")
+    assert widths(networks.load_network(out / "network.pt")[0]) == widths(expected)
+    with pytest.raises(pipeline_run.PruneRunError, match="meta-trained for the pruning criterion 'l2', "
+                                                         "but this run prunes by 'l1'"):
+        run(config, setup["network"], "metanetwork", tmp_path / "meta_l1", setup["meta"])
+    assert not (tmp_path / "meta_l1").exists()
+    cfg["prune"]["importance"] = "fpgm"
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_run.PruneRunError, match="'fpgm' has no sparse-training regularizer"):
+        run(config, setup["network"], "sparse", tmp_path / "sparse_fpgm", None)
+    cfg["prune"].update(importance="l1", allow_other_criterion=True)
+    config.write_text(yaml.safe_dump(cfg))
+    info = pipeline_run.check_inputs(pipeline_run.load_prune_config(config), str(setup["network"]),
+                                     str(setup["meta"]))  # allowed: the checks pass
+    assert info["arch"] == ARCH

@@ -32,7 +32,7 @@ def _removed(pruner, masks) -> list[torch.Tensor]:
 
 def test_the_view_removes_the_lowest_ranked_share_of_channels():
     model = _network()
-    pruner = networks.magnitude_pruner(model, X32.double())
+    pruner = networks.criterion_pruner(model, X32.double())
     masks = lowest_channel_masks(pruner, 0.3)
     scores = [pruner.estimate_importance(g) for g in pruner._groups]
     removed = _removed(pruner, masks)
@@ -45,7 +45,7 @@ def test_the_view_removes_the_lowest_ranked_share_of_channels():
 
 def test_a_group_keeps_its_best_channel_when_all_rank_below_the_cut():
     model = _network()
-    pruner = networks.magnitude_pruner(model, X32.double())
+    pruner = networks.criterion_pruner(model, X32.double())
     masks = lowest_channel_masks(pruner, 0.99)
     for removed, group in zip(_removed(pruner, masks), pruner._groups):
         kept = (~removed).nonzero().flatten().tolist()
@@ -54,13 +54,13 @@ def test_a_group_keeps_its_best_channel_when_all_rank_below_the_cut():
 
 def test_the_masked_network_computes_what_torch_pruning_leaves():
     model = _network()
-    pruner = networks.magnitude_pruner(model, X32.double())
+    pruner = networks.criterion_pruner(model, X32.double())
     masks = lowest_channel_masks(pruner, 0.4)
     with masked(masks), torch.no_grad():
         ours = model(X32.double())
     # the oracle: a copy pruned for real, the same root channels of every group
     pruned = copy.deepcopy(model)
-    other = networks.magnitude_pruner(pruned, X32.double())
+    other = networks.criterion_pruner(pruned, X32.double())
     for twin, removed in zip(other._groups, _removed(pruner, masks)):
         if removed.any():
             root = twin[0].dep
@@ -95,7 +95,7 @@ def test_the_view_adds_the_gradient_of_the_loss_with_pruned_weights_zeroed():
                for k, v in model.state_dict().items() if v.is_floating_point()}
     images, labels = torch.randn(2, 6, 3, 32, 32, dtype=torch.double), torch.randint(0, 3, (2, 6))
     work = copy.deepcopy(model)
-    pruner = networks.magnitude_pruner(work, X32.double(), reg=0.0)
+    pruner = networks.criterion_pruner(work, X32.double(), reg=0.0)
     view = PrunedView(weight=0.5, fraction=(0.3, 0.3))
     _, _, grads = weight_gradients(work, {k: v.detach() for k, v in weights.items()}, images,
                                    labels, pruner, 16.0, view=view)

@@ -21,7 +21,7 @@ def test_fast_mac_count_equals_torch_pruning_at_every_step(name):
     torch.manual_seed(0)
     model = (networks.build("resnet56_cifar", 10) if name == "resnet56"
              else torchvision.models.mobilenet_v2(num_classes=10)).eval()
-    pruner = networks.magnitude_pruner(model, X32, iterative_steps=12)
+    pruner = networks.criterion_pruner(model, X32, iterative_steps=12)
     seen = set()
     for _ in range(10):  # up to 83% of the channels: many different shapes
         macs = networks.count_macs(model, X32)
@@ -36,7 +36,7 @@ def test_fast_mac_count_equals_torch_pruning_at_every_step(name):
 
 def plain_loop(model, example, target, base, steps):
     """The specification: a pruner step, then torch_pruning's counter, until the target."""
-    pruner = networks.magnitude_pruner(model, example, steps)
+    pruner = networks.criterion_pruner(model, example, steps)
     history = []
     for _ in range(steps):
         pruner.step()
@@ -144,7 +144,7 @@ def test_regularize_leaves_out_a_one_channel_group_and_matches_torch_pruning_els
     prune_out_channels(model, X32, model.layer1[0].conv1, keep=1)
     model = randomize(model)
     grads = {}
-    for name, make in (("ours", networks.magnitude_pruner),
+    for name, make in (("ours", networks.criterion_pruner),
                        ("library", lambda m, x, **kw: tp.pruner.GroupNormPruner(
                            m, x, importance=tp.importance.GroupMagnitudeImportance(
                                p=2, group_reduction="mean", normalizer="max"),
@@ -185,7 +185,7 @@ def test_a_per_layer_cap_stops_pruning_a_layer_once_it_is_below_its_floor():
         """Steps (of 120) that removed channels of a layer already below its floor, and the
         channels left."""
         work = copy.deepcopy(model)
-        pruner = networks.magnitude_pruner(work, X32, iterative_steps=200, max_pruning_ratio=cap)
+        pruner = networks.criterion_pruner(work, X32, iterative_steps=200, max_pruning_ratio=cap)
         count = 0
         for _ in range(120):  # to 60% of the channels
             before = widths(work)
@@ -197,4 +197,4 @@ def test_a_per_layer_cap_stops_pruning_a_layer_once_it_is_below_its_floor():
     steps, left = narrowed_below_floor(0.5)
     assert steps == 0 and left < 0.8 * sum(widths(model))  # the capped pruner still prunes
     with pytest.raises(ValueError, match=r"max_pruning_ratio=0 must be in \(0, 1\]"):
-        networks.magnitude_pruner(model, X32, max_pruning_ratio=0)
+        networks.criterion_pruner(model, X32, max_pruning_ratio=0)

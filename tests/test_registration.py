@@ -83,11 +83,13 @@ def write_result(reg: reg_lib.Registration, commit: str, seed: int, meta: float,
     return record
 
 
-def test_a_registration_runs_only_as_committed(repo: Path) -> None:
+def test_a_registration_runs_only_as_committed(repo: Path, capsys) -> None:
     registered = registered_module()
     reg, commit, ledgers = registered.checked(str(repo / "trial.yaml"))
     assert commit == git(repo, "rev-parse", "HEAD") and ledgers == {}
     assert registered.composed_recipe(reg)["demo"]["target_seeds"] == [200, 201, 202]
+    assert registered.main(["hash", str(repo / "trial.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == reg.recipe_sha256  # the value registered
     # an uncommitted edit of the registration, or of its recipe, is refused
     text = (repo / "trial.yaml").read_text()
     (repo / "trial.yaml").write_text(text.replace("min_draws: 2", "min_draws: 1"))
@@ -173,8 +175,6 @@ def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
 def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> None:
     """Every registration in the repository loads, its recipe still hashes to the registered
     value, and every stage of every method it runs parses (no data is read)."""
-    import dataclasses
-
     from pipeline import demo as pipeline_demo
 
     registered = registered_module()
@@ -183,10 +183,25 @@ def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> Non
     assert not set(reg.target_seeds) & set(cfg["demo"]["zoo_seeds"])
     demo = pipeline_demo.load_demo_config(registered.quality_cifar10.write_config(cfg, tmp_path))
     data = {"root": str(tmp_path / "data"), "download": True}
-    stages = pipeline_demo.demo_stage_configs(demo, tmp_path / "out", data)
-    settings = json.loads(json.dumps({"demo": dataclasses.asdict(demo.demo), "select": demo.select,
-                                      "stages": stages}))
-    configs = pipeline_demo.write_demo_configs(tmp_path / "out", settings, stages)
+    stages, configs = pipeline_demo.demo_folder(demo, tmp_path / "out", data)
     pipeline_demo.check_demo(demo, stages, configs, data)
     measures = {c.measure for c in reg.primary + reg.secondary}
     assert measures <= {"stage-1 curve area 2-3x"} | {f"test acc at {s:g}x" for s in reg.speed_ups}
+
+
+def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    """`freeze`: the merged recipe and copies of its stage configs, whose content (so hash) is
+    that of the sources; a later edit of a source leaves the frozen copy, and its hash, alone."""
+    registered = registered_module()
+    (repo / "delta.yaml").write_text("prune: {lr: 0.03}\n")
+    sources = [str(repo / "recipe.yaml"), str(repo / "delta.yaml")]
+    expected = reg_lib.recipe_sha256(registered.quality_cifar10.merge_configs(sources))
+    assert registered.main(["freeze", "--config", *sources, "--out", str(tmp_path / "frozen")]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    frozen = yaml.safe_load((tmp_path / "frozen" / "benchmark.yaml").read_text())
+    assert frozen == {"demo": {"configs": {"zoo": "zoo.yaml"}}, "prune": {"lr": 0.03}}
+    assert (tmp_path / "frozen" / "zoo.yaml").read_bytes() == (repo / "stage.yaml").read_bytes()
+    (repo / "stage.yaml").write_text("trainer: {max_epochs: 4}\n")  # the shipped config moves on
+    merged = registered.quality_cifar10.merge_configs([str(tmp_path / "frozen" / "benchmark.yaml")])
+    assert reg_lib.recipe_sha256(merged) == expected
