@@ -91,17 +91,43 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     composed = quality_cifar10.write_config(composed_recipe(reg), out)
     cfg = pipeline_demo.load_demo_config(composed)
-    stages, configs = pipeline_demo.demo_folder(cfg, out, pipeline_demo.demo_data(args.data_root)[0])
-    console = Stages(list(pipeline_demo.STAGES), out / "logs")
-    timed = times = pipeline_demo.Timings()
+    data = pipeline_demo.demo_data(args.data_root)[0]
+    todo = [s for s in (args.seeds or reg.target_seeds) if s not in ledgers]
+    groups: dict[str, list[int]] = {}
+    for seed in todo:  # in order, grouped by the draw that prunes them
+        draw = reg_lib.draw_of(reg, seed)
+        groups.setdefault("draw" if draw is None else draw.name, []).append(seed)
+    first = reg.metanetwork.draws[0].name if reg.metanetwork.draws else None
+    for name, seeds in groups.items():
+        spec = next((d for d in reg.metanetwork.draws if d.name == name), None)
+        if run_draw(reg, commit, cfg, data, out, out / name, spec, seeds,
+                    None if first in (None, name) else out / first / "zoo") != 0:
+            return 1
+    return report(args)
 
+
+def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data: dict, out: Path,
+             folder: Path, spec: reg_lib.Draw | None, seeds: list[int], zoo: Path | None) -> int:
+    """Build one draw in ``folder`` (meta-training seeded as registered; the zoo shared with
+    the first draw's, ``zoo``, when given) and prune ``seeds`` with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if zoo is not None and not (folder / "zoo").exists():
+        zoo.mkdir(parents=True, exist_ok=True)
+        (folder / "zoo").symlink_to(zoo, target_is_directory=True)
+    stages = pipeline_demo.demo_stage_configs(cfg, folder, data)
+    if spec is not None:
+        stages["meta"]["seed_everything"] = spec.meta_seed
+    configs = pipeline_demo.write_demo_configs(folder, pipeline_demo.demo_settings(cfg, stages), stages)
+    console = Stages(list(pipeline_demo.STAGES), folder / "logs")
+    timed = times = pipeline_demo.Timings()
     best = None
     if "metanetwork" in reg.methods:
-        best = pipeline_demo.metanetwork_stages(cfg, stages, configs, out, console, timed)
+        best = pipeline_demo.metanetwork_stages(cfg, stages, configs, folder, console, timed)
         assert best is not None  # one process, no DDP
-        draw = draw_record(best)
+        draw = {"name": folder.name, "meta_seed": stages["meta"].get("seed_everything"),
+                **draw_record(best)}
         if not draw["beats_identity"] and reg.metanetwork.below_identity == "stop":
-            print(f"registered.py: this draw scores {draw['score']:.4f} <= identity "
+            print(f"registered.py: draw {folder.name} scores {draw['score']:.4f} <= identity "
                   f"{draw['identity_score']:.4f} on the meta-val members; the registration says "
                   "stop: nothing is run with it", file=sys.stderr)
             return 1
@@ -109,20 +135,19 @@ def run(args: argparse.Namespace) -> int:
         draw = {"checkpoint_sha256": None}
     code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=reg.path.parent, capture_output=True,
                           text=True).stdout.strip()
-    todo = [s for s in (args.seeds or reg.target_seeds) if s not in ledgers]
-    with console.stage("pruning", len(todo) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
-        for seed in todo:
+    with console.stage("pruning", len(seeds) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
+        for seed in seeds:
             _, row = timed(f"target seed{seed}", lambda seed=seed: pipeline_demo.zoo_member(
-                configs["zoo"], seed=seed, zoo_dir=str(out / "target")))
-            reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], out, seed,
-                                                  out / "target" / row["file"], best, timed, step)
+                configs["zoo"], seed=seed, zoo_dir=str(folder / "target")))
+            reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], folder, seed,
+                                                  folder / "target" / row["file"], best, timed, step)
             record = reg_lib.ledger(reg, commit, code, seed, reports, draw,
                                     pipeline_demo.measures(reports))
             record["seconds"]["target training"] = times[f"target seed{seed}"]
             write_json(reg.results_dir / f"seed{seed}.json", record)
             print(f"registered.py: seed{seed} done -> {reg.results_dir / f'seed{seed}.json'}",
                   file=sys.stderr)
-    return report(args)
+    return 0
 
 
 def verdict_table(rows: list[reg_lib.Verdict]) -> str:

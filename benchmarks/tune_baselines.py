@@ -17,6 +17,11 @@ on, never a confirmatory network), each cell a ``prune.py run`` folder (resumabl
   the stage-1 curve, the rule by which ``prune.py select`` picks a metanetwork checkpoint (the
   final val accuracy is shown beside it).
 
+When a choice lies on the edge of its grid, the grid is extended beyond it, one grid step at a
+time and at most twice (``--lrs``, ``--regs``, ``--alphas``); sparse is searched again at the
+learning rate the first search chose (``--sparse_lr``), around its best cell. The table holds
+every cell that has run on every tuning network.
+
 ``--part`` runs one search (two processes use two cores; ``targets`` trains the tuning
 networks first, so that the two searches do not train them twice) and ``table`` (also the
 default after a search) writes ``<out>/tuning.md`` and ``tuning.json``: every value tried with
@@ -28,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -65,6 +71,15 @@ class Cell:
         extra = f"_reg{self.reg:g}_alpha{self.alpha:g}" if self.method == "sparse" else ""
         return f"{self.method}_lr{self.lr:g}{extra}"
 
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        """The cell of a folder name (``name``'s inverse)."""
+        m = re.fullmatch(r"(none|sparse)_lr([^_]+)(?:_reg([^_]+)_alpha([^_]+))?", name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a tuning cell's folder")
+        method, lr, reg, alpha = m.groups()
+        return cls(method, float(lr), *(None if v is None else float(v) for v in (reg, alpha)))
+
     def overrides(self) -> dict:
         """The prune config's differences for this cell."""
         lr = {"model": {"init_args": {"lr": self.lr}}}
@@ -79,11 +94,12 @@ def stage_lr(prune_cfg: dict) -> float:
     return float(prune_cfg["finetune"]["model"]["init_args"]["lr"])
 
 
-def grid(part: str, shipped_lr: float) -> list[Cell]:
-    """The cells of one search."""
+def grid(part: str, args: argparse.Namespace, shipped_lr: float) -> list[Cell]:
+    """The cells of one search (``sparse`` at ``--sparse_lr``, default the config's rate)."""
     if part == "lr":
-        return [Cell("none", lr) for lr in LRS]
-    return [Cell("sparse", shipped_lr, reg, alpha) for reg in REGS for alpha in ALPHAS]
+        return [Cell("none", lr) for lr in args.lrs]
+    lr = args.sparse_lr or shipped_lr
+    return [Cell("sparse", lr, reg, alpha) for reg in args.regs for alpha in args.alphas]
 
 
 def setup(args: argparse.Namespace, out: Path) -> tuple[pipeline_demo.DemoConfig, dict[str, Path], dict]:
@@ -123,9 +139,8 @@ def scores(cell: Cell, reports: dict[int, list[dict]]) -> dict:
             "per_network": {str(s): {"stage1_val_area": area[s], "final_val_acc": final[s]} for s in reports}}
 
 
-def table(rows: list[dict], key: str, title: str) -> str:
-    """Markdown: every cell tried, its val scores, the chosen one (highest ``key``) in bold."""
-    best = max(rows, key=lambda r: r[key])
+def table(rows: list[dict], best: dict, key: str, title: str) -> str:
+    """Markdown: every cell tried, its val scores, the chosen one in bold."""
     lines = [f"### {title} (chosen by {key})", "",
              "| cell | stage-1 val curve area (%) | final val acc (%) | per network (area / acc) |",
              "|---|---|---|---|"]
@@ -138,6 +153,20 @@ def table(rows: list[dict], key: str, title: str) -> str:
     return "\n".join(lines)
 
 
+def choices(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """The chosen rows: the learning rate with the best final val accuracy of ``none``; then
+    sparse's cell with the best stage-1 val area among those run at that learning rate (all
+    cells when none was)."""
+    best: dict[str, dict] = {}
+    if results["lr"]:
+        best["lr"] = max(results["lr"], key=lambda r: r["final_val_acc"])
+    if results["sparse"]:
+        lr = best["lr"]["cell"]["lr"] if "lr" in best else None
+        pool = [r for r in results["sparse"] if r["cell"]["lr"] == lr] or results["sparse"]
+        best["sparse"] = max(pool, key=lambda r: r["stage1_val_area"])
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
@@ -148,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/tune_baselines")
     parser.add_argument("--part", choices=("targets", "lr", "sparse", "table"), default=None,
                         help="one step only (default: all of them in one process)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS),
+                        help=f"learning rates tried with none (default {' '.join(map(str, LRS))})")
+    parser.add_argument("--regs", type=float, nargs="+", default=list(REGS),
+                        help=f"sparse's reg values (default {' '.join(map(str, REGS))})")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+                        help=f"sparse's alpha values (default {' '.join(map(str, ALPHAS))})")
+    parser.add_argument("--sparse_lr", type=float, default=None,
+                        help="the learning rate of the sparse search (default the config's)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     cfg, configs, stages = setup(args, out)
@@ -155,23 +192,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in (None, "targets"):
             zoo_member(configs["zoo"], seed=seed, zoo_dir=str(out / "target"))
     shipped_lr = stage_lr(stages["prune"])
-    results: dict[str, list[dict]] = {}
-    for part, speed_ups in (("lr", cfg.demo.speed_ups), ("sparse", cfg.demo.speed_ups[:1])):
-        run_it = args.part in (None, part)
-        rows = []
-        for cell in grid(part, shipped_lr):
-            done = {s: run_cell(cell, s, speed_ups, configs, stages, out) for s in args.seeds
-                    if run_it or all((out / "prune" / cell.name / f"seed{s}" / f"{x:g}x" / REPORT).is_file()
-                                     for x in speed_ups)}
-            if len(done) == len(args.seeds):
-                rows.append(scores(cell, done))
-        results[part] = rows
+    speed_ups = {"lr": cfg.demo.speed_ups, "sparse": cfg.demo.speed_ups[:1]}
+    for part in ("lr", "sparse"):
+        if args.part in (None, part):
+            for cell in grid(part, args, shipped_lr):
+                for seed in args.seeds:
+                    run_cell(cell, seed, speed_ups[part], configs, stages, out)
     if args.part not in (None, "table"):
         return 0
+    # every cell that has run on every tuning network, this call's grid or an earlier one's
+    results: dict[str, list[dict]] = {"lr": [], "sparse": []}
+    cells = sorted((Cell.parse(d.name) for d in (out / "prune").iterdir() if d.is_dir()),
+                   key=lambda c: (c.method, c.lr, c.reg or 0.0, c.alpha or 0.0))
+    for cell in cells:
+        part = "lr" if cell.method == "none" else "sparse"
+        done = {s: run_cell(cell, s, speed_ups[part], configs, stages, out) for s in args.seeds
+                if all((out / "prune" / cell.name / f"seed{s}" / f"{x:g}x" / REPORT).is_file()
+                       for x in speed_ups[part])}
+        if len(done) == len(args.seeds):
+            results[part].append(scores(cell, done))
+    best = choices(results)
     parts = [("lr", "final_val_acc", "Finetune learning rate, shared by every method (none)"),
-             ("sparse", "stage1_val_area", "Sparse training's reg and alpha")]
-    text = "\n\n".join(table(results[p], key, title) for p, key, title in parts if results[p])
-    chosen = {p: max(results[p], key=lambda r: r[key])["cell"] for p, key, _ in parts if results[p]}
+             ("sparse", "stage1_val_area", "Sparse training's reg and alpha, at the chosen "
+                                           "learning rate when it was searched there")]
+    text = "\n\n".join(table(results[p], best[p], key, title) for p, key, title in parts if p in best)
+    chosen = {p: row["cell"] for p, row in best.items()}
     write_json(out / "tuning.json", {"seeds": args.seeds, "rows": results, "chosen": chosen})
     atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(
         f"# Baseline tuning on networks {args.seeds} (val only)\n\n{text}\n"))

@@ -51,6 +51,17 @@ class Comparison:
 
 
 @dataclass
+class Draw:
+    """One metanetwork draw: meta-training seeded with ``meta_seed`` (the recipe's zoo,
+    shared by every draw) and the registered networks it prunes. Its folder is
+    ``<run folder>/<name>``."""
+
+    name: str
+    meta_seed: int
+    networks: list[int]
+
+
+@dataclass
 class MetanetworkDraw:
     """How the metanetwork arm gets its metanetwork.
 
@@ -60,11 +71,14 @@ class MetanetworkDraw:
             identity on the meta-val members: "checkpoint" (use it anyway; every result records
             it) or "stop" (run nothing with this draw).
         min_draws: verdicts need results from at least this many different draws.
+        draws: which draw prunes which networks (together, every registered network once);
+            empty: one draw per machine, with the recipe's meta-training seed, folder ``draw``.
     """
 
     rule: str
     below_identity: str = "checkpoint"
     min_draws: int = 2
+    draws: list[Draw] = field(default_factory=list)
 
 
 @dataclass
@@ -107,7 +121,9 @@ def load_registration(path: str | Path) -> Registration:
     if not isinstance(raw, dict):
         raise RegistrationError(f"{where}: expected a mapping of keys (docs/registration.md)")
     try:
-        raw["metanetwork"] = MetanetworkDraw(**raw["metanetwork"])
+        meta = dict(raw["metanetwork"])
+        meta["draws"] = [Draw(**d) for d in meta.get("draws") or []]
+        raw["metanetwork"] = MetanetworkDraw(**meta)
         for key in ("primary", "secondary"):
             raw[key] = [Comparison(**c) for c in raw.get(key) or []]
         reg = Registration(**raw, path=path)
@@ -118,6 +134,7 @@ def load_registration(path: str | Path) -> Registration:
     if reg.metanetwork.below_identity not in BELOW_IDENTITY:
         raise RegistrationError(f"{where}: metanetwork.below_identity "
                                 f"{reg.metanetwork.below_identity!r}: one of {list(BELOW_IDENTITY)}")
+    check_draws(reg, where)
     if reg.correction != "holm":
         raise RegistrationError(f"{where}: correction {reg.correction!r}: only 'holm' is implemented")
     if not reg.primary:
@@ -126,6 +143,32 @@ def load_registration(path: str | Path) -> Registration:
     if missing:
         raise RegistrationError(f"{where}: recipe files {missing} do not exist")
     return reg
+
+
+def check_draws(reg: Registration, where: str) -> None:
+    """The draws partition the registered networks, with distinct names and seeds, and are
+    at least ``min_draws`` when listed."""
+    draws = reg.metanetwork.draws
+    if not draws:
+        return
+    networks = [s for d in draws for s in d.networks]
+    if sorted(networks) != sorted(reg.target_seeds):
+        raise RegistrationError(f"{where}: metanetwork.draws must list every registered network "
+                                f"once; they list {sorted(networks)}, target_seeds are "
+                                f"{sorted(reg.target_seeds)}")
+    for key in ("name", "meta_seed"):
+        values = [getattr(d, key) for d in draws]
+        if len(set(values)) != len(values):
+            raise RegistrationError(f"{where}: metanetwork.draws: each draw needs its own {key}, "
+                                    f"got {values}")
+    if len(draws) < reg.metanetwork.min_draws:
+        raise RegistrationError(f"{where}: metanetwork.draws lists {len(draws)} draw(s), fewer "
+                                f"than min_draws {reg.metanetwork.min_draws}")
+
+
+def draw_of(reg: Registration, seed: int) -> Draw | None:
+    """The registered draw that prunes network ``seed`` (None: one draw per machine)."""
+    return next((d for d in reg.metanetwork.draws if seed in d.networks), None)
 
 
 def recipe_sha256(composed: dict) -> str:

@@ -170,6 +170,28 @@ def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
         reg_lib.load_registration(tmp_path / "trial.yaml")
 
 
+@pytest.mark.parametrize("draws, message", [
+    ([{"name": "A", "meta_seed": 0, "networks": [200, 201]},
+      {"name": "B", "meta_seed": 1, "networks": [201, 202]}], "every registered network once"),
+    ([{"name": "A", "meta_seed": 0, "networks": [200]},
+      {"name": "B", "meta_seed": 0, "networks": [201, 202]}], "its own meta_seed"),
+    ([{"name": "A", "meta_seed": 0, "networks": [200, 201, 202]}], "fewer than min_draws 2"),
+])
+def test_registered_draws_partition_the_networks(tmp_path: Path, draws: list, message: str) -> None:
+    text = registration_text("0")
+    (tmp_path / "recipe.yaml").write_text("demo: {}\n")
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(
+        {**text, "metanetwork": {**text["metanetwork"], "draws": draws}}))
+    with pytest.raises(RegistrationError, match=message):
+        reg_lib.load_registration(tmp_path / "trial.yaml")
+    draws = [{"name": "A", "meta_seed": 0, "networks": [200, 202]},
+             {"name": "B", "meta_seed": 1, "networks": [201]}]
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(
+        {**text, "metanetwork": {**text["metanetwork"], "draws": draws}}))
+    reg = reg_lib.load_registration(tmp_path / "trial.yaml")
+    assert [reg_lib.draw_of(reg, s).name for s in (200, 201, 202)] == ["A", "B", "A"]
+
+
 @pytest.mark.parametrize("path", sorted((BENCHMARKS / "registrations").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> None:
@@ -205,3 +227,33 @@ def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_p
     (repo / "stage.yaml").write_text("trainer: {max_epochs: 4}\n")  # the shipped config moves on
     merged = registered.quality_cifar10.merge_configs([str(tmp_path / "frozen" / "benchmark.yaml")])
     assert reg_lib.recipe_sha256(merged) == expected
+
+
+def test_tuning_cells_are_named_by_their_settings_and_parsed_back() -> None:
+    """benchmarks/tune_baselines.py keeps each setting in a folder named after it; the table
+    reads the folder names back, so every cell ever run is tabulated."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("tune_baselines", BENCHMARKS / "tune_baselines.py")
+    tune = importlib.util.module_from_spec(spec)
+    sys.modules["tune_baselines"] = tune  # dataclasses look their module up there
+    spec.loader.exec_module(tune)
+    for cell in (tune.Cell("none", 0.03), tune.Cell("sparse", 0.01, 5e-05, 16.0)):
+        assert tune.Cell.parse(cell.name) == cell
+    assert tune.Cell("sparse", 0.01, 5e-3, 4.0).overrides() == {
+        "prune": {**tune.TUNING, "reg": 5e-3, "alpha": 4.0},
+        "finetune": {"model": {"init_args": {"lr": 0.01}}}, "final": {"model": {"init_args": {"lr": 0.01}}}}
+    with pytest.raises(ValueError, match="not a tuning cell"):
+        tune.Cell.parse("configs")
+    # the learning rate by none's final val accuracy; sparse's cell among those at that rate,
+    # although a cell at another rate scored higher
+    row = lambda cell, area, acc: {"cell": vars(cell), "stage1_val_area": area, "final_val_acc": acc}  # noqa: E731
+    results = {"lr": [row(tune.Cell("none", 0.01), 0.3, 0.50), row(tune.Cell("none", 0.1), 0.2, 0.52)],
+               "sparse": [row(tune.Cell("sparse", 0.01, 5e-3, 16.0), 0.9, 0.5),
+                          row(tune.Cell("sparse", 0.1, 5e-3, 4.0), 0.4, 0.5),
+                          row(tune.Cell("sparse", 0.1, 5e-2, 4.0), 0.6, 0.4)]}
+    best = tune.choices(results)
+    assert best["lr"]["cell"]["lr"] == 0.1
+    assert best["sparse"]["cell"] == vars(tune.Cell("sparse", 0.1, 5e-2, 4.0))
