@@ -35,7 +35,8 @@ class PruneToSpeedUp(Callback):
         importance: the criterion (``networks.IMPORTANCES``; l2, the paper's).
 
     After ``setup`` the attributes ``base_macs``, ``macs``, ``params`` and ``speed_up_reached``
-    hold the result; they are also logged (``prune/*``) to the trainer's loggers.
+    hold the result; they are also logged (``pruning/*``, the tags of ``StructuredPruning``)
+    to the trainer's loggers.
     """
 
     def __init__(self, speed_up: float, iterative_steps: int = 200,
@@ -73,6 +74,7 @@ class PruneToSpeedUp(Callback):
             f"{self.params:,} params, speed-up {self.speed_up_reached:.3f}x "
             f"(target {self.speed_up}x, base {self.base_macs:,} MACs)")
         for logger in trainer.loggers:
-            logger.log_metrics({"prune/speed_up": self.speed_up_reached,
-                                "prune/macs": float(self.macs), "prune/params": float(self.params),
-                                "prune/base_macs": float(self.base_macs)}, step=0)
+            logger.log_metrics({"pruning/speed_up": self.speed_up_reached,
+                                "pruning/macs": float(self.macs),
+                                "pruning/params": float(self.params),
+                                "pruning/base_macs": float(self.base_macs)}, step=0)

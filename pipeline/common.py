@@ -98,6 +98,16 @@ def add_data_root_argument(parser: Any, required: bool = False, what: str = "the
                              f"{', now ' + repr(env) if env else ', unset'})")
 
 
+def tensorboard_logger(save_dir: str | os.PathLike, name: str = "",
+                       version: str | None = None) -> dict:
+    """The LightningCLI spec of a stage's TensorBoard logger (logs in
+    ``<save_dir>/<name>/<version>``), without Lightning's ``hp_metric`` placeholder (a -1 that
+    every run would log and nothing fills)."""
+    return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(save_dir), "name": name, "version": version,
+                          "default_hp_metric": False}}
+
+
 def is_rank_zero() -> bool:
     """Whether this process is the global rank 0 (or not part of a distributed run)."""
     ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")

@@ -30,6 +30,7 @@ from .common import (
     is_rank_zero,
     merged,
     read_config,
+    tensorboard_logger,
     write_json,
     write_text,
 )
@@ -148,9 +149,7 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict
     meta = merged(_read_yaml(paths["meta"]), cfg.meta)
     meta["data"]["init_args"]["zoo"] = str(out / "zoo")
     _merge_data(meta["data"]["init_args"]["images"], data)
-    meta.setdefault("trainer", {})["logger"] = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(out), "name": "", "version": "meta"}}
+    meta.setdefault("trainer", {})["logger"] = tensorboard_logger(out, version="meta")
     meta["trainer"]["default_root_dir"] = str(out / "meta")
     prune_cfg = merged(_read_yaml(paths["prune"]), cfg.prune)
     prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg.demo.speed_ups[0]))

@@ -32,10 +32,12 @@ from .common import (
     read_config,
     refuse_stage_seeds,
     request_from,
+    tensorboard_logger,
     wait_for,
     write_bytes,
     write_json,
 )
+from .summary import write_summary
 
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -391,8 +393,7 @@ def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weig
         network=arch["name"], num_classes=arch["num_classes"],
         network_kwargs=dict(arch["kwargs"]), weights=str(weights))
     trainer = config.setdefault("trainer", {})
-    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                         "init_args": {"save_dir": str(out), "name": "", "version": stage}}
+    trainer["logger"] = tensorboard_logger(out, version=stage)
     trainer["default_root_dir"] = str(out / stage)
     trainer["callbacks"] = list(trainer.get("callbacks") or [
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
@@ -676,9 +677,9 @@ def prune_run(args: RunRequest) -> int:
     onnx = export_checked_onnx(network, example, out / "network.onnx") if p.onnx is not False else None
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
-    network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
-                  2 * p.target, p, out, f"{args.method}: final network, no finetuning",
-                  1 / arch["num_classes"])
+    final_points = network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
+                                 2 * p.target, p, out, f"{args.method}: final network, no finetuning",
+                                 1 / arch["num_classes"])
     # "Easier to prune": the stage-1 network's curve over prune.curve_range (docs/method.md).
     lo, hi = p.curve_range
     stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
@@ -709,6 +710,7 @@ def prune_run(args: RunRequest) -> int:
         "config": {"prune": p.record(), "stages": {first: stage1, SECOND_STAGE: stage2}},
         "time_s": time.perf_counter() - t0,
     }
+    write_summary(out, report, {"stage1": stage1_points, "final": final_points})
     write_json(out / REPORT, report)
     fin = {"val": acc["final"]["val_acc"], "test": acc["final"]["test_acc"]}
     print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {macs:,} MACs, speed-up "

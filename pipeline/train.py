@@ -12,6 +12,8 @@ import datamodules  # noqa: F401  (registers ImageDataModule for class_path look
 import lightning_modules  # noqa: F401
 from callbacks.export import ExportNetwork
 
+from .common import tensorboard_logger
+
 
 class TrainCLI(LightningCLI):
     """LightningCLI with a checkpoint callback, network export and ``--ckpt_path last`` resume."""
@@ -26,8 +28,7 @@ class TrainCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.auto_insert_metric_name": False,
             "checkpoint.filename": "epoch{epoch:03d}-acc{val/acc:.4f}",
-            "trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": "runs", "name": "default"}},
+            "trainer.logger": tensorboard_logger("runs", "default"),
             "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                                    "init_args": {"logging_interval": "epoch"}}],
         })

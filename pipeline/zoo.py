@@ -23,6 +23,7 @@ from .common import (
     merged,
     read_config,
     refuse_stage_seeds,
+    tensorboard_logger,
     wait_for,
 )
 
@@ -93,8 +94,7 @@ def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: s
 
 
 def _logger(zoo_dir: Path, name: str, stage: str) -> dict:
-    return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(zoo_dir / "runs"), "name": name, "version": stage}}
+    return tensorboard_logger(zoo_dir / "runs", name, stage)
 
 
 def stage_dir(zoo_dir: str | os.PathLike, seed: int, stage: str, variant: str = "") -> Path:

@@ -671,3 +671,32 @@ def test_another_criterion_prunes_stage_2_and_a_metanetwork_of_another_is_refuse
     info = pipeline_run.check_inputs(pipeline_run.load_prune_config(config), str(setup["network"]),
                                      str(setup["meta"]))  # allowed: the checks pass
     assert info["arch"] == ARCH
+
+
+def test_the_runs_tensorboard_holds_its_results(runs: dict[str, Path]) -> None:
+    """<run>/summary, read back with TensorBoard's own reader: the report's accuracies,
+    speed-ups and MACs, both curves point by point (step = 100 x speed-up); the stages' logs
+    carry the pruning tags and no hp_metric placeholder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.curve import read_curves
+
+    out = runs["none"]
+    report = json.loads((out / "report.json").read_text())
+    events = EventAccumulator(str(out / "summary"))
+    events.Reload()
+    value = {t: {e.step: e.value for e in events.Scalars(t)} for t in events.Tags()["scalars"]}
+    for network, splits in report["accuracy"].items():
+        for split, acc in (splits or {}).items():
+            assert value[f"accuracy/{network}/{split}"][0] == pytest.approx(acc)
+    assert value["pruning/speed_up"][0] == pytest.approx(report["speed_up"]["reached"])
+    assert value["pruning/macs"][0] == report["macs"]["after"]
+    assert value["curve/stage1_area"][0] == pytest.approx(report["stage1_curve"]["area"])
+    first = pipeline_run.FIRST_STAGE["none"]
+    for tag, csv in (("curve/stage1", out / first / "curve.csv"), ("curve/final", out / "curve.csv")):
+        (points,) = read_curves(csv).values()
+        assert value[tag] == pytest.approx({round(100 * p[0]): p[-1] for p in points}, abs=1e-5)
+    stage = EventAccumulator(str(out / pipeline_run.SECOND_STAGE))
+    stage.Reload()
+    tags = stage.Tags()["scalars"]
+    assert "pruning/speed_up" in tags and "hp_metric" not in tags
