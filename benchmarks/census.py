@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # constructor arguments that leave out training-only branches (their weights are unused at
 # inference, which the encoder refuses with that reason)
 _BUILD_ARGS = {"googlenet": {"aux_logits": False, "init_weights": False},

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.paired import paired_table, save_paired_plot  # noqa: E402

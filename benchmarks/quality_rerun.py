@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.run import REPORT, RUN_FILE, RunRequest, prune_run  # noqa: E402

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402

@@ -41,7 +41,6 @@ from pathlib import Path
 import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quality_cifar10  # noqa: E402
 

@@ -1,12 +1,11 @@
 """Lightning callbacks: metanetwork feedforward, pruning to a speed-up, sparse training,
 structured pruning of any LightningModule, and export of a fit's network (to a file or a zoo)."""
 from .export import ExportNetwork
-from .feedforward import MetanetworkError, MetanetworkFeedforward, SaveNetwork, load_metanetwork
+from .feedforward import MetanetworkFeedforward, SaveNetwork
 from .pruning import PruneToSpeedUp
 from .sparse import SparseTraining
 from .structured import StructuredPruning
 from .zoo import ExportToZoo
 
-__all__ = ["ExportNetwork", "ExportToZoo", "MetanetworkError", "MetanetworkFeedforward",
-           "PruneToSpeedUp", "SaveNetwork", "SparseTraining", "StructuredPruning",
-           "load_metanetwork"]
+__all__ = ["ExportNetwork", "ExportToZoo", "MetanetworkFeedforward", "PruneToSpeedUp", "SaveNetwork",
+           "SparseTraining", "StructuredPruning"]

@@ -12,99 +12,17 @@ the setup-time change, so the pipeline can report the accuracy right after that 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 import networks
-from graph import GraphOptions, Metanetwork, NetworkGraph, UnsupportedArchitectureError
-from metaprune.errors import UserError
+from graph.apply import feedforward
+from lightning_modules.checkpoints import load_metanetwork
 
 from .target import classifier
-
-
-class MetanetworkError(UserError):
-    """A metanetwork checkpoint is missing, of the wrong kind, or made for another layout."""
-
-
-def load_metanetwork(path: str | os.PathLike) -> Metanetwork:
-    """The metanetwork of a ``MetaPruningModule`` checkpoint (loaded with ``weights_only=True``).
-
-    Errors name the file, what it actually is and what to pass instead."""
-    from lightning_modules import MetaPruningModule
-
-    where = f"metanetwork checkpoint {str(path)!r}"
-    ckpt = networks.safe_load(path, "metanetwork checkpoint")  # missing / corrupt / pickled code
-    if isinstance(ckpt, dict) and ckpt.get("format") == networks.checkpoint.FORMAT:
-        raise MetanetworkError(
-            f"{where} is a target-network file (format {ckpt['format']!r}), not a metanetwork. "
-            "Pass it as --network; --metanetwork takes a meta-training checkpoint "
-            "(runs/<task>/meta/version_N/checkpoints/epochNNN.ckpt, or best.ckpt from "
-            "`prune.py select`)")
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or not hparams.get("layout") or not isinstance(state, dict) \
-            or not any(k.startswith("metanetwork.") for k in state):
-        raise MetanetworkError(
-            f"{where} is not a MetaPruningModule checkpoint (no metanetwork weights or graph "
-            "layout in it). Pass a checkpoint written by meta-training "
-            "(`python train.py fit --config configs/<task>/meta.yaml`)")
-    return MetaPruningModule.restore(path, hparams).metanetwork.eval()
-
-
-def trained_criterion(path: str | os.PathLike) -> str:
-    """The pruning criterion a metanetwork checkpoint was meta-trained for (l2 for checkpoints
-    written before the option existed)."""
-    ckpt = networks.safe_load(path, "metanetwork checkpoint")
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    return str((hparams or {}).get("importance") or "l2")
-
-
-def network_graph(network: nn.Module, example: torch.Tensor, source: str,
-                  options: GraphOptions | None = None) -> NetworkGraph:
-    """The graph of ``network`` built with ``options`` (default: ``GraphOptions()``); an
-    unsupported architecture raises with the fix."""
-    try:
-        return (options or GraphOptions()).graph(network, example)
-    except UnsupportedArchitectureError as e:
-        raise UnsupportedArchitectureError(
-            f"{source} cannot be encoded as a graph for the metanetwork: {e}. Prune it with "
-            "--method none or --method sparse (they need no graph), or use an architecture "
-            "the encoder supports (docs/graph.md)") from e
-
-
-def check_layout(metanetwork: Metanetwork, graph: NetworkGraph, metanetwork_source: str,
-                 network_source: str) -> None:
-    """Raise ``MetanetworkError`` naming both layouts and both files when they differ."""
-    try:
-        metanetwork.check_layout(graph)
-    except ValueError as e:
-        raise MetanetworkError(
-            f"{metanetwork_source} was meta-trained for graph layout {metanetwork.layout}, but "
-            f"{network_source} has graph layout {graph.layout}. Use a metanetwork meta-trained "
-            "on a zoo of this architecture (configs/<task>/meta.yaml), or a network of the "
-            "architecture the metanetwork was trained for") from e
-
-
-@torch.no_grad()
-def feedforward(metanetwork: Metanetwork, network: nn.Module, example: torch.Tensor,
-                metanetwork_source: str = "metanetwork", network_source: str = "network") -> None:
-    """Replace ``network``'s weights in place by the metanetwork's output for them."""
-    with networks.evaluating(network):
-        device = next(network.parameters()).device
-        graph = network_graph(network, example.to(device), network_source,
-                              metanetwork.graph_options)
-        check_layout(metanetwork, graph, metanetwork_source, network_source)
-        weights = graph.decode(metanetwork.to(device).eval()(graph.encode(network)))
-        # decode returns every floating tensor; integer buffers (num_batches_tracked) stay.
-        state = network.state_dict()
-        state.update({k: v.detach().to(state[k].dtype) for k, v in weights.items()})
-        network.load_state_dict(state)
 
 
 class MetanetworkFeedforward(Callback):

@@ -136,8 +136,8 @@ class ImageDataModule(LightningDataModule):
         looked_for = "train/ and test/ (or val/) class folders"
         if self._is_cifar():
             looked_for = f"{CIFAR_FOLDERS[self.dataset]}/ (torchvision) or {looked_for}"
-            fix = ("set the data's download option to true to fetch it there (train.py: "
-                   "--data.init_args.download true), or point data.root at a folder that has it")
+            fix = ("point the data root at a folder that has it (prune.py: --data_root), or set "
+                   "the data's download option (data.init_args.download: true) to fetch it there")
         else:
             fix = "set data.root to an ImageFolder tree such as /data/imagenet with train/ and val/"
         if not self.root.is_dir():
@@ -174,6 +174,8 @@ class ImageDataModule(LightningDataModule):
         else:
             train_dir = self._folders()[0]
             found, where = sum(p.is_dir() for p in train_dir.iterdir()), str(train_dir)
+            if not found:  # no classes at all: scan_folder says what an ImageFolder split holds
+                scan_folder(train_dir)
         expected = self._expected_classes or DEFAULT_CLASSES.get(self.dataset)
         if expected is not None and expected != found:
             source = (f"data.num_classes={expected}" if self._expected_classes

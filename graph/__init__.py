@@ -1,5 +1,6 @@
 """Pure-torch network <-> graph encoding and the GNN metanetwork (no Lightning here)."""
-from .errors import UnsupportedArchitectureError
+from .apply import check_layout, feedforward, network_graph
+from .errors import MetanetworkError, UnsupportedArchitectureError
 from .metanetwork import Metanetwork
 from .network_graph import IDENTITY_EDGES, GraphOptions, NetworkGraph, edge_attr_key
 from .node_slots import NODE_SLOTS, NodeColumns, NodeSlot, register_node_slot
@@ -14,7 +15,8 @@ from .tracing import (
                       symbolic_trace,
 )
 
-__all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "GraphOptions", "Metanetwork", "NetworkGraph", "NodeColumns",
-           "NodeSlot", "PaperWeightsError", "Rows", "UnsupportedArchitectureError", "Value",
-           "attention_module", "edge_attr_key", "module_handler", "register_function", "register_module",
-           "register_node_slot", "symbolic_trace"]
+__all__ = ["IDENTITY_EDGES", "NODE_SLOTS", "GraphOptions", "Metanetwork", "MetanetworkError", "NetworkGraph",
+           "NodeColumns", "NodeSlot", "PaperWeightsError", "Rows", "UnsupportedArchitectureError", "Value",
+           "attention_module", "check_layout", "edge_attr_key", "feedforward", "module_handler",
+           "network_graph", "register_function", "register_module", "register_node_slot",
+           "symbolic_trace"]

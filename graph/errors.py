@@ -7,3 +7,7 @@ class UnsupportedArchitectureError(UserError):
 
     The message names the fx node, the module path and the operation.
     """
+
+
+class MetanetworkError(UserError):
+    """A metanetwork checkpoint is missing, of the wrong kind, or made for another layout."""

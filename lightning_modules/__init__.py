@@ -1,5 +1,6 @@
 """Lightning modules: thin training glue over the pure networks/ and graph/ packages."""
+from .checkpoints import load_metanetwork, trained_criterion
 from .classifier import ImageClassifier
 from .meta_pruning import MetaPruningModule
 
-__all__ = ["ImageClassifier", "MetaPruningModule"]
+__all__ = ["ImageClassifier", "MetaPruningModule", "load_metanetwork", "trained_criterion"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -146,6 +147,10 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive or a pickle
         raise CheckpointError(f"{what} {str(path)!r} is not a file saved by torch.save (it begins "
                               f"with {head!r}); pass a file this project wrote")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):  # the archive's directory is at its end
+        raise CheckpointError(f"{what} {str(path)!r} is truncated ({path.stat().st_size:,} bytes; "
+                              "the end of its archive is missing): an interrupted copy or write; "
+                              "copy it again or re-create it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...

@@ -20,6 +20,9 @@ REGULARIZED = ("l2", "bn_scale")  # those with a torch_pruning sparse-training r
 BN_BATCHES, BN_BATCH_SIZE = 8, 128
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "demo.yaml"
 DEFAULT_DATA = "data/cifar10"    # the demo downloads CIFAR-10 here without a data root
+# Commands whose config file can be overridden key by key on the command line
+# (``--section.key VALUE``, pipeline.common.parse_overrides), and what that file is.
+CONFIG_OVERRIDES = {"run": "prune.yaml"}
 
 
 def _number(kind: type, low: float, inclusive: bool) -> Callable[[str], Any]:
@@ -75,6 +78,9 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``prune.py run``."""
+    parser.epilog = ("Any key of the prune config can be overridden: --SECTION.KEY VALUE (VALUE "
+                     "read as YAML), e.g. --base.trainer.limit_train_batches 2 --prune.onnx false "
+                     "--final.trainer.max_epochs 1; the run records the merged config.")
     parser.add_argument("--config", required=True, help="configs/<task>/prune.yaml")
     parser.add_argument("--network", default=None,
                         help="network to prune: this project's network file, or a Lightning "

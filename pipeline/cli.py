@@ -8,6 +8,7 @@ from typing import Any, Callable
 from metaprune.errors import UserError
 
 from . import arguments
+from .common import parse_overrides
 
 DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
                "run; demo runs them all on a built-in default (docs/pruning.md).")
@@ -62,7 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
+    parser = build_parser(command if command in SUBCOMMANDS else "")
+    if command not in arguments.CONFIG_OVERRIDES:
+        args = parser.parse_args(argv)
+        return SUBCOMMANDS[args.command][1](args)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.overrides = parse_overrides(rest)
+    except ValueError as e:
+        parser.error(f"{command}: {e}")
     return SUBCOMMANDS[args.command][1](args)
 
 

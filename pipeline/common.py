@@ -38,12 +38,14 @@ def merged(*configs: dict) -> dict:
 
 
 def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError], kind: str,
-                overlay: str | None = None) -> C:
+                overlay: str | None = None, overrides: dict | None = None) -> C:
     """A YAML config file parsed into the dataclass ``schema`` by jsonargparse: unknown keys,
     missing required ones and wrong types fail with ``error`` naming ``kind`` config, the file
     and the key. Sections typed ``dict`` (stage configs for LightningCLI) come back as they are,
     ``${...}`` interpolations included; ``check_stage_config`` checks them. ``overlay``: the
-    name of a section merged over the whole file first (demo.yaml's ``fast``)."""
+    name of a section merged over the whole file first (demo.yaml's ``fast``); ``overrides``:
+    a nested mapping merged over the result (command-line ``--section.key VALUE``), each top
+    key a section of ``schema``."""
     import argparse
 
     from jsonargparse import ArgumentParser
@@ -62,6 +64,12 @@ def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError]
         raise error(f"{where} must be a mapping with the sections {', '.join(sections)}")
     if overlay is not None and isinstance(raw.get(overlay), dict):
         raw = merged(raw, raw[overlay])
+    if overrides:
+        unknown = sorted(set(overrides) - set(sections))
+        if unknown:
+            raise error(f"command-line override --{unknown[0]}...: {unknown[0]!r} is not a section "
+                        f"of a {kind} config; sections: {', '.join(sections)}")
+        raw = merged(raw, overrides)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(schema, as_group=False)
     try:
@@ -82,6 +90,32 @@ def refuse_stage_seeds(sections: Iterable[dict], where: str, error: type[UserErr
     seeds every stage, so that a run is reproduced by its command line."""
     if any("seed_everything" in section for section in sections):
         raise error(f"{where}: do not set seed_everything; {seeded_by}")
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """Command-line config overrides, ``--a.b.c VALUE`` or ``--a.b.c=VALUE`` (VALUE read as
+    YAML: ``2``, ``false``, ``[1, 64]``), as one nested mapping; ValueError naming the token
+    that is not of that form."""
+    out: dict = {}
+    rest = list(tokens)
+    while rest:
+        token = rest.pop(0)
+        key, eq, value = token[2:].partition("=")
+        if not token.startswith("--") or "." not in key or not all(key.split(".")):
+            raise ValueError(f"unrecognized argument {token!r} (a config override is "
+                             "--section.key VALUE, e.g. --base.trainer.max_epochs 1)")
+        if not eq:
+            if not rest or rest[0].startswith("--"):
+                raise ValueError(f"config override {token} has no value")
+            value = rest.pop(0)
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config override --{key}: {name!r} is given a value already")
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 def request_from(args: Any, request: type[C]) -> C:

@@ -25,6 +25,11 @@ KNOWN_NOISE = (
     r"LightningCLI's args parameter",  # we pass configs as args on purpose (pipeline stages)
 )
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+# Third-party loggers quieted to errors in quiet mode, each with why its warnings are noise here.
+QUIET_LOGGERS = (
+    "torch.utils.cpp_extension",  # "No CUDA runtime is found" on every CPU machine, imported by
+                                  # torch.utils.benchmark (latency timing); we build no extension
+)
 
 _verbose = True  # library default: nothing hidden unless an entry point asks for it
 
@@ -36,6 +41,8 @@ def configure(verbose: bool) -> None:
     global _verbose
     _verbose = verbose
     logging.disable(logging.NOTSET if verbose else logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         for pattern in KNOWN_NOISE:
             warnings.filterwarnings("ignore", message=pattern)

@@ -61,6 +61,8 @@ class DemoSettings:
         zoo_speed_ups: more members per zoo seed, pruned to these initial speed-ups instead of
             the zoo config's (variant ``s<speed-up>``, sharing the seed's pretrained network:
             a more diverse zoo at the cost of a prune and a finetune each, docs/zoo.md).
+        smoke: a smoke run (``--fast``: a few batches per stage, no latency or ONNX): its
+            numbers mean nothing, and every result file and the printed table say so.
     """
 
     configs: dict[str, str]
@@ -69,6 +71,11 @@ class DemoSettings:
     speed_ups: list[float]
     methods: list[str]
     zoo_speed_ups: list[float] = field(default_factory=list)
+    smoke: bool = False
+
+
+SMOKE_BANNER = ("SMOKE RUN (--fast): every stage ran a few batches; these numbers test the "
+                "pipeline, not the method")
 
 
 @dataclass
@@ -446,19 +453,24 @@ def demo_command(args: argparse.Namespace) -> int:
     old = json.loads((out / RESULTS).read_text()) if (out / RESULTS).is_file() else {}
     seconds = dict(old.get("seconds") or {})
     seconds.update({k: v for k, v in times.items() if k not in seconds})
-    results = {"table": table, "targets": {str(k): str(v) for k, v in targets.items()},
+    results = {"smoke": demo.smoke, "table": table,
+               "targets": {str(k): str(v) for k, v in targets.items()},
                "metanetwork": str(best) if best else None,
                "reports": {k: str(out / "prune" / k / REPORT) for k in reports},
                "seconds": seconds, "total_s": round(sum(seconds.values()), 1)}
     if old != json.loads(json.dumps(results)):
         write_json(out / RESULTS, results)
-    text = f"{table}\n\nPaired differences (first - second, percentage points):\n\n{differences}\n"
+    banner = f"**{SMOKE_BANNER}**\n\n" if demo.smoke else ""
+    text = (f"{banner}{table}\n\nPaired differences (first - second, percentage points):\n\n"
+            f"{differences}\n")
     if not (out / "results.md").is_file() or (out / "results.md").read_text() != text:
         atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
     arch = next(iter(reports.values()))["architecture"]
     print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {list(targets)} (held out "
           f"of the zoo of seeds {demo.zoo_seeds}), methods {demo.methods} at "
           f"{', '.join(f'{float(s):g}x' for s in demo.speed_ups)}, same finetune budgets\n")
+    if demo.smoke:
+        print(f"{SMOKE_BANNER}\n")
     print(table)
     print(f"\npaired differences (first - second, percentage points; the stage-1 curve area is "
           f"the mean val accuracy over the range, pruned without finetuning):\n{differences}")

@@ -16,8 +16,7 @@ def import_paper_command(args: argparse.Namespace) -> int:
     import torch
 
     import networks
-    from callbacks.feedforward import MetanetworkError, network_graph
-    from graph import GraphOptions, Metanetwork, PaperWeightsError
+    from graph import GraphOptions, Metanetwork, MetanetworkError, PaperWeightsError, network_graph
     from lightning_modules import MetaPruningModule
 
     source = f"paper metanetwork file {args.state_dict!r}"

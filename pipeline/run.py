@@ -37,11 +37,14 @@ from .common import (
     write_bytes,
     write_json,
 )
+from .console import Stages
 from .summary import write_summary
 
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
+# What `prune.py run` prints, one line each (pipeline.console.Stages; output in <out>/logs/)
+RUN_STAGES = ("stage 1 (finetune)", "stage 2 (prune, finetune)", "evaluate, export, curves, latency")
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
@@ -173,6 +176,8 @@ class RunRequest:
         reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
             config that differs only in the speed-up or the per-layer cap: stage 1 is taken
             from it.
+        overrides: a nested mapping merged over the config file (command line
+            ``--section.key VALUE``).
     """
 
     config: str
@@ -188,6 +193,7 @@ class RunRequest:
     data_root: str | None = None
     seed: int | None = None
     reuse_first_stage: str | None = None
+    overrides: dict | None = None
 
     def __post_init__(self) -> None:
         if (self.network is None) == (self.arch is None) or \
@@ -210,11 +216,12 @@ class RunRequest:
 
 
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
-                      seed: int | None = None, data_root: str | None = None) -> PruneConfig:
+                      seed: int | None = None, data_root: str | None = None,
+                      overrides: dict | None = None) -> PruneConfig:
     """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in)."""
     path = Path(path)
-    where = f"prune config {str(path)!r}"
-    cfg = read_config(path, PruneConfig, PruneRunError, "prune")
+    where = f"prune config {str(path)!r}" + (" with the command-line overrides" if overrides else "")
+    cfg = read_config(path, PruneConfig, PruneRunError, "prune", overrides=overrides)
     refuse_stage_seeds((cfg.base, cfg.finetune, cfg.final), where, PruneRunError,
                        "--seed (or prune.seed) seeds every stage")
     if not cfg.base.get("data"):
@@ -332,8 +339,8 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
 
     Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
     import networks
-    from callbacks import load_metanetwork
-    from callbacks.feedforward import check_layout, network_graph, trained_criterion
+    from graph import check_layout, network_graph
+    from lightning_modules import load_metanetwork, trained_criterion
 
     p = cfg.prune
     example = networks.example_input(p.input_size)
@@ -620,13 +627,11 @@ def prune_run(args: RunRequest) -> int:
     """Prune one network to one speed-up with one method (``prune.py run``); returns 0, also
     when the run was complete already. Writes ``<out>/report.json`` last."""
     t0 = time.perf_counter()
-    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root)
+    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root, args.overrides)
     out = run_dir(cfg, args.source, args.method, args.out)
     settings = run_settings(cfg, args)
     if stored_settings_check(out, settings):
-        return 0
-    import networks  # after the "done already" exit: a finished run imports no torch
-    from networks.export import export_program
+        return 0  # before anything imports torch: a finished run loads nothing
 
     with tempfile.TemporaryDirectory() as tmp:  # a converted input reaches --out after the checks
         given = input_network(args, cfg, Path(tmp))
@@ -645,10 +650,40 @@ def prune_run(args: RunRequest) -> int:
         reuse_first_stage(Path(args.reuse_first_stage), settings, out, first)
     if is_rank_zero():
         write_json(out / RUN_FILE, settings)
-    finetuned = run_stage(stage1, out / first / "network.pt", first)
-    final = run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+    console = Stages(list(RUN_STAGES), out / "logs")
+    print(f"run: {args.method} to {p.target:g}x, outputs in {out}", file=sys.stderr)
+    with console.stage(RUN_STAGES[0], 1, "fit") as step:
+        run_stage(stage1, out / first / "network.pt", first)
+        step()
+    with console.stage(RUN_STAGES[1], 1, "fit") as step:
+        run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+        step()
     if not is_rank_zero():
         return 0
+    with console.stage(RUN_STAGES[2], 3, "parts") as step:
+        report = finish_run(cfg, args, out, info, settings, {first: stage1, SECOND_STAGE: stage2},
+                            step)
+    report["time_s"] = time.perf_counter() - t0
+    write_summary(out, report, report.pop("_points"))
+    write_json(out / REPORT, report)
+    fin = report["accuracy"]["final"]
+    print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {report['macs']['after']:,} "
+          f"MACs, speed-up {report['speed_up']['reached']:.3f}x (target {p.target:g}x), final "
+          f"val/acc {fin['val']:.4f} test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
+    return 0
+
+
+def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settings: dict,
+               stages: dict, step: Callable[[], None]) -> dict:
+    """After the two ``stages``: every network evaluated, the result saved and exported, both
+    curves and the latency measured; the report (its ``_points``: the curves, for the
+    summary), ``step()`` after each of the three parts."""
+    import networks
+    from networks.export import export_program
+
+    p, arch, first = cfg.prune, info["arch"], FIRST_STAGE[args.method]
+    finetuned, final = out / first / "network.pt", out / SECOND_STAGE / "network.pt"
+    assert args.network is not None  # prune_run points it at the (converted) input
 
     # Evaluation, export, report (report.json last: its presence means the run is complete).
     files = {"original": Path(args.network), "feedforward": out / first / "feedforward.pt",
@@ -675,6 +710,7 @@ def prune_run(args: RunRequest) -> int:
     if not (out / "network.pt2").is_file():
         export_program(network, example, out / "network.pt2")
     onnx = export_checked_onnx(network, example, out / "network.onnx") if p.onnx is not False else None
+    step()
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
     final_points = network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
@@ -686,8 +722,10 @@ def prune_run(args: RunRequest) -> int:
                                   info["base_macs"], hi, p, out / first,
                                   f"{args.method}: after stage 1, no finetuning ({p.curve_split})",
                                   1 / arch["num_classes"], p.curve_split)
+    step()
     latency = measured_latency(network, arch, p)
-    report = {
+    step()
+    return {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
         "architecture": arch,
@@ -707,14 +745,7 @@ def prune_run(args: RunRequest) -> int:
                   "onnx": "network.onnx" if onnx else None, "curve": "curve.png",
                   "curve_csv": "curve.csv", "stage1_curve": f"{first}/curve.png",
                   "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
-        "config": {"prune": p.record(), "stages": {first: stage1, SECOND_STAGE: stage2}},
-        "time_s": time.perf_counter() - t0,
+        "config": {"prune": p.record(), "stages": stages},
+        "_points": {"stage1": stage1_points, "final": final_points},
     }
-    write_summary(out, report, {"stage1": stage1_points, "final": final_points})
-    write_json(out / REPORT, report)
-    fin = {"val": acc["final"]["val_acc"], "test": acc["final"]["test_acc"]}
-    print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {macs:,} MACs, speed-up "
-          f"{reached:.3f}x (target {p.target:g}x), final val/acc {fin['val']:.4f} "
-          f"test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
-    return 0
 

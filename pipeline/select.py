@@ -34,8 +34,8 @@ import yaml
 from torch import nn
 
 import networks
-from callbacks.feedforward import feedforward, load_metanetwork, trained_criterion
-from graph import Metanetwork
+from graph import Metanetwork, feedforward
+from lightning_modules import load_metanetwork, trained_criterion
 from metaprune.errors import UserError
 from networks import CheckpointError
 

@@ -17,7 +17,8 @@ from callbacks import SparseTraining
 from pipeline import arguments
 
 X32 = torch.zeros(1, 3, 32, 32)
-ARCH = {"name": "resnet20_cifar", "num_classes": 10, "kwargs": {"width": 0.5}}
+ARCH = {"name": "resnet8_cifar", "num_classes": 10, "kwargs": {"width": 0.5}}
+STEPS = 40
 # each criterion spelled out from torch_pruning's documentation, independently of the registry
 LIBRARY = {
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="max"),
@@ -42,13 +43,13 @@ def test_each_criterion_removes_what_torch_prunings_pruner_removes(importance: s
     model = randomize(networks.build(ARCH["name"], 10, **ARCH["kwargs"]), seed=3)
     base = networks.base_macs(ARCH, X32)
     ours = copy.deepcopy(model)
-    reached = networks.prune_to_speed_up(ours, X32, 2.0, base, 100, importance=importance)
+    reached = networks.prune_to_speed_up(ours, X32, 2.0, base, STEPS, importance=importance)
     # the library's pruner, stepped with its own MAC counter until the target
     theirs = copy.deepcopy(model)
     pruner = tp.pruner.MetaPruner(theirs, X32, importance=LIBRARY[importance](), global_pruning=True,
-                                  pruning_ratio=1.0, iterative_steps=100,
+                                  pruning_ratio=1.0, iterative_steps=STEPS,
                                   ignored_layers=[theirs.fc])
-    for _ in range(100):
+    for _ in range(STEPS):
         pruner.step()
         macs, _ = tp.utils.count_ops_and_params(theirs, X32)
         if base / macs >= 2.0:
@@ -82,8 +83,7 @@ def test_criteria_without_a_regularizer_are_refused_for_sparse_training() -> Non
 
 
 def test_a_metanetwork_records_its_criterion_and_refuses_one_without_a_regularizer(tmp_path) -> None:
-    from callbacks.feedforward import trained_criterion
-    from lightning_modules import MetaPruningModule
+    from lightning_modules import MetaPruningModule, trained_criterion
     from metaprune.errors import UserError
 
     module = MetaPruningModule(num_layers=1, hidden=4, importance="bn_scale")

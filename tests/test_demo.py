@@ -45,7 +45,7 @@ def tiny_demo_config(out: Path) -> Path:
                                           "steps_per_member": 1}},
                    "model": {"init_args": {"num_layers": 1, "hidden": 8, "node_res_ratio": 0.1,
                                            "edge_res_ratio": 0.1, "milestones": []}}}
-    cfg["prune"] = {"prune": {"iterative_steps": 40},
+    cfg["prune"] = {"prune": {"iterative_steps": 40, "onnx": False, "latency_batch_sizes": []},
                     "base": {"trainer": dict(TINY_FIT)},
                     "finetune": {"trainer": {"max_epochs": 1}},
                     "final": {"trainer": {"max_epochs": 1}}}
@@ -170,6 +170,10 @@ def test_demo_checks_data_and_every_stage_config_before_touching_out(
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(pipeline_demo.DemoError, match=r"data not found.*--data_root.*METAPRUNE_DATA"):
+        demo(finished["config"], empty, tmp_path / "out")
+    (empty / "train").mkdir()
+    (empty / "test").mkdir()  # the layout without class folders: named as such, no count advice
+    with pytest.raises(pipeline_demo.DemoError, match=r"no class folders in .*empty/train'"):
         demo(finished["config"], empty, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     cfg = yaml.safe_load(finished["config"].read_text())
@@ -299,20 +303,27 @@ def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     assert stages["prune"]["prune"]["speed_up"] == 2.0
     fast = pipeline_demo.demo_stage_configs(pipeline_demo.load_demo_config(DEMO, fast=True), tmp_path, {})
     assert fast["meta"]["trainer"]["max_epochs"] == 1
+    assert fast["prune"]["prune"]["latency_batch_sizes"] == [] and fast["prune"]["prune"]["onnx"] is False
+    assert pipeline_demo.load_demo_config(DEMO, fast=True).demo.smoke
+    assert not cfg.demo.smoke
 
 
-def test_a_demo_of_the_baselines_alone_trains_no_metanetwork(
+def test_a_smoke_demo_of_the_baselines_alone_trains_no_metanetwork_and_says_smoke(
         tiny_cifar: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = yaml.safe_load(tiny_demo_config(tmp_path).read_text())
-    cfg["demo"].update(methods=["none"], speed_ups=[2.0])
+    cfg["demo"].update(methods=["none"], speed_ups=[2.0], smoke=True)
     config, out = tmp_path / "baselines.yaml", tmp_path / "out"
     config.write_text(yaml.safe_dump(cfg))
     assert demo(config, tiny_cifar, out) == 0
     assert not (out / "zoo").exists() and not (out / "meta").exists()
     assert (out / "prune" / pipeline_demo.run_key(100, 2.0, "none") / "report.json").is_file()
-    assert json.loads((out / "results.json").read_text())["metanetwork"] is None
+    results = json.loads((out / "results.json").read_text())
+    assert results["metanetwork"] is None and results["smoke"] is True
+    assert json.loads((out / "demo.json").read_text())["demo"]["smoke"] is True
+    assert (out / "results.md").read_text().startswith(f"**{pipeline_demo.SMOKE_BANNER}**")
     printed = capsys.readouterr().out
     assert "| seed100 | none |" in printed and "metanetwork" not in printed
+    assert pipeline_demo.SMOKE_BANNER in printed
 
 
 def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

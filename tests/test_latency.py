@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,3 +68,16 @@ def test_measure_command_compares_with_the_unpruned_architecture(tmp_path: Path,
         assert r["speed_up_measured"] == pytest.approx(r["unpruned_latency_ms"] / r["latency_ms"])
     printed = capsys.readouterr().out
     assert f"{result['speed_up']:.2f}x" in printed and "| 2 | cpu (" in printed
+
+
+def test_measure_console_carries_no_third_party_noise(tmp_path: Path) -> None:
+    """From the entry point, as a user runs it: the table and nothing else on stderr (torch's
+    "No CUDA runtime is found" log line on CPU machines is quieted at the entry point)."""
+    path = networks.save_network(networks.build("resnet8_cifar", 3, width=0.25), tmp_path / "net.pt",
+                                 {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}})
+    done = subprocess.run([sys.executable, "prune.py", "measure", "--network", str(path),
+                           "--batch_sizes", "1", "--min_run_time", "0.05"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| 1 | cpu (" in done.stdout
+    assert done.stderr.strip() == ""

@@ -122,7 +122,7 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
                                                     "kwargs": {"width": 0.25}})
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="truncated.pt.*truncated, corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated.pt' is truncated \(500 bytes"):
         load_network(truncated)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": model.state_dict()}, other)

@@ -255,7 +255,7 @@ def test_paper_state_dicts_that_do_not_fit_are_refused_naming_the_key(edit, mess
 
 
 def test_import_paper_command_writes_a_checkpoint_that_run_and_select_load(tmp_path, capsys):
-    from callbacks.feedforward import load_metanetwork
+    from lightning_modules import load_metanetwork
     from pipeline.cli import cli
 
     sd = {k: v.float() for k, v in _paper_state_dict(8, hidden=12, num_layers=2).items()}
@@ -284,7 +284,7 @@ def test_import_paper_command_writes_a_checkpoint_that_run_and_select_load(tmp_p
 
 
 def test_feedforward_builds_the_graph_with_the_metanetworks_identity_layout():
-    from callbacks.feedforward import feedforward
+    from graph import feedforward
 
     model = randomize(networks.build("resnet20_cifar", 10, width=0.25))
     dense = NetworkGraph.from_module(model, X32.float(), identity_edges="dense")
@@ -298,8 +298,7 @@ def test_feedforward_builds_the_graph_with_the_metanetworks_identity_layout():
 
 
 def test_checkpoints_from_before_the_option_load_as_the_joint_layer(tmp_path):
-    from callbacks.feedforward import load_metanetwork
-    from lightning_modules import MetaPruningModule
+    from lightning_modules import MetaPruningModule, load_metanetwork
 
     graph = NetworkGraph.from_module(networks.build("resnet20_cifar", 10), X32.float())
     module = MetaPruningModule(num_layers=1, hidden=8, layout=graph.layout)

@@ -489,8 +489,8 @@ def test_missing_and_corrupt_files(setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"--method metanetwork needs --metanetwork", meta=None)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(setup["network"].read_bytes()[:300])  # truncated
-    _expect(setup, tmp_path, r"network file .*bad\.pt' cannot be read safely.*truncated", network=bad)
-    _expect(setup, tmp_path, r"metanetwork checkpoint .*bad\.pt' cannot be read safely", meta=bad)
+    _expect(setup, tmp_path, r"network file .*bad\.pt' is truncated", network=bad)
+    _expect(setup, tmp_path, r"metanetwork checkpoint .*bad\.pt' is truncated", meta=bad)
 
 
 def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
@@ -605,10 +605,7 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
     rebuild the class from the recorded import path and arguments."""
     from pruning_helpers import TinyNet
 
-    config = yaml.safe_load(setup["config"].read_text())
-    config["prune"]["latency_batch_sizes"], config["prune"]["onnx"] = [], False
-    path = tmp_path / "prune.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, quick = setup["config"], ["--prune.latency_batch_sizes", "[]", "--prune.onnx=false"]
     torch.manual_seed(2)
     plain = TinyNet(num_classes=3, width=6)
     weights = tmp_path / "tiny.pt"
@@ -616,8 +613,11 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
     out = tmp_path / "tiny"
     assert prune.main(["run", "--config", str(path), "--arch", "pruning_helpers:TinyNet",
                        "--arch_kwargs", "{width: 6}", "--weights", str(weights), "--method", "none",
-                       "--speed_up", "1.5", "--out", str(out)]) == 0
+                       "--speed_up", "1.5", "--out", str(out), *quick]) == 0
     report = json.loads((out / "report.json").read_text())
+    # the command-line overrides reached the run and its record
+    assert report["config"]["prune"]["onnx"] is False and report["latency"] == []
+    assert not (out / "network.onnx").exists()
     assert report["architecture"] == {"name": "pruning_helpers:TinyNet", "num_classes": 3,
                                       "kwargs": {"width": 6}}
     assert report["speed_up"]["reached"] >= 1.5
@@ -632,7 +632,7 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
     torch.save(half.state_dict(), tmp_path / "half.pt")
     assert prune.main(["run", "--config", str(path), "--arch", "resnet8_cifar", "--arch_kwargs",
                        "{width: 0.5}", "--weights", str(tmp_path / "half.pt"), "--method", "none",
-                       "--speed_up", "1.5", "--out", str(tmp_path / "half")]) == 0
+                       "--speed_up", "1.5", "--out", str(tmp_path / "half"), *quick]) == 0
     assert json.loads((tmp_path / "half" / "report.json").read_text())["architecture"]["kwargs"] == \
         {"width": 0.5}
     # an import path that does not resolve is named, before anything is written
@@ -640,6 +640,34 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
         prune.main(["run", "--config", str(path), "--arch", "no_such_module:Net", "--weights",
                     str(weights), "--method", "none", "--out", str(tmp_path / "wrong")])
     assert not (tmp_path / "wrong").exists()
+
+
+def test_config_overrides_on_the_command_line_are_parsed_and_checked(
+        setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--section.key VALUE` (or `=VALUE`), read as YAML, nested; a key the config does not
+    have, a section it does not have and a token of another form are each refused by name,
+    before anything is written."""
+    from pipeline.common import parse_overrides
+
+    assert parse_overrides(["--base.trainer.max_epochs", "1", "--prune.onnx=false",
+                            "--base.trainer.limit_val_batches", "0.5", "--prune.curve_range",
+                            "[2, 4]"]) == {
+        "base": {"trainer": {"max_epochs": 1, "limit_val_batches": 0.5}},
+        "prune": {"onnx": False, "curve_range": [2, 4]}}
+    for tokens, message in ((["--prune.onnx"], "has no value"), (["stray"], "'stray'"),
+                            (["--verbosity", "2"], "'--verbosity'"), (["--a..b", "1"], "'--a..b'")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides(tokens)
+    base = ["--network", str(setup["network"]), "--config", str(setup["config"]),
+            "--method", "none", "--out", str(tmp_path / "r")]
+    with pytest.raises(pipeline_run.PruneRunError, match="nokey"):
+        prune.main(["run", *base, "--prune.nokey", "1"])
+    with pytest.raises(pipeline_run.PruneRunError, match="'trainerr' is not a section.*base"):
+        prune.main(["run", *base, "--trainerr.max_epochs", "1"])
+    with pytest.raises(SystemExit):
+        prune.main(["run", *base, "--unknown"])
+    assert "a config override is --section.key VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_another_criterion_prunes_stage_2_and_a_metanetwork_of_another_is_refused(

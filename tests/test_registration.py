@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,22 @@ from pipeline.registration import RegistrationError
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def registered_module():
-    """benchmarks/registered.py as a module (benchmarks/ is not a package)."""
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("registered", BENCHMARKS / "registered.py")
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package: its scripts import each
+    other by name, as when run from there; the ``scripts`` fixture puts it on the path)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark scripts importable by name for this module's tests (undone after each)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("registered", "tune_baselines", "quality_cifar10"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -84,7 +92,7 @@ def write_result(reg: reg_lib.Registration, commit: str, seed: int, meta: float,
 
 
 def test_a_registration_runs_only_as_committed(repo: Path, capsys) -> None:
-    registered = registered_module()
+    registered = benchmark_module("registered")
     reg, commit, ledgers = registered.checked(str(repo / "trial.yaml"))
     assert commit == git(repo, "rev-parse", "HEAD") and ledgers == {}
     assert registered.composed_recipe(reg)["demo"]["target_seeds"] == [200, 201, 202]
@@ -111,7 +119,7 @@ def test_a_registration_runs_only_as_committed(repo: Path, capsys) -> None:
 
 
 def test_results_record_the_commit_and_a_changed_registration_is_refused(repo: Path) -> None:
-    registered = registered_module()
+    registered = benchmark_module("registered")
     reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
     record = write_result(reg, commit, 200, 0.50, 0.48, "drawA")
     assert record["registration_commit"] == commit and record["recipe_sha256"] == reg.recipe_sha256
@@ -136,7 +144,7 @@ def test_holm_against_hand_values() -> None:
 def test_verdicts_wait_for_every_network_and_draw(repo: Path) -> None:
     from scipy.stats import t
 
-    registered = registered_module()
+    registered = benchmark_module("registered")
     reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
     for seed, (meta, none) in zip((200, 201), ((0.50, 0.48), (0.52, 0.49))):
         write_result(reg, commit, seed, meta, none, "drawA")
@@ -199,7 +207,7 @@ def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> Non
     value, and every stage of every method it runs parses (no data is read)."""
     from pipeline import demo as pipeline_demo
 
-    registered = registered_module()
+    registered = benchmark_module("registered")
     reg = reg_lib.load_registration(path)
     cfg = registered.composed_recipe(reg)  # raises when the recipe changed after registration
     assert not set(reg.target_seeds) & set(cfg["demo"]["zoo_seeds"])
@@ -215,7 +223,7 @@ def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_p
                                                                 capsys) -> None:
     """`freeze`: the merged recipe and copies of its stage configs, whose content (so hash) is
     that of the sources; a later edit of a source leaves the frozen copy, and its hash, alone."""
-    registered = registered_module()
+    registered = benchmark_module("registered")
     (repo / "delta.yaml").write_text("prune: {lr: 0.03}\n")
     sources = [str(repo / "recipe.yaml"), str(repo / "delta.yaml")]
     expected = reg_lib.recipe_sha256(registered.quality_cifar10.merge_configs(sources))
@@ -232,14 +240,7 @@ def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_p
 def test_tuning_cells_are_named_by_their_settings_and_parsed_back() -> None:
     """benchmarks/tune_baselines.py keeps each setting in a folder named after it; the table
     reads the folder names back, so every cell ever run is tabulated."""
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("tune_baselines", BENCHMARKS / "tune_baselines.py")
-    tune = importlib.util.module_from_spec(spec)
-    sys.modules["tune_baselines"] = tune  # dataclasses look their module up there
-    spec.loader.exec_module(tune)
+    tune = benchmark_module("tune_baselines")
     for cell in (tune.Cell("none", 0.03), tune.Cell("sparse", 0.01, 5e-05, 16.0)):
         assert tune.Cell.parse(cell.name) == cell
     assert tune.Cell("sparse", 0.01, 5e-3, 4.0).overrides() == {

@@ -170,7 +170,7 @@ class _Payload:
 
 
 def test_metanetwork_checkpoint_with_pickled_code_is_refused_unexecuted(tmp_path):
-    from callbacks.feedforward import load_metanetwork
+    from lightning_modules import load_metanetwork
     from networks import CheckpointError
 
     marker = tmp_path / "pwned"

@@ -159,10 +159,9 @@ DDP_SCRIPT = '''
 import hashlib, json, os, sys
 import torch
 from lightning.pytorch import Trainer
-sys.path.insert(0, sys.argv[1])
 from callbacks import StructuredPruning
 namespace = {"__name__": "ddp_example"}
-code = open(sys.argv[2]).read()
+code = open(sys.argv[1]).read()
 exec(code.split("torch.manual_seed(0)")[0], namespace)  # the doc's imports and LitNet
 torch.manual_seed(0)
 from torch.utils.data import DataLoader, TensorDataset
@@ -178,7 +177,7 @@ digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.par
 ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
 json.dump({"shapes": [list(p.shape) for p in model.parameters()], "digest": digest.hexdigest(),
            "optimizer_has_params": ids == {id(p) for p in model.parameters()}},
-          open(os.path.join(sys.argv[3], f"rank{trainer.global_rank}.json"), "w"))
+          open(os.path.join(sys.argv[2], f"rank{trainer.global_rank}.json"), "w"))
 '''
 
 
@@ -194,8 +193,8 @@ def test_two_process_ddp_prunes_identically_on_every_rank(tmp_path: Path) -> Non
     script.write_text(DDP_SCRIPT)
     code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     (tmp_path / "doc.py").write_text(code)
-    subprocess.run([sys.executable, str(script), str(DOC.parents[1]), str(tmp_path / "doc.py"),
-                    str(tmp_path)], cwd=tmp_path, check=True, timeout=600)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "doc.py"), str(tmp_path)],
+                   cwd=tmp_path, check=True, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # same shapes and the same weights after two more epochs on different data shards: the
     # gradients of the pruned parameters were averaged (a DDP wrapper left on the removed

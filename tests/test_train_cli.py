@@ -63,7 +63,8 @@ def test_fast_dev_run_exports_final_weights(tiny_cifar: Path, tmp_path: Path) ->
 
 
 def test_missing_data_stops_with_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"--data.init_args.download true"):
+    with pytest.raises(DatasetError,
+                       match=r"missing.*does not exist.*--data_root.*data.init_args.download: true"):
         main(["fit", *tiny_args(tmp_path / "missing", tmp_path, "--trainer.fast_dev_run=true")])
 
 
