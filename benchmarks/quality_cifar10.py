@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import prune  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline import results  # noqa: E402
 from pipeline.common import atomic_write, merged  # noqa: E402
 from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
 
@@ -97,7 +98,7 @@ def cost_table(reports: dict[str, dict], seconds: dict[str, float]) -> str:
     one-time costs the metanetwork amortises."""
     per: dict[str, dict[str, float]] = {}
     for key, r in reports.items():
-        network = pipeline_demo.network_of(key)
+        network = results.network_of(key)
         per.setdefault(r["method"], {}).setdefault(network, 0.0)
         per[r["method"]][network] += r["time_s"]
     lines = ["| method | seconds per network (all targets, mean) |", "|---|---|"]
@@ -196,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = pipeline_demo.load_demo_config(config)
     results = json.loads((out / pipeline_demo.RESULTS).read_text())
     reports = {k: json.loads(Path(p).read_text()) for k, p in results["reports"].items()}
-    values = pipeline_demo.measures(reports)
+    values = results.measures(reports)
     demo = cfg.demo
     curves = pipeline_demo.stage1_overlay(out, demo, reports)
-    diffs = pipeline_demo.paired_differences(values)
+    diffs = results.paired_differences(values)
     forest = ""  # a benchmark of one method pairs nothing
     if diffs:
         save_paired_plot(diffs, out / "paired.png", f"{len(demo.target_seeds)} held-out networks: "

@@ -14,24 +14,12 @@ forest plot (each network a dot, the mean on its 95% interval).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline import results  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
-
-
-def reports_under(folder: Path, method: str | None = None) -> dict[str, dict]:
-    """``{run_key: report}`` of every finished run under ``folder`` (method renamed if given)."""
-    out = {}
-    for path in sorted(folder.glob("seed*/*x/*/report.json")):
-        report = json.loads(path.read_text())
-        report["method"] = method or report["method"]
-        seed, target = path.parts[-4], path.parts[-3]
-        out[f"{seed}/{target}/{report['method']}"] = report
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,16 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reports: dict[str, dict] = {}
     for folder in args.runs:
-        reports.update(reports_under(Path(folder)))
+        reports.update(results.read_reports(Path(folder)))
     for spec in args.variant:
         method, _, folder = spec.partition("=")
         if not folder:
             parser.error(f"--variant {spec!r}: write METHOD=FOLDER")
         reports = {k: r for k, r in reports.items() if r["method"] != method
                    or not (Path(folder) / k.rsplit("/", 1)[0]).is_dir()}
-        reports.update(reports_under(Path(folder), method))
-    networks = sorted({pipeline_demo.network_of(k) for k in reports})
-    diffs = pipeline_demo.paired_differences(pipeline_demo.measures(reports))
+        reports.update(results.read_reports(Path(folder), method))
+    networks = sorted({results.network_of(k) for k in reports})
+    diffs = results.paired_differences(results.measures(reports))
     text = f"Held-out networks: {', '.join(networks)} ({len(reports)} runs)\n\n{paired_table(diffs)}\n"
     if args.out:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))

@@ -23,8 +23,9 @@ import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from pipeline import results  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
-from pipeline.run import REPORT, RUN_FILE, RunRequest, prune_run  # noqa: E402
+from pipeline.run import RUN_FILE, RunRequest, prune_run  # noqa: E402
 
 
 def capped_config(settings: dict, cap: float, folder: Path) -> Path:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     runs, out = Path(args.runs).resolve(), Path(args.out).resolve()
-    done = sorted(p.parent for p in runs.glob(f"seed*/*x/*/{REPORT}"))
+    done = results.run_folders(runs)
     done = [d for d in done if args.methods is None or d.name in args.methods]
     if not done:
         parser.error(f"--runs {args.runs!r} holds no finished run"

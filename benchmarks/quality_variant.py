@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeline import demo as pipeline_demo  # noqa: E402
+from pipeline import results  # noqa: E402
 from pipeline.common import atomic_write  # noqa: E402
 from pipeline.paired import paired, paired_table, save_paired_plot  # noqa: E402
 from pipeline.run import RunRequest, prune_run  # noqa: E402
@@ -53,20 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         network = bench / "target" / "members" / f"seed{seed}.pt"
         first = None
         for speed_up in demo["speed_ups"]:
-            key = pipeline_demo.run_key(seed, speed_up, VARIANT)
+            key = results.run_key(seed, speed_up, VARIANT)
             run = out / "prune" / key
             prune_run(RunRequest(str(config), network=str(network), method="metanetwork",
                                  metanetwork=str(Path(args.metanetwork).resolve()),
                                  speed_up=speed_up, out=str(run),
                                  reuse_first_stage=str(first) if first else None))
             first = first or run
-    for path in sorted(out.glob(f"prune/seed*/*x/{VARIANT}/report.json")):  # this call's and others'
-        report = json.loads(path.read_text())
-        report["method"] = VARIANT
-        reports[str(path.parent.relative_to(out / "prune"))] = report
-    for path in sorted(bench.glob("prune/seed*/*x/*/report.json")):
-        reports[str(path.parent.relative_to(bench / "prune"))] = json.loads(path.read_text())
-    values = pipeline_demo.measures(reports)
+    reports.update(results.read_reports(out / "prune", VARIANT))  # this call's runs and others'
+    reports.update(results.read_reports(bench / "prune"))
+    values = results.measures(reports)
     diffs = [paired(per, VARIANT, other, measure) for measure, per in values.items()
              for other in ("none", "sparse", "metanetwork") if other in per and VARIANT in per]
     text = (f"# variant {args.metanetwork} on {bench}\n\nPaired differences (variant - "

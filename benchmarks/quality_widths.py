@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import networks  # noqa: E402
+from pipeline import results  # noqa: E402
 
 
 def widths(path: str | Path) -> list[int]:
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows: dict[str, list[tuple[str, float, float]]] = {}
     for folder in args.runs:
-        for report in sorted(Path(folder).glob("seed*/*x/*/report.json")):
-            run = report.parent
+        for run in results.run_folders(folder):
             kept, acc = narrowest(run)
             rows.setdefault(run.parent.name, []).append((f"{run.parts[-3]}/{run.name}", kept, acc))
     print("| target | runs | narrowest layer kept: min / q10 / median / q90 | runs with a layer "

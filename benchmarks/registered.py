@@ -45,6 +45,7 @@ import quality_cifar10  # noqa: E402
 from metaprune.errors import UserError  # noqa: E402
 from pipeline import demo as pipeline_demo  # noqa: E402
 from pipeline import registration as reg_lib  # noqa: E402
+from pipeline import results  # noqa: E402
 from pipeline.common import write_json, write_text  # noqa: E402
 from pipeline.console import Stages  # noqa: E402
 from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
@@ -141,7 +142,7 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
             reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], folder, seed,
                                                   folder / "target" / row["file"], best, timed, step)
             record = reg_lib.ledger(reg, commit, code, seed, reports, draw,
-                                    pipeline_demo.measures(reports))
+                                    results.measures(reports))
             record["seconds"]["target training"] = times[f"target seed{seed}"]
             write_json(reg.results_dir / f"seed{seed}.json", record)
             print(f"registered.py: seed{seed} done -> {reg.results_dir / f'seed{seed}.json'}",

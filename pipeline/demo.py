@@ -35,7 +35,8 @@ from .common import (
     write_text,
 )
 from .console import Stages
-from .paired import PairedDifference, paired, paired_table
+from .paired import paired_table
+from .results import demo_table, measures, paired_differences, run_key
 from .run import FIRST_STAGE, METHODS, REPORT, RunRequest, prune_run
 from .select import SelectRequest, select_checkpoint
 from .zoo import check_zoo_stages, load_zoo_config, zoo_member
@@ -164,69 +165,6 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict
     return {"zoo": zoo, "meta": meta, "prune": prune_cfg}
 
 
-def _fmt_count(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-def demo_table(reports: dict[str, dict]) -> str:
-    """The demo's result table (markdown): one row per report.json, keyed
-    ``seed<N>/<S>x/<method>`` (``run_key``)."""
-    pct = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
-    lines = ["| network | method | speed-up vs unpruned: MACs | measured (batch) | MACs: unpruned "
-             "architecture / network given -> pruned | params | test acc before | test acc after "
-             "| val acc after |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key, r in reports.items():
-        acc, seed = r["accuracy"], key.split("/")[0]
-        measured = " / ".join(f"{v:.2f}x ({b})" for b, v in
-                              (r["speed_up"].get("measured") or {}).items()) or "-"
-        lines.append(
-            f"| {seed} | {r['method']} | {r['speed_up']['reached']:.2f}x "
-            f"(target {r['speed_up']['target']:g}x) | {measured} "
-            f"| {_fmt_count(r['macs']['unpruned'])} / {_fmt_count(r['macs']['before'])} -> "
-            f"{_fmt_count(r['macs']['after'])} "
-            f"| {_fmt_count(r['params']['before'])} -> {_fmt_count(r['params']['after'])} "
-            f"| {pct(acc['original']['test'])} | {pct(acc['final']['test'])} "
-            f"| {pct(acc['final']['val'])} |")
-    return "\n".join(lines)
-
-
-def run_key(seed: int, speed_up: float, method: str) -> str:
-    """``seed<N>/<S>x/<method>``: a prune run's folder under ``<out>/prune``."""
-    return f"seed{int(seed)}/{float(speed_up):g}x/{method}"
-
-
-def network_of(key: str) -> str:
-    """``seed<N>`` of a run key ``seed<N>/<S>x/<method>``."""
-    return key.split("/")[0]
-
-
-# The comparisons the demo and the quality benchmark report: (first, second) -> first - second.
-PAIRS = (("metanetwork", "none"), ("metanetwork", "sparse"), ("sparse", "none"))
-
-
-def measures(reports: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{measure: {method: {network: value}}}`` of run reports keyed by ``run_key``: the
-    stage-1 curve area (one per network and method: stage 1 does not depend on the target) and
-    the final test accuracy per target."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for key, r in sorted(reports.items()):
-        lo, hi = r["stage1_curve"]["range"]
-        area = f"stage-1 curve area {lo:g}-{hi:g}x"
-        out.setdefault(area, {}).setdefault(r["method"], {})[network_of(key)] = \
-            r["stage1_curve"]["area"]
-        final = f"test acc at {r['speed_up']['target']:g}x"
-        out.setdefault(final, {}).setdefault(r["method"], {})[network_of(key)] = \
-            r["accuracy"]["final"]["test"]
-    return out
-
-
-def paired_differences(values: dict[str, dict[str, dict[str, float]]]) -> list[PairedDifference]:
-    """Every pair of ``PAIRS`` on every measure both methods have."""
-    return [paired(per, a, b, measure) for measure, per in values.items()
-            for a, b in PAIRS if a in per and b in per]
-
-
 def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> Path:
     """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
     BN recalibrated) of the first held-out network, one per method, on one plot."""
@@ -245,8 +183,6 @@ def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> P
                        "no finetuning, BN recalibrated",
                        chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi),
                        split=split)
-
-
 
 
 STAGES = ("held-out networks", "zoo", "meta-training", "checkpoint selection", "pruning")
@@ -269,7 +205,8 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
     section and key."""
     from datamodules import DatasetError, ImageDataModule
 
-    from .run import load_prune_config, stage_configs
+    from .run import load_prune_config
+    from .run_stages import stage_configs
 
     select_request(cfg, configs["meta"], Path("meta"), Path("selection"))
     if not data.get("download"):

@@ -15,6 +15,7 @@ import yaml
 
 import prune
 from pipeline import demo as pipeline_demo
+from pipeline import results, run_stages
 from pipeline import run as pipeline_run
 from pipeline import zoo as pipeline_zoo
 from pipeline.cli import cli
@@ -103,11 +104,11 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
     assert list((out / "meta").glob("events.out.tfevents.*"))
     assert (out / "meta" / "selection" / "best.ckpt").is_file()
     assert (out / "meta" / "selection" / "selection.png").is_file()
-    results = json.loads((out / "results.json").read_text())
-    table = results["table"]
+    written = json.loads((out / "results.json").read_text())
+    table = written["table"]
     for method in pipeline_run.METHODS:
         for speed_up in (2.0, 2.5):
-            run = out / "prune" / pipeline_demo.run_key(100, speed_up, method)
+            run = out / "prune" / results.run_key(100, speed_up, method)
             report = json.loads((run / "report.json").read_text())
             assert report["method"] == method
             assert report["speed_up"]["target"] == speed_up <= report["speed_up"]["reached"]
@@ -124,13 +125,13 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
             (first / "2x" / method / stage / "network.pt").read_bytes()
         assert not (first / "2.5x" / method / stage / "checkpoints").exists()
         assert (first / "2x" / method / stage / "checkpoints").exists()
-    meta = json.loads((out / "prune" / pipeline_demo.run_key(100, 2.0, "metanetwork")
+    meta = json.loads((out / "prune" / results.run_key(100, 2.0, "metanetwork")
                        / "report.json").read_text())["metanetwork"]
     assert meta == str(out / "meta" / "selection" / "best.ckpt")
     text = (out / "results.md").read_text()
     assert text.startswith(table + "\n\nPaired differences")
     for measure in ("stage-1 curve area 2-3x", "test acc at 2x", "test acc at 2.5x"):
-        for first, second in pipeline_demo.PAIRS:
+        for first, second in results.PAIRS:
             assert f"| {measure} | {first} - {second} | 1 |" in text
     assert (out / "stage1_curves.png").is_file()
 
@@ -144,7 +145,7 @@ def test_demo_rerun_recomputes_nothing(finished: dict, monkeypatch: pytest.Monke
 
     out = finished["out"]
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    patched = [(pipeline_demo, "fit_stage"), (pipeline_run, "fit_stage"), (pipeline_zoo, "fit_stage"),
+    patched = [(pipeline_demo, "fit_stage"), (run_stages, "fit_stage"), (pipeline_zoo, "fit_stage"),
                (train, "main"), (pipeline_demo, "select_checkpoint")]
     for target, name in patched:
         monkeypatch.setattr(target, name, forbidden)
@@ -316,9 +317,9 @@ def test_a_smoke_demo_of_the_baselines_alone_trains_no_metanetwork_and_says_smok
     config.write_text(yaml.safe_dump(cfg))
     assert demo(config, tiny_cifar, out) == 0
     assert not (out / "zoo").exists() and not (out / "meta").exists()
-    assert (out / "prune" / pipeline_demo.run_key(100, 2.0, "none") / "report.json").is_file()
-    results = json.loads((out / "results.json").read_text())
-    assert results["metanetwork"] is None and results["smoke"] is True
+    assert (out / "prune" / results.run_key(100, 2.0, "none") / "report.json").is_file()
+    written = json.loads((out / "results.json").read_text())
+    assert written["metanetwork"] is None and written["smoke"] is True
     assert json.loads((out / "demo.json").read_text())["demo"]["smoke"] is True
     assert (out / "results.md").read_text().startswith(f"**{pipeline_demo.SMOKE_BANNER}**")
     printed = capsys.readouterr().out

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import measures, paired_differences
 from pipeline.paired import paired, paired_table
+from pipeline.results import measures, paired_differences
 
 T_975_DF2 = 4.303  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables)
 

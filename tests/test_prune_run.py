@@ -23,6 +23,7 @@ from datamodules import ImageDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from pipeline import run as pipeline_run
+from pipeline import run_stages
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
@@ -302,8 +303,8 @@ def test_rerunning_a_finished_run_recomputes_nothing(runs: dict[str, Path], setu
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    for name in ("fit_stage", "evaluate_networks", "check_inputs", "measured_latency",
-                 "export_checked_onnx"):
+    monkeypatch.setattr(run_stages, "fit_stage", fail)
+    for name in ("evaluate_networks", "check_inputs", "measured_latency", "export_checked_onnx"):
         monkeypatch.setattr(pipeline_run, name, fail)
     for name in ("export_program", "export_onnx"):
         monkeypatch.setattr(networks.export, name, fail)
@@ -322,7 +323,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(runs: dict[str, Path
     for name in ("report.json", "network.pt2", "curve.png"):
         (out / name).unlink()
     (out / "run.json").write_text((runs["none"] / "run.json").read_text())
-    monkeypatch.setattr(pipeline_run, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
+    monkeypatch.setattr(run_stages, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
     assert run(setup["config"], setup["network"], "none", out) == 0
     assert json.loads((out / "report.json").read_text())["accuracy"] == \
         json.loads((runs["none"] / "report.json").read_text())["accuracy"]
@@ -341,7 +342,7 @@ def test_stage2_typo_fails_before_stage1_and_the_fix_reuses_stage1(
     config = tmp_path / "typo.yaml"
     config.write_text(yaml.safe_dump(bad))
     trained = []
-    monkeypatch.setattr(pipeline_run, "fit_stage", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(run_stages, "fit_stage", lambda *a, **k: trained.append(a))
     with pytest.raises(pipeline_run.PruneRunError,
                        match=rf"prune config '{config}', section 'final'.*'max_epoch'"):
         run(config, setup["network"], "none", tmp_path / "typo")
@@ -548,7 +549,7 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
     arch = {"name": "resnet50" if large else "resnet8_cifar",
             "num_classes": 2 if large else 3, "kwargs": {}}
     for section in ("finetune", "final"):
-        stage = pipeline_run.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
+        stage = run_stages.run_stage_config(cfg, section, tmp_path, section, "unused.pt", arch, [])
         stage["trainer"].update(precision=32, accelerator="cpu")  # 16-mixed is for GPUs
         stage["model"]["init_args"]["weights"] = None  # parse only: no network file here
         stage["data"]["init_args"]["num_classes"] = arch["num_classes"]
@@ -696,7 +697,7 @@ def test_another_criterion_prunes_stage_2_and_a_metanetwork_of_another_is_refuse
         run(config, setup["network"], "sparse", tmp_path / "sparse_fpgm", None)
     cfg["prune"].update(importance="l1", allow_other_criterion=True)
     config.write_text(yaml.safe_dump(cfg))
-    info = pipeline_run.check_inputs(pipeline_run.load_prune_config(config), str(setup["network"]),
+    info = run_stages.check_inputs(pipeline_run.load_prune_config(config), str(setup["network"]),
                                      str(setup["meta"]))  # allowed: the checks pass
     assert info["arch"] == ARCH
 

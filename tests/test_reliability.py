@@ -337,6 +337,7 @@ def test_imagenet_prune_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_pa
 
     import networks
     from pipeline import run as pipeline_run
+    from pipeline import run_stages
     from pipeline.train import main
 
     cfg = pipeline_run.load_prune_config(IMAGENET / "prune.yaml", speed_up=100.0,
@@ -349,7 +350,7 @@ def test_imagenet_prune_config_prunes_and_finetunes_at_224(tiny_imagenet, tmp_pa
     callbacks = [{"class_path": "callbacks.PruneToSpeedUp",
                   "init_args": {"speed_up": 100.0, "iterative_steps": 8, "input_size": [3, 224, 224]}},
                  {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
-    stage = pipeline_run.run_stage_config(cfg, "final", tmp_path / "run",
+    stage = run_stages.run_stage_config(cfg, "final", tmp_path / "run",
                                           pipeline_run.SECOND_STAGE, start, arch, callbacks)
     assert stage["trainer"]["max_epochs"] == 10 and stage["model"]["init_args"]["lr"] == 0.01
     stage["trainer"].update(precision=32, accelerator="cpu", fast_dev_run=True,

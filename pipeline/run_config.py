@@ -1,0 +1,314 @@
+"""The settings of ``prune.py run`` (docs/pruning.md) and their checks: the prune.yaml schema
+(``PruneConfig``), the command's options (``RunRequest``), the run folder and what defines a
+run (``run.json``), and the file names a run folder holds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metaprune.errors import UserError
+
+from .arguments import IMPORTANCES, METHODS
+from .common import (
+    is_rank_zero,
+    read_config,
+    refuse_stage_seeds,
+)
+
+# The first stage's name per method: everything after it is shared by all methods.
+FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
+
+
+SECOND_STAGE = "prune_finetune"
+
+
+# prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
+SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
+
+
+CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
+
+
+REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
+
+
+CURVE_SPLITS = ("test", "val")
+
+
+# Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
+# a default, not written into the stored settings, so runs from before it keep their settings.
+LATENCY_BATCH_SIZES = (1, 64)
+
+
+CLASSIFIER = "lightning_modules.ImageClassifier"
+
+
+class PruneRunError(UserError):
+    """Bad input to ``prune.py run``: the message names the problem and the fix."""
+
+
+@dataclass
+class PruneSettings:
+    """The ``prune`` section of a prune.yaml (docs/pruning.md).
+
+    Args:
+        speed_up: the target, MACs of the unpruned architecture over MACs of the pruned
+            network (``--speed_up`` overrides it; one of the two is required).
+        dir: where runs go without ``--out``; empty: ``runs/prune/<the config's folder>``.
+        iterative_steps: pruning steps to the target (and for the curves).
+        input_size: one input's shape (channels, height, width).
+        reg, alpha: the sparse method's regularizer (DepGraph's sparse learning).
+        seed: seeds every stage (``--seed`` overrides it).
+        bn_batches, bn_batch_size: BN statistics re-estimated on this many training batches
+            before every curve point (0: raw curves).
+        curve_range: the speed-ups the stage-1 curve area averages over.
+        stage1_curve_split: the images the stage-1 curve is evaluated on: "test" (unset), so
+            that its area, a reported outcome, never uses the val images that select
+            checkpoints and settings; "val" when the area itself selects something (tuning).
+            The final network's curve is a diagnostic and stays on val.
+        curve_every: evaluate every N-th pruning step of a curve.
+        importance: the pruning criterion of stage 2, the curves and (for ``sparse``) the
+            regularizer (``networks.IMPORTANCES``); unset: l2, the paper's.
+        allow_other_criterion: run a metanetwork meta-trained for another criterion than
+            ``importance`` (refused unless true).
+        max_pruning_ratio: the criterion's per-layer cap for stage 2 and the curves
+            (``networks.criterion_pruner``); unset: 1, the paper's setting (no cap). Stage 1
+            does not depend on it (``--reuse_first_stage`` across caps works).
+        latency_batch_sizes: batch sizes of the measured speed-up (unset: 1 and 64; []: none).
+        onnx: export and check ``network.onnx`` (unset: yes).
+    """
+
+    speed_up: float | None = None
+    dir: str = ""
+    iterative_steps: int = 200
+    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    reg: float = 5e-4
+    alpha: float = 4.0
+    seed: int = 0
+    bn_batches: int = 8
+    bn_batch_size: int = 128
+    curve_range: tuple[float, float] = (2.0, 3.0)
+    curve_every: int = 5
+    stage1_curve_split: str | None = None
+    importance: str | None = None
+    allow_other_criterion: bool | None = None
+    max_pruning_ratio: float | None = None
+    latency_batch_sizes: list[int] | None = None
+    onnx: bool | None = None
+
+    @property
+    def target(self) -> float:
+        """The speed-up target (``load_prune_config`` makes sure there is one)."""
+        assert self.speed_up is not None
+        return self.speed_up
+
+    @property
+    def criterion(self) -> str:
+        """``importance``, l2 when unset."""
+        return self.importance or "l2"
+
+    @property
+    def curve_split(self) -> str:
+        """``stage1_curve_split``, "test" when unset."""
+        return self.stage1_curve_split or "test"
+
+    @property
+    def cap(self) -> float:
+        """``max_pruning_ratio``, 1 when unset."""
+        return 1.0 if self.max_pruning_ratio is None else self.max_pruning_ratio
+
+    def record(self) -> dict:
+        """The settings as stored in run.json and report.json; the options left unset are
+        left out, so runs from before an option existed keep their stored settings."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class PruneConfig:
+    """A prune.yaml: the run's settings and its stages' LightningCLI configs (``finetune``,
+    stage 1, and ``final``, stage 2, are each merged over ``base``)."""
+
+    prune: PruneSettings
+    base: dict
+    finetune: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """Every section as stored in run.json."""
+        return {"prune": self.prune.record(), "base": self.base, "finetune": self.finetune,
+                "final": self.final}
+
+
+@dataclass
+class RunRequest:
+    """One ``prune.py run``: its options as typed fields (the command line's ``--<field>``;
+    ``prune_run`` is the same command for Python callers such as the demo).
+
+    Args:
+        config: configs/<task>/prune.yaml.
+        network: the network to prune: this project's network file, or a Lightning checkpoint
+            of ImageClassifier (or use ``arch`` with ``weights``).
+        arch: with ``weights``: a registry/torchvision architecture name, or a user's
+            ``nn.Module`` class as ``package.module:Class``.
+        arch_kwargs: with ``arch``: its constructor arguments.
+        weights: with ``arch``: a plain state_dict file.
+        num_classes: with ``arch``: the class count (default the config data's num_classes).
+        metanetwork: meta-training checkpoint (needed by method "metanetwork").
+        method: "metanetwork" (feedforward + finetune), "none" (finetune only) or "sparse"
+            (DepGraph sparse training).
+        speed_up: the target; default ``prune.speed_up``.
+        out: the run folder; default ``<prune.dir>/<network>_<method>_<S>x_seed<N>``.
+        data_root: overrides ``data.init_args.root``.
+        seed: seeds every stage; default ``prune.seed`` or 0.
+        reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
+            config that differs only in the speed-up or the per-layer cap: stage 1 is taken
+            from it.
+        overrides: a nested mapping merged over the config file (command line
+            ``--section.key VALUE``).
+    """
+
+    config: str
+    network: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    metanetwork: str | None = None
+    method: str = "metanetwork"
+    speed_up: float | None = None
+    out: str | None = None
+    data_root: str | None = None
+    seed: int | None = None
+    reuse_first_stage: str | None = None
+    overrides: dict | None = None
+
+    def __post_init__(self) -> None:
+        if (self.network is None) == (self.arch is None) or \
+                (self.arch is None) != (self.weights is None):
+            raise PruneRunError("give the network to prune as --network FILE (this project's "
+                                "network file or a Lightning checkpoint of ImageClassifier), or "
+                                "as --arch NAME --weights FILE (a plain state_dict)")
+        if self.arch_kwargs and self.arch is None:
+            raise PruneRunError("--arch_kwargs goes with --arch NAME --weights FILE (a network file "
+                                "records its own architecture arguments)")
+        if self.method not in METHODS:
+            raise PruneRunError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+
+    @property
+    def source(self) -> str:
+        """The file the network comes from: ``network``, else ``weights``."""
+        source = self.network or self.weights
+        assert source is not None  # __post_init__ requires one of them
+        return source
+
+
+def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
+                      seed: int | None = None, data_root: str | None = None,
+                      overrides: dict | None = None) -> PruneConfig:
+    """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in)."""
+    path = Path(path)
+    where = f"prune config {str(path)!r}" + (" with the command-line overrides" if overrides else "")
+    cfg = read_config(path, PruneConfig, PruneRunError, "prune", overrides=overrides)
+    refuse_stage_seeds((cfg.base, cfg.finetune, cfg.final), where, PruneRunError,
+                       "--seed (or prune.seed) seeds every stage")
+    if not cfg.base.get("data"):
+        raise PruneRunError(f"{where}: section 'base' needs a data section (a train.py fit config)")
+    prune = cfg.prune
+    prune.dir = prune.dir or f"runs/prune/{path.parent.name}"
+    prune.speed_up = prune.speed_up if speed_up is None else float(speed_up)
+    prune.seed = prune.seed if seed is None else int(seed)
+    if prune.speed_up is None:
+        raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
+    if not prune.speed_up > 1.0:
+        raise PruneRunError(f"{where}: speed-up target {prune.speed_up:g} must be above 1 (a "
+                            "factor of fewer MACs than the unpruned architecture, e.g. 2)")
+    lo, hi = prune.curve_range
+    if not 1.0 <= lo < hi:
+        raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
+                            "1 <= LO < HI, e.g. [2.0, 3.0]")
+    if prune.importance is not None and prune.importance not in IMPORTANCES:
+        raise PruneRunError(f"{where}: prune.importance {prune.importance!r} is unknown; use one of "
+                            f"{list(IMPORTANCES)}")
+    if prune.curve_split not in CURVE_SPLITS:
+        raise PruneRunError(f"{where}: prune.stage1_curve_split {prune.stage1_curve_split!r} must "
+                            f"be one of {list(CURVE_SPLITS)} (test: an outcome no selection "
+                            "touched; val: when the curve area selects something)")
+    if prune.max_pruning_ratio is not None and not 0.0 < prune.max_pruning_ratio <= 1.0:
+        raise PruneRunError(f"{where}: prune.max_pruning_ratio {prune.max_pruning_ratio:g} must be "
+                            "in (0, 1]: the largest fraction of a layer's channels pruning may "
+                            "remove (leave it unset for no cap)")
+    if data_root is not None:
+        cfg.base["data"].setdefault("init_args", {})["root"] = data_root
+    return cfg
+
+
+def run_dir(cfg: PruneConfig, network: str | os.PathLike, method: str, out: str | None) -> Path:
+    """``--out``, else ``<prune.dir>/<network file stem>_<method>_<S>x_seed<N>``."""
+    if out:
+        return Path(out)
+    p = cfg.prune
+    return Path(p.dir) / f"{Path(network).stem}_{method}_{p.target:g}x_seed{p.seed}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
+    """What defines a run (``run.json``): a run dir never mixes outputs of two settings."""
+    source = args.source
+    for what, value in (("network file", args.network), ("weights file", args.weights),
+                        ("metanetwork checkpoint", args.metanetwork)):
+        if value is not None and not Path(value).is_file():
+            raise PruneRunError(f"{what} {value!r} does not exist; check the path")
+    if args.method == "metanetwork" and not args.metanetwork:
+        raise PruneRunError("--method metanetwork needs --metanetwork PATH (a meta-training "
+                            "checkpoint); or use --method none / sparse")
+    meta = args.metanetwork if args.method == "metanetwork" else None
+    return json.loads(json.dumps({
+        "method": args.method, "speed_up": cfg.prune.target, "seed": cfg.prune.seed,
+        "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),
+        **({"arch": {"name": args.arch, "num_classes": args.num_classes,
+                     **({"kwargs": args.arch_kwargs} if args.arch_kwargs else {})}}
+           if args.arch else {}),
+        "metanetwork": str(Path(meta).resolve()) if meta else None,
+        "metanetwork_sha256": _sha256(Path(meta)) if meta else None,
+        "config": cfg.record()}))
+
+
+def stored_settings_check(out: Path, settings: dict) -> bool:
+    """Compare ``settings`` with the run already in ``out``; True when that run is complete.
+
+    Other settings are refused, except a changed ``final`` section before stage 2 finished:
+    stage 1 does not depend on it, so it is kept and stage 2 starts over (a partial stage-2
+    folder is moved aside to ``prune_finetune.superseded-<n>``, nothing is deleted)."""
+    if not (out / RUN_FILE).is_file():
+        return False
+    stored = json.loads((out / RUN_FILE).read_text())
+    if stored == settings:
+        if (out / REPORT).is_file():
+            print(f"done already: {out / REPORT}", file=sys.stderr)
+            return True
+        return False
+    stage1 = lambda s: {**s, "config": {k: v for k, v in s["config"].items() if k != "final"}}  # noqa: E731
+    if stage1(stored) == stage1(settings) and not (out / SECOND_STAGE / "network.pt").is_file():
+        if (out / SECOND_STAGE).exists() and is_rank_zero():
+            n = 1 + sum(1 for _ in out.glob(f"{SECOND_STAGE}.superseded-*"))
+            (out / SECOND_STAGE).rename(out / f"{SECOND_STAGE}.superseded-{n}")
+        print(f"{out}: section 'final' changed; stage 1 kept, stage 2 starts over", file=sys.stderr)
+        return False
+    diff = sorted(k for k in settings if stored.get(k) != settings[k])
+    raise PruneRunError(
+        f"run directory {str(out)!r} holds a run with other settings (differs in "
+        f"{', '.join(diff)}); pass another --out, or delete the directory to start over")
+
