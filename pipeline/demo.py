@@ -416,7 +416,8 @@ def demo_command(args: argparse.Namespace) -> int:
     selection_plot = f", {best.parent / 'selection.png'}" if best else ""
     print(f"plots:       {overlay}, {where}/curve.png{selection_plot}")
     print(f"tensorboard: tensorboard --logdir {out}")
-    print(f"networks:    {where}/network.pt (+ .pt2, .onnx)" + (f", metanetwork {best}" if best else ""))
+    onnx = ", .onnx" if any(r["files"].get("onnx") for r in reports.values()) else ""
+    print(f"networks:    {where}/network.pt (+ .pt2{onnx})" + (f", metanetwork {best}" if best else ""))
     print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")
     return 0

@@ -325,6 +325,7 @@ def test_a_smoke_demo_of_the_baselines_alone_trains_no_metanetwork_and_says_smok
     printed = capsys.readouterr().out
     assert "| seed100 | none |" in printed and "metanetwork" not in printed
     assert pipeline_demo.SMOKE_BANNER in printed
+    assert "network.pt (+ .pt2)" in printed  # the tiny config exports no ONNX: none is named
 
 
 def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
