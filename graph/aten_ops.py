@@ -72,8 +72,10 @@ def _input(walker: AtenWalker, node: fx.Node, args: Args) -> tuple[fx.Node, Valu
     acts on the channels in a way the handler does not model."""
     arg, value = args[0]
     others = [n.name for n in node.all_input_nodes if n is not arg]
-    if others or arg is not node.args[0]:
+    if others:
         raise walker.fail(node, f"further tensor inputs {others} besides the channels")
+    if arg is not node.args[0]:
+        raise walker.fail(node, "the channels are not the operation's first argument")
     return arg, value
 
 
