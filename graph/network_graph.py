@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Data
 
+from .aten_walk import trace_aten
 from .errors import UnsupportedArchitectureError
 from .node_slots import NODE_SLOTS, NodeColumns, canonical_layout
 from .tracing import ATTENTION_LAYOUTS, Rows, trace
@@ -31,6 +32,10 @@ _CACHE_SIZE = 64
 # Dirac edge per channel (i -> i); "dense" is the paper's CIFAR-ResNet encoding, all C x C
 # pairs with zero features except the Dirac centre tap of the i -> i edges (docs/method.md).
 IDENTITY_EDGES = ("diagonal", "dense")
+# How a network is walked: "fx" (torch.fx: modules and Python functions) or "aten" (a
+# torch.export program: ATen operations, so F.batch_norm and a BatchNorm2d are one operation).
+# Both give the same graph where both can walk a network; the layout does not record which.
+TRACERS = {"fx": trace, "aten": trace_aten}
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,16 @@ class GraphOptions:
     """The encoder's choices where a network has more than one faithful graph: residual
     identities (``IDENTITY_EDGES``) and self-attention (``ATTENTION_LAYOUTS``: "heads", ours,
     or "paper"). A graph's layout records them, so a metanetwork rebuilds the graphs it was
-    trained on (``Metanetwork.graph_options``)."""
+    trained on (``Metanetwork.graph_options``). ``tracer`` (``TRACERS``) chooses how the
+    network is walked; it changes which networks can be encoded, not their graphs."""
 
     identity_edges: str = "diagonal"
     attention: str = "heads"
+    tracer: str = "fx"
 
     def __post_init__(self) -> None:
+        if self.tracer not in TRACERS:
+            raise ValueError(f"tracer={self.tracer!r}: expected one of {tuple(TRACERS)}")
         if self.identity_edges not in IDENTITY_EDGES:
             raise ValueError(f"identity_edges={self.identity_edges!r}: expected one of {IDENTITY_EDGES}")
         if self.attention not in ATTENTION_LAYOUTS:
@@ -92,7 +101,8 @@ class GraphOptions:
 
     def graph(self, module: nn.Module, example_inputs) -> "NetworkGraph":
         """``module``'s graph built with these options (``NetworkGraph.from_module``)."""
-        return NetworkGraph.from_module(module, example_inputs, self.identity_edges, self.attention)
+        return NetworkGraph.from_module(module, example_inputs, self.identity_edges, self.attention,
+                                        self.tracer)
 
 
 def edge_attr_key(area: int) -> str:
@@ -156,11 +166,11 @@ class NetworkGraph:
     _cache: "OrderedDict[tuple, NetworkGraph]" = OrderedDict()
 
     def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
-                 attention: str = "heads") -> None:
-        GraphOptions(identity_edges, attention)  # refuses unknown choices
+                 attention: str = "heads", tracer: str = "fx") -> None:
+        GraphOptions(identity_edges, attention, tracer)  # refuses unknown choices
         self.identity_edges, self.attention = identity_edges, attention
         example_inputs = _as_tuple(example_inputs)
-        records, used = trace(module, example_inputs, attention)
+        records, used = TRACERS[tracer](module, example_inputs, attention)
         state = module.state_dict()
         missing = [k for k, v in state.items() if v.is_floating_point() and k not in used]
         if missing:
@@ -262,17 +272,18 @@ class NetworkGraph:
     # -- public API -----------------------------------------------------------------------------
     @classmethod
     def from_module(cls, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
-                    attention: str = "heads") -> "NetworkGraph":
+                    attention: str = "heads", tracer: str = "fx") -> "NetworkGraph":
         """Trace ``module`` (cached per architecture, width pattern, identity and attention
-        layout); ``attention``: "heads" (ours) or "paper" (docs/graph.md)."""
+        layout and tracer); ``attention``: "heads" (ours) or "paper" (docs/graph.md);
+        ``tracer``: "fx" or "aten" (``TRACERS``)."""
         example_inputs = _as_tuple(example_inputs)
-        key = (identity_edges, attention, type(module).__module__, type(module).__qualname__,
+        key = (identity_edges, attention, tracer, type(module).__module__, type(module).__qualname__,
                tuple(type(m).__name__ for m in module.modules()),
                tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()),
                tuple(tuple(x.shape) for x in example_inputs))
         graph = cls._cache.get(key)
         if graph is None:
-            graph = cls(module, example_inputs, identity_edges, attention)
+            graph = cls(module, example_inputs, identity_edges, attention, tracer)
             cls._cache[key] = graph
             if len(cls._cache) > _CACHE_SIZE:
                 cls._cache.popitem(last=False)

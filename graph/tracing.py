@@ -165,7 +165,8 @@ def _op_name(node: fx.Node) -> str:
     return f"{node.op} {name}"
 
 
-def _shape(node) -> torch.Size | None:
+def node_shape(node) -> torch.Size | None:
+    """The shape of the tensor an fx node computes, if shape propagation recorded one."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return getattr(meta, "shape", None)
 
@@ -183,6 +184,13 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
 
 
+def swap_dims(ndim: int, dim0: int, dim1: int) -> list[int]:
+    """The permutation of ``ndim`` dims that a transpose of ``dim0`` and ``dim1`` makes."""
+    perm = list(range(ndim))
+    perm[dim0 % ndim], perm[dim1 % ndim] = dim1 % ndim, dim0 % ndim
+    return perm
+
+
 Env = Union[Value, tuple[Union[Value, None], ...], None]
 
 
@@ -192,7 +200,11 @@ Env = Union[Value, tuple[Union[Value, None], ...], None]
 ATTENTION_LAYOUTS = ("heads", "paper")
 
 
-class _Walker:
+class Walker:
+    """Walks an fx graph node by node and records the channels each state_dict tensor
+    connects; handlers of modules, functions (and :mod:`graph.aten_walk`'s ATen operations)
+    record through its methods."""
+
     def __init__(self, gm: fx.GraphModule, attention: str = "heads") -> None:
         if attention not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_LAYOUTS}")
@@ -258,52 +270,86 @@ class _Walker:
         """Refuse ``node`` unless ``value`` (the tensor of ``arg``) holds its channels in its
         last dim (``what`` acts on the last dim: Linear, LayerNorm)."""
         self.one_axis(node, value, what)
-        ndim = len(_shape(arg) or ())
+        ndim = len(node_shape(arg) or ())
         if value.axis != ndim - 1:
             raise self.fail(node, f"{what} acts on the last dim of a {ndim}-dim tensor whose "
                             f"channels are in dim {value.axis}")
 
-    def state_key(self, node: fx.Node, tensor) -> str:
-        """The state_dict key of a parameter or buffer read by ``node`` (an fx get_attr)."""
+    def parameter_key(self, tensor) -> str | None:
+        """The state_dict key of the parameter or buffer that ``tensor`` (an fx get_attr)
+        reads; None for anything else."""
         if isinstance(tensor, fx.Node) and tensor.op == "get_attr" and tensor.target in self.params:
             return str(tensor.target)
-        raise self.fail(node, f"argument {tensor} is not a parameter or buffer of the network")
+        return None
+
+    def state_key(self, node: fx.Node, tensor) -> str:
+        """The state_dict key of a parameter or buffer read by ``node``."""
+        key = self.parameter_key(tensor)
+        if key is None:
+            raise self.fail(node, f"argument {tensor} is not a parameter or buffer of the network")
+        return key
 
     # -- layers ---------------------------------------------------------------------------
     def conv(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         if m.transposed:
             raise self.fail(node, "transposed convolutions are not supported")
-        self.channels_first(node, value, type(m).__name__)
-        if len(value.nodes) != m.in_channels:
-            raise self.fail(node, f"expects {m.in_channels} channels, input has {len(value.nodes)}")
-        out_nodes = self.rec.new_nodes(m.out_channels)
-        area = int(m.weight[0, 0].numel())
-        self.add_weight(node, f"{node.target}.weight", area, value.nodes.view(m.groups, -1),
-                        out_nodes.view(m.groups, -1))
-        if m.bias is not None:
-            self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
+        return self.convolution(node, value, type(m).__name__, tuple(m.weight.shape), m.groups,
+                                f"{node.target}.weight",
+                                None if m.bias is None else f"{node.target}.bias")
+
+    def convolution(self, node: fx.Node, value: Value, what: str, shape: tuple[int, ...],
+                    groups: int, weight: str, bias: str | None) -> Value:
+        """A convolution of ``value``'s channels by state-dict tensor ``weight`` of ``shape``
+        [out, in/groups, *kernel] in ``groups`` groups, plus ``bias`` (or None)."""
+        self.channels_first(node, value, what)
+        in_channels = shape[1] * groups
+        if len(value.nodes) != in_channels:
+            raise self.fail(node, f"expects {in_channels} channels, input has {len(value.nodes)}")
+        out_nodes = self.rec.new_nodes(shape[0])
+        area = math.prod(shape[2:])
+        self.add_weight(node, weight, area, value.nodes.view(groups, -1), out_nodes.view(groups, -1))
+        if bias is not None:
+            self.add_channels(node, bias, BIAS.name, "bias", out_nodes)
         return Value(out_nodes, True, area)
 
     def linear(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
+        return self.dense(node, arg, value, m.out_features, f"{node.target}.weight",
+                          None if m.bias is None else f"{node.target}.bias")
+
+    def dense(self, node: fx.Node, arg: fx.Node, value: Value, out_features: int, weight: str,
+              bias: str | None) -> Value:
         """A Linear on the channels (last dim). After a flattened spatial map its weight
         [out, C*H*W] holds one H*W kernel per (channel, output) pair: edges of that area, as
         a conv with a kernel covering the whole map; after a patch merging, one 2x2 kernel."""
         self.channels_last(node, arg, replace(value, spread=1), "Linear")
-        out_nodes = self.rec.new_nodes(m.out_features)
+        out_nodes = self.rec.new_nodes(out_features)
         rows = Rows(columns=value.spread) if value.outer else Rows()
-        self.add_weight(node, f"{node.target}.weight", value.spread, value.nodes.view(1, -1),
-                        out_nodes.view(1, -1), rows)
-        if m.bias is not None:
-            self.add_channels(node, f"{node.target}.bias", BIAS.name, "bias", out_nodes)
+        self.add_weight(node, weight, value.spread, value.nodes.view(1, -1), out_nodes.view(1, -1),
+                        rows)
+        if bias is not None:
+            self.add_channels(node, bias, BIAS.name, "bias", out_nodes)
         return Value(out_nodes, True, 1, value.axis)
 
     def batchnorm(self, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
-        self.channels_first(node, value, type(m).__name__)
-        if len(value.nodes) != m.num_features:
-            raise self.fail(node, f"expects {m.num_features} channels, input has {len(value.nodes)}")
+        return self.batch_norm(node, arg, value, type(m).__name__, m.num_features, {
+            name: f"{node.target}.{name}" for name in BATCHNORM.fields
+            if getattr(m, name, None) is not None})
+
+    def batch_norm(self, node: fx.Node, arg: fx.Node, value: Value, what: str, features: int,
+                   keys: dict[str, str]) -> Value:
+        """A batch norm over ``features`` channels in dim 1; ``keys``: the state-dict key of
+        each of its tensors present (``BATCHNORM.fields``)."""
+        self.channels_first(node, value, what)
+        if len(value.nodes) != features:
+            raise self.fail(node, f"expects {features} channels, input has {len(value.nodes)}")
         for name in BATCHNORM.fields:
-            if getattr(m, name, None) is not None:
-                self.add_channels(node, f"{node.target}.{name}", BATCHNORM.name, name, value.nodes)
+            if name in keys:
+                self.add_channels(node, keys[name], BATCHNORM.name, name, value.nodes)
+        return self.passthrough(arg, value)
+
+    def pooling(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
+        """Pooling works on the dims after dim 1: the channels must be in dim 1."""
+        self.channels_first(node, value, "pooling")
         return self.passthrough(arg, value)
 
     def layer_norm(self, node: fx.Node, arg: fx.Node, value: Value, normalized_shape,
@@ -360,8 +406,8 @@ class _Walker:
         """The dim of parameter ``param`` that broadcasting (right-aligned against ``node``'s
         output) puts on ``value``'s channels; refused unless it has their size."""
         self.one_axis(node, value, "combining with a parameter")
-        shape = tuple(_shape(param) or ())
-        dim = value.axis - (len(_shape(node) or ()) - len(shape))
+        shape = tuple(node_shape(param) or ())
+        dim = value.axis - (len(node_shape(node) or ()) - len(shape))
         if not 0 <= dim < len(shape) or shape[dim] != len(value.nodes):
             raise self.fail(node, f"parameter {param.target!r} of shape {shape} has no dim of "
                             f"the {len(value.nodes)} channels aligned with dim {value.axis}")
@@ -447,9 +493,9 @@ class _Walker:
                     self.add_passenger(node, other, value)
             return self.passthrough(arg, value)
         (na, a), (nb, b) = args
-        if len(a.nodes) != len(b.nodes) or _shape(na) != _shape(nb):
-            raise self.fail(node, f"residual add of tensors with shapes {tuple(_shape(na) or ())} "
-                            f"and {tuple(_shape(nb) or ())} (broadcasting over channels)")
+        if len(a.nodes) != len(b.nodes) or node_shape(na) != node_shape(nb):
+            raise self.fail(node, f"residual add of tensors with shapes {tuple(node_shape(na) or ())} "
+                            f"and {tuple(node_shape(nb) or ())} (broadcasting over channels)")
         self.same_layout(node, a, b, "adding")
         if torch.equal(a.nodes, b.nodes):
             return replace(a, fresh=False)
@@ -483,7 +529,7 @@ class _Walker:
         others = [a for a in (*node.args, *node.kwargs.values()) if a is not arg]
         if all(isinstance(a, (int, float)) for a in others):
             return self.passthrough(arg, value)
-        if len(others) == 1 and isinstance(others[0], fx.Node) and others[0].op == "get_attr":
+        if len(others) == 1 and self.parameter_key(others[0]) is not None:
             return self.channel_scale(node, arg, value, others[0])
         raise self.fail(node, "multiplying by a tensor that is neither a channel tensor nor a "
                         "parameter of the network")
@@ -499,7 +545,7 @@ class _Walker:
         """``value * p`` with a parameter ``p`` of one factor per channel (layer scale): the
         factors become node features."""
         self.channel_dim(node, param, value)
-        shape = tuple(_shape(param) or ())
+        shape = tuple(node_shape(param) or ())
         if math.prod(shape) != len(value.nodes):
             raise self.fail(node, f"multiplying by parameter {param.target!r} of shape {shape}: "
                             "only one factor per channel is supported")
@@ -525,7 +571,7 @@ class _Walker:
 
     def cat(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
         dim = _arg(node, 1, "dim", 0)
-        ndim = len(_shape(node) or ())
+        ndim = len(node_shape(node) or ())
         tensors = node.args[0]
         values = [self.env.get(t) for t in tensors]
         first = next((v for v in values if isinstance(v, Value)), None)
@@ -553,7 +599,7 @@ class _Walker:
         elements after it as before, and so do the channel dims: then in row-major order
         each element keeps its channel. The channels may be split over several dims (or
         merged back), as a channel shuffle does."""
-        src, dst = _shape(arg), _shape(node)
+        src, dst = node_shape(arg), node_shape(node)
         if src is None or dst is None:
             raise self.fail(node, "a reshape whose shapes the trace could not see")
         if value.spread != 1:
@@ -573,15 +619,17 @@ class _Walker:
                         f"dimension (dims {list(value.dims)}) with others")
 
     def permute(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
-        """Moving dims keeps the channels if the batch stays first and the channel dims stay
-        together; their new order reorders the channel nodes (a channel shuffle's transpose)."""
-        ndim = len(_shape(arg) or ())
+        ndim = len(node_shape(arg) or ())
         if node.target in ("permute", torch.permute):
             perm = [d % ndim for d in _dims_arg(node)]
         else:
-            d0, d1 = (_arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim)
-            perm = list(range(ndim))
-            perm[d0], perm[d1] = d1, d0
+            perm = swap_dims(ndim, _arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+        return self.move_dims(node, arg, value, perm)
+
+    def move_dims(self, node: fx.Node, arg: fx.Node, value: Value, perm: list[int]) -> Value:
+        """Moving dims (output dim i is input dim ``perm[i]``) keeps the channels if the batch
+        stays first and the channel dims stay together; their new order reorders the channel
+        nodes (a channel shuffle's transpose)."""
         where = [perm.index(d) for d in value.dims]  # new position of each channel dim
         if perm[0] != 0 or max(where) - min(where) != len(where) - 1:
             raise self.fail(node, f"permutation {perm} moves the batch dim or separates the "
@@ -594,19 +642,24 @@ class _Walker:
         """``chunk``/``split``: pieces along the channels take their share of the nodes; pieces
         along another dim keep them all."""
         metas = node.meta.get("tensor_meta")
-        ndim = len(_shape(arg) or ())
-        dim = _arg(node, 2, "dim", 0) % max(ndim, 1)
         if not isinstance(metas, (tuple, list)):
             raise self.fail(node, "a split whose pieces the trace could not see")
+        return self.pieces(node, arg, value, _arg(node, 2, "dim", 0), [m.shape for m in metas])
+
+    def pieces(self, node: fx.Node, arg: fx.Node, value: Value, dim: int,
+               shapes: list[torch.Size]) -> tuple[Value, ...]:
+        """The pieces, of ``shapes``, of splitting ``value`` (the tensor of ``arg``) along
+        ``dim``."""
+        dim %= max(len(node_shape(arg) or ()), 1)
         if dim not in value.dims:
-            return tuple(replace(value, fresh=False) for _ in metas)
+            return tuple(replace(value, fresh=False) for _ in shapes)
         self.one_axis(node, value, "a split along the channels")
-        pieces = value.nodes.split([m.shape[dim] for m in metas])
+        pieces = value.nodes.split([shape[dim] for shape in shapes])
         return tuple(Value(p, False, value.area, value.axis) for p in pieces)
 
     def reduce(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
         """Mean/max/min over dims other than batch and channels."""
-        ndim = len(_shape(arg) or ())
+        ndim = len(node_shape(arg) or ())
         dims = _arg(node, 1, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         dims = [d % ndim for d in dims]
@@ -622,7 +675,7 @@ class _Walker:
         if node.op == "placeholder":
             if self.rec.num_nodes:
                 raise self.fail(node, "networks with more than one input tensor")
-            shape = _shape(node)
+            shape = node_shape(node)
             if shape is None or len(shape) < 2:
                 raise self.fail(node, "the input must be a tensor [batch, channels, ...]")
             self.rec.input_channels = shape[1]
@@ -652,7 +705,7 @@ class _Walker:
         function = _FUNCTION_HANDLERS.get(node.target)
         if function is not None:
             return function(self, node, args)
-        if _shape(node) is None:
+        if node_shape(node) is None:
             return None  # x.size(), x.dim() and the like: no channels in the result
         raise self.fail(node, "this operation on channel tensors is not supported")
 
@@ -681,8 +734,8 @@ class _Walker:
 
 
 # -- the registries: how each module type and each function maps channels -------------------
-ModuleHandler = Callable[[_Walker, fx.Node, nn.Module, fx.Node, Value], Env]
-FunctionHandler = Callable[[_Walker, fx.Node, list], Env]
+ModuleHandler = Callable[[Walker, fx.Node, nn.Module, fx.Node, Value], Env]
+FunctionHandler = Callable[[Walker, fx.Node, list], Env]
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {}
 _FUNCTION_HANDLERS: dict[object, FunctionHandler] = {}
 
@@ -732,17 +785,12 @@ def module_handler(module_type: type) -> ModuleHandler | None:
     return None
 
 
-def _first(handler: Callable[[_Walker, fx.Node, fx.Node, Value], Env]) -> FunctionHandler:
+def _first(handler: Callable[[Walker, fx.Node, fx.Node, Value], Env]) -> FunctionHandler:
     """A function handler of the first channel argument alone."""
     return lambda walker, node, args: handler(walker, node, *args[0])
 
 
-def _spatial(walker: _Walker, node: fx.Node, arg: fx.Node, value: Value) -> Value:
-    walker.channels_first(node, value, "pooling")
-    return walker.passthrough(arg, value)
-
-
-def _layer_norm_function(walker: _Walker, node: fx.Node, args) -> Value:
+def _layer_norm_function(walker: Walker, node: fx.Node, args) -> Value:
     arg, value = args[0]
     weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
     return walker.layer_norm(node, arg, value, _arg(node, 1, "normalized_shape"),
@@ -751,13 +799,13 @@ def _layer_norm_function(walker: _Walker, node: fx.Node, args) -> Value:
 
 
 register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                nn.ConvTranspose3d)(_Walker.conv)
-register_module(nn.Linear)(_Walker.linear)
-register_module(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)(_Walker.batchnorm)
+                nn.ConvTranspose3d)(Walker.conv)
+register_module(nn.Linear)(Walker.linear)
+register_module(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)(Walker.batchnorm)
 
 
 @register_module(nn.LayerNorm)
-def _layer_norm_module(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node,
+def _layer_norm_module(walker: Walker, node: fx.Node, m: nn.Module, arg: fx.Node,
                        value: Value) -> Value:
     keys = [None if getattr(m, name) is None else f"{node.target}.{name}"
             for name in ("weight", "bias")]
@@ -765,9 +813,9 @@ def _layer_norm_module(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Nod
 
 
 @register_module(nn.MultiheadAttention)
-def _attention(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
+def _attention(walker: Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value
                ) -> tuple[Value, None]:
-    """Self-attention (``_Walker.attention``); its in_proj_weight/in_proj_bias are the
+    """Self-attention (``Walker.attention``); its in_proj_weight/in_proj_bias are the
     input projection."""
     query, key, val = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     if not (query is key is val):
@@ -789,10 +837,10 @@ def attention_module(qkv: str, proj: str, heads: str, head_tensors: dict[str, in
                       fixed: tuple[str, ...] = ()) -> ModuleHandler:
     """A handler for a self-attention module whose Linears ``qkv`` (queries, keys, values,
     head by head) and ``proj`` are submodules and whose head count is attribute ``heads``
-    (``_Walker.attention``). Its per-head tensors ``head_tensors`` (name: the dim holding
+    (``Walker.attention``). Its per-head tensors ``head_tensors`` (name: the dim holding
     the heads; e.g. a relative position bias table) travel with the head nodes outside the
     graph; ``fixed`` tensors follow no channel."""
-    def handler(walker: _Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
+    def handler(walker: Walker, node: fx.Node, m: nn.Module, arg: fx.Node, value: Value) -> Value:
         walker.channels_last(node, arg, value, type(m).__name__)
         prefix = str(node.target)
         out, head_nodes = walker.attention(node, value, getattr(m, heads), *(
@@ -824,7 +872,7 @@ register_module(maxvit.RelativePositionalMultiHeadAttention)(
 
 
 @register_function(swin_transformer._patch_merging_pad)
-def _patch_merging(walker: _Walker, node: fx.Node, args) -> Value:
+def _patch_merging(walker: Walker, node: fx.Node, args) -> Value:
     """Swin's patch merging: the channels of each 2x2 neighbourhood concatenated, [..., H, W,
     C] -> [..., H/2, W/2, 4C]: each channel 4 times, outermost (a Linear after it is a 2x2
     stride-2 conv)."""
@@ -836,17 +884,17 @@ def _patch_merging(walker: _Walker, node: fx.Node, args) -> Value:
 register_module(nn.Flatten)(lambda walker, node, m, arg, value: walker.reshape(node, arg, value))
 register_module(*_ELEMENTWISE_MODULES)(
     lambda walker, node, m, arg, value: walker.passthrough(arg, value))
-register_module(*_SPATIAL_MODULES)(lambda walker, node, m, arg, value: _spatial(walker, node, arg, value))
+register_module(*_SPATIAL_MODULES)(lambda walker, node, m, arg, value: walker.pooling(node, arg, value))
 register_function(*_ELEMENTWISE_FUNCTIONS)(_first(lambda w, node, arg, value: w.passthrough(arg, value)))
-register_function(*_SPATIAL_FUNCTIONS)(_first(_spatial))
-register_function(*_RESHAPES)(_first(_Walker.reshape))
-register_function(*_PERMUTES)(_first(_Walker.permute))
-register_function(*_SPLITS)(_first(_Walker.split))
-register_function(*_REDUCTIONS)(_first(_Walker.reduce))
-register_function(operator.add, operator.iadd, torch.add, "add")(_Walker.add)
-register_function(*_MULTIPLY)(_Walker.multiply)
-register_function(*_DIVIDE)(_Walker.divide)
-register_function(torch.cat, torch.concat)(_Walker.cat)
+register_function(*_SPATIAL_FUNCTIONS)(_first(Walker.pooling))
+register_function(*_RESHAPES)(_first(Walker.reshape))
+register_function(*_PERMUTES)(_first(Walker.permute))
+register_function(*_SPLITS)(_first(Walker.split))
+register_function(*_REDUCTIONS)(_first(Walker.reduce))
+register_function(operator.add, operator.iadd, torch.add, "add")(Walker.add)
+register_function(*_MULTIPLY)(Walker.multiply)
+register_function(*_DIVIDE)(Walker.divide)
+register_function(torch.cat, torch.concat)(Walker.cat)
 register_function(F.layer_norm)(_layer_norm_function)
 
 
@@ -885,5 +933,5 @@ def trace(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], attention
             ShapeProp(gm).propagate(*example_inputs)
     finally:
         module.train(was_training)
-    walker = _Walker(gm, attention)
+    walker = Walker(gm, attention)
     return walker.run(), walker.used_keys

@@ -181,7 +181,7 @@ def test_untying_the_gate_is_caught_by_the_swap_check(monkeypatch):
     model = randomize(_Excite())
     assert check_encoding(model, X, swaps=10).status == EXACT
     NetworkGraph._cache.clear()
-    monkeypatch.setattr(tracing._Walker, "gate",
+    monkeypatch.setattr(tracing.Walker, "gate",
                         lambda self, node, args: tracing.replace(args[0][1], fresh=False))
     verdict = check_encoding(model, X, swaps=10)
     NetworkGraph._cache.clear()

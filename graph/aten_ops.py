@@ -1,0 +1,225 @@
+"""How each ATen operation maps channels, for :mod:`graph.aten_walk`: one handler per
+operation, registered with :func:`register_aten`.
+
+A handler ``handler(walker, node, args) -> Env`` gets the :class:`graph.aten_walk.AtenWalker`
+(the fx walker's bookkeeping: ``convolution``, ``dense``, ``batch_norm``, ``add``, ...), the
+exported fx node of the call and its ``(fx node, Value)`` arguments that carry channels, in
+argument order; :func:`op_args` reads the call's arguments by their schema names. Handlers are
+registered per operation (all overloads: ``aten.add`` covers ``add.Tensor`` and
+``add.Scalar``); in-place variants (``relu_``) are operations of their own.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+import torch
+from torch import fx
+
+from .node_slots import BATCHNORM
+from .tracing import Env, Value, node_shape, swap_dims
+
+if TYPE_CHECKING:
+    from .aten_walk import AtenWalker
+
+aten = torch.ops.aten
+Args = list[tuple[fx.Node, Value]]
+AtenHandler = Callable[["AtenWalker", fx.Node, Args], Env]
+_HANDLERS: dict[Any, AtenHandler] = {}
+
+
+def register_aten(*ops: Any) -> Callable[[AtenHandler], AtenHandler]:
+    """Decorator: ``handler(walker, node, args) -> Env`` encodes calls of the ATen operations
+    ``ops`` (``torch.ops.aten.<name>``, all overloads)."""
+    def register(handler: AtenHandler) -> AtenHandler:
+        for op in ops:
+            _HANDLERS[op] = handler
+        return handler
+    return register
+
+
+def aten_handler(target: Any) -> AtenHandler | None:
+    """The handler of call target ``target`` (an ATen operation overload), if registered."""
+    packet = getattr(target, "overloadpacket", None)
+    return _HANDLERS.get(packet) if packet is not None else None
+
+
+def _schema(node: fx.Node) -> torch.FunctionSchema:
+    """The schema of an ATen call (handlers are only found for ATen operation overloads)."""
+    return cast(torch._ops.OpOverload, node.target)._schema
+
+
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an ATen call by schema name, defaults filled in."""
+    out = {}
+    for i, argument in enumerate(_schema(node).arguments):
+        if i < len(node.args) and not argument.kwarg_only:
+            out[argument.name] = node.args[i]
+        elif argument.name in node.kwargs:
+            out[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            out[argument.name] = argument.default_value
+    return out
+
+
+def _with_variants(*names: str) -> list:
+    """The operations ``names`` and their in-place variants (``relu`` and ``relu_``)."""
+    return [getattr(aten, n) for name in names for n in (name, f"{name}_") if hasattr(aten, n)]
+
+
+def _input(walker: AtenWalker, node: fx.Node, args: Args) -> tuple[fx.Node, Value]:
+    """The channel argument of an operation on one tensor; refused if it reads any other
+    tensor (PReLU's per-channel slopes, a weight computed from activations): such a tensor
+    acts on the channels in a way the handler does not model."""
+    arg, value = args[0]
+    others = [n.name for n in node.all_input_nodes if n is not arg]
+    if others:
+        raise walker.fail(node, f"further tensor inputs {others} besides the channels")
+    if arg is not node.args[0]:
+        raise walker.fail(node, "the channels are not the operation's first argument")
+    return arg, value
+
+
+def _key(walker: AtenWalker, node: fx.Node, tensor: fx.Node | None) -> str | None:
+    return None if tensor is None else walker.state_key(node, tensor)
+
+
+def _result(node: fx.Node, value: Value) -> Env:
+    """``value`` as the result of ``node``: a tuple (value, indices) for operations that also
+    return indices (max pooling with indices)."""
+    returns = len(_schema(node).returns)
+    return value if returns == 1 else (value, *(None,) * (returns - 1))
+
+
+@register_aten(*_with_variants(
+    "relu", "relu6", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid", "hardtanh",
+    "sigmoid", "tanh", "elu", "selu", "celu", "mish", "softplus",
+    "clone", "detach", "alias", "contiguous", "to"))
+def _elementwise(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Each element (or each sample) alone: any channel layout; a dtype cast is one too."""
+    return walker.passthrough(*_input(walker, node, args))
+
+
+@register_aten(*_with_variants("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"))
+def _dropout(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """The identity in eval mode; in training mode (``F.dropout(x, training=True)`` in an
+    eval-mode network) random, which no graph holds."""
+    if op_args(node)["train"]:
+        raise walker.fail(node, "dropout in training mode")
+    return walker.passthrough(*_input(walker, node, args))
+
+
+@register_aten(aten._assert_tensor_metadata)
+def _assertion(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A check the export inserts (before a dtype cast): no result."""
+    return None
+
+
+@register_aten(*(getattr(aten, f"{kind}_pool{d}d") for kind in ("max", "avg", "adaptive_avg",
+                                                                 "adaptive_max") for d in (1, 2, 3)),
+               aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
+def _pooling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    return _result(node, walker.pooling(node, *_input(walker, node, args)))
+
+
+@register_aten(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.squeeze,
+               aten.unsqueeze)
+def _reshape(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    return walker.reshape(node, *_input(walker, node, args))
+
+
+@register_aten(aten.permute)
+def _permute(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    arg, value = _input(walker, node, args)
+    ndim = len(node_shape(arg) or ())
+    return walker.move_dims(node, arg, value, [d % ndim for d in op_args(node)["dims"]])
+
+
+@register_aten(aten.transpose)
+def _transpose(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    arg, value = _input(walker, node, args)
+    a = op_args(node)
+    return walker.move_dims(node, arg, value, swap_dims(len(node_shape(arg) or ()), a["dim0"], a["dim1"]))
+
+
+@register_aten(aten.mean, aten.amax, aten.amin)
+def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)."""
+    return walker.reduce(node, *_input(walker, node, args))
+
+
+@register_aten(aten.split, aten.split_with_sizes, aten.chunk)
+def _split(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    arg, value = _input(walker, node, args)
+    return walker.pieces(node, arg, value, op_args(node)["dim"],
+                         [piece.shape for piece in node.meta["val"]])
+
+
+@register_aten(aten.cat, aten.concat, aten.concatenate)
+def _cat(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    return walker.cat(node, args)
+
+
+@register_aten(*_with_variants("add"))
+def _add(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A residual add, or a parameter or number added (``x + alpha * y`` only with alpha 1:
+    a scaled operand is no identity edge)."""
+    if op_args(node).get("alpha", 1) != 1:
+        raise walker.fail(node, "an addition with a scaled operand (alpha != 1)")
+    return walker.add(node, args)
+
+
+@register_aten(*_with_variants("mul"))
+def _mul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    return walker.multiply(node, args)
+
+
+@register_aten(*_with_variants("div"))
+def _div(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    return walker.divide(node, args)
+
+
+@register_aten(aten.conv1d, aten.conv2d, aten.conv3d)
+def _convolution(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``F.conv2d`` and a Conv2d alike: the weight and bias are the network's parameters."""
+    arg, value = args[0]
+    a = op_args(node)
+    if arg is not a["input"]:
+        raise walker.fail(node, "a convolution whose weight carries channels")
+    weight = walker.state_key(node, a["weight"])
+    return walker.convolution(node, value, "a convolution", tuple(node_shape(a["weight"]) or ()),
+                              a["groups"], weight, _key(walker, node, a["bias"]))
+
+
+@register_aten(aten.linear)
+def _linear(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    arg, value = args[0]
+    a = op_args(node)
+    if arg is not a["input"]:
+        raise walker.fail(node, "a linear map whose weight carries channels")
+    weight = walker.state_key(node, a["weight"])
+    out_features = (node_shape(a["weight"]) or (0,))[0]
+    return walker.dense(node, arg, value, out_features, weight, _key(walker, node, a["bias"]))
+
+
+@register_aten(aten.batch_norm)
+def _batch_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A BatchNorm module, ``F.batch_norm`` in a subclass's forward, any batch norm: its
+    present tensors are node features."""
+    arg, value = args[0]
+    a = op_args(node)
+    if arg is not a["input"]:
+        raise walker.fail(node, "a batch norm whose parameters carry channels")
+    present = [name for name in BATCHNORM.fields if a[name] is not None]
+    keys = {name: walker.state_key(node, a[name]) for name in present}
+    features = (node_shape(a[present[0]]) or (0,))[0] if present else len(value.nodes)
+    return walker.batch_norm(node, arg, value, "a batch norm", features, keys)
+
+
+@register_aten(aten.layer_norm)
+def _layer_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    arg, value = args[0]
+    a = op_args(node)
+    if arg is not a["input"]:
+        raise walker.fail(node, "a layer norm whose parameters carry channels")
+    return walker.layer_norm(node, arg, value, a["normalized_shape"],
+                             _key(walker, node, a["weight"]), _key(walker, node, a["bias"]))

@@ -1,0 +1,100 @@
+"""Walk a ``torch.export`` program (ATen operations) and record the same channel bookkeeping
+as the torch.fx walk (docs/graph.md, "Encoding").
+
+torch.fx sees modules and Python functions, so every spelling of one computation (a
+BatchNorm2d, a subclass that calls ``F.batch_norm``, the function itself) needs a handler of
+its own. An exported program spells them all as one ATen operation. This walker reuses the fx
+walker's bookkeeping (:class:`graph.tracing.Walker`) and produces the same
+:class:`graph.tracing.TraceRecords`; the handler of each ATen operation is registered in
+:mod:`graph.aten_ops`. As in the fx walk, anything it does not model raises
+:class:`UnsupportedArchitectureError`.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from .aten_ops import aten_handler
+from .errors import UnsupportedArchitectureError
+from .tracing import Env, TraceRecords, Value, Walker
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module whose forward made ``node``, with its type."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>"
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", repr(kind))
+    return f"{path or '<top level>'} ({kind.rsplit('.', 1)[-1]})"
+
+
+class AtenWalker(Walker):
+    """The fx walker's bookkeeping over an exported program: parameters and buffers are the
+    program's placeholders (``graph_signature``), every call an ATen operation."""
+
+    def __init__(self, program: torch.export.ExportedProgram, attention: str = "heads") -> None:
+        super().__init__(program.graph_module, attention)
+        signature = program.graph_signature
+        # placeholder name -> state_dict key of the parameter or buffer it stands for
+        self.keys = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        self.user_inputs = set(signature.user_inputs)
+
+    def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
+        called = node.meta.get("torch_fn")
+        called = f", called as {called[1]}" if called else ""
+        return UnsupportedArchitectureError(
+            f"aten node {node.name!r} (module path {_module_path(node)!r}, operation "
+            f"{node.target}{called}): {why}. docs/graph.md lists the supported operations; "
+            "graph.register_aten adds one"
+        )
+
+    def parameter_key(self, tensor) -> str | None:
+        if isinstance(tensor, fx.Node) and tensor.op == "placeholder":
+            return self.keys.get(tensor.name)
+        return None
+
+    def step(self, node: fx.Node) -> Env:
+        if node.op == "placeholder" and node.name not in self.user_inputs:
+            return None  # a parameter, buffer or constant: read by the operations using it
+        if node.op != "call_function":
+            return super().step(node)  # the input, the output
+        args = self.channel_args(node)
+        if not args:
+            return None  # operations on parameters or constants alone
+        if node.target is operator.getitem:
+            return self.getitem(node, args)
+        values = [(arg, v) for arg, v in args if isinstance(v, Value)]
+        if len(values) != len(args):
+            raise self.fail(node, "a tuple of channel tensors used other than by indexing")
+        handler = aten_handler(node.target)
+        if handler is None:
+            raise self.fail(node, "this operation on channel tensors is not supported")
+        return handler(self, node, values)
+
+
+def export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """``module``'s ATen program in eval mode (the function its weights define: no dropout or
+    stochastic depth)."""
+    was_training = module.training
+    module.eval()
+    try:
+        return torch.export.export(module, example_inputs, strict=False)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} cannot be exported with torch.export ({type(e).__name__}: "
+            f"{first_line}); data-dependent control flow in forward() is not supported"
+        ) from e
+    finally:
+        module.train(was_training)
+
+
+def trace_aten(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], attention: str = "heads"
+               ) -> tuple[TraceRecords, set[str]]:
+    """``graph.tracing.trace`` through ``torch.export`` instead of torch.fx: the records of
+    ``module`` on ``example_inputs`` and the state_dict keys they cover."""
+    walker = AtenWalker(export(module, example_inputs), attention)
+    return walker.run(), walker.used_keys
