@@ -10,12 +10,13 @@ registered per operation (all overloads: ``aten.add`` covers ``add.Tensor`` and
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import fx
 
-from .node_slots import BATCHNORM
+from .node_slots import BATCHNORM, GROUPNORM
 from .tracing import Env, Value, node_shape, swap_dims
 
 if TYPE_CHECKING:
@@ -165,12 +166,30 @@ def _add(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     a scaled operand is no identity edge)."""
     if op_args(node).get("alpha", 1) != 1:
         raise walker.fail(node, "an addition with a scaled operand (alpha != 1)")
-    return walker.add(node, args)
+    return _with_scalar(walker, node, args) or walker.add(node, args)
 
 
 @register_aten(*_with_variants("mul"))
 def _mul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    return walker.multiply(node, args)
+    return _with_scalar(walker, node, args) or walker.multiply(node, args)
+
+
+def _with_scalar(walker: AtenWalker, node: fx.Node, args: Args) -> Value | None:
+    """``x * s`` or ``x + s`` with a one-element parameter ``s`` (timm's learnable affine
+    block): every channel alike, so any channel permutation keeps it. ``s`` follows no
+    channel: a passenger without nodes, which the metanetwork leaves as it was. None when
+    ``node`` is not that (a tensor of one channel keeps the fx walk's per-channel reading)."""
+    if len(args) != 1:
+        return None
+    arg, value = args[0]
+    others = [a for a in (*node.args, *node.kwargs.values()) if a is not arg]
+    if len(others) != 1 or len(value.nodes) == 1:
+        return None
+    key = walker.parameter_key(others[0])
+    if key is None or math.prod(node_shape(others[0]) or ()) != 1:
+        return None
+    walker.carry(node, key)
+    return walker.passthrough(arg, value)
 
 
 @register_aten(*_with_variants("div"))
@@ -223,3 +242,56 @@ def _layer_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
         raise walker.fail(node, "a layer norm whose parameters carry channels")
     return walker.layer_norm(node, arg, value, a["normalized_shape"],
                              _key(walker, node, a["weight"]), _key(walker, node, a["bias"]))
+
+
+@register_aten(aten.slice)
+def _slice(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A slice along the channels selects channels: those channels' nodes, as a piece of a
+    split (rexnet's ``x[:, :c] + shortcut``, ghostnet's ``out[:, :c]``); along another dim
+    (not the batch) it keeps every channel."""
+    arg, value = _input(walker, node, args)
+    a = op_args(node)
+    shape = node_shape(arg) or ()
+    dim = a["dim"] % max(len(shape), 1)
+    if dim not in value.dims:
+        if dim == 0 and node_shape(node) != shape:
+            raise walker.fail(node, "a slice of the batch")
+        return walker.passthrough(arg, value)
+    walker.one_axis(node, value, "a slice along the channels")
+    nodes = value.nodes[slice(a["start"], a["end"], a["step"])]
+    return Value(nodes, False, value.area, value.axis)
+
+
+@register_aten(aten.pad, aten.constant_pad_nd)
+def _pad(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Padding (timm's "same" padding before a convolution) acts on each channel alone when it
+    pads neither the batch nor the channel dims: ``pad`` lists (before, after) pairs from the
+    last dim."""
+    arg, value = _input(walker, node, args)
+    ndim = len(node_shape(arg) or ())
+    pad = op_args(node)["pad"]
+    padded = {ndim - 1 - i // 2 for i, amount in enumerate(pad) if amount}
+    if padded & {0, *value.dims}:
+        raise walker.fail(node, f"padding {list(pad)} reaches the batch or the channel dims "
+                          f"{list(value.dims)}")
+    return walker.passthrough(arg, value)
+
+
+@register_aten(aten.group_norm)
+def _group_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A group norm normalizes each run of C/G consecutive channels (dim 1) together: a
+    channel may move within its group, or with its whole group, but not alone to another
+    group. So, as an attention's heads, each group gets a node with a featureless membership
+    edge to each of its channels; weight and bias are node features of kind ``groupnorm``."""
+    arg, value = args[0]
+    a = op_args(node)
+    if arg is not a["input"]:
+        raise walker.fail(node, "a group norm whose parameters carry channels")
+    walker.channels_first(node, value, "a group norm")
+    groups = a["num_groups"]
+    for name in GROUPNORM.fields:
+        if a[name] is not None:
+            walker.add_channels(node, walker.state_key(node, a[name]), GROUPNORM.name, name,
+                                value.nodes)
+    walker.rec.memberships.append((walker.new_nodes(groups)[:, None], value.nodes.reshape(groups, -1)))
+    return walker.passthrough(arg, value)

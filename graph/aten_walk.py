@@ -20,6 +20,11 @@ from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .tracing import Env, TraceRecords, Value, Walker
 
+aten = torch.ops.aten
+# operations that change a tensor's shape but not its elements' row-major order
+_PARAMETER_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze,
+                    aten.flatten, aten.alias)
+
 
 def _module_path(node: fx.Node) -> str:
     """The innermost module whose forward made ``node``, with its type."""
@@ -52,9 +57,23 @@ class AtenWalker(Walker):
         )
 
     def parameter_key(self, tensor) -> str | None:
+        """Also through reshapes of the parameter alone (timm's layer scale multiplies by
+        ``gamma.reshape(1, -1, 1, 1)``): a reshape keeps the elements' row-major order, and
+        the callers check that the channels lie along one dim of the reshaped tensor."""
+        while isinstance(tensor, fx.Node) and tensor.op == "call_function" and (
+                getattr(tensor.target, "overloadpacket", None) in _PARAMETER_VIEWS):
+            tensor = tensor.args[0]
         if isinstance(tensor, fx.Node) and tensor.op == "placeholder":
             return self.keys.get(tensor.name)
         return None
+
+    def add_passenger(self, node: fx.Node, param: fx.Node, value: Value) -> None:
+        """A passenger's record names the dim of the stored tensor holding the channels;
+        through a reshape that is another dim than the one the operation aligns."""
+        if param.op != "placeholder":
+            raise self.fail(node, f"{param.name!r} (operation {param.target}) joins the "
+                            "channels: only a parameter as stored can travel with them")
+        super().add_passenger(node, param, value)
 
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:

@@ -25,17 +25,35 @@ from torch_geometric.data import Data
 from .aten_walk import trace_aten
 from .errors import UnsupportedArchitectureError
 from .node_slots import NODE_SLOTS, NodeColumns, canonical_layout
-from .tracing import ATTENTION_LAYOUTS, Rows, trace
+from .tracing import ATTENTION_LAYOUTS, Rows, TraceRecords, trace
 
 _CACHE_SIZE = 64
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one
 # Dirac edge per channel (i -> i); "dense" is the paper's CIFAR-ResNet encoding, all C x C
 # pairs with zero features except the Dirac centre tap of the i -> i edges (docs/method.md).
 IDENTITY_EDGES = ("diagonal", "dense")
-# How a network is walked: "fx" (torch.fx: modules and Python functions) or "aten" (a
-# torch.export program: ATen operations, so F.batch_norm and a BatchNorm2d are one operation).
-# Both give the same graph where both can walk a network; the layout does not record which.
-TRACERS = {"fx": trace, "aten": trace_aten}
+
+
+def trace_auto(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], attention: str = "heads"
+               ) -> tuple[TraceRecords, set[str]]:
+    """The fx walk, or where it refuses ``module`` the ATen walk: every graph fx builds stays
+    as it is (the reference), and what only the ATen walk models is encoded too."""
+    try:
+        return trace(module, example_inputs, attention)
+    except UnsupportedArchitectureError as fx_refusal:
+        try:
+            return trace_aten(module, example_inputs, attention)
+        except UnsupportedArchitectureError as aten_refusal:
+            raise UnsupportedArchitectureError(
+                f"both walkers refuse {type(module).__name__}; torch.fx: {fx_refusal}; "
+                f"torch.export: {aten_refusal}") from aten_refusal
+
+
+# How a network is walked: "fx" (torch.fx: modules and Python functions), "aten" (a
+# torch.export program: ATen operations, so F.batch_norm and a BatchNorm2d are one operation)
+# or "auto" (fx, else aten; the default). Both give the same graph where both can walk a
+# network; the layout does not record which.
+TRACERS = {"fx": trace, "aten": trace_aten, "auto": trace_auto}
 
 
 @dataclass(frozen=True)
@@ -79,11 +97,12 @@ class GraphOptions:
     identities (``IDENTITY_EDGES``) and self-attention (``ATTENTION_LAYOUTS``: "heads", ours,
     or "paper"). A graph's layout records them, so a metanetwork rebuilds the graphs it was
     trained on (``Metanetwork.graph_options``). ``tracer`` (``TRACERS``) chooses how the
-    network is walked; it changes which networks can be encoded, not their graphs."""
+    network is walked; it changes which networks can be encoded, not their graphs
+    (docs/decisions.md, "Tracer")."""
 
     identity_edges: str = "diagonal"
     attention: str = "heads"
-    tracer: str = "fx"
+    tracer: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tracer not in TRACERS:
@@ -166,7 +185,7 @@ class NetworkGraph:
     _cache: "OrderedDict[tuple, NetworkGraph]" = OrderedDict()
 
     def __init__(self, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
-                 attention: str = "heads", tracer: str = "fx") -> None:
+                 attention: str = "heads", tracer: str = "auto") -> None:
         GraphOptions(identity_edges, attention, tracer)  # refuses unknown choices
         self.identity_edges, self.attention = identity_edges, attention
         example_inputs = _as_tuple(example_inputs)
@@ -272,10 +291,10 @@ class NetworkGraph:
     # -- public API -----------------------------------------------------------------------------
     @classmethod
     def from_module(cls, module: nn.Module, example_inputs, identity_edges: str = "diagonal",
-                    attention: str = "heads", tracer: str = "fx") -> "NetworkGraph":
+                    attention: str = "heads", tracer: str = "auto") -> "NetworkGraph":
         """Trace ``module`` (cached per architecture, width pattern, identity and attention
         layout and tracer); ``attention``: "heads" (ours) or "paper" (docs/graph.md);
-        ``tracer``: "fx" or "aten" (``TRACERS``)."""
+        ``tracer``: "auto" (fx, else aten), "fx" or "aten" (``TRACERS``)."""
         example_inputs = _as_tuple(example_inputs)
         key = (identity_edges, attention, tracer, type(module).__module__, type(module).__qualname__,
                tuple(type(m).__name__ for m in module.modules()),

@@ -72,6 +72,8 @@ SCALE = register_node_slot(NodeSlot("scale", ("weight",), (1.0,)))
 ATTENTION = register_node_slot(NodeSlot("attention", ("q_bias", "k_bias"), (0.0, 0.0)))
 # the paper's attention layout: query, key and value bias features of one tied channel
 QKV_BIAS = register_node_slot(NodeSlot("qkv_bias", ("q_bias", "k_bias", "v_bias"), (0.0, 0.0, 0.0)))
+# a group norm's per-channel weight and bias (its groups are membership edges, docs/graph.md)
+GROUPNORM = register_node_slot(NodeSlot("groupnorm", ("weight", "bias"), (1.0, 0.0)))
 
 
 @dataclass(frozen=True)

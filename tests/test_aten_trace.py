@@ -3,6 +3,7 @@ cannot (issue 29)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from graph_helpers import edges
 from pruning_helpers import random_prune, randomize
 from torch import nn
 
@@ -107,7 +108,8 @@ def test_timm_spellings_refused_by_fx_are_encoded_exactly_by_aten():
     # the tracer is part of the cache key: the aten graph built first is not handed to fx
     graph = NetworkGraph.from_module(model, X32, tracer="aten")
     with pytest.raises(UnsupportedArchitectureError, match="fx node"):
-        NetworkGraph.from_module(model, X32)
+        NetworkGraph.from_module(model, X32, tracer="fx")
+    _assert_same_graph(graph, NetworkGraph.from_module(model, X32), model)  # "auto": aten here
     # nodes: input, stem, expand, depthwise, project (the residual's target), classifier
     assert graph.num_nodes == 3 + 8 + 12 + 12 + 8 + 5
     assert graph.columns.slots("bn") == 1 and graph.columns.slots("bias") == 1
@@ -127,18 +129,6 @@ def test_timm_spellings_refused_by_fx_are_encoded_exactly_by_aten():
     assert not torch.equal(other(X32), model(X32))
     other.load_state_dict(decoded, strict=False)
     assert torch.equal(other(X32), model(X32))
-
-
-def _edges(data, sigma: torch.Tensor | None = None) -> dict:
-    """Per edge type: edge (src, dst), relabelled by ``sigma`` if given -> its features."""
-    out = {}
-    for area in data.graph.edge_types:
-        src, dst = data.edge_index[:, data.edge_type == area]
-        if sigma is not None:
-            src, dst = sigma[src], sigma[dst]
-        for s, d, f in zip(src.tolist(), dst.tolist(), data[edge_attr_key(area)]):
-            out[area, s, d] = f
-    return out
 
 
 def test_a_swap_of_twin_channels_is_the_same_function_and_a_relabelled_graph():
@@ -164,10 +154,10 @@ def test_a_swap_of_twin_channels_is_the_same_function_and_a_relabelled_graph():
         sigma[nodes] = nodes[perm]
     assert not torch.equal(data_p.x, data.x)
     assert torch.equal(data_p.x, data.x[sigma])
-    relabelled, original = _edges(data_p, sigma), _edges(data)
+    relabelled, original = edges(data_p, sigma), edges(data)
     assert relabelled.keys() == original.keys()
     assert all(torch.equal(relabelled[e], original[e]) for e in original)
-    assert _edges(data_p) != original  # not the identity relabelling
+    assert edges(data_p) != original  # not the identity relabelling
 
 
 class _Softmax(nn.Module):
@@ -181,12 +171,17 @@ class _Softmax(nn.Module):
 
 class _GroupNorm(_Softmax):
     def forward(self, x):
-        return F.group_norm(self.conv(x), 2)
+        return F.group_norm(self.conv(x).transpose(1, 2), 2)
+
+
+class _ChannelPad(_Softmax):
+    def forward(self, x):
+        return F.pad(self.conv(x), (1, 1, 1, 1, 0, 1))
 
 
 class _ChannelSlice(_Softmax):
-    def forward(self, x):
-        return self.conv(x)[:, :2]
+    def forward(self, x):  # channel groups (as a shuffle makes): which channels a slice takes?
+        return self.conv(x).view(1, 2, 2, 6, 6)[:, :1]
 
 
 class _PReLU(_Softmax):
@@ -211,8 +206,10 @@ class _TrainingDropout(_Softmax):
 
 @pytest.mark.parametrize("net,node,op,why", [
     (_Softmax, "softmax", "aten.softmax.int", "not supported"),
-    (_GroupNorm, "group_norm", "aten.group_norm.default", "not supported"),
-    (_ChannelSlice, "slice_1", "aten.slice.Tensor", "not supported"),
+    (_GroupNorm, "group_norm", "aten.group_norm.default", "a group norm on a tensor whose "
+     "channels are in dim 2"),
+    (_ChannelPad, "pad", "aten.pad.default", "reaches the batch or the channel dims [1]"),
+    (_ChannelSlice, "slice_1", "aten.slice.Tensor", "channels are spread over dims [1, 2]"),
     (_PReLU, "prelu", "aten.prelu.default", "not supported"),
     (_ScaledResidual, "add", "aten.add.Tensor", "alpha != 1"),
     (_TrainingDropout, "dropout", "aten.dropout.default", "dropout in training mode"),
@@ -241,5 +238,23 @@ def test_the_tracer_is_an_option_that_leaves_layouts_alone():
         GraphOptions(tracer="jit")
     model = networks.build("resnet8_cifar", 10, width=0.25)
     graph = GraphOptions(tracer="aten").graph(model, X32)
-    assert graph.layout == GraphOptions().graph(model, X32).layout
+    assert graph.layout == GraphOptions(tracer="fx").graph(model, X32).layout
     assert GraphOptions.of_layout(graph.layout) == GraphOptions()
+    assert GraphOptions().tracer == "auto"
+
+
+def test_auto_keeps_every_graph_fx_builds():
+    """The default tracer walks with fx first: where fx encodes a network, its graph is the
+    fx graph, bit for bit (a fresh build, not the cached fx graph)."""
+    model = randomize(networks.build("mobilenet_v3_small", 10, width_mult=0.5))
+    fx_graph = NetworkGraph(model, X32, tracer="fx")
+    _assert_same_graph(fx_graph, NetworkGraph(model, X32), model)
+
+
+def test_auto_names_both_refusals():
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        NetworkGraph(_Softmax(), torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert message.startswith("both walkers refuse _Softmax")
+    assert "torch.fx: fx node 'softmax'" in message
+    assert "torch.export: aten node 'softmax'" in message and "aten.softmax.int" in message

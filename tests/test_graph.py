@@ -386,8 +386,10 @@ class _LayerNormNet(nn.Module):
     (_ChannelPad, "pad", "call_function pad"), (_LayerNormNet, "norm", "call_module norm"),
 ])
 def test_unsupported_operations_name_node_module_and_operation(net, node, op):
+    """The fx walk's refusals (the ATen walk, which "auto" falls back to, encodes a channel
+    slice and a GroupNorm: tests/test_timm_encode.py)."""
     with pytest.raises(UnsupportedArchitectureError) as info:
-        NetworkGraph.from_module(net(), torch.randn(1, 3, 8, 8))
+        NetworkGraph.from_module(net(), torch.randn(1, 3, 8, 8), tracer="fx")
     message = str(info.value)
     assert f"fx node {node!r}" in message
     assert op in message
