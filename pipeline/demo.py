@@ -244,9 +244,12 @@ class Timings(dict):
 
 def demo_settings(cfg: DemoConfig, stages: dict[str, dict]) -> dict:
     """What ``<out>/demo.json`` records: the demo's settings, ``select``'s and the stage
-    configs, as JSON values."""
-    return json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
-                                  "stages": stages}))
+    configs, as JSON values. ``smoke`` is recorded only when true, so folders written before
+    the option existed keep their settings."""
+    demo = dataclasses.asdict(cfg.demo)
+    if not demo["smoke"]:
+        del demo["smoke"]
+    return json.loads(json.dumps({"demo": demo, "select": cfg.select, "stages": stages}))
 
 
 def demo_folder(cfg: DemoConfig, out: Path, data: dict) -> tuple[dict[str, dict], dict[str, Path]]:

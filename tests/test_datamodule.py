@@ -75,7 +75,7 @@ def test_imagefolder_224(tiny_imagenet: Path) -> None:
 
 def test_missing_root_names_path_and_download(tmp_path: Path) -> None:
     root = tmp_path / "nowhere"
-    with pytest.raises(DatasetError, match="download option to true") as err:
+    with pytest.raises(DatasetError, match=r"download option \(data.init_args.download: true\)") as err:
         _dm(root)
     assert str(root) in str(err.value) and "does not exist" in str(err.value)
 

@@ -106,6 +106,8 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
     assert (out / "meta" / "selection" / "selection.png").is_file()
     written = json.loads((out / "results.json").read_text())
     table = written["table"]
+    # not a smoke run: demo.json as folders written before the option hold it (they stay valid)
+    assert "smoke" not in json.loads((out / "demo.json").read_text())["demo"]
     for method in pipeline_run.METHODS:
         for speed_up in (2.0, 2.5):
             run = out / "prune" / results.run_key(100, speed_up, method)
