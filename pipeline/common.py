@@ -155,6 +155,40 @@ def wait_for(path: Path, timeout_s: float = 600.0) -> None:
         time.sleep(1.0)
 
 
+STAGE_FILE = "stage.json"  # <log dir>/stage.json: what the checkpoints beside it were trained from
+
+
+def stage_fingerprint(config: dict) -> dict:
+    """What a stage's checkpoints depend on: its config and the content of the network file it
+    starts from (``model.init_args.weights``), which a rebuilt earlier stage may have changed
+    under the same path."""
+    import hashlib
+
+    weights = ((config.get("model") or {}).get("init_args") or {}).get("weights")
+    digest = (hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+              if isinstance(weights, str) and Path(weights).is_file() else None)
+    return json.loads(json.dumps({"config": config, "weights_sha256": digest}))
+
+
+def stale_checkpoints_aside(folder: Path, fingerprint: dict) -> bool:
+    """Before a fit resumes from ``folder/checkpoints``: when they were trained from another
+    config or another input network (``stage.json``), rank 0 moves them aside to
+    ``checkpoints.superseded-<n>`` (nothing is deleted) and the stage starts over on every rank
+    (returns True); rank 0 then records this fit's fingerprint. A folder from before
+    fingerprints existed resumes as it is."""
+    record, checkpoints = folder / STAGE_FILE, folder / "checkpoints"
+    stale = (record.is_file() and checkpoints.exists()
+             and json.loads(record.read_text()) != fingerprint)
+    if is_rank_zero():
+        if stale:
+            n = 1 + sum(1 for _ in folder.glob("checkpoints.superseded-*"))
+            checkpoints.rename(folder / f"checkpoints.superseded-{n}")
+            print(f"{checkpoints}: trained from another config or input network; moved aside "
+                  f"to checkpoints.superseded-{n}, the stage starts over", file=sys.stderr)
+        write_json(record, fingerprint)
+    return stale
+
+
 def fit_stage(config: dict, test: bool = False) -> Any:
     """Run one Lightning fit (optionally followed by a test of the best checkpoint) from a
     LightningCLI config dict; resumes from ``<log_dir>/checkpoints/last.ckpt`` when present."""
@@ -164,8 +198,10 @@ def fit_stage(config: dict, test: bool = False) -> Any:
     # (a relaunching DDP strategy starts the other ranks with it).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     cli = main(["--config", yaml.safe_dump(config, sort_keys=False)], run=False)
-    last = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if last.is_file() else None
+    folder = Path(cli.trainer.log_dir or cli.trainer.default_root_dir)
+    last = folder / "checkpoints" / "last.ckpt"
+    stale = stale_checkpoints_aside(folder, stage_fingerprint(config))
+    ckpt_path = str(last) if last.is_file() and not stale else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

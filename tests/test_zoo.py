@@ -231,6 +231,35 @@ def test_crash_before_manifest_row_leaves_consistent_zoo_and_rerun_completes(
     assert [r["seed"] for r in rows] == [3]
     check_member(zoo_dir, rows[0])
     assert pretrained.stat().st_mtime_ns == mtime  # stage 1 was not redone
+    assert not list(zoo_dir.rglob("checkpoints.superseded-*"))  # same inputs: stage 2 resumed
+
+
+def test_a_stage_rebuilt_from_another_input_network_does_not_resume_old_checkpoints(
+        tiny_cifar: Path, tmp_path: Path) -> None:
+    """A member discarded and built again after its stage-1 network changed under the same
+    path: the finetune's old checkpoints (trained from the old network) are moved aside, not
+    resumed, even though the shapes match and resuming would load without an error."""
+    import hashlib
+
+    config, zoo_dir = tiny_zoo_config(tiny_cifar, tmp_path), tmp_path / "zoo"
+    assert run_zoo(config, 5) == 0
+    finetune = zoo_dir / "runs" / "seed5" / "finetune"
+    old_member = (zoo_dir / "members" / "seed5.pt").read_bytes()
+    pretrained = zoo_dir / "runs" / "seed5" / "pretrain" / "network.pt"
+    network, record = networks.load_network(pretrained)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.mul_(1.5)
+    networks.save_network(network, pretrained, record["arch"])
+    zoo_manifest.write_manifest(zoo_dir, {"format": zoo_manifest.FORMAT, "members": []})
+    (zoo_dir / "members" / "seed5.pt").unlink()
+    assert run_zoo(config, 5) == 0
+    assert (finetune / "checkpoints.superseded-1" / "last.ckpt").is_file()
+    stage = json.loads((finetune / "stage.json").read_text())
+    assert stage["weights_sha256"] == hashlib.sha256(pretrained.read_bytes()).hexdigest()
+    rows = read_manifest(zoo_dir)["members"]
+    check_member(zoo_dir, rows[0])
+    assert (zoo_dir / "members" / "seed5.pt").read_bytes() != old_member
 
 
 def test_broken_manifest_errors_name_the_file(tmp_path: Path) -> None:
