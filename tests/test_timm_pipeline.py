@@ -114,7 +114,8 @@ def _timm_resized_to(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Modu
     return model
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050"])
+@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050",
+                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_prune_run_prunes_a_timm_network_from_a_plain_state_dict(
         name: str, tiny_cifar: Path, tmp_path: Path) -> None:
     """`--arch timm:<name> --weights FILE --method none` reaches the target by torch_pruning's
