@@ -74,11 +74,19 @@ def _norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeV
     return None if per_channel is None else {"num_features": int(per_channel.shape[0])}
 
 
+def _group_norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:
+    # channel pruning removes the same positions from every group (torch_pruning's channel
+    # groups), so the group count stays and only the channel count follows the tensors
+    weight = tensors.get("weight")
+    return None if weight is None else {"num_channels": int(weight.shape[0])}
+
+
 register_layer_shape(LayerShape(("in_channels", "out_channels", "groups"), _conv, "out_channels"),
                      nn.modules.conv._ConvNd)
 register_layer_shape(LayerShape(("in_features", "out_features"), _linear, "out_features"),
                      nn.Linear)
 register_layer_shape(LayerShape(("num_features",), _norm), nn.modules.batchnorm._NormBase)
+register_layer_shape(LayerShape(("num_channels",), _group_norm), nn.GroupNorm)
 
 
 def _layer_norm(m: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, ShapeValue] | None:

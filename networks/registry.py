@@ -13,12 +13,15 @@ from .cifar_resnet import CifarResNet
 from .vgg import CifarVGG
 
 _CIFAR_RESNET = re.compile(r"^(?:cifar_)?resnet(\d+)_cifar$|^cifar_resnet(\d+)$")
+TIMM_PREFIX = "timm:"
 _VIT_CIFAR = {"image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 64,
               "mlp_dim": 128}
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`build` (CIFAR nets plus every torchvision classifier)."""
+    """Names accepted by :func:`build` (CIFAR nets plus every torchvision classifier). Also
+    accepted, not listed: ``timm:<name>`` for any name of ``timm.list_models()`` and
+    ``package.module:Class``."""
     cifar = [f"resnet{d}_cifar" for d in (20, 32, 44, 56, 110)] + ["vgg19_bn_cifar", "vit_cifar"]
     return cifar + sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -31,9 +34,13 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     scale (32x32 images, patch 4, depth 4, 4 heads, width 64, MLP 128; each overridable by
     keyword). ``package.module:Class`` builds a user's own ``nn.Module`` class (importable from
     where the command runs), with ``kwargs`` and, when its constructor takes it,
-    ``num_classes``. Any other name is looked up among torchvision's classification models and
-    built with ``weights=None`` (nothing is ever downloaded).
+    ``num_classes``. ``timm:<name>`` builds ``timm.create_model(name, pretrained=False,
+    num_classes=num_classes, **kwargs)`` (timm must be installed). Any other name is looked up
+    among torchvision's classification models and built with ``weights=None`` (nothing is ever
+    downloaded).
     """
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name, num_classes, kwargs)
     if ":" in name:
         return _user_class(name, num_classes, kwargs)
     m = _CIFAR_RESNET.match(name)
@@ -54,9 +61,30 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     raise ValueError(
         f"unknown network {name!r}. Use resnet<6n+2>_cifar (e.g. resnet56_cifar), vgg19_bn_cifar, vit_cifar, "
-        f"a torchvision classifier name such as resnet50 or mobilenet_v2, or your own class as "
-        f"package.module:Class"
+        f"a torchvision classifier name such as resnet50 or mobilenet_v2, a timm model as "
+        f"timm:<name> (e.g. timm:convnext_atto; names from timm.list_models()), or your own class "
+        f"as package.module:Class"
     )
+
+
+def _timm_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm:<model>``, untrained; timm is imported only here (an optional dependency)."""
+    model_name = name[len(TIMM_PREFIX):]
+    if kwargs.get("pretrained"):
+        raise ValueError(f"network {name!r}: pretrained timm weights are never downloaded here; "
+                         "load a local checkpoint instead")
+    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"network {name!r}: timm is not installed; pip install timm") from None
+    if not timm.is_model(model_name):
+        raise ValueError(f"network {name!r}: timm has no model {model_name!r}; "
+                         "timm.list_models() lists its names (e.g. timm.list_models('convnext*'))")
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"network {name!r} with arguments {kwargs}: {e}") from None
 
 
 def _user_class(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:

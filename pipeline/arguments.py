@@ -87,7 +87,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint of ImageClassifier (or use --arch with --weights)")
     parser.add_argument("--arch", default=None,
                         help="with --weights: a registry/torchvision architecture name (e.g. "
-                             "resnet50) or your own nn.Module class as package.module:Class")
+                             "resnet50), a timm model as timm:NAME (e.g. timm:convnext_atto) "
+                             "or your own nn.Module class as package.module:Class")
     parser.add_argument("--arch_kwargs", type=mapping, default=None, metavar="YAML",
                         help="with --arch: constructor arguments as a YAML/JSON mapping, e.g. "
                              "'{width: 0.5}' (num_classes is passed when the class takes it)")

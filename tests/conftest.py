@@ -55,8 +55,12 @@ def _fresh_ddp_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
-def _make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
-    """Tiny zoo: quarter-width ResNet-8s pruned differently, registered in a manifest."""
+RESNET8 = {"name": "resnet8_cifar", "kwargs": {"width": 0.25}}
+
+
+def _make_zoo(root: Path, count: int = 3, num_classes: int = 3, arch: dict | None = None) -> Path:
+    """Tiny zoo: networks of ``arch`` (``{"name", "kwargs"}``; default quarter-width
+    ResNet-8s) pruned differently, registered in a manifest."""
     import torch
     from pruning_helpers import random_prune
 
@@ -64,11 +68,11 @@ def _make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
     from datamodules.zoo_manifest import add_member, member_file, widths
 
     example = torch.zeros(1, 3, 32, 32)
-    arch = {"name": "resnet8_cifar", "num_classes": num_classes, "kwargs": {"width": 0.25}}
-    base = networks.count_macs(networks.build("resnet8_cifar", num_classes, width=0.25), example)
+    arch = {**(arch or RESNET8), "num_classes": num_classes}
+    base = networks.count_macs(networks.build(arch["name"], num_classes, **arch["kwargs"]), example)
     for seed in range(count):
         torch.manual_seed(seed)
-        model = networks.build("resnet8_cifar", num_classes, width=0.25)
+        model = networks.build(arch["name"], num_classes, **arch["kwargs"])
         random_prune(model, example, ratio=0.2, seed=seed)
         file = member_file(seed)
         networks.save_network(model, root / file, arch)
@@ -82,5 +86,6 @@ def _make_zoo(root: Path, count: int = 3, num_classes: int = 3) -> Path:
 
 @pytest.fixture(scope="session")
 def make_zoo() -> Callable[..., Path]:
-    """``make_zoo(root, count=3, num_classes=3)`` builds a tiny zoo of pruned ResNet-8s."""
+    """``make_zoo(root, count=3, num_classes=3, arch=None)`` builds a tiny zoo of pruned
+    networks (ResNet-8s unless ``arch`` says otherwise)."""
     return _make_zoo

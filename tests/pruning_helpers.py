@@ -1,12 +1,17 @@
 """Test networks: random weights, pruning with torch_pruning (random channels, chosen widths),
-and a plain accuracy loop to check reported accuracies against."""
+a plain accuracy loop to check reported accuracies against, and a tiny prune config."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
+import yaml
 from torch import nn
 
 from networks import classifier_layer
+
+DEMO_PRUNE = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
 
 
 def random_prune(model: nn.Module, example: torch.Tensor, ratio: float, seed: int) -> nn.Module:
@@ -75,3 +80,18 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def tiny_prune_config(root: Path, out: Path, speed_up: float, iterative_steps: int) -> Path:
+    """The demo prune.yaml shrunk to seconds (3 classes, 2 batches per stage, 1 epoch each),
+    written to ``out/prune.yaml``."""
+    cfg = yaml.safe_load(DEMO_PRUNE.read_text())
+    cfg["prune"].update(dir=str(out / "runs"), speed_up=speed_up, iterative_steps=iterative_steps)
+    cfg["base"]["trainer"].update(limit_train_batches=2, enable_model_summary=False)
+    cfg["base"]["data"]["init_args"].update(root=str(root), num_classes=3, batch_size=8,
+                                            eval_batch_size=8, subset=None, test_subset=None)
+    for stage in ("finetune", "final"):
+        cfg[stage]["trainer"]["max_epochs"] = 1
+    path = out / "prune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

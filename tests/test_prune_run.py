@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from pruning_helpers import plain_accuracy, random_prune
+from pruning_helpers import plain_accuracy, random_prune, tiny_prune_config
 from torch import nn
 
 import networks
@@ -26,7 +26,6 @@ from pipeline import run as pipeline_run
 from pipeline import run_stages
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
-DEMO = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
 ARCH = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
 X32 = torch.zeros(1, 3, 32, 32)
 TARGET = 1.6
@@ -35,16 +34,7 @@ STEPS = 40
 
 def tiny_config(root: Path, out: Path) -> Path:
     """The demo prune.yaml shrunk to seconds: 3 classes, 2 batches per stage."""
-    cfg = yaml.safe_load(DEMO.read_text())
-    cfg["prune"].update(dir=str(out / "runs"), speed_up=TARGET, iterative_steps=STEPS)
-    cfg["base"]["trainer"].update(limit_train_batches=2, enable_model_summary=False)
-    cfg["base"]["data"]["init_args"].update(root=str(root), num_classes=3, batch_size=8,
-                                            eval_batch_size=8, subset=None, test_subset=None)
-    for stage in ("finetune", "final"):
-        cfg[stage]["trainer"]["max_epochs"] = 1
-    path = out / "prune.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_prune_config(root, out, TARGET, STEPS)
 
 
 def zoo_like_network(path: Path, seed: int = 0) -> Path:
