@@ -1,7 +1,11 @@
-"""Census of the graph encoding over every torchvision classification model (issue 15).
+"""Census of the graph encoding over torchvision's classification models (issue 15) or over a
+fixed list of timm classifiers across families (issue 29).
 
-    python benchmarks/census.py [--max_params 40] [--size 224] [--swaps 4] \
-        [--out runs/census.jsonl] [--table runs/census.md]
+    python benchmarks/census.py [--source torchvision|timm] [--max_params 40] [--size 224] \
+        [--swaps 4] [--out runs/census[_timm].jsonl] [--table runs/census[_timm].md]
+
+Inputs are ``--size`` pixels square, by default each model's own default (timm's
+``pretrained_cfg['input_size']``; 224 for torchvision).
 
 Each model is built untrained (10 classes, its own random init, zero-initialized weight tensors
 such as a ViT's head drawn at random so that every layer reaches the output; no download),
@@ -31,13 +35,33 @@ _BUILD_ARGS = {"googlenet": {"aux_logits": False, "init_weights": False},
                "inception_v3": {"aux_logits": False, "init_weights": False}}
 # the input size a model needs when it is not --size (Inception v3 wants at least 75 pixels)
 _MIN_SIZE = {"inception_v3": 299}
+# timm classifiers across families, fixed before the census ran (so its count means something):
+# CNNs of every timm family up to ~30M parameters, then attention, MLP and hybrid models.
+TIMM_MODELS = (
+    "resnet18", "resnet26d", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "res2net50_14w_8s",
+    "resnest14d", "ecaresnet26t", "skresnet18", "gcresnet33ts", "selecsls42b", "regnetx_002",
+    "regnety_002", "regnetz_b16", "densenet121", "dpn68", "cspresnet50", "cspdarknet53",
+    "ese_vovnet19b_dw", "vovnet39a", "dla34", "hrnet_w18_small", "efficientnet_b0",
+    "efficientnet_lite0", "efficientnetv2_rw_t", "tf_efficientnetv2_b0", "mixnet_s", "mnasnet_100",
+    "mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100", "mobilenetv4_conv_small",
+    "lcnet_050", "fbnetc_100", "spnasnet_100", "tinynet_a", "ghostnet_100", "ghostnetv2_100",
+    "rexnet_100", "hardcorenas_a", "convnext_atto", "convnext_femto", "convnext_nano",
+    "convnextv2_atto", "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "hgnetv2_b0",
+    "hgnet_tiny", "starnet_s1", "xception41", "inception_v3", "nf_resnet26", "nf_regnet_b0",
+    "eca_nfnet_l0", "botnet26t_256", "halonet26t", "sebotnet33ts_256", "efficientvit_m0",
+    "efficientvit_b0", "efficientformer_l1", "efficientformerv2_s0", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "vit_small_patch16_224", "deit3_small_patch16_224",
+    "swin_tiny_patch4_window7_224", "pvt_v2_b0", "poolformer_s12", "coat_tiny", "levit_128s",
+    "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "tiny_vit_5m_224", "resmlp_12_224",
+    "mixer_s32_224", "gmlp_ti16_224", "crossvit_tiny_240", "cait_xxs24_224", "convmixer_768_32",
+)
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def census_one(name: str, size: int, swaps: int) -> dict:
+def census_one(name: str, size: int | None, swaps: int) -> dict:
     """Build, encode and check one model (run in its own process)."""
     import torch
     from torch import nn
@@ -53,6 +77,8 @@ def census_one(name: str, size: int, swaps: int) -> dict:
             if p.dim() > 1 and not p.any():
                 p.normal_(0.0, p.shape[-1] ** -0.5)
     params = sum(p.numel() for p in model.parameters())
+    if size is None:  # the model's own default input (timm records it; torchvision: 224)
+        size = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
     size = max(size, _MIN_SIZE.get(name, 0))
     example = torch.randn(1, 3, size, size)
     before = _peak_mb()
@@ -91,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max_params", type=float, default=None,
                         help="skip models with more parameters (millions); default: all")
-    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",
+                        help="torchvision's classifiers, or the fixed timm list TIMM_MODELS")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input height and width (default: each model's own default)")
     parser.add_argument("--swaps", type=int, default=4, help="node swaps tried per model")
     parser.add_argument("--models", nargs="*", help="only these models (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("runs/census.jsonl"))
-    parser.add_argument("--table", type=Path, default=Path("runs/census.md"))
+    parser.add_argument("--out", type=Path, default=None, help="default runs/census[_timm].jsonl")
+    parser.add_argument("--table", type=Path, default=None, help="default runs/census[_timm].md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model
     args = parser.parse_args(argv)
     if args.one:
@@ -105,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import networks
 
-    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    suffix = "_timm" if args.source == "timm" else ""
+    args.out = args.out or Path(f"runs/census{suffix}.jsonl")
+    args.table = args.table or Path(f"runs/census{suffix}.md")
+    names = args.models or ([f"timm:{n}" for n in TIMM_MODELS] if args.source == "timm"
+                            else torchvision.models.list_models(module=torchvision.models))
     done = {}
     if args.out.exists():
         done = {r["model"]: r for r in map(json.loads, args.out.read_text().splitlines())}
@@ -119,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             if params > args.max_params:
                 print(f"[{i + 1}/{len(names)}] {name}: {params:.0f}M parameters, skipped")
                 continue
-        child = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size),
+        size = [] if args.size is None else ["--size", str(args.size)]
+        child = subprocess.run([sys.executable, __file__, "--one", name, *size,
                                 "--swaps", str(args.swaps)], capture_output=True, text=True)
         if child.returncode != 0:
             last = [line for line in child.stderr.splitlines() if "warn" not in line.lower()]
             why = (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
                    else last[-1] if last else f"exit status {child.returncode}")
-            row = {"model": name, "params_m": 0, "size": args.size, "status": "crash",
+            row = {"model": name, "params_m": 0, "size": args.size or 0, "status": "crash",
                    "reason": f"the check's process failed: {why}", "nodes": 0, "edges": 0,
                    "swaps": 0}
         else:
