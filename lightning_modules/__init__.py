@@ -1,6 +1,7 @@
 """Lightning modules: thin training glue over the pure networks/ and graph/ packages."""
-from .checkpoints import load_metanetwork, trained_criterion
+from .checkpoints import load_metanetwork, trained_criterion, trained_sparsity
 from .classifier import ImageClassifier
 from .meta_pruning import MetaPruningModule
 
-__all__ = ["ImageClassifier", "MetaPruningModule", "load_metanetwork", "trained_criterion"]
+__all__ = ["ImageClassifier", "MetaPruningModule", "load_metanetwork", "trained_criterion",
+           "trained_sparsity"]

@@ -39,3 +39,11 @@ def trained_criterion(path: str | os.PathLike) -> str:
     ckpt = networks.safe_load(path, "metanetwork checkpoint")
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     return str((hparams or {}).get("importance") or "l2")
+
+
+def trained_sparsity(path: str | os.PathLike) -> str:
+    """What a metanetwork checkpoint was meta-trained to make prunable: "channels" (also for
+    checkpoints written before the option existed) or "weights"."""
+    ckpt = networks.safe_load(path, "metanetwork checkpoint")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return str((hparams or {}).get("sparsity") or "channels")

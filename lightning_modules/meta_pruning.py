@@ -18,6 +18,8 @@ from objective import MemberState, PrunedView, load_weights, meta_loss
 
 from .distributed import destroy_process_group_at_exit
 
+SPARSITY_MODES = ("channels", "weights")
+
 
 class MetaPruningModule(LightningModule):
     """Meta-training of ``graph.Metanetwork`` (needs ``datamodules.ModelZooDataModule``).
@@ -53,6 +55,11 @@ class MetaPruningModule(LightningModule):
             its lowest-ranked channels removed (a share drawn per step from
             ``pruned_fraction``), BatchNorm on batch statistics (ours, ``objective.pruned_view``;
             0: off, the paper).
+        sparsity: what the metanetwork is trained to make prunable: "channels" (the group
+            regularizer of ``importance``, the paper's) or "weights" (ours: L1 ``reg * |w|`` on
+            every conv/linear weight, for unstructured and N:M sparsity, ``networks.sparsity``;
+            ``alpha`` and ``pruned_view`` do not apply). Stored in checkpoints; ``prune.py
+            run`` prunes channels and refuses a "weights" metanetwork.
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """
@@ -66,12 +73,18 @@ class MetaPruningModule(LightningModule):
                  message_passing: str = "paper", identity_edges: str = "diagonal",
                  attention: str = "heads", distill: float = 0.0, augment: float = 1.0,
                  pruned_view: float = 0.0, pruned_fraction: tuple[float, float] = (0.1, 0.4),
-                 layout: dict | None = None) -> None:
+                 sparsity: str = "channels", layout: dict | None = None) -> None:
         super().__init__()
         try:
             networks.check_importance(importance, regularized=True)
         except ValueError as e:
             raise UserError(f"model.init_args.importance: {e}") from None
+        if sparsity not in SPARSITY_MODES:
+            raise UserError(f"model.init_args.sparsity={sparsity!r}: expected one of "
+                            f"{SPARSITY_MODES}")
+        if sparsity == "weights" and pruned_view:
+            raise UserError("model.init_args.pruned_view removes channels; it does not apply to "
+                            "sparsity: weights (set pruned_view: 0)")
         if not 0.0 <= distill <= 1.0:
             raise UserError(f"model.init_args.distill={distill} must lie in [0, 1]")
         if augment < 1.0:
@@ -122,7 +135,8 @@ class MetaPruningModule(LightningModule):
             zoo = self.trainer.datamodule
             state = MemberState.build(zoo.members[index].network, zoo.example_input(),
                                       self.hparams.reg, self.hparams.alpha, self.device,
-                                      self.gnn.graph_options, self.hparams.importance)
+                                      self.gnn.graph_options, self.hparams.importance,
+                                      self.hparams.sparsity)
             self.gnn.check_layout(state.graph)
             self._members[index] = state
         return self._members[index]
@@ -164,7 +178,7 @@ class MetaPruningModule(LightningModule):
         optimizer.zero_grad()
         self.manual_backward(surrogate)
         optimizer.step()
-        fraction = networks.near_zero_fraction(member.pruner)
+        fraction = (member.prunable_norms() < networks.NEAR_ZERO).float().mean()
         self.log_dict({"train/ce": ce / len(images), "train/sparsity": sparsity,
                        "train/near_zero_groups": fraction,
                        "train/lr": optimizer.param_groups[0]["lr"],
@@ -178,11 +192,11 @@ class MetaPruningModule(LightningModule):
     # -- validation: meta-val members, never trained on --------------------------------------
     @torch.no_grad()
     def _evaluate(self, member: MemberState, weights: dict, images, labels) -> tuple:
-        """(cross-entropy, normalized group norms) of ``member`` with ``weights`` (parameters
-        and BN statistics, as training uses them)."""
+        """(cross-entropy, normalized norms of what pruning removes) of ``member`` with
+        ``weights`` (parameters and BN statistics, as training uses them)."""
         load_weights(member.work, weights)
         ce = sum(F.cross_entropy(member.work(x), y) for x, y in zip(images, labels)) / len(images)
-        return ce, networks.group_norms(member.pruner)
+        return ce, member.prunable_norms()
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int) -> None:

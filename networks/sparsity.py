@@ -147,6 +147,35 @@ def sparsify(model: nn.Module, sparsity: float | None = None, nm: tuple[int, int
             _mask(layer, partial(prune.l1_unstructured, layer, "weight", amount=sparsity))
 
 
+class L1Regularizer:
+    """The L1 penalty ``reg * sum |w|`` on the weights of ``sparse_layers(model, exclude)``, as
+    a gradient: ``regularize(model)`` adds ``reg * sign(w)`` to their ``.grad`` (the weight-
+    sparsity counterpart of torch_pruning's group regularizer in meta-training, with the same
+    call). ``penalty_scale``: the penalty is ``penalty_scale * sum(added gradient * w)``."""
+
+    penalty_scale = 1.0
+
+    def __init__(self, model: nn.Module, reg: float, exclude: tuple[str, ...] = ()) -> None:
+        self.reg, self.names = float(reg), tuple(sparse_layers(model, exclude))
+
+    @torch.no_grad()
+    def regularize(self, model: nn.Module, alpha: float | None = None, bias: bool = False) -> None:
+        """``alpha`` and ``bias`` are accepted for the group regularizer's call and unused: the
+        penalty has no adaptive strength, and biases stay unpenalized."""
+        for name in self.names:
+            weight = cast(torch.Tensor, model.get_submodule(name).weight)
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.add_(self.reg * torch.sign(weight))
+
+    @torch.no_grad()
+    def norms(self, model: nn.Module) -> torch.Tensor:
+        """Every penalized weight's magnitude divided by the largest of its layer (the
+        counterpart of ``networks.group_norms``: near 0, magnitude pruning removes it for free)."""
+        return torch.cat([(w.abs() / w.abs().max().clamp_min(1e-30)).flatten() for w in (
+            cast(torch.Tensor, model.get_submodule(name).weight) for name in self.names)])
+
+
 def make_permanent(model: nn.Module) -> None:
     """Fold every mask into a plain ``weight`` (zeros where masked): the state_dict and the
     exported files are those of the unmasked architecture again."""

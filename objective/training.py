@@ -23,6 +23,7 @@ from torch_geometric.data import Data
 
 import networks
 from graph import GraphOptions, Metanetwork, NetworkGraph
+from networks.sparsity import L1Regularizer
 
 from .augment import NormalizedChannels, normalized_channels, rescale_channels
 from .pruned_view import PrunedView, batch_statistics, lowest_channel_masks, masked
@@ -40,14 +41,27 @@ class MemberState:
     @classmethod
     def build(cls, network: nn.Module, example: torch.Tensor, reg: float, alpha: float,
               device: torch.device | str = "cpu", options: GraphOptions | None = None,
-              importance: str = "l2") -> "MemberState":
+              importance: str = "l2", sparsity: str = "channels") -> "MemberState":
+        """``sparsity``: "channels" (the group regularizer of ``importance``, the paper's) or
+        "weights" (L1 on every conv/linear weight, for unstructured and N:M sparsity)."""
         graph = (options or GraphOptions()).graph(network, example)
         work = copy.deepcopy(network).to(device).eval()
-        with torch.enable_grad():  # torch_pruning traces dependencies with autograd
-            pruner = networks.criterion_pruner(work, example.to(device), reg=reg, alpha=alpha,
-                                               importance=importance)
+        pruner: object
+        if sparsity == "weights":
+            pruner = L1Regularizer(work, reg)
+        else:
+            with torch.enable_grad():  # torch_pruning traces dependencies with autograd
+                pruner = networks.criterion_pruner(work, example.to(device), reg=reg, alpha=alpha,
+                                                   importance=importance)
         data = graph.encode({k: v.to(device) for k, v in network.state_dict().items()})
         return cls(graph, data, work, pruner)
+
+    def prunable_norms(self) -> torch.Tensor:
+        """Normalized norms of what pruning removes from ``work``: channel groups
+        (``networks.group_norms``) or, for weight sparsity, single weights."""
+        if isinstance(self.pruner, L1Regularizer):
+            return self.pruner.norms(self.work)
+        return networks.group_norms(self.pruner)
 
     @functools.cached_property
     def channels(self) -> list[NormalizedChannels]:
@@ -142,9 +156,11 @@ def weight_gradients(work: nn.Module, weights: dict[str, torch.Tensor], images: 
                 (view.weight * batch_loss(x, k)[1]).backward()
     before = {name: _grad(p).clone() for name, p in params.items()}
     pruner.regularize(work, alpha=alpha, bias=False)
-    # The regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2.
-    sparsity = torch.stack([((_grad(p) - before[n]) * p.detach()).sum()
-                            for n, p in params.items()]).sum() / 2
+    # The group regularizer adds reg * gamma * w, the gradient of reg/2 * gamma * |w|^2 (scale
+    # 1/2); the L1 one adds reg * sign(w), the gradient of reg * |w| (its penalty_scale, 1).
+    scale = getattr(pruner, "penalty_scale", 0.5)
+    sparsity = scale * torch.stack([((_grad(p) - before[n]) * p.detach()).sum()
+                                    for n, p in params.items()]).sum()
     return ce, sparsity, {name: _grad(p) for name, p in params.items()}
 
 

@@ -77,7 +77,7 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
     import networks
     from graph import check_layout, network_graph
-    from lightning_modules import load_metanetwork, trained_criterion
+    from lightning_modules import load_metanetwork, trained_criterion, trained_sparsity
 
     p = cfg.prune
     example = networks.example_input(p.input_size)
@@ -94,6 +94,11 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
         ImageDataModule(**(data.get("init_args") or {})).check_held_out(
             {source: record["metadata"].get("trained_on") or []})
     if metanetwork_path is not None:
+        if trained_sparsity(metanetwork_path) != "channels":
+            raise PruneRunError(
+                f"metanetwork checkpoint {metanetwork_path!r} was meta-trained for weight "
+                "sparsity (model.init_args.sparsity: weights), but prune.py run prunes channels; "
+                "use a metanetwork meta-trained with sparsity: channels (the default)")
         trained_for = trained_criterion(metanetwork_path)
         if trained_for != p.criterion and not p.allow_other_criterion:
             raise PruneRunError(

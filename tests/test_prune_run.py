@@ -484,6 +484,15 @@ def test_missing_and_corrupt_files(setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"metanetwork checkpoint .*bad\.pt' is truncated", meta=bad)
 
 
+def test_a_metanetwork_meta_trained_for_weight_sparsity_is_refused(setup: dict, tmp_path: Path) -> None:
+    ckpt = torch.load(setup["meta"], map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["sparsity"] = "weights"
+    path = tmp_path / "weights_meta.ckpt"
+    torch.save(ckpt, path)
+    _expect(setup, tmp_path, r"weights_meta.ckpt' was meta-trained for weight sparsity.*prunes "
+            "channels", meta=path)
+
+
 def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"meta\.ckpt' is not a target-network file.*not a metanetwork",
             network=setup["meta"])

@@ -150,3 +150,69 @@ def test_a_checkpoint_written_with_masks_on_resumes_in_a_fresh_module(tmp_path) 
     assert (resumed.network.get_submodule("features.3").weight.detach()[zero] == 0).all()
     assert weight_sparsity(resumed.network) == pytest.approx(0.7, abs=1 / 600)
     assert sparse_layers(resumed.network).keys() == set(LAYERS)
+
+
+def test_the_l1_regularizer_adds_reg_times_sign_to_conv_and_linear_weights_only() -> None:
+    from networks.sparsity import L1Regularizer
+
+    model = tiny(4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    L1Regularizer(model, reg=0.01, exclude=("head",)).regularize(model, alpha=4.0, bias=False)
+    for name, p in model.named_parameters():
+        if name in ("features.0.weight", "features.3.weight"):
+            assert torch.equal(p.grad, 0.01 * torch.sign(p.detach()))  # d/dw of 0.01 |w|
+        else:
+            assert not p.grad.any(), name  # biases, BatchNorm, the excluded head
+
+
+def test_weight_sparsity_meta_training_penalizes_l1_and_records_its_mode(
+        tmp_path) -> None:
+    from lightning_modules import MetaPruningModule, trained_sparsity
+    from metaprune.errors import UserError
+    from networks.sparsity import L1Regularizer
+    from objective.training import weight_gradients
+
+    # the penalty weight_gradients reports is reg * sum |w| over the sparsified layers
+    model = tiny(5)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.randn(1, 4, 3, 16, 16), torch.randint(0, 4, (1, 4))
+    _, penalty, grads = weight_gradients(model, weights, images, labels,
+                                         L1Regularizer(model, 0.01), alpha=16.0)
+    expected = 0.01 * sum(float(weights[f"{n}.weight"].abs().sum()) for n in LAYERS)
+    assert float(penalty) == pytest.approx(expected, rel=1e-6)
+    # the mode is validated and recorded in checkpoints (prune.py run refuses it:
+    # tests/test_prune_run.py)
+    with pytest.raises(UserError, match="pruned_view removes channels"):
+        MetaPruningModule(num_layers=1, hidden=4, sparsity="weights", pruned_view=1.0)
+    with pytest.raises(UserError, match=r"sparsity='rows'"):
+        MetaPruningModule(num_layers=1, hidden=4, sparsity="rows")
+    module = MetaPruningModule(num_layers=1, hidden=4, sparsity="weights")
+    path = tmp_path / "meta.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": {}}, path)
+    assert trained_sparsity(path) == "weights"
+    torch.save({"hyper_parameters": {"reg": 10.0}, "state_dict": {}}, path)  # before the option
+    assert trained_sparsity(path) == "channels"
+
+
+def test_a_weight_sparsity_meta_training_step_runs_and_logs_its_penalty(tiny_cifar, tmp_path,
+                                                                      make_zoo) -> None:
+    from lightning.pytorch import seed_everything
+
+    from datamodules import ImageDataModule, ModelZooDataModule
+    from lightning_modules import MetaPruningModule
+
+    seed_everything(0)
+    zoo = make_zoo(tmp_path / "zoo")
+    images = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
+                             num_workers=0, val_fraction=0.25)
+    data = ModelZooDataModule(str(zoo), images, meta_val_members=1, batches_per_step=1, batch_size=4)
+    module = MetaPruningModule(num_layers=1, hidden=8, reg=1e-3, sparsity="weights")
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    metrics = trainer.callback_metrics
+    for key in ("train/ce", "train/sparsity", "train/near_zero_groups", "val/near_zero_groups"):
+        assert torch.isfinite(metrics[key]), key
+    assert float(metrics["train/sparsity"]) > 0  # reg * sum |w| of the decoded weights
