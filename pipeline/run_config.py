@@ -21,29 +21,15 @@ from .common import (
 
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
-
-
 SECOND_STAGE = "prune_finetune"
-
-
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
-
-
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
-
-
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
-
-
 CURVE_SPLITS = ("test", "val")
-
-
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
 # a default, not written into the stored settings, so runs from before it keep their settings.
 LATENCY_BATCH_SIZES = (1, 64)
-
-
 CLASSIFIER = "lightning_modules.ImageClassifier"
 
 
