@@ -154,6 +154,9 @@ def verdict_table(rows: list[reg_lib.Verdict]) -> str:
     lines = ["| comparison | networks | mean (points) | 95% CI | p | p (Holm) | verdict |",
              "|---|---|---|---|---|---|---|"]
     for v in rows:
+        if not v.difference.n:
+            lines.append(f"| {v.comparison.label} | 0 | - | - | - | - | no result yet |")
+            continue
         ci = v.difference.ci95
         interval = "-" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
         lines.append(f"| {v.comparison.label} | {v.difference.n} | {100 * v.difference.mean:+.2f} "
@@ -191,7 +194,7 @@ def report(args: argparse.Namespace) -> int:
     reg, commit, ledgers = checked(args.registration)
     complete, status = reg_lib.completeness(reg, ledgers)
     rows = reg_lib.verdicts(reg, ledgers)
-    secondary = reg_lib.differences(reg, ledgers, reg.secondary)
+    secondary = [d for d in reg_lib.differences(reg, ledgers, reg.secondary) if d.n]
     margin = [f"{v.comparison.label}: lower end {100 * v.difference.ci95[0]:+.2f} "
               f"{'>' if v.difference.ci95[0] > -reg.margin else '<='} -{100 * reg.margin:g}"
               for v in rows if v.comparison.measure.startswith("test acc") and v.difference.ci95]
@@ -209,7 +212,7 @@ def report(args: argparse.Namespace) -> int:
             f"{len(reg.primary)} primary comparisons at level {reg.level:g}.\n\n"
             f"{verdict_table(rows)}\n\n{plot}Decision rule (registered): {reg.decision.strip()}\n\n"
             f"## Secondary (registered, not corrected)\n\nNon-inferiority margin "
-            f"{100 * reg.margin:g} points on final accuracy: " + "; ".join(margin) + ".\n\n"
+            f"{100 * reg.margin:g} points on final accuracy: " + ("; ".join(margin) or "no interval yet") + ".\n\n"
             f"{paired_table(secondary) if secondary else ''}\n\n"
             f"## Per metanetwork draw (secondary)\n\n{per_draw(reg, ledgers)}\n\n"
             f"## Cost (mean seconds per network)\n\n{cost(ledgers) if ledgers else '-'}\n")

@@ -320,5 +320,6 @@ def completeness(reg: Registration, ledgers: dict[int, dict]) -> tuple[bool, str
 def as_record(v: Verdict) -> dict:
     """A verdict as JSON."""
     ci = v.difference.ci95
-    return {**asdict(v.comparison), "n": v.difference.n, "mean": v.difference.mean,
+    return {**asdict(v.comparison), "n": v.difference.n,
+            "mean": v.difference.mean if v.difference.n else None,
             "ci95": list(ci) if ci else None, "p": v.p, "p_holm": v.p_adjusted, "verdict": v.verdict}

@@ -81,7 +81,7 @@ def fake_reports(seed: int, meta: float, none: float) -> dict[str, dict]:
 
 def write_result(reg: reg_lib.Registration, commit: str, seed: int, meta: float, none: float,
                  draw: str) -> dict:
-    from pipeline.demo import measures
+    from pipeline.results import measures
 
     reports = fake_reports(seed, meta, none)
     record = reg_lib.ledger(reg, commit, "code", seed, reports, {"checkpoint_sha256": draw},
@@ -146,6 +146,10 @@ def test_verdicts_wait_for_every_network_and_draw(repo: Path) -> None:
 
     registered = benchmark_module("registered")
     reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
+    assert registered.main(["report", str(repo / "trial.yaml")]) == 0  # before any result
+    text = (repo / "trial" / "report.md").read_text()
+    assert "## Interim" in text and "0 of 3 registered networks" in text
+    assert json.loads((repo / "trial" / "report.json").read_text())["primary"][0]["mean"] is None
     for seed, (meta, none) in zip((200, 201), ((0.50, 0.48), (0.52, 0.49))):
         write_result(reg, commit, seed, meta, none, "drawA")
     ledgers = reg_lib.read_ledgers(reg)
