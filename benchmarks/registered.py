@@ -212,7 +212,7 @@ def report(args: argparse.Namespace) -> int:
             f"{len(reg.primary)} primary comparisons at level {reg.level:g}.\n\n"
             f"{verdict_table(rows)}\n\n{plot}Decision rule (registered): {reg.decision.strip()}\n\n"
             f"## Secondary (registered, not corrected)\n\nNon-inferiority margin "
-            f"{100 * reg.margin:g} points on final accuracy: " + ("; ".join(margin) or "no interval yet") + ".\n\n"
+            f"{100 * reg.margin:g} points on final accuracy: {'; '.join(margin) or 'no interval yet'}.\n\n"
             f"{paired_table(secondary) if secondary else ''}\n\n"
             f"## Per metanetwork draw (secondary)\n\n{per_draw(reg, ledgers)}\n\n"
             f"## Cost (mean seconds per network)\n\n{cost(ledgers) if ledgers else '-'}\n")
