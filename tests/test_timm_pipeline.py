@@ -114,7 +114,8 @@ def _timm_resized_to(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Modu
     return model
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050",
+@pytest.mark.parametrize("name", ["convnext_atto",  # the default suite: one family end to end
+                                  pytest.param("mobilenetv3_small_050", marks=pytest.mark.slow),
                                   pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_prune_run_prunes_a_timm_network_from_a_plain_state_dict(
         name: str, tiny_cifar: Path, tmp_path: Path) -> None:
