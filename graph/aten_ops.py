@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from .node_slots import BATCHNORM, GROUPNORM
-from .tracing import Env, Value, node_shape, swap_dims
+from .walker_core import Env, Value, node_shape, swap_dims
 
 if TYPE_CHECKING:
     from .aten_walk import AtenWalker

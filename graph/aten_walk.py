@@ -4,8 +4,8 @@ as the torch.fx walk (docs/graph.md, "Encoding").
 torch.fx sees modules and Python functions, so every spelling of one computation (a
 BatchNorm2d, a subclass that calls ``F.batch_norm``, the function itself) needs a handler of
 its own. An exported program spells them all as one ATen operation. This walker reuses the fx
-walker's bookkeeping (:class:`graph.tracing.Walker`) and produces the same
-:class:`graph.tracing.TraceRecords`; the handler of each ATen operation is registered in
+walker's bookkeeping (:class:`graph.walker.Walker`) and produces the same
+:class:`graph.walker_core.TraceRecords`; the handler of each ATen operation is registered in
 :mod:`graph.aten_ops`. As in the fx walk, anything it does not model raises
 :class:`UnsupportedArchitectureError`.
 """
@@ -18,7 +18,8 @@ from torch import fx, nn
 
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
-from .tracing import Env, TraceRecords, Value, Walker
+from .walker import Walker
+from .walker_core import Env, TraceRecords, Value
 
 aten = torch.ops.aten
 # operations that change a tensor's shape but not its elements' row-major order

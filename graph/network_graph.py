@@ -25,7 +25,8 @@ from torch_geometric.data import Data
 from .aten_walk import trace_aten
 from .errors import UnsupportedArchitectureError
 from .node_slots import NODE_SLOTS, NodeColumns, canonical_layout
-from .tracing import ATTENTION_LAYOUTS, Rows, TraceRecords, trace
+from .tracing import trace
+from .walker_core import ATTENTION_LAYOUTS, Rows, TraceRecords
 
 _CACHE_SIZE = 64
 # How a residual identity from C channels into C channels becomes edges: "diagonal" is one

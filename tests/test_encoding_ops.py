@@ -9,6 +9,7 @@ leave the function unchanged (``graph.check``), which a graph with a wrongly tie
 channel fails, as the monkeypatched encoders below show.
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ from torchvision.models import convnext, efficientnet, regnet, shufflenetv2, swi
 from torchvision.ops.misc import SqueezeExcitation
 
 import networks
-from graph import Metanetwork, NetworkGraph, check, edge_attr_key, tracing
+from graph import Metanetwork, NetworkGraph, check, edge_attr_key, handlers
 from graph.check import EXACT, WRONG, check_encoding
+from graph.walker import Walker
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -181,8 +183,7 @@ def test_untying_the_gate_is_caught_by_the_swap_check(monkeypatch):
     model = randomize(_Excite())
     assert check_encoding(model, X, swaps=10).status == EXACT
     NetworkGraph._cache.clear()
-    monkeypatch.setattr(tracing.Walker, "gate",
-                        lambda self, node, args: tracing.replace(args[0][1], fresh=False))
+    monkeypatch.setattr(Walker, "gate", lambda self, node, args: replace(args[0][1], fresh=False))
     verdict = check_encoding(model, X, swaps=10)
     NetworkGraph._cache.clear()
     assert verdict.status == WRONG and "changes the network's function" in verdict.reason
@@ -196,10 +197,10 @@ def test_a_shuffle_read_in_channel_order_is_caught_by_the_swap_check(monkeypatch
     def in_channel_order(walker, node, args):  # moves the dims but not the channels' nodes
         arg, value = args[0]
         moved = walker.permute(node, arg, value)
-        return tracing.replace(moved, nodes=value.nodes.reshape(moved.nodes.shape))
+        return replace(moved, nodes=value.nodes.reshape(moved.nodes.shape))
 
-    for target in tracing._PERMUTES:
-        monkeypatch.setitem(tracing._FUNCTION_HANDLERS, target, in_channel_order)
+    for target in handlers._PERMUTES:
+        monkeypatch.setitem(handlers._FUNCTION_HANDLERS, target, in_channel_order)
     verdict = check_encoding(model, X, swaps=10)
     NetworkGraph._cache.clear()
     assert verdict.status == WRONG

@@ -503,10 +503,10 @@ def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
 def test_unsupported_network(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torchvision.models import swin_transformer
 
-    from graph import NetworkGraph, UnsupportedArchitectureError, tracing
+    from graph import NetworkGraph, UnsupportedArchitectureError, handlers
 
     # every torchvision classifier is encoded; without its attention handler Swin is not
-    monkeypatch.delitem(tracing._MODULE_HANDLERS, swin_transformer.ShiftedWindowAttention)
+    monkeypatch.delitem(handlers._MODULE_HANDLERS, swin_transformer.ShiftedWindowAttention)
     monkeypatch.setattr(NetworkGraph, "_cache", type(NetworkGraph._cache)())
     net = networks.build("swin_t", 3)
     path = networks.save_network(net, tmp_path / "swin.pt",
