@@ -3,13 +3,15 @@
     python prune.py zoo --config configs/<task>/zoo.yaml [--seed N] [--zoo_dir DIR] [--data_root PATH]
     python prune.py run --config configs/<task>/prune.yaml --network PATH [--metanetwork PATH]
         [--method metanetwork|none|sparse] [--speed_up S] [--out DIR] [--data_root PATH] [--seed N]
-    python prune.py curve --network PATH ... / select --config ... --run DIR
+        [--SECTION.KEY VALUE ...]
+    python prune.py curve --network PATH|[A,B] ... / select --config ... --run DIR
+    python prune.py measure --network PATH [--batch_sizes [1,64]] / import_paper ...
     python prune.py demo [--data_root PATH] [--out DIR] [--fast]
 
-The commands live in pipeline/ (zoo, run, demo, cli) and callbacks/ (curve, selection); this file
-only starts them. Subcommands are registered in ``pipeline.cli.SUBCOMMANDS``: each is a pair of
-functions, one adding its arguments to an argparse subparser and one running it with the parsed
-namespace, imported on first use (``prune.py --help`` loads no torch).
+The commands live in pipeline/ (one module each: zoo, run, curve, select, measure,
+import_paper, demo); this file only starts them. Each subcommand's options are one dataclass in
+pipeline/options.py, from which jsonargparse builds its command line (pipeline/cli.py); the
+command's module is imported only when it runs, so ``prune.py --help`` loads no torch.
 """
 import os
 import sys

@@ -1,23 +1,24 @@
-"""The ``prune.py`` command line: one subcommand per pipeline step (see prune.py)."""
+"""The ``prune.py`` command line: one subcommand per pipeline step (see prune.py), each parsed by
+jsonargparse from its options dataclass (pipeline.options) and run by its command function."""
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import Any, Callable
 
 from metaprune.errors import UserError
 
-from . import arguments
-from .common import parse_overrides
+from . import options
+from .common import one_line, parse_overrides, split_overrides
 
 DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
                "run; demo runs them all on a built-in default (docs/pruning.md).")
-Subcommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 
-def _lazy(module: str, name: str) -> Callable:
+def _lazy(module: str, name: str) -> Callable[[Any], int]:
     """``module.name``, imported on the first call: the commands import torch and Lightning,
-    their options (pipeline.arguments) do not, so ``--help`` stays fast."""
+    their options (pipeline.options) do not, so ``--help`` stays fast."""
     def call(*args: Any) -> Any:
         import importlib
 
@@ -25,54 +26,96 @@ def _lazy(module: str, name: str) -> Callable:
     return call
 
 
-SUBCOMMANDS: dict[str, Subcommand] = {
-    "zoo": (arguments.add_zoo_arguments, _lazy("pipeline.zoo", "zoo_command"),
-            "train, prune and finetune one zoo member (docs/zoo.md)"),
-    "run": (arguments.add_run_arguments, _lazy("pipeline.run", "run_command"),
-            "prune a network to a speed-up: metanetwork/none/sparse, finetunes, export (docs/pruning.md)"),
-    "curve": (arguments.add_curve_arguments, _lazy("pipeline.curve", "curve_command"),
-              "accuracy-vs-speed-up curve of a network, no finetuning (docs/pruning.md)"),
-    "select": (arguments.add_select_arguments, _lazy("pipeline.select", "select_command"),
-               "pick the best metanetwork checkpoint of a meta-training run by curve area"),
-    "import_paper": (arguments.add_import_paper_arguments,
-                     _lazy("pipeline.import_paper", "import_paper_command"),
-                     "convert the paper's saved metanetwork into a checkpoint for run/select"),
-    "measure": (arguments.add_measure_arguments, _lazy("pipeline.measure", "measure_command"),
-                "measured forward latency of a network file and of its unpruned architecture"),
-    "demo": (arguments.add_demo_arguments, _lazy("pipeline.demo", "demo_command"),
-             "the whole pipeline on a built-in default: zoo, meta-train, select, prune 3 ways, table"),
+# name -> (its options, the command run on them)
+SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
+    "zoo": (options.ZooOptions, _lazy("pipeline.zoo", "zoo_command")),
+    "run": (options.RunRequest, _lazy("pipeline.run", "prune_run")),
+    "curve": (options.CurveOptions, _lazy("pipeline.curve", "curve_command")),
+    "select": (options.SelectRequest, _lazy("pipeline.select", "select_checkpoint")),
+    "import_paper": (options.ImportPaperOptions, _lazy("pipeline.import_paper", "import_paper_command")),
+    "measure": (options.MeasureOptions, _lazy("pipeline.measure", "measure_command")),
+    "demo": (options.DemoOptions, _lazy("pipeline.demo", "demo_command")),
 }
+# Commands whose config file can be overridden key by key (--SECTION.KEY VALUE); the field of
+# their options that receives the overrides.
+OVERRIDES = {"run": "overrides"}
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s arguments are added (all when None)."""
-    parser = argparse.ArgumentParser(prog="prune.py", description=DESCRIPTION)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true",
+def _summary(cls: type, sentences: int = 1) -> str:
+    """The first sentence(s) of an options class's docstring: its command's help."""
+    text = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    return "".join(text.partition(". ")[:2]).strip() if sentences == 1 else text
+
+
+def command_parser(name: str, with_options: bool = True) -> Any:
+    """The parser of one subcommand: ``--verbose`` and, ``with_options``, its options class."""
+    from jsonargparse import ArgumentParser
+
+    cls = SUBCOMMANDS[name][0]
+    parser = ArgumentParser(description=_summary(cls, sentences=0), exit_on_error=False)
+    # the one flag that is not an option of a command: how much the console shows
+    parser.add_argument("--verbose", action="store_true",
                         help="show everything: Lightning's messages, model summaries, warnings, "
                              "every stage's own output (default: a quiet console)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
-        subparser = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        if command in (None, name):
-            add_arguments(subparser)
+    if with_options:
+        parser.add_class_arguments(cls, as_group=False, skip=set(OVERRIDES.values()))
     return parser
+
+
+def build_parser(command: str | None = None) -> Any:
+    """The jsonargparse parser; only ``command``'s options are added (all when None)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="prune.py", description=DESCRIPTION, exit_on_error=False)
+    sub = parser.add_subcommands(dest="command", required=True)
+    for name, (cls, _) in SUBCOMMANDS.items():
+        sub.add_subcommand(name, command_parser(name, command in (None, name)), help=_summary(cls))
+    return parser
+
+
+def _bare_flags(argv: list[str], cls: type) -> list[str]:
+    """``--flag`` of a bool option given without a value means ``--flag=true`` (jsonargparse
+    wants the value)."""
+    flags = {f"--{f.name}" for f in fields(cls) if f.type in (bool, "bool")}
+    out = []
+    for i, token in enumerate(argv):
+        follows = argv[i + 1] if i + 1 < len(argv) else "--"
+        out.append(f"{token}=true" if token in flags and follows.startswith("--") else token)
+    return out
+
+
+def _option_error(command: str, error: Exception) -> UserError:
+    """jsonargparse's report of a bad option as one line naming it."""
+    message = one_line(str(error))
+    message = f"--{message}" if str(error).startswith("Parser key") else message
+    return UserError(f"{command}: {message}; see prune.py {command} --help")
+
+
+def parse(argv: list[str]) -> tuple[str, Any]:
+    """``argv`` as (command, its options instance); a bad option raises UserError naming it."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in SUBCOMMANDS else "")
+    if command not in SUBCOMMANDS:  # no command, or an unknown one: --help, else the usage error
+        try:
+            parser.parse_args(argv)
+        except argparse.ArgumentError as e:
+            raise UserError(f"{e}; see prune.py --help") from None
+    cls = SUBCOMMANDS[command][0]
+    argv, overrides = (split_overrides(argv) if command in OVERRIDES else (argv, []))
+    try:
+        namespace = parser.parse_args(_bare_flags(argv, cls))
+        extra = {OVERRIDES[command]: parse_overrides(overrides) or None} if command in OVERRIDES else {}
+    except (argparse.ArgumentError, ValueError) as e:
+        raise _option_error(command, e) from None
+    values = options.plain(namespace[command].as_dict())
+    values.pop("verbose", None)
+    return command, cls(**values, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser(command if command in SUBCOMMANDS else "")
-    if command not in arguments.CONFIG_OVERRIDES:
-        args = parser.parse_args(argv)
-        return SUBCOMMANDS[args.command][1](args)
-    args, rest = parser.parse_known_args(argv)
-    try:
-        args.overrides = parse_overrides(rest)
-    except ValueError as e:
-        parser.error(f"{command}: {e}")
-    return SUBCOMMANDS[args.command][1](args)
+    command, opts = parse(sys.argv[1:] if argv is None else list(argv))
+    return SUBCOMMANDS[command][1](opts)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ import yaml
 
 from metaprune.errors import UserError
 
+from .options import plain
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -76,12 +78,7 @@ def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError]
         parsed = parser.instantiate(parser.parse_object(raw))
     except argparse.ArgumentError as e:
         raise error(f"{where}: {one_line(str(e))}; fix that key and rerun") from None
-    return schema(**{name: parsed[name] for name in sections})
-
-
-# Every command's --data_root defaults to this environment variable: one way to point them all
-# at a data set (torch-free here, so that building a parser imports no torch).
-DATA_ENV = "METAPRUNE_DATA"
+    return schema(**{name: plain(parsed[name]) for name in sections})
 
 
 def refuse_stage_seeds(sections: Iterable[dict], where: str, error: type[UserError],
@@ -90,6 +87,23 @@ def refuse_stage_seeds(sections: Iterable[dict], where: str, error: type[UserErr
     seeds every stage, so that a run is reproduced by its command line."""
     if any("seed_everything" in section for section in sections):
         raise error(f"{where}: do not set seed_everything; {seeded_by}")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split into the command's own options and the config overrides among them:
+    ``--a.b VALUE`` / ``--a.b=VALUE`` (an option whose name has a dot)."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    tokens = iter(range(len(argv)))
+    for i in tokens:
+        token = argv[i]
+        if not (token.startswith("--") and "." in token.partition("=")[0]):
+            rest.append(token)
+            continue
+        overrides.append(token)
+        if "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append(argv[next(tokens)])
+    return rest, overrides
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -116,20 +130,6 @@ def parse_overrides(tokens: list[str]) -> dict:
                 raise ValueError(f"config override --{key}: {name!r} is given a value already")
         node[leaf] = yaml.safe_load(value)
     return out
-
-
-def request_from(args: Any, request: type[C]) -> C:
-    """The typed request dataclass ``request`` of a command from its parsed argparse namespace
-    (the option names are the field names)."""
-    return request(**{f.name: getattr(args, f.name) for f in dataclasses.fields(request)})
-
-
-def add_data_root_argument(parser: Any, required: bool = False, what: str = "the image data") -> None:
-    """``--data_root`` on an argparse parser, defaulting to ``$METAPRUNE_DATA``."""
-    env = os.environ.get(DATA_ENV) or None
-    parser.add_argument("--data_root", default=env, required=required and env is None,
-                        help=f"{what}: a CIFAR/ImageFolder root (default ${DATA_ENV}"
-                             f"{', now ' + repr(env) if env else ', unset'})")
 
 
 def tensorboard_logger(save_dir: str | os.PathLike, name: str = "",
@@ -234,9 +234,11 @@ def check_stage_config(config: dict, where: str, error: type[ValueError]) -> Non
 
 
 def one_line(message: str) -> str:
-    """jsonargparse's nested validation report reduced to ``key: reason``."""
+    """jsonargparse's nested validation report reduced to ``key[ VALUE]: reason``: for a
+    class_path, the reason the class refused; for a union (an optional value), the first reason
+    that is not about None, and the value given."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if not lines or not lines[0].startswith("Parser key"):
+    if not lines or not lines[0].startswith("Parser key") or len(lines) < 2:
         return lines[0] if lines else message
     key, detail, inside = lines[0].removeprefix("Parser key").strip(' ":'), [], False
     for line in lines[1:]:
@@ -246,7 +248,11 @@ def one_line(message: str) -> str:
             break
         elif inside:
             detail.append(line)
-    return f"{key}: {' '.join(detail) or lines[-1]}"
+    if detail:
+        return f"{key}: {' '.join(detail)}"
+    reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+    given = next((line.partition(":")[2].strip() for line in lines if line.startswith("Given value:")), "")
+    return f"{key}{' ' + given if given else ''}: {reasons[0] if reasons else lines[1]}"
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:

@@ -7,14 +7,13 @@ running statistics on ``bn_batches`` training batches (0: the raw curve). Output
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sized, cast
+from typing import Any, Sized, cast
 
 import matplotlib
 
@@ -27,8 +26,8 @@ import networks  # noqa: E402
 from datamodules.sources import DataSplit  # noqa: E402
 from metaprune.errors import UserError
 
-from .arguments import BN_BATCH_SIZE, BN_BATCHES  # noqa: E402
 from .common import save_png, write_bytes  # noqa: E402
+from .options import BN_BATCH_SIZE, BN_BATCHES, CurveOptions  # noqa: E402
 
 Curves = dict[str, list[tuple[float, int, float]]]
 
@@ -119,26 +118,21 @@ def calibration(datamodule, count: int = BN_BATCHES,
 
 
 
-def evaluation_split(args: argparse.Namespace, lineages: list[list[dict]]) -> tuple[DataSplit, bool]:
+def evaluation_split(args: CurveOptions, lineages: list[list[dict]]) -> tuple[DataSplit, bool]:
     """The split to evaluate on: the command-line's where given, else the last split the first
     recorded network trained on (its own val images); and whether any network records one."""
     own = next((DataSplit.from_dict(lineage[-1]) for lineage in lineages if lineage), None)
     base = own or DataSplit(args.dataset or "cifar10", None, 0.1, 0)
-    given = {"dataset": args.dataset, "subset": args.subset, "val_fraction": args.val_fraction,
-             "seed": args.seed}
+    given: dict[str, Any] = {"dataset": args.dataset, "subset": args.subset,
+                             "val_fraction": args.val_fraction, "seed": args.seed}
     return replace(base, **{k: v for k, v in given.items() if v is not None}), own is not None
 
 
-def curve_command(args: argparse.Namespace) -> int:
+def curve_command(args: CurveOptions) -> int:
     """``prune.py curve``: one accuracy-vs-speed-up curve per network file, one overlay plot."""
     from datamodules import ImageDataModule
 
-    if not 0.0 < args.max_pruning_ratio <= 1.0:
-        raise CurveError(f"--max_pruning_ratio {args.max_pruning_ratio:g} must be in (0, 1]")
-    labels = args.labels or [str(Path(f)) for f in args.network]
-    if len(labels) != len(args.network):
-        raise CurveError(f"--labels has {len(labels)} names for {len(args.network)} --network "
-                         "files; give one label per network")
+    labels = args.labels or [str(Path(f)) for f in args.network]  # CurveOptions checks the count
     loaded = [networks.load_network(f) for f in args.network]  # all files checked before work
     classes = {record["arch"]["num_classes"] for _, record in loaded}
     if len(classes) > 1:
@@ -146,6 +140,7 @@ def curve_command(args: argparse.Namespace) -> int:
                          "curves on one dataset need networks of one task")
     lineages = [list(record["metadata"].get("trained_on") or []) for _, record in loaded]
     split, recorded = evaluation_split(args, lineages)
+    assert args.data_root is not None  # CurveOptions requires it
     dm = ImageDataModule(args.data_root, dataset=split.dataset, num_classes=classes.pop(),
                          batch_size=args.batch_size, num_workers=0,
                          val_fraction=split.val_fraction, subset=split.subset, seed=split.seed)

@@ -4,7 +4,6 @@ held-out targets, meta-training, ``select``, ``run`` with every method, a table.
 ``--data_root``, else ``$METAPRUNE_DATA``, else CIFAR-10 downloaded to data/cifar10."""
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -21,9 +20,7 @@ import yaml
 
 from metaprune.errors import UserError
 
-from .arguments import DEFAULT_DATA
 from .common import (
-    DATA_ENV,
     atomic_write,
     check_stage_config,
     fit_stage,
@@ -35,9 +32,10 @@ from .common import (
     write_text,
 )
 from .console import Stages
+from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp
 from .paired import paired_table
 from .results import demo_table, measures, paired_differences, run_key
-from .run import FIRST_STAGE, METHODS, REPORT, RunRequest, prune_run
+from .run import FIRST_STAGE, REPORT, RunRequest, prune_run
 from .select import SelectRequest, select_checkpoint
 from .zoo import check_zoo_stages, load_zoo_config, zoo_member
 
@@ -69,9 +67,9 @@ class DemoSettings:
     configs: dict[str, str]
     zoo_seeds: list[int]
     target_seeds: list[int]
-    speed_ups: list[float]
-    methods: list[str]
-    zoo_speed_ups: list[float] = field(default_factory=list)
+    speed_ups: list[SpeedUp]
+    methods: list[Method]
+    zoo_speed_ups: list[SpeedUp] = field(default_factory=list)
     smoke: bool = False
 
 
@@ -111,13 +109,6 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> DemoConfig:
     if shared:
         raise DemoError(f"{where}: demo.target_seeds {shared} are also in demo.zoo_seeds; the "
                         "networks to prune must be held out of meta-training")
-    low = [r for r in demo.zoo_speed_ups if not r > 1.0]
-    if low:
-        raise DemoError(f"{where}: demo.zoo_speed_ups {low}: an initial speed-up must be above 1 "
-                        "(e.g. [1.2, 1.5, 1.7])")
-    bad = sorted(set(demo.methods) - set(METHODS))
-    if bad:
-        raise DemoError(f"{where}: unknown methods {bad}; allowed: {list(METHODS)}")
     demo.configs = {k: str((path.parent / v).resolve()) for k, v in demo.configs.items()}
     return cfg
 
@@ -341,7 +332,7 @@ def prune_network(demo: DemoSettings, config: Path, out: Path, seed: int, target
     return reports
 
 
-def demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: DemoOptions) -> int:
     """``prune.py demo``: the whole pipeline on a built-in default."""
     t0 = time.perf_counter()
     cfg = load_demo_config(args.config, args.fast)

@@ -7,10 +7,10 @@ The paper's code saves its GNN's state_dict (``nodeEnc``, ``edgeEnc``, ``convs.<
 """
 from __future__ import annotations
 
-import argparse
+from .options import ImportPaperOptions
 
 
-def import_paper_command(args: argparse.Namespace) -> int:
+def import_paper_command(args: ImportPaperOptions) -> int:
     """``prune.py import_paper``: the paper's saved metanetwork as our checkpoint."""
     import lightning
     import torch

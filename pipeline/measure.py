@@ -8,12 +8,12 @@ MACs, the number every report uses, and measured.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from metaprune.errors import UserError
 
 from .common import write_json
+from .options import MeasureOptions
 
 
 class MeasureError(UserError):
@@ -47,7 +47,7 @@ def measure_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def measure_command(args: argparse.Namespace) -> int:
+def measure_command(args: MeasureOptions) -> int:
     """``prune.py measure``: MACs and measured latency of a network file against its unpruned architecture."""
     import torch
 
@@ -58,7 +58,7 @@ def measure_command(args: argparse.Namespace) -> int:
                            f"{torch.__version__}); measure on the CPU with --device cpu, or on a "
                            "machine with a GPU")
     network, record = networks.load_network(args.network)
-    result = compare(network, record["arch"], args.input_size, args.batch_sizes, args.device,
+    result = compare(network, record["arch"], list(args.input_size), args.batch_sizes, args.device,
                      args.min_run_time)
     print(f"{args.network}: {record['arch']['name']}, {result['macs']:,} of {result['base_macs']:,} "
           f"MACs; latency median +- half the interquartile range\n")

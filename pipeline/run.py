@@ -8,7 +8,6 @@ This module runs the command and is its public face (``__all__``); the settings 
 are in ``pipeline.run_config``, the two stages' configs and their reuse in ``pipeline.run_stages``."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -21,15 +20,14 @@ from typing import Any, Callable
 
 import yaml
 
-from .arguments import METHODS
 from .common import (
     atomic_write,
     check_stage_config,
     is_rank_zero,
-    request_from,
     write_json,
 )
 from .console import Stages
+from .options import METHODS, RunRequest
 from .run_config import (
     EVAL_FILE,
     FIRST_STAGE,
@@ -40,7 +38,6 @@ from .run_config import (
     PruneConfig,
     PruneRunError,
     PruneSettings,
-    RunRequest,
     load_prune_config,
     run_dir,
     run_settings,
@@ -57,7 +54,7 @@ from .run_stages import (
 from .summary import write_summary
 
 __all__ = ["FIRST_STAGE", "METHODS", "REPORT", "RUN_FILE", "SECOND_STAGE", "PruneRunError", "RunRequest",
-           "load_prune_config", "prune_run", "run_command"]
+           "load_prune_config", "prune_run"]
 
 # What `prune.py run` prints, one line each (pipeline.console.Stages; output in <out>/logs/)
 RUN_STAGES = ("stage 1 (finetune)", "stage 2 (prune, finetune)", "evaluate, export, curves, latency")
@@ -150,11 +147,6 @@ def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
     unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
     return compare_latency(copy.deepcopy(network), unpruned, p.input_size, list(sizes), device,
                            min_run_time=0.25) if sizes else []
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """``prune.py run``: prune one network to one speed-up with one method."""
-    return prune_run(request_from(args, RunRequest))
 
 
 def prune_run(args: RunRequest) -> int:

@@ -9,15 +9,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
+
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from metaprune.errors import UserError
 
-from .arguments import IMPORTANCES, METHODS
 from .common import (
     is_rank_zero,
     read_config,
     refuse_stage_seeds,
 )
+from .options import Importance, PruningCap, RunRequest, SpeedUp
 
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -26,7 +29,6 @@ SECOND_STAGE = "prune_finetune"
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
-CURVE_SPLITS = ("test", "val")
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
 # a default, not written into the stored settings, so runs from before it keep their settings.
 LATENCY_BATCH_SIZES = (1, 64)
@@ -68,23 +70,23 @@ class PruneSettings:
         onnx: export and check ``network.onnx`` (unset: yes).
     """
 
-    speed_up: float | None = None
+    speed_up: Optional[SpeedUp] = None
     dir: str = ""
-    iterative_steps: int = 200
-    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
-    reg: float = 5e-4
-    alpha: float = 4.0
+    iterative_steps: PositiveInt = 200
+    input_size: list[PositiveInt] = field(default_factory=lambda: [3, 32, 32])
+    reg: NonNegativeFloat = 5e-4
+    alpha: PositiveFloat = 4.0
     seed: int = 0
-    bn_batches: int = 8
-    bn_batch_size: int = 128
+    bn_batches: NonNegativeInt = 8
+    bn_batch_size: PositiveInt = 128
     curve_range: tuple[float, float] = (2.0, 3.0)
-    curve_every: int = 5
-    stage1_curve_split: str | None = None
-    importance: str | None = None
-    allow_other_criterion: bool | None = None
-    max_pruning_ratio: float | None = None
-    latency_batch_sizes: list[int] | None = None
-    onnx: bool | None = None
+    curve_every: PositiveInt = 5
+    stage1_curve_split: Optional[Literal["test", "val"]] = None
+    importance: Optional[Importance] = None
+    allow_other_criterion: Optional[bool] = None
+    max_pruning_ratio: Optional[PruningCap] = None
+    latency_batch_sizes: Optional[list[PositiveInt]] = None
+    onnx: Optional[bool] = None
 
     @property
     def target(self) -> float:
@@ -129,69 +131,6 @@ class PruneConfig:
                 "final": self.final}
 
 
-@dataclass
-class RunRequest:
-    """One ``prune.py run``: its options as typed fields (the command line's ``--<field>``;
-    ``prune_run`` is the same command for Python callers such as the demo).
-
-    Args:
-        config: configs/<task>/prune.yaml.
-        network: the network to prune: this project's network file, or a Lightning checkpoint
-            of ImageClassifier (or use ``arch`` with ``weights``).
-        arch: with ``weights``: a registry/torchvision architecture name, or a user's
-            ``nn.Module`` class as ``package.module:Class``.
-        arch_kwargs: with ``arch``: its constructor arguments.
-        weights: with ``arch``: a plain state_dict file.
-        num_classes: with ``arch``: the class count (default the config data's num_classes).
-        metanetwork: meta-training checkpoint (needed by method "metanetwork").
-        method: "metanetwork" (feedforward + finetune), "none" (finetune only) or "sparse"
-            (DepGraph sparse training).
-        speed_up: the target; default ``prune.speed_up``.
-        out: the run folder; default ``<prune.dir>/<network>_<method>_<S>x_seed<N>``.
-        data_root: overrides ``data.init_args.root``.
-        seed: seeds every stage; default ``prune.seed`` or 0.
-        reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
-            config that differs only in the speed-up or the per-layer cap: stage 1 is taken
-            from it.
-        overrides: a nested mapping merged over the config file (command line
-            ``--section.key VALUE``).
-    """
-
-    config: str
-    network: str | None = None
-    arch: str | None = None
-    arch_kwargs: dict | None = None
-    weights: str | None = None
-    num_classes: int | None = None
-    metanetwork: str | None = None
-    method: str = "metanetwork"
-    speed_up: float | None = None
-    out: str | None = None
-    data_root: str | None = None
-    seed: int | None = None
-    reuse_first_stage: str | None = None
-    overrides: dict | None = None
-
-    def __post_init__(self) -> None:
-        if (self.network is None) == (self.arch is None) or \
-                (self.arch is None) != (self.weights is None):
-            raise PruneRunError("give the network to prune as --network FILE (this project's "
-                                "network file or a Lightning checkpoint of ImageClassifier), or "
-                                "as --arch NAME --weights FILE (a plain state_dict)")
-        if self.arch_kwargs and self.arch is None:
-            raise PruneRunError("--arch_kwargs goes with --arch NAME --weights FILE (a network file "
-                                "records its own architecture arguments)")
-        if self.method not in METHODS:
-            raise PruneRunError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
-
-    @property
-    def source(self) -> str:
-        """The file the network comes from: ``network``, else ``weights``."""
-        source = self.network or self.weights
-        assert source is not None  # __post_init__ requires one of them
-        return source
-
-
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
                       seed: int | None = None, data_root: str | None = None,
                       overrides: dict | None = None) -> PruneConfig:
@@ -209,24 +148,10 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     prune.seed = prune.seed if seed is None else int(seed)
     if prune.speed_up is None:
         raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
-    if not prune.speed_up > 1.0:
-        raise PruneRunError(f"{where}: speed-up target {prune.speed_up:g} must be above 1 (a "
-                            "factor of fewer MACs than the unpruned architecture, e.g. 2)")
     lo, hi = prune.curve_range
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
-    if prune.importance is not None and prune.importance not in IMPORTANCES:
-        raise PruneRunError(f"{where}: prune.importance {prune.importance!r} is unknown; use one of "
-                            f"{list(IMPORTANCES)}")
-    if prune.curve_split not in CURVE_SPLITS:
-        raise PruneRunError(f"{where}: prune.stage1_curve_split {prune.stage1_curve_split!r} must "
-                            f"be one of {list(CURVE_SPLITS)} (test: an outcome no selection "
-                            "touched; val: when the curve area selects something)")
-    if prune.max_pruning_ratio is not None and not 0.0 < prune.max_pruning_ratio <= 1.0:
-        raise PruneRunError(f"{where}: prune.max_pruning_ratio {prune.max_pruning_ratio:g} must be "
-                            "in (0, 1]: the largest fraction of a layer's channels pruning may "
-                            "remove (leave it unset for no cap)")
     if data_root is not None:
         cfg.base["data"].setdefault("init_args", {})["root"] = data_root
     return cfg

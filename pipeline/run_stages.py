@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-from .arguments import REGULARIZED
 from .common import (
     fit_stage,
     merged,
@@ -18,6 +17,7 @@ from .common import (
     write_bytes,
     write_json,
 )
+from .options import REGULARIZED
 from .run_config import (
     CLASSIFIER,
     CRITERION_KEYS,

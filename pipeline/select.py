@@ -23,7 +23,6 @@ import csv
 import io
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,65 +38,14 @@ from lightning_modules import load_metanetwork, trained_criterion
 from metaprune.errors import UserError
 from networks import CheckpointError
 
-from .arguments import BN_BATCH_SIZE, BN_BATCHES
-from .common import one_line, request_from, write_bytes, write_json
+from .common import one_line, write_bytes, write_json
 from .curve import (
     calibration,
     curves_csv,
     evaluator,
     save_figure,
 )
-
-
-@dataclass
-class SelectRequest:
-    """One ``prune.py select``: its options as typed fields (``--<field>`` on the command
-    line; ``select_checkpoint`` runs it for Python callers such as the demo).
-
-    Args:
-        config: configs/<task>/meta.yaml (its data section: the zoo and the images).
-        run: the meta-training run folder holding the ``*.ckpt`` candidates.
-        checkpoints: "all", N (evenly spaced, first and last included) or "a.ckpt,b.ckpt".
-        finetune_steps: finetune steps after the metanetwork, per member and candidate.
-        finetune_lr: their learning rate.
-        speed_up_range: (LO, HI): the score is the mean val accuracy over this range.
-        iterative_steps: pruning steps of the curve.
-        every: evaluate every N pruning steps.
-        out: the output folder; default ``<run>/selection``.
-        zoo_dir: overrides ``data.init_args.zoo``.
-        data_root: overrides the image data root.
-        seed: seeds every finetune alike.
-        bn_batches: BN recalibration batches before every curve point (0: raw curves).
-        bn_batch_size: images per recalibration batch.
-        max_pruning_ratio: the curves' per-layer pruning cap (1: none, the paper's).
-        importance: the curves' pruning criterion; None: the one the checkpoints were
-            meta-trained for (all of a run's must agree).
-    """
-
-    config: str
-    run: str
-    checkpoints: str = "all"
-    finetune_steps: int = 50
-    finetune_lr: float = 0.01
-    speed_up_range: tuple[float, float] = (2.0, 3.0)
-    iterative_steps: int = 200
-    every: int = 1
-    out: str | None = None
-    zoo_dir: str | None = None
-    data_root: str | None = None
-    seed: int = 0
-    bn_batches: int = BN_BATCHES
-    bn_batch_size: int = BN_BATCH_SIZE
-    max_pruning_ratio: float = 1.0
-    importance: str | None = None
-
-    def __post_init__(self) -> None:
-        lo, hi = self.speed_up_range
-        if not 1.0 <= lo < hi:
-            raise SelectionError(f"--speed_up_range {lo} {hi} needs 1 <= LO < HI")
-        if not 0.0 < self.max_pruning_ratio <= 1.0:
-            raise SelectionError(f"--max_pruning_ratio {self.max_pruning_ratio:g} must be in (0, 1]")
-        self.checkpoints = str(self.checkpoints)  # N may come as an int from a YAML file
+from .options import SelectRequest
 
 IDENTITY = "none (identity)"
 SELECTION_FILE = "selection.json"  # the chosen checkpoint's score against the identity
@@ -202,11 +150,6 @@ def mean_curve(curves: list[list], lo: float, hi: float, n: int = 60) -> list[tu
     return [(float(s), 0, float(a)) for s, a in zip(grid, acc)]
 
 
-
-
-def select_command(args: argparse.Namespace) -> int:
-    """``prune.py select``: score every checkpoint of a meta-training run, copy the best."""
-    return select_checkpoint(request_from(args, SelectRequest))
 
 
 def select_checkpoint(args: SelectRequest) -> int:

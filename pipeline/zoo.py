@@ -5,13 +5,14 @@ are ordinary Lightning fits built from the config by ``pipeline.train.main``. A 
 output exists is skipped, and a stage killed half way resumes from its ``last.ckpt``."""
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jsonargparse.typing import PositiveInt
 
 from datamodules.zoo_manifest import ZooError, find_member, member_name
 from metaprune.errors import UserError
@@ -26,6 +27,7 @@ from .common import (
     tensorboard_logger,
     wait_for,
 )
+from .options import SpeedUp, ZooOptions
 
 
 class ZooConfigError(UserError):
@@ -48,10 +50,10 @@ class ZooSettings:
             is shared by every variant of a seed; stage 2 runs per variant.
     """
 
-    speed_up: float
+    speed_up: SpeedUp
     dir: str = ""
-    iterative_steps: int = 200
-    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    iterative_steps: PositiveInt = 200
+    input_size: list[PositiveInt] = field(default_factory=lambda: [3, 32, 32])
     pretrained: str | None = None
     seed: int = 0
     variant: str = ""
@@ -198,7 +200,7 @@ def zoo_member(config: str | os.PathLike, seed: int | None = None, zoo_dir: str 
     return cfg, run_finetune(cfg, weights)
 
 
-def zoo_command(args: argparse.Namespace) -> int:
+def zoo_command(args: ZooOptions) -> int:
     """``prune.py zoo``: train, prune and finetune one zoo member."""
     t0 = time.perf_counter()
     cfg, row = zoo_member(args.config, seed=args.seed, zoo_dir=args.zoo_dir,

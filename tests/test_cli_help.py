@@ -2,6 +2,7 @@
 Lightning, and every option it lists has help text."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import SUBCOMMANDS, build_parser
+from pipeline.cli import OVERRIDES, SUBCOMMANDS, command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -30,35 +31,71 @@ def test_help_imports_neither_torch_nor_lightning(command: str) -> None:
     result = subprocess.run([sys.executable, "-c", PROBE, command], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     probe = json.loads(result.stdout.splitlines()[-1])
-    assert probe["heavy"] == [] and f"usage: prune.py {command}" in probe["help"]
+    assert probe["heavy"] == [] and f"usage: prune.py [options] {command}" in probe["help"]
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_every_option_has_help_text(command: str) -> None:
-    parser = build_parser(command)
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    bare = [a.option_strings for a in sub._actions if a.option_strings and not a.help]
-    assert bare == []
+    sub = command_parser(command)
+    bare = [a.option_strings for a in sub._actions if a.option_strings and not (a.help or "").strip()]
+    options = {a.dest for a in sub._actions if a.option_strings} - {"help", "verbose"}
+    fields = {f.name for f in dataclasses.fields(SUBCOMMANDS[command][0])} - set(OVERRIDES.values())
+    assert bare == [] and options == fields  # every field is an option, one declaration each
 
 
 @pytest.mark.parametrize("argv, option", [
     (["run", "--config", "p.yaml", "--network", "n.pt", "--speed_up", "0.5"],
-     "--speed_up: 0.5 must be above 1"),
-    (["measure", "--network", "n.pt", "--batch_sizes", "0"], "--batch_sizes: 0 must be at least 1"),
-    (["curve", "--network", "n.pt", "--data_root", ".", "--every", "0"], "--every: 0 must be at least 1"),
+     "run: --speed_up 0.5: Not of type SpeedUp: does not conform to restriction v>1.0"),
+    (["run", "--config", "p.yaml", "--network", "n.pt", "--method", "prune"],
+     "run: --method: Expected a typing.Literal['metanetwork', 'none', 'sparse']. Got value: prune"),
+    (["zoo", "--config", "z.yaml", "--speed_up", "1"], "zoo: --speed_up 1: Not of type SpeedUp"),
+    (["measure", "--network", "n.pt", "--batch_sizes", "[1, 0]"],
+     "measure: --batch_sizes: Not of type PositiveInt: 0 does not conform to restriction v>0"),
+    (["measure", "--network", "n.pt", "--input_size", "[3, 32]"], "measure: --input_size"),
+    (["curve", "--network", "n.pt", "--data_root", ".", "--every", "0"],
+     "curve: --every: Not of type PositiveInt: 0 does not conform to restriction v>0"),
     (["curve", "--network", "n.pt", "--data_root", ".", "--bn_batch_size", "0"],
-     "--bn_batch_size: 0 must be at least 1"),
+     "curve: --bn_batch_size: Not of type PositiveInt"),
+    (["curve", "--network", "n.pt", "--data_root", ".", "--max_pruning_ratio", "0"],
+     "curve: --max_pruning_ratio: Not of type PruningCap: 0 does not conform to restriction v>0.0"),
+    (["curve", "--network", "n.pt", "--data_root", ".", "--val_fraction", "1"],
+     "curve: --val_fraction 1: Not of type OpenUnitInterval"),
     (["select", "--config", "m.yaml", "--run", "r", "--finetune_lr", "-1"],
-     "--finetune_lr: -1 must be above 0"),
-    (["select", "--config", "m.yaml", "--run", "r", "--bn_batches", "x"],
-     "--bn_batches: 'x' is not a number"),
+     "select: --finetune_lr: Not of type PositiveFloat: -1 does not conform to restriction v>0"),
+    (["select", "--config", "m.yaml", "--run", "r", "--bn_batches", "x"], "select: --bn_batches:"),
+    (["select", "--config", "m.yaml", "--run", "r", "--max_pruning_ratio", "1.5"],
+     "select: --max_pruning_ratio: Not of type PruningCap: 1.5 does not conform"),
+    (["select", "--config", "m.yaml", "--run", "r", "--speed_up_range", "[3, 2]"],
+     "--speed_up_range [3, 2] needs 1 <= LO < HI"),
+    (["curve", "--network", "[a.pt, b.pt]", "--data_root", ".", "--labels", "[a]"],
+     "--labels gives 1 labels for 2 networks"),
+    (["run", "--config", "p.yaml", "--arch", "resnet8_cifar"], "--arch NAME --weights FILE"),
+    (["demo", "--fast", "--bogus"], "demo: unrecognized arguments: --bogus"),
+    (["prune"], "invalid choice: 'prune'"),
 ])
-def test_bad_numbers_are_refused_before_anything_loads(argv: list[str], option: str, capsys) -> None:
+def test_bad_options_are_refused_in_one_line_before_anything_loads(argv: list[str], option: str,
+                                                                   capsys) -> None:
     from pipeline.cli import cli
 
-    with pytest.raises(SystemExit) as stop:
-        cli(argv)
-    assert stop.value.code == 2 and option in capsys.readouterr().err
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prune.py: error: ") and option in err and err.count("\n") == 1
+
+
+def test_one_network_or_a_list_and_bare_flags_parse(monkeypatch) -> None:
+    from pipeline.cli import parse
+
+    monkeypatch.delenv("METAPRUNE_DATA", raising=False)
+    assert parse(["curve", "--network", "a.pt", "--data_root", "d"])[1].network == ["a.pt"]
+    assert parse(["curve", "--network", "[a.pt, b.pt]", "--data_root", "d"])[1].network == ["a.pt", "b.pt"]
+    assert parse(["demo", "--fast"])[1].fast is True
+    assert parse(["demo", "--fast", "--out", "x"])[1].fast is True
+    assert parse(["demo", "--fast", "false"])[1].fast is False
+    assert parse(["demo"])[1].fast is False
+    run = parse(["run", "--config", "c.yaml", "--network", "n.pt", "--speed_up", "2",
+                 "--prune.max_pruning_ratio", "0.67", "--final.trainer.max_epochs=1"])[1]
+    assert run.speed_up == 2.0 and type(run.speed_up) is float  # plain: YAML writes it
+    assert run.overrides == {"prune": {"max_pruning_ratio": 0.67}, "final": {"trainer": {"max_epochs": 1}}}
 
 
 def test_measure_on_a_missing_gpu_is_one_line(capsys, monkeypatch) -> None:

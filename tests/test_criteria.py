@@ -14,7 +14,7 @@ from torch import nn
 
 import networks
 from callbacks import SparseTraining
-from pipeline import arguments
+from pipeline import options
 
 X32 = torch.zeros(1, 3, 32, 32)
 ARCH = {"name": "resnet8_cifar", "num_classes": 10, "kwargs": {"width": 0.5}}
@@ -34,8 +34,8 @@ def widths(model: nn.Module) -> list[int]:
 
 
 def test_the_command_line_lists_the_librarys_criteria() -> None:
-    assert set(arguments.IMPORTANCES) == set(networks.IMPORTANCES) == set(LIBRARY)
-    assert set(arguments.REGULARIZED) == set(networks.pruning.REGULARIZED)
+    assert set(options.IMPORTANCES) == set(networks.IMPORTANCES) == set(LIBRARY)
+    assert set(options.REGULARIZED) == set(networks.pruning.REGULARIZED)
 
 
 @pytest.mark.parametrize("importance", sorted(LIBRARY))

@@ -1,7 +1,6 @@
 """Acc-vs-speed-up curves (callback, `prune.py curve`) and checkpoint selection (issue 5)."""
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import json
@@ -14,12 +13,11 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import networks
+import prune
 from datamodules import ImageDataModule, ModelZooDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
-from pipeline.arguments import add_curve_arguments, add_select_arguments
-from pipeline.curve import CurveError, curve_command
-from pipeline.select import SelectionError, select_command
+from metaprune.errors import UserError
 
 X32 = torch.zeros(1, 3, 32, 32)
 
@@ -67,28 +65,18 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
     net = networks.build("resnet8_cifar", 3, width=0.25)
     arch = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
     path = networks.save_network(net, tmp_path / "net.pt", arch)
-    parser = argparse.ArgumentParser()
-    add_curve_arguments(parser)
-    args = parser.parse_args(["--network", str(path), "--data_root", str(tiny_cifar),
-                              "--max_speed_up", "1.8", "--iterative_steps", "20",
-                              "--out", str(tmp_path / "out")])
-    assert curve_command(args) == 0
+    assert prune.main(["curve", "--network", str(path), "--data_root", str(tiny_cifar),
+                       "--max_speed_up", "1.8", "--iterative_steps", "20",
+                       "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "curve.csv").is_file() and (tmp_path / "out" / "curve.png").is_file()
     assert "| speed-up |" in capsys.readouterr().out
     # several networks: one overlay, one curve per label; the same network gives the same curve
-    args = parser.parse_args(["--network", str(path), str(path), "--labels", "a", "b",
-                              "--data_root", str(tiny_cifar), "--max_speed_up", "1.8",
-                              "--iterative_steps", "20", "--out", str(tmp_path / "two")])
-    assert curve_command(args) == 0
+    assert prune.main(["curve", "--network", f"[{path}, {path}]", "--labels", "[a, b]",
+                       "--data_root", str(tiny_cifar), "--max_speed_up", "1.8",
+                       "--iterative_steps", "20", "--out", str(tmp_path / "two")]) == 0
     rows = list(csv.DictReader((tmp_path / "two" / "curve.csv").open()))
     a = [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "a"]
     assert a and a == [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "b"]
-    args.labels = ["only one"]
-    with pytest.raises(CurveError, match="one label per network"):
-        curve_command(args)
-    args.labels, args.max_pruning_ratio = None, 0.0
-    with pytest.raises(CurveError, match=r"--max_pruning_ratio 0 must be in \(0, 1\]"):
-        curve_command(args)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +104,9 @@ def meta_run(tiny_cifar, tmp_path_factory, make_zoo):
 
 
 def _select(root: Path, *extra: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_select_arguments(parser)
-    return select_command(parser.parse_args([
-        "--config", str(root / "meta.yaml"), "--run", str(root / "run"), "--finetune_steps", "2",
-        "--speed_up_range", "1.5", "2.5", "--iterative_steps", "20", *extra]))
+    return prune.main(["select", "--config", str(root / "meta.yaml"), "--run", str(root / "run"),
+                       "--finetune_steps", "2", "--speed_up_range", "[1.5, 2.5]",
+                       "--iterative_steps", "20", *extra])
 
 
 def test_select_writes_table_plot_and_the_best_checkpoint(meta_run, capsys):
@@ -177,22 +163,13 @@ def test_select_names_a_missing_or_corrupt_checkpoint(meta_run, tmp_path):
 
 
 def test_every_data_command_reads_the_data_root_from_the_environment(monkeypatch, tmp_path) -> None:
-    from pipeline.cli import build_parser
+    from pipeline.cli import parse
 
     monkeypatch.setenv("METAPRUNE_DATA", str(tmp_path))
     for argv in (["curve", "--network", "n.pt"], ["run", "--config", "c.yaml", "--network", "n.pt"],
                  ["zoo", "--config", "c.yaml"], ["select", "--config", "c.yaml", "--run", "r"]):
-        assert build_parser(argv[0]).parse_args(argv).data_root == str(tmp_path)
+        assert parse(argv)[1].data_root == str(tmp_path)
     monkeypatch.delenv("METAPRUNE_DATA")
-    with pytest.raises(SystemExit):  # curve needs data: without the variable, --data_root is required
-        build_parser("curve").parse_args(["curve", "--network", "n.pt"])
-    assert build_parser("run").parse_args(["run", "--config", "c", "--network", "n"]).data_root is None
-
-
-def test_select_refuses_a_cap_outside_its_range(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_select_arguments(parser)
-    args = parser.parse_args(["--config", "meta.yaml", "--run", str(tmp_path),
-                              "--max_pruning_ratio", "1.5"])
-    with pytest.raises(SelectionError, match=r"--max_pruning_ratio 1.5 must be in \(0, 1\]"):
-        select_command(args)
+    with pytest.raises(UserError, match="--data_root PATH or set"):  # curve needs data
+        parse(["curve", "--network", "n.pt"])
+    assert parse(["run", "--config", "c", "--network", "n"])[1].data_root is None

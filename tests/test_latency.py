@@ -53,7 +53,7 @@ def test_measure_command_compares_with_the_unpruned_architecture(tmp_path: Path,
     pruned = random_prune(networks.build(arch["name"], 3, **arch["kwargs"]), x, 0.5, 0)
     path = networks.save_network(pruned, tmp_path / "net.pt", arch)
     out = tmp_path / "latency.json"
-    assert prune.main(["measure", "--network", str(path), "--batch_sizes", "1", "2",
+    assert prune.main(["measure", "--network", str(path), "--batch_sizes", "[1, 2]",
                        "--min_run_time", "0.05", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     # the two networks compared are this file's and a fresh build of its unpruned recipe
@@ -76,7 +76,7 @@ def test_measure_console_carries_no_third_party_noise(tmp_path: Path) -> None:
     path = networks.save_network(networks.build("resnet8_cifar", 3, width=0.25), tmp_path / "net.pt",
                                  {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}})
     done = subprocess.run([sys.executable, "prune.py", "measure", "--network", str(path),
-                           "--batch_sizes", "1", "--min_run_time", "0.05"],
+                           "--batch_sizes", "[1]", "--min_run_time", "0.05"],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| 1 | cpu (" in done.stdout
