@@ -2,7 +2,8 @@
 fixed list of timm classifiers across families (issue 29).
 
     python benchmarks/census.py [--source torchvision|timm] [--max_params 40] [--size 224] \
-        [--swaps 4] [--out runs/census[_timm].jsonl] [--table runs/census[_timm].md]
+        [--swaps 4] [--models [resnet18,vgg11]] [--out runs/census[_timm].jsonl] \
+        [--table runs/census[_timm].md]
 
 Inputs are ``--size`` pixels square, by default each model's own default (timm's
 ``pretrained_cfg['input_size']``; 224 for torchvision).
@@ -21,13 +22,17 @@ Training-only auxiliary classifiers (GoogLeNet, Inception v3) are built without 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
+
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+
+from pipeline.benchmark_cli import cli, summary
 
 # constructor arguments that leave out training-only branches (their weights are unused at
 # inference, which the encoder refuses with that reason)
@@ -102,7 +107,7 @@ def _short(reason: str) -> str:
     return reason.split(". docs/graph.md")[0].replace("|", "/").replace("\n", " ")
 
 
-def table(rows: list[dict]) -> str:
+def census_table(rows: list[dict]) -> str:
     lines = ["| model | params (M) | input | verdict | nodes | edges | swaps | trace+encode s | "
              "peak MB | reason |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["status"], r["model"])):
@@ -113,69 +118,75 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max_params", type=float, default=None,
-                        help="skip models with more parameters (millions); default: all")
-    parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",
-                        help="torchvision's classifiers, or the fixed timm list TIMM_MODELS")
-    parser.add_argument("--size", type=int, default=None,
-                        help="input height and width (default: each model's own default)")
-    parser.add_argument("--swaps", type=int, default=4, help="node swaps tried per model")
-    parser.add_argument("--models", nargs="*", help="only these models (default: all)")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/census[_timm].jsonl")
-    parser.add_argument("--table", type=Path, default=None, help="default runs/census[_timm].md")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(census_one(args.one, args.size, args.swaps)))
+def census(*, source: Literal["torchvision", "timm"] = "torchvision",
+           max_params: PositiveFloat | None = None, size: PositiveInt | None = None,
+           swaps: NonNegativeInt = 4, models: list[str] | None = None, out: Path | None = None,
+           table: Path | None = None, one: str | None = None) -> int:
+    """The census: every model checked in a process of its own, the table written.
+
+    Args:
+        source: torchvision's classifiers, or the fixed timm list TIMM_MODELS
+        max_params: skip models with more parameters (millions); default: all
+        size: input height and width (default: each model's own default)
+        swaps: node swaps tried per model
+        models: only these models (default: all)
+        out: default runs/census[_timm].jsonl
+        table: default runs/census[_timm].md
+        one: internal: the child process that checks this one model and prints its row
+    """
+    if one:
+        print(json.dumps(census_one(one, size, swaps)))
         return 0
     import torchvision
 
     import networks
 
-    suffix = "_timm" if args.source == "timm" else ""
-    args.out = args.out or Path(f"runs/census{suffix}.jsonl")
-    args.table = args.table or Path(f"runs/census{suffix}.md")
-    names = args.models or ([f"timm:{n}" for n in TIMM_MODELS] if args.source == "timm"
-                            else torchvision.models.list_models(module=torchvision.models))
+    suffix = "_timm" if source == "timm" else ""
+    out = out or Path(f"runs/census{suffix}.jsonl")
+    table_file = table or Path(f"runs/census{suffix}.md")
+    names = models or ([f"timm:{n}" for n in TIMM_MODELS] if source == "timm"
+                       else torchvision.models.list_models(module=torchvision.models))
     done = {}
-    if args.out.exists():
-        done = {r["model"]: r for r in map(json.loads, args.out.read_text().splitlines())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        done = {r["model"]: r for r in map(json.loads, out.read_text().splitlines())}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         if name in done:
             continue
-        if args.max_params is not None:
+        if max_params is not None:
             params = sum(p.numel() for p in networks.build(name, 10, **_BUILD_ARGS.get(name, {}))
                          .parameters()) / 1e6
-            if params > args.max_params:
+            if params > max_params:
                 print(f"[{i + 1}/{len(names)}] {name}: {params:.0f}M parameters, skipped")
                 continue
-        size = [] if args.size is None else ["--size", str(args.size)]
-        child = subprocess.run([sys.executable, __file__, "--one", name, *size,
-                                "--swaps", str(args.swaps)], capture_output=True, text=True)
+        size_args = [] if size is None else ["--size", str(size)]
+        child = subprocess.run([sys.executable, __file__, "--one", name, *size_args,
+                                "--swaps", str(swaps)], capture_output=True, text=True)
         if child.returncode != 0:
             last = [line for line in child.stderr.splitlines() if "warn" not in line.lower()]
             why = (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
                    else last[-1] if last else f"exit status {child.returncode}")
-            row = {"model": name, "params_m": 0, "size": args.size or 0, "status": "crash",
+            row = {"model": name, "params_m": 0, "size": size or 0, "status": "crash",
                    "reason": f"the check's process failed: {why}", "nodes": 0, "edges": 0,
                    "swaps": 0}
         else:
             row = json.loads(child.stdout.strip().splitlines()[-1])
         done[name] = row
-        with args.out.open("a") as f:
+        with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {_short(row['reason'])[:120]}",
               flush=True)
-    text = table(list(done.values()))
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.table.with_suffix(".tmp")
+    text = census_table(list(done.values()))
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = table_file.with_suffix(".tmp")
     tmp.write_text(text)
-    tmp.replace(args.table)
+    tmp.replace(table_file)
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(census, argv, prog="census.py", description=summary(__doc__))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ step graph_speed $PY benchmarks/graph_speed.py --repeats 10 --device "$DEVICE"
 if [ "$DEVICE" = cuda ]; then
   step meta_step $PY benchmarks/meta_step.py --device cuda
 else  # the CPU dry run: small batches, so it takes seconds, not many minutes
-  step meta_step $PY benchmarks/meta_step.py --device cpu --batch 20 --batches 1 2
+  step meta_step $PY benchmarks/meta_step.py --device cpu --batch 20 --batches [1,2]
 fi
 step prune_speed $PY benchmarks/prune_speed.py --only resnet56
 

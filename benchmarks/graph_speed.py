@@ -12,18 +12,20 @@ sampled every 5 ms; CUDA: the allocator's peak).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from typing import Literal
 
 import psutil
 import torch
+from jsonargparse.typing import PositiveInt
 
 import networks
 from graph import Metanetwork, NetworkGraph
+from pipeline.benchmark_cli import cli
 
 REFERENCE = {"resnet56 encode": 42e-3, "resnet56 decode": 7e-3, "resnet50 encode": 1.4,
              "gnn8x64 forward (no grad)": 3.0, "gnn8x64 forward+backward": 11.5}
@@ -104,35 +106,41 @@ def _time_metanetwork(model, example, message_passing: str, identity_edges: str,
         _report(name + tag, seconds, memory.peak)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--gnn", nargs=2, metavar=("MESSAGE_PASSING", "IDENTITY_EDGES"),
-                        help="time only this metanetwork variant (the main run starts one "
-                             "process per variant, so that each peak memory starts clean)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
+                gnn: tuple[Literal["joint", "paper"], Literal["diagonal", "dense"]] | None = None) -> None:
+    """Time the encoding, the decoding and both metanetworks.
+
+    Args:
+        repeats: timed repetitions per measurement (the median counts)
+        device: cpu, cuda, cuda:1, ...
+        gnn: [MESSAGE_PASSING,IDENTITY_EDGES]: time only this metanetwork variant (the main run
+            starts one process per variant, so that each peak memory starts clean)
+    """
+    dev = torch.device(device)
     resnet56 = networks.build("resnet56_cifar", 10)
-    if args.gnn:
-        _time_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *args.gnn,
-                          max(3, args.repeats // 5), device)
+    if gnn:
+        _time_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *gnn, max(3, repeats // 5), dev)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}")
     for name, model, example in (("resnet56", resnet56, torch.randn(1, 3, 32, 32)),
                                  ("resnet50", networks.build("resnet50", 10),
                                   torch.randn(1, 3, 224, 224))):
         start = time.perf_counter()
         graph = NetworkGraph(model, example)  # uncached: the one-time tracing cost
         _report(f"{name} trace (one-time)", time.perf_counter() - start)
-        state = {k: v.to(device) for k, v in model.state_dict().items()}
+        state = {k: v.to(dev) for k, v in model.state_dict().items()}
         data = graph.encode(state)
-        _report(f"{name} encode", _median_time(lambda g=graph, s=state: g.encode(s), args.repeats, device))
-        _report(f"{name} decode", _median_time(lambda g=graph, d=data: g.decode(d), args.repeats, device))
+        _report(f"{name} encode", _median_time(lambda g=graph, s=state: g.encode(s), repeats, dev))
+        _report(f"{name} decode", _median_time(lambda g=graph, d=data: g.decode(d), repeats, dev))
         if name == "resnet56":
-            for variant in (("paper", "dense"), ("joint", "diagonal")):
-                subprocess.run([sys.executable, __file__, "--gnn", *variant, "--repeats",
-                                str(args.repeats), "--device", args.device], check=True)
+            for variant in ("[paper,dense]", "[joint,diagonal]"):
+                subprocess.run([sys.executable, __file__, "--gnn", variant, "--repeats",
+                                str(repeats), "--device", device], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(graph_speed, argv, prog="graph_speed.py", description=__doc__.splitlines()[0])
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """MACs speed-up against measured speed-up (issue 16): ResNet-56 (CIFAR) and ResNet-50 (ImageNet)
 pruned to 2x and 3x by our pruner, timed against their unpruned architecture.
 
-    python benchmarks/latency.py [--device cpu|cuda] [--min_run_time 1.0] [--out FILE.md]
+    python benchmarks/latency.py [--device cpu|cuda] [--min_run_time 1.0] [--speed_ups [2,3]] \
+        [--out FILE.md]
 
 Weights are random (time does not depend on their values; the pruner's group-norm criterion
 then picks an arbitrary but valid structure, as it would on trained weights of another seed).
@@ -10,17 +11,21 @@ median and IQR over ``torch.utils.benchmark`` blocks) at batch 1 and a throughpu
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Literal
+
+from jsonargparse.typing import PositiveFloat
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-import networks  # noqa: E402
-from networks.latency import compare_latency  # noqa: E402
+import networks
+from networks.latency import compare_latency
+from pipeline.benchmark_cli import cli, summary
+from pipeline.options import SpeedUp
 
 CASES = (  # name, classes, input size, throughput batch
     ("resnet56_cifar", 10, (3, 32, 32), 64),
@@ -28,14 +33,17 @@ CASES = (  # name, classes, input size, throughput batch
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--min_run_time", type=float, default=1.0)
-    parser.add_argument("--speed_ups", type=float, nargs="+", default=[2.0, 3.0])
-    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = parser.parse_args(argv)
-    lines = [f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads\n",
+def latency(*, device: Literal["cpu", "cuda"] = "cpu", min_run_time: PositiveFloat = 1.0,
+            speed_ups: tuple[SpeedUp, ...] = (2.0, 3.0), out: str | None = None) -> int:
+    """Prune each network to each target and time it against its unpruned architecture.
+
+    Args:
+        device: where to time
+        min_run_time: seconds of timing per network and batch size (torch.utils.benchmark)
+        speed_ups: pruning targets (MACs), e.g. [2,3]
+        out: also write the table to this markdown file
+    """
+    lines = [f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads\n",
              "| network | target | MACs | speed-up by MACs | batch | unpruned ms | pruned ms "
              "| speed-up measured |", "|---|---|---|---|---|---|---|---|"]
     for name, classes, size, batch in CASES:
@@ -43,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.zeros(1, *size)
         unpruned = networks.build(name, classes)
         base = networks.count_macs(unpruned, example)
-        for target in args.speed_ups:
+        for target in speed_ups:
             torch.manual_seed(0)  # the same weights, hence structure, whatever was timed before
             pruned = networks.build(name, classes).eval()
             networks.prune_to_speed_up(pruned, example, target, base, 100)
             macs = networks.count_macs(pruned, example)
-            for r in compare_latency(pruned, unpruned, size, (1, batch), args.device,
-                                     args.min_run_time):
+            for r in compare_latency(pruned, unpruned, size, (1, batch), device, min_run_time):
                 lines.append(f"| {name} | {target:g}x | {macs / 1e6:.1f}M of {base / 1e6:.1f}M "
                              f"| {base / macs:.2f}x | {r['batch_size']} "
                              f"| {r['unpruned_latency_ms']:.2f} (IQR {r['unpruned_iqr_ms']:.2f}) "
@@ -57,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {r['speed_up_measured']:.2f}x |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    if args.out:
-        networks.atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    if out:
+        networks.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(latency, argv, prog="latency.py", description=summary(__doc__))
 
 
 if __name__ == "__main__":

@@ -11,20 +11,20 @@ norms. Writes ``meta_effect.md`` next to the checkpoints and prints it.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import networks  # noqa: E402
-from lightning_modules import MetaPruningModule  # noqa: E402
-from objective import MemberState  # noqa: E402
-from pipeline.select import zoo_datamodule  # noqa: E402
+import networks
+from lightning_modules import MetaPruningModule
+from objective import MemberState
+from pipeline.benchmark_cli import cli, summary
+from pipeline.select import zoo_datamodule
 
 
 @torch.no_grad()
@@ -43,18 +43,19 @@ def evaluate(member: MemberState, weights: dict, loader) -> dict:
             "q10": norms.quantile(0.1).item()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a meta-training log folder (with config.yaml "
-                        "and checkpoints/)")
-    args = parser.parse_args()
-    checkpoints = sorted((args.run / "checkpoints").glob("epoch*.ckpt"))
+def meta_effect(run: Path) -> None:
+    """Every checkpoint of one meta-training run on its meta-val members.
+
+    Args:
+        run: a meta-training log folder (with config.yaml and checkpoints/)
+    """
+    checkpoints = sorted((run / "checkpoints").glob("epoch*.ckpt"))
     if not checkpoints:
-        sys.exit(f"no epoch*.ckpt in {args.run / 'checkpoints'}: pass the folder of a "
+        sys.exit(f"no epoch*.ckpt in {run / 'checkpoints'}: pass the folder of a "
                  "meta-training run (runs/<task>/meta/version_<n>)")
-    zoo = zoo_datamodule(args.run / "config.yaml")
+    zoo = zoo_datamodule(run / "config.yaml")
     loader = torch.utils.data.DataLoader(zoo.images.val_set, batch_size=500)
-    lines = [f"Meta-val members of {args.run} on the whole val split "
+    lines = [f"Meta-val members of {run} on the whole val split "
              f"({len(zoo.images.val_set)} images)", "",
              "| checkpoint | member | val CE | val acc | near-zero groups | norm q10 |",
              "|---|---|---|---|---|---|"]
@@ -77,9 +78,13 @@ def main() -> None:
         for i, member in members.items():
             row(path.stem, i, member.graph.decode(module.metanetwork(member.data)))
     text = "\n".join(lines) + "\n"
-    out = networks.atomic_write(args.run / "meta_effect.md", lambda tmp: Path(tmp).write_text(text))
+    out = networks.atomic_write(run / "meta_effect.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli(meta_effect, argv, prog="meta_effect.py", description=summary(__doc__))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

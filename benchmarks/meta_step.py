@@ -1,6 +1,6 @@
 """Cost of one meta-training step against its floor (issue 4).
 
-    python benchmarks/meta_step.py [--batch 500] [--batches 1 8] [--device cpu] [--channel_gates]
+    python benchmarks/meta_step.py [--batch 500] [--batches [1,8]] [--device cpu] [--channel_gates]
         [--message_passing joint|paper]
 
 For a ResNet-56 pruned to 1.32x (a zoo member), measures in one process:
@@ -15,14 +15,17 @@ max_memory_allocated on CUDA) is its own. The last line is ``ratio=<step/floor a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
+from typing import Literal
 
 import torch
+from jsonargparse.typing import PositiveInt
+
+from pipeline.benchmark_cli import cli
 
 
 def measure(batches: int, batch: int, device: str, what: str, message_passing: str) -> dict:
@@ -70,29 +73,32 @@ def measure(batches: int, batch: int, device: str, what: str, message_passing: s
     return {"seconds": min(times), "peak_mib": peak / 2 ** 20}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--channel_gates", action="store_true",
-                        help="also time the step of a metanetwork with channel gates")
-    parser.add_argument("--message_passing", choices=("joint", "paper"), default="joint")
-    parser.add_argument("--child", nargs=2, metavar=("B", "WHAT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(int(args.child[0]), args.batch, args.device, args.child[1],
-                                 args.message_passing)))
+def meta_step(*, batch: PositiveInt = 500, batches: tuple[PositiveInt, ...] = (1, 8),
+              device: str = "cpu", channel_gates: bool = False,
+              message_passing: Literal["joint", "paper"] = "joint",
+              child: tuple[PositiveInt, Literal["floor", "step", "gated_step"]] | None = None) -> None:
+    """Time the floor and the step at each number of batches, each in a fresh process.
+
+    Args:
+        batch: images per batch
+        batches: numbers of batches B per step, e.g. [1,8]
+        device: cpu, cuda, ...
+        channel_gates: also time the step of a metanetwork with channel gates
+        message_passing: the metanetwork's layer
+        child: internal: [B,WHAT]: the child process that measures one configuration
+    """
+    if child:
+        print(json.dumps(measure(child[0], batch, device, child[1], message_passing)))
         return
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"ResNet-56 pruned 1.32x, batches of {args.batch}")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"ResNet-56 pruned 1.32x, batches of {batch}")
     ratio = None
-    for b in args.batches:
+    for b in batches:
         res = {}
-        for what in ("floor", "step") + (("gated_step",) if args.channel_gates else ()):
-            out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
-                                  "--device", args.device, "--message_passing",
-                                  args.message_passing, "--child", str(b), what],
+        for what in ("floor", "step") + (("gated_step",) if channel_gates else ()):
+            out = subprocess.run([sys.executable, __file__, "--batch", str(batch),
+                                  "--device", device, "--message_passing",
+                                  message_passing, "--child", f"[{b},{what}]"],
                                  check=True, capture_output=True, text=True).stdout
             res[what] = json.loads(out.strip().splitlines()[-1])
         ratio = res["step"]["seconds"] / res["floor"]["seconds"]
@@ -107,5 +113,9 @@ def main() -> None:
     print(f"ratio={ratio:.3f}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli(meta_step, argv, prog="meta_step.py", description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # noqa: E402 (see train.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see train.py)
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
+import copy
+import gc
+import sys
+import time
+from typing import Literal
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
+import torch
+import torchvision
+from jsonargparse.typing import PositiveInt
 
-import networks  # noqa: E402
-from datamodules.zoo_manifest import widths  # noqa: E402
+import networks
+from datamodules.zoo_manifest import widths
+from pipeline.benchmark_cli import cli, summary
 
 CASES = {  # name: (build, input size, target speed-up)
     "resnet56": (lambda: networks.build("resnet56_cifar", 10), (1, 3, 32, 32), 2.0),
@@ -57,15 +60,21 @@ def run(name: str, repeats: int = 2) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=sorted(CASES), default=None)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop (best counts)")
-    args = parser.parse_args()
+def prune_speed(*, only: Literal["resnet50", "resnet56"] | None = None, repeats: PositiveInt = 2) -> None:
+    """Both loops on each network.
+
+    Args:
+        only: this network alone (default: both)
+        repeats: runs of each loop (best counts)
+    """
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in [args.only] if args.only else list(CASES):
-        run(name, args.repeats)
+    for name in [only] if only else list(CASES):
+        run(name, repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(prune_speed, argv, prog="prune_speed.py", description=summary(__doc__))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

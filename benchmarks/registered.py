@@ -1,10 +1,10 @@
 """Run or report a registered comparison (``pipeline.registration``, docs/registration.md).
 
     python benchmarks/registered.py run benchmarks/registrations/<name>.yaml \
-        --data_root ../shared/data/cifar10-jpeg [--seeds 200 202 ...] [--out runs/registrations/<name>]
+        --data_root ../shared/data/cifar10-jpeg [--seeds [200,202,...]] [--out runs/registrations/<name>]
     python benchmarks/registered.py report benchmarks/registrations/<name>.yaml
     python benchmarks/registered.py hash benchmarks/registrations/<name>.yaml
-    python benchmarks/registered.py freeze --config A.yaml [B.yaml ...] \
+    python benchmarks/registered.py freeze --config [A.yaml,B.yaml,...] \
         --out benchmarks/registrations/<name>/recipe
 
 ``run`` refuses a registration that is not committed, has uncommitted changes, whose recipe
@@ -28,7 +28,6 @@ Secondary comparisons, per-draw means and costs follow, labelled as such.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,22 +39,22 @@ import yaml
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import quality_cifar10  # noqa: E402
+import quality
 
-from metaprune.errors import UserError  # noqa: E402
-from pipeline import demo as pipeline_demo  # noqa: E402
-from pipeline import registration as reg_lib  # noqa: E402
-from pipeline import results  # noqa: E402
-from pipeline.common import write_json, write_text  # noqa: E402
-from pipeline.console import Stages  # noqa: E402
-from pipeline.paired import paired_table, save_paired_plot  # noqa: E402
-from pipeline.registration import Registration, RegistrationError  # noqa: E402
+from pipeline import demo as pipeline_demo
+from pipeline import registration as reg_lib
+from pipeline import results
+from pipeline.benchmark_cli import cli, summary
+from pipeline.common import write_json, write_text
+from pipeline.console import Stages
+from pipeline.paired import paired_table, save_paired_plot
+from pipeline.registration import Registration, RegistrationError
 
 
 def composed_recipe(reg: Registration) -> dict:
     """The registration's recipe merged, with its seeds, speed-ups and methods; refused when
     its content no longer hashes to the registered value."""
-    cfg = quality_cifar10.merge_configs([str(p) for p in reg.recipe_paths()])
+    cfg = quality.merge_configs([str(p) for p in reg.recipe_paths()])
     digest = reg_lib.recipe_sha256(cfg)
     if digest != reg.recipe_sha256:
         raise RegistrationError(f"registration {reg.path.name}: the recipe {reg.recipe} hashes to "
@@ -82,28 +81,37 @@ def draw_record(best: Path) -> dict:
     return {"checkpoint_sha256": hashlib.sha256(best.read_bytes()).hexdigest(), **verdict}
 
 
-def run(args: argparse.Namespace) -> int:
-    reg, commit, ledgers = checked(args.registration)
-    unknown = sorted(set(args.seeds or []) - set(reg.target_seeds))
+def run(registration: str, *, data_root: str, seeds: list[int] | None = None,
+        out: str | None = None) -> int:
+    """Build what is missing and prune the registered networks.
+
+    Args:
+        registration: benchmarks/registrations/<name>.yaml
+        data_root: CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)
+        seeds: only these registered networks
+        out: work folder (default runs/registrations/<name>)
+    """
+    reg, commit, ledgers = checked(registration)
+    unknown = sorted(set(seeds or []) - set(reg.target_seeds))
     if unknown:
         raise RegistrationError(f"--seeds {unknown} are not registered networks ({reg.target_seeds})")
-    out = Path(args.out or f"runs/registrations/{reg.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    composed = quality_cifar10.write_config(composed_recipe(reg), out)
+    work = Path(out or f"runs/registrations/{reg.name}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    composed = quality.write_config(composed_recipe(reg), work)
     cfg = pipeline_demo.load_demo_config(composed)
-    data = pipeline_demo.demo_data(args.data_root)[0]
-    todo = [s for s in (args.seeds or reg.target_seeds) if s not in ledgers]
+    data = pipeline_demo.demo_data(data_root)[0]
+    todo = [s for s in (seeds or reg.target_seeds) if s not in ledgers]
     groups: dict[str, list[int]] = {}
     for seed in todo:  # in order, grouped by the draw that prunes them
         draw = reg_lib.draw_of(reg, seed)
         groups.setdefault("draw" if draw is None else draw.name, []).append(seed)
     first = reg.metanetwork.draws[0].name if reg.metanetwork.draws else None
-    for name, seeds in groups.items():
+    for name, group in groups.items():
         spec = next((d for d in reg.metanetwork.draws if d.name == name), None)
-        if run_draw(reg, commit, cfg, data, out, out / name, spec, seeds,
-                    None if first in (None, name) else out / first / "zoo") != 0:
+        if run_draw(reg, commit, cfg, data, work, work / name, spec, group,
+                    None if first in (None, name) else work / first / "zoo") != 0:
             return 1
-    return report(args)
+    return report(registration)
 
 
 def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data: dict, out: Path,
@@ -190,8 +198,13 @@ def cost(ledgers: dict[int, dict]) -> str:
     return ", ".join(f"{k} {mean(k):.0f} s" for k in keys)
 
 
-def report(args: argparse.Namespace) -> int:
-    reg, commit, ledgers = checked(args.registration)
+def report(registration: str) -> int:
+    """The registered verdicts from the committed results.
+
+    Args:
+        registration: benchmarks/registrations/<name>.yaml
+    """
+    reg, commit, ledgers = checked(registration)
     complete, status = reg_lib.completeness(reg, ledgers)
     rows = reg_lib.verdicts(reg, ledgers)
     secondary = [d for d in reg_lib.differences(reg, ledgers, reg.secondary) if d.n]
@@ -224,53 +237,46 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def freeze(args: argparse.Namespace) -> int:
+def freeze(*, config: list[str], out: str) -> int:
+    """Merge benchmark configs into a recipe a registration owns (stage configs copied beside it).
+
+    Args:
+        config: benchmark configs, in order (e.g. [A.yaml,B.yaml])
+        out: e.g. benchmarks/registrations/<name>/recipe
+    """
     import shutil
 
-    out = Path(args.out)
-    cfg = quality_cifar10.merge_configs(args.config)
+    folder = Path(out)
+    cfg = quality.merge_configs(config)
     stages = cfg["demo"]["configs"]
-    out.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, path in stages.items():
-        shutil.copyfile(path, out / f"{name}.yaml")
+        shutil.copyfile(path, folder / f"{name}.yaml")
     cfg["demo"]["configs"] = {name: f"{name}.yaml" for name in stages}
     text = ("# A frozen recipe (benchmarks/registered.py freeze): merged from "
-            f"{', '.join(Path(c).name for c in args.config)}; the stage configs beside it are "
+            f"{', '.join(Path(c).name for c in config)}; the stage configs beside it are "
             "copies.\n" + yaml.safe_dump(cfg, sort_keys=False))
-    write_text(out / "benchmark.yaml", text)
-    print(reg_lib.recipe_sha256(quality_cifar10.merge_configs([str(out / "benchmark.yaml")])))
+    write_text(folder / "benchmark.yaml", text)
+    print(reg_lib.recipe_sha256(quality.merge_configs([str(folder / "benchmark.yaml")])))
     return 0
 
 
-def recipe_hash(args: argparse.Namespace) -> int:
-    reg = reg_lib.load_registration(args.registration)
-    print(reg_lib.recipe_sha256(quality_cifar10.merge_configs([str(p) for p in reg.recipe_paths()])))
+def recipe_hash(registration: str) -> int:
+    """The sha256 of the registration's recipe as it is now.
+
+    Args:
+        registration: benchmarks/registrations/<name>.yaml
+    """
+    reg = reg_lib.load_registration(registration)
+    print(reg_lib.recipe_sha256(quality.merge_configs([str(p) for p in reg.recipe_paths()])))
     return 0
+
+
+COMMANDS = {"run": run, "report": report, "hash": recipe_hash, "freeze": freeze}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="build what is missing and prune the registered networks")
-    p_run.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
-    p_run.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
-    p_run.add_argument("--seeds", type=int, nargs="+", help="only these registered networks")
-    p_run.add_argument("--out", default=None, help="work folder (default runs/registrations/<name>)")
-    p_report = sub.add_parser("report", help="the registered verdicts from the committed results")
-    p_report.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
-    p_hash = sub.add_parser("hash", help="the sha256 of the registration's recipe as it is now")
-    p_hash.add_argument("registration", help="benchmarks/registrations/<name>.yaml")
-    p_freeze = sub.add_parser("freeze", help="merge benchmark configs into a recipe a "
-                              "registration owns (stage configs copied beside it)")
-    p_freeze.add_argument("--config", nargs="+", required=True, help="benchmark configs, in order")
-    p_freeze.add_argument("--out", required=True, help="e.g. benchmarks/registrations/<name>/recipe")
-    args = parser.parse_args(argv)
-    commands = {"run": run, "report": report, "hash": recipe_hash, "freeze": freeze}
-    try:
-        return commands[args.command](args)
-    except UserError as e:
-        print(f"registered.py: error: {e}", file=sys.stderr)
-        return 2
+    return cli(COMMANDS, argv, prog="registered.py", description=summary(__doc__))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 regularizer, chosen on tuning networks by validation data only.
 
     python benchmarks/tune_baselines.py --data_root ../shared/data/cifar10-jpeg \
-        --config benchmarks/quality_cifar10.yaml benchmarks/quality_view.yaml \
-        --seeds 100 101 102 --out runs/tune_baselines [--part targets|lr|sparse|table]
+        --config [benchmarks/quality_cifar10.yaml,benchmarks/quality_view.yaml] \
+        --seeds [100,101,102] --out runs/tune_baselines [--part targets|lr|sparse|table]
 
 Two searches on the same tuning networks (seeds that earlier metanetwork variants were chosen
 on, never a confirmatory network), each cell a ``prune.py run`` folder (resumable):
@@ -29,7 +29,6 @@ its val scores, and the chosen ones. No test image is read by any choice here.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,17 +36,20 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import quality_cifar10  # noqa: E402
+import quality
 
-from pipeline import demo as pipeline_demo  # noqa: E402
-from pipeline.common import atomic_write, merged, write_json  # noqa: E402
-from pipeline.run import REPORT, RunRequest, prune_run  # noqa: E402
-from pipeline.zoo import zoo_member  # noqa: E402
+from pipeline import demo as pipeline_demo
+from pipeline.benchmark_cli import cli, summary
+from pipeline.common import atomic_write, merged, write_json
+from pipeline.run import REPORT, RunRequest, prune_run
+from pipeline.zoo import zoo_member
 
 LRS = (0.003, 0.01, 0.03)
 REGS = (5e-5, 5e-4, 5e-3)
@@ -88,24 +90,47 @@ class Cell:
         return {"prune": prune, "finetune": lr, "final": lr}
 
 
+@dataclasses.dataclass(kw_only=True)
+class Tuning(quality.Recipe):
+    """The two searches and where they run.
+
+    Args:
+        seeds: tuning networks (never a confirmatory network)
+        out: output folder
+        part: one step only (default: all of them in one process)
+        lrs: learning rates tried with none
+        regs: sparse's reg values
+        alphas: sparse's alpha values
+        sparse_lr: the learning rate of the sparse search (default the config's)
+    """
+
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [100, 101, 102])
+    out: str = "runs/tune_baselines"
+    part: Literal["targets", "lr", "sparse", "table"] | None = None
+    lrs: list[PositiveFloat] = dataclasses.field(default_factory=lambda: list(LRS))
+    regs: list[NonNegativeFloat] = dataclasses.field(default_factory=lambda: list(REGS))
+    alphas: list[PositiveFloat] = dataclasses.field(default_factory=lambda: list(ALPHAS))
+    sparse_lr: PositiveFloat | None = None
+
+
 def stage_lr(prune_cfg: dict) -> float:
     """The learning rate the benchmark's prune config gives stage 1."""
     return float(prune_cfg["finetune"]["model"]["init_args"]["lr"])
 
 
-def grid(part: str, args: argparse.Namespace, shipped_lr: float) -> list[Cell]:
+def grid(part: str, tuning: Tuning, shipped_lr: float) -> list[Cell]:
     """The cells of one search (``sparse`` at ``--sparse_lr``, default the config's rate)."""
     if part == "lr":
-        return [Cell("none", lr) for lr in args.lrs]
-    lr = args.sparse_lr or shipped_lr
-    return [Cell("sparse", lr, reg, alpha) for reg in args.regs for alpha in args.alphas]
+        return [Cell("none", lr) for lr in tuning.lrs]
+    lr = tuning.sparse_lr or shipped_lr
+    return [Cell("sparse", lr, reg, alpha) for reg in tuning.regs for alpha in tuning.alphas]
 
 
-def setup(args: argparse.Namespace, out: Path) -> tuple[pipeline_demo.DemoConfig, dict[str, Path], dict]:
+def setup(tuning: Tuning, out: Path) -> tuple[pipeline_demo.DemoConfig, dict[str, Path], dict]:
     """The benchmark's stage configs under ``<out>/configs`` (as the demo writes them)."""
-    composed = quality_cifar10.write_config(quality_cifar10.merge_configs(args.config), out)
+    composed = quality.write_config(quality.merge_configs(tuning.config), out)
     cfg = pipeline_demo.load_demo_config(composed)  # its target seeds are not used here
-    stages, configs = pipeline_demo.demo_folder(cfg, out, pipeline_demo.demo_data(args.data_root)[0])
+    stages, configs = pipeline_demo.demo_folder(cfg, out, pipeline_demo.demo_data(tuning.data_root)[0])
     return cfg, configs, stages
 
 
@@ -166,38 +191,21 @@ def choices(results: dict[str, list[dict]]) -> dict[str, dict]:
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", required=True, help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
-    parser.add_argument("--config", nargs="+", default=[str(quality_cifar10.HERE / "quality_cifar10.yaml")],
-                        help="benchmark configs, merged in order")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102],
-                        help="tuning networks (never a confirmatory network)")
-    parser.add_argument("--out", default="runs/tune_baselines")
-    parser.add_argument("--part", choices=("targets", "lr", "sparse", "table"), default=None,
-                        help="one step only (default: all of them in one process)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS),
-                        help=f"learning rates tried with none (default {' '.join(map(str, LRS))})")
-    parser.add_argument("--regs", type=float, nargs="+", default=list(REGS),
-                        help=f"sparse's reg values (default {' '.join(map(str, REGS))})")
-    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
-                        help=f"sparse's alpha values (default {' '.join(map(str, ALPHAS))})")
-    parser.add_argument("--sparse_lr", type=float, default=None,
-                        help="the learning rate of the sparse search (default the config's)")
-    args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
-    cfg, configs, stages = setup(args, out)
-    for seed in args.seeds:
-        if args.part in (None, "targets"):
+def tune_baselines(tuning: Tuning) -> int:
+    """The searches (or the one ``--part``), then the table."""
+    out = Path(tuning.out).resolve()
+    cfg, configs, stages = setup(tuning, out)
+    for seed in tuning.seeds:
+        if tuning.part in (None, "targets"):
             zoo_member(configs["zoo"], seed=seed, zoo_dir=str(out / "target"))
     shipped_lr = stage_lr(stages["prune"])
     speed_ups = {"lr": cfg.demo.speed_ups, "sparse": cfg.demo.speed_ups[:1]}
     for part in ("lr", "sparse"):
-        if args.part in (None, part):
-            for cell in grid(part, args, shipped_lr):
-                for seed in args.seeds:
+        if tuning.part in (None, part):
+            for cell in grid(part, tuning, shipped_lr):
+                for seed in tuning.seeds:
                     run_cell(cell, seed, speed_ups[part], configs, stages, out)
-    if args.part not in (None, "table"):
+    if tuning.part not in (None, "table"):
         return 0
     # every cell that has run on every tuning network, this call's grid or an earlier one's
     results: dict[str, list[dict]] = {"lr": [], "sparse": []}
@@ -205,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                    key=lambda c: (c.method, c.lr, c.reg or 0.0, c.alpha or 0.0))
     for cell in cells:
         part = "lr" if cell.method == "none" else "sparse"
-        done = {s: run_cell(cell, s, speed_ups[part], configs, stages, out) for s in args.seeds
+        done = {s: run_cell(cell, s, speed_ups[part], configs, stages, out) for s in tuning.seeds
                 if all((out / "prune" / cell.name / f"seed{s}" / f"{x:g}x" / REPORT).is_file()
                        for x in speed_ups[part])}
-        if len(done) == len(args.seeds):
+        if len(done) == len(tuning.seeds):
             results[part].append(scores(cell, done))
     best = choices(results)
     parts = [("lr", "final_val_acc", "Finetune learning rate, shared by every method (none)"),
@@ -216,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                                            "learning rate when it was searched there")]
     text = "\n\n".join(table(results[p], best[p], key, title) for p, key, title in parts if p in best)
     chosen = {p: row["cell"] for p, row in best.items()}
-    write_json(out / "tuning.json", {"seeds": args.seeds, "rows": results, "chosen": chosen})
+    write_json(out / "tuning.json", {"seeds": tuning.seeds, "rows": results, "chosen": chosen})
     atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(
-        f"# Baseline tuning on networks {args.seeds} (val only)\n\n{text}\n"))
+        f"# Baseline tuning on networks {tuning.seeds} (val only)\n\n{text}\n"))
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(tune_baselines, argv, prog="tune_baselines.py", description=summary(__doc__))
 
 
 if __name__ == "__main__":

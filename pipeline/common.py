@@ -252,7 +252,10 @@ def one_line(message: str) -> str:
         return f"{key}: {' '.join(detail)}"
     reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
     given = next((line.partition(":")[2].strip() for line in lines if line.startswith("Given value:")), "")
-    return f"{key}{' ' + given if given else ''}: {reasons[0] if reasons else lines[1]}"
+    reason = reasons[0] if reasons else lines[1]
+    if reason.startswith("Expected a <class 'list'>"):  # e.g. --seeds 1 2 (argparse's nargs)
+        reason += "; a list is written in YAML, e.g. [1,2]"
+    return f"{key}{' ' + given if given else ''}: {reason}"
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_helpers import BENCHMARKS, benchmark_module
 
 import prune
 from pipeline import demo as pipeline_demo
@@ -230,31 +231,16 @@ def test_demo_section_is_checked_key_by_key(tmp_path: Path, key: str, value, err
         pipeline_demo.load_demo_config(path)
 
 
-BENCHMARKS = DEMO.parents[2] / "benchmarks"
-
-
-def quality_module():
-    """benchmarks/quality_cifar10.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_cifar10", BENCHMARKS / "quality_cifar10.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    return quality
-
-
 @pytest.mark.parametrize("layers", [["quality_cifar10.yaml"], ["quality_cifar10.yaml", "quality_view.yaml"]])
 def test_shipped_benchmark_configs_compose_and_every_stage_parses(tmp_path: Path, layers: list) -> None:
     """Each shipped benchmark config, merged over the ones before it, gives a demo whose every
     stage config of every method parses; the experiment file changes only what it names."""
-    import argparse
     import dataclasses
 
-    args = argparse.Namespace(config=[str(BENCHMARKS / name) for name in layers], zoo_seeds=None,
-                              target_seeds=[120], speed_ups=None, methods=None,
-                              max_pruning_ratio=0.67, meta_epochs=None, stage1_epochs=None,
-                              final_epochs=None)
-    cfg = pipeline_demo.load_demo_config(quality_module().compose_config(args, tmp_path))
+    quality = benchmark_module("quality")
+    bench = quality.Benchmark(data_root=str(tmp_path / "data"), target_seeds=[120],
+                              config=[str(BENCHMARKS / name) for name in layers], max_pruning_ratio=0.67)
+    cfg = pipeline_demo.load_demo_config(quality.compose_config(bench, tmp_path))
     data = {"root": str(tmp_path / "data"), "download": True}  # parse only: no data is read
     stages = pipeline_demo.demo_stage_configs(cfg, tmp_path / "out", data)
     settings = json.loads(json.dumps({"demo": dataclasses.asdict(cfg.demo), "select": cfg.select,
@@ -272,8 +258,8 @@ def test_shipped_benchmark_configs_compose_and_every_stage_parses(tmp_path: Path
 
 
 def test_quality_benchmark_table_is_mean_and_std_over_networks() -> None:
-    """benchmarks/quality_cifar10.py's aggregation, against numbers worked out by hand."""
-    quality = quality_module()
+    """benchmarks/quality.py run's aggregation, against numbers worked out by hand."""
+    quality = benchmark_module("quality")
 
     def report(method: str, target: float, test: float, measured: float | None = None) -> dict:
         acc = {"test": test, "val": test / 2}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_helpers import benchmark_module
 from lightning.pytorch import Callback, Trainer, seed_everything
 from pruning_helpers import random_prune
 
@@ -291,8 +292,6 @@ def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar
                                                                        monkeypatch, make_zoo):
     """benchmarks/meta_effect.py reads a train.py run back: one row for the original meta-val
     member and one per checkpoint; the original's numbers equal a direct evaluation."""
-    import importlib.util
-
     from pipeline.train import main
     monkeypatch.setattr("sys.argv", ["train.py"])
     zoo = make_zoo(tmp_path / "zoo")
@@ -304,12 +303,8 @@ def test_meta_effect_reports_every_checkpoint_on_the_meta_val_members(tiny_cifar
           f"--trainer.logger.init_args.save_dir={tmp_path}",
           "--trainer.logger.init_args.name=meta", "--trainer.enable_progress_bar=false"])
     run = tmp_path / "meta" / "version_0"
-    spec = importlib.util.spec_from_file_location(
-        "meta_effect", Path(__file__).parents[1] / "benchmarks" / "meta_effect.py")
-    meta_effect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(meta_effect)
     monkeypatch.setattr("sys.argv", ["meta_effect.py", str(run)])
-    meta_effect.main()
+    assert benchmark_module("meta_effect").main() == 0
     rows = [line.split(" | ") for line in (run / "meta_effect.md").read_text().splitlines()
             if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["| original", "| epoch000", "| epoch001"]

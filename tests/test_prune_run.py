@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from benchmark_helpers import benchmark_module
 from lightning.pytorch import Trainer, seed_everything
 from pruning_helpers import plain_accuracy, random_prune, tiny_prune_config
 from torch import nn
@@ -424,20 +425,15 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
 
 def test_quality_rerun_redoes_a_benchmark_run_under_a_cap_from_its_stored_settings(
         runs: dict[str, Path], tmp_path: Path) -> None:
-    """benchmarks/quality_rerun.py: the stored run.json becomes a prune.yaml that reproduces the
+    """benchmarks/quality.py rerun: the stored run.json becomes a prune.yaml that reproduces the
     run's settings but the cap, so stage 1 is reused (not retrained) and only the cap differs."""
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location(
-        "quality_rerun", Path(prune.__file__).parent / "benchmarks" / "quality_rerun.py")
-    assert spec and spec.loader
-    rerun = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rerun)
+    quality = benchmark_module("quality")
     source = tmp_path / "bench" / "seed0" / "2x" / "none"
     shutil.copytree(runs["none"], source)
-    assert rerun.main(["--runs", str(tmp_path / "bench"), "--max_pruning_ratio", "0.1",
-                       "--methods", "none", "--out", str(tmp_path / "capped")]) == 0
+    assert quality.main(["rerun", "--runs", str(tmp_path / "bench"), "--max_pruning_ratio", "0.1",
+                         "--methods", "[none]", "--out", str(tmp_path / "capped")]) == 0
     out = tmp_path / "capped" / "prune" / "seed0" / "2x" / "none"
     before, after = (json.loads((d / "run.json").read_text()) for d in (source, out))
     assert after["config"]["prune"].pop("max_pruning_ratio") == 0.1

@@ -3,7 +3,6 @@ only as committed, results record its commit, a changed registration is refused,
 analysis (paired t, Holm) matches hand computations."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,28 +11,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_helpers import BENCHMARKS, benchmark_module
 
 from pipeline import registration as reg_lib
 from pipeline.registration import RegistrationError
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def benchmark_module(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package: its scripts import each
-    other by name, as when run from there; the ``scripts`` fixture puts it on the path)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
 def scripts(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark scripts importable by name for this module's tests (undone after each)."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("registered", "tune_baselines", "quality_cifar10"):
+    for name in ("registered", "tune_baselines", "quality"):
         monkeypatch.delitem(sys.modules, name, raising=False)
 
 
@@ -215,7 +203,7 @@ def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> Non
     reg = reg_lib.load_registration(path)
     cfg = registered.composed_recipe(reg)  # raises when the recipe changed after registration
     assert not set(reg.target_seeds) & set(cfg["demo"]["zoo_seeds"])
-    demo = pipeline_demo.load_demo_config(registered.quality_cifar10.write_config(cfg, tmp_path))
+    demo = pipeline_demo.load_demo_config(registered.quality.write_config(cfg, tmp_path))
     data = {"root": str(tmp_path / "data"), "download": True}
     stages, configs = pipeline_demo.demo_folder(demo, tmp_path / "out", data)
     pipeline_demo.check_demo(demo, stages, configs, data)
@@ -230,14 +218,15 @@ def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_p
     registered = benchmark_module("registered")
     (repo / "delta.yaml").write_text("prune: {lr: 0.03}\n")
     sources = [str(repo / "recipe.yaml"), str(repo / "delta.yaml")]
-    expected = reg_lib.recipe_sha256(registered.quality_cifar10.merge_configs(sources))
-    assert registered.main(["freeze", "--config", *sources, "--out", str(tmp_path / "frozen")]) == 0
+    expected = reg_lib.recipe_sha256(registered.quality.merge_configs(sources))
+    assert registered.main(["freeze", "--config", f"[{','.join(sources)}]",
+                            "--out", str(tmp_path / "frozen")]) == 0
     assert capsys.readouterr().out.strip() == expected
     frozen = yaml.safe_load((tmp_path / "frozen" / "benchmark.yaml").read_text())
     assert frozen == {"demo": {"configs": {"zoo": "zoo.yaml"}}, "prune": {"lr": 0.03}}
     assert (tmp_path / "frozen" / "zoo.yaml").read_bytes() == (repo / "stage.yaml").read_bytes()
     (repo / "stage.yaml").write_text("trainer: {max_epochs: 4}\n")  # the shipped config moves on
-    merged = registered.quality_cifar10.merge_configs([str(tmp_path / "frozen" / "benchmark.yaml")])
+    merged = registered.quality.merge_configs([str(tmp_path / "frozen" / "benchmark.yaml")])
     assert reg_lib.recipe_sha256(merged) == expected
 
 

@@ -2,6 +2,7 @@
 torch.fx where it can and through torch.export (graph/aten_walk.py) where fx refuses them."""
 import pytest
 import torch
+from benchmark_helpers import benchmark_module
 from graph_helpers import edges
 from pruning_helpers import randomize
 
@@ -131,25 +132,13 @@ def test_a_refused_timm_model_names_the_aten_op():
     assert "operation aten.conv2d.default" in message and "is not a parameter or buffer" in message
 
 
-def _census():
-    """benchmarks/census.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "census.py"
-    spec = importlib.util.spec_from_file_location("census", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _census().TIMM_MODELS)
+@pytest.mark.parametrize("name", benchmark_module("census").TIMM_MODELS)
 def test_timm_census_model_is_exact_or_refused_naming_the_operation(name: str) -> None:
     """The census's fixed timm list at each model's default input size: exact (bit-exact round
     trip, node swaps are symmetries) or refused with the fx node or ATen operation named; never
     wrong, never a crash. Models above 30M parameters are outside the census."""
-    row = _census().census_one(f"timm:{name}", None, 2)
+    row = benchmark_module("census").census_one(f"timm:{name}", None, 2)
     if row["params_m"] > 30:
         pytest.skip(f"{row['params_m']}M parameters: outside the census")
     assert row["status"] in ("exact", "refused"), row
