@@ -32,7 +32,7 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 
 # constructor arguments that leave out training-only branches (their weights are unused at
 # inference, which the encoder refuses with that reason)

@@ -25,7 +25,7 @@ from jsonargparse.typing import PositiveInt
 
 import networks
 from graph import Metanetwork, NetworkGraph
-from pipeline.benchmark_cli import cli
+from pipeline.command_line import cli
 
 REFERENCE = {"resnet56 encode": 42e-3, "resnet56 decode": 7e-3, "resnet50 encode": 1.4,
              "gnn8x64 forward (no grad)": 3.0, "gnn8x64 forward+backward": 11.5}

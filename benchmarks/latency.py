@@ -24,7 +24,7 @@ import torch
 
 import networks
 from networks.latency import compare_latency
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 from pipeline.options import SpeedUp
 
 CASES = (  # name, classes, input size, throughput batch

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import networks
 from lightning_modules import MetaPruningModule
 from objective import MemberState
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 from pipeline.select import zoo_datamodule
 
 

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from jsonargparse.typing import PositiveInt
 
-from pipeline.benchmark_cli import cli
+from pipeline.command_line import cli
 
 
 def measure(batches: int, batch: int, device: str, what: str, message_passing: str) -> dict:

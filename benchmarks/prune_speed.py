@@ -24,7 +24,7 @@ from jsonargparse.typing import PositiveInt
 
 import networks
 from datamodules.zoo_manifest import widths
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 
 CASES = {  # name: (build, input size, target speed-up)
     "resnet56": (lambda: networks.build("resnet56_cifar", 10), (1, 3, 32, 32), 2.0),

@@ -43,7 +43,7 @@ import prune
 from metaprune.errors import UserError
 from pipeline import demo as pipeline_demo
 from pipeline import results
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 from pipeline.common import atomic_write, merged
 from pipeline.options import Method, PruningCap, SpeedUp
 from pipeline.paired import paired, paired_table, save_paired_plot

@@ -44,7 +44,7 @@ import quality
 from pipeline import demo as pipeline_demo
 from pipeline import registration as reg_lib
 from pipeline import results
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 from pipeline.common import write_json, write_text
 from pipeline.console import Stages
 from pipeline.paired import paired_table, save_paired_plot

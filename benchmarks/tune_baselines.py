@@ -46,7 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import quality
 
 from pipeline import demo as pipeline_demo
-from pipeline.benchmark_cli import cli, summary
+from pipeline.command_line import cli, summary
 from pipeline.common import atomic_write, merged, write_json
 from pipeline.run import REPORT, RunRequest, prune_run
 from pipeline.zoo import zoo_member

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from typing import Any, Callable
 
 from metaprune.errors import UserError
 
 from . import options
-from .common import one_line, parse_overrides, split_overrides
+from .command_line import bare_flags, option_message
+from .common import parse_overrides, split_overrides
 
 DESCRIPTION = ("Meta pruning, one subcommand per step: zoo -> (train.py meta-training) -> select -> "
                "run; demo runs them all on a built-in default (docs/pruning.md).")
@@ -73,22 +73,9 @@ def build_parser(command: str | None = None) -> Any:
     return parser
 
 
-def _bare_flags(argv: list[str], cls: type) -> list[str]:
-    """``--flag`` of a bool option given without a value means ``--flag=true`` (jsonargparse
-    wants the value)."""
-    flags = {f"--{f.name}" for f in fields(cls) if f.type in (bool, "bool")}
-    out = []
-    for i, token in enumerate(argv):
-        follows = argv[i + 1] if i + 1 < len(argv) else "--"
-        out.append(f"{token}=true" if token in flags and follows.startswith("--") else token)
-    return out
-
-
 def _option_error(command: str, error: Exception) -> UserError:
     """jsonargparse's report of a bad option as one line naming it."""
-    message = one_line(str(error))
-    message = f"--{message}" if str(error).startswith("Parser key") else message
-    return UserError(f"{command}: {message}; see prune.py {command} --help")
+    return UserError(f"{command}: {option_message(error, command)}; see prune.py {command} --help")
 
 
 def parse(argv: list[str]) -> tuple[str, Any]:
@@ -103,7 +90,7 @@ def parse(argv: list[str]) -> tuple[str, Any]:
     cls = SUBCOMMANDS[command][0]
     argv, overrides = (split_overrides(argv) if command in OVERRIDES else (argv, []))
     try:
-        namespace = parser.parse_args(_bare_flags(argv, cls))
+        namespace = parser.parse_args(bare_flags(argv, cls))
         extra = {OVERRIDES[command]: parse_overrides(overrides) or None} if command in OVERRIDES else {}
     except (argparse.ArgumentError, ValueError) as e:
         raise _option_error(command, e) from None

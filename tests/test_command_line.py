@@ -1,4 +1,4 @@
-"""The command lines of benchmarks/ (pipeline.benchmark_cli, issue 30): every script answers
+"""The command lines of benchmarks/ (pipeline.command_line, issue 30): every script answers
 ``--help``, every option has help text, a bad value is refused in one line naming the option
 before anything runs, lists are YAML and a bool option may be given bare."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from benchmark_helpers import BENCHMARKS, benchmark_module
 from jsonargparse.typing import PositiveInt
 
-from pipeline.benchmark_cli import cli, command_parser
+from pipeline.command_line import cli, command_parser
 from pipeline.options import PruningCap
 
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))

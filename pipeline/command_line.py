@@ -1,5 +1,6 @@
-"""The command lines of the scripts in benchmarks/, built by jsonargparse as ``prune.py``'s are
-(pipeline.cli): each command is declared once, as a function whose typed signature and docstring
+"""Command lines built by jsonargparse from typed Python: the scripts in benchmarks/ (``cli``),
+and the pieces ``prune.py``'s parser (pipeline.cli) shares with them (``bare_flags``,
+``option_message``). Each command is declared once, as a function whose typed signature and docstring
 ("Args:") are its options and their help, or as a function of one dataclass, whose fields are.
 Parameters before a ``*`` are positional, keyword-only ones are ``--options``; constrained types
 (pipeline.options, jsonargparse.typing) are checked by the parser; lists are YAML
@@ -57,16 +58,16 @@ def command_parser(command: Command, prog: str, description: str | None = None) 
     return parser
 
 
-def _bare_flags(argv: list[str], command: Command) -> list[str]:
-    """``--flag`` of a bool option with no value (last, or before another option) read as
-    ``--flag=true``."""
+def bare_flags(argv: list[str], command: Command | type) -> list[str]:
+    """``--flag`` of a bool option of ``command`` (a function, or an options dataclass) with no
+    value (last, or before another option) read as ``--flag=true``."""
     hints = typing.get_type_hints(options_class(command) or command)
     flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
     return [f"{arg}=true" if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
             else arg for i, arg in enumerate(argv)]
 
 
-def _message(error: Exception, command: str | None, positional: Sequence[str]) -> str:
+def option_message(error: Exception, command: str | None, positional: Sequence[str] = ()) -> str:
     """The parser's error as one line: ``--option[ VALUE]: reason`` (positionals bare)."""
     text = one_line(str(error)).removeprefix(f"{command}.")
 
@@ -105,12 +106,12 @@ def cli(commands: Command | dict[str, Command], argv: Sequence[str] | None = Non
         command = commands[name] if name else None
         chosen = parsers[name] if name else parser
     if command is not None:
-        argv = _bare_flags(argv, command)
+        argv = bare_flags(argv, command)
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as e:
         positional = [a.dest for a in chosen._actions if not a.option_strings]
-        print(f"{prog}{f' {name}' if name else ''}: error: {_message(e, name, positional)}",
+        print(f"{prog}{f' {name}' if name else ''}: error: {option_message(e, name, positional)}",
               file=sys.stderr)
         raise SystemExit(2) from None
     assert command is not None
