@@ -48,6 +48,7 @@ def _load(path: Path) -> dict:
 
 # -- 1. resume ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # two train.py processes (~30 s alone); a killed prune run's resume is in the default suite
 def test_meta_training_resumes_after_sigkill_with_ckpt_path_last(tiny_cifar, tmp_path, make_zoo):
     """SIGKILL a meta-training run once its first epoch checkpoint exists (it is then inside
     epoch 1); ``--ckpt_path last`` continues from that checkpoint: step and epoch counters,

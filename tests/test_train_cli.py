@@ -68,6 +68,7 @@ def test_missing_data_stops_with_one_clear_error(tmp_path: Path) -> None:
         main(["fit", *tiny_args(tmp_path / "missing", tmp_path, "--trainer.fast_dev_run=true")])
 
 
+@pytest.mark.slow  # ~20 s alone; DDP equivalence is in the default suite (test_ddp_equivalence.py)
 def test_ddp_spawn_on_two_cpu_processes(tiny_cifar: Path, tmp_path: Path) -> None:
     cli = main(["fit", *tiny_args(tiny_cifar, tmp_path, "--trainer.max_epochs=1",
                                   "--trainer.strategy=ddp_spawn", "--trainer.devices=2",
