@@ -114,9 +114,7 @@ def _timm_resized_to(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Modu
     return model
 
 
-# slow (a minute each under load): the default suite covers timm names, timm network files and
-# the run's orchestration on other architectures; these run the three together
-@pytest.mark.parametrize("name", [pytest.param("convnext_atto", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["convnext_atto",  # the default suite: one family end to end
                                   pytest.param("mobilenetv3_small_050", marks=pytest.mark.slow),
                                   pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_prune_run_prunes_a_timm_network_from_a_plain_state_dict(
