@@ -96,6 +96,8 @@ def parse(argv: list[str]) -> tuple[str, Any]:
         raise _option_error(command, e) from None
     values = options.plain(namespace[command].as_dict())
     values.pop("verbose", None)
+    if "data_root" in values and values["data_root"] is None:
+        values["data_root"] = options.data_root_from_env()
     return command, cls(**values, **extra)
 
 

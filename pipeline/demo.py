@@ -116,8 +116,9 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> DemoConfig:
 def demo_data(data_root: str | None) -> tuple[dict, str]:
     """The image data overrides (root, download) and a line saying where the data comes from:
     --data_root, else $METAPRUNE_DATA, else CIFAR-10 downloaded to data/cifar10."""
-    if data_root:
-        return {"root": str(Path(data_root).expanduser().resolve())}, "--data_root"
+    if data_root:  # the command line fills in $METAPRUNE_DATA when --data_root is not given
+        given = "--data_root" if data_root != os.environ.get(DATA_ENV) else f"${DATA_ENV}"
+        return {"root": str(Path(data_root).expanduser().resolve())}, given
     if os.environ.get(DATA_ENV):
         return {"root": str(Path(os.environ[DATA_ENV]).expanduser().resolve())}, f"${DATA_ENV}"
     return ({"root": str(Path(DEFAULT_DATA).resolve()), "download": True},

@@ -75,7 +75,9 @@ def plain(value: Any) -> Any:
 
 
 def data_root_from_env() -> str | None:
-    """The default of every ``--data_root``: ``$METAPRUNE_DATA`` when set."""
+    """The default of every ``--data_root`` on the command line: ``$METAPRUNE_DATA`` when set
+    (pipeline.cli fills it in; a Python caller's None stays None, so that the variable never
+    overrides the data a config or the demo chose)."""
     return os.environ.get(DATA_ENV) or None
 
 
@@ -97,7 +99,7 @@ class ZooOptions:
     config: str
     seed: Optional[int] = None
     zoo_dir: Optional[str] = None
-    data_root: Optional[str] = field(default_factory=data_root_from_env)
+    data_root: Optional[str] = None
     pretrained: Optional[str] = None
     speed_up: Optional[SpeedUp] = None
     variant: Optional[str] = None
@@ -145,7 +147,7 @@ class RunRequest:
     method: Method = "metanetwork"
     speed_up: Optional[SpeedUp] = None
     out: Optional[str] = None
-    data_root: Optional[str] = field(default_factory=data_root_from_env)
+    data_root: Optional[str] = None
     seed: Optional[int] = None
     reuse_first_stage: Optional[str] = None
     overrides: Optional[dict] = None
@@ -214,7 +216,7 @@ class CurveOptions(CurvePointOptions):
 
     network: Union[list[str], str]
     labels: Optional[list[str]] = None
-    data_root: Optional[str] = field(default_factory=data_root_from_env)
+    data_root: Optional[str] = None
     dataset: Optional[Literal["cifar10", "cifar100", "imagenet", "imagefolder"]] = None
     max_speed_up: SpeedUp = 4.0
     out: Optional[str] = None
@@ -269,7 +271,7 @@ class SelectRequest(CurvePointOptions):
     every: PositiveInt = 1
     out: Optional[str] = None
     zoo_dir: Optional[str] = None
-    data_root: Optional[str] = field(default_factory=data_root_from_env)
+    data_root: Optional[str] = None
     seed: int = 0
     importance: Optional[Importance] = None
 
@@ -341,7 +343,7 @@ class DemoOptions:
         config: the demo config.
     """
 
-    data_root: Optional[str] = None  # demo_data reads $METAPRUNE_DATA, to say where data came from
+    data_root: Optional[str] = None
     out: Optional[str] = None
     fast: bool = False
     config: str = str(DEMO_CONFIG)

@@ -164,11 +164,14 @@ def test_select_names_a_missing_or_corrupt_checkpoint(meta_run, tmp_path):
 
 def test_every_data_command_reads_the_data_root_from_the_environment(monkeypatch, tmp_path) -> None:
     from pipeline.cli import parse
+    from pipeline.options import RunRequest
 
     monkeypatch.setenv("METAPRUNE_DATA", str(tmp_path))
     for argv in (["curve", "--network", "n.pt"], ["run", "--config", "c.yaml", "--network", "n.pt"],
                  ["zoo", "--config", "c.yaml"], ["select", "--config", "c.yaml", "--run", "r"]):
         assert parse(argv)[1].data_root == str(tmp_path)
+    # only the command line reads it: a Python caller's request keeps the config's data
+    assert RunRequest("c.yaml", network="n.pt").data_root is None
     monkeypatch.delenv("METAPRUNE_DATA")
     with pytest.raises(UserError, match="--data_root PATH or set"):  # curve needs data
         parse(["curve", "--network", "n.pt"])
