@@ -47,6 +47,7 @@ from pipeline import results
 from pipeline.command_line import cli, summary
 from pipeline.common import write_json, write_text
 from pipeline.console import Stages
+from pipeline.options import ZooOptions
 from pipeline.paired import paired_table, save_paired_plot
 from pipeline.registration import Registration, RegistrationError
 
@@ -146,7 +147,7 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
     with console.stage("pruning", len(seeds) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
         for seed in seeds:
             _, row = timed(f"target seed{seed}", lambda seed=seed: pipeline_demo.zoo_member(
-                configs["zoo"], seed=seed, zoo_dir=str(folder / "target")))
+                ZooOptions(str(configs["zoo"]), seed=seed, zoo_dir=str(folder / "target"))))
             reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], folder, seed,
                                                   folder / "target" / row["file"], best, timed, step)
             record = reg_lib.ledger(reg, commit, code, seed, reports, draw,

@@ -48,6 +48,7 @@ import quality
 from pipeline import demo as pipeline_demo
 from pipeline.command_line import cli, summary
 from pipeline.common import atomic_write, merged, write_json
+from pipeline.options import ZooOptions
 from pipeline.run import REPORT, RunRequest, prune_run
 from pipeline.zoo import zoo_member
 
@@ -197,7 +198,7 @@ def tune_baselines(tuning: Tuning) -> int:
     cfg, configs, stages = setup(tuning, out)
     for seed in tuning.seeds:
         if tuning.part in (None, "targets"):
-            zoo_member(configs["zoo"], seed=seed, zoo_dir=str(out / "target"))
+            zoo_member(ZooOptions(str(configs["zoo"]), seed=seed, zoo_dir=str(out / "target")))
     shipped_lr = stage_lr(stages["prune"])
     speed_ups = {"lr": cfg.demo.speed_ups, "sparse": cfg.demo.speed_ups[:1]}
     for part in ("lr", "sparse"):

@@ -38,7 +38,7 @@ SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
 }
 # Commands whose config file can be overridden key by key (--SECTION.KEY VALUE); the field of
 # their options that receives the overrides.
-OVERRIDES = {"run": "overrides"}
+OVERRIDES = {"run": "overrides", "zoo": "overrides"}
 
 
 def _summary(cls: type, sentences: int = 1) -> str:

@@ -32,7 +32,7 @@ from .common import (
     write_text,
 )
 from .console import Stages
-from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp
+from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp, ZooOptions
 from .paired import paired_table
 from .results import demo_table, measures, paired_differences, run_key
 from .run import FIRST_STAGE, REPORT, RunRequest, prune_run
@@ -284,8 +284,8 @@ def metanetwork_stages(cfg: DemoConfig, stages: dict[str, dict], configs: dict[s
         for seed in demo.zoo_seeds:
             for speed_up, variant in variants:
                 timed(f"zoo seed{seed}" + (f" {variant}" if variant else ""),
-                      partial(zoo_member, configs["zoo"], seed=seed, speed_up=speed_up,
-                              variant=variant))
+                      partial(zoo_member, ZooOptions(str(configs["zoo"]), seed=seed,
+                                                     speed_up=speed_up, variant=variant)))
                 step()
     meta_done = out / "meta" / "done.json"
     with console.stage("meta-training", 1, "run") as step:
@@ -354,8 +354,8 @@ def demo_command(args: DemoOptions) -> int:
     targets = {}
     with console.stage("held-out networks", len(demo.target_seeds), "networks") as step:
         for seed in demo.target_seeds:
-            _, row = timed(f"target seed{seed}", partial(zoo_member, configs["zoo"], seed=seed,
-                                                         zoo_dir=str(out / "target")))
+            _, row = timed(f"target seed{seed}", partial(zoo_member, ZooOptions(
+                str(configs["zoo"]), seed=seed, zoo_dir=str(out / "target"))))
             if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
                 return 0
             targets[int(seed)] = out / "target" / row["file"]

@@ -83,7 +83,8 @@ def data_root_from_env() -> str | None:
 
 @dataclass
 class ZooOptions:
-    """Train, prune and finetune one zoo member (docs/zoo.md).
+    """Train, prune and finetune one zoo member (docs/zoo.md). Any key of the zoo config can also
+    be overridden as --SECTION.KEY VALUE, e.g. --pretrain.trainer.max_epochs 1.
 
     Args:
         config: configs/<task>/zoo.yaml.
@@ -94,6 +95,8 @@ class ZooOptions:
         speed_up: initial pruning target above 1 (overrides zoo.speed_up); with variant.
         variant: name of another member of the same trained network (e.g. s1.6 for speed_up
             1.6): member seed<N>-<variant>, stage 1 shared.
+        overrides: a nested mapping merged over the config file (the command line's
+            --SECTION.KEY VALUE).
     """
 
     config: str
@@ -103,6 +106,7 @@ class ZooOptions:
     pretrained: Optional[str] = None
     speed_up: Optional[SpeedUp] = None
     variant: Optional[str] = None
+    overrides: Optional[dict] = None
 
 
 @dataclass

@@ -71,10 +71,12 @@ class ZooConfig:
 
 def load_zoo_config(path: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
                     data_root: str | None = None, pretrained: str | None = None,
-                    speed_up: float | None = None, variant: str | None = None) -> ZooConfig:
-    """Read a zoo.yaml and apply the command-line overrides (``zoo.dir`` filled in)."""
+                    speed_up: float | None = None, variant: str | None = None,
+                    overrides: dict | None = None) -> ZooConfig:
+    """Read a zoo.yaml and apply the command-line options and ``overrides`` (``--SECTION.KEY
+    VALUE``, merged over the file; ``zoo.dir`` filled in)."""
     path = Path(path)
-    cfg = read_config(path, ZooConfig, ZooConfigError, "zoo")
+    cfg = read_config(path, ZooConfig, ZooConfigError, "zoo", overrides=overrides)
     refuse_stage_seeds((cfg.pretrain, cfg.finetune), f"zoo config {str(path)!r}", ZooConfigError,
                        "the member's seed comes from --seed (or zoo.seed) and seeds both stages")
     zoo = cfg.zoo
@@ -187,15 +189,14 @@ def check_zoo_stages(cfg: ZooConfig, path: str | os.PathLike) -> None:
 
 
 
-def zoo_member(config: str | os.PathLike, seed: int | None = None, zoo_dir: str | None = None,
-               data_root: str | None = None, pretrained: str | None = None,
-               speed_up: float | None = None, variant: str | None = None) -> tuple[ZooConfig, dict | None]:
-    """Train, prune and finetune one zoo member (``prune.py zoo``; the arguments are its
-    options, None meaning the config's value). Returns the config as applied and the member's
-    manifest row (None on a DDP rank that does not register it)."""
-    cfg = load_zoo_config(config, seed=seed, zoo_dir=zoo_dir, data_root=data_root,
-                          pretrained=pretrained, speed_up=speed_up, variant=variant)
-    check_zoo_stages(cfg, config)
+def zoo_member(args: ZooOptions) -> tuple[ZooConfig, dict | None]:
+    """Train, prune and finetune one zoo member (``prune.py zoo``; None in ``args`` means the
+    config's value). Returns the config as applied and the member's manifest row (None on a DDP
+    rank that does not register it)."""
+    cfg = load_zoo_config(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
+                          data_root=args.data_root, pretrained=args.pretrained,
+                          speed_up=args.speed_up, variant=args.variant, overrides=args.overrides)
+    check_zoo_stages(cfg, args.config)
     weights = run_pretrain(cfg)
     return cfg, run_finetune(cfg, weights)
 
@@ -203,9 +204,7 @@ def zoo_member(config: str | os.PathLike, seed: int | None = None, zoo_dir: str 
 def zoo_command(args: ZooOptions) -> int:
     """``prune.py zoo``: train, prune and finetune one zoo member."""
     t0 = time.perf_counter()
-    cfg, row = zoo_member(args.config, seed=args.seed, zoo_dir=args.zoo_dir,
-                          data_root=args.data_root, pretrained=args.pretrained,
-                          speed_up=args.speed_up, variant=args.variant)
+    cfg, row = zoo_member(args)
     if row is not None and is_rank_zero():
         name = member_name(row["seed"], row["variant"])
         print(f"zoo {cfg.zoo.dir}: {name} -> {row['file']}, speed-up "

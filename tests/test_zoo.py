@@ -423,3 +423,20 @@ def test_finetune_typo_fails_before_pretraining(tiny_cifar: Path, tmp_path: Path
                        match=rf"zoo config '{config}', section 'finetune'.*'max_epoch'"):
         run_zoo(config, 0)
     assert not (tmp_path / "zoo").exists()
+
+
+def test_zoo_config_keys_are_overridden_from_the_command_line(tmp_path: Path) -> None:
+    """`prune.py zoo ... --SECTION.KEY VALUE`: merged over the file and checked as the file is."""
+    from pipeline.cli import parse
+
+    config = tmp_path / "zoo.yaml"
+    config.write_text("zoo: {speed_up: 2, iterative_steps: 50}\npretrain: {trainer: {max_epochs: 3}}\n")
+    _, options = parse(["zoo", "--config", str(config), "--zoo.iterative_steps", "7",
+                        "--pretrain.trainer.max_epochs=1"])
+    cfg = pipeline_zoo.load_zoo_config(options.config, overrides=options.overrides)
+    assert cfg.zoo.iterative_steps == 7 and cfg.pretrain["trainer"]["max_epochs"] == 1
+    assert cfg.zoo.speed_up == 2
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="zoo.iterative_steps: Not of type PositiveInt"):
+        pipeline_zoo.load_zoo_config(config, overrides={"zoo": {"iterative_steps": 0}})
+    with pytest.raises(pipeline_zoo.ZooConfigError, match="'base' is not a section of a zoo config"):
+        pipeline_zoo.load_zoo_config(config, overrides={"base": {"x": 1}})
