@@ -13,14 +13,16 @@ the setup-time change, so the pipeline can report the accuracy right after that 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.utils import prune
 
 import networks
 from graph.apply import feedforward
 from lightning_modules.checkpoints import load_metanetwork
+from networks.sparsity import unmasked_copy
 
 from .target import classifier
 
@@ -51,21 +53,36 @@ class MetanetworkFeedforward(Callback):
 
 
 class SaveNetwork(Callback):
-    """Save ``pl_module.network`` in ``setup`` to ``<log_dir>/<filename>`` (network file format).
+    """Save ``pl_module.network`` to ``<log_dir>/<filename>`` (network file format) in ``setup``
+    or, ``when="train_start"``, at the start of the fit's first epoch.
 
-    List it after a callback that changes the network in ``setup`` (feedforward, pruning) to
-    keep the network as it is right after that change. Written by rank 0, atomically; a file
-    already there is kept (a resumed run recomputes the same deterministic change).
+    List it after a callback that changes the network then (feedforward and pruning in
+    ``setup``; ``WeightSparsity`` at the start of epoch 0) to keep the network as it is right
+    after that change; weight masks are folded into the saved copy (zeros in place). Written by
+    rank 0, atomically; a file already there is kept (a resumed run recomputes the same
+    deterministic change), and ``train_start`` writes nothing in a fit resumed past epoch 0.
     """
 
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
+    def __init__(self, filename: str, when: Literal["setup", "train_start"] = "setup") -> None:
+        if when not in ("setup", "train_start"):
+            raise ValueError(f"SaveNetwork: when={when!r}: expected 'setup' or 'train_start'")
+        self.filename, self.when = filename, when
         self.path: Path | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        if self.when == "setup":
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "train_start" and trainer.current_epoch == 0:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.path is not None
         if trainer.is_global_zero and not self.path.is_file():
             model = classifier(pl_module, "SaveNetwork")
-            networks.save_network(model.network, self.path, arch=model.arch, metadata=model.lineage())
+            network = unmasked_copy(model.network) if prune.is_pruned(model.network) else model.network
+            networks.save_network(network, self.path, arch=model.arch, metadata=model.lineage())

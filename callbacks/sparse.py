@@ -3,7 +3,10 @@
 During an ordinary fit, after every backward and before the optimizer step, torch_pruning's
 ``GroupNormPruner.regularize(network, alpha, bias=False)`` adds the importance-adaptive group-L2
 gradient ``reg * gamma_c * w`` to each channel group (docs/method.md): the same regularizer the
-metanetwork is meta-trained with, applied directly to the network's weights instead.
+metanetwork is meta-trained with, applied directly to the network's weights instead. For weight
+sparsity (``sparsity="weights"``) the regularizer is the L1 penalty ``reg * sum |w|`` on every
+convolution and dense weight (``networks.sparsity.L1Regularizer``), as in meta-training with
+``sparsity: weights``.
 
 The hook is ``on_before_optimizer_step``, not ``on_after_backward``: with mixed precision the
 gradients are still loss-scaled in ``on_after_backward`` and only unscaled right before this
@@ -12,7 +15,7 @@ already averaged here and every rank adds the same term (same weights), so ranks
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -20,6 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import networks
+from networks.sparsity import L1Regularizer
 
 from .target import classifier
 
@@ -35,26 +39,40 @@ class SparseTraining(Callback):
         importance: the pruning criterion whose torch_pruning regularizer is applied: l2
             (DepGraph's adaptive group norm, the default) or bn_scale (L1 on BN scales, network
             slimming, where ``alpha`` is unused).
+        sparsity: ``channels`` (the group regularizer of ``importance``) or ``weights`` (L1 on
+            single weights, for magnitude and N:M weight sparsity; ``alpha`` and ``importance``
+            unused).
+        exclude: with ``weights``: module paths left unpenalized (the layers kept dense).
 
-    Logs ``sparse/near_zero_groups`` (fraction of groups whose normalized norm is below 0.01)
-    at every training epoch end.
+    Logs ``sparse/near_zero_groups`` (fraction of groups, or with ``weights`` of single
+    weights, whose normalized norm is below 0.01) at every training epoch end.
     """
 
     def __init__(self, reg: float = 5e-4, alpha: float = 4.0,
-                 input_size: Sequence[int] = (3, 32, 32), importance: str = "l2") -> None:
+                 input_size: Sequence[int] = (3, 32, 32), importance: str = "l2",
+                 sparsity: str = "channels", exclude: Sequence[str] = ()) -> None:
         if reg <= 0 or alpha < 1:
             raise ValueError(f"SparseTraining needs reg > 0 and alpha >= 1 (got reg={reg}, "
                              f"alpha={alpha})")
+        if sparsity not in ("channels", "weights"):
+            raise ValueError(f"SparseTraining: sparsity={sparsity!r}: expected 'channels' or "
+                             "'weights'")
+        if exclude and sparsity != "weights":
+            raise ValueError("SparseTraining: exclude applies to sparsity='weights' only")
         self.reg, self.alpha = float(reg), float(alpha)
+        self.sparsity, self.exclude = sparsity, tuple(exclude)
         self.importance = networks.check_importance(importance, regularized=True)
         self.input_size = [int(s) for s in input_size]
         networks.example_input(self.input_size)
-        self.pruner = None
+        self.pruner: Any = None  # torch_pruning's group pruner, or an L1Regularizer
         self.network: nn.Module | None = None  # the network the pruner is bound to
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Built here, after setup hooks (a pruned or modified network is final by now).
         network = self.network = classifier(pl_module, "SparseTraining").network
+        if self.sparsity == "weights":
+            self.pruner = L1Regularizer(network, self.reg, self.exclude)
+            return
         example = networks.example_input(self.input_size).to(next(network.parameters()).device)
         # torch_pruning traces dependencies through autograd
         with networks.evaluating(network), torch.enable_grad():
@@ -67,5 +85,9 @@ class SparseTraining(Callback):
         self.pruner.regularize(self.network, alpha=self.alpha, bias=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        fraction = networks.near_zero_fraction(self.pruner)
+        if isinstance(self.pruner, L1Regularizer):
+            assert self.network is not None  # bound at fit start
+            fraction = (self.pruner.norms(self.network) < networks.NEAR_ZERO).float().mean()
+        else:
+            fraction = networks.near_zero_fraction(self.pruner)
         pl_module.log("sparse/near_zero_groups", fraction, on_epoch=True, prog_bar=False)

@@ -90,8 +90,11 @@ class WeightSparsity(Callback):
         sparsify(network, self.sparsity, self.nm, self.scope, self.exclude)
         self.applied = True
         what = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g} ({self.scope})"
+        reached = weight_sparsity(network, self.exclude)
         rank_zero_info(f"WeightSparsity: {what} at epoch {trainer.current_epoch}: "
-                       f"{weight_sparsity(network, self.exclude):.3f} of the weights are zero")
+                       f"{reached:.3f} of the weights are zero")
+        for logger in trainer.loggers:  # beside PruneToSpeedUp's pruning/* tags
+            logger.log_metrics({"pruning/weight_sparsity": reached}, step=trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Plain weights again (zeros where masked) before ``on_fit_end`` exports anything."""

@@ -8,6 +8,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 from lightning_modules import ImageClassifier
+from networks.sparsity import fold_masked_state
 
 
 def classifier(pl_module: LightningModule, callback: str) -> ImageClassifier:
@@ -21,14 +22,16 @@ def classifier(pl_module: LightningModule, callback: str) -> ImageClassifier:
 
 def best_network(trainer: Trainer, model: ImageClassifier) -> tuple[nn.Module, float | None, str | None]:
     """(a CPU copy of the network with the best checkpoint's weights, that checkpoint's score,
-    its path); the final weights, None and None when the fit kept no checkpoint."""
+    its path); the final weights, None and None when the fit kept no checkpoint. A checkpoint
+    written while weight masks were on (``WeightSparsity``) loads as the plain weights it
+    computes."""
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if ckpt else ""
     network = copy.deepcopy(model.network).cpu()
     if not best:
         return network, None, None
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    network.load_state_dict({k.removeprefix("network."): v for k, v in state.items()
-                             if k.startswith("network.")})
+    network.load_state_dict(fold_masked_state({k.removeprefix("network."): v for k, v in state.items()
+                                               if k.startswith("network.")}))
     score = getattr(ckpt, "best_model_score", None)
     return network, (float(score) if score is not None else None), best

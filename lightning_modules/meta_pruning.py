@@ -59,7 +59,8 @@ class MetaPruningModule(LightningModule):
             regularizer of ``importance``, the paper's) or "weights" (ours: L1 ``reg * |w|`` on
             every conv/linear weight, for unstructured and N:M sparsity, ``networks.sparsity``;
             ``alpha`` and ``pruned_view`` do not apply). Stored in checkpoints; ``prune.py
-            run`` prunes channels and refuses a "weights" metanetwork.
+            run`` takes a "weights" metanetwork for a weight-sparsity or N:M target only, and a
+            "channels" one for a speed-up only.
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
     """

@@ -12,7 +12,14 @@ from .checkpoint import (
 )
 from .cifar_resnet import CifarResNet
 from .common import evaluating, example_input
-from .curve import accuracy, accuracy_curve, calibration_batches, curve_area, recalibrate_batchnorm
+from .curve import (
+                         accuracy,
+                         accuracy_curve,
+                         calibration_batches,
+                         curve_area,
+                         recalibrate_batchnorm,
+                         sparsity_curve,
+)
 from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_shapes
 from .pruning import (
                          IMPORTANCES,
@@ -42,4 +49,4 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
-           "save_network", "sync_layer_shapes"]
+           "save_network", "sparsity_curve", "sync_layer_shapes"]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .pruning import _checked_counter, count_macs, count_params, criterion_pruner
+from .sparsity import make_permanent, sparsify, weight_sparsity, zero_counts
 
 Point = tuple[float, int, float]  # (speed-up, MACs, accuracy)
 
@@ -113,9 +114,41 @@ def accuracy_curve(model: nn.Module, example: torch.Tensor, base_macs: int,
     return points
 
 
+def sparsity_curve(model: nn.Module, evaluate: Callable[[nn.Module], float],
+                   levels: Iterable[float], calibration: Sequence[torch.Tensor] = (),
+                   scope: str = "global", exclude: Sequence[str] = ()) -> list[Point]:
+    """Points ``(weight sparsity, non-zero weights, accuracy)`` of copies of ``model`` with the
+    smallest ``|w|`` of its convolutions and dense layers but ``exclude`` zeroed
+    (``networks.sparsity.sparsify``, ``scope`` global or per layer) to each of ``levels``, no
+    finetuning; ``model`` itself is untouched.
+
+    The first point is the network as it is; then each level above its current sparsity, in
+    increasing order, each pruned from ``model``'s weights (magnitude masks are nested, so this
+    equals pruning step by step). The sparsity of a point is counted on the pruned copy (a level
+    rounds to whole weights). ``evaluate`` and ``calibration`` as in :func:`accuracy_curve`."""
+    exclude = tuple(exclude)
+
+    def point(work: nn.Module) -> Point:
+        zeros = zero_counts(work, exclude).values()
+        nonzero = sum(n - z for z, n in zeros)
+        return (weight_sparsity(work, exclude), nonzero,
+                float(evaluate(recalibrate_batchnorm(work, calibration))))
+
+    points = [point(copy.deepcopy(model).eval())]
+    for level in sorted({float(v) for v in levels}):
+        if level <= points[-1][0]:
+            continue
+        work = copy.deepcopy(model).eval()
+        sparsify(work, level, scope=scope, exclude=exclude)
+        make_permanent(work)
+        points.append(point(work))
+    return points
+
+
 def curve_area(points: Iterable[Sequence[float]], lo: float, hi: float) -> float:
     """Mean accuracy over speed-ups ``[lo, hi]``: the trapezoid area under accuracy (last item of
-    each point) against speed-up (first item), divided by ``hi - lo``.
+    each point) against speed-up (first item; or weight sparsity, for a ``sparsity_curve``),
+    divided by ``hi - lo``.
 
     Linear between points; outside the curve's range the nearest end value is held (a curve
     that starts at 1.32x counts its first accuracy from ``lo`` on).

@@ -17,6 +17,7 @@ dense PyTorch on a CPU does not use (docs/structured_pruning.md, "Weight sparsit
 """
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Callable, cast
 
@@ -62,6 +63,28 @@ def check_nm(model: nn.Module, n: int, m: int, exclude: tuple[str, ...] = ()) ->
         except ValueError as e:
             raise ValueError(f"{n}:{m} sparsity of layer {name!r}: {e}; pass it in exclude, or "
                              "choose another M") from None
+
+
+def nm_dense_layers(model: nn.Module, m: int, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The layers of ``sparse_layers(model, exclude)`` whose input channels per output are not a
+    multiple of ``m``: an N:M pattern cannot cover them (e.g. a stem convolution reading 3
+    image channels), so they stay dense (as NVIDIA's ASP skips them)."""
+    dense = []
+    for name, layer in sparse_layers(model, exclude).items():
+        try:
+            _input_runs(cast(torch.Tensor, layer.weight).detach(), m)
+        except ValueError:
+            dense.append(name)
+    return dense
+
+
+def nm_violations(model: nn.Module, n: int, m: int, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """Per layer of ``sparse_layers(model, exclude)``: how many runs of ``m`` consecutive
+    weights along the input channels hold more than ``n`` non-zero weights (0 everywhere: the
+    N:M pattern holds)."""
+    return {name: int(((_input_runs(cast(torch.Tensor, layer.weight).detach(), m) != 0).sum(1)
+                       > n).sum())
+            for name, layer in sparse_layers(model, exclude).items()}
 
 
 class NMSparsity(prune.BasePruningMethod):
@@ -184,6 +207,36 @@ def make_permanent(model: nn.Module) -> None:
             prune.remove(module, "weight")
 
 
+def unmasked_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every mask folded into a plain ``weight`` (zeros where masked);
+    ``model`` keeps its masks. (A masked layer's ``weight`` is recomputed from ``weight_orig``
+    before every forward, inside autograd, so it is detached first: such a tensor cannot be
+    deep-copied.)"""
+    for module in model.modules():
+        weight = module.__dict__.get("weight")  # a plain attribute only while masked
+        if isinstance(weight, torch.Tensor) and hasattr(module, "weight_mask"):
+            module.weight = weight.detach()
+    out = copy.deepcopy(model)
+    make_permanent(out)
+    return out
+
+
+def fold_masked_state(state: dict) -> dict:
+    """``state`` (a state_dict) with every masked weight (``<layer>.weight_orig`` and
+    ``<layer>.weight_mask``, a checkpoint written while masks were on) as the plain
+    ``<layer>.weight`` it computes, ``weight_orig * weight_mask``: a state that loads into the
+    unmasked network."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".weight_mask") and key[:-len("_mask")] + "_orig" in state:
+            continue
+        if key.endswith(".weight_orig") and key[:-len("_orig")] + "_mask" in state:
+            out[key[:-len("_orig")]] = value * state[key[:-len("_orig")] + "_mask"]
+        else:
+            out[key] = value
+    return out
+
+
 def masks_from_state(model: nn.Module, state: dict, prefix: str = "") -> None:
     """Mask, before ``state`` loads into ``model``, every layer that ``state`` holds masked
     (``<layer>.weight_mask``) and ``model`` does not yet (a checkpoint written mid-fit)."""
@@ -195,8 +248,15 @@ def masks_from_state(model: nn.Module, state: dict, prefix: str = "") -> None:
             _mask(layer, partial(prune.custom_from_mask, layer, "weight", state[key]))
 
 
+def zero_counts(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """``{layer: (zero weights, weights)}`` over ``sparse_layers(model, exclude)``."""
+    return {name: (int((cast(torch.Tensor, m.weight).detach() == 0).sum()),
+                   cast(torch.Tensor, m.weight).numel())
+            for name, m in sparse_layers(model, exclude).items()}
+
+
 def weight_sparsity(model: nn.Module, exclude: tuple[str, ...] = ()) -> float:
     """The fraction of exactly-zero weights over the sparsified layers."""
-    weights = [cast(torch.Tensor, m.weight).detach() for m in sparse_layers(model, exclude).values()]
-    total = sum(w.numel() for w in weights)
-    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+    counts = zero_counts(model, exclude).values()
+    total = sum(n for _, n in counts)
+    return sum(z for z, _ in counts) / total if total else 0.0

@@ -3,7 +3,9 @@
 The curve (``networks.accuracy_curve``) prunes a copy of the network progressively without
 finetuning and records val accuracy at each speed-up, each point after re-estimating the BN
 running statistics on ``bn_batches`` training batches (0: the raw curve). Outputs:
-``curve.csv``, ``curve.png`` (written atomically).
+``curve.csv``, ``curve.png`` (written atomically). The files and plots also hold curves in
+weight sparsity (``networks.sparsity_curve``, the weight runs of ``prune.py run``): ``axis``
+names what the first column of a point is (``AXES``).
 """
 from __future__ import annotations
 
@@ -30,29 +32,37 @@ from .common import save_png, write_bytes  # noqa: E402
 from .options import BN_BATCH_SIZE, BN_BATCHES, CurveOptions  # noqa: E402
 
 Curves = dict[str, list[tuple[float, int, float]]]
+# A curve's x axis -> (the CSV columns of a point's first two items, the plot's x label, the
+# unit a range of it is written with): speed-up against MACs, or weight sparsity against the
+# weights left.
+AXES = {"speed_up": (("speed_up", "macs"), "speed-up (MACs unpruned / MACs)", "x"),
+        "weight_sparsity": (("weight_sparsity", "nonzero_weights"),
+                            "weight sparsity (fraction of zero conv/linear weights)", "")}
 
 
 class CurveError(UserError):
     """Bad input to ``prune.py curve``."""
 
 
-def curves_csv(curves: Curves) -> bytes:
-    """The curves as CSV (``curve, speed_up, macs, accuracy``, one row per point)."""
+def curves_csv(curves: Curves, axis: str = "speed_up") -> bytes:
+    """The curves as CSV (``curve, speed_up, macs, accuracy``, or for ``axis="weight_sparsity"``
+    ``curve, weight_sparsity, nonzero_weights, accuracy``; one row per point)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["curve", "speed_up", "macs", "accuracy"])
+    writer.writerow(["curve", *AXES[axis][0], "accuracy"])
     for name, points in curves.items():
         writer.writerows([name, f"{s:.6f}", m, f"{a:.6f}"] for s, m, a in points)
     return out.getvalue().encode()
 
 
 def read_curves(path: str | os.PathLike) -> Curves:
-    """The curves of a ``curve.csv`` written by ``curves_csv``."""
+    """The curves of a ``curve.csv`` written by ``curves_csv`` (either axis)."""
     curves: Curves = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            x, count = next(columns for columns, _, _ in AXES.values() if columns[0] in row)
             curves.setdefault(row["curve"], []).append(
-                (float(row["speed_up"]), int(row["macs"]), float(row["accuracy"])))
+                (float(row[x]), int(row[count]), float(row["accuracy"])))
     return curves
 
 
@@ -61,11 +71,13 @@ LINE_STYLES = (("-", "."), ("--", "x"), (":", "^"), ("-.", "s"))
 
 def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetuning)",
                   chance: float | None = None, span: tuple[float, float] | None = None,
-                  highlight: str | None = None, split: str = "val"):
+                  highlight: str | None = None, split: str = "val", axis: str = "speed_up"):
     """Accuracy (on ``split``) against speed-up, one line per curve, on a 0-1 axis (a zoomed
     axis makes noise look like swings); optionally the chance level, a shaded speed-up range
     (what a score averages over) and one curve drawn bold (e.g. the selected checkpoint). Each
-    curve gets its own line style and marker, so that curves lying on each other stay visible."""
+    curve gets its own line style and marker, so that curves lying on each other stay visible.
+    ``axis``: what the points' first items are (``AXES``)."""
+    _, xlabel, unit = AXES[axis]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, points) in enumerate(curves.items()):
         line, marker = LINE_STYLES[i % len(LINE_STYLES)]
@@ -74,9 +86,9 @@ def curves_figure(curves: Curves, title: str = "accuracy vs speed-up (no finetun
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0%})")
     if span is not None:
-        ax.axvspan(*span, color="tab:blue", alpha=0.08, label=f"{span[0]:g}-{span[1]:g}x")
+        ax.axvspan(*span, color="tab:blue", alpha=0.08, label=f"{span[0]:g}-{span[1]:g}{unit}")
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("speed-up (MACs unpruned / MACs)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -94,11 +106,11 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
 
 
 def save_curves(curves: Curves, out_dir: str | os.PathLike,
-                title: str | None = None, **style) -> tuple[Path, Path]:
-    """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically."""
+                title: str | None = None, axis: str = "speed_up", **style) -> tuple[Path, Path]:
+    """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically (``axis``: see ``AXES``)."""
     out_dir = Path(out_dir)
-    return (write_bytes(out_dir / "curve.csv", curves_csv(curves)),
-            save_figure(curves, out_dir / "curve.png", title, **style))
+    return (write_bytes(out_dir / "curve.csv", curves_csv(curves, axis)),
+            save_figure(curves, out_dir / "curve.png", title, axis=axis, **style))
 
 
 def evaluator(loader, device: torch.device | str):

@@ -48,11 +48,41 @@ SpeedUp: TypeAlias = restricted_number_type("SpeedUp", float, (">", 1.0))  # typ
 # The largest share of a layer's channels pruning may remove: (0, 1], 1 for no cap.
 PruningCap: TypeAlias = restricted_number_type(  # type: ignore[valid-type]
     "PruningCap", float, [(">", 0.0), ("<=", 1.0)], join="and")
+# The fraction of zero weights over the prunable convolutions and dense layers: in (0, 1)
+# (jsonargparse's own type for that interval; a second name for it cannot be registered).
+WeightFraction: TypeAlias = OpenUnitInterval
+# N:M sparsity: the N largest of every M consecutive weights along the input channels stay (0 < N < M,
+# checked with the pair: nm_pair).
+NM = tuple[PositiveInt, PositiveInt]
+# How magnitude weight sparsity ranks: one threshold over all prunable layers, or the same share in each.
+SparsityScope = Literal["global", "layer"]
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]  # one input: channels, height, width
 
 
 class OptionError(UserError):
     """Options that do not go together; the message names them and the fix."""
+
+
+def nm_pair(nm: Any, where: str = "--nm") -> tuple[int, int] | None:
+    """``nm`` as ``(n, m)`` with ``0 < n < m``; None stays None. ``where`` names the option in
+    the error."""
+    if nm is None:
+        return None
+    n, m = (int(v) for v in nm)
+    if not 0 < n < m:
+        raise OptionError(f"{where} [{n}, {m}]: N:M sparsity keeps N of every M weights, so it "
+                          "needs 0 < N < M, e.g. [2, 4]")
+    return n, m
+
+
+def one_target(speed_up: Any, weight_sparsity: Any, nm: Any) -> None:
+    """Refuse more than one of the three targets given on the command line."""
+    given = [flag for flag, value in (("--speed_up", speed_up), ("--weight_sparsity", weight_sparsity),
+                                      ("--nm", nm)) if value is not None]
+    if len(given) > 1:
+        raise OptionError(f"{' and '.join(given)} are two targets; a run has one: a speed-up "
+                          "(channels removed) or a weight sparsity (--weight_sparsity S or --nm "
+                          "[N,M], weights zeroed)")
 
 
 def plain(value: Any) -> Any:
@@ -111,10 +141,11 @@ class ZooOptions:
 
 @dataclass
 class RunRequest:
-    """Prune a network to a speed-up: metanetwork, none or sparse, finetunes, export
-    (docs/pruning.md). Any key of the prune config can also be overridden as --SECTION.KEY VALUE
-    (VALUE read as YAML), e.g. --prune.max_pruning_ratio 0.67 --final.trainer.max_epochs 1; the
-    run records the merged config.
+    """Prune a network to a speed-up (channels removed) or to a weight sparsity (weights zeroed,
+    magnitude or N:M): metanetwork, none or sparse, finetunes, export (docs/pruning.md). Any
+    key of the prune config can also be overridden as --SECTION.KEY VALUE (VALUE read as YAML),
+    e.g. --prune.max_pruning_ratio 0.67 --final.trainer.max_epochs 1; the run records the
+    merged config.
 
     Args:
         config: configs/<task>/prune.yaml.
@@ -130,13 +161,20 @@ class RunRequest:
         metanetwork: meta-training checkpoint (needed by method metanetwork).
         method: metanetwork: feedforward + finetune; none: finetune only; sparse: DepGraph
             sparse training.
-        speed_up: the target, above 1 (e.g. 2); default prune.speed_up.
-        out: the run folder; default <prune.dir>/<network>_<method>_<S>x_seed<N>.
+        speed_up: the target, above 1 (e.g. 2): MACs of the unpruned architecture over MACs
+            after pruning channels; default the config's target.
+        weight_sparsity: the target, in (0, 1): the fraction of zero weights over the prunable
+            convolutions and dense layers, by magnitude (prune.sparsity_scope); replaces the
+            config's target.
+        nm: the target [N, M]: N of every M consecutive weights along the input channels kept
+            (e.g. [2, 4]); replaces the config's target. One target per run.
+        out: the run folder; default <prune.dir>/<network>_<method>_<target>_seed<N>, the
+            target as 2x, w0.5 or 2of4.
         data_root: the image data (overrides data.init_args.root); default $METAPRUNE_DATA.
         seed: seeds every stage; default prune.seed or 0.
         reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
-            config that differs only in the speed-up target or prune.max_pruning_ratio: stage 1
-            is taken from it.
+            config that differs only in the target (speed-up, weight sparsity or N:M; for
+            sparse, of the same kind) or prune.max_pruning_ratio: stage 1 is taken from it.
         overrides: a nested mapping merged over the config file (the command line's
             --SECTION.KEY VALUE).
     """
@@ -150,6 +188,8 @@ class RunRequest:
     metanetwork: Optional[str] = None
     method: Method = "metanetwork"
     speed_up: Optional[SpeedUp] = None
+    weight_sparsity: Optional[WeightFraction] = None
+    nm: Optional[NM] = None
     out: Optional[str] = None
     data_root: Optional[str] = None
     seed: Optional[int] = None
@@ -167,6 +207,8 @@ class RunRequest:
                               "file records its own architecture arguments)")
         if self.method not in METHODS:
             raise OptionError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        one_target(self.speed_up, self.weight_sparsity, self.nm)
+        self.nm = nm_pair(self.nm)
 
     @property
     def source(self) -> str:

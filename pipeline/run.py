@@ -1,6 +1,7 @@
 """``prune.py run`` (docs/pruning.md): prune one network to ``S`` x fewer MACs than its unpruned
-architecture. Stage 1 (metanetwork feedforward, the identity, or sparse training) + finetune,
-stage 2 prune + finetune, each a Lightning fit through ``pipeline.train.main``; then evaluation, export
+architecture, or zero its weights to a weight sparsity (magnitude or N:M). Stage 1 (metanetwork
+feedforward, the identity, or sparse training) + finetune, stage 2 prune (or mask weights) +
+finetune, each a Lightning fit through ``pipeline.train.main``; then evaluation, export
 (network file, ``torch.export`` program, ``curve.png``) and ``report.json``. Inputs are checked
 before any training; finished stages are skipped.
 
@@ -92,15 +93,14 @@ def evaluate_networks(get_cli: Callable[[], Any], files: dict[str, Path], cache:
     return results
 
 
-def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: int,
-                  max_speed_up: float, p: PruneSettings, out: Path, label: str, chance: float,
-                  split: str = "val") -> list:
+def network_curve(get_cli: Callable[[], Any], network: Any, compute: Callable[..., list],
+                  p: PruneSettings, out: Path, label: str, chance: float, split: str = "val",
+                  axis: str = "speed_up") -> list:
     """``curve.csv``/``curve.png`` in ``out`` (computed once): ``split`` accuracy of ``network``
-    pruned progressively without finetuning, up to ``max_speed_up``, every
-    ``prune.curve_every``-th step after BN recalibration on ``prune.bn_batches`` training
-    batches (pipeline/curve.py)."""
-    from networks import accuracy_curve
-
+    pruned progressively without finetuning, each point after BN recalibration on
+    ``prune.bn_batches`` training batches (pipeline/curve.py). ``compute(network, evaluate,
+    calibration, device)`` returns the points: ``channel_curve`` or ``weight_curve``; ``axis``
+    what their first items are (``pipeline.curve.AXES``)."""
     from .curve import calibration, evaluator, read_curves, save_curves
 
     if (out / "curve.csv").is_file() and (out / "curve.png").is_file():
@@ -111,13 +111,36 @@ def network_curve(get_cli: Callable[[], Any], network: Any, example: Any, base: 
         dm.setup("test")
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     device = get_cli().trainer.strategy.root_device
-    points = accuracy_curve(network.to(device).eval(), example.to(device), base,
-                            evaluator(loader, device), max_speed_up,
-                            p.iterative_steps, p.curve_every,
-                            calibration(dm, p.bn_batches, p.bn_batch_size), p.cap, p.criterion)
+    points = compute(network.to(device).eval(), evaluator(loader, device),
+                     calibration(dm, p.bn_batches, p.bn_batch_size), device)
     save_curves({label: points}, out, f"{label} (BN recalibrated on {p.bn_batches} batches)"
-                if p.bn_batches else label, chance=chance, split=split)
+                if p.bn_batches else label, axis=axis, chance=chance, split=split)
     return points
+
+
+def channel_curve(p: PruneSettings, example: Any, base: int, max_speed_up: float) -> Callable[..., list]:
+    """A ``network_curve`` computation: channels pruned by the run's criterion every
+    ``prune.curve_every``-th step up to ``max_speed_up`` (``networks.accuracy_curve``)."""
+    from networks import accuracy_curve
+
+    return lambda network, evaluate, batches, device: accuracy_curve(
+        network, example.to(device), base, evaluate, max_speed_up, p.iterative_steps,
+        p.curve_every, batches, p.cap, p.criterion)
+
+
+def weight_curve(p: PruneSettings, top: float) -> Callable[..., list]:
+    """A ``network_curve`` computation: the smallest weights zeroed by magnitude
+    (``prune.sparsity_scope``, ``sparsity_exclude``) at every ``prune.sparsity_step`` of weight
+    sparsity and at the ends of ``prune.sparsity_range``, up to ``top``
+    (``networks.sparsity_curve``)."""
+    import numpy as np
+
+    from networks import sparsity_curve
+
+    steps = np.arange(1, int(np.floor(top / p.weight_step + 1e-9)) + 1) * p.weight_step
+    levels = sorted({round(float(v), 6) for v in [*steps, *p.weight_range, top] if 0 < v <= top})
+    return lambda network, evaluate, batches, device: sparsity_curve(
+        network, evaluate, levels, batches, p.scope, p.exclude)
 
 
 def export_checked_onnx(network: Any, example: Any, path: Path) -> dict:
@@ -150,10 +173,11 @@ def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
 
 
 def prune_run(args: RunRequest) -> int:
-    """Prune one network to one speed-up with one method (``prune.py run``); returns 0, also
+    """Prune one network to one target with one method (``prune.py run``); returns 0, also
     when the run was complete already. Writes ``<out>/report.json`` last."""
     t0 = time.perf_counter()
-    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root, args.overrides)
+    cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root, args.overrides,
+                            args.weight_sparsity, args.nm)
     out = run_dir(cfg, args.source, args.method, args.out)
     settings = run_settings(cfg, args)
     if stored_settings_check(out, settings):
@@ -165,7 +189,7 @@ def prune_run(args: RunRequest) -> int:
         if args.network is None or given != Path(args.network):
             args.network = str(out / "input_network.pt")
         p, arch, first = cfg.prune, info["arch"], FIRST_STAGE[args.method]
-        stage1, stage2 = stage_configs(cfg, args, out, arch)
+        stage1, stage2 = stage_configs(cfg, args, out, arch, info.get("dense_layers"))
         for section, stage in (("finetune", stage1), ("final", stage2)):  # before anything trains
             check_stage_config(stage, f"prune config {str(args.config)!r}, section {section!r} "
                                "(merged over 'base')", PruneRunError)
@@ -177,7 +201,11 @@ def prune_run(args: RunRequest) -> int:
     if is_rank_zero():
         write_json(out / RUN_FILE, settings)
     console = Stages(list(RUN_STAGES), out / "logs")
-    print(f"run: {args.method} to {p.target:g}x, outputs in {out}", file=sys.stderr)
+    print(f"run: {args.method} to {p.target_text}, outputs in {out}", file=sys.stderr)
+    if info.get("dense_layers"):
+        print(f"run: {p.target_text} leaves dense the layers whose input channels per output are "
+              f"not a multiple of {p.nm[1] if p.nm else 0}: {', '.join(info['dense_layers'])}",
+              file=sys.stderr)
     with console.stage(RUN_STAGES[0], 1, "fit") as step:
         run_stage(stage1, out / first / "network.pt", first)
         step()
@@ -193,9 +221,17 @@ def prune_run(args: RunRequest) -> int:
     write_summary(out, report, report.pop("_points"))
     write_json(out / REPORT, report)
     fin = report["accuracy"]["final"]
-    print(f"{out}: {args.method} {arch['name']} {info['macs']:,} -> {report['macs']['after']:,} "
-          f"MACs, speed-up {report['speed_up']['reached']:.3f}x (target {p.target:g}x), final "
-          f"val/acc {fin['val']:.4f} test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
+    if p.weights:
+        sparsity = report["weight_sparsity"]
+        outcome = (f"weight sparsity {sparsity['before']:.3f} -> {sparsity['reached']:.3f} "
+                   f"(target {p.target_text}"
+                   + (f", pattern {'holds' if sparsity['nm']['satisfied'] else 'VIOLATED'}"
+                      if p.nm else "") + ")")
+    else:
+        outcome = (f"{info['macs']:,} -> {report['macs']['after']:,} MACs, speed-up "
+                   f"{report['speed_up']['reached']:.3f}x (target {p.target:g}x)")
+    print(f"{out}: {args.method} {arch['name']} {outcome}, final val/acc {fin['val']:.4f} "
+          f"test/acc {fin['test']:.4f} [{time.perf_counter() - t0:.0f} s]")
     return 0
 
 
@@ -229,8 +265,9 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
     macs, params = networks.count_macs(network, example), networks.count_params(network)
     reached = info["base_macs"] / macs
     if not (out / "network.pt").is_file():
+        target = weight_target(p) if p.weights else {"speed_up": reached}
         networks.save_network(network, out / "network.pt", arch=arch, metadata={
-            "method": args.method, "speed_up": reached, "macs": macs, "base_macs": info["base_macs"],
+            "method": args.method, **target, "macs": macs, "base_macs": info["base_macs"],
             "val_acc": acc["final"]["val_acc"], "test_acc": acc["final"]["test_acc"],
             "trained_on": final_record["metadata"].get("trained_on", [])})
     if not (out / "network.pt2").is_file():
@@ -239,32 +276,56 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
     step()
     accuracy = {k: ({"val": acc[k]["val_acc"], "test": acc[k]["test_acc"]} if k in acc else None)
                 for k in ("original", "feedforward", "finetuned", "pruned", "final")}
-    final_points = network_curve(get_cli, copy.deepcopy(network), example, info["base_macs"],
-                                 2 * p.target, p, out, f"{args.method}: final network, no finetuning",
-                                 1 / arch["num_classes"])
-    # "Easier to prune": the stage-1 network's curve over prune.curve_range (docs/method.md).
-    lo, hi = p.curve_range
-    stage1_points = network_curve(get_cli, networks.load_network(finetuned)[0], example,
-                                  info["base_macs"], hi, p, out / first,
-                                  f"{args.method}: after stage 1, no finetuning ({p.curve_split})",
-                                  1 / arch["num_classes"], p.curve_split)
+    chance, stage1_network = 1 / arch["num_classes"], networks.load_network(finetuned)[0]
+    if p.weights:
+        # the reached sparsity, counted on the exported file's weights (not the callback's masks)
+        sparsity = weight_sparsity_record(p, networks.load_network(out / "network.pt")[0], info)
+        result: dict = {"target": weight_target(p), "weight_sparsity": sparsity}
+        lo, hi = p.weight_range
+        final_points = network_curve(
+            get_cli, copy.deepcopy(network), weight_curve(p, 1 - (1 - sparsity["reached"]) / 2), p,
+            out, f"{args.method}: final network, no finetuning", chance,
+            axis="weight_sparsity")
+        # "Easier to prune": the stage-1 network's curve in weight sparsity over sparsity_range
+        stage1_points = network_curve(
+            get_cli, stage1_network, weight_curve(p, hi), p, out / first,
+            f"{args.method}: after stage 1, no finetuning ({p.curve_split})",
+            chance, p.curve_split, axis="weight_sparsity")
+        stage1_curve = {"axis": "weight_sparsity", "range": [lo, hi],
+                        "area": networks.curve_area(stage1_points, lo, hi), "split": p.curve_split,
+                        "bn_batches": p.bn_batches, "scope": p.scope, "exclude": p.exclude,
+                        "csv": f"{first}/curve.csv"}
+    else:
+        final_points = network_curve(
+            get_cli, copy.deepcopy(network), channel_curve(p, example, info["base_macs"], 2 * p.target),
+            p, out, f"{args.method}: final network, no finetuning", chance)
+        # "Easier to prune": the stage-1 network's curve over prune.curve_range (docs/method.md).
+        lo, hi = p.curve_range
+        stage1_points = network_curve(
+            get_cli, stage1_network, channel_curve(p, example, info["base_macs"], hi), p,
+            out / first, f"{args.method}: after stage 1, no finetuning ({p.curve_split})",
+            chance, p.curve_split)
+        stage1_curve = {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
+                        "split": p.curve_split, "bn_batches": p.bn_batches,
+                        "csv": f"{first}/curve.csv"}
     step()
     latency = measured_latency(network, arch, p)
     step()
+    if not p.weights:
+        result = {"speed_up": {"target": p.target, "reached": reached, "before": info["speed_up"],
+                               "measured": {str(r["batch_size"]): r["speed_up_measured"]
+                                            for r in latency}}}
     return {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
         "architecture": arch,
-        "speed_up": {"target": p.target, "reached": reached, "before": info["speed_up"],
-                     "measured": {str(r["batch_size"]): r["speed_up_measured"] for r in latency}},
+        **result,
         "latency": latency,
         "onnx": onnx,
         "macs": {"unpruned": info["base_macs"], "before": info["macs"], "after": macs},
         "params": {"before": info["params"], "after": params},
         "accuracy": accuracy,
-        "stage1_curve": {"range": [lo, hi], "area": networks.curve_area(stage1_points, lo, hi),
-                         "split": p.curve_split, "bn_batches": p.bn_batches,
-                         "csv": f"{first}/curve.csv"},
+        "stage1_curve": stage1_curve,
         "seeds": {"seed_everything": p.seed,
                   "data_split": (cfg.base["data"].get("init_args") or {}).get("seed")},
         "files": {"network": "network.pt", "exported": "network.pt2",
@@ -275,3 +336,35 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
         "_points": {"stage1": stage1_points, "final": final_points},
     }
 
+
+def weight_target(p: PruneSettings) -> dict:
+    """A weight run's target as its report and network file record it."""
+    if p.nm is not None:
+        return {"nm": list(p.nm)}
+    return {"weight_sparsity": p.weight_sparsity, "scope": p.scope}
+
+
+def weight_sparsity_record(p: PruneSettings, network: Any, info: dict) -> dict:
+    """What a weight run reached, counted on ``network`` (the exported file's): zeros per
+    prunable layer and over all of them, and for N:M whether every run of M weights of every
+    N:M layer holds at most N non-zero weights."""
+    from networks.sparsity import nm_violations, zero_counts
+
+    exclude = tuple(p.exclude)
+    counts = zero_counts(network, exclude)
+    zeros, total = sum(z for z, _ in counts.values()), sum(n for _, n in counts.values())
+    record = {"target": p.weight_sparsity, "reached": zeros / total, "before": info["weight_sparsity"],
+              **({"scope": p.scope} if p.nm is None else {}),
+              "exclude": p.exclude, "dense_layers": info["dense_layers"],
+              "zeros": zeros, "weights": total,
+              "layers": {name: {"zeros": z, "weights": n} for name, (z, n) in counts.items()}}
+    if p.nm is not None:
+        n, m = p.nm
+        dense = exclude + tuple(info["dense_layers"])
+        violations = nm_violations(network, n, m, dense)
+        covered = [counts[name] for name in violations]
+        record["nm"] = {"n": n, "m": m, "layers": list(violations),
+                        "sparsity": sum(z for z, _ in covered) / sum(k for _, k in covered),
+                        "satisfied": not any(violations.values()),
+                        "violating_runs": sum(violations.values())}
+    return record

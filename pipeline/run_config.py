@@ -20,7 +20,17 @@ from .common import (
     read_config,
     refuse_stage_seeds,
 )
-from .options import Importance, PruningCap, RunRequest, SpeedUp
+from .options import (
+    NM,
+    Importance,
+    OptionError,
+    PruningCap,
+    RunRequest,
+    SparsityScope,
+    SpeedUp,
+    WeightFraction,
+    nm_pair,
+)
 
 # The first stage's name per method: everything after it is shared by all methods.
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
@@ -28,6 +38,13 @@ SECOND_STAGE = "prune_finetune"
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
+# The targets of a run: a speed-up (channels removed) or a weight sparsity (weights zeroed),
+# one per run; stage 1 reads none of them.
+TARGET_KEYS = ("speed_up", "weight_sparsity", "nm")
+WEIGHT_TARGETS = ("weight_sparsity", "nm")
+# weight runs: what the stage-1 curve (magnitude, in sparsity) is computed with
+SPARSITY_CURVE_KEYS = ("sparsity_scope", "sparsity_exclude", "sparsity_range", "sparsity_step")
+SPARSITY_RANGE, SPARSITY_STEP = (0.5, 0.9), 0.05  # their defaults (docs/decisions.md)
 REPORT, RUN_FILE, EVAL_FILE = "report.json", "run.json", "eval.json"
 # Batch sizes timed for report.json's measured speed-up (prune.latency_batch_sizes; [] skips):
 # a default, not written into the stored settings, so runs from before it keep their settings.
@@ -43,9 +60,28 @@ class PruneRunError(UserError):
 class PruneSettings:
     """The ``prune`` section of a prune.yaml (docs/pruning.md).
 
+    A run has one target: ``speed_up`` (channels removed), or ``weight_sparsity`` or ``nm``
+    (weights zeroed, the network keeps its shape). A command-line target (``--speed_up``,
+    ``--weight_sparsity``, ``--nm``) replaces the file's, whichever kind it is.
+
     Args:
         speed_up: the target, MACs of the unpruned architecture over MACs of the pruned
-            network (``--speed_up`` overrides it; one of the two is required).
+            network.
+        weight_sparsity: the target, in (0, 1): the fraction of zero weights over the prunable
+            layers (every convolution and dense layer but ``sparsity_exclude``), the smallest
+            ``|w|`` zeroed (``sparsity_scope``).
+        nm: the target ``[N, M]``: in every run of M consecutive weights along a layer's input
+            channels the N largest ``|w|`` stay (``[2, 4]``: what sparse tensor cores run); a
+            prunable layer whose input channels per output are not a multiple of M stays dense
+            (named in the report).
+        sparsity_scope: weight runs: ``global`` (unset: one magnitude threshold over all
+            prunable layers, as channels are ranked globally) or ``layer`` (the same fraction in
+            each); also the stage-1 curve's.
+        sparsity_exclude: weight runs: module paths (``named_modules``) left dense, e.g.
+            ``[fc]``; unset: none (every convolution and dense layer is prunable).
+        sparsity_range: weight runs: the weight sparsities the stage-1 curve area averages over
+            (unset: [0.5, 0.9]).
+        sparsity_step: weight runs: the curves' spacing in weight sparsity (unset: 0.05).
         dir: where runs go without ``--out``; empty: ``runs/prune/<the config's folder>``.
         iterative_steps: pruning steps to the target (and for the curves).
         input_size: one input's shape (channels, height, width).
@@ -71,6 +107,8 @@ class PruneSettings:
     """
 
     speed_up: Optional[SpeedUp] = None
+    weight_sparsity: Optional[WeightFraction] = None
+    nm: Optional[NM] = None
     dir: str = ""
     iterative_steps: PositiveInt = 200
     input_size: list[PositiveInt] = field(default_factory=lambda: [3, 32, 32])
@@ -87,12 +125,62 @@ class PruneSettings:
     max_pruning_ratio: Optional[PruningCap] = None
     latency_batch_sizes: Optional[list[PositiveInt]] = None
     onnx: Optional[bool] = None
+    sparsity_scope: Optional[SparsityScope] = None
+    sparsity_exclude: Optional[list[str]] = None
+    sparsity_range: Optional[tuple[float, float]] = None
+    sparsity_step: Optional[WeightFraction] = None
 
     @property
     def target(self) -> float:
-        """The speed-up target (``load_prune_config`` makes sure there is one)."""
+        """The speed-up target of a channel run (``load_prune_config`` makes sure there is one)."""
         assert self.speed_up is not None
         return self.speed_up
+
+    @property
+    def weights(self) -> bool:
+        """Whether the run zeroes weights (a weight sparsity or N:M target) instead of removing
+        channels."""
+        return self.weight_sparsity is not None or self.nm is not None
+
+    @property
+    def target_name(self) -> str:
+        """The target as a run folder names it: ``2x``, ``w0.5`` (``w0.5-layer`` per layer) or
+        ``2of4``."""
+        if self.nm is not None:
+            return f"{self.nm[0]}of{self.nm[1]}"
+        if self.weight_sparsity is not None:
+            return f"w{self.weight_sparsity:g}" + ("-layer" if self.scope == "layer" else "")
+        return f"{self.target:g}x"
+
+    @property
+    def target_text(self) -> str:
+        """The target in words, for the console."""
+        if self.nm is not None:
+            return f"{self.nm[0]}:{self.nm[1]} weight sparsity"
+        if self.weight_sparsity is not None:
+            return f"weight sparsity {self.weight_sparsity:g} ({self.scope})"
+        return f"{self.target:g}x"
+
+    @property
+    def scope(self) -> str:
+        """``sparsity_scope``, global when unset."""
+        return self.sparsity_scope or "global"
+
+    @property
+    def exclude(self) -> list[str]:
+        """``sparsity_exclude``, none when unset."""
+        return list(self.sparsity_exclude or [])
+
+    @property
+    def weight_range(self) -> tuple[float, float]:
+        """``sparsity_range``, [0.5, 0.9] when unset."""
+        lo, hi = self.sparsity_range or SPARSITY_RANGE
+        return float(lo), float(hi)
+
+    @property
+    def weight_step(self) -> float:
+        """``sparsity_step``, 0.05 when unset."""
+        return float(self.sparsity_step or SPARSITY_STEP)
 
     @property
     def criterion(self) -> str:
@@ -133,8 +221,11 @@ class PruneConfig:
 
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
                       seed: int | None = None, data_root: str | None = None,
-                      overrides: dict | None = None) -> PruneConfig:
-    """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in)."""
+                      overrides: dict | None = None, weight_sparsity: float | None = None,
+                      nm: tuple[int, int] | list[int] | None = None) -> PruneConfig:
+    """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in). A
+    target given here (``speed_up``, ``weight_sparsity`` or ``nm``, at most one) replaces the
+    file's; without one the file must set exactly one."""
     path = Path(path)
     where = f"prune config {str(path)!r}" + (" with the command-line overrides" if overrides else "")
     cfg = read_config(path, PruneConfig, PruneRunError, "prune", overrides=overrides)
@@ -144,25 +235,57 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
         raise PruneRunError(f"{where}: section 'base' needs a data section (a train.py fit config)")
     prune = cfg.prune
     prune.dir = prune.dir or f"runs/prune/{path.parent.name}"
-    prune.speed_up = prune.speed_up if speed_up is None else float(speed_up)
     prune.seed = prune.seed if seed is None else int(seed)
-    if prune.speed_up is None:
-        raise PruneRunError(f"{where}: no speed-up target; set prune.speed_up or pass --speed_up")
+    try:
+        choose_target(prune, where, speed_up, weight_sparsity, nm)
+    except OptionError as e:
+        raise PruneRunError(str(e)) from None
     lo, hi = prune.curve_range
     if not 1.0 <= lo < hi:
         raise PruneRunError(f"{where}: prune.curve_range {[lo, hi]} must be [LO, HI] with "
                             "1 <= LO < HI, e.g. [2.0, 3.0]")
+    lo, hi = prune.weight_range
+    if not 0.0 <= lo < hi < 1.0:
+        raise PruneRunError(f"{where}: prune.sparsity_range {[lo, hi]} must be [LO, HI] with "
+                            "0 <= LO < HI < 1, e.g. [0.5, 0.9]")
     if data_root is not None:
         cfg.base["data"].setdefault("init_args", {})["root"] = data_root
     return cfg
 
 
+def choose_target(prune: PruneSettings, where: str, speed_up: float | None = None,
+                  weight_sparsity: float | None = None,
+                  nm: tuple[int, int] | list[int] | None = None) -> None:
+    """Leave ``prune`` with exactly one target: the one given (at most one: the command line's,
+    which replaces the file's of either kind), else the file's only one; refused in one line
+    otherwise, naming what was set."""
+    from .options import one_target
+
+    one_target(speed_up, weight_sparsity, nm)
+    if speed_up is not None or weight_sparsity is not None or nm is not None:
+        prune.speed_up = None if speed_up is None else float(speed_up)
+        prune.weight_sparsity = None if weight_sparsity is None else float(weight_sparsity)
+        prune.nm = nm_pair(nm)
+        return
+    set_ = [f"prune.{k} {getattr(prune, k)}" for k in TARGET_KEYS if getattr(prune, k) is not None]
+    if not set_:
+        raise PruneRunError(f"{where}: no target; set prune.speed_up (channels removed), "
+                            "prune.weight_sparsity or prune.nm (weights zeroed), or pass "
+                            "--speed_up, --weight_sparsity or --nm")
+    if len(set_) > 1:
+        raise PruneRunError(f"{where}: {' and '.join(set_)} are two targets; a run has one: keep "
+                            "one in the file, or pass --speed_up, --weight_sparsity or --nm, "
+                            "which replaces the file's")
+    prune.nm = nm_pair(prune.nm, f"{where}: prune.nm")
+
+
 def run_dir(cfg: PruneConfig, network: str | os.PathLike, method: str, out: str | None) -> Path:
-    """``--out``, else ``<prune.dir>/<network file stem>_<method>_<S>x_seed<N>``."""
+    """``--out``, else ``<prune.dir>/<network file stem>_<method>_<target>_seed<N>``, the
+    target as ``<S>x``, ``w<S>`` (``w<S>-layer``) or ``<N>of<M>``."""
     if out:
         return Path(out)
     p = cfg.prune
-    return Path(p.dir) / f"{Path(network).stem}_{method}_{p.target:g}x_seed{p.seed}"
+    return Path(p.dir) / f"{Path(network).stem}_{method}_{p.target_name}_seed{p.seed}"
 
 
 def _sha256(path: Path) -> str:
@@ -186,8 +309,11 @@ def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
         raise PruneRunError("--method metanetwork needs --metanetwork PATH (a meta-training "
                             "checkpoint); or use --method none / sparse")
     meta = args.metanetwork if args.method == "metanetwork" else None
+    p = cfg.prune
+    target = {"speed_up": p.target} if not p.weights else \
+        {"weight_sparsity": p.weight_sparsity} if p.nm is None else {"nm": list(p.nm)}
     return json.loads(json.dumps({
-        "method": args.method, "speed_up": cfg.prune.target, "seed": cfg.prune.seed,
+        "method": args.method, **target, "seed": cfg.prune.seed,
         "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),
         **({"arch": {"name": args.arch, "num_classes": args.num_classes,
                      **({"kwargs": args.arch_kwargs} if args.arch_kwargs else {})}}

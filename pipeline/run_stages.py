@@ -26,6 +26,8 @@ from .run_config import (
     RUN_FILE,
     SECOND_STAGE,
     SECOND_STAGE_ONLY,
+    SPARSITY_CURVE_KEYS,
+    TARGET_KEYS,
     PruneConfig,
     PruneRunError,
     PruneSettings,
@@ -74,10 +76,12 @@ def input_network(args: RunRequest, cfg: PruneConfig, folder: Path) -> Path:
 def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | None) -> dict:
     """Every check that can fail before training, so bad input costs seconds, not epochs.
 
-    Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network."""
+    Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network, and
+    for a weight run ``"weight_sparsity"`` (its zeros now) and ``"dense_layers"`` (the prunable
+    layers an N:M pattern cannot cover, left dense)."""
     import networks
     from graph import check_layout, network_graph
-    from lightning_modules import load_metanetwork, trained_criterion, trained_sparsity
+    from lightning_modules import load_metanetwork
 
     p = cfg.prune
     example = networks.example_input(p.input_size)
@@ -94,22 +98,15 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
         ImageDataModule(**(data.get("init_args") or {})).check_held_out(
             {source: record["metadata"].get("trained_on") or []})
     if metanetwork_path is not None:
-        if trained_sparsity(metanetwork_path) != "channels":
-            raise PruneRunError(
-                f"metanetwork checkpoint {metanetwork_path!r} was meta-trained for weight "
-                "sparsity (model.init_args.sparsity: weights), but prune.py run prunes channels; "
-                "use a metanetwork meta-trained with sparsity: channels (the default)")
-        trained_for = trained_criterion(metanetwork_path)
-        if trained_for != p.criterion and not p.allow_other_criterion:
-            raise PruneRunError(
-                f"metanetwork checkpoint {metanetwork_path!r} was meta-trained for the pruning "
-                f"criterion {trained_for!r}, but this run prunes by {p.criterion!r} "
-                "(prune.importance); set prune.importance to match, or prune.allow_other_criterion: "
-                "true to run it anyway")
+        check_metanetwork_kind(p, metanetwork_path)
         metanetwork = load_metanetwork(metanetwork_path)
         graph = network_graph(network.eval(), example, source, metanetwork.graph_options)
         check_layout(metanetwork, graph, f"metanetwork checkpoint {metanetwork_path!r}", source)
     base, macs = networks.base_macs(arch, example), networks.count_macs(network, example)
+    info = {"arch": arch, "base_macs": base, "macs": macs,
+            "params": networks.count_params(network), "speed_up": base / macs}
+    if p.weights:
+        return {**info, **check_weight_target(p, network, source)}
     target, current = p.target, base / macs
     if target <= current:
         raise PruneRunError(
@@ -126,8 +123,68 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
         raise PruneRunError(
             f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
             "or raise prune.iterative_steps") from e
-    return {"arch": arch, "base_macs": base, "macs": macs,
-            "params": networks.count_params(network), "speed_up": current}
+    return info
+
+
+def check_metanetwork_kind(p: PruneSettings, path: str) -> None:
+    """A metanetwork meta-trained for what this run prunes (channels or weights, and for
+    channels, the criterion): refused in one line otherwise, naming both and the fix."""
+    from lightning_modules import trained_criterion, trained_sparsity
+
+    trained = trained_sparsity(path)
+    if trained != ("weights" if p.weights else "channels"):
+        if p.weights:
+            raise PruneRunError(
+                f"metanetwork checkpoint {path!r} was meta-trained for channel pruning "
+                f"(model.init_args.sparsity: channels), but this run zeroes weights "
+                f"({p.target_text}); use a metanetwork meta-trained with sparsity: weights, or "
+                "a --speed_up target to prune channels with this one")
+        raise PruneRunError(
+            f"metanetwork checkpoint {path!r} was meta-trained for weight sparsity "
+            f"(model.init_args.sparsity: weights), but this run prunes channels (a speed-up "
+            f"target, {p.target:g}x); pass --weight_sparsity S or --nm [N,M] to zero weights "
+            "with it, or use a metanetwork meta-trained with sparsity: channels (the default)")
+    if p.weights:
+        return  # weight sparsity ranks single weights by magnitude: no channel criterion
+    trained_for = trained_criterion(path)
+    if trained_for != p.criterion and not p.allow_other_criterion:
+        raise PruneRunError(
+            f"metanetwork checkpoint {path!r} was meta-trained for the pruning "
+            f"criterion {trained_for!r}, but this run prunes by {p.criterion!r} "
+            "(prune.importance); set prune.importance to match, or prune.allow_other_criterion: "
+            "true to run it anyway")
+
+
+def check_weight_target(p: PruneSettings, network, source: str) -> dict:
+    """A weight target's checks on the input network: the excluded layers exist, some layer
+    is prunable, an N:M pattern fits at least one of them, a sparsity is above the network's
+    current one. Returns ``{"weight_sparsity", "dense_layers"}``."""
+    from networks.sparsity import nm_dense_layers, sparse_layers, weight_sparsity
+
+    unknown = [name for name in p.exclude if name not in dict(network.named_modules())]
+    if unknown:
+        raise PruneRunError(f"prune.sparsity_exclude {p.exclude}: {source} has no module named "
+                            f"{unknown[0]!r}; use the names of network.named_modules(), e.g. "
+                            f"{list(sparse_layers(network))[-1]!r}")
+    layers = sparse_layers(network, tuple(p.exclude))
+    if not layers:
+        raise PruneRunError(f"{source} has no convolution or dense layer left to sparsify "
+                            f"(prune.sparsity_exclude {p.exclude}); exclude fewer layers")
+    current = weight_sparsity(network, tuple(p.exclude))
+    dense: list[str] = []
+    if p.nm is not None:
+        n, m = p.nm
+        dense = nm_dense_layers(network, m, tuple(p.exclude))
+        if len(dense) == len(layers):
+            raise PruneRunError(f"{n}:{m} sparsity fits no layer of {source}: no convolution or "
+                                f"dense layer has a multiple of {m} input channels per output; "
+                                "choose another M")
+    elif p.weight_sparsity is not None and p.weight_sparsity <= current:
+        raise PruneRunError(
+            f"weight sparsity target {p.weight_sparsity:g} is not above the network's current "
+            f"weight sparsity {current:.4f} ({source} already has that share of zero weights); "
+            f"pass a --weight_sparsity above {current:.4f}")
+    return {"weight_sparsity": current, "dense_layers": dense}
 
 
 def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weights: str | os.PathLike,
@@ -150,23 +207,46 @@ def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weig
     return config
 
 
+def run_kind(settings: dict) -> str:
+    """``weights`` for a run with a weight-sparsity or N:M target, else ``channels``."""
+    return "weights" if any(k in settings for k in TARGET_KEYS[1:]) else "channels"
+
+
 def _first_stage_settings(settings: dict) -> dict:
-    """A run's settings minus those only stage 2 and the curves read (the speed-up target, the
-    per-layer cap, the criterion unless sparse training regularizes by it): what stage 1
-    depends on."""
+    """A run's settings minus those only stage 2 and the curves read (the target of either
+    kind, the per-layer cap, the criterion and the weight curves' settings, but what sparse
+    training regularizes by): what stage 1 depends on. Sparse training regularizes by the kind
+    (groups or single weights), so for ``sparse`` the kind stays, and the criterion or the
+    layers kept dense."""
     out = copy.deepcopy(settings)
-    out.pop("speed_up", None)
-    for key in SECOND_STAGE_ONLY + (("importance",) if settings["method"] != "sparse" else ()):
-        out["config"]["prune"].pop(key, None)
+    for key in TARGET_KEYS:
+        out.pop(key, None)
+    if settings["method"] == "sparse":
+        out["kind"] = run_kind(settings)
+    # sparse training reads the criterion (channels) or the layers kept dense (weights)
+    sparse = ("importance", "sparsity_exclude") if settings["method"] == "sparse" else ()
+    for key in SECOND_STAGE_ONLY + TARGET_KEYS + ("importance",) + SPARSITY_CURVE_KEYS:
+        if key not in sparse:
+            out["config"]["prune"].pop(key, None)
     return out
+
+
+def same_stage1_curve(settings: dict, other: dict) -> bool:
+    """Whether the stage-1 curve of ``other`` is this run's: the same kind of curve (speed-up
+    or weight sparsity), pruned by the same settings."""
+    keys = SPARSITY_CURVE_KEYS if run_kind(settings) == "weights" else CRITERION_KEYS
+    return run_kind(settings) == run_kind(other) and all(
+        other["config"]["prune"].get(k) == settings["config"]["prune"].get(k) for k in keys)
 
 
 def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> None:
     """Copy stage 1's output networks from ``source``, a run whose settings differ from
-    ``settings`` in the speed-up target, the per-layer cap and (but for ``sparse``) the
-    criterion at most (stage 1 reads none of them): pruning one finetuned network to several
-    targets, or under another cap or criterion, then trains stage 1 once, budgets unchanged. Its
-    curve is copied only under the same cap and criterion (the curve prunes)."""
+    ``settings`` in the target (of either kind, but for ``sparse``, whose regularizer depends
+    on the kind), the per-layer cap, the weight curves' settings and (but for ``sparse``) the
+    criterion and the layers kept dense at most (stage 1 reads none of them): pruning one
+    finetuned network to several targets, or under another cap or criterion, then trains stage
+    1 once, budgets unchanged. Its curve is copied only when it is this run's
+    (``same_stage1_curve``: the curve prunes)."""
     stored = source / RUN_FILE
     if not stored.is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} is not a prune run directory "
@@ -175,17 +255,20 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
     if _first_stage_settings(other) != _first_stage_settings(settings):
         mine, theirs = _first_stage_settings(settings), _first_stage_settings(other)
         diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if "method" in diff and "kind" in diff:  # the kind of target matters to sparse only
+            diff.remove("kind")
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "
-                            f"in {', '.join(diff)}); only the speed-up target, "
-                            "prune.max_pruning_ratio and (but for sparse) prune.importance may "
-                            "differ")
+                            f"in {', '.join(diff)}); only the speed-up target (or weight "
+                            "sparsity target; for sparse, of the same kind), "
+                            "prune.max_pruning_ratio, prune.sparsity_scope, _range and _step, "
+                            "and (but for sparse) prune.importance and prune.sparsity_exclude "
+                            "may differ")
     if not (source / stage / "network.pt").is_file():
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} has not finished stage 1 "
                             f"({stage}/network.pt is missing); finish that run first")
-    same_cap = all(other["config"]["prune"].get(k) == settings["config"]["prune"].get(k)
-                   for k in CRITERION_KEYS)
     # network.pt last: it marks stage 1 done; the curve prunes, so another cap gives another one
-    names = [*(("curve.csv", "curve.png") if same_cap else ()), "feedforward.pt", "network.pt"]
+    names = [*(("curve.csv", "curve.png") if same_stage1_curve(settings, other) else ()),
+             "feedforward.pt", "network.pt"]
     for name in names:
         if (source / stage / name).is_file():
             write_bytes(out / stage / name, (source / stage / name).read_bytes())
@@ -208,15 +291,22 @@ def run_stage(config: dict, output: Path, name: str) -> Path:
     return output
 
 
-def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> tuple[dict, dict]:
+def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict,
+                  dense_layers: list[str] | None = None) -> tuple[dict, dict]:
     """The two Lightning stages of a run: stage 1 (feedforward + finetune, finetune, or sparse
-    training) and stage 2 (prune to S against the unpruned architecture + finetune)."""
+    training) and stage 2 (prune to S against the unpruned architecture, or zero weights to the
+    weight target, + finetune). ``dense_layers``: the prunable layers an N:M target leaves
+    dense (``check_inputs``)."""
     p, first = cfg.prune, FIRST_STAGE[args.method]
     extra: list[dict] = []
     if args.method == "metanetwork":
         extra = [{"class_path": "callbacks.MetanetworkFeedforward",
                   "init_args": {"checkpoint": str(args.metanetwork), "input_size": p.input_size}},
                  {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "feedforward.pt"}}]
+    elif args.method == "sparse" and p.weights:  # L1 on the weights magnitude pruning ranks
+        extra = [{"class_path": "callbacks.SparseTraining",
+                  "init_args": {"reg": p.reg, "input_size": p.input_size, "sparsity": "weights",
+                                **({"exclude": p.exclude} if p.exclude else {})}}]
     elif args.method == "sparse":
         if p.criterion not in REGULARIZED:
             raise PruneRunError(f"--method sparse: prune.importance {p.criterion!r} has no "
@@ -226,14 +316,32 @@ def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict) -> 
                   "init_args": {"reg": p.reg, "alpha": p.alpha, "input_size": p.input_size,
                                 **criterion_args(p)}}]
     stage1 = run_stage_config(cfg, "finetune", out, first, args.source, arch, extra)
-    prune_cb = [{"class_path": "callbacks.PruneToSpeedUp",
-                 "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
-                               "input_size": p.input_size, **criterion_args(p),
-                               **({"max_pruning_ratio": p.cap} if p.cap < 1 else {})}},
-                {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
     stage2 = run_stage_config(cfg, "final", out, SECOND_STAGE, out / first / "network.pt", arch,
-                              prune_cb)
+                              weight_callbacks(p, dense_layers or []) if p.weights else
+                              prune_callbacks(p))
     return stage1, stage2
+
+
+def prune_callbacks(p: PruneSettings) -> list[dict]:
+    """Stage 2 of a channel run: prune to the speed-up in ``setup``, keep the pruned network."""
+    return [{"class_path": "callbacks.PruneToSpeedUp",
+             "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
+                           "input_size": p.input_size, **criterion_args(p),
+                           **({"max_pruning_ratio": p.cap} if p.cap < 1 else {})}},
+            {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
+
+
+def weight_callbacks(p: PruneSettings, dense_layers: list[str]) -> list[dict]:
+    """Stage 2 of a weight run: the weights masked at the start of epoch 0 (magnitude or N:M,
+    masks kept through the finetune and folded into plain weights at its end), and the network
+    right after masking kept as ``pruned.pt``."""
+    target = {"nm": list(p.nm)} if p.nm is not None else \
+        {"sparsity": p.weight_sparsity, "scope": p.scope}
+    exclude = p.exclude + [name for name in dense_layers if name not in p.exclude]
+    return [{"class_path": "callbacks.WeightSparsity",
+             "init_args": {**target, "exclude": exclude, "epoch": 0, "module": "network"}},
+            {"class_path": "callbacks.SaveNetwork",
+             "init_args": {"filename": "pruned.pt", "when": "train_start"}}]
 
 
 def criterion_args(p: PruneSettings) -> dict:

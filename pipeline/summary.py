@@ -13,6 +13,12 @@ training curves. Tags (one scheme with the pruning callbacks' ``pruning/*``):
 * ``curve/stage1`` and ``curve/final``: accuracy against speed-up without finetuning (BN
   recalibrated), the step being ``round(100 * speed-up)`` (TensorBoard steps are integers), and
   ``curve/stage1_area``, the stage-1 curve's mean over ``prune.curve_range``.
+
+A weight run (a weight-sparsity or N:M target) has ``pruning/weight_sparsity`` (counted on the
+exported network), ``pruning/weight_sparsity_target`` (magnitude targets), ``pruning/macs``,
+``pruning/base_macs`` and ``pruning/params`` (unchanged by zeros) in place of the speed-ups, and
+its curves are in weight sparsity: the step is ``round(1000 * sparsity)`` (per mille of zero
+weights), ``curve/stage1_area`` the mean over ``prune.sparsity_range``.
 """
 from __future__ import annotations
 
@@ -29,18 +35,25 @@ def scalars(report: dict, curves: dict[str, Sequence[tuple]]) -> list[tuple[str,
     for network, splits in report["accuracy"].items():
         for split, value in (splits or {}).items():
             out.append((f"accuracy/{network}/{split}", float(value), 0))
-    speed_up, macs = report["speed_up"], report["macs"]
-    out += [("pruning/speed_up", float(speed_up["reached"]), 0),
-            ("pruning/speed_up_target", float(speed_up["target"]), 0),
-            ("pruning/macs", float(macs["after"]), 0), ("pruning/base_macs", float(macs["unpruned"]), 0),
+    macs, sparsity = report["macs"], report.get("weight_sparsity")
+    if sparsity is None:
+        speed_up = report["speed_up"]
+        out += [("pruning/speed_up", float(speed_up["reached"]), 0),
+                ("pruning/speed_up_target", float(speed_up["target"]), 0)]
+    else:
+        out.append(("pruning/weight_sparsity", float(sparsity["reached"]), 0))
+        if sparsity["target"] is not None:
+            out.append(("pruning/weight_sparsity_target", float(sparsity["target"]), 0))
+    out += [("pruning/macs", float(macs["after"]), 0), ("pruning/base_macs", float(macs["unpruned"]), 0),
             ("pruning/params", float(report["params"]["after"]), 0)]
     for row in report["latency"]:
         batch = row["batch_size"]
         out += [(f"pruning/speed_up_measured/batch{batch}", float(row["speed_up_measured"]), 0),
                 (f"latency_ms/pruned/batch{batch}", float(row["latency_ms"]), 0),
                 (f"latency_ms/unpruned/batch{batch}", float(row["unpruned_latency_ms"]), 0)]
+    scale = 100 if sparsity is None else 1000  # speed-up in hundredths, sparsity per mille
     for name, points in curves.items():
-        out += [(f"curve/{name}", float(p[-1]), round(100 * p[0])) for p in points]
+        out += [(f"curve/{name}", float(p[-1]), round(scale * p[0])) for p in points]
     out.append(("curve/stage1_area", float(report["stage1_curve"]["area"]), 0))
     return out
 

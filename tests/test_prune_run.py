@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,21 +47,22 @@ def zoo_like_network(path: Path, seed: int = 0) -> Path:
     return networks.save_network(model, path, ARCH)
 
 
-def meta_checkpoint(tiny_cifar: Path, out: Path, make_zoo) -> Path:
-    """A real MetaPruningModule checkpoint: one meta-training step on a tiny zoo."""
+def meta_checkpoint(tiny_cifar: Path, out: Path, make_zoo, name: str = "meta", **module) -> Path:
+    """A real MetaPruningModule checkpoint: one meta-training step on a tiny zoo (``module``:
+    more MetaPruningModule arguments, e.g. sparsity="weights")."""
     from datamodules import ImageDataModule, ModelZooDataModule
 
     seed_everything(0)
-    zoo = make_zoo(out / "zoo")
+    zoo = make_zoo(out / f"{name}_zoo")
     images = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
                              num_workers=0, val_fraction=0.25)
     data = ModelZooDataModule(str(zoo), images, meta_val_members=1, batches_per_step=1, batch_size=4)
     trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False,
                       limit_val_batches=0, default_root_dir=out)
-    trainer.fit(MetaPruningModule(num_layers=1, hidden=8, node_res_ratio=0.1, edge_res_ratio=0.1),
-                data)
-    path = out / "meta.ckpt"
+    trainer.fit(MetaPruningModule(num_layers=1, hidden=8, node_res_ratio=0.1, edge_res_ratio=0.1,
+                                  **module), data)
+    path = out / f"{name}.ckpt"
     trainer.save_checkpoint(path)
     return path
 
@@ -726,3 +728,302 @@ def test_the_runs_tensorboard_holds_its_results(runs: dict[str, Path]) -> None:
     stage.Reload()
     tags = stage.Tags()["scalars"]
     assert "pruning/speed_up" in tags and "hp_metric" not in tags
+
+
+# ---- weight sparsity: a weight-sparsity or N:M target (issue 31) ---------------------------------
+QUICK = ("--prune.latency_batch_sizes", "[]", "--prune.onnx=false")
+
+
+def _prunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every convolution's and dense layer's weight, by module name (written out here, not
+    read from networks.sparsity)."""
+    return {name: m.weight.detach() for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@pytest.fixture(scope="module")
+def weight_runs(setup: dict, runs: dict[str, Path], tiny_cifar: Path, make_zoo) -> dict[str, Path]:
+    """One finished weight run per method, and an N:M run: ``none`` to 0.6 (global) taking stage
+    1 from the channel run (a target of the other kind), ``nm`` (none, 2:4) taking it from
+    that one, ``sparse`` to 0.5 per layer, ``metanetwork`` to 0.5 with a metanetwork meta-trained
+    for weight sparsity; the last three in their default folders."""
+    meta = meta_checkpoint(tiny_cifar, setup["out"], make_zoo, "weights_meta", sparsity="weights",
+                           reg=1e-3)
+    base = ["run", "--config", str(setup["config"]), "--network", str(setup["network"])]
+    folder = Path(yaml.safe_load(setup["config"].read_text())["prune"]["dir"])
+    dirs = {"none": setup["out"] / "w_none", "nm": folder / "net_none_2of4_seed0",
+            "sparse": folder / "net_sparse_w0.5-layer_seed0",
+            "metanetwork": folder / "net_metanetwork_w0.5_seed0"}
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        # the config of the channel run (ONNX, latency), whose stage 1 they take
+        assert prune.main([*base, "--method", "none", "--weight_sparsity", "0.6", "--out",
+                           str(dirs["none"]), "--reuse_first_stage", str(runs["none"])]) == 0
+        assert prune.main([*base, "--method", "none", "--nm", "[2,4]", "--reuse_first_stage",
+                           str(dirs["none"])]) == 0
+        assert prune.main([*base, "--method", "sparse", "--weight_sparsity", "0.5",
+                           "--prune.sparsity_scope", "layer", *QUICK]) == 0
+        assert prune.main([*base, "--method", "metanetwork", "--metanetwork", str(meta),
+                           "--weight_sparsity", "0.5", *QUICK]) == 0
+    finally:
+        sys.argv = argv
+    return {**dirs, "meta": meta}
+
+
+@pytest.mark.parametrize("kind", ["none", "nm", "sparse", "metanetwork"])
+def test_weight_run_end_to_end(setup: dict, weight_runs: dict, kind: str) -> None:
+    """Each method to a weight target: the report's accuracies against a plain loop, the stages'
+    callbacks, the network's shape unchanged, the masks kept through the finetune (the zeros of
+    the network right after masking are the final network's), the files exported."""
+    out = weight_runs[kind]
+    report = json.loads((out / "report.json").read_text())
+    method = "none" if kind == "nm" else kind
+    assert report["method"] == method and report["format"] == "metaprune.prune_run/v1"
+    assert "speed_up" not in report
+    assert report["target"] == ({"nm": [2, 4]} if kind == "nm" else
+                                {"weight_sparsity": {"none": 0.6}.get(kind, 0.5),
+                                 "scope": "layer" if kind == "sparse" else "global"})
+    data = ImageDataModule(**yaml.safe_load(setup["config"].read_text())["base"]["data"]["init_args"])
+    data.setup("validate")
+    data.setup("test")
+    acc, stages = report["accuracy"], report["files"]["stages"]
+    for stage in ("original", "finetuned", "pruned", "final"):
+        net = networks.load_network(stages[stage])[0]
+        assert acc[stage]["val"] == pytest.approx(plain_accuracy(net, data.val_dataloader())), stage
+        assert acc[stage]["test"] == pytest.approx(plain_accuracy(net, data.test_dataloader())), stage
+    assert (acc["feedforward"] is None) == (method != "metanetwork")
+    original, final = (networks.load_network(stages[k])[0] for k in ("original", "final"))
+    assert widths(final) == widths(original)  # zeros, not removed channels
+    assert report["macs"]["after"] == report["macs"]["before"]
+    pruned = _prunable(networks.load_network(stages["pruned"])[0])
+    for name, w in _prunable(final).items():
+        assert torch.equal(w == 0, pruned[name] == 0), name  # the masks held through the finetune
+    assert any(not torch.equal(w, pruned[name]) for name, w in _prunable(final).items())  # trained
+    config = report["config"]["stages"]
+    first = config[pipeline_run.FIRST_STAGE[method]]["trainer"]["callbacks"]
+    expected = {"metanetwork": "callbacks.MetanetworkFeedforward",
+                "sparse": "callbacks.SparseTraining"}.get(method)
+    assert not expected or expected in [c["class_path"] for c in first]
+    if method == "sparse":
+        assert first[-1]["init_args"]["sparsity"] == "weights"
+    (masking, save) = config[pipeline_run.SECOND_STAGE]["trainer"]["callbacks"][-2:]
+    assert masking["class_path"] == "callbacks.WeightSparsity" and masking["init_args"]["epoch"] == 0
+    assert save["init_args"] == {"filename": "pruned.pt", "when": "train_start"}
+    for name in ("network.pt", "network.pt2", "curve.png", "report.json", "run.json"):
+        assert (out / name).is_file(), name
+    assert (out / "network.onnx").is_file() == (method == "none")
+
+
+@pytest.mark.parametrize("kind", ["none", "sparse", "metanetwork"])
+def test_weight_sparsity_reached_is_counted_on_the_exported_network(weight_runs: dict,
+                                                                   kind: str) -> None:
+    """The zeros of network.pt and of the torch.export program, counted here, equal the report's
+    and the target within one weight per layer of rounding (global: one threshold over all
+    weights; per layer: the share in each)."""
+    out = weight_runs[kind]
+    report = json.loads((out / "report.json").read_text())
+    target, scope = report["target"]["weight_sparsity"], report["target"]["scope"]
+    layers = _prunable(networks.load_network(out / "network.pt")[0])
+    program = torch.export.load(out / "network.pt2").state_dict
+    zeros = {name: int((w == 0).sum()) for name, w in layers.items()}
+    for name in layers:
+        assert int((program[f"{name}.weight"] == 0).sum()) == zeros[name], name  # zeros in place
+    total = sum(w.numel() for w in layers.values())
+    sparsity = report["weight_sparsity"]
+    assert sparsity["zeros"] == sum(zeros.values()) and sparsity["weights"] == total
+    assert sparsity["reached"] == sum(zeros.values()) / total
+    assert {k: v["zeros"] for k, v in sparsity["layers"].items()} == zeros
+    if scope == "global":
+        assert abs(sum(zeros.values()) - target * total) <= 1
+    else:
+        for name, w in layers.items():
+            assert abs(zeros[name] - target * w.numel()) <= 0.5, name
+    assert sparsity["before"] == 0.0
+
+
+def test_nm_pattern_holds_in_every_layer_by_brute_force(weight_runs: dict) -> None:
+    """2:4: every run of 4 consecutive input channels of every output and kernel position of
+    every layer that has a multiple of 4 input channels holds at most 2 non-zero weights, in
+    network.pt and in the torch.export program; the others are left dense and named."""
+    import itertools
+
+    out = weight_runs["nm"]
+    report = json.loads((out / "report.json").read_text())
+    nm = report["weight_sparsity"]["nm"]
+    program = torch.export.load(out / "network.pt2").state_dict
+    covered, dense = [], []
+    for name, w in _prunable(networks.load_network(out / "network.pt")[0]).items():
+        if w.shape[1] % 4:
+            dense.append(name)
+            continue
+        covered.append(name)
+        for weight in (w, program[f"{name}.weight"].detach()):
+            for o, *pos in itertools.product(range(w.shape[0]), *(range(k) for k in w.shape[2:])):
+                for start in range(0, w.shape[1], 4):
+                    run = [float(weight[(o, c, *pos)]) for c in range(start, start + 4)]
+                    assert sum(v != 0 for v in run) <= 2, (name, o, pos, start)
+    assert covered and dense  # the randomly narrowed network has both kinds of layer
+    assert nm["layers"] == covered and report["weight_sparsity"]["dense_layers"] == dense
+    assert nm["satisfied"] is True and nm["violating_runs"] == 0 and nm["sparsity"] == 0.5
+
+
+def test_weight_curve_points_match_magnitude_pruning_by_hand(setup: dict, weight_runs: dict) -> None:
+    """A point of the stage-1 curve (in weight sparsity) is the stage-1 network with its
+    smallest |w| over all layers zeroed (sorted here), BN re-estimated, on the test images; the
+    curve starts unpruned and its area over prune.sparsity_range is the report's."""
+    from pipeline.curve import read_curves
+
+    out = weight_runs["none"]
+    report = json.loads((out / "report.json").read_text())
+    first = out / pipeline_run.FIRST_STAGE["none"]
+    (points,) = read_curves(first / "curve.csv").values()
+    assert (first / "curve.csv").read_text().startswith("curve,weight_sparsity,nonzero_weights")
+    network = networks.load_network(first / "network.pt")[0]
+    data = ImageDataModule(**yaml.safe_load(setup["config"].read_text())["base"]["data"]["init_args"])
+    data.setup("validate")
+    data.setup("test")
+    batches = networks.calibration_batches(data.train_set, 8, 128)
+    layers = _prunable(network)
+    total = sum(w.numel() for w in layers.values())
+    level = 0.7
+    point = min(points, key=lambda p: abs(p[0] - level))
+    ranked = sorted((abs(float(v)), name, i) for name, w in layers.items()
+                    for i, v in enumerate(w.flatten()))
+    count = round(level * total)
+    pruned = copy.deepcopy(network)
+    with torch.no_grad():
+        for _, name, i in ranked[:count]:
+            pruned.get_submodule(name).weight.view(-1)[i] = 0.0
+    assert point[0] == pytest.approx(count / total, abs=1e-6) and point[1] == total - count
+    expected = plain_accuracy(networks.recalibrate_batchnorm(pruned, batches), data.test_dataloader())
+    assert point[2] == pytest.approx(expected, abs=1e-5)
+    unpruned = networks.recalibrate_batchnorm(copy.deepcopy(network), batches)
+    assert points[0][:2] == (0.0, total)
+    assert points[0][2] == pytest.approx(plain_accuracy(unpruned, data.test_dataloader()), abs=1e-5)
+    curve = report["stage1_curve"]
+    assert curve["axis"] == "weight_sparsity" and curve["range"] == [0.5, 0.9]
+    assert curve["area"] == pytest.approx(networks.curve_area(points, 0.5, 0.9), abs=1e-5)
+    assert [round(p[0], 2) for p in points] == [round(0.05 * i, 2) for i in range(19)]
+
+
+def test_weight_runs_reuse_stage_1_across_targets_and_record_their_target(
+        runs: dict[str, Path], weight_runs: dict, setup: dict, tmp_path: Path) -> None:
+    """Stage 1 comes from a channel run (none) and from a weight run of another target; the
+    stage-1 curve is copied only from a run of the same kind; run.json records the weight
+    target in place of the speed-up; a rerun is answered from the files; sparse training of one
+    kind is not taken for the other."""
+    first = pipeline_run.FIRST_STAGE["none"]
+    stage1 = (runs["none"] / first / "network.pt").read_bytes()
+    assert (weight_runs["none"] / first / "network.pt").read_bytes() == stage1
+    assert (weight_runs["nm"] / first / "network.pt").read_bytes() == stage1
+    assert not (weight_runs["none"] / first / "checkpoints").exists()  # reused, not trained
+    curve = (weight_runs["none"] / first / "curve.csv").read_text()
+    assert curve != (runs["none"] / first / "curve.csv").read_text()  # a curve in sparsity
+    assert (weight_runs["nm"] / first / "curve.csv").read_text() == curve  # same kind: copied
+    stored = json.loads((weight_runs["nm"] / "run.json").read_text())
+    assert stored["nm"] == [2, 4] and "speed_up" not in stored
+    assert stored["config"]["prune"]["nm"] == [2, 4] and "speed_up" not in stored["config"]["prune"]
+    assert run(setup["config"], setup["network"], "none", weight_runs["none"], None,
+               "--weight_sparsity", "0.6", "--reuse_first_stage", str(runs["none"])) == 0
+    _expect(setup, tmp_path, r"--reuse_first_stage .*differs in kind", method="sparse", meta=None,
+            extra=("--weight_sparsity", "0.5", "--reuse_first_stage", str(runs["sparse"])))
+
+
+def test_channel_runs_record_what_they_recorded_before(runs: dict[str, Path]) -> None:
+    """A speed-up run's run.json and report.json hold exactly the keys they held before weight
+    targets existed, so run folders from before still resume and answer "done already"."""
+    stored = json.loads((runs["none"] / "run.json").read_text())
+    assert list(stored) == ["method", "speed_up", "seed", "network", "network_sha256",
+                            "metanetwork", "metanetwork_sha256", "config"]
+    assert list(stored["config"]["prune"]) == [
+        "speed_up", "dir", "iterative_steps", "input_size", "reg", "alpha", "seed", "bn_batches",
+        "bn_batch_size", "curve_range", "curve_every"]
+    report = json.loads((runs["none"] / "report.json").read_text())
+    assert list(report) == ["format", "method", "network", "metanetwork", "architecture",
+                            "speed_up", "latency", "onnx", "macs", "params", "accuracy",
+                            "stage1_curve", "seeds", "files", "config", "time_s"]
+    assert list(report["stage1_curve"]) == ["range", "area", "split", "bn_batches", "csv"]
+    assert runs["none"].name == "none" and (runs["none"] / "finetune" / "curve.csv").read_text() \
+        .startswith("curve,speed_up,macs,accuracy")
+    cfg = pipeline_run.load_prune_config(runs["none"].parent / "prune.yaml")
+    assert pipeline_run.run_dir(cfg, "net.pt", "none", None).name == "net_none_1.6x_seed0"
+
+
+def test_two_targets_and_a_metanetwork_of_the_other_kind_are_refused_in_one_line(
+        setup: dict, weight_runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before anything trains or is written: two targets (on the command line, or in the
+    config beside none given there), a bad N:M, a metanetwork meta-trained for the other kind
+    (both ways), a weight target not above the network's own sparsity, an unknown layer to
+    keep dense."""
+    out = tmp_path / "run"
+    base = ["run", "--config", str(setup["config"]), "--network", str(setup["network"]),
+            "--out", str(out)]
+    cases = [
+        (["--method", "none", "--speed_up", "2", "--weight_sparsity", "0.5"],
+         "--speed_up and --weight_sparsity are two targets; a run has one"),
+        (["--method", "none", "--weight_sparsity", "0.5", "--nm", "[2,4]"],
+         "--weight_sparsity and --nm are two targets"),
+        (["--method", "none", "--prune.weight_sparsity", "0.5"],
+         "prune.speed_up 1.6 and prune.weight_sparsity 0.5 are two targets; a run has one"),
+        (["--method", "none", "--nm", "[4,2]"], r"--nm \[4, 2\]: N:M sparsity .* 0 < N < M"),
+        (["--method", "none", "--prune.nm", "[4,2]", "--prune.speed_up", "null"],
+         r"prune.nm \[4, 2\]: N:M sparsity"),
+        (["--method", "none", "--weight_sparsity", "1.5"], "--weight_sparsity 1.5: Not of type"),
+        (["--method", "metanetwork", "--metanetwork", str(setup["meta"]), "--weight_sparsity",
+          "0.5"], r"meta\.ckpt' was meta-trained for channel pruning .*this run zeroes weights "
+                  r"\(weight sparsity 0.5 \(global\)\); use a metanetwork meta-trained with "
+                  "sparsity: weights"),
+        (["--method", "metanetwork", "--metanetwork", str(weight_runs["meta"])],
+         r"weights_meta\.ckpt' was meta-trained for weight sparsity .*this run prunes channels "
+         r"\(a speed-up target, 1.6x\); pass --weight_sparsity S or --nm \[N,M\]"),
+        (["--method", "none", "--prune.sparsity_exclude", "[head]", "--weight_sparsity", "0.5"],
+         r"prune.sparsity_exclude \['head'\]: network file .*net\.pt' has no module named 'head'"),
+    ]
+    for extra, message in cases:
+        assert prune.cli([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("prune.py: error: "), err
+        assert re.search(message, err), (message, err)
+    sparse_input = str(weight_runs["none"] / "network.pt")  # 0.6 of its weights are zero
+    assert prune.cli([*base[:4], sparse_input, "--out", str(out), "--method", "none",
+                      "--weight_sparsity", "0.5"]) == 2
+    reached = json.loads((weight_runs["none"] / "report.json").read_text())["weight_sparsity"]["reached"]
+    assert "weight sparsity target 0.5 is not above the network's current weight sparsity " \
+        f"{reached:.4f}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sparse_training_for_weights_adds_the_l1_gradient_before_the_step(setup: dict) -> None:
+    from callbacks import SparseTraining
+    from lightning_modules import ImageClassifier
+
+    module = ImageClassifier(ARCH["name"], 3, weights=str(setup["network"]))
+    callback = SparseTraining(reg=0.5, sparsity="weights", exclude=["fc"])
+    callback.on_fit_start(None, module)
+    for p in module.network.parameters():
+        p.grad = torch.zeros_like(p)
+    callback.on_before_optimizer_step(None, module, None)
+    layers = {f"{name}.weight" for name in _prunable(module.network) if name != "fc"}
+    for name, p in module.network.named_parameters():
+        expected = 0.5 * torch.sign(p.detach()) if name in layers else torch.zeros_like(p)
+        assert torch.equal(p.grad, expected), name
+
+
+def test_a_weight_runs_tensorboard_holds_its_sparsity(weight_runs: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.curve import read_curves
+
+    out = weight_runs["sparse"]
+    report = json.loads((out / "report.json").read_text())
+    events = EventAccumulator(str(out / "summary"))
+    events.Reload()
+    value = {t: {e.step: e.value for e in events.Scalars(t)} for t in events.Tags()["scalars"]}
+    assert value["pruning/weight_sparsity"][0] == pytest.approx(report["weight_sparsity"]["reached"])
+    assert value["pruning/weight_sparsity_target"][0] == pytest.approx(0.5)
+    assert "pruning/speed_up" not in value
+    (points,) = read_curves(out / "sparse" / "curve.csv").values()
+    assert value["curve/stage1"] == pytest.approx({round(1000 * p[0]): p[-1] for p in points}, abs=1e-5)
+    stage = EventAccumulator(str(out / pipeline_run.SECOND_STAGE))
+    stage.Reload()
+    assert "pruning/weight_sparsity" in stage.Tags()["scalars"]

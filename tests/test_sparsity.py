@@ -181,7 +181,7 @@ def test_weight_sparsity_meta_training_penalizes_l1_and_records_its_mode(
                                          L1Regularizer(model, 0.01), alpha=16.0)
     expected = 0.01 * sum(float(weights[f"{n}.weight"].abs().sum()) for n in LAYERS)
     assert float(penalty) == pytest.approx(expected, rel=1e-6)
-    # the mode is validated and recorded in checkpoints (prune.py run refuses it:
+    # the mode is validated and recorded in checkpoints (prune.py run takes it for weight targets only:
     # tests/test_prune_run.py)
     with pytest.raises(UserError, match="pruned_view removes channels"):
         MetaPruningModule(num_layers=1, hidden=4, sparsity="weights", pruned_view=1.0)
@@ -216,3 +216,27 @@ def test_a_weight_sparsity_meta_training_step_runs_and_logs_its_penalty(tiny_cif
     for key in ("train/ce", "train/sparsity", "train/near_zero_groups", "val/near_zero_groups"):
         assert torch.isfinite(metrics[key]), key
     assert float(metrics["train/sparsity"]) > 0  # reg * sum |w| of the decoded weights
+
+
+def test_a_masked_network_copies_and_its_checkpoint_state_loads_as_plain_weights() -> None:
+    """What the pipeline's stage 2 saves: a copy with the masks folded in (the masked network,
+    its weight recomputed inside autograd, cannot be deep-copied as it is), and a state_dict
+    written with masks on loaded into the plain network (the best checkpoint's export)."""
+    from networks.sparsity import fold_masked_state, unmasked_copy
+
+    model = tiny(6)
+    sparsify(model, sparsity=0.5)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()  # weight = weight_orig * mask, in the graph
+    copy = unmasked_copy(model)
+    assert hasattr(model.get_submodule("head"), "weight_mask")  # the original keeps its masks
+    assert not any(hasattr(m, "weight_mask") for m in copy.modules())
+    plain = tiny(7)
+    plain.load_state_dict(fold_masked_state(model.state_dict()))
+    x = torch.randn(2, 3, 16, 16)
+    for name in LAYERS:
+        expected = (model.get_submodule(name).weight_orig * model.get_submodule(name).weight_mask).detach()
+        assert torch.equal(copy.get_submodule(name).weight, expected)
+        assert torch.equal(plain.get_submodule(name).weight, expected)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), model.eval()(x))
+    assert weight_sparsity(copy) == pytest.approx(0.5, abs=1 / 600)
