@@ -21,6 +21,7 @@ from pipeline import run as pipeline_run
 from pipeline import zoo as pipeline_zoo
 from pipeline.cli import cli
 from pipeline.console import configure
+from pipeline.options import ZooOptions
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "demo.yaml"
@@ -320,7 +321,7 @@ def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.
     """Every zoo seed gets its config's member, then one variant per extra initial speed-up."""
     calls = []
     monkeypatch.setattr(pipeline_demo, "zoo_member",
-                        lambda config, **kw: calls.append((config, kw)))
+                        lambda options: calls.append(options))
     monkeypatch.setattr(pipeline_demo, "fit_stage", lambda stage: None)
     monkeypatch.setattr(pipeline_demo, "select_checkpoint", lambda request: None)
     cfg = pipeline_demo.load_demo_config(DEMO)
@@ -329,5 +330,5 @@ def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.
     best = pipeline_demo.metanetwork_stages(cfg, {"meta": {}}, {"zoo": "zoo.yaml", "meta": "m.yaml"},
                                             tmp_path, console, lambda name, fn: fn())
     assert best == tmp_path / "meta" / "selection" / "best.ckpt"
-    assert calls == [("zoo.yaml", {"seed": s, "speed_up": r, "variant": v}) for s in (3, 7)
+    assert calls == [ZooOptions("zoo.yaml", seed=s, speed_up=r, variant=v) for s in (3, 7)
                      for r, v in ((None, None), (1.2, "s1.2"), (1.5, "s1.5"))]
