@@ -1,5 +1,6 @@
 """Test networks: random weights, pruning with torch_pruning (random channels, chosen widths),
-a plain accuracy loop to check reported accuracies against, and a tiny prune config."""
+a plain accuracy loop to check reported accuracies against, a tiny prune config, and the
+gradients of a metanetwork's outputs (to compare block and per-edge message passing)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,6 +54,19 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         else:
             value.copy_(0.2 * (noise - 0.5))
     return model.eval()
+
+
+def output_gradients(meta: nn.Module, data, outputs: dict) -> list[torch.Tensor]:
+    """Gradients of a fixed random weighting of ``outputs`` (a metanetwork's output features
+    by key) with respect to every parameter of ``meta`` and every input feature of ``data``
+    (which must require grad)."""
+    from graph import edge_attr_key
+
+    g = torch.Generator().manual_seed(1)
+    loss = sum((value * torch.randn(value.shape, generator=g, dtype=value.dtype)).sum()
+               for _, value in sorted(outputs.items()))
+    inputs = [data.x, *(data[edge_attr_key(a)] for a in meta.edge_types)]
+    return list(torch.autograd.grad(loss, [*meta.parameters(), *inputs]))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pruning_helpers import random_prune, randomize
+from pruning_helpers import output_gradients, random_prune, randomize
 from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.nn import MessagePassing
@@ -121,6 +121,52 @@ def test_paper_layer_equals_the_per_edge_oracle(case):
     assert tiny > 0  # the std threshold is exercised
     for key, value in expected.items():
         torch.testing.assert_close(fast[key], value, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["resnet20-dense", "tiny-messages"])
+def test_paper_layer_gradients_equal_the_per_edge_oracle_on_dense_identity_blocks(case):
+    """The block computation with its hand-written backward (graph.metanetwork._BlockMoments,
+    _EdgeUpdate, _ScatterExtreme) against autograd through the per-edge oracle, in float64,
+    on a graph whose identity blocks are dense (zero features off the diagonal)."""
+    torch.manual_seed(0)
+    model = randomize(_resnet20()).double()
+    graph = NetworkGraph.from_module(model, X32, identity_edges="dense")
+    meta = Metanetwork.for_graph(graph, num_layers=3, hidden=15, node_res_ratio=1.0,
+                                 edge_res_ratio=1.0, zero_init_decoders=False).double()
+    if case == "tiny-messages":  # variances below 1e-5: std and its gradient are 0
+        with torch.no_grad():
+            meta.layers[0].phi_msg[0].weight.mul_(1e-3)
+            meta.layers[0].phi_msg[0].bias.fill_(-9.0)
+    data = graph.encode(model)
+    data.x.requires_grad_()
+    for a in graph.edge_types:
+        data[edge_attr_key(a)].requires_grad_()
+    fast = meta(data)
+    expected, tiny = _oracle(meta, data)
+    assert graph.num_identity_edges > 0 and tiny > 0  # the std threshold is exercised
+    for key, value in expected.items():
+        torch.testing.assert_close(fast[key], value, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(output_gradients(meta, data, {k: fast[k] for k in expected}),
+                            output_gradients(meta, data, expected)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12 * theirs.abs().max())
+
+
+def test_scatter_max_and_min_share_a_tied_gradient_as_torch_geometric_does():
+    from torch_geometric.utils import scatter
+
+    from graph.metanetwork import _ScatterExtreme
+
+    # ties for the max of receiver 0 in both columns; no extreme is exactly 0, where torch's
+    # scatter_reduce backward also counts the initial zero as a tie (include_self=False)
+    src = torch.tensor([[1.0, 2.0], [1.0, -3.0], [0.5, 2.0], [5.0, 5.0]], dtype=torch.double,
+                       requires_grad=True)
+    index, grad = torch.tensor([0, 0, 0, 2]), torch.randn(3, 2, dtype=torch.double)
+    for reduce in ("max", "min"):
+        ours = _ScatterExtreme.apply(src, index, 3, reduce)
+        theirs = scatter(src, index, 0, 3, reduce=reduce)
+        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(*(torch.autograd.grad(out, src, grad)[0]
+                                     for out in (ours, theirs)), rtol=1e-15, atol=0)
 
 
 def test_paper_and_joint_layers_compute_different_functions():
