@@ -58,38 +58,64 @@ def _max_and_where(messages: torch.Tensor, dim: int) -> tuple[torch.Tensor, torc
     return hi.flatten(2).transpose(1, 2), where.flatten(2).transpose(1, 2)
 
 
-class _BlockMoments(torch.autograd.Function):
-    """Sum, sum of squares, max and min of one block's messages in both directions.
+def _moments(edges: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor,
+             track: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Sum, sum of squares, max and min of one block's messages in both directions, and what
+    their backward (``_moments_backward``) needs.
 
     ``edges`` [g, o, i, H], senders ``s_out`` [g, o, H] and ``s_in`` [g, i, H]: messages
     ``s_out[o] * e[o, i]`` reduced over o (to input channels), then ``s_in[i] * e[o, i]``
-    reduced over i (to output channels); 8 outputs [g, i | o, H]. The backward is the gradient
-    autograd takes of the same expressions, written to need fewer full-size tensors (memory
-    traffic is what the layer costs on CPU): per direction the gradient with respect to the
-    messages, g_sum + 2 m g_square plus g_max and g_min at the selected entries, is built in
-    one tensor and both edge gradients are accumulated into another. A max or min tied within
-    a block sends its gradient to one entry (as ``max(dim)`` does); across blocks,
-    ``_ScatterExtreme`` shares it. Without autograd (``track`` False) no positions are
-    kept and max/min are ``amax``/``amin``."""
+    reduced over i (to output channels); 8 results [g, i | o, H]. With ``track`` False (no
+    autograd) max and min are ``amax``/``amin`` and nothing is kept."""
+    results, saved = [], []
+    for sender, dim in ((s_out.unsqueeze(2), 1), (s_in.unsqueeze(1), 2)):
+        messages = sender * edges
+        square = messages * messages
+        results += [messages.sum(dim), square.sum(dim)]
+        if not track:
+            results += [messages.amax(dim), messages.amin(dim)]
+            continue
+        hi, at_hi = _max_and_where(messages, dim)
+        # min = -max(-m), pooled in the squares' buffer once they are summed
+        lo, at_lo = _max_and_where(torch.neg(messages, out=square), dim)
+        results += [hi, lo.neg()]
+        saved += [messages, torch.cat([at_hi, at_lo], 1)]  # autograd kept m for m * m too
+    return results, saved
+
+
+def _moments_backward(edges: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor,
+                      saved: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      grad_edges: torch.Tensor | None) -> list[torch.Tensor]:
+    """Gradients of ``_moments``' results: [grad_edges (added to ``grad_edges`` when given),
+    grad_s_out, grad_s_in]. It is the gradient autograd takes of the same expressions, written
+    with fewer full-size tensors (on CPU the layer's cost is memory traffic): per direction
+    dL/dm = g_sum + 2 m g_square, plus g_max and g_min at the selected entries, in one tensor.
+    A max or min tied within a block sends its gradient to one entry (as ``max(dim)`` does);
+    across blocks ``_ScatterExtreme`` shares it."""
+    grad_senders = []
+    for k, (sender, dim) in enumerate(((s_out, 1), (s_in, 2))):
+        messages, where = saved[2 * k:2 * k + 2]
+        g_sum, g_square, g_hi, g_lo = grads[4 * k:4 * k + 4]
+        grad = torch.addcmul(g_sum.unsqueeze(dim), messages, 2.0 * g_square.unsqueeze(dim))
+        # g_max and g_min at the (o, i) positions where they were taken
+        grad.flatten(1, 2).scatter_add_(1, where, torch.cat([g_hi, g_lo], 1))
+        if grad_edges is None:
+            grad_edges = grad * sender.unsqueeze(3 - dim)
+        else:
+            grad_edges.addcmul_(grad, sender.unsqueeze(3 - dim))
+        grad_senders.append(grad.mul_(edges).sum(3 - dim))  # sum over receivers of e dL/dm
+    assert grad_edges is not None
+    return [grad_edges, *grad_senders]
+
+
+class _BlockMoments(torch.autograd.Function):
+    """``_moments`` of one block, for autograd (the joint layer)."""
 
     @staticmethod
     def forward(ctx, edges, s_out, s_in, track: bool):
         # ``track`` is torch.is_grad_enabled() of the caller: under no_grad needs_input_grad
         # still reports the inputs' requires_grad
-        track = track and any(ctx.needs_input_grad)
-        results, saved = [], []
-        for sender, dim in ((s_out.unsqueeze(2), 1), (s_in.unsqueeze(1), 2)):
-            messages = sender * edges
-            square = messages * messages
-            results += [messages.sum(dim), square.sum(dim)]
-            if not track:
-                results += [messages.amax(dim), messages.amin(dim)]
-                continue
-            hi, at_hi = _max_and_where(messages, dim)
-            # min = -max(-m), pooled in the squares' buffer once they are summed
-            lo, at_lo = _max_and_where(torch.neg(messages, out=square), dim)
-            results += [hi, lo.neg()]
-            saved += [messages, torch.cat([at_hi, at_lo], 1)]  # autograd kept m for m * m too
+        results, saved = _moments(edges, s_out, s_in, track and any(ctx.needs_input_grad))
         ctx.save_for_backward(edges, s_out, s_in, *saved)
         return tuple(results)
 
@@ -97,51 +123,48 @@ class _BlockMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         edges, s_out, s_in, *saved = ctx.saved_tensors
-        grad_edges, grad_senders = None, []
-        for k, (sender, dim) in enumerate(((s_out, 1), (s_in, 2))):
-            messages, where = saved[2 * k:2 * k + 2]
-            g_sum, g_square, g_hi, g_lo = grads[4 * k:4 * k + 4]
-            grad = torch.addcmul(g_sum.unsqueeze(dim), messages, 2.0 * g_square.unsqueeze(dim))
-            # g_max and g_min at the (o, i) positions where they were taken
-            grad.flatten(1, 2).scatter_add_(1, where, torch.cat([g_hi, g_lo], 1))
-            if grad_edges is None:
-                grad_edges = grad * sender.unsqueeze(3 - dim)
-            else:
-                grad_edges.addcmul_(grad, sender.unsqueeze(3 - dim))
-            grad_senders.append(grad.mul_(edges).sum(3 - dim))  # sum over receivers of e dL/dm
-        return grad_edges, *grad_senders, None
+        return *_moments_backward(edges, s_out, s_in, saved, grads, None), None
 
 
-class _EdgeUpdate(torch.autograd.Function):
-    """e + (c[out] d[in] + c[in] d[out]) * e from [c | d] at the block's out and in nodes
-    ([g, o, 2H] and [g, i, 2H]). Autograd's version allocated a full-size gradient per
-    product and a zero-filled copy per slice of [c | d]; this backward writes e's gradient in
-    one pass and reduces the four products through one scratch tensor."""
+class _PaperBlock(torch.autograd.Function):
+    """One block of the paper's layer: ``_moments`` and the updated edges
+    e + (c[out] d[in] + c[in] d[out]) * e, from [c | d] at the block's out and in nodes
+    ([g, o, 2H] and [g, i, 2H]). In one Function, e gets one gradient tensor that both parts
+    add to; autograd's version of the edge update also allocated a full-size gradient per
+    product and a zero-filled copy per slice of [c | d]. The four products of [c | d]'s
+    gradient are reduced through one scratch tensor."""
 
     @staticmethod
-    def forward(ctx, edges, cd_out, cd_in):
-        hid = edges.shape[-1]
-        c_out, d_out = cd_out[:, :, None, :hid], cd_out[:, :, None, hid:]
-        c_in, d_in = cd_in[:, None, :, :hid], cd_in[:, None, :, hid:]
+    def forward(ctx, edges, s_out, s_in, cd_out, cd_in, track: bool):
+        results, saved = _moments(edges, s_out, s_in, track and any(ctx.needs_input_grad))
+        c_out, d_out, c_in, d_in = _halves(cd_out, cd_in)
         scale = c_out * d_in
         scale.addcmul_(c_in, d_out)
-        ctx.save_for_backward(edges, cd_out, cd_in, scale)
-        return torch.addcmul(edges, edges, scale)
+        ctx.save_for_backward(edges, s_out, s_in, cd_out, cd_in, scale, *saved)
+        return (*results, torch.addcmul(edges, edges, scale))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        edges, cd_out, cd_in, scale = ctx.saved_tensors
-        hid = edges.shape[-1]
-        c_out, d_out = cd_out[:, :, None, :hid], cd_out[:, :, None, hid:]
-        c_in, d_in = cd_in[:, None, :, :hid], cd_in[:, None, :, hid:]
+    def backward(ctx, *grads):
+        edges, s_out, s_in, cd_out, cd_in, scale, *saved = ctx.saved_tensors
+        grad, hid = grads[8], edges.shape[-1]
+        c_out, d_out, c_in, d_in = _halves(cd_out, cd_in)
         grad_scale = grad * edges
         part = torch.empty_like(grad_scale)
         grad_out, grad_in = torch.empty_like(cd_out), torch.empty_like(cd_in)
         for target, factor, dim in ((grad_out[..., :hid], d_in, 2), (grad_out[..., hid:], c_in, 2),
                                     (grad_in[..., :hid], d_out, 1), (grad_in[..., hid:], c_out, 1)):
             torch.sum(torch.mul(grad_scale, factor, out=part), dim, out=target)
-        return torch.addcmul(grad, grad, scale), grad_out, grad_in
+        grad_edges = torch.addcmul(grad, grad, scale, out=part)
+        return (*_moments_backward(edges, s_out, s_in, saved, grads[:8], grad_edges), grad_out,
+                grad_in, None)
+
+
+def _halves(cd_out: torch.Tensor, cd_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """c and d at the out nodes ([g, o, 1, H]) and at the in nodes ([g, 1, i, H])."""
+    hid = cd_out.shape[-1] // 2
+    return (cd_out[:, :, None, :hid], cd_out[:, :, None, hid:], cd_in[:, None, :, :hid],
+            cd_in[:, None, :, hid:])
 
 
 class _ScatterExtreme(torch.autograd.Function):
@@ -253,19 +276,20 @@ class PaperLayer(MessagePassingLayer):
         n, hid = h.shape[0], self.hidden
         x = F.layer_norm(h, (hid,))
         sender, receiver = self.phi_msg(x).split(hid, dim=1)
-        stats = _Statistics()
-        for ((s_in, s_out), (src, dst)), e in zip(zip(blocks.gather(sender), blocks.index), edges):
-            moments = _BlockMoments.apply(e, s_out, s_in * self.sign, torch.is_grad_enabled())
+        stats, updated = _Statistics(), []
+        # [c | d] = phi_edge(x), gathered once for all blocks
+        for (s_in, s_out), (cd_in, cd_out), (src, dst), e in zip(
+                blocks.gather(sender), blocks.gather(self.phi_edge(x)), blocks.index, edges):
+            *moments, e = _PaperBlock.apply(e, s_out, s_in * self.sign, cd_out, cd_in,
+                                            torch.is_grad_enabled())
             stats.add(moments[:4], src)        # pass 1
             stats.add(moments[4:], dst + n)    # pass 2
+            updated.append(e)
         agg = _receiver_scaled(receiver.repeat(2, 1), *stats.scatter(2 * n),
                                degree.clamp_min(1.0), "paper")
         both = agg[:n] + agg[n:]  # A(agg1) + A(agg2), with one matrix product
         h = h + F.linear(both, self.aggregate.weight) + 2.0 * self.aggregate.bias
-        # [c | d] = phi_edge(x), gathered once for all blocks
-        edges = [_EdgeUpdate.apply(e, cd_out, cd_in)
-                 for (cd_in, cd_out), e in zip(blocks.gather(self.phi_edge(x)), edges)]
-        return h, edges
+        return h, updated
 
 
 class JointLayer(MessagePassingLayer):

@@ -125,8 +125,8 @@ def test_paper_layer_equals_the_per_edge_oracle(case):
 
 @pytest.mark.parametrize("case", ["resnet20-dense", "tiny-messages"])
 def test_paper_layer_gradients_equal_the_per_edge_oracle_on_dense_identity_blocks(case):
-    """The block computation with its hand-written backward (graph.metanetwork._BlockMoments,
-    _EdgeUpdate, _ScatterExtreme) against autograd through the per-edge oracle, in float64,
+    """The block computation with its hand-written backward (graph.metanetwork._PaperBlock,
+    _ScatterExtreme) against autograd through the per-edge oracle, in float64,
     on a graph whose identity blocks are dense (zero features off the diagonal)."""
     torch.manual_seed(0)
     model = randomize(_resnet20()).double()
