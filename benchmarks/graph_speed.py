@@ -1,6 +1,6 @@
 """Speed of the graph encoding and the metanetwork against the reference implementation.
 
-    python benchmarks/graph_speed.py [--repeats 20] [--device cpu]
+    python benchmarks/graph_speed.py [--repeats 20] [--device cpu] [--baseline REV]
 
 Prints one line per measurement: our median time, the reference's time on this 2-core CPU
 (issue 3: ResNet-56 encode 42 ms / decode 7 ms, ResNet-50 encode 1.4 s, GNN 8x64 on ResNet-56
@@ -8,15 +8,21 @@ forward 3.0 s / forward+backward 11.5 s) and the speed-up ratio reference / ours
 timed twice: the paper's function (its message passing on dense identity edges, what the
 reference computes) and ours (joint message passing, one identity edge per channel), each with
 its peak memory above the level before it, each in a fresh process (CPU: resident set size
-sampled every 5 ms; CUDA: the allocator's peak).
+sampled every 5 ms; CUDA: the allocator's peak). With ``--baseline REV`` the GNN lines instead
+time graph/metanetwork.py as of git revision REV and this checkout's in one process, run after
+run, and print the median of the per-run ratios (wall clock, and CPU time of this process on
+CPU): on a loaded machine absolute times say little, a ratio measured in one run does.
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Literal
 
 import psutil
@@ -106,8 +112,70 @@ def _time_metanetwork(model, example, message_passing: str, identity_edges: str,
         _report(name + tag, seconds, memory.peak)
 
 
+def _baseline_metanetwork(rev: str):
+    """graph/metanetwork.py as of git revision ``rev``, imported beside this checkout's (its
+    relative imports resolve to this checkout's graph package)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:graph/metanetwork.py"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "metanetwork.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("graph._baseline_metanetwork", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compare_metanetwork(model, example, message_passing: str, identity_edges: str, reps: int,
+                         device: torch.device, rev: str) -> None:
+    graph = NetworkGraph(model, example, identity_edges)
+    data = graph.encode({k: v.to(device) for k, v in model.state_dict().items()})
+    metas = {}
+    for name, cls in ((rev, _baseline_metanetwork(rev).Metanetwork), ("this", Metanetwork)):
+        torch.manual_seed(0)  # the same parameters
+        metas[name] = cls.for_graph(graph, num_layers=8, hidden=64,
+                                    message_passing=message_passing).to(device)
+
+    def forward(meta):
+        with torch.no_grad():
+            meta(data)
+
+    def forward_backward(meta):
+        out = graph.decode(meta(data))
+        sum(v.square().sum() for v in out.values() if v.requires_grad).backward()
+
+    for name, fn in (("gnn8x64 forward (no grad)", forward),
+                     ("gnn8x64 forward+backward", forward_backward)):
+        wall: dict[str, list[float]] = {k: [] for k in metas}
+        cpu: dict[str, list[float]] = {k: [] for k in metas}
+        for meta in metas.values():
+            fn(meta)  # warm-up
+        for _ in range(reps):
+            for key, meta in metas.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn(meta)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                wall[key].append(time.perf_counter() - start)
+                cpu[key].append(time.process_time() - start_cpu)
+
+        def ratio(times: dict[str, list[float]]) -> str:
+            pairs = [a / b for a, b in zip(times[rev], times["this"])]
+            return f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+
+        cpu_ratio = f", CPU time {ratio(cpu)}" if device.type == "cpu" else ""
+        print(f"{name} [{message_passing}, {identity_edges}]: {rev} "
+              f"{statistics.median(wall[rev]) * 1e3:.0f} ms, this "
+              f"{statistics.median(wall['this']) * 1e3:.0f} ms; {rev} / this, median of "
+              f"{reps} runs (range): wall {ratio(wall)}{cpu_ratio}", flush=True)
+
+
 def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
-                gnn: tuple[Literal["joint", "paper"], Literal["diagonal", "dense"]] | None = None) -> None:
+                gnn: tuple[Literal["joint", "paper"], Literal["diagonal", "dense"]] | None = None,
+                baseline: str | None = None) -> None:
     """Time the encoding, the decoding and both metanetworks.
 
     Args:
@@ -115,9 +183,15 @@ def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
         device: cpu, cuda, cuda:1, ...
         gnn: [MESSAGE_PASSING,IDENTITY_EDGES]: time only this metanetwork variant (the main run
             starts one process per variant, so that each peak memory starts clean)
+        baseline: git revision REV: time the metanetworks against graph/metanetwork.py of REV
+            in the same process (repeats / 2 runs each, alternating) instead of alone
     """
     dev = torch.device(device)
     resnet56 = networks.build("resnet56_cifar", 10)
+    if gnn and baseline:
+        _compare_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *gnn, max(3, repeats // 2),
+                             dev, baseline)
+        return
     if gnn:
         _time_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *gnn, max(3, repeats // 5), dev)
         return
@@ -134,8 +208,9 @@ def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
         _report(f"{name} decode", _median_time(lambda g=graph, d=data: g.decode(d), repeats, dev))
         if name == "resnet56":
             for variant in ("[paper,dense]", "[joint,diagonal]"):
+                compare = ["--baseline", baseline] if baseline else []
                 subprocess.run([sys.executable, __file__, "--gnn", variant, "--repeats",
-                                str(repeats), "--device", device], check=True)
+                                str(repeats), "--device", device, *compare], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
