@@ -324,10 +324,10 @@ def _stacks(blocks: list) -> list[list[int]]:
     ``blocks``), each stacked by the layers into one block along the group axis.
 
     The layers run a fixed number of tensor operations per block, whose overhead rivals the
-    arithmetic on small blocks (ResNet-56: 83 blocks per graph, 27 of them 16 x 16; 41 stacks); stacked,
-    each edge gets the same arithmetic. A run stops before it holds more edges than the
-    graph's largest block: no tensor grows beyond what that block needs (one stack of all 25
-    64 x 64 blocks of ResNet-56 ran several times slower per edge on CPU)."""
+    arithmetic on small blocks (ResNet-56: 83 blocks per graph, 27 of them 16 x 16, in 41
+    stacks); stacked, each edge gets the same arithmetic. A run stops before it holds more
+    edges than the graph's largest block: no tensor grows beyond what that block needs (one
+    stack of all 25 64 x 64 blocks of ResNet-56 ran several times slower per edge on CPU)."""
     limit = max(b.rows for b in blocks)
     stacks: list[list[int]] = []
     last: dict[int, list[int]] = {}  # area -> its current run
