@@ -125,8 +125,8 @@ def test_paper_layer_equals_the_per_edge_oracle(case):
 
 @pytest.mark.parametrize("case", ["resnet20-dense", "tiny-messages"])
 def test_paper_layer_gradients_equal_the_per_edge_oracle_on_dense_identity_blocks(case):
-    """The block computation with its hand-written backward (graph.metanetwork._PaperBlock,
-    _ScatterExtreme) against autograd through the per-edge oracle, in float64,
+    """The block computation with its hand-written backward (graph.block_statistics.PaperBlock,
+    ScatterExtreme) against autograd through the per-edge oracle, in float64,
     on a graph whose identity blocks are dense (zero features off the diagonal)."""
     torch.manual_seed(0)
     model = randomize(_resnet20()).double()
@@ -154,7 +154,7 @@ def test_paper_layer_gradients_equal_the_per_edge_oracle_on_dense_identity_block
 def test_scatter_max_and_min_share_a_tied_gradient_as_torch_geometric_does():
     from torch_geometric.utils import scatter
 
-    from graph.metanetwork import _ScatterExtreme
+    from graph.block_statistics import ScatterExtreme
 
     # ties for the max of receiver 0 in both columns; no extreme is exactly 0, where torch's
     # scatter_reduce backward also counts the initial zero as a tie (include_self=False)
@@ -162,7 +162,7 @@ def test_scatter_max_and_min_share_a_tied_gradient_as_torch_geometric_does():
                        requires_grad=True)
     index, grad = torch.tensor([0, 0, 0, 2]), torch.randn(3, 2, dtype=torch.double)
     for reduce in ("max", "min"):
-        ours = _ScatterExtreme.apply(src, index, 3, reduce)
+        ours = ScatterExtreme.apply(src, index, 3, reduce)
         theirs = scatter(src, index, 0, 3, reduce=reduce)
         assert torch.equal(ours, theirs)
         torch.testing.assert_close(*(torch.autograd.grad(out, src, grad)[0]
