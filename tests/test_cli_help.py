@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,52 @@ def test_measure_on_a_missing_gpu_is_one_line(capsys, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli(["measure", "--network", "n.pt", "--device", "cuda"]) == 2
     assert "prune.py: error: --device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+# The smallest valid command line of each subcommand; a range-checked option is then added.
+VALID = {"zoo": ["--config", "z.yaml"], "run": ["--config", "p.yaml", "--network", "n.pt"],
+         "curve": ["--network", "n.pt", "--data_root", "d"],
+         "select": ["--config", "m.yaml", "--run", "r"], "measure": ["--network", "n.pt"],
+         "import_paper": ["--state_dict", "s.pt", "--arch", "a", "--num_classes", "10",
+                          "--identity_edges", "dense", "--node_res_ratio", "0.01",
+                          "--edge_res_ratio", "0.01", "--out", "o.ckpt"], "demo": []}
+# A value outside each constrained type, written from the type's definition.
+OUTSIDE = {"PositiveInt": "0", "NonNegativeInt": "-1", "PositiveFloat": "0", "SpeedUp": "1",
+           "PruningCap": "0", "OpenUnitInterval": "1"}
+
+
+def _outside(hint) -> str | None:
+    """A command-line value ``hint`` refuses, or None when the type constrains nothing."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return "not-a-choice"
+    if typing.get_origin(hint) in (list, tuple):
+        inner = [_outside(a) for a in args if a is not Ellipsis]
+        if all(v is None for v in inner):
+            return None
+        return "[" + ", ".join(v if v is not None else "1" for v in inner) + "]"
+    if args:  # Optional[X] or Union[...]
+        found = [v for v in map(_outside, args) if v is not None]
+        return found[0] if found else None
+    return OUTSIDE.get(getattr(hint, "__name__", ""))
+
+
+CONSTRAINED = [(command, name, value) for command, (cls, _) in sorted(SUBCOMMANDS.items())
+               for name, hint in typing.get_type_hints(cls).items()
+               if (value := _outside(hint)) is not None]
+
+
+def test_every_constrained_option_is_listed() -> None:
+    assert set(VALID) == set(SUBCOMMANDS)
+    assert len(CONSTRAINED) >= 25  # the ranges and choices of pipeline/options.py
+
+
+@pytest.mark.parametrize("command, option, value", CONSTRAINED,
+                         ids=[f"{c}--{o}" for c, o, _ in CONSTRAINED])
+def test_each_range_checked_option_refuses_a_value_outside_it(command: str, option: str, value: str,
+                                                              capsys) -> None:
+    from pipeline.cli import cli
+
+    assert cli([command, *VALID[command], f"--{option}", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prune.py: error: {command}: --{option}") and err.count("\n") == 1, err
