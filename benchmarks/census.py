@@ -103,7 +103,10 @@ def census_one(name: str, size: int | None, swaps: int) -> dict:
 
 
 def _short(reason: str) -> str:
-    """The encoder's reason without the pointer to the docs (the table is in the docs)."""
+    """The encoder's reason without the pointer to the docs (the table is in the docs); where
+    both walkers refuse, the ATen walk's reason (the last walker tried, and the one that
+    models every spelling of an operation), the full text being in the jsonl file."""
+    reason = reason.split("torch.export: ", 1)[-1]
     return reason.split(". docs/graph.md")[0].replace("|", "/").replace("\n", " ")
 
 

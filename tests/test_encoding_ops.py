@@ -421,3 +421,24 @@ def test_the_papers_attention_layout_ties_query_key_and_value_and_cannot_see_hea
     assert swapped is not None
     assert not torch.allclose(torch.func.functional_call(model, graph.decode(swapped), (X,)),
                               expected, atol=1e-4)
+
+
+class _Cancelling(nn.Module):
+    """Its output is ``x`` times the sum of three parameters, added left to right, so the order
+    of the three decides the float32 result when two of them cancel."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([1e8, -1e8, 1.0]))
+
+    def forward(self, x):
+        return x * (self.p[0] + self.p[1] + self.p[2])
+
+
+def test_outputs_that_differ_by_float32_rounding_alone_are_the_same_function():
+    model, x = _Cancelling(), torch.ones(1)
+    outputs = check._Outputs(model, x, model.state_dict(), atol=1e-5)
+    reordered = {"p": torch.tensor([1e8, 1.0, -1e8])}  # the same sum; 0 instead of 1 in float32
+    assert not torch.equal(torch.func.functional_call(model, reordered, (x,)), outputs.expected)
+    assert outputs.same(reordered)
+    assert not outputs.same({"p": torch.tensor([1e8, -1e8, 2.0])})  # another function
