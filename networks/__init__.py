@@ -19,6 +19,7 @@ from .curve import (
                          curve_area,
                          recalibrate_batchnorm,
                          sparsity_curve,
+                         sparsity_levels,
 )
 from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_shapes
 from .pruning import (
@@ -49,4 +50,4 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "network_from_state_dict",
            "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
-           "save_network", "sparsity_curve", "sync_layer_shapes"]
+           "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes"]

@@ -145,6 +145,14 @@ def sparsity_curve(model: nn.Module, evaluate: Callable[[nn.Module], float],
     return points
 
 
+def sparsity_levels(step: float, span: tuple[float, float], top: float) -> list[float]:
+    """The weight sparsities a :func:`sparsity_curve` visits: every multiple of ``step`` and
+    both ends of ``span`` (the range its area averages over) up to ``top``, in increasing order
+    (rounded to 1e-6, so that 0.15 and 3 * 0.05 are one level)."""
+    steps = np.arange(1, int(np.floor(top / step + 1e-9)) + 1) * step
+    return sorted({round(float(v), 6) for v in [*steps, *span, top] if 0 < v <= top})
+
+
 def curve_area(points: Iterable[Sequence[float]], lo: float, hi: float) -> float:
     """Mean accuracy over speed-ups ``[lo, hi]``: the trapezoid area under accuracy (last item of
     each point) against speed-up (first item; or weight sparsity, for a ``sparsity_curve``),

@@ -305,6 +305,12 @@ class SelectRequest(CurvePointOptions):
         seed: seeds every finetune alike.
         importance: the curves' pruning criterion; default the one the checkpoints were
             meta-trained for (all of a run's must agree).
+        sparsity_range: [LO, HI]: for checkpoints meta-trained for weight sparsity, the
+            score is the mean val accuracy over these weight sparsities (speed_up_range,
+            iterative_steps, every and importance are then unused).
+        sparsity_step: weight sparsity between the points of their curves.
+        sparsity_scope: global (one magnitude threshold over all layers) or layer.
+        sparsity_exclude: module paths left dense, e.g. [fc].
     """
 
     config: str
@@ -320,11 +326,19 @@ class SelectRequest(CurvePointOptions):
     data_root: Optional[str] = None
     seed: int = 0
     importance: Optional[Importance] = None
+    sparsity_range: tuple[float, float] = (0.5, 0.9)
+    sparsity_step: WeightFraction = 0.05
+    sparsity_scope: SparsityScope = "global"
+    sparsity_exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         lo, hi = self.speed_up_range
         if not 1.0 <= lo < hi:
             raise OptionError(f"--speed_up_range [{lo:g}, {hi:g}] needs 1 <= LO < HI, e.g. [2, 3]")
+        lo, hi = self.sparsity_range
+        if not 0.0 <= lo < hi < 1.0:
+            raise OptionError(f"--sparsity_range [{lo:g}, {hi:g}] needs 0 <= LO < HI < 1, "
+                              "e.g. [0.5, 0.9]")
         self.checkpoints = str(self.checkpoints)  # N may come as an int from a YAML file
 
 

@@ -133,12 +133,9 @@ def weight_curve(p: PruneSettings, top: float) -> Callable[..., list]:
     (``prune.sparsity_scope``, ``sparsity_exclude``) at every ``prune.sparsity_step`` of weight
     sparsity and at the ends of ``prune.sparsity_range``, up to ``top``
     (``networks.sparsity_curve``)."""
-    import numpy as np
+    from networks import sparsity_curve, sparsity_levels
 
-    from networks import sparsity_curve
-
-    steps = np.arange(1, int(np.floor(top / p.weight_step + 1e-9)) + 1) * p.weight_step
-    levels = sorted({round(float(v), 6) for v in [*steps, *p.weight_range, top] if 0 < v <= top})
+    levels = sparsity_levels(p.weight_step, p.weight_range, top)
     return lambda network, evaluate, batches, device: sparsity_curve(
         network, evaluate, levels, batches, p.scope, p.exclude)
 

@@ -5,7 +5,9 @@ meta-training run, each meta-val zoo member (held out from meta-training) goes t
 metanetwork, gets a short finetune on the image train split, and its acc-vs-speed-up curve is
 computed on the val split (never the test split), every point after re-estimating the BN
 statistics on ``--bn_batches`` training batches. Score = mean over members of the curve's
-mean accuracy over ``--speed_up_range`` (``networks.curve_area``). The identity (no
+mean accuracy over ``--speed_up_range`` (``networks.curve_area``). Checkpoints meta-trained
+for weight sparsity are scored alike on accuracy-vs-weight-sparsity curves
+(``networks.sparsity_curve``) over ``--sparsity_range``. The identity (no
 metanetwork, same finetune) is scored too, as a reference row; it is never selected, but when
 no checkpoint scores above it the command says so (a warning, and ``selection.json``), since
 then the metanetwork makes the members no easier to prune than finetuning alone.
@@ -24,7 +26,8 @@ import io
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from torch import nn
 
 import networks
 from graph import Metanetwork, feedforward
-from lightning_modules import load_metanetwork, trained_criterion
+from lightning_modules import load_metanetwork, trained_criterion, trained_sparsity
 from metaprune.errors import UserError
 from networks import CheckpointError
 
@@ -155,12 +158,12 @@ def mean_curve(curves: list[list], lo: float, hi: float, n: int = 60) -> list[tu
 def select_checkpoint(args: SelectRequest) -> int:
     """Score every candidate checkpoint of a meta-training run on the meta-val members and
     copy the best to ``<out>/best.ckpt`` (``prune.py select``); returns 0."""
-    lo, hi = args.speed_up_range
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "selection"
     files = find_checkpoints(run, args.checkpoints, out)
     metas = {str(f): load_metanetwork(f) for f in files}  # every file checked before any work
-    criterion = args.importance or run_criterion(files)
+    scoring = Scoring.of(args, files)
+    lo, hi = scoring.span
     dm = zoo_datamodule(args.config, args.zoo_dir, args.data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     example = dm.example_input()
@@ -181,9 +184,7 @@ def select_checkpoint(args: SelectRequest) -> int:
             torch.manual_seed(args.seed)  # same batches for every candidate
             finetune(model, dm.images.train_dataloader(), args.finetune_steps, args.finetune_lr,
                      device)
-            points = networks.accuracy_curve(model, example.to(device), base, evaluate, hi,
-                                             args.iterative_steps, args.every, batches,
-                                             args.max_pruning_ratio, criterion)
+            points = scoring.curve(model, example.to(device), base, evaluate, batches)
             curves[f"{label} member{i}"] = points
             mine.append(points)
             areas.append(networks.curve_area(points, lo, hi))
@@ -201,16 +202,17 @@ def select_checkpoint(args: SelectRequest) -> int:
     writer.writeheader()
     writer.writerows(rows)
     write_bytes(out / "selection.csv", table.getvalue().encode())
-    write_bytes(out / "selection_curves.csv", curves_csv(curves))
+    write_bytes(out / "selection_curves.csv", curves_csv(curves, scoring.axis))
     save_figure(mean_curves, out / "selection.png",
                 title=f"meta-val members, {args.finetune_steps} finetune steps, no finetune after "
                       f"(bold: selected)", chance=1 / dm.images.num_classes, span=(lo, hi),
-                highlight=best["checkpoint"])
+                highlight=best["checkpoint"], axis=scoring.axis)
     identity = next(r for r in rows if not r["path"])
     verdict = selection_verdict(best, identity)
     write_json(out / SELECTION_FILE, verdict)
     write_bytes(out / "best.ckpt", Path(best["path"]).read_bytes())  # last: it marks selection done
-    print(f"\nscore = mean val accuracy over speed-ups [{lo}, {hi}] (no finetune after pruning)\n")
+    print(f"\nscore = mean val accuracy over {scoring.axis.replace('_', ' ')} [{lo}, {hi}] "
+          "(no finetune after pruning)\n")
     print("| checkpoint | score | per member | best |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkpoint']} | {r['score']:.4f} | {r['member_scores']} | "
@@ -224,13 +226,42 @@ def select_checkpoint(args: SelectRequest) -> int:
     return 0
 
 
-def run_criterion(files: list[Path]) -> str:
-    """The pruning criterion the checkpoints were meta-trained for; refused when they differ."""
-    criteria = {str(f): trained_criterion(f) for f in files}
-    if len(set(criteria.values())) > 1:
-        raise SelectionError(f"the checkpoints were meta-trained for different pruning criteria "
-                             f"({criteria}); select among one run's checkpoints, or pass --importance")
-    return next(iter(criteria.values()))
+@dataclass(frozen=True)
+class Scoring:
+    """How a candidate is scored: the curve each meta-val member gets, on the axis of what its
+    checkpoints were meta-trained to make prunable (channels: accuracy against speed-up;
+    weights: against weight sparsity), and the span its area averages over."""
+
+    axis: str                      # pipeline.curve.AXES
+    span: tuple[float, float]
+    curve: Callable[..., list]     # (model, example, base MACs, evaluate, batches) -> points
+
+    @classmethod
+    def of(cls, args: SelectRequest, files: list[Path]) -> Scoring:
+        if _agreed(files, trained_sparsity, "pruning targets", "") == "weights":
+            levels = networks.sparsity_levels(args.sparsity_step, args.sparsity_range,
+                                              args.sparsity_range[1])
+            return cls("weight_sparsity", args.sparsity_range,
+                       lambda model, example, base, evaluate, batches: networks.sparsity_curve(
+                           model, evaluate, levels, batches, args.sparsity_scope,
+                           args.sparsity_exclude))
+        criterion = args.importance or _agreed(files, trained_criterion, "pruning criteria",
+                                               ", or pass --importance")
+        return cls("speed_up", args.speed_up_range,
+                   lambda model, example, base, evaluate, batches: networks.accuracy_curve(
+                       model, example, base, evaluate, args.speed_up_range[1],
+                       args.iterative_steps, args.every, batches, args.max_pruning_ratio,
+                       criterion))
+
+
+def _agreed(files: list[Path], read: Callable[[Path], str], what: str, hint: str) -> str:
+    """What every checkpoint in ``files`` was meta-trained for (``read``); refused when they
+    differ."""
+    found = {str(f): read(f) for f in files}
+    if len(set(found.values())) > 1:
+        raise SelectionError(f"the checkpoints were meta-trained for different {what} ({found}); "
+                             f"select among one run's checkpoints{hint}")
+    return next(iter(found.values()))
 
 
 def selection_verdict(best: dict, identity: dict) -> dict:

@@ -68,6 +68,8 @@ def test_every_option_has_help_text(command: str) -> None:
      "select: --max_pruning_ratio: Not of type PruningCap: 1.5 does not conform"),
     (["select", "--config", "m.yaml", "--run", "r", "--speed_up_range", "[3, 2]"],
      "--speed_up_range [3, 2] needs 1 <= LO < HI"),
+    (["select", "--config", "m.yaml", "--run", "r", "--sparsity_range", "[0.5, 1]"],
+     "--sparsity_range [0.5, 1] needs 0 <= LO < HI < 1"),
     (["curve", "--network", "[a.pt, b.pt]", "--data_root", ".", "--labels", "[a]"],
      "--labels gives 1 labels for 2 networks"),
     (["run", "--config", "p.yaml", "--arch", "resnet8_cifar"], "--arch NAME --weights FILE"),

@@ -18,6 +18,7 @@ from datamodules import ImageDataModule, ModelZooDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from metaprune.errors import UserError
+from pipeline.select import SelectionError
 
 X32 = torch.zeros(1, 3, 32, 32)
 
@@ -79,10 +80,9 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
     assert a and a == [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "b"]
 
 
-@pytest.fixture(scope="module")
-def meta_run(tiny_cifar, tmp_path_factory, make_zoo):
-    """A tiny zoo, a 3-epoch meta-training run (one checkpoint per epoch) and its meta.yaml."""
-    root = tmp_path_factory.mktemp("select")
+def _meta_run(root: Path, tiny_cifar: Path, make_zoo, epochs: int, **module) -> Path:
+    """A tiny zoo, an ``epochs``-epoch meta-training run (one checkpoint per epoch) and its
+    meta.yaml in ``root``."""
     seed_everything(0)
     zoo = make_zoo(root / "zoo")
     images = {"class_path": "datamodules.ImageDataModule",
@@ -97,10 +97,22 @@ def meta_run(tiny_cifar, tmp_path_factory, make_zoo):
     ckpt = ModelCheckpoint(dirpath=root / "run" / "checkpoints", save_top_k=-1, save_last=True,
                            every_n_epochs=1, filename="epoch{epoch:03d}",
                            auto_insert_metric_name=False)
-    Trainer(max_epochs=3, accelerator="cpu", callbacks=[ckpt], logger=False,
+    Trainer(max_epochs=epochs, accelerator="cpu", callbacks=[ckpt], logger=False,
             enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=root).fit(MetaPruningModule(num_layers=2, hidden=8, lr=0.05), dm)
+            default_root_dir=root).fit(MetaPruningModule(num_layers=2, hidden=8, lr=0.05, **module), dm)
     return root
+
+
+@pytest.fixture(scope="module")
+def meta_run(tiny_cifar, tmp_path_factory, make_zoo):
+    return _meta_run(tmp_path_factory.mktemp("select"), tiny_cifar, make_zoo, 3)
+
+
+@pytest.fixture(scope="module")
+def weights_meta_run(tiny_cifar, tmp_path_factory, make_zoo):
+    """Two checkpoints of a metanetwork meta-trained for weight sparsity."""
+    return _meta_run(tmp_path_factory.mktemp("select_weights"), tiny_cifar, make_zoo, 2,
+                     sparsity="weights")
 
 
 def _select(root: Path, *extra: str) -> int:
@@ -176,3 +188,36 @@ def test_every_data_command_reads_the_data_root_from_the_environment(monkeypatch
     with pytest.raises(UserError, match="--data_root PATH or set"):  # curve needs data
         parse(["curve", "--network", "n.pt"])
     assert parse(["run", "--config", "c", "--network", "n"])[1].data_root is None
+
+
+def test_select_scores_a_weights_metanetwork_on_weight_sparsity_curves(weights_meta_run):
+    assert _select(weights_meta_run, "--sparsity_range", "[0.2, 0.6]", "--sparsity_step", "0.2") == 0
+    out = weights_meta_run / "run" / "selection"
+    rows = list(csv.DictReader((out / "selection.csv").open()))
+    assert [r["checkpoint"] for r in rows] == ["none (identity)", "checkpoints/epoch000.ckpt",
+                                                "checkpoints/epoch001.ckpt"]
+    curves: dict[str, list] = {}
+    for r in csv.DictReader((out / "selection_curves.csv").open()):
+        curves.setdefault(r["curve"], []).append(
+            (float(r["weight_sparsity"]), int(r["nonzero_weights"]), float(r["accuracy"])))
+    for name, points in curves.items():
+        # the member as it is, then the levels 0.2, 0.4, 0.6 counted on the pruned copies (to
+        # whole weights): fewer non-zero weights at each
+        assert [round(p[0], 2) for p in points] == [0.0, 0.2, 0.4, 0.6], name
+        assert [p[1] for p in points] == sorted((p[1] for p in points), reverse=True)
+    grid = np.linspace(0.2, 0.6, 20001)
+    for r in rows:  # the score: members' mean accuracy over weight sparsity 0.2-0.6
+        mine = [c for name, c in curves.items() if name.startswith(r["checkpoint"] + " ")]
+        sampled = [np.interp(grid, [p[0] for p in c], [p[2] for p in c]).mean() for c in mine]
+        assert mine and float(r["score"]) == pytest.approx(np.mean(sampled), abs=1e-4)
+
+
+def test_select_refuses_checkpoints_meta_trained_for_channels_and_for_weights(
+        meta_run, weights_meta_run, tmp_path):
+    mixed = tmp_path / "run"
+    mixed.mkdir()
+    for run in (meta_run, weights_meta_run):
+        (mixed / f"{run.name}.ckpt").write_bytes(
+            (run / "run" / "checkpoints" / "epoch000.ckpt").read_bytes())
+    with pytest.raises(SelectionError, match="different pruning targets"):
+        prune.main(["select", "--config", str(meta_run / "meta.yaml"), "--run", str(mixed)])
