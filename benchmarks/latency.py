@@ -1,13 +1,20 @@
-"""MACs speed-up against measured speed-up (issue 16): ResNet-56 (CIFAR) and ResNet-50 (ImageNet)
-pruned to 2x and 3x by our pruner, timed against their unpruned architecture.
+"""MACs speed-up against measured speed-up (issue 16), and pruning to a measured latency target
+(issue 33).
 
     python benchmarks/latency.py [--device cpu|cuda] [--min_run_time 1.0] [--speed_ups [2,3]] \
-        [--out FILE.md]
+        [--target macs|latency] [--out FILE.md]
+
+``--target macs`` (default): ResNet-56 (CIFAR) and ResNet-50 (ImageNet) pruned to each MACs
+speed-up by our pruner, timed against their unpruned architecture at batch 1 and a throughput
+batch. ``--target latency``: ResNet-18 (ImageNet, 224) and the demo's half-width ResNet-20
+(CIFAR) pruned until their *measured* latency speed-up at one batch size (1, then 64) reaches
+each target (``networks.prune_to_latency``, timed on ``--device``), then timed again, longer,
+at that batch size; beside it the same network pruned to the same target in MACs.
 
 Weights are random (time does not depend on their values; the pruner's group-norm criterion
 then picks an arbitrary but valid structure, as it would on trained weights of another seed).
 Each network is timed with ``networks.latency.compare_latency`` (eval mode, no gradient,
-median and IQR over ``torch.utils.benchmark`` blocks) at batch 1 and a throughput batch.
+median and IQR over ``torch.utils.benchmark`` blocks).
 """
 from __future__ import annotations
 
@@ -27,47 +34,63 @@ from networks.latency import compare_latency
 from pipeline.command_line import cli, summary
 from pipeline.options import SpeedUp
 
-CASES = (  # name, classes, input size, throughput batch
-    ("resnet56_cifar", 10, (3, 32, 32), 64),
-    ("resnet50", 1000, (3, 224, 224), 16),
-)
+# name, build arguments, input size, throughput batch
+MACS_CASES = (("resnet56_cifar", {"num_classes": 10}, (3, 32, 32), 64),
+              ("resnet50", {"num_classes": 1000}, (3, 224, 224), 16))
+LATENCY_CASES = (("resnet18", {"num_classes": 1000}, (3, 224, 224), 64),
+                 ("resnet20_cifar", {"num_classes": 10, "width": 0.5}, (3, 32, 32), 64))
 
 
 def latency(*, device: Literal["cpu", "cuda"] = "cpu", min_run_time: PositiveFloat = 1.0,
-            speed_ups: tuple[SpeedUp, ...] = (2.0, 3.0), out: str | None = None) -> int:
+            speed_ups: tuple[SpeedUp, ...] = (2.0, 3.0), target: Literal["macs", "latency"] = "macs",
+            out: str | None = None) -> int:
     """Prune each network to each target and time it against its unpruned architecture.
 
     Args:
         device: where to time
         min_run_time: seconds of timing per network and batch size (torch.utils.benchmark)
-        speed_ups: pruning targets (MACs), e.g. [2,3]
+        speed_ups: pruning targets, e.g. [2,3]
+        target: what the targets are: MACs speed-ups, or measured latency speed-ups
         out: also write the table to this markdown file
     """
-    lines = [f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads\n",
-             "| network | target | MACs | speed-up by MACs | batch | unpruned ms | pruned ms "
-             "| speed-up measured |", "|---|---|---|---|---|---|---|---|"]
-    for name, classes, size, batch in CASES:
-        torch.manual_seed(0)
+    lines = [f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+             f"targets in {target}\n",
+             "| network | target | pruned to | MACs | speed-up by MACs | batch | unpruned ms | "
+             "pruned ms | speed-up measured |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, build, size, batch in (MACS_CASES if target == "macs" else LATENCY_CASES):
         example = torch.zeros(1, *size)
-        unpruned = networks.build(name, classes)
+        unpruned = _build(name, build)
         base = networks.count_macs(unpruned, example)
-        for target in speed_ups:
-            torch.manual_seed(0)  # the same weights, hence structure, whatever was timed before
-            pruned = networks.build(name, classes).eval()
-            networks.prune_to_speed_up(pruned, example, target, base, 100)
-            macs = networks.count_macs(pruned, example)
-            for r in compare_latency(pruned, unpruned, size, (1, batch), device, min_run_time):
-                lines.append(f"| {name} | {target:g}x | {macs / 1e6:.1f}M of {base / 1e6:.1f}M "
-                             f"| {base / macs:.2f}x | {r['batch_size']} "
-                             f"| {r['unpruned_latency_ms']:.2f} (IQR {r['unpruned_iqr_ms']:.2f}) "
-                             f"| {r['latency_ms']:.2f} (IQR {r['iqr_ms']:.2f}) "
-                             f"| {r['speed_up_measured']:.2f}x |")
-                print(lines[-1], flush=True)
+        for goal in speed_ups:
+            runs = [("macs", None, (1, batch))] if target == "macs" else [
+                (kind, b, (b,)) for b in (1, batch) for kind in ("latency", "macs")]
+            for kind, timed_at, batches in runs:
+                pruned = _build(name, build)
+                if kind == "macs":
+                    networks.prune_to_speed_up(pruned, example, goal, base, 100)
+                else:
+                    probe = networks.latency_probe(size, timed_at, device)
+                    networks.prune_to_latency(pruned, example, goal, probe(unpruned), probe, 100)
+                macs = networks.count_macs(pruned, example)
+                how = "MACs" if kind == "macs" else f"latency at batch {timed_at}"
+                for r in compare_latency(pruned, unpruned, size, batches, device, min_run_time):
+                    lines.append(f"| {name} | {goal:g}x | {how} | {macs / 1e6:.1f}M of "
+                                 f"{base / 1e6:.1f}M | {base / macs:.2f}x | {r['batch_size']} "
+                                 f"| {r['unpruned_latency_ms']:.2f} (IQR {r['unpruned_iqr_ms']:.2f}) "
+                                 f"| {r['latency_ms']:.2f} (IQR {r['iqr_ms']:.2f}) "
+                                 f"| {r['speed_up_measured']:.2f}x |")
+                    print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if out:
         networks.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(text)
     return 0
+
+
+def _build(name: str, build: dict) -> torch.nn.Module:
+    """The network with seed-0 weights (the same structure is pruned whatever ran before)."""
+    torch.manual_seed(0)
+    return networks.build(name, **build).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ graph (coupled layers, e.g. both sides of a residual sum, pruned together), so t
 gets smaller and faster, and keeps the fit consistent around the change:
 
 * it prunes at the start of the chosen epochs (one shot, or progressively over a range),
-  before that epoch's first step, to a MACs speed-up or a share of channels;
+  before that epoch's first step, to a MACs speed-up, a measured latency speed-up or a share
+  of channels;
 * it rebuilds the optimizers and schedulers through ``configure_optimizers`` for the new
   parameters, at the learning rate and schedule position they had (optimizer state such as
   momentum is started afresh: it belonged to the removed shapes);
@@ -38,7 +39,10 @@ class StructuredPruning(Callback):
 
     Args:
         speed_up: target MACs(before the first pruning) / MACs(after the last); or
-        channel_ratio: share of the prunable channels to remove (exactly one of the two).
+        latency_speed_up: target latency(before the first pruning) / latency(after the
+            last), measured on the network's device at ``latency_batch_size``
+            (``networks.prune_to_latency``); or
+        channel_ratio: share of the prunable channels to remove (exactly one of the three).
         epochs: the epoch to prune at, or ``[first, last]``: prune at the start of each of
             these epochs, the speed-up growing geometrically (the ratio linearly) to the target.
         input_size: ``[C, H, W]`` of one input, for tracing and MAC counting.
@@ -49,6 +53,8 @@ class StructuredPruning(Callback):
         module: attribute of the LightningModule holding the network; None prunes the
             LightningModule itself (its ``forward`` must take the input tensor).
         iterative_steps: small pruning steps per epoch for a speed-up target.
+        latency_batch_size: the batch size a latency target is measured at.
+        round_to: keep every pruned width a multiple of this (e.g. 8), as fast kernels like.
         strict: when the fit cannot reach (``max_epochs`` ends before the last pruning epoch)
             or did not reach the target (stopped early): raise an error instead of warning.
             The first check runs before any training, so nothing is lost.
@@ -57,12 +63,18 @@ class StructuredPruning(Callback):
     def __init__(self, speed_up: float | None = None, channel_ratio: float | None = None,
                  epochs: int | Sequence[int] = 0, input_size: Sequence[int] = (3, 32, 32),
                  importance: str = "l2", ignored_layers: Sequence[str] = (),
-                 module: str | None = None, iterative_steps: int = 100, strict: bool = False) -> None:
-        if (speed_up is None) == (channel_ratio is None):
-            raise ValueError("StructuredPruning: give exactly one of speed_up (e.g. 2.0) or "
-                             "channel_ratio (e.g. 0.3)")
-        if speed_up is not None and not speed_up > 1.0:
-            raise ValueError(f"StructuredPruning: speed_up={speed_up} must be above 1")
+                 module: str | None = None, iterative_steps: int = 100, strict: bool = False,
+                 latency_speed_up: float | None = None, latency_batch_size: int = 1,
+                 round_to: int | None = None) -> None:
+        if sum(t is not None for t in (speed_up, latency_speed_up, channel_ratio)) != 1:
+            raise ValueError("StructuredPruning: give exactly one of speed_up (e.g. 2.0), "
+                             "latency_speed_up (e.g. 2.0) or channel_ratio (e.g. 0.3)")
+        for name, value in (("speed_up", speed_up), ("latency_speed_up", latency_speed_up)):
+            if value is not None and not value > 1.0:
+                raise ValueError(f"StructuredPruning: {name}={value} must be above 1")
+        if latency_batch_size < 1 or (round_to is not None and round_to < 1):
+            raise ValueError(f"StructuredPruning: latency_batch_size={latency_batch_size} and "
+                             f"round_to={round_to} must be positive")
         if channel_ratio is not None and not 0.0 < channel_ratio < 1.0:
             raise ValueError(f"StructuredPruning: channel_ratio={channel_ratio} must lie in (0, 1)")
         if importance not in networks.IMPORTANCES:
@@ -70,6 +82,8 @@ class StructuredPruning(Callback):
                              f"of {sorted(networks.IMPORTANCES)}")
         first, last = _epoch_range(epochs)
         self.speed_up, self.channel_ratio = speed_up, channel_ratio
+        self.latency_speed_up, self.latency_batch_size = latency_speed_up, int(latency_batch_size)
+        self.round_to = round_to
         self.first, self.last = int(first), int(last)
         self.example = torch.zeros(1, *(int(s) for s in input_size))
         self.importance, self.ignored = importance, list(ignored_layers)
@@ -77,16 +91,18 @@ class StructuredPruning(Callback):
         self.strict = strict
         self.steps_done: int = 0
         self.base_macs: int | None = None
+        self.base_ms: float | None = None  # latency before the first pruning (latency target)
 
     # ---- the network, and the callback's own state ------------------------------------
     def network(self, pl_module: LightningModule) -> nn.Module:
         return pl_module if self.module is None else getattr(pl_module, self.module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "base_macs": self.base_macs}
+        return {"steps_done": self.steps_done, "base_macs": self.base_macs, "base_ms": self.base_ms}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_done, self.base_macs = state_dict["steps_done"], state_dict["base_macs"]
+        self.base_ms = state_dict.get("base_ms")
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """A resumed fit loads a pruned state dict: resize the layers to it first."""
@@ -110,8 +126,11 @@ class StructuredPruning(Callback):
         rank_zero_warn(f"StructuredPruning: {message} (strict=True makes this an error)")
 
     def _target_text(self) -> str:
-        return (f"speed-up {self.speed_up:g}x" if self.speed_up is not None
-                else f"channel_ratio {self.channel_ratio:g}")
+        if self.speed_up is not None:
+            return f"speed-up {self.speed_up:g}x"
+        if self.latency_speed_up is not None:
+            return f"latency speed-up {self.latency_speed_up:g}x"
+        return f"channel_ratio {self.channel_ratio:g}"
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Before any training: a ``max_epochs`` that ends before the last pruning epoch."""
@@ -144,13 +163,17 @@ class StructuredPruning(Callback):
             before = networks.count_macs(network, example)
             base = self.base_macs = before if self.base_macs is None else self.base_macs
             k = epoch - self.first + 1
+            measured: dict[str, float] = {}  # what only a latency target knows
             if self.speed_up is not None:
                 target = self.speed_up ** (k / steps)
                 networks.prune_to_speed_up(network, example, target, base, self.iterative_steps,
                                            pruner=self._pruner(network, example, 1.0,
                                                                self.iterative_steps))
+            elif self.latency_speed_up is not None:
+                measured = self._prune_to_latency(trainer, network, example,
+                                                  self.latency_speed_up ** (k / steps))
             else:  # the share of the channels left now that step k removes
-                ratio = float(self.channel_ratio or 0.0)  # set whenever speed_up is not
+                ratio = float(self.channel_ratio or 0.0)  # set whenever no speed-up is
                 keep_now, keep_next = 1 - ratio * (k - 1) / steps, 1 - ratio * k / steps
                 self._pruner(network, example, 1 - keep_next / keep_now, 1).step()
         self.steps_done = k
@@ -161,7 +184,28 @@ class StructuredPruning(Callback):
                        f"{params:,} params, speed-up {base / macs:.3f}x")
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/macs": float(macs), "pruning/params": float(params),
-                                "pruning/speed_up": base / macs}, step=trainer.global_step)
+                                "pruning/speed_up": base / macs, **measured},
+                                step=trainer.global_step)
+
+    def _prune_to_latency(self, trainer: Trainer, network: nn.Module, example: torch.Tensor,
+                          target: float) -> dict[str, float]:
+        """Prune until the measured latency speed-up reaches ``target``. Every rank times its
+        own copy, but rank 0's reading decides, so all ranks stop at the same step and remove
+        the same channels."""
+        probe = networks.latency_probe(example.shape[1:], self.latency_batch_size, example.device)
+
+        def measure(model: nn.Module) -> float:
+            return float(trainer.strategy.broadcast(probe(model), src=0))
+
+        if self.base_ms is None:
+            self.base_ms = measure(network)
+        reached = networks.prune_to_latency(
+            network, example, target, self.base_ms, measure, self.iterative_steps,
+            pruner=self._pruner(network, example, 1.0, self.iterative_steps))
+        rank_zero_info(f"StructuredPruning: latency {self.base_ms:.3f} -> "
+                       f"{self.base_ms / reached:.3f} ms at batch {self.latency_batch_size} "
+                       f"({example.device.type}), measured speed-up {reached:.3f}x")
+        return {"pruning/latency_speed_up": reached}
 
     def _pruner(self, network: nn.Module, example: torch.Tensor, ratio: float,
                 steps: int) -> tp.pruner.MetaPruner:
@@ -173,7 +217,8 @@ class StructuredPruning(Callback):
         ignored = [networks.classifier_layer(network, example)] + [modules[n] for n in self.ignored]
         return tp.pruner.MetaPruner(network, example, importance=networks.IMPORTANCES[self.importance](),
                                     global_pruning=True, pruning_ratio=ratio,
-                                    iterative_steps=steps, ignored_layers=ignored)
+                                    iterative_steps=steps, ignored_layers=ignored,
+                                    round_to=self.round_to)
 
 
 def _epoch_range(epochs: int | Sequence[int]) -> tuple[int, int]:

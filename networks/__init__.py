@@ -35,8 +35,10 @@ from .pruning import (
                          criterion_pruner,
                          group_norms,
                          near_zero_fraction,
+                         prune_to_latency,
                          prune_to_speed_up,
 )
+from .latency import latency_probe
 from .registry import available, build
 from .vgg import CifarVGG
 
@@ -48,6 +50,6 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "criterion_pruner", "IMPORTANCES", "check_importance", "NEAR_ZERO", "near_zero_fraction",
            "network_from_record",
            "network_from_state_dict",
-           "network_record", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
+           "network_record", "latency_probe", "prune_to_latency", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
            "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes"]

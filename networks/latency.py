@@ -8,7 +8,7 @@ of runs, and the thread count the numbers were taken with.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -64,3 +64,18 @@ def compare_latency(network: nn.Module, unpruned: nn.Module, input_size: Sequenc
              "latency_ms": a.median_ms, "iqr_ms": a.iqr_ms,
              "unpruned_latency_ms": b.median_ms, "unpruned_iqr_ms": b.iqr_ms,
              "speed_up_measured": b.median_ms / a.median_ms} for a, b in zip(ours, ref)]
+
+
+def latency_probe(input_size: Sequence[int], batch_size: int = 1, device: str | torch.device = "cpu",
+                  min_run_time: float = 0.2) -> Callable[[nn.Module], float]:
+    """``probe(model) -> ms``: the median forward latency of ``model`` at one batch size, as
+    :func:`measure_latency` takes it, for a pruning loop that stops on measured time
+    (``networks.prune_to_latency``). ``min_run_time`` seconds of timing per call: short, since
+    the loop times the network many times; the report measures the result again, longer."""
+    def probe(model: nn.Module) -> float:
+        was_training = model.training
+        try:
+            return measure_latency(model, input_size, [batch_size], device, min_run_time)[0].median_ms
+        finally:
+            model.train(was_training)
+    return probe

@@ -208,7 +208,7 @@ def check_importance(name: str, regularized: bool = False) -> str:
 
 def criterion_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_steps: int = 200,
                      reg: float = 1e-4, alpha: float = 4.0, max_pruning_ratio: float = 1.0,
-                     importance: str = "l2") -> tp.pruner.MetaPruner:
+                     importance: str = "l2", round_to: int | None = None) -> tp.pruner.MetaPruner:
     """The pruning criterion (docs/method.md): ``importance`` (default l2, the paper's: global
     group-L2 magnitude, mean over a group, normalized by the max), global ranking, small
     iterative steps, the classifier excluded by identity.
@@ -218,18 +218,22 @@ def criterion_pruner(model: nn.Module, example_inputs: torch.Tensor, iterative_s
     ranking a group once one of its layers is narrower than 1 - r of its width when the pruner
     was built (torch_pruning's per-layer cap; the step that crosses that floor may remove a few
     channels more). 1, the paper's setting, lets global ranking narrow a layer to a single
-    channel.
+    channel. ``round_to`` keeps every pruned width a multiple of it (torch_pruning's rule:
+    widths a runtime's kernels favour, e.g. 8 or 16 for SIMD lanes and tensor cores).
     """
     check_max_pruning_ratio(max_pruning_ratio)
     check_importance(importance)
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to={round_to} must be a positive channel count, e.g. 8")
     # attention splits its width into heads: widths stay multiples of every head count
     heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    multiples = heads + ([round_to] if round_to else [])
     pruner = REGULARIZED.get(importance, _GroupNormPruner)
     extra = {"alpha": alpha} if pruner is _GroupNormPruner else {}
     return pruner(
         model, example_inputs, importance=IMPORTANCES[importance](), reg=reg, global_pruning=True,
         pruning_ratio=1.0, max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
-        round_to=math.lcm(*heads) if heads else None,
+        round_to=math.lcm(*multiples) if multiples else None,
         ignored_layers=[classifier_layer(model, example_inputs)], **extra)
 
 
@@ -307,6 +311,52 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
                 return current
     raise ValueError(f"speed-up target {target:.3f}x is unreachable: {iterative_steps} pruning "
                      f"steps reach {current:.3f}x; lower the target")
+
+
+def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: float,
+                     base_ms: float, measure: Callable[[nn.Module], float],
+                     iterative_steps: int = 200, pruner: tp.pruner.MetaPruner | None = None,
+                     max_pruning_ratio: float = 1.0, importance: str = "l2",
+                     round_to: int | None = None, every: float = 0.02) -> float:
+    """Prune ``model`` in place, step by step, until its *measured* latency speed-up
+    ``base_ms / measure(model)`` reaches ``target``; returns the speed-up measured at the stop.
+
+    MACs are not time (small layers, memory traffic and kernel choice decide much of it), so
+    the stopping rule reads the clock, not a model of it: the network is timed whenever its
+    MACs have fallen by the share ``every`` since it was last timed (0: after every step that
+    removed channels), and a time that reaches the target is taken only if a second
+    measurement confirms it (the slower of the two counts), so one lucky measurement on a noisy
+    machine does not stop the loop early. ``base_ms`` is the latency of the unpruned
+    architecture, measured the same way, so earlier pruning counts toward the target.
+    ``measure(model) -> ms`` times the network as it will run (``networks.latency_probe``:
+    device, batch size, threads). The criterion, ``pruner``, ``max_pruning_ratio``,
+    ``importance`` and ``round_to`` are :func:`prune_to_speed_up`'s and
+    :func:`criterion_pruner`'s.
+    """
+    current = base_ms / measure(model)
+    if target <= current:
+        raise ValueError(f"latency speed-up target {target:.3f}x is not above the network's "
+                         f"measured {current:.3f}x; ask for a larger target")
+    pruner = pruner or criterion_pruner(model, example_inputs, iterative_steps,
+                                        max_pruning_ratio=max_pruning_ratio,
+                                        importance=importance, round_to=round_to)
+    timed_at = count_macs_fast(model, example_inputs)
+    with _index_mappings_per_shape(model):
+        for _ in range(iterative_steps):
+            params = count_params(model)
+            pruner.step()
+            if count_params(model) == params:
+                continue  # nothing was removed: the same network
+            macs = count_macs_fast(model, example_inputs)
+            if macs > timed_at * (1 - every):
+                continue
+            timed_at, current = macs, base_ms / measure(model)
+            if current >= target:
+                current = min(current, base_ms / measure(model))  # confirmed, or not yet
+                if current >= target:
+                    return current
+    raise ValueError(f"latency speed-up target {target:.3f}x is unreachable: {iterative_steps} "
+                     f"pruning steps reach {current:.3f}x measured; lower the target")
 
 
 NEAR_ZERO = 0.01  # a normalized group norm below this counts as prunable for free

@@ -81,3 +81,82 @@ def test_measure_console_carries_no_third_party_noise(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "| 1 | cpu (" in done.stdout
     assert done.stderr.strip() == ""
+
+
+# ---- pruning to a measured latency target (issue 33) ----------------------------------------
+X32 = torch.zeros(1, 3, 32, 32)
+
+
+def _widths(model: nn.Module) -> list[int]:
+    return [m.weight.shape[0] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(1)
+    return networks.build("resnet20_cifar", 10, width=0.5).eval()
+
+
+def test_a_clock_that_reads_macs_stops_where_the_mac_target_stops() -> None:
+    # a "latency" proportional to MACs, read after every step: the latency target is the MAC
+    # target, so both loops must remove the same channels and report the same speed-up
+    base = networks.count_macs(_net(), X32)
+    by_macs = _net()
+    reached = networks.prune_to_speed_up(by_macs, X32, 2.0, base, iterative_steps=50)
+    by_clock = _net()
+    calls = []
+
+    def clock(model: nn.Module) -> float:
+        calls.append(1)
+        return networks.count_macs(model, X32) / 1e6
+
+    got = networks.prune_to_latency(by_clock, X32, 2.0, base / 1e6, clock, iterative_steps=50,
+                                    every=0.0)
+    assert got == pytest.approx(reached) and _widths(by_clock) == _widths(by_macs)
+    assert all(torch.equal(a, b) for a, b in zip(by_clock.state_dict().values(),
+                                                 by_macs.state_dict().values()))
+    # with every=0.1 the clock is read only after MACs fell by a tenth: fewer readings, and a
+    # stop at or after the MAC loop's
+    every_step = len(calls)
+    calls.clear()
+    got = networks.prune_to_latency(_net(), X32, 2.0, base / 1e6, clock, iterative_steps=50,
+                                    every=0.1)
+    assert got >= reached and len(calls) < every_step
+
+
+def test_one_lucky_reading_does_not_stop_the_loop() -> None:
+    # every first reading after a step says "twice as fast as it is"; the confirmation reads
+    # the true time, so the loop stops only where the true latency reaches the target
+    base = networks.count_macs(_net(), X32)
+    readings = []
+
+    def lucky_then_true(model: nn.Module) -> float:
+        true = networks.count_macs(model, X32) / 1e6
+        readings.append(true)
+        return true / 2 if len(readings) % 2 == 0 else true
+
+    model = _net()
+    got = networks.prune_to_latency(model, X32, 2.0, base / 1e6, lucky_then_true,
+                                    iterative_steps=50, every=0.0)
+    assert base / networks.count_macs(model, X32) == pytest.approx(got) and got >= 2.0
+
+
+def test_round_to_holds_in_every_pruned_layer_and_bad_targets_are_named() -> None:
+    model = _net()
+    before = _widths(model)
+    base = networks.count_macs(model, X32)
+    clock = lambda m: networks.count_macs(m, X32) / 1e6  # noqa: E731
+    networks.prune_to_latency(model, X32, 1.8, base / 1e6, clock, iterative_steps=40, round_to=4)
+    after = _widths(model)
+    assert after != before
+    for b, a in zip(before[:-1], after[:-1]):  # the classifier keeps its 10 outputs
+        assert a == b or a % 4 == 0
+    with pytest.raises(ValueError, match="not above the network's measured"):
+        networks.prune_to_latency(model, X32, 1.5, base / 1e6, clock)
+    with pytest.raises(ValueError, match="unreachable: 3 pruning steps"):
+        networks.prune_to_latency(_net(), X32, 50.0, base / 1e6, clock, iterative_steps=3)
+
+
+def test_latency_probe_times_one_batch_size_and_keeps_the_mode() -> None:
+    model = Sleeper(0.01).train()
+    ms = networks.latency_probe([3, 8, 8], batch_size=2, min_run_time=0.1)(model)
+    assert 10.0 <= ms < 40.0 and model.training

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
+import networks
 from callbacks import StructuredPruning
 
 DOC = Path(__file__).parents[1] / "docs" / "structured_pruning.md"
@@ -202,3 +203,34 @@ def test_two_process_ddp_prunes_identically_on_every_rank(tmp_path: Path) -> Non
     assert ranks[0] == ranks[1]
     assert ranks[0]["optimizer_has_params"]
     assert ranks[0]["shapes"][0][0] < 16  # pruned
+
+
+def test_a_latency_target_prunes_until_the_clock_says_so(example: dict, monkeypatch) -> None:
+    # a deterministic clock (time proportional to MACs at 16x16) stands in for the real one,
+    # which tests/test_latency.py checks: the callback must hand the loop its network, keep
+    # the unpruned time as the base across epochs, and stop where the clock reaches each
+    # epoch's target (sqrt(2), then 2)
+    x16 = torch.zeros(1, 3, 16, 16)
+    readings: list[float] = []
+
+    def probe(input_size, batch_size, device):
+        assert list(input_size) == [3, 16, 16] and batch_size == 4
+
+        def clock(model: nn.Module) -> float:
+            readings.append(shape_macs(model, x16) / 1e6)
+            return readings[-1]
+        return clock
+
+    monkeypatch.setattr(networks, "latency_probe", probe)
+    pruning = StructuredPruning(latency_speed_up=2.0, epochs=[0, 1], input_size=(3, 16, 16),
+                                latency_batch_size=4, iterative_steps=30, round_to=4)
+    unpruned = shape_macs(example["LitNet"](), x16)
+    model = _short_fit(example, pruning, max_epochs=2)
+    assert pruning.steps_done == 2 and pruning.state_dict()["base_ms"] == unpruned / 1e6
+    assert 2.0 <= unpruned / shape_macs(model, x16) < 2.3
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths != [16, 32, 32] and all(w % 4 == 0 for w in widths)
+    with pytest.raises(ValueError, match="exactly one of speed_up"):
+        StructuredPruning(speed_up=2.0, latency_speed_up=2.0)
+    with pytest.raises(ValueError, match="latency_speed_up=1.0 must be above 1"):
+        StructuredPruning(latency_speed_up=1.0)
