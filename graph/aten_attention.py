@@ -216,6 +216,8 @@ def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
     made = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
     qkv, inputs = walker.retract_linear(node, made, "queries, keys and values")
     qk, read, _ = walker.attention_inputs(node, inputs, q.shape[0], qkv)
+    # nothing reads the Linear's own nodes any more (its records are gone, its output fed
+    # only this attention); merged away, they do not stay behind as isolated graph nodes
     for part, into in ((q, qk), (k, qk), (v, read)):
         walker.rec.merge(part.reshape(-1), into)
     return read.view(q.shape)
