@@ -66,21 +66,19 @@ def _operand(walker: AtenWalker, node: fx.Node, args: list[tuple[fx.Node, Heads]
              ) -> tuple[fx.Node, Heads]:
     """The one channel argument of an operation whose other arguments are numbers."""
     (arg, env), *rest = args
-    numbers = [a for a in (*node.args, *node.kwargs.values())
+    tensors = [a for a in (*node.args, *node.kwargs.values())
                if a is not arg and isinstance(a, fx.Node)]
-    if rest or numbers or arg is not node.args[0]:
-        raise walker.fail(node, f"further tensor inputs {[n.name for n in numbers]} besides "
+    if rest or tensors or arg is not node.args[0]:
+        raise walker.fail(node, f"further tensor inputs {[n.name for n in tensors]} besides "
                           "an attention's queries, keys, values or scores")
     return arg, env
 
 
 def _move(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, perm: list[int]) -> Env:
-    """Output dim i is input dim ``perm[i]``. Scores keep their heads apart from the batch;
-    channels whose dims stay together after the batch move as the fx walk moves them
-    (``move_dims``), others become (or stay) split channels."""
+    """Output dim i is input dim ``perm[i]``. Scores move their head and batch dims; channels
+    whose dims stay together after the batch move as the fx walk moves them (``move_dims``),
+    others become (or stay) split channels."""
     if isinstance(env, Scores):
-        if perm.index(env.batch) == perm.index(env.head):
-            raise walker.fail(node, "the permutation merges heads with the batch")
         return replace(env, head=perm.index(env.head), batch=perm.index(env.batch),
                        fresh=_fresh(env, arg))
     if isinstance(env, Value) and env.spread != 1:

@@ -23,12 +23,14 @@ WIDTH, HEADS = 16, 2  # 2 heads of 8 channels
 
 
 class Attention(nn.Module):
-    """timm's spelling: one qkv Linear, reshape to (3, heads, head size), permute, unbind;
-    fused (``scaled_dot_product_attention``) or explicit (scale, ``q @ k^T``, softmax, ``@ v``)."""
+    """timm's spelling: one qkv Linear, reshape to (3, heads, head size), permute, unbind,
+    ``scaled_dot_product_attention``."""
 
-    def __init__(self, fused: bool, qk_norm: bool = False) -> None:
+    fused = True
+
+    def __init__(self, qk_norm: bool = False) -> None:
         super().__init__()
-        self.fused, self.head_dim = fused, WIDTH // HEADS
+        self.head_dim = WIDTH // HEADS
         self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
 
@@ -41,6 +43,26 @@ class Attention(nn.Module):
         else:
             x = (q * self.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class ExplicitAttention(Attention):
+    """The same, written out: scale, ``q @ k^T``, softmax, ``@ v`` (a type of its own, so that
+    ``NetworkGraph.from_module``'s cache, per architecture, traces it anew)."""
+
+    fused = False
+
+
+class IndexedAttention(Attention):
+    """Query, key and value as ``qkv[0], qkv[1], qkv[2]`` (timm's older spelling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, HEADS, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+SPELLINGS = {"sdpa": Attention, "matmul": ExplicitAttention, "indexed": IndexedAttention}
 
 
 class MultiheadAttention(nn.Module):
@@ -85,9 +107,9 @@ def _with_multihead_attention(model: Block) -> Block:
 
 
 @pytest.mark.parametrize("layout", ["heads", "paper"])
-@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
-def test_written_out_attention_gives_the_multihead_attention_graph(fused, layout):
-    model = randomize(Block(Attention(fused))).eval()
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_written_out_attention_gives_the_multihead_attention_graph(spelling, layout):
+    model = randomize(Block(SPELLINGS[spelling]())).eval()
     twin = _with_multihead_attention(model)
     torch.testing.assert_close(twin(X), model(X))  # the same function
     aten = NetworkGraph(model, X, tracer="aten", attention=layout)
@@ -101,14 +123,14 @@ def test_written_out_attention_gives_the_multihead_attention_graph(fused, layout
         assert [b.area for b in aten.blocks if b.key == "attn.qkv.weight"] == [1, 2]  # values; queries+keys
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
-def test_written_out_attention_encodes_exactly(fused):
-    verdict = check_encoding(randomize(Block(Attention(fused))), X, swaps=24)
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_written_out_attention_encodes_exactly(spelling):
+    verdict = check_encoding(randomize(Block(SPELLINGS[spelling]())), X, swaps=24)
     assert verdict.status == EXACT and verdict.swaps > 0, verdict
 
 
 def test_heads_swap_whole_and_a_channel_cannot_move_to_another_head():
-    model = randomize(Block(Attention(fused=True))).eval()
+    model = randomize(Block(Attention())).eval()
     graph = NetworkGraph(model, X, tracer="aten")
     data, expected = graph.encode(model), model(X)
     qk = next(b for b in graph.blocks if b.key == "attn.qkv.weight" and b.area == 2).dst[0]
@@ -141,7 +163,7 @@ def test_heads_swap_whole_and_a_channel_cannot_move_to_another_head():
 
 def test_a_norm_over_each_heads_channels_is_refused_with_the_operation_named():
     with pytest.raises(UnsupportedArchitectureError, match="layer_norm.*qk_norm"):
-        NetworkGraph(Block(Attention(fused=True, qk_norm=True)), X, tracer="aten")
+        NetworkGraph(Block(Attention(qk_norm=True)), X, tracer="aten")
 
 
 class SeparateProjections(nn.Module):
@@ -162,6 +184,22 @@ class SeparateProjections(nn.Module):
 def test_queries_keys_and_values_of_different_linears_are_refused():
     with pytest.raises(UnsupportedArchitectureError, match="not the rows, in that order, of one Linear"):
         NetworkGraph(Block(SeparateProjections()), X, tracer="aten")
+
+
+class QueriesReadTwice(Attention):
+    """The queries also added to the attention's output: the query channels feed more than
+    the attention, so the qkv Linear is no in-projection alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v) + q
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def test_queries_read_by_other_operations_are_refused():
+    with pytest.raises(UnsupportedArchitectureError, match="other operations read too"):
+        NetworkGraph(Block(QueriesReadTwice()), X, tracer="aten")
 
 
 def test_timm_vit_without_class_token_encodes_exactly():
