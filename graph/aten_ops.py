@@ -11,6 +11,7 @@ registered per operation (all overloads: ``aten.add`` covers ``add.Tensor`` and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
@@ -251,6 +252,18 @@ def _slice(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     walker.one_axis(node, value, "a slice along the channels")
     nodes = value.nodes[slice(a["start"], a["end"], a["step"])]
     return Value(nodes, False, value.area, value.axis)
+
+
+@register_aten(aten.select)
+def _select(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``x[:, 0]`` (a ViT's class token): one entry of a dim other than batch and channels
+    keeps every channel, as the fx walk's indexing does."""
+    arg, value = _input(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or ())
+    if dim == 0 or dim in value.dims:
+        raise walker.fail(node, f"selecting one entry of dim {dim}: the batch or the channels "
+                          f"(dims {list(value.dims)})")
+    return replace(walker.passthrough(arg, value), axis=value.axis - (dim < value.axis))
 
 
 @register_aten(aten.pad, aten.constant_pad_nd)

@@ -202,6 +202,23 @@ def test_queries_read_by_other_operations_are_refused():
         NetworkGraph(Block(QueriesReadTwice()), X, tracer="aten")
 
 
+class TokenPooled(Block):
+    """Pooling by taking the first token (``x[:, 0]``, as a ViT reads its class token)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x[:, 0])
+
+
+def test_a_token_read_by_indexing_keeps_every_channel():
+    model = randomize(TokenPooled(Attention())).eval()
+    verdict = check_encoding(model, X, swaps=24)
+    assert verdict.status == EXACT and verdict.swaps > 0, verdict
+    assert NetworkGraph(model, X, tracer="aten").num_nodes == NetworkGraph(model, X).num_nodes
+
+
 def test_timm_vit_without_class_token_encodes_exactly():
     """timm's VisionTransformer (its Attention, LayerScale-free blocks, mean pooling); the
     class token's ``expand`` is another operation's business."""
