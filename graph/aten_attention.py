@@ -45,7 +45,7 @@ def as_split(walker: AtenWalker, node: fx.Node, env: Any) -> Split:
     if not isinstance(env, Value):
         raise walker.fail(node, f"expected the channels of one tensor, got {type(env).__name__}")
     if env.spread != 1:
-        walker.one_axis(node, env, "an attention")
+        raise walker.fail(node, "moving apart channels flattened together with a spatial map")
     return Split(env.nodes, tuple(env.dims), 0, env.fresh, env.area)
 
 

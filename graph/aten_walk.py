@@ -104,8 +104,9 @@ class AtenWalker(Walker):
         handler = aten_handler(node.target, heads=True)
         if handler is None:
             where = ", ".join(f"{arg.name!r}: {_described(v)}" for arg, v in args)
-            raise self.fail(node, f"this operation on an attention's heads ({where}) is not "
-                            "supported")
+            raise self.fail(node, f"this operation on channels that an earlier permute moved "
+                            f"apart or before the batch, or on attention scores ({where}), is "
+                            "not supported")
         return handler(self, node, args)
 
 
