@@ -11,13 +11,14 @@ registered per operation (all overloads: ``aten.add`` covers ``add.Tensor`` and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import fx
 
 from .node_slots import BATCHNORM, GROUPNORM
-from .walker_core import Env, Value, node_shape, swap_dims
+from .walker_core import Env, Value, node_shape
 
 if TYPE_CHECKING:
     from .aten_walk import AtenWalker
@@ -25,23 +26,28 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 Args = list[tuple[fx.Node, Value]]
 AtenHandler = Callable[["AtenWalker", fx.Node, Args], Env]
+# per operation: the handler of calls on channel tensors (Value) and the handler of calls on
+# an attention's split channels or scores (Split, Scores; graph/aten_attention.py)
 _HANDLERS: dict[Any, AtenHandler] = {}
+_HEAD_HANDLERS: dict[Any, AtenHandler] = {}
 
 
-def register_aten(*ops: Any) -> Callable[[AtenHandler], AtenHandler]:
+def register_aten(*ops: Any, heads: bool = False) -> Callable[[AtenHandler], AtenHandler]:
     """Decorator: ``handler(walker, node, args) -> Env`` encodes calls of the ATen operations
-    ``ops`` (``torch.ops.aten.<name>``, all overloads)."""
+    ``ops`` (``torch.ops.aten.<name>``, all overloads); with ``heads``, the calls where an
+    argument is a :class:`graph.walker_core.Split` or :class:`graph.walker_core.Scores`."""
     def register(handler: AtenHandler) -> AtenHandler:
         for op in ops:
-            _HANDLERS[op] = handler
+            (_HEAD_HANDLERS if heads else _HANDLERS)[op] = handler
         return handler
     return register
 
 
-def aten_handler(target: Any) -> AtenHandler | None:
-    """The handler of call target ``target`` (an ATen operation overload), if registered."""
+def aten_handler(target: Any, heads: bool = False) -> AtenHandler | None:
+    """The handler of call target ``target`` (an ATen operation overload), if registered;
+    ``heads``: of its calls on split channels or scores."""
     packet = getattr(target, "overloadpacket", None)
-    return _HANDLERS.get(packet) if packet is not None else None
+    return (_HEAD_HANDLERS if heads else _HANDLERS).get(packet) if packet is not None else None
 
 
 def _schema(node: fx.Node) -> torch.FunctionSchema:
@@ -126,20 +132,6 @@ def _pooling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
                aten.unsqueeze)
 def _reshape(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.reshape(node, *_input(walker, node, args))
-
-
-@register_aten(aten.permute)
-def _permute(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    arg, value = _input(walker, node, args)
-    ndim = len(node_shape(arg) or ())
-    return walker.move_dims(node, arg, value, [d % ndim for d in op_args(node)["dims"]])
-
-
-@register_aten(aten.transpose)
-def _transpose(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    arg, value = _input(walker, node, args)
-    a = op_args(node)
-    return walker.move_dims(node, arg, value, swap_dims(len(node_shape(arg) or ()), a["dim0"], a["dim1"]))
 
 
 @register_aten(aten.mean, aten.amax, aten.amin)
@@ -260,6 +252,18 @@ def _slice(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     walker.one_axis(node, value, "a slice along the channels")
     nodes = value.nodes[slice(a["start"], a["end"], a["step"])]
     return Value(nodes, False, value.area, value.axis)
+
+
+@register_aten(aten.select)
+def _select(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``x[:, 0]`` (a ViT's class token): one entry of a dim other than batch and channels
+    keeps every channel, as the fx walk's indexing does."""
+    arg, value = _input(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or ())
+    if dim == 0 or dim in value.dims:
+        raise walker.fail(node, f"selecting one entry of dim {dim}: the batch or the channels "
+                          f"(dims {list(value.dims)})")
+    return replace(walker.passthrough(arg, value), axis=value.axis - (dim < value.axis))
 
 
 @register_aten(aten.pad, aten.constant_pad_nd)

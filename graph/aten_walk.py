@@ -16,10 +16,11 @@ import operator
 import torch
 from torch import fx, nn
 
+from . import aten_attention  # noqa: F401 - registers the attention handlers
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker
-from .walker_core import Env, TraceRecords, Value
+from .walker_core import Env, Scores, Split, TraceRecords, Value
 
 aten = torch.ops.aten
 # operations that change a tensor's shape but not its elements' row-major order
@@ -79,6 +80,8 @@ class AtenWalker(Walker):
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:
             return None  # a parameter, buffer or constant: read by the operations using it
+        if node.op == "output" and any(isinstance(v, (Split, Scores)) for _, v in self.channel_args(node)):
+            raise self.fail(node, "an output whose channels are split into attention heads")
         if node.op != "call_function":
             return super().step(node)  # the input, the output
         args = self.channel_args(node)
@@ -86,6 +89,8 @@ class AtenWalker(Walker):
             return None  # operations on parameters or constants alone
         if node.target is operator.getitem:
             return self.getitem(node, args)
+        if any(isinstance(v, (Split, Scores)) for _, v in args):
+            return self.on_heads(node, args)
         values = [(arg, v) for arg, v in args if isinstance(v, Value)]
         if len(values) != len(args):
             raise self.fail(node, "a tuple of channel tensors used other than by indexing")
@@ -93,6 +98,24 @@ class AtenWalker(Walker):
         if handler is None:
             raise self.fail(node, "this operation on channel tensors is not supported")
         return handler(self, node, values)
+
+    def on_heads(self, node: fx.Node, args) -> Env:
+        """An operation on an attention's split channels or scores (graph/aten_attention.py)."""
+        handler = aten_handler(node.target, heads=True)
+        if handler is None:
+            where = ", ".join(f"{arg.name!r}: {_described(v)}" for arg, v in args)
+            raise self.fail(node, f"this operation on channels that an earlier permute moved "
+                            f"apart or before the batch, or on attention scores ({where}), is "
+                            "not supported")
+        return handler(self, node, args)
+
+
+def _described(env: Env) -> str:
+    if isinstance(env, Split):
+        return f"channels split over dims {list(env.dims)}, batch in dim {env.batch}"
+    if isinstance(env, Scores):
+        return f"attention scores, heads in dim {env.head}"
+    return "channels" if isinstance(env, Value) else "no channels"
 
 
 def export(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:

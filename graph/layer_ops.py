@@ -108,52 +108,61 @@ class LayerOps(WalkerCore):
 
     def attention(self, node: fx.Node, value: Value, heads: int, qkv: tuple[str, str | None],
                   proj: tuple[str, str | None]) -> tuple[Value, torch.Tensor | None]:
-        """Self-attention with head nodes (after NiNo, Knyazev et al. 2025) on the channels
-        of ``value``; ``qkv`` and ``proj`` are the state-dict keys of the weight and bias (or
-        None) of its input projection ([3C, C]: queries, keys, values, head by head) and of
-        its output projection. Channel i of a head's queries and keys is one node (one edge
-        per input channel with the query and key weights as 2 features: the scores need both
-        permuted alike), channel i of its values another (it feeds the output projection's
-        input i), and a featureless membership edge ties each head's nodes to a head node, so
-        that only whole heads and channels within a head can be permuted: exactly the
-        network's symmetries. Returns the output's value and the head nodes (None in the
-        paper's layout, ``_paper_attention``)."""
+        """Self-attention on the channels of ``value`` (``attention_inputs``), then its output
+        projection (``proj``: the state-dict keys of its weight and bias, or None), which reads
+        the values' nodes. Returns the output's value and the head nodes (None in the paper's
+        layout)."""
+        _, read, head_nodes = self.attention_inputs(node, value.nodes, heads, qkv)
+        out = self.new_nodes(len(value.nodes))
+        proj_weight, proj_bias = proj
+        self.add_weight(node, proj_weight, 1, read.view(1, -1), out.view(1, -1))
+        if proj_bias is not None:
+            self.add_channels(node, proj_bias, BIAS.name, "bias", out)
+        return Value(out, True, 1, value.axis), head_nodes
+
+    def attention_inputs(self, node: fx.Node, inputs: torch.Tensor, heads: int,
+                         qkv: tuple[str, str | None]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The input projection of self-attention on channels ``inputs`` [C], with head nodes
+        (after NiNo, Knyazev et al. 2025); ``qkv`` are the state-dict keys of its weight and
+        bias (or None), [3C, C]: queries, keys, values, head by head. Channel i of a head's
+        queries and keys is one node (one edge per input channel with the query and key
+        weights as 2 features: the scores need both permuted alike), channel i of its values
+        another (the output projection's input i), and a featureless membership edge ties
+        each head's nodes to a head node, so that only whole heads and channels within a head
+        can be permuted: exactly the network's symmetries. Returns the query/key nodes, the
+        value nodes and the head nodes (in the paper's layout, ``_paper_attention``, one node
+        per channel for all three and no heads)."""
         if self.attention_layout == "paper":
-            return self._paper_attention(node, value, qkv, proj), None
-        width = len(value.nodes)
+            inner = self._paper_attention(node, inputs, qkv)
+            return inner, inner, None
+        width = len(inputs)
         head_nodes, qk, v = self.new_nodes(heads), self.new_nodes(width), self.new_nodes(width)
-        out, inputs = self.new_nodes(width), value.nodes.view(1, -1)
-        (weight, bias), (proj_weight, proj_bias) = qkv, proj
-        self.add_weight(node, weight, 2, inputs, qk.view(1, -1), Rows(0, 2 * width, zip=2))
-        self.add_weight(node, weight, 1, inputs, v.view(1, -1), Rows(2 * width, 3 * width))
+        weight, bias = qkv
+        self.add_weight(node, weight, 2, inputs.view(1, -1), qk.view(1, -1), Rows(0, 2 * width, zip=2))
+        self.add_weight(node, weight, 1, inputs.view(1, -1), v.view(1, -1), Rows(2 * width, 3 * width))
         if bias is not None:
             for i, name in enumerate(ATTENTION.fields):
                 self.add_channels(node, bias, ATTENTION.name, name, qk, Rows(i * width, (i + 1) * width))
             self.add_channels(node, bias, BIAS.name, "bias", v, Rows(2 * width, 3 * width))
-        self.add_weight(node, proj_weight, 1, v.view(1, -1), out.view(1, -1))
-        if proj_bias is not None:
-            self.add_channels(node, proj_bias, BIAS.name, "bias", out)
         for members in (qk, v):
             self.rec.memberships.append((head_nodes[:, None], members.view(heads, -1)))
-        return Value(out, True, 1, value.axis), head_nodes
+        return qk, v, head_nodes
 
-    def _paper_attention(self, node: fx.Node, value: Value, qkv: tuple[str, str | None],
-                         proj: tuple[str, str | None]) -> Value:
+    def _paper_attention(self, node: fx.Node, inputs: torch.Tensor,
+                         qkv: tuple[str, str | None]) -> torch.Tensor:
         """The paper's code's attention layout (its ViT conversion): channel i of the queries,
         keys and values is one node, fed by one 3-feature edge (query, key, value weight) per
         input channel; its bias features are in-projection bias entries 3i, 3i+1, 3i+2, as
         that code reads them (so not channel i's own biases). No head structure: the graph
-        cannot tell a permutation across heads, which is no symmetry, from one within."""
-        width = len(value.nodes)
-        inner, out = self.new_nodes(width), self.new_nodes(width)
-        (weight, bias), (proj_weight, proj_bias) = qkv, proj
-        self.add_weight(node, weight, 3, value.nodes.view(1, -1), inner.view(1, -1),
+        cannot tell a permutation across heads, which is no symmetry, from one within.
+        Returns the nodes (the output projection reads them)."""
+        width = len(inputs)
+        inner = self.new_nodes(width)
+        weight, bias = qkv
+        self.add_weight(node, weight, 3, inputs.view(1, -1), inner.view(1, -1),
                         Rows(0, 3 * width, zip=3))
         if bias is not None:
             for i, name in enumerate(QKV_BIAS.fields):
                 self.add_channels(node, bias, QKV_BIAS.name, name, inner, Rows(i, step=3))
-        self.add_weight(node, proj_weight, 1, inner.view(1, -1), out.view(1, -1))
-        if proj_bias is not None:
-            self.add_channels(node, proj_bias, BIAS.name, "bias", out)
-        return Value(out, True, 1, value.axis)
-
+        return inner

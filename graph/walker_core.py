@@ -46,6 +46,35 @@ class Value:
         return range(self.axis, self.axis + self.nodes.dim())
 
 
+@dataclass
+class Split:
+    """Channel bookkeeping for a tensor whose channels a reshape spread over several dims that
+    a permute then moved apart or before the batch (ATen walk only): an attention's
+    ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` holds query, key and value in dim
+    0, heads in dim 2 and each head's channels in dim 4. Only the operations of
+    :mod:`graph.aten_attention` read it; it becomes a :class:`Value` again once the batch is
+    first and the channel dims are together."""
+
+    nodes: torch.Tensor          # node per channel, one dim per entry of ``dims``
+    dims: tuple[int, ...]        # the tensor dim holding each dim of ``nodes``, increasing
+    batch: int                   # the tensor dim holding the batch
+    fresh: bool                  # as Value.fresh
+    area: int = 1
+
+
+@dataclass
+class Scores:
+    """Attention scores ``q @ k.transpose(-2, -1)`` of the queries and keys of each head,
+    before or after the softmax (ATen walk only): a token-by-token map per head, in tensor
+    dim ``head``. ``queries`` and ``keys`` are the node of each channel, [heads, head size]."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    head: int
+    batch: int
+    fresh: bool
+
+
 @dataclass(frozen=True)
 class Rows:
     """Which rows (dim 0) of a state-dict tensor a record covers: ``[start, stop)``, all by
@@ -150,7 +179,7 @@ def swap_dims(ndim: int, dim0: int, dim1: int) -> list[int]:
     return perm
 
 
-Env = Union[Value, tuple[Union[Value, None], ...], None]
+Env = Union[Value, Split, Scores, tuple[Union[Value, Split, None], ...], None]
 
 
 # How self-attention becomes graph structure (docs/graph.md): "heads" (ours: head nodes,
@@ -276,6 +305,31 @@ class WalkerCore:
                             f"which has fields {slot.fields}")
         self.use_key(node, key, rows)
         self.rec.channels.append((key, kind, field, nodes, rows, layer or key.rsplit(".", 1)[0]))
+
+    def retract_linear(self, node: fx.Node, nodes: torch.Tensor, what: str
+                       ) -> tuple[tuple[str, str | None], torch.Tensor]:
+        """Take back the records of the Linear whose output channels are ``nodes``, in its row
+        order: an attention found later that it reads them as ``what`` and records its
+        weight its own way. Returns the keys of its weight and bias (or None) and its input
+        nodes; refused unless exactly that Linear (its weight, perhaps a bias) made them."""
+        flat = nodes.reshape(-1)
+        found = [i for i, (_, area, src, dst, rows) in enumerate(self.rec.weights)
+                 if area == 1 and rows == Rows() and src.shape[0] == 1
+                 and dst.numel() == len(flat) and torch.equal(dst.reshape(-1), flat)]
+        touched = [i for i, (*_, channels, rows, _) in enumerate(self.rec.channels)
+                   if len(set(channels.tolist()) & set(flat.tolist()))]
+        biases = [i for i in touched if self.rec.channels[i][1] == "bias"
+                  and torch.equal(self.rec.channels[i][3], flat) and self.rec.channels[i][4] == Rows()]
+        if len(found) != 1 or touched != biases[:1]:
+            raise self.fail(node, f"{what} are not the rows, in that order, of one Linear's "
+                            "output")
+        key, _, src, _, rows = self.rec.weights.pop(found[0])
+        self.used.discard((key, rows))
+        bias = None
+        if biases:
+            bias, *_ = self.rec.channels.pop(biases[0])
+            self.used.discard((bias, Rows()))
+        return (key, bias), src.reshape(-1)
 
     def channel_dim(self, node: fx.Node, param: fx.Node, value: Value) -> int:
         """The dim of parameter ``param`` that broadcasting (right-aligned against ``node``'s

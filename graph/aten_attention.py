@@ -1,0 +1,260 @@
+"""Self-attention in the ATen walk (docs/graph.md, "The ATen walk"): the handlers that follow
+an attention's heads through a network's ATen program and record the same head nodes as the
+fx walk's ``nn.MultiheadAttention`` (:meth:`graph.layer_ops.LayerOps.attention_inputs`).
+
+An attention written out in tensor operations (timm's ``Attention``)::
+
+    qkv = linear(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # [3, B, H, N, D]
+    q, k, v = qkv.unbind(0)                                         # [B, H, N, D] each
+    x = scaled_dot_product_attention(q, k, v)     # or softmax(q * s @ k.transpose(-2, -1)) @ v
+    x = proj(x.transpose(1, 2).reshape(B, N, C))
+
+The reshape splits the Linear's 3C channels into (3, H, D) dims (a :class:`Value`); the
+permute separates those dims and moves one before the batch, which a :class:`Split` records;
+unbind/select pick query, key and value; ``q @ k^T`` gives :class:`Scores` (per head, the
+query and key channels it mixes); softmax and scaling by numbers keep them; at
+``scaled_dot_product_attention`` or ``scores @ v`` the attention is known: the Linear's
+records are taken back and recorded as the attention's input projection (query and key
+channel i of a head one node, value channels another, head nodes), its channels merged into
+those nodes. The output holds the value nodes; ``transpose(1, 2).reshape(B, N, C)`` makes it
+a :class:`Value` again, read by the output projection (an ordinary Linear). Anything else on
+a Split or Scores is refused with the operation named.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import fx
+
+from .aten_ops import op_args, register_aten
+from .walker_core import Env, Scores, Split, Value, node_shape, swap_dims
+
+if TYPE_CHECKING:
+    from .aten_walk import AtenWalker
+
+aten = torch.ops.aten
+Heads = Union[Value, Split, Scores]
+
+
+def as_split(walker: AtenWalker, node: fx.Node, env: Any) -> Split:
+    """``env`` (a channel tensor or split channels) as split channels."""
+    if isinstance(env, Split):
+        return env
+    if not isinstance(env, Value):
+        raise walker.fail(node, f"expected the channels of one tensor, got {type(env).__name__}")
+    if env.spread != 1:
+        raise walker.fail(node, "moving apart channels flattened together with a spatial map")
+    return Split(env.nodes, tuple(env.dims), 0, env.fresh, env.area)
+
+
+def settle(split: Split) -> Value | Split:
+    """A :class:`Value` again once the batch is first and the channel dims are together."""
+    dims = split.dims
+    if split.batch == 0 and list(dims) == list(range(dims[0], dims[0] + len(dims))):
+        return Value(split.nodes, split.fresh, split.area, dims[0])
+    return split
+
+
+def _fresh(env: Heads, arg: fx.Node) -> bool:
+    """Still read only along one chain from the layer that made it (``Value.fresh``)."""
+    return env.fresh and len(arg.users) == 1
+
+
+def _operand(walker: AtenWalker, node: fx.Node, args: list[tuple[fx.Node, Heads]]
+             ) -> tuple[fx.Node, Heads]:
+    """The one channel argument of an operation whose other arguments are numbers."""
+    (arg, env), *rest = args
+    tensors = [a for a in (*node.args, *node.kwargs.values())
+               if a is not arg and isinstance(a, fx.Node)]
+    if rest or tensors or arg is not node.args[0]:
+        raise walker.fail(node, f"further tensor inputs {[n.name for n in tensors]} besides "
+                          "an attention's queries, keys, values or scores")
+    return arg, env
+
+
+def _move(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, perm: list[int]) -> Env:
+    """Output dim i is input dim ``perm[i]``. Scores move their head and batch dims; channels
+    whose dims stay together after the batch move as the fx walk moves them (``move_dims``),
+    others become (or stay) split channels."""
+    if isinstance(env, Scores):
+        return replace(env, head=perm.index(env.head), batch=perm.index(env.batch),
+                       fresh=_fresh(env, arg))
+    if isinstance(env, Value) and env.spread != 1:
+        return walker.move_dims(node, arg, env, perm)  # a flattened map: only the moves it allows
+    split = as_split(walker, node, env)
+    where = [perm.index(d) for d in split.dims]
+    order = sorted(range(len(where)), key=where.__getitem__)
+    return settle(Split(split.nodes.permute(order), tuple(sorted(where)), perm.index(split.batch),
+                        _fresh(split, arg), split.area))
+
+
+@register_aten(aten.permute)
+@register_aten(aten.permute, heads=True)
+def _permute(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    arg, env = _operand(walker, node, args)
+    ndim = len(node_shape(arg) or ())
+    return _move(walker, node, arg, env, [d % ndim for d in op_args(node)["dims"]])
+
+
+@register_aten(aten.transpose)
+@register_aten(aten.transpose, heads=True)
+def _transpose(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    arg, env = _operand(walker, node, args)
+    a = op_args(node)
+    return _move(walker, node, arg, env, swap_dims(len(node_shape(arg) or ()), a["dim0"], a["dim1"]))
+
+
+def _select(walker: AtenWalker, node: fx.Node, split: Split, dim: int, index: int,
+            fresh: bool) -> Value | Split:
+    """Entry ``index`` of dim ``dim``: along a channel dim, the channels of that entry (the
+    queries of ``qkv[0]``); along a token dim, every channel."""
+    if dim == split.batch:
+        raise walker.fail(node, "selecting from the batch")
+    nodes = split.nodes
+    if dim in split.dims:
+        if nodes.dim() == 1:
+            raise walker.fail(node, "selecting a single channel")
+        nodes = nodes.select(split.dims.index(dim), index)
+    dims = tuple(d - (d > dim) for d in split.dims if d != dim)
+    return settle(Split(nodes, dims, split.batch - (split.batch > dim), fresh, split.area))
+
+
+def _parts_only(arg: fx.Node, dim: int) -> bool:
+    """Every reader of ``arg`` takes another entry of dim ``dim`` (``qkv[0], qkv[1], qkv[2]``):
+    the pieces are apart, so each is as fresh as ``arg``."""
+    picked = [op_args(user)["index"] for user in arg.users
+              if getattr(user.target, "overloadpacket", None) is aten.select
+              and op_args(user)["dim"] % len(node_shape(arg) or (0,)) == dim]
+    return len(picked) == len(arg.users) and len(set(picked)) == len(picked)
+
+
+@register_aten(aten.unbind, heads=True)
+def _unbind(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    arg, env = _operand(walker, node, args)
+    split = as_split(walker, node, env)
+    shape = node_shape(arg) or ()
+    dim = op_args(node)["dim"] % len(shape)
+    fresh = split.fresh and len(arg.users) == 1
+    return tuple(_select(walker, node, split, dim, i, fresh) for i in range(shape[dim]))
+
+
+@register_aten(aten.select, heads=True)
+def _select_op(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    arg, env = _operand(walker, node, args)
+    split = as_split(walker, node, env)
+    a = op_args(node)
+    dim = a["dim"] % len(node_shape(arg) or ())
+    return _select(walker, node, split, dim, a["index"], split.fresh and _parts_only(arg, dim))
+
+
+@register_aten(*(getattr(aten, n) for n in (
+    "mul", "mul_", "div", "div_", "clone", "contiguous", "alias", "detach", "to")), heads=True)
+def _scaled(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    """Scaling queries or scores by a number (the attention's scale), copies and casts: every
+    channel and head alike."""
+    arg, env = _operand(walker, node, args)
+    return replace(env, fresh=_fresh(env, arg))
+
+
+@register_aten(aten.dropout, heads=True)
+def _dropout(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    if op_args(node)["train"]:
+        raise walker.fail(node, "dropout in training mode")
+    return _scaled(walker, node, args)
+
+
+@register_aten(aten.softmax, aten._softmax, heads=True)
+def _softmax(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    """Over the keys' tokens: each head's map alone."""
+    arg, env = _operand(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or ())
+    if not isinstance(env, Scores) or dim in (env.head, env.batch):
+        raise walker.fail(node, f"a softmax over dim {dim}: only over the tokens of attention "
+                          "scores")
+    return replace(env, fresh=_fresh(env, arg))
+
+
+@register_aten(aten.layer_norm, heads=True)
+def _head_norm(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    raise walker.fail(node, "a layer norm over each head's channels (timm's qk_norm): one "
+                      "weight shared by every head would make the heads' channels permute "
+                      "alike, which the head nodes do not express")
+
+
+def _head_layout(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, last: int
+                 ) -> tuple[torch.Tensor, int, int]:
+    """The nodes [heads, head size] of an attention operand of ``arg`` whose heads are in a
+    dim before the two token/channel dims and whose channels are in dim ``last`` (-1 or -2),
+    its head dim and its batch dim."""
+    split = as_split(walker, node, env)
+    ndim = len(node_shape(arg) or ())
+    head = split.dims[0]
+    if (split.nodes.dim() != 2 or split.dims[1] != ndim + last or head >= ndim - 2
+            or split.batch >= ndim - 2):
+        raise walker.fail(node, f"operand {arg.name!r} holds its channels in dims "
+                          f"{list(split.dims)} of {ndim}: an attention's queries, keys and "
+                          f"values have their heads before the tokens and each head's "
+                          f"channels in dim {ndim + last}")
+    return split.nodes, head, split.batch
+
+
+def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """Record self-attention whose queries, keys and values have nodes ``q``, ``k``, ``v``
+    [heads, head size]: the Linear that made them (rows q; k; v, head by head) becomes the
+    attention's input projection (``attention_inputs``) and its channels the query/key and
+    value nodes. Returns the value nodes [heads, head size], which the output reads."""
+    if not fresh:
+        raise walker.fail(node, "queries, keys or values that other operations read too")
+    if not q.shape == k.shape == v.shape:
+        raise walker.fail(node, f"queries, keys and values of shapes {tuple(q.shape)}, "
+                          f"{tuple(k.shape)}, {tuple(v.shape)} (heads, head size)")
+    made = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
+    qkv, inputs = walker.retract_linear(node, made, "queries, keys and values")
+    qk, read, _ = walker.attention_inputs(node, inputs, q.shape[0], qkv)
+    # nothing reads the Linear's own nodes any more (its records are gone, its output fed
+    # only this attention); merged away, they do not stay behind as isolated graph nodes
+    for part, into in ((q, qk), (k, qk), (v, read)):
+        walker.rec.merge(part.reshape(-1), into)
+    return read.view(q.shape)
+
+
+@register_aten(aten.scaled_dot_product_attention, heads=True)
+def _sdpa(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    a = op_args(node)
+    if a["dropout_p"] or a["attn_mask"] is not None or a.get("enable_gqa"):
+        raise walker.fail(node, "attention with dropout, a mask or grouped queries")
+    found = dict(args)
+    if any(a[name] not in found for name in ("query", "key", "value")):
+        raise walker.fail(node, "attention whose queries, keys or values carry no channels")
+    (q, head, batch), (k, *kb), (v, *vb) = (
+        _head_layout(walker, node, a[name], found[a[name]], -1) for name in ("query", "key", "value"))
+    if kb != [head, batch] or vb != [head, batch]:
+        raise walker.fail(node, "queries, keys and values with heads or batch in other dims")
+    fresh = all(_fresh(found[a[name]], a[name]) for name in ("query", "key", "value"))
+    nodes = _attend(walker, node, q, k, v, fresh)
+    return settle(Split(nodes, (head, len(node_shape(node) or ()) - 1), batch, False))
+
+
+@register_aten(aten.matmul, heads=True)
+def _matmul(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    """``q @ k.transpose(-2, -1)``: the scores; ``scores @ v``: the attention, recorded."""
+    if len(args) != 2 or [arg for arg, _ in args] != list(node.args[:2]):
+        raise walker.fail(node, "a matrix product with one channel operand")
+    (na, a), (nb, b) = args
+    if len(node_shape(na) or ()) != len(node_shape(nb) or ()):
+        raise walker.fail(node, "a matrix product that broadcasts")
+    fresh = _fresh(a, na) and _fresh(b, nb)
+    if isinstance(a, Scores):
+        v, head, batch = _head_layout(walker, node, nb, b, -1)
+        if (head, batch) != (a.head, a.batch):
+            raise walker.fail(node, "scores and values with heads or batch in other dims")
+        nodes = _attend(walker, node, a.queries, a.keys, v, fresh)
+        return settle(Split(nodes, (head, len(node_shape(node) or ()) - 1), batch, False))
+    q, head, batch = _head_layout(walker, node, na, a, -1)
+    k, *kb = _head_layout(walker, node, nb, b, -2)
+    if kb != [head, batch]:
+        raise walker.fail(node, "queries and keys with heads or batch in other dims")
+    return Scores(q, k, head, batch, fresh)
