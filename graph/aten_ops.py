@@ -11,6 +11,7 @@ registered per operation (all overloads: ``aten.add`` covers ``add.Tensor`` and
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
@@ -122,10 +123,35 @@ def _pooling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return _result(node, walker.pooling(node, *_input(walker, node, args)))
 
 
+_UPSAMPLING = (*(f"{kind}{d}d" for kind in ("upsample_nearest", "_upsample_nearest_exact")
+                 for d in (1, 2, 3)),
+               "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+               "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
+
+
+@register_aten(*(getattr(aten, name) for name in _UPSAMPLING))
+def _upsampling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Interpolation (``F.interpolate``: HRNet's fusion, GhostNetV2's attention map) resizes
+    the dims after dim 1, each channel alone: its sizes and scales cannot reach the batch or
+    the channels, which must be in dim 1, as for pooling."""
+    return walker.pooling(node, *_input(walker, node, args))
+
+
 @register_aten(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.squeeze,
                aten.unsqueeze)
 def _reshape(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.reshape(node, *_input(walker, node, args))
+
+
+@register_aten(aten.reshape_as, aten.view_as)
+def _reshape_as(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``x.reshape_as(y)`` is a reshape of ``x`` to ``y``'s shape (levit's norm of the
+    flattened tokens, ``bn(x.flatten(0, 1)).reshape_as(x)``); ``y``, even a channel tensor,
+    gives only its shape."""
+    arg, value = args[0]
+    if arg is not node.args[0]:
+        raise walker.fail(node, "a tensor without channels reshaped to a channel tensor's shape")
+    return walker.reshape(node, arg, value)
 
 
 @register_aten(aten.permute)
@@ -160,10 +186,12 @@ def _cat(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.cat(node, args)
 
 
-@register_aten(*_with_variants("add"))
+@register_aten(*_with_variants("add", "sub", "rsub"))
 def _add(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """A residual add, or a parameter or number added (``x + alpha * y`` only with alpha 1:
-    a scaled operand is no identity edge)."""
+    a scaled operand is no identity edge). A difference ``x - y`` (poolformer's
+    ``pool(x) - x``) ties the channels as a sum does, so it is encoded as one: the same
+    identity edges and passengers (the graph does not record the sign)."""
     if op_args(node).get("alpha", 1) != 1:
         raise walker.fail(node, "an addition with a scaled operand (alpha != 1)")
     return _with_scalar(walker, node, args) or walker.add(node, args)
@@ -190,6 +218,28 @@ def _with_scalar(walker: AtenWalker, node: fx.Node, args: Args) -> Value | None:
         return None
     walker.carry(node, key)
     return walker.passthrough(arg, value)
+
+
+@register_aten(*_with_variants("addcmul"))
+def _addcmul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``addcmul(b, a, x) = b + a * x`` with parameters ``a`` and ``b`` of one entry per
+    channel (resmlp's ``Affine``): the per-channel scale ``x * a`` (node features of kind
+    ``scale``) then the parameter ``b`` added (a passenger), as the walker encodes those two
+    operations written apart."""
+    if len(args) != 1:
+        raise walker.fail(node, "addcmul of several channel tensors")
+    arg, value = args[0]
+    a = op_args(node)
+    factors = [t for t in (a["tensor1"], a["tensor2"]) if t is not arg]
+    if a["value"] != 1 or a["self"] is arg or len(factors) != 1:
+        raise walker.fail(node, "addcmul other than parameter + parameter * channels "
+                          "(with value 1)")
+    if walker.parameter_key(factors[0]) is None:
+        raise walker.fail(node, f"addcmul multiplies the channels by {factors[0]}, which is "
+                          "not a parameter of the network")
+    scaled = walker.channel_scale(node, arg, value, factors[0])
+    walker.add_passenger(node, a["self"], value)
+    return scaled
 
 
 @register_aten(*_with_variants("div"))
@@ -242,6 +292,18 @@ def _layer_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
         raise walker.fail(node, "a layer norm whose parameters carry channels")
     return walker.layer_norm(node, arg, value, a["normalized_shape"],
                              _key(walker, node, a["weight"]), _key(walker, node, a["bias"]))
+
+
+@register_aten(aten.select)
+def _select(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """One index along a dim other than the batch and the channels (a ViT's class token,
+    ``x[:, 0]``) keeps every channel; the dims after it move one down."""
+    arg, value = _input(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or (0,))
+    if dim == 0 or dim in value.dims:
+        raise walker.fail(node, f"selecting one index of dim {dim}, the batch or a channel dim "
+                          f"(channels in dims {list(value.dims)})")
+    return replace(walker.passthrough(arg, value), axis=value.axis - (dim < value.axis))
 
 
 @register_aten(aten.slice)

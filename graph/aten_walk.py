@@ -70,7 +70,14 @@ class AtenWalker(Walker):
 
     def add_passenger(self, node: fx.Node, param: fx.Node, value: Value) -> None:
         """A passenger's record names the dim of the stored tensor holding the channels;
-        through a reshape that is another dim than the one the operation aligns."""
+        through a reshape that is another dim than the one the operation aligns. An
+        ``expand`` (a class token over the batch, ``cls_token.expand(B, -1, -1)``) only
+        repeats the stored tensor along its size-1 dims, or new leading ones: broadcasting
+        aligns the stored tensor's dims as they were, and ``channel_dim`` refuses a channel
+        dim that the expand made."""
+        while (param.op == "call_function" and isinstance(param.args[0], fx.Node)
+               and getattr(param.target, "overloadpacket", None) is aten.expand):
+            param = param.args[0]
         if param.op != "placeholder":
             raise self.fail(node, f"{param.name!r} (operation {param.target}) joins the "
                             "channels: only a parameter as stored can travel with them")
