@@ -265,9 +265,23 @@ def _linear(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     a = op_args(node)
     if arg is not a["input"]:
         raise walker.fail(node, "a linear map whose weight carries channels")
+    if len(node_shape(arg) or ()) - 1 not in value.dims:
+        return _token_mixing(walker, node, arg, value, a)
     weight = walker.state_key(node, a["weight"])
     out_features = (node_shape(a["weight"]) or (0,))[0]
     return walker.dense(node, arg, value, out_features, weight, _key(walker, node, a["bias"]))
+
+
+def _token_mixing(walker: AtenWalker, node: fx.Node, arg: fx.Node, value: Value,
+                  a: dict[str, Any]) -> Env:
+    """A linear map of the last dim when that holds no channels (MLP-Mixer's and ResMLP's
+    token MLPs, on [B, C, N]): the same weight for every channel, so any channel permutation
+    keeps it and it connects no channels. Its weight and bias follow no channel: passengers
+    without nodes, decoded as they were (the metanetwork does not change them)."""
+    for tensor in (a["weight"], a["bias"]):
+        if tensor is not None:
+            walker.carry(node, walker.state_key(node, tensor))
+    return walker.passthrough(arg, value)
 
 
 @register_aten(aten.batch_norm)

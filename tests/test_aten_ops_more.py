@@ -236,3 +236,24 @@ def test_selecting_one_channel_is_refused():
     with pytest.raises(UnsupportedArchitectureError,
                        match=r"aten node 'select'.*selecting one index of dim 2"):
         NetworkGraph(_ChannelSelected(), X, tracer="aten")
+
+
+class _TokenMixing(_Tokens):
+    """MLP-Mixer's token MLP: Linears over the tokens of [B, C, N], then back to tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix1, self.mix2 = nn.Linear(16, 12), nn.Linear(12, 16)
+
+    def forward(self, x):
+        t = self.tokens(x)
+        t = t + self.mix2(F.gelu(self.mix1(t.transpose(1, 2)))).transpose(1, 2)
+        return self.head(self.fc(t).mean(1))
+
+
+def test_a_token_mixing_linear_connects_no_channels(aten_only):
+    assert _exact(_TokenMixing()) == EXACT
+    graph = NetworkGraph(_TokenMixing(), X, tracer="aten")
+    assert {key: dim for key, _, dim in graph.passengers} == {
+        f"mix{i}.{name}": None for i in (1, 2) for name in ("weight", "bias")}
+    assert {b.key for b in graph.blocks if b.key} == {"patch.weight", "fc.weight", "head.weight"}
