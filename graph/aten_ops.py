@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .node_slots import BATCHNORM, GROUPNORM
+from .tensor_ops import reduced_dims
 from .walker_core import Env, Value, node_shape, swap_dims
 
 if TYPE_CHECKING:
@@ -168,10 +169,20 @@ def _transpose(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.move_dims(node, arg, value, swap_dims(len(node_shape(arg) or ()), a["dim0"], a["dim1"]))
 
 
-@register_aten(aten.mean, aten.amax, aten.amin)
+@register_aten(aten.mean, aten.amax, aten.amin, aten.sum, aten.linalg_vector_norm)
 def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)."""
-    return walker.reduce(node, *_input(walker, node, args))
+    """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)
+    each channel alone. Over every channel dim (ConvNeXt V2's global response norm: the mean
+    of the channels' norms), a function of all channels that treats each alike, so no
+    channel permutation changes it: a tensor that follows no channel (``walker.invariant``),
+    which only a division accepts (``_div``)."""
+    arg, value = _input(walker, node, args)
+    a = op_args(node)
+    dims = reduced_dims(node_shape(arg), a.get("dim"))
+    if 0 not in dims and set(value.dims) <= set(dims):
+        walker.invariant.add(node)
+        return None
+    return walker.reduce_dims(node, arg, value, dims, a.get("keepdim", False))
 
 
 @register_aten(aten.split, aten.split_with_sizes, aten.chunk)
@@ -244,7 +255,26 @@ def _addcmul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
 
 @register_aten(*_with_variants("div"))
 def _div(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """By a number, or by an invariant tensor (``_reduce``) with one entry for all channels
+    (size 1 along the channel dims): every channel divided alike by what no channel
+    permutation changes. A divisor computed from parameters is refused: it may single out
+    channels (``x / w[0]``)."""
+    arg, value = args[0]
+    divisor = node.args[1] if len(args) == 1 and arg is node.args[0] else None
+    if isinstance(divisor, fx.Node) and divisor in walker.invariant and _alike_for_all_channels(
+            node, divisor, value):
+        return walker.passthrough(arg, value)
     return walker.divide(node, args)
+
+
+def _alike_for_all_channels(node: fx.Node, tensor: fx.Node, value: Value) -> bool:
+    """Does ``tensor``, broadcast against ``node``'s output, give each of ``value``'s channel
+    dims a single entry?"""
+    shape = node_shape(tensor)
+    if shape is None:
+        return False
+    offset = len(node_shape(node) or ()) - len(shape)
+    return all(d - offset < 0 or shape[d - offset] == 1 for d in value.dims)
 
 
 @register_aten(aten.conv1d, aten.conv2d, aten.conv3d)

@@ -24,6 +24,14 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
 
 
+def reduced_dims(shape: torch.Size | None, dims) -> list[int]:
+    """The dims (an int, a list, or None for all) that a reduction of a tensor of ``shape``
+    reduces, non-negative."""
+    ndim = len(shape or ())
+    dims = range(ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    return [d % ndim for d in dims]
+
+
 class TensorOps(WalkerCore):
     """The walker's tensor operations: each returns its output's :class:`Value` (or the
     pieces' values, for a split)."""
@@ -202,13 +210,15 @@ class TensorOps(WalkerCore):
 
     def reduce(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
         """Mean/max/min over dims other than batch and channels."""
-        ndim = len(node_shape(arg) or ())
-        dims = call_arg(node, 1, "dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        dims = [d % ndim for d in dims]
+        return self.reduce_dims(node, arg, value, reduced_dims(node_shape(arg), call_arg(node, 1, "dim")),
+                                call_arg(node, 2, "keepdim", False))
+
+    def reduce_dims(self, node: fx.Node, arg: fx.Node, value: Value, dims: list[int],
+                    keepdim: bool) -> Value:
+        """A reduction over ``dims`` (non-negative), which must leave batch and channels."""
         if not dims or 0 in dims or any(d in value.dims for d in dims):
             raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
         axis = value.axis
-        if not call_arg(node, 2, "keepdim", False):
+        if not keepdim:
             axis -= sum(d < value.axis for d in dims)
         return replace(self.passthrough(arg, value), axis=axis)

@@ -257,3 +257,54 @@ def test_a_token_mixing_linear_connects_no_channels(aten_only):
     assert {key: dim for key, _, dim in graph.passengers} == {
         f"mix{i}.{name}": None for i in (1, 2) for name in ("weight", "bias")}
     assert {b.key for b in graph.blocks if b.key} == {"patch.weight", "fc.weight", "head.weight"}
+
+
+class _ResponseNorm(_Tokens):
+    """ConvNeXt V2's global response norm (channels last): each channel's spatial norm over
+    the mean of all channels' norms, then ``addcmul`` with viewed [C] parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        x = self.patch(x).permute(0, 2, 3, 1)
+        norms = x.norm(p=2, dim=(1, 2), keepdim=True)
+        scaled = x * (norms / (norms.mean(dim=-1, keepdim=True) + 1e-6))
+        x = x + torch.addcmul(self.beta.view(1, 1, 1, -1), self.gamma.view(1, 1, 1, -1), scaled)
+        return self.head(self.fc(x).mean((1, 2)))
+
+
+def test_a_mean_over_all_channels_divides_every_channel_alike(aten_only):
+    assert _exact(_ResponseNorm()) == EXACT
+    graph = NetworkGraph(_ResponseNorm(), X, tracer="aten")
+    patch = next(b for b in graph.blocks if b.key == "patch.weight").dst.reshape(-1)
+    (key, nodes, dim), = graph.passengers
+    assert key == "beta" and dim == 0 and torch.equal(nodes, patch)
+
+
+class _ByOneChannelsWeight(_Tokens):
+    def forward(self, x):  # every channel divided alike, by what channel 0's weights give
+        return self.tokens(x) / self.patch.weight[0].abs().sum()
+
+
+class _MeanAdded(_Tokens):
+    def forward(self, x):
+        t = self.tokens(x)
+        return t + t.mean(-1, keepdim=True)
+
+
+class _SomeChannelsReduced(_Tokens):
+    def forward(self, x):
+        t = self.tokens(x).reshape(2, 16, 2, 4)
+        return t / t.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("net,node,why", [
+    (_ByOneChannelsWeight, "div", "dividing by a tensor"),
+    (_MeanAdded, "add", "only a parameter as stored"),
+    (_SomeChannelsReduced, "mean", r"reduction over dims \[3\] touches batch or channels"),
+])
+def test_what_a_channel_reduction_or_a_parameter_may_single_out_is_refused(net, node, why):
+    with pytest.raises(UnsupportedArchitectureError, match=rf"aten node '{node}'.*{why}"):
+        NetworkGraph(net(), X, tracer="aten")
