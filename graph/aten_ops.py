@@ -295,7 +295,8 @@ def _linear(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     a = op_args(node)
     if arg is not a["input"]:
         raise walker.fail(node, "a linear map whose weight carries channels")
-    if len(node_shape(arg) or ()) - 1 not in value.dims:
+    shape = node_shape(arg)
+    if shape is not None and len(shape) - 1 not in value.dims:
         return _token_mixing(walker, node, arg, value, a)
     weight = walker.state_key(node, a["weight"])
     out_features = (node_shape(a["weight"]) or (0,))[0]

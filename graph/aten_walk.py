@@ -36,6 +36,14 @@ def _stored(tensor):
     return tensor
 
 
+def _one_per_channel(tensor, channels: int) -> bool:
+    """Is ``tensor`` a parameter or buffer of ``channels`` entries along one dim (the others
+    of size 1)?"""
+    shape = node_shape(tensor) or ()
+    return (isinstance(tensor, fx.Node) and tensor.op == "placeholder"
+            and math.prod(shape) == channels and sum(n != 1 for n in shape) <= 1)
+
+
 def _module_path(node: fx.Node) -> str:
     """The innermost module whose forward made ``node``, with its type."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -90,7 +98,7 @@ class AtenWalker(Walker):
                and getattr(param.target, "overloadpacket", None) is aten.expand):
             param = param.args[0]
         stored = _stored(param)
-        if stored is not param and self._one_per_channel(stored, len(value.nodes)):
+        if stored is not param and _one_per_channel(stored, len(value.nodes)):
             self.channel_dim(node, param, value)  # the reshape aligns the C entries
             shape = node_shape(stored) or ()
             dim = next((d for d, n in enumerate(shape) if n != 1), 0)
@@ -101,12 +109,6 @@ class AtenWalker(Walker):
                             "channels: only a parameter as stored, or one entry per channel "
                             "reshaped, can travel with them")
         super().add_passenger(node, param, value)
-
-    def _one_per_channel(self, tensor, channels: int) -> bool:
-        """Is ``tensor`` a parameter of ``channels`` entries along one dim (the others 1)?"""
-        shape = node_shape(tensor) or ()
-        return (isinstance(tensor, fx.Node) and tensor.op == "placeholder"
-                and math.prod(shape) == channels and sum(n != 1 for n in shape) <= 1)
 
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:

@@ -300,8 +300,20 @@ class _SomeChannelsReduced(_Tokens):
         return t / t.mean(-1, keepdim=True)
 
 
+class _ShiftOfTwoRows(_Tokens):
+    """A [2, 4] parameter viewed as 8 shifts: channel c's entry lies in neither dim alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        return self.tokens(x) + self.shift.view(1, 1, 8)
+
+
 @pytest.mark.parametrize("net,node,why", [
     (_ByOneChannelsWeight, "div", "dividing by a tensor"),
+    (_ShiftOfTwoRows, "add", "only a parameter as stored, or one entry per channel reshaped"),
     (_MeanAdded, "add", "only a parameter as stored"),
     (_SomeChannelsReduced, "mean", r"reduction over dims \[3\] touches batch or channels"),
 ])
