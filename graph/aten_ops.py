@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .node_slots import BATCHNORM, GROUPNORM
+from .tensor_ops import reduced_dims
 from .walker_core import Env, Value, node_shape
 
 if TYPE_CHECKING:
@@ -128,16 +129,51 @@ def _pooling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return _result(node, walker.pooling(node, *_input(walker, node, args)))
 
 
+_UPSAMPLING = (*(f"{kind}{d}d" for kind in ("upsample_nearest", "_upsample_nearest_exact")
+                 for d in (1, 2, 3)),
+               "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+               "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
+
+
+@register_aten(*(getattr(aten, name) for name in _UPSAMPLING))
+def _upsampling(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Interpolation (``F.interpolate``: HRNet's fusion, GhostNetV2's attention map) resizes
+    the dims after dim 1, each channel alone: its sizes and scales cannot reach the batch or
+    the channels, which must be in dim 1, as for pooling."""
+    return walker.pooling(node, *_input(walker, node, args))
+
+
 @register_aten(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.squeeze,
                aten.unsqueeze)
 def _reshape(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.reshape(node, *_input(walker, node, args))
 
 
-@register_aten(aten.mean, aten.amax, aten.amin)
+@register_aten(aten.reshape_as, aten.view_as)
+def _reshape_as(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``x.reshape_as(y)`` is a reshape of ``x`` to ``y``'s shape (levit's norm of the
+    flattened tokens, ``bn(x.flatten(0, 1)).reshape_as(x)``); ``y``, even a channel tensor,
+    gives only its shape."""
+    arg, value = args[0]
+    if arg is not node.args[0]:
+        raise walker.fail(node, "a tensor without channels reshaped to a channel tensor's shape")
+    return walker.reshape(node, arg, value)
+
+
+@register_aten(aten.mean, aten.amax, aten.amin, aten.sum, aten.linalg_vector_norm)
 def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)."""
-    return walker.reduce(node, *_input(walker, node, args))
+    """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)
+    each channel alone. Over every channel dim (ConvNeXt V2's global response norm: the mean
+    of the channels' norms), a function of all channels that treats each alike, so no
+    channel permutation changes it: a tensor that follows no channel (``walker.invariant``),
+    which only a division accepts (``_div``)."""
+    arg, value = _input(walker, node, args)
+    a = op_args(node)
+    dims = reduced_dims(node_shape(arg), a.get("dim"))
+    if 0 not in dims and set(value.dims) <= set(dims):
+        walker.invariant.add(node)
+        return None
+    return walker.reduce_dims(node, arg, value, dims, a.get("keepdim", False))
 
 
 @register_aten(aten.split, aten.split_with_sizes, aten.chunk)
@@ -159,6 +195,16 @@ def _add(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     if op_args(node).get("alpha", 1) != 1:
         raise walker.fail(node, "an addition with a scaled operand (alpha != 1)")
     return _with_scalar(walker, node, args) or walker.add(node, args)
+
+
+@register_aten(*_with_variants("sub", "rsub"))
+def _sub(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """A difference (poolformer's ``pool(x) - x``; ``rsub(a, b)`` is ``b - a``), alpha 1:
+    ``TensorOps.subtract``."""
+    if op_args(node).get("alpha", 1) != 1:
+        raise walker.fail(node, "a difference with a scaled operand (alpha != 1)")
+    rsub = getattr(node.target, "overloadpacket", None) is aten.rsub
+    return _with_scalar(walker, node, args) or walker.subtract(node, args, 0 if rsub else 1)
 
 
 @register_aten(*_with_variants("mul"))
@@ -184,9 +230,50 @@ def _with_scalar(walker: AtenWalker, node: fx.Node, args: Args) -> Value | None:
     return walker.passthrough(arg, value)
 
 
+@register_aten(*_with_variants("addcmul"))
+def _addcmul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``addcmul(b, a, x) = b + a * x`` with parameters ``a`` and ``b`` of one entry per
+    channel (resmlp's ``Affine``): the per-channel scale ``x * a`` (node features of kind
+    ``scale``) then the parameter ``b`` added (a passenger), as the walker encodes those two
+    operations written apart."""
+    if len(args) != 1:
+        raise walker.fail(node, "addcmul of several channel tensors")
+    arg, value = args[0]
+    a = op_args(node)
+    factors = [t for t in (a["tensor1"], a["tensor2"]) if t is not arg]
+    if a["value"] != 1 or a["self"] is arg or len(factors) != 1:
+        raise walker.fail(node, "addcmul other than parameter + parameter * channels "
+                          "(with value 1)")
+    if walker.parameter_key(factors[0]) is None:
+        raise walker.fail(node, f"addcmul multiplies the channels by {factors[0]}, which is "
+                          "not a parameter of the network")
+    scaled = walker.channel_scale(node, arg, value, factors[0])
+    walker.add_passenger(node, a["self"], value)
+    return scaled
+
+
 @register_aten(*_with_variants("div"))
 def _div(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """By a number, or by an invariant tensor (``_reduce``) with one entry for all channels
+    (size 1 along the channel dims): every channel divided alike by what no channel
+    permutation changes. A divisor computed from parameters is refused: it may single out
+    channels (``x / w[0]``)."""
+    arg, value = args[0]
+    divisor = node.args[1] if len(args) == 1 and arg is node.args[0] else None
+    if isinstance(divisor, fx.Node) and divisor in walker.invariant and _alike_for_all_channels(
+            node, divisor, value):
+        return walker.passthrough(arg, value)
     return walker.divide(node, args)
+
+
+def _alike_for_all_channels(node: fx.Node, tensor: fx.Node, value: Value) -> bool:
+    """Does ``tensor``, broadcast against ``node``'s output, give each of ``value``'s channel
+    dims a single entry?"""
+    shape = node_shape(tensor)
+    if shape is None:
+        return False
+    offset = len(node_shape(node) or ()) - len(shape)
+    return all(d - offset < 0 or shape[d - offset] == 1 for d in value.dims)
 
 
 @register_aten(aten.conv1d, aten.conv2d, aten.conv3d)
@@ -207,9 +294,24 @@ def _linear(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     a = op_args(node)
     if arg is not a["input"]:
         raise walker.fail(node, "a linear map whose weight carries channels")
+    shape = node_shape(arg)
+    if shape is not None and len(shape) - 1 not in value.dims:
+        return _token_mixing(walker, node, arg, value, a)
     weight = walker.state_key(node, a["weight"])
     out_features = (node_shape(a["weight"]) or (0,))[0]
     return walker.dense(node, arg, value, out_features, weight, _key(walker, node, a["bias"]))
+
+
+def _token_mixing(walker: AtenWalker, node: fx.Node, arg: fx.Node, value: Value,
+                  a: dict[str, Any]) -> Env:
+    """A linear map of the last dim when that holds no channels (MLP-Mixer's and ResMLP's
+    token MLPs, on [B, C, N]): the same weight for every channel, so any channel permutation
+    keeps it and it connects no channels. Its weight and bias follow no channel: passengers
+    without nodes, decoded as they were (the metanetwork does not change them)."""
+    for tensor in (a["weight"], a["bias"]):
+        if tensor is not None:
+            walker.carry(node, walker.state_key(node, tensor))
+    return walker.passthrough(arg, value)
 
 
 @register_aten(aten.batch_norm)
@@ -236,6 +338,18 @@ def _layer_norm(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
                              _key(walker, node, a["weight"]), _key(walker, node, a["bias"]))
 
 
+@register_aten(aten.select)
+def _select(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """One index along a dim other than the batch and the channels (a ViT's class token,
+    ``x[:, 0]``) keeps every channel; the dims after it move one down."""
+    arg, value = _input(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or (0,))
+    if dim == 0 or dim in value.dims:
+        raise walker.fail(node, f"selecting one index of dim {dim}, the batch or a channel dim "
+                          f"(channels in dims {list(value.dims)})")
+    return replace(walker.passthrough(arg, value), axis=value.axis - (dim < value.axis))
+
+
 @register_aten(aten.slice)
 def _slice(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """A slice along the channels selects channels: those channels' nodes, as a piece of a
@@ -252,18 +366,6 @@ def _slice(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     walker.one_axis(node, value, "a slice along the channels")
     nodes = value.nodes[slice(a["start"], a["end"], a["step"])]
     return Value(nodes, False, value.area, value.axis)
-
-
-@register_aten(aten.select)
-def _select(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    """``x[:, 0]`` (a ViT's class token): one entry of a dim other than batch and channels
-    keeps every channel, as the fx walk's indexing does."""
-    arg, value = _input(walker, node, args)
-    dim = op_args(node)["dim"] % len(node_shape(arg) or ())
-    if dim == 0 or dim in value.dims:
-        raise walker.fail(node, f"selecting one entry of dim {dim}: the batch or the channels "
-                          f"(dims {list(value.dims)})")
-    return replace(walker.passthrough(arg, value), axis=value.axis - (dim < value.axis))
 
 
 @register_aten(aten.pad, aten.constant_pad_nd)

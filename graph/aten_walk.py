@@ -11,6 +11,7 @@ walker's bookkeeping (:class:`graph.walker.Walker`) and produces the same
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -20,12 +21,28 @@ from . import aten_attention  # noqa: F401 - registers the attention handlers
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker
-from .walker_core import Env, Scores, Split, TraceRecords, Value
+from .walker_core import Env, Scores, Split, TraceRecords, Value, node_shape
 
 aten = torch.ops.aten
 # operations that change a tensor's shape but not its elements' row-major order
 _PARAMETER_VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze,
                     aten.flatten, aten.alias)
+
+
+def _stored(tensor):
+    """The tensor that ``tensor`` reshapes (through views of it alone), or ``tensor``."""
+    while isinstance(tensor, fx.Node) and tensor.op == "call_function" and (
+            getattr(tensor.target, "overloadpacket", None) in _PARAMETER_VIEWS):
+        tensor = tensor.args[0]
+    return tensor
+
+
+def _one_per_channel(tensor, channels: int) -> bool:
+    """Is ``tensor`` a parameter or buffer of ``channels`` entries along one dim (the others
+    of size 1)?"""
+    shape = node_shape(tensor) or ()
+    return (isinstance(tensor, fx.Node) and tensor.op == "placeholder"
+            and math.prod(shape) == channels and sum(n != 1 for n in shape) <= 1)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -48,6 +65,9 @@ class AtenWalker(Walker):
         # placeholder name -> state_dict key of the parameter or buffer it stands for
         self.keys = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
         self.user_inputs = set(signature.user_inputs)
+        # tensors computed from the channels by functions that treat every channel alike (a
+        # mean over the channels, then numbers added): no channel permutation changes them
+        self.invariant: set[fx.Node] = set()
 
     def fail(self, node: fx.Node, why: str) -> UnsupportedArchitectureError:
         called = node.meta.get("torch_fn")
@@ -62,19 +82,33 @@ class AtenWalker(Walker):
         """Also through reshapes of the parameter alone (timm's layer scale multiplies by
         ``gamma.reshape(1, -1, 1, 1)``): a reshape keeps the elements' row-major order, and
         the callers check that the channels lie along one dim of the reshaped tensor."""
-        while isinstance(tensor, fx.Node) and tensor.op == "call_function" and (
-                getattr(tensor.target, "overloadpacket", None) in _PARAMETER_VIEWS):
-            tensor = tensor.args[0]
+        tensor = _stored(tensor)
         if isinstance(tensor, fx.Node) and tensor.op == "placeholder":
             return self.keys.get(tensor.name)
         return None
 
     def add_passenger(self, node: fx.Node, param: fx.Node, value: Value) -> None:
-        """A passenger's record names the dim of the stored tensor holding the channels;
-        through a reshape that is another dim than the one the operation aligns."""
+        """A passenger's record names the dim of the stored tensor holding the channels. An
+        ``expand`` (a class token over the batch, ``cls_token.expand(B, -1, -1)``) only
+        repeats the stored tensor along its size-1 dims, or new leading ones: broadcasting
+        aligns the stored tensor's dims as they were, and ``channel_dim`` refuses a channel
+        dim that the expand made. Through a reshape the aligned dim is another than the
+        stored one; only a parameter of one entry per channel (a per-channel shift,
+        ``bias.view(1, 1, 1, -1)``) keeps channel c at entry c along its one dim of size C."""
+        while (param.op == "call_function" and isinstance(param.args[0], fx.Node)
+               and getattr(param.target, "overloadpacket", None) is aten.expand):
+            param = param.args[0]
+        stored = _stored(param)
+        if stored is not param and _one_per_channel(stored, len(value.nodes)):
+            self.channel_dim(node, param, value)  # the reshape aligns the C entries
+            shape = node_shape(stored) or ()
+            dim = next((d for d, n in enumerate(shape) if n != 1), 0)
+            self.carry(node, self.state_key(node, stored), value.nodes, dim)
+            return
         if param.op != "placeholder":
             raise self.fail(node, f"{param.name!r} (operation {param.target}) joins the "
-                            "channels: only a parameter as stored can travel with them")
+                            "channels: only a parameter as stored, or one entry per channel "
+                            "reshaped, can travel with them")
         super().add_passenger(node, param, value)
 
     def step(self, node: fx.Node) -> Env:
@@ -86,7 +120,11 @@ class AtenWalker(Walker):
             return super().step(node)  # the input, the output
         args = self.channel_args(node)
         if not args:
-            return None  # operations on parameters or constants alone
+            # operations on parameters or constants alone; on invariant tensors alone (and
+            # numbers), another invariant tensor
+            if node.all_input_nodes and all(n in self.invariant for n in node.all_input_nodes):
+                self.invariant.add(node)
+            return None
         if node.target is operator.getitem:
             return self.getitem(node, args)
         if any(isinstance(v, (Split, Scores)) for _, v in args):

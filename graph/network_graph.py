@@ -71,6 +71,7 @@ class EdgeBlock:
     src: torch.Tensor           # [groups, in per group] node ids
     dst: torch.Tensor           # [groups, out per group] node ids
     key: str | None = None      # state_dict key; None for an identity residual
+    sign: float = 1.0           # an identity's: -1 for the channels a difference subtracts
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -131,12 +132,13 @@ def edge_attr_key(area: int) -> str:
 
 
 def _identity_features(block: EdgeBlock) -> torch.Tensor:
-    """Features of an identity block: the Dirac kernel (centre tap 1) on edges i -> i, zero
-    on the other pairs of a dense block; none for a membership block (area 0)."""
+    """Features of an identity block: the Dirac kernel (centre tap 1, or -1 for what a
+    difference subtracts) on edges i -> i, zero on the other pairs of a dense block; none for a
+    membership block (area 0)."""
     groups, out, inp = block.shape
     features = torch.zeros(block.rows, block.area)
     if block.area:
-        features[:, block.area // 2] = torch.eye(out, inp).expand(groups, out, inp).reshape(-1)
+        features[:, block.area // 2] = block.sign * torch.eye(out, inp).expand(groups, out, inp).reshape(-1)
     return features
 
 
@@ -215,7 +217,7 @@ class NetworkGraph:
 
     # -- construction -------------------------------------------------------------------------
     def _build_edges(self, records, rep: torch.Tensor) -> None:
-        areas = sorted({a for _, a, *_ in records.weights} | {a for *_, a in records.identities}
+        areas = sorted({a for _, a, *_ in records.weights} | {a for _, _, a, _ in records.identities}
                        | ({0} if records.memberships else set()))
         self.edge_types: tuple[int, ...] = tuple(areas)
         self.blocks: list[EdgeBlock] = []
@@ -233,9 +235,9 @@ class NetworkGraph:
                     self._edge_keys[area].append((key, self.blocks[-1].rows, rows))
                     start += self.blocks[-1].rows
             identities = []
-            for src, dst, a in records.identities:
+            for src, dst, a, sign in records.identities:
                 if a == area:
-                    identities.append(self._identity_block(area, start, rep[src], rep[dst]))
+                    identities.append(self._identity_block(area, start, rep[src], rep[dst], sign))
                     start += identities[-1].rows
             for src, dst in records.memberships if area == 0 else []:
                 identities.append(EdgeBlock(0, start, rep[src], rep[dst]))
@@ -255,12 +257,12 @@ class NetworkGraph:
         self.num_identity_edges = sum(len(b) for b in self._identity.values())
 
     def _identity_block(self, area: int, start: int, src: torch.Tensor,
-                        dst: torch.Tensor) -> EdgeBlock:
-        """Channel ``src[k]`` feeds channel ``dst[k]``: C groups of 1 x 1 (diagonal) or one
-        group of C x C (dense)."""
+                        dst: torch.Tensor, sign: float = 1.0) -> EdgeBlock:
+        """Channel ``src[k]`` feeds channel ``dst[k]`` (times ``sign``): C groups of 1 x 1
+        (diagonal) or one group of C x C (dense)."""
         if self.identity_edges == "diagonal":
-            return EdgeBlock(area, start, src[:, None], dst[:, None])
-        return EdgeBlock(area, start, src[None, :], dst[None, :])
+            return EdgeBlock(area, start, src[:, None], dst[:, None], sign=sign)
+        return EdgeBlock(area, start, src[None, :], dst[None, :], sign=sign)
 
     def _build_nodes(self, records, rep: torch.Tensor) -> None:
         # Slots are assigned per node in trace order: the first layer of a kind on a channel

@@ -24,6 +24,14 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
 
 
+def reduced_dims(shape: torch.Size | None, dims) -> list[int]:
+    """The dims (an int, a list, or None for all) that a reduction of a tensor of ``shape``
+    reduces, non-negative."""
+    ndim = len(shape or ())
+    dims = range(ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+    return [d % ndim for d in dims]
+
+
 class TensorOps(WalkerCore):
     """The walker's tensor operations: each returns its output's :class:`Value` (or the
     pieces' values, for a split)."""
@@ -49,11 +57,31 @@ class TensorOps(WalkerCore):
             self.rec.merge(b.nodes, a.nodes)
             return replace(a, fresh=False)
         if fresh_a:  # identity shortcut from an older tensor into a's channels
-            self.rec.identities.append((b.nodes, a.nodes, a.area))
+            self.rec.identities.append((b.nodes, a.nodes, a.area, 1.0))
             return replace(a, fresh=False)
         # Sum of two older tensors: new nodes fed by identity edges from both.
         out = self.rec.new_nodes(len(a.nodes))
-        self.rec.identities += [(a.nodes, out, 1), (b.nodes, out, 1)]
+        self.rec.identities += [(a.nodes, out, 1, 1.0), (b.nodes, out, 1, 1.0)]
+        return Value(out, False, 1, a.axis)
+
+    def subtract(self, node: fx.Node, args: list[tuple[fx.Node, Value]], minus: int) -> Value:
+        """A difference; ``minus`` is the position in ``args`` of the channel tensor subtracted.
+        With a parameter or number on the other side, or the same channels on both (pool(x) -
+        x), each channel alone, as for a sum. Two tensors of different channels feed new nodes
+        through identity edges of sign +1 and -1, so the graph tells ``a - b`` from ``a + b``
+        (no projection-shortcut merge: the merged channels would stand for a sum)."""
+        if len(args) == 1:
+            return self.add(node, args)
+        (na, a), (nb, b) = args
+        self.same_layout(node, a, b, "subtracting")
+        if node_shape(na) != node_shape(nb):
+            raise self.fail(node, f"a difference of tensors with shapes {tuple(node_shape(na) or ())} "
+                            f"and {tuple(node_shape(nb) or ())} (broadcasting over channels)")
+        if torch.equal(a.nodes, b.nodes):
+            return replace(a, fresh=False)
+        out = self.rec.new_nodes(len(a.nodes))
+        signs = (1.0, -1.0) if minus == 1 else (-1.0, 1.0)
+        self.rec.identities += [(a.nodes, out, 1, signs[0]), (b.nodes, out, 1, signs[1])]
         return Value(out, False, 1, a.axis)
 
     def same_layout(self, node: fx.Node, a: Value, b: Value, what: str) -> None:
@@ -202,13 +230,15 @@ class TensorOps(WalkerCore):
 
     def reduce(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
         """Mean/max/min over dims other than batch and channels."""
-        ndim = len(node_shape(arg) or ())
-        dims = call_arg(node, 1, "dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        dims = [d % ndim for d in dims]
+        return self.reduce_dims(node, arg, value, reduced_dims(node_shape(arg), call_arg(node, 1, "dim")),
+                                call_arg(node, 2, "keepdim", False))
+
+    def reduce_dims(self, node: fx.Node, arg: fx.Node, value: Value, dims: list[int],
+                    keepdim: bool) -> Value:
+        """A reduction over ``dims`` (non-negative), which must leave batch and channels."""
         if not dims or 0 in dims or any(d in value.dims for d in dims):
             raise self.fail(node, f"reduction over dims {dims} touches batch or channels")
         axis = value.axis
-        if not call_arg(node, 2, "keepdim", False):
+        if not keepdim:
             axis -= sum(d < value.axis for d in dims)
         return replace(self.passthrough(arg, value), axis=axis)

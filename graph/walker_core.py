@@ -110,7 +110,8 @@ class TraceRecords:
     # order; the fields one layer writes on a channel share one slot
     channels: list[tuple[str, str, str, torch.Tensor, Rows, str]] = field(default_factory=list)
     # identity residual edges: (src nodes [C], dst nodes [C], kernel area)
-    identities: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    # (source nodes, destination nodes, area, sign): +1 for a sum, -1 for what a difference subtracts
+    identities: list[tuple[torch.Tensor, torch.Tensor, int, float]] = field(default_factory=list)
     # featureless edges from a node to the nodes it groups (an attention head to its
     # channels): (src [groups, 1], dst [groups, members])
     memberships: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)

@@ -24,6 +24,7 @@ MODELS = [
     ("ghostnet_050", "concatenated ghost features, a whole slice out[:, :c]"),
     ("test_efficientnet_gn", "GroupNormAct (F.group_norm): group nodes"),
     ("hgnetv2_b0", "learnable scalar scale and bias: passengers"),
+    ("convnextv2_atto", "global response norm: a mean over the channels divides them, addcmul"),
 ]
 
 
