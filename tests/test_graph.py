@@ -412,7 +412,8 @@ def test_graph_package_imports_no_lightning():
 
 
 class _ChannelAffine(nn.Module):
-    """A user's module the encoding does not know: a learned scale and shift per channel."""
+    """A user's module the encoding does not know: a learned scale (stored as its logarithm)
+    and shift per channel."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -421,7 +422,7 @@ class _ChannelAffine(nn.Module):
         self.shift = nn.Parameter(torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        return x * self.scale.exp().view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
 
 
 class _AffineNet(nn.Module):
