@@ -117,6 +117,8 @@ def _standardised(w, gain=None, groups=None):
      r"shape \(1, 2, 54\), which is not a parameter reshaped to \[1, 4 filters, -1\]"),
     (lambda m: _standardised(m.w, m.gain * m.gain.detach().flip(0)),
      r"multiplied by 'mul'.*not a parameter of one entry per filter"),
+    (lambda m: F.batch_norm(m.w.reshape(1, 4, -1), None, None, None, m.gain, training=True
+                            ).reshape_as(m.w), r"and then shifted by 'p_gain'"),
     (lambda m: _standardised(m.w).reshape(3, 4, 3, 3).transpose(0, 1),
      r"the weight 'transpose' .* is neither a parameter"),
 ])
