@@ -276,18 +276,6 @@ def _alike_for_all_channels(node: fx.Node, tensor: fx.Node, value: Value) -> boo
     return all(d - offset < 0 or shape[d - offset] == 1 for d in value.dims)
 
 
-@register_aten(aten.conv1d, aten.conv2d, aten.conv3d)
-def _convolution(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
-    """``F.conv2d`` and a Conv2d alike: the weight and bias are the network's parameters."""
-    arg, value = args[0]
-    a = op_args(node)
-    if arg is not a["input"]:
-        raise walker.fail(node, "a convolution whose weight carries channels")
-    weight = walker.state_key(node, a["weight"])
-    return walker.convolution(node, value, "a convolution", tuple(node_shape(a["weight"]) or ()),
-                              a["groups"], weight, _key(walker, node, a["bias"]))
-
-
 @register_aten(aten.linear)
 def _linear(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     arg, value = args[0]

@@ -6,7 +6,8 @@ BatchNorm2d, a subclass that calls ``F.batch_norm``, the function itself) needs 
 its own. An exported program spells them all as one ATen operation. This walker reuses the fx
 walker's bookkeeping (:class:`graph.walker.Walker`) and produces the same
 :class:`graph.walker_core.TraceRecords`; the handler of each ATen operation is registered in
-:mod:`graph.aten_ops`. As in the fx walk, anything it does not model raises
+:mod:`graph.aten_ops` (convolutions in :mod:`graph.aten_conv`, self-attention in
+:mod:`graph.aten_attention`). As in the fx walk, anything it does not model raises
 :class:`UnsupportedArchitectureError`.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from . import aten_attention  # noqa: F401 - registers the attention handlers
+from . import aten_attention, aten_conv  # noqa: F401 - register the attention and convolution handlers
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker

@@ -25,6 +25,7 @@ MODELS = [
     ("test_efficientnet_gn", "GroupNormAct (F.group_norm): group nodes"),
     ("hgnetv2_b0", "learnable scalar scale and bias: passengers"),
     ("convnextv2_atto", "global response norm: a mean over the channels divides them, addcmul"),
+    ("nf_regnet_b0", "ScaledStdConv2d: filters standardised in forward, gains on the nodes"),
 ]
 
 
@@ -124,13 +125,14 @@ def test_a_group_preserving_swap_is_the_same_function_and_a_relabelled_graph():
 
 
 def test_a_refused_timm_model_names_the_aten_op():
-    """nf_regnet_b0's ScaledStdConv2d standardizes its weight in forward(): the convolution
-    reads a tensor computed from the parameter, not the parameter."""
+    """eca_nfnet_l0's efficient channel attention convolves the pooled channels along the
+    channel dim (a Conv1d over [B, 1, C]), which mixes neighbouring channels: refused there,
+    after its weight-standardised convolutions were encoded."""
     with pytest.raises(UnsupportedArchitectureError) as info:
-        NetworkGraph(_timm("nf_regnet_b0", 0), X)
+        NetworkGraph(_timm("eca_nfnet_l0", 0), X)
     message = str(info.value)
-    assert "torch.fx:" in message and "torch.export: aten node 'conv2d'" in message
-    assert "operation aten.conv2d.default" in message and "is not a parameter or buffer" in message
+    assert "torch.fx:" in message and "torch.export: aten node 'conv1d'" in message
+    assert "operation aten.conv1d.default" in message and "channels are in dim 2" in message
 
 
 @pytest.mark.slow
