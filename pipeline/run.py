@@ -209,7 +209,14 @@ def prune_run(args: RunRequest) -> int:
         run_stage(stage1, out / first / "network.pt", first)
         step()
     with console.stage(RUN_STAGES[1], 1, "fit") as step:
-        run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+        try:
+            run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+        except ValueError as e:  # known only by timing: after stage 1, which is kept
+            if not (p.latency and str(e).startswith("latency speed-up target")):
+                raise
+            raise PruneRunError(
+                f"stage 2: {e} (timed on the CPU at batch {p.batch}). Stage 1 is kept: pass "
+                f"another --latency_speed_up with --reuse_first_stage {out}") from e
         step()
     if not is_rank_zero():
         return 0
