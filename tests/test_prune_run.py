@@ -1122,6 +1122,7 @@ def test_a_latency_target_prunes_stage_2_until_the_clock_reaches_it(
     assert tags["pruning/latency_speed_up_target"] == target and "pruning/speed_up_target" not in tags
 
     # a rerun is answered from the files; a second target is refused before anything loads
+    fit_stage = run_stages.fit_stage
     monkeypatch.setattr(run_stages, "fit_stage", lambda *a, **k: pytest.fail("a stage was refit"))
     count = len(readings)
     assert prune.main(argv) == 0 and len(readings) == count
@@ -1138,3 +1139,14 @@ def test_a_latency_target_prunes_stage_2_until_the_clock_reaches_it(
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, (message, err)
     assert not bad.exists()
+    # a target the clock never reaches is known only in stage 2: named in one line, stage 1 kept
+    far = tmp_path / "far"
+    monkeypatch.setattr(run_stages, "fit_stage", fit_stage)
+    assert prune.cli(["run", "--config", str(setup["config"]), "--network", str(setup["network"]),
+                      "--method", "none", "--out", str(far), "--latency_speed_up", "1000",
+                      "--latency_batch", str(batch), "--reuse_first_stage", str(runs["none"])]) == 2
+    err = capsys.readouterr().err
+    assert "prune.py: error: stage 2: latency speed-up target 1000.000x is unreachable: 40 " \
+        "pruning steps reach" in err and f"Stage 1 is kept: pass another --latency_speed_up " \
+        f"with --reuse_first_stage {far}" in err, err
+    assert (far / first / "network.pt").is_file() and not (far / "report.json").exists()
