@@ -21,6 +21,7 @@ from .curve import (
                          sparsity_curve,
                          sparsity_levels,
 )
+from .latency import latency_probe
 from .layers import LayerShape, layer_shape, register_layer_shape, sync_layer_shapes
 from .pruning import (
                          IMPORTANCES,
@@ -38,7 +39,6 @@ from .pruning import (
                          prune_to_latency,
                          prune_to_speed_up,
 )
-from .latency import latency_probe
 from .registry import available, build
 from .vgg import CifarVGG
 
@@ -50,6 +50,7 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "criterion_pruner", "IMPORTANCES", "check_importance", "NEAR_ZERO", "near_zero_fraction",
            "network_from_record",
            "network_from_state_dict",
-           "network_record", "latency_probe", "prune_to_latency", "prune_to_speed_up", "recalibrate_batchnorm", "register_layer_shape",
+           "network_record", "latency_probe", "prune_to_latency", "prune_to_speed_up",
+           "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
            "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes"]

@@ -75,13 +75,15 @@ def nm_pair(nm: Any, where: str = "--nm") -> tuple[int, int] | None:
     return n, m
 
 
-def one_target(speed_up: Any, weight_sparsity: Any, nm: Any) -> None:
-    """Refuse more than one of the three targets given on the command line."""
+def one_target(speed_up: Any, weight_sparsity: Any, nm: Any, latency_speed_up: Any = None) -> None:
+    """Refuse more than one of the four targets given on the command line."""
     given = [flag for flag, value in (("--speed_up", speed_up), ("--weight_sparsity", weight_sparsity),
-                                      ("--nm", nm)) if value is not None]
+                                      ("--nm", nm), ("--latency_speed_up", latency_speed_up))
+             if value is not None]
     if len(given) > 1:
         raise OptionError(f"{' and '.join(given)} are two targets; a run has one: a speed-up "
-                          "(channels removed) or a weight sparsity (--weight_sparsity S or --nm "
+                          "(channels removed: --speed_up S in MACs or --latency_speed_up L in "
+                          "measured time) or a weight sparsity (--weight_sparsity S or --nm "
                           "[N,M], weights zeroed)")
 
 
@@ -141,8 +143,9 @@ class ZooOptions:
 
 @dataclass
 class RunRequest:
-    """Prune a network to a speed-up (channels removed) or to a weight sparsity (weights zeroed,
-    magnitude or N:M): metanetwork, none or sparse, finetunes, export (docs/pruning.md). Any
+    """Prune a network to a speed-up (channels removed, in MACs or in measured latency) or to a
+    weight sparsity (weights zeroed, magnitude or N:M): metanetwork, none or sparse, finetunes,
+    export (docs/pruning.md). Any
     key of the prune config can also be overridden as --SECTION.KEY VALUE (VALUE read as YAML),
     e.g. --prune.max_pruning_ratio 0.67 --final.trainer.max_epochs 1; the run records the
     merged config.
@@ -168,13 +171,19 @@ class RunRequest:
             config's target.
         nm: the target [N, M]: N of every M consecutive weights along the input channels kept
             (e.g. [2, 4]); replaces the config's target. One target per run.
+        latency_speed_up: the target, above 1 (e.g. 1.5): the measured forward latency of the
+            unpruned architecture over that of the pruned network, timed on the CPU at
+            latency_batch while stage 2 prunes channels; replaces the config's target.
+        latency_batch: the batch size a latency_speed_up target is timed at (default
+            prune.latency_batch, else 1).
         out: the run folder; default <prune.dir>/<network>_<method>_<target>_seed<N>, the
-            target as 2x, w0.5 or 2of4.
+            target as 2x, w0.5, 2of4 or lat1.5b1.
         data_root: the image data (overrides data.init_args.root); default $METAPRUNE_DATA.
         seed: seeds every stage; default prune.seed or 0.
         reuse_first_stage: a run folder of the same network, method, metanetwork, seed and
-            config that differs only in the target (speed-up, weight sparsity or N:M; for
-            sparse, of the same kind) or prune.max_pruning_ratio: stage 1 is taken from it.
+            config that differs only in the target (speed-up, latency speed-up, weight sparsity
+            or N:M; for sparse, of the same kind), prune.max_pruning_ratio or prune.round_to:
+            stage 1 is taken from it.
         overrides: a nested mapping merged over the config file (the command line's
             --SECTION.KEY VALUE).
     """
@@ -190,6 +199,8 @@ class RunRequest:
     speed_up: Optional[SpeedUp] = None
     weight_sparsity: Optional[WeightFraction] = None
     nm: Optional[NM] = None
+    latency_speed_up: Optional[SpeedUp] = None
+    latency_batch: Optional[PositiveInt] = None
     out: Optional[str] = None
     data_root: Optional[str] = None
     seed: Optional[int] = None
@@ -207,7 +218,11 @@ class RunRequest:
                               "file records its own architecture arguments)")
         if self.method not in METHODS:
             raise OptionError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
-        one_target(self.speed_up, self.weight_sparsity, self.nm)
+        one_target(self.speed_up, self.weight_sparsity, self.nm, self.latency_speed_up)
+        if self.latency_batch is not None and any(
+                t is not None for t in (self.speed_up, self.weight_sparsity, self.nm)):
+            raise OptionError("--latency_batch goes with a latency target (--latency_speed_up L), "
+                              "not with --speed_up, --weight_sparsity or --nm")
         self.nm = nm_pair(self.nm)
 
     @property

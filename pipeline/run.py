@@ -58,6 +58,8 @@ __all__ = ["FIRST_STAGE", "METHODS", "REPORT", "RUN_FILE", "SECOND_STAGE", "Prun
            "load_prune_config", "prune_run"]
 
 # What `prune.py run` prints, one line each (pipeline.console.Stages; output in <out>/logs/)
+# Seconds of timing per reading of report.json's latency speed-up of a latency target
+LATENCY_REPORT_S = 0.5
 RUN_STAGES = ("stage 1 (finetune)", "stage 2 (prune, finetune)", "evaluate, export, curves, latency")
 
 
@@ -174,7 +176,7 @@ def prune_run(args: RunRequest) -> int:
     when the run was complete already. Writes ``<out>/report.json`` last."""
     t0 = time.perf_counter()
     cfg = load_prune_config(args.config, args.speed_up, args.seed, args.data_root, args.overrides,
-                            args.weight_sparsity, args.nm)
+                            args.weight_sparsity, args.nm, args.latency_speed_up, args.latency_batch)
     out = run_dir(cfg, args.source, args.method, args.out)
     settings = run_settings(cfg, args)
     if stored_settings_check(out, settings):
@@ -207,7 +209,14 @@ def prune_run(args: RunRequest) -> int:
         run_stage(stage1, out / first / "network.pt", first)
         step()
     with console.stage(RUN_STAGES[1], 1, "fit") as step:
-        run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+        try:
+            run_stage(stage2, out / SECOND_STAGE / "network.pt", SECOND_STAGE)
+        except ValueError as e:  # known only by timing: after stage 1, which is kept
+            if not (p.latency and str(e).startswith("latency speed-up target")):
+                raise
+            raise PruneRunError(
+                f"stage 2: {e} (timed on the CPU at batch {p.batch}). Stage 1 is kept: pass "
+                f"another --latency_speed_up with --reuse_first_stage {out}") from e
         step()
     if not is_rank_zero():
         return 0
@@ -224,6 +233,10 @@ def prune_run(args: RunRequest) -> int:
                    f"(target {p.target_text}"
                    + (f", pattern {'holds' if sparsity['nm']['satisfied'] else 'VIOLATED'}"
                       if p.nm else "") + ")")
+    elif p.latency:
+        outcome = (f"{info['macs']:,} -> {report['macs']['after']:,} MACs, speed-up "
+                   f"{report['speed_up']['reached']:.3f}x in MACs, measured latency speed-up "
+                   f"{report['latency_speed_up']['reached']:.3f}x (target {p.target_text})")
     else:
         outcome = (f"{info['macs']:,} -> {report['macs']['after']:,} MACs, speed-up "
                    f"{report['speed_up']['reached']:.3f}x (target {p.target:g}x)")
@@ -263,6 +276,8 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
     reached = info["base_macs"] / macs
     if not (out / "network.pt").is_file():
         target = weight_target(p) if p.weights else {"speed_up": reached}
+        if p.latency:
+            target["latency_target"] = latency_target(p)
         networks.save_network(network, out / "network.pt", arch=arch, metadata={
             "method": args.method, **target, "macs": macs, "base_macs": info["base_macs"],
             "val_acc": acc["final"]["val_acc"], "test_acc": acc["final"]["test_acc"],
@@ -293,8 +308,10 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
                         "bn_batches": p.bn_batches, "scope": p.scope, "exclude": p.exclude,
                         "csv": f"{first}/curve.csv"}
     else:
+        # up to twice the speed-up in MACs: the target's, or for a latency target the one reached
+        top = 2 * (reached if p.latency else p.target)
         final_points = network_curve(
-            get_cli, copy.deepcopy(network), channel_curve(p, example, info["base_macs"], 2 * p.target),
+            get_cli, copy.deepcopy(network), channel_curve(p, example, info["base_macs"], top),
             p, out, f"{args.method}: final network, no finetuning", chance)
         # "Easier to prune": the stage-1 network's curve over prune.curve_range (docs/method.md).
         lo, hi = p.curve_range
@@ -309,9 +326,15 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
     latency = measured_latency(network, arch, p)
     step()
     if not p.weights:
-        result = {"speed_up": {"target": p.target, "reached": reached, "before": info["speed_up"],
-                               "measured": {str(r["batch_size"]): r["speed_up_measured"]
-                                            for r in latency}}}
+        measured = {str(r["batch_size"]): r["speed_up_measured"] for r in latency}
+        if p.latency:  # the MACs speed-up reached has no target of its own
+            result = {"target": latency_target(p),
+                      "latency_speed_up": latency_reached(network, arch, p),
+                      "speed_up": {"reached": reached, "before": info["speed_up"],
+                                   "measured": measured}}
+        else:
+            result = {"speed_up": {"target": p.target, "reached": reached,
+                                   "before": info["speed_up"], "measured": measured}}
     return {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
@@ -332,6 +355,34 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
         "config": {"prune": p.record(), "stages": stages},
         "_points": {"stage1": stage1_points, "final": final_points},
     }
+
+
+def latency_target(p: PruneSettings) -> dict:
+    """A latency run's target as its report and network file record it."""
+    return {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch}
+
+
+def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
+    """The latency speed-up of a latency run's final ``network``, measured again as stage 2
+    measured it (``networks.latency_probe``: CPU, ``prune.latency_batch``, the process's
+    threads), longer: the median of ``LATENCY_REPORT_S`` seconds of timing per network, the
+    pruned network and the unpruned architecture alternating twice, the slower reading of the
+    pruned one over the faster of the unpruned one (the stopping rule's conservative ratio)."""
+    import torch
+
+    import networks
+
+    probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S)
+    pruned = copy.deepcopy(network).cpu().eval()
+    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {})).eval()
+    readings: dict[str, list[float]] = {"pruned": [], "unpruned": []}
+    for _ in range(2):
+        readings["pruned"].append(probe(pruned))
+        readings["unpruned"].append(probe(unpruned))
+    ms, base_ms = max(readings["pruned"]), min(readings["unpruned"])
+    return {"target": p.latency_speed_up, "batch_size": p.batch, "device": "cpu",
+            "threads": torch.get_num_threads(), "reached": base_ms / ms, "latency_ms": ms,
+            "unpruned_latency_ms": base_ms}
 
 
 def weight_target(p: PruneSettings) -> dict:

@@ -36,12 +36,14 @@ from .options import (
 FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "sparse": "sparse"}
 SECOND_STAGE = "prune_finetune"
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
-SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion")
+SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion", "round_to")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
-# The targets of a run: a speed-up (channels removed) or a weight sparsity (weights zeroed),
-# one per run; stage 1 reads none of them.
-TARGET_KEYS = ("speed_up", "weight_sparsity", "nm")
+# The targets of a run: a speed-up (channels removed; in MACs or in measured latency) or a
+# weight sparsity (weights zeroed), one per run; stage 1 reads none of them.
+TARGET_KEYS = ("speed_up", "weight_sparsity", "nm", "latency_speed_up")
 WEIGHT_TARGETS = ("weight_sparsity", "nm")
+# what a latency target is measured with besides its value (part of the target)
+LATENCY_KEYS = ("latency_speed_up", "latency_batch")
 # weight runs: what the stage-1 curve (magnitude, in sparsity) is computed with
 SPARSITY_CURVE_KEYS = ("sparsity_scope", "sparsity_exclude", "sparsity_range", "sparsity_step")
 SPARSITY_RANGE, SPARSITY_STEP = (0.5, 0.9), 0.05  # their defaults (docs/decisions.md)
@@ -60,13 +62,22 @@ class PruneRunError(UserError):
 class PruneSettings:
     """The ``prune`` section of a prune.yaml (docs/pruning.md).
 
-    A run has one target: ``speed_up`` (channels removed), or ``weight_sparsity`` or ``nm``
-    (weights zeroed, the network keeps its shape). A command-line target (``--speed_up``,
-    ``--weight_sparsity``, ``--nm``) replaces the file's, whichever kind it is.
+    A run has one target: ``speed_up`` or ``latency_speed_up`` (channels removed), or
+    ``weight_sparsity`` or ``nm`` (weights zeroed, the network keeps its shape). A command-line
+    target (``--speed_up``, ``--latency_speed_up``, ``--weight_sparsity``, ``--nm``) replaces
+    the file's, whichever kind it is.
 
     Args:
         speed_up: the target, MACs of the unpruned architecture over MACs of the pruned
             network.
+        latency_speed_up: the target, the measured forward latency of the unpruned
+            architecture over that of the pruned network, timed on the CPU at
+            ``latency_batch`` while stage 2 prunes (``networks.prune_to_latency``); a channel
+            run in every other respect (curves in MACs).
+        latency_batch: the batch size a ``latency_speed_up`` target is timed at (unset: 1).
+        round_to: every channel run's stage 2 keeps the width of every layer it prunes a
+            multiple of this (e.g. 8, as fast kernels like); unset: any width. The curves do
+            not read it.
         weight_sparsity: the target, in (0, 1): the fraction of zero weights over the prunable
             layers (every convolution and dense layer but ``sparsity_exclude``), the smallest
             ``|w|`` zeroed (``sparsity_scope``).
@@ -109,6 +120,9 @@ class PruneSettings:
     speed_up: Optional[SpeedUp] = None
     weight_sparsity: Optional[WeightFraction] = None
     nm: Optional[NM] = None
+    latency_speed_up: Optional[SpeedUp] = None
+    latency_batch: Optional[PositiveInt] = None
+    round_to: Optional[PositiveInt] = None
     dir: str = ""
     iterative_steps: PositiveInt = 200
     input_size: list[PositiveInt] = field(default_factory=lambda: [3, 32, 32])
@@ -132,9 +146,20 @@ class PruneSettings:
 
     @property
     def target(self) -> float:
-        """The speed-up target of a channel run (``load_prune_config`` makes sure there is one)."""
+        """The MACs speed-up target of a channel run (``load_prune_config`` makes sure there is
+        one; a latency run has none: ``latency``)."""
         assert self.speed_up is not None
         return self.speed_up
+
+    @property
+    def latency(self) -> bool:
+        """Whether the target is a measured latency speed-up (a channel run)."""
+        return self.latency_speed_up is not None
+
+    @property
+    def batch(self) -> int:
+        """``latency_batch``, 1 when unset."""
+        return int(self.latency_batch or 1)
 
     @property
     def weights(self) -> bool:
@@ -144,8 +169,10 @@ class PruneSettings:
 
     @property
     def target_name(self) -> str:
-        """The target as a run folder names it: ``2x``, ``w0.5`` (``w0.5-layer`` per layer) or
-        ``2of4``."""
+        """The target as a run folder names it: ``2x``, ``w0.5`` (``w0.5-layer`` per layer),
+        ``2of4`` or ``lat1.5b1`` (latency speed-up 1.5 at batch 1)."""
+        if self.latency_speed_up is not None:
+            return f"lat{self.latency_speed_up:g}b{self.batch}"
         if self.nm is not None:
             return f"{self.nm[0]}of{self.nm[1]}"
         if self.weight_sparsity is not None:
@@ -155,6 +182,8 @@ class PruneSettings:
     @property
     def target_text(self) -> str:
         """The target in words, for the console."""
+        if self.latency_speed_up is not None:
+            return f"latency speed-up {self.latency_speed_up:g}x (CPU, batch {self.batch})"
         if self.nm is not None:
             return f"{self.nm[0]}:{self.nm[1]} weight sparsity"
         if self.weight_sparsity is not None:
@@ -222,10 +251,13 @@ class PruneConfig:
 def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
                       seed: int | None = None, data_root: str | None = None,
                       overrides: dict | None = None, weight_sparsity: float | None = None,
-                      nm: tuple[int, int] | list[int] | None = None) -> PruneConfig:
+                      nm: tuple[int, int] | list[int] | None = None,
+                      latency_speed_up: float | None = None,
+                      latency_batch: int | None = None) -> PruneConfig:
     """Read a prune.yaml and apply the command-line overrides (``prune.dir`` filled in). A
-    target given here (``speed_up``, ``weight_sparsity`` or ``nm``, at most one) replaces the
-    file's; without one the file must set exactly one."""
+    target given here (``speed_up``, ``weight_sparsity``, ``nm`` or ``latency_speed_up``, at
+    most one) replaces the file's; without one the file must set exactly one. ``latency_batch``
+    (with a latency target) replaces ``prune.latency_batch``."""
     path = Path(path)
     where = f"prune config {str(path)!r}" + (" with the command-line overrides" if overrides else "")
     cfg = read_config(path, PruneConfig, PruneRunError, "prune", overrides=overrides)
@@ -237,7 +269,7 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
     prune.dir = prune.dir or f"runs/prune/{path.parent.name}"
     prune.seed = prune.seed if seed is None else int(seed)
     try:
-        choose_target(prune, where, speed_up, weight_sparsity, nm)
+        choose_target(prune, where, speed_up, weight_sparsity, nm, latency_speed_up, latency_batch)
     except OptionError as e:
         raise PruneRunError(str(e)) from None
     lo, hi = prune.curve_range
@@ -255,33 +287,47 @@ def load_prune_config(path: str | os.PathLike, speed_up: float | None = None,
 
 def choose_target(prune: PruneSettings, where: str, speed_up: float | None = None,
                   weight_sparsity: float | None = None,
-                  nm: tuple[int, int] | list[int] | None = None) -> None:
+                  nm: tuple[int, int] | list[int] | None = None,
+                  latency_speed_up: float | None = None,
+                  latency_batch: int | None = None) -> None:
     """Leave ``prune`` with exactly one target: the one given (at most one: the command line's,
-    which replaces the file's of either kind), else the file's only one; refused in one line
-    otherwise, naming what was set."""
+    which replaces the file's of any kind), else the file's only one; refused in one line
+    otherwise, naming what was set. A latency target's batch (``latency_batch``, else the
+    file's, else 1) is written into ``prune.latency_batch``, so the run records it."""
     from .options import one_target
 
-    one_target(speed_up, weight_sparsity, nm)
-    if speed_up is not None or weight_sparsity is not None or nm is not None:
+    one_target(speed_up, weight_sparsity, nm, latency_speed_up)
+    given = (speed_up, weight_sparsity, nm, latency_speed_up)
+    if any(t is not None for t in given):
         prune.speed_up = None if speed_up is None else float(speed_up)
         prune.weight_sparsity = None if weight_sparsity is None else float(weight_sparsity)
         prune.nm = nm_pair(nm)
+        prune.latency_speed_up = None if latency_speed_up is None else float(latency_speed_up)
+    else:
+        set_ = [f"prune.{k} {getattr(prune, k)}" for k in TARGET_KEYS
+                if getattr(prune, k) is not None]
+        if not set_:
+            raise PruneRunError(f"{where}: no target; set prune.speed_up or "
+                                "prune.latency_speed_up (channels removed), prune.weight_sparsity "
+                                "or prune.nm (weights zeroed), or pass --speed_up, "
+                                "--latency_speed_up, --weight_sparsity or --nm")
+        if len(set_) > 1:
+            raise PruneRunError(f"{where}: {' and '.join(set_)} are two targets; a run has one: "
+                                "keep one in the file, or pass --speed_up, --latency_speed_up, "
+                                "--weight_sparsity or --nm, which replaces the file's")
+        prune.nm = nm_pair(prune.nm, f"{where}: prune.nm")
+    if prune.latency_speed_up is None:
+        if latency_batch is not None:
+            raise PruneRunError(f"--latency_batch {latency_batch} goes with a latency target "
+                                f"(--latency_speed_up L or prune.latency_speed_up); this run's "
+                                f"target is {prune.target_text}")
         return
-    set_ = [f"prune.{k} {getattr(prune, k)}" for k in TARGET_KEYS if getattr(prune, k) is not None]
-    if not set_:
-        raise PruneRunError(f"{where}: no target; set prune.speed_up (channels removed), "
-                            "prune.weight_sparsity or prune.nm (weights zeroed), or pass "
-                            "--speed_up, --weight_sparsity or --nm")
-    if len(set_) > 1:
-        raise PruneRunError(f"{where}: {' and '.join(set_)} are two targets; a run has one: keep "
-                            "one in the file, or pass --speed_up, --weight_sparsity or --nm, "
-                            "which replaces the file's")
-    prune.nm = nm_pair(prune.nm, f"{where}: prune.nm")
+    prune.latency_batch = int(latency_batch or prune.latency_batch or 1)
 
 
 def run_dir(cfg: PruneConfig, network: str | os.PathLike, method: str, out: str | None) -> Path:
     """``--out``, else ``<prune.dir>/<network file stem>_<method>_<target>_seed<N>``, the
-    target as ``<S>x``, ``w<S>`` (``w<S>-layer``) or ``<N>of<M>``."""
+    target as ``<S>x``, ``w<S>`` (``w<S>-layer``), ``<N>of<M>`` or ``lat<L>b<B>``."""
     if out:
         return Path(out)
     p = cfg.prune
@@ -310,8 +356,10 @@ def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
                             "checkpoint); or use --method none / sparse")
     meta = args.metanetwork if args.method == "metanetwork" else None
     p = cfg.prune
-    target = {"speed_up": p.target} if not p.weights else \
-        {"weight_sparsity": p.weight_sparsity} if p.nm is None else {"nm": list(p.nm)}
+    target = {"weight_sparsity": p.weight_sparsity} if p.weight_sparsity is not None else \
+        {"nm": list(p.nm)} if p.nm is not None else \
+        {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch} if p.latency else \
+        {"speed_up": p.target}
     return json.loads(json.dumps({
         "method": args.method, **target, "seed": cfg.prune.seed,
         "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),

@@ -23,11 +23,13 @@ from .run_config import (
     CRITERION_KEYS,
     EVAL_FILE,
     FIRST_STAGE,
+    LATENCY_KEYS,
     RUN_FILE,
     SECOND_STAGE,
     SECOND_STAGE_ONLY,
     SPARSITY_CURVE_KEYS,
     TARGET_KEYS,
+    WEIGHT_TARGETS,
     PruneConfig,
     PruneRunError,
     PruneSettings,
@@ -107,6 +109,10 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
             "params": networks.count_params(network), "speed_up": base / macs}
     if p.weights:
         return {**info, **check_weight_target(p, network, source)}
+    if p.latency:
+        # Time is known only by timing: stage 2 measures it (the network as finetuned, on the
+        # CPU at prune.latency_batch); the types checked the target (> 1) and the batch (>= 1).
+        return info
     target, current = p.target, base / macs
     if target <= current:
         raise PruneRunError(
@@ -116,14 +122,26 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     # Dry run on a copy: an unreachable target fails now rather than after the first finetune.
     # (The real prune acts on finetuned weights; reachability depends on the structure.)
     try:
-        networks.prune_to_speed_up(copy.deepcopy(network).eval(), example, target, base,
-                                   p.iterative_steps, max_pruning_ratio=p.cap,
-                                   importance=p.criterion)
+        dry = copy.deepcopy(network).eval()
+        networks.prune_to_speed_up(dry, example, target, base, p.iterative_steps,
+                                   pruner=round_to_pruner(p, dry, example),
+                                   max_pruning_ratio=p.cap, importance=p.criterion)
     except ValueError as e:
         raise PruneRunError(
             f"speed-up target {target:g}x is unreachable for {source}: {e}. Lower --speed_up, "
             "or raise prune.iterative_steps") from e
     return info
+
+
+def round_to_pruner(p: PruneSettings, network, example):
+    """The criterion's pruner with ``prune.round_to`` for ``network``; None (the default pruner
+    of ``networks.prune_to_speed_up``) when ``round_to`` is unset."""
+    import networks
+
+    if p.round_to is None:
+        return None
+    return networks.criterion_pruner(network, example, p.iterative_steps, max_pruning_ratio=p.cap,
+                                     importance=p.criterion, round_to=p.round_to)
 
 
 def check_metanetwork_kind(p: PruneSettings, path: str) -> None:
@@ -142,7 +160,7 @@ def check_metanetwork_kind(p: PruneSettings, path: str) -> None:
         raise PruneRunError(
             f"metanetwork checkpoint {path!r} was meta-trained for weight sparsity "
             f"(model.init_args.sparsity: weights), but this run prunes channels (a speed-up "
-            f"target, {p.target:g}x); pass --weight_sparsity S or --nm [N,M] to zero weights "
+            f"target, {p.target_text}); pass --weight_sparsity S or --nm [N,M] to zero weights "
             "with it, or use a metanetwork meta-trained with sparsity: channels (the default)")
     if p.weights:
         return  # weight sparsity ranks single weights by magnitude: no channel criterion
@@ -208,8 +226,9 @@ def run_stage_config(cfg: PruneConfig, section: str, out: Path, stage: str, weig
 
 
 def run_kind(settings: dict) -> str:
-    """``weights`` for a run with a weight-sparsity or N:M target, else ``channels``."""
-    return "weights" if any(k in settings for k in TARGET_KEYS[1:]) else "channels"
+    """``weights`` for a run with a weight-sparsity or N:M target, else ``channels`` (a
+    speed-up in MACs or in measured latency)."""
+    return "weights" if any(k in settings for k in WEIGHT_TARGETS) else "channels"
 
 
 def _first_stage_settings(settings: dict) -> dict:
@@ -219,13 +238,13 @@ def _first_stage_settings(settings: dict) -> dict:
     (groups or single weights), so for ``sparse`` the kind stays, and the criterion or the
     layers kept dense."""
     out = copy.deepcopy(settings)
-    for key in TARGET_KEYS:
+    for key in TARGET_KEYS + LATENCY_KEYS:
         out.pop(key, None)
     if settings["method"] == "sparse":
         out["kind"] = run_kind(settings)
     # sparse training reads the criterion (channels) or the layers kept dense (weights)
     sparse = ("importance", "sparsity_exclude") if settings["method"] == "sparse" else ()
-    for key in SECOND_STAGE_ONLY + TARGET_KEYS + ("importance",) + SPARSITY_CURVE_KEYS:
+    for key in SECOND_STAGE_ONLY + TARGET_KEYS + LATENCY_KEYS + ("importance",) + SPARSITY_CURVE_KEYS:
         if key not in sparse:
             out["config"]["prune"].pop(key, None)
     return out
@@ -258,9 +277,10 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
         if "method" in diff and "kind" in diff:  # the kind of target matters to sparse only
             diff.remove("kind")
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "
-                            f"in {', '.join(diff)}); only the speed-up target (or weight "
-                            "sparsity target; for sparse, of the same kind), "
-                            "prune.max_pruning_ratio, prune.sparsity_scope, _range and _step, "
+                            f"in {', '.join(diff)}); only the speed-up target (in MACs or "
+                            "latency, or a weight sparsity target; for sparse, of the same kind), "
+                            "prune.max_pruning_ratio, prune.round_to, prune.sparsity_scope, "
+                            "_range and _step, "
                             "and (but for sparse) prune.importance and prune.sparsity_exclude "
                             "may differ")
     if not (source / stage / "network.pt").is_file():
@@ -323,11 +343,16 @@ def stage_configs(cfg: PruneConfig, args: RunRequest, out: Path, arch: dict,
 
 
 def prune_callbacks(p: PruneSettings) -> list[dict]:
-    """Stage 2 of a channel run: prune to the speed-up in ``setup``, keep the pruned network."""
+    """Stage 2 of a channel run: prune to the speed-up (in MACs, or in latency measured on the
+    stage's device, the CPU) in ``setup``, keep the pruned network. Only the keys a run sets
+    are written, so the stage configs of earlier runs stay as they were."""
+    target = {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch} if p.latency \
+        else {"speed_up": p.target}
     return [{"class_path": "callbacks.PruneToSpeedUp",
-             "init_args": {"speed_up": p.target, "iterative_steps": p.iterative_steps,
+             "init_args": {**target, "iterative_steps": p.iterative_steps,
                            "input_size": p.input_size, **criterion_args(p),
-                           **({"max_pruning_ratio": p.cap} if p.cap < 1 else {})}},
+                           **({"max_pruning_ratio": p.cap} if p.cap < 1 else {}),
+                           **({"round_to": p.round_to} if p.round_to is not None else {})}},
             {"class_path": "callbacks.SaveNetwork", "init_args": {"filename": "pruned.pt"}}]
 
 

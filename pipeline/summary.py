@@ -14,6 +14,10 @@ training curves. Tags (one scheme with the pruning callbacks' ``pruning/*``):
   recalibrated), the step being ``round(100 * speed-up)`` (TensorBoard steps are integers), and
   ``curve/stage1_area``, the stage-1 curve's mean over ``prune.curve_range``.
 
+A latency run (a ``latency_speed_up`` target) has ``pruning/latency_speed_up`` (measured at
+its batch size on the CPU, the report's) and ``pruning/latency_speed_up_target`` beside
+``pruning/speed_up`` (in MACs, no target).
+
 A weight run (a weight-sparsity or N:M target) has ``pruning/weight_sparsity`` (counted on the
 exported network), ``pruning/weight_sparsity_target`` (magnitude targets), ``pruning/macs``,
 ``pruning/base_macs`` and ``pruning/params`` (unchanged by zeros) in place of the speed-ups, and
@@ -38,8 +42,13 @@ def scalars(report: dict, curves: dict[str, Sequence[tuple]]) -> list[tuple[str,
     macs, sparsity = report["macs"], report.get("weight_sparsity")
     if sparsity is None:
         speed_up = report["speed_up"]
-        out += [("pruning/speed_up", float(speed_up["reached"]), 0),
-                ("pruning/speed_up_target", float(speed_up["target"]), 0)]
+        out.append(("pruning/speed_up", float(speed_up["reached"]), 0))
+        if "target" in speed_up:  # a latency target has none in MACs
+            out.append(("pruning/speed_up_target", float(speed_up["target"]), 0))
+        if "latency_speed_up" in report:
+            latency = report["latency_speed_up"]
+            out += [("pruning/latency_speed_up", float(latency["reached"]), 0),
+                    ("pruning/latency_speed_up_target", float(latency["target"]), 0)]
     else:
         out.append(("pruning/weight_sparsity", float(sparsity["reached"]), 0))
         if sparsity["target"] is not None:

@@ -160,3 +160,56 @@ def test_latency_probe_times_one_batch_size_and_keeps_the_mode() -> None:
     model = Sleeper(0.01).train()
     ms = networks.latency_probe([3, 8, 8], batch_size=2, min_run_time=0.1)(model)
     assert 10.0 <= ms < 40.0 and model.training
+
+
+def test_prune_to_speed_up_callback_with_a_latency_target_resumes_into_the_checkpoints_shapes(
+        monkeypatch) -> None:
+    """callbacks.PruneToSpeedUp(latency_speed_up=...): the base is the unpruned architecture
+    (rebuilt from the module's arch, not the network it is given), timed at latency_batch; the
+    clock decides where it stops (here proportional to MACs, then, as a resumed fit on a busier
+    machine might read it, a clock that runs 30% slow on pruned networks); whatever the second
+    fit's clock said, its module loads the first fit's pruned checkpoint (layers resized first)."""
+    from types import SimpleNamespace
+
+    from callbacks import PruneToSpeedUp
+    from lightning_modules import ImageClassifier
+
+    arch = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
+    x32 = torch.zeros(1, 3, 32, 32)
+    unpruned_macs = networks.base_macs(arch, x32)
+    slow = {"factor": 1.0}
+
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2):
+        assert list(input_size) == [3, 32, 32] and batch_size == 4
+
+        def clock(model: nn.Module) -> float:
+            macs = networks.count_macs(model, x32)
+            return macs * (1.0 if macs == unpruned_macs else slow["factor"])
+        return clock
+
+    monkeypatch.setattr(networks, "latency_probe", probe)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), loggers=[])
+    modules = []
+    for factor in (1.0, 1.3):
+        slow["factor"] = factor
+        torch.manual_seed(0)
+        module = ImageClassifier(arch["name"], 3, network_kwargs=arch["kwargs"])
+        module.network = random_prune(module.network, x32, 0.1, 0)  # a zoo member's initial prune
+        module.train()
+        callback = PruneToSpeedUp(latency_speed_up=1.5, latency_batch=4, input_size=[3, 32, 32],
+                                  iterative_steps=40)
+        callback.setup(trainer, module, "fit")
+        assert callback.base_ms == unpruned_macs and module.network.training
+        assert callback.latency_speed_up_reached >= 1.5
+        assert callback.speed_up_reached == pytest.approx(
+            unpruned_macs / networks.count_macs(module.network, x32))
+        modules.append(module)
+    first, second = modules
+    assert 1.5 <= unpruned_macs / networks.count_macs(first.network, x32) < 1.7
+    assert networks.count_macs(second.network, x32) < networks.count_macs(first.network, x32)
+    second.load_state_dict(first.state_dict())  # the resumed fit loads the checkpoint's shapes
+    assert networks.count_macs(second.network, x32) == networks.count_macs(first.network, x32)
+    with pytest.raises(ValueError, match="exactly one of speed_up"):
+        PruneToSpeedUp(speed_up=2.0, latency_speed_up=2.0)
+    with pytest.raises(ValueError, match="latency_speed_up=1.0 must be above 1"):
+        PruneToSpeedUp(latency_speed_up=1.0)
