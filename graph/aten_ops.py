@@ -176,6 +176,44 @@ def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.reduce_dims(node, arg, value, dims, a.get("keepdim", False))
 
 
+@register_aten(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def _softmax(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """Over a dim other than batch and channels (GCNet's attention map over the positions)
+    each channel alone. Over the channels every output depends on every channel; it is no
+    reduction the graph models, so it is refused."""
+    arg, value = _input(walker, node, args)
+    dim = op_args(node)["dim"] % len(node_shape(arg) or (0,))
+    if dim == 0 or dim in value.dims:
+        raise walker.fail(node, f"a softmax over dim {dim}, the batch or a channel dim "
+                          f"(channels in dims {list(value.dims)})")
+    return walker.passthrough(arg, value)
+
+
+@register_aten(aten.matmul, aten.bmm)
+def _matmul(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``a @ b`` of a channel tensor and a map of one channel (GCNet's context: x [B, 1, C,
+    HW] @ softmax(conv(x)) [B, 1, HW, 1]): every channel weighted by the same map, summed
+    over what the product sums (not the channels), so each channel alone, and the map, of one
+    channel, has nothing to permute: the result keeps the channels' nodes, the map's node is
+    tied to none. Refused where the channels are summed, where the other operand is no
+    one-channel tensor or where it has an entry per channel (it could single one out)."""
+    if len(args) != 2 or [arg for arg, _ in args] != list(node.args[:2]):
+        raise walker.fail(node, "a matrix product of a channel tensor and a tensor without "
+                          "channels")
+    shapes = [tuple(node_shape(n) or ()) for n in (args[0][0], args[1][0], node)]
+    if len({len(shape) for shape in shapes}) != 1:
+        raise walker.fail(node, f"a matrix product of shapes {shapes[0]} and {shapes[1]} that "
+                          "adds dims (the batch would move)")
+    summed = (len(shapes[0]) - 1, len(shapes[0]) - 2)  # a's last dim, b's second last
+    for i in (0, 1):
+        (arg, value), (_, other), shape = args[i], args[1 - i], shapes[1 - i]
+        broadcast = all(shape[d] == 1 for d in value.dims if d < len(shape) - 2)
+        if len(other.nodes) == 1 and summed[i] not in value.dims and broadcast:
+            return walker.passthrough(arg, value)
+    raise walker.fail(node, "a matrix product that sums over channels, or of two tensors "
+                      "with several channels each")
+
+
 @register_aten(aten.split, aten.split_with_sizes, aten.chunk)
 def _split(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     arg, value = _input(walker, node, args)

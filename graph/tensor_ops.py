@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .node_slots import SCALE
-from .walker_core import Value, WalkerCore, call_arg, node_shape, swap_dims
+from .walker_core import Rows, Value, WalkerCore, call_arg, node_shape, swap_dims
 
 
 def _dims_arg(node: fx.Node) -> list[int]:
@@ -32,6 +32,16 @@ def reduced_dims(shape: torch.Size | None, dims) -> list[int]:
     return [d % ndim for d in dims]
 
 
+def _broadcast_apart(a: torch.Size | None, b: torch.Size | None, value: Value) -> bool:
+    """Do tensors of shapes ``a`` and ``b`` with channels in ``value.dims`` broadcast only
+    over dims other than the batch and the channels (GCNet's ``x + mlp(context)``, a
+    context of one entry per channel added at every position)? Each channel then still
+    meets only its own channel."""
+    if a is None or b is None or len(a) != len(b) or a[0] != b[0]:
+        return False
+    return all(m == n or (d not in value.dims and 1 in (m, n)) for d, (m, n) in enumerate(zip(a, b)))
+
+
 class TensorOps(WalkerCore):
     """The walker's tensor operations: each returns its output's :class:`Value` (or the
     pieces' values, for a split)."""
@@ -44,10 +54,17 @@ class TensorOps(WalkerCore):
                     self.add_passenger(node, other, value)
             return self.passthrough(arg, value)
         (na, a), (nb, b) = args
-        if len(a.nodes) != len(b.nodes) or node_shape(na) != node_shape(nb):
-            raise self.fail(node, f"residual add of tensors with shapes {tuple(node_shape(na) or ())} "
-                            f"and {tuple(node_shape(nb) or ())} (broadcasting over channels)")
         self.same_layout(node, a, b, "adding")
+        if not _broadcast_apart(node_shape(na), node_shape(nb), a):
+            raise self.fail(node, f"residual add of tensors with shapes {tuple(node_shape(na) or ())} "
+                            f"and {tuple(node_shape(nb) or ())} (broadcasting over the batch or "
+                            "the channels)")
+        return self.join((na, a), (nb, b))
+
+    def join(self, first: tuple[fx.Node, Value], second: tuple[fx.Node, Value]) -> Value:
+        """Channel i of both tensors makes channel i of the result (a sum; a concatenation
+        along the tokens), so both must permute alike."""
+        (na, a), (nb, b) = first, second
         if torch.equal(a.nodes, b.nodes):
             return replace(a, fresh=False)
         fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
@@ -59,7 +76,7 @@ class TensorOps(WalkerCore):
         if fresh_a:  # identity shortcut from an older tensor into a's channels
             self.rec.identities.append((b.nodes, a.nodes, a.area, 1.0))
             return replace(a, fresh=False)
-        # Sum of two older tensors: new nodes fed by identity edges from both.
+        # Two older tensors: new nodes fed by identity edges from both.
         out = self.rec.new_nodes(len(a.nodes))
         self.rec.identities += [(a.nodes, out, 1, 1.0), (b.nodes, out, 1, 1.0)]
         return Value(out, False, 1, a.axis)
@@ -134,11 +151,56 @@ class TensorOps(WalkerCore):
         fresh_a, fresh_b = a.fresh and len(na.users) == 1, b.fresh and len(nb.users) == 1
         if fresh_a and not fresh_b:
             a, b, fresh_b = b, a, fresh_a
-        if not fresh_b:
-            raise self.fail(node, "multiplying two tensors whose channels both feed other "
-                            "operations (a gate must be used only by the multiplication)")
+        if not fresh_b:  # two older tensors (gMLP's u * v, the halves of one Linear's output)
+            self.tie(node, a.nodes, b.nodes)
         self.rec.merge(b.nodes, a.nodes)
         return replace(a, fresh=False)
+
+    def tie(self, node: fx.Node, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Prepare making channel i of ``a`` and of ``b`` (disjoint) one node: a layer whose
+        rows hold both, as its halves ``[a; b]``, would put two of its entries on one node.
+        Its weight becomes one edge per (input, tied channel) carrying both rows' features
+        (zipped, as an attention's query and key rows), its per-channel tensors one slot per
+        half. A layer that writes both other than as its two halves is refused."""
+        roots_a, roots_b = self.roots(a), self.roots(b)
+        if set(roots_a) & set(roots_b):
+            raise self.fail(node, "multiplying two tensors whose channels overlap in part")
+        for i, (key, area, src, dst, rows) in enumerate(self.rec.weights):
+            first = self.first_half(node, key, dst, rows, roots_a, roots_b)
+            if first is not None:
+                if dst.shape[0] != 1:
+                    raise self.fail(node, f"{key!r} writes both tied halves in groups")
+                self.used.discard((key, rows))
+                self.use_key(node, key, Rows(zip=2))
+                self.rec.weights[i] = (key, 2 * area, src, first.view(1, -1), Rows(zip=2))
+        channels, self.rec.channels = self.rec.channels, []
+        for key, kind, fld, nodes, rows, layer in channels:  # in place, keeping the slot order
+            first = self.first_half(node, key, nodes, rows, roots_a, roots_b)
+            if first is None:
+                self.rec.channels.append((key, kind, fld, nodes, rows, layer))
+                continue
+            self.used.discard((key, rows))
+            half = len(first)
+            self.add_channels(node, key, kind, fld, first, Rows(0, half), layer)
+            self.add_channels(node, key, kind, fld, nodes[half:], Rows(half, 2 * half),
+                              f"{layer} (second half)")
+
+    def roots(self, nodes: torch.Tensor) -> list[int]:
+        """The graph node that each of ``nodes`` is now (after the merges so far)."""
+        return [self.rec.find(i) for i in nodes.reshape(-1).tolist()]
+
+    def first_half(self, node: fx.Node, key: str, nodes: torch.Tensor, rows: Rows,
+                   roots_a: list[int], roots_b: list[int]) -> torch.Tensor | None:
+        """The nodes of the first half of a record of ``key`` on ``nodes`` that holds the
+        channels of ``a`` and ``b`` as its two halves (either order); None if it does not
+        hold channels of both."""
+        mine = self.roots(nodes)
+        if not (set(mine) & set(roots_a) and set(mine) & set(roots_b)):
+            return None
+        if rows != Rows() or mine not in (roots_a + roots_b, roots_b + roots_a):
+            raise self.fail(node, f"{key!r} holds channels of both tensors multiplied, other "
+                            "than as its two halves")
+        return nodes.reshape(-1)[:len(roots_a)]
 
     def cat(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
         dim = call_arg(node, 1, "dim", 0)
@@ -146,15 +208,8 @@ class TensorOps(WalkerCore):
         tensors = node.args[0]
         values = [self.env.get(t) for t in tensors]
         first = next((v for v in values if isinstance(v, Value)), None)
-        if first is not None and dim % ndim not in first.dims and all(
-                not isinstance(v, Value) or (v.axis == first.axis and torch.equal(v.nodes, first.nodes))
-                for v in values):
-            # along tokens or space: the same channels; a parameter joining them (a class
-            # token) follows them out of the graph
-            for t, v in zip(tensors, values):
-                if not isinstance(v, Value):
-                    self.add_passenger(node, t, first)
-            return replace(first, fresh=False)
+        if first is not None and dim % ndim not in first.dims:
+            return self.cat_along(node, tensors, values, first)
         if any(not isinstance(v, Value) for v in values):
             raise self.fail(node, "concatenating a tensor without channel structure")
         for v in values:
@@ -164,6 +219,26 @@ class TensorOps(WalkerCore):
             raise self.fail(node, f"concatenation along dim {dim}; the channels are in dim "
                             f"{axis} (only concatenation along the channels is supported)")
         return Value(torch.cat([v.nodes for v in values]), False, 1, axis)
+
+    def cat_along(self, node: fx.Node, tensors: list, values: list, first: Value) -> Value:
+        """Concatenation along tokens or space: channel i of the result is channel i of every
+        operand, so their channels must permute alike, as in a sum: one tensor's channels,
+        or two tensors' joined as a sum joins them (CoaT's class token, sliced off the tokens
+        before a convolution, put back before the convolution's output). A parameter among
+        them (a class token) follows the result's channels out of the graph."""
+        operands = [(t, v) for t, v in zip(tensors, values) if isinstance(v, Value)]
+        distinct = [(t, v) for i, (t, v) in enumerate(operands) if not any(
+            u.axis == v.axis and torch.equal(u.nodes, v.nodes) for _, u in operands[:i])]
+        if len(distinct) > 2:
+            raise self.fail(node, f"concatenating {len(distinct)} tensors with different channels "
+                            "along a dim other than the channels")
+        if len(distinct) == 2:
+            self.same_layout(node, distinct[0][1], distinct[1][1], "concatenating")
+            first = self.join(*distinct)
+        for t, v in zip(tensors, values):
+            if not isinstance(v, Value):
+                self.add_passenger(node, t, first)
+        return replace(first, fresh=False)
 
     def reshape(self, node: fx.Node, arg: fx.Node, value: Value) -> Value:
         """A reshape keeps every channel apart when the dims before the channels hold as many

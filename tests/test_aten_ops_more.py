@@ -3,6 +3,8 @@ LeViT, ResMLP and ViT class tokens (issue 29), each in a small network walked th
 torch.export. The oracle is ``graph.check``: a bit-exact round trip and node swaps that the
 graph allows must keep the network's function; a wrongly tied encoding of the same operation
 (monkeypatched below) fails it."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from graph import NetworkGraph, UnsupportedArchitectureError, aten_ops
 from graph.aten_walk import trace_aten
 from graph.check import EXACT, WRONG, check_encoding
 from graph.network_graph import TRACERS
+from graph.walker import Walker
 from graph.walker_core import Value
 
 aten = torch.ops.aten
@@ -322,3 +325,127 @@ class _ShiftOfTwoRows(_Tokens):
 def test_what_a_channel_reduction_or_a_parameter_may_single_out_is_refused(net, node, why):
     with pytest.raises(UnsupportedArchitectureError, match=rf"aten node '{node}'.*{why}"):
         NetworkGraph(net(), X, tracer="aten")
+
+
+class _GlobalContext(_Stem):
+    """GCNet's global context (timm's ``GlobalContext``): a one-channel map from a 1x1 conv,
+    a softmax over the positions, each channel pooled with that map (a matrix product), then
+    a gate and a context added at every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Conv2d(8, 1, 1)
+        self.scale, self.shift = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        B, C, H, W = x.shape
+        attn = F.softmax(self.attn(x).reshape(B, 1, H * W), dim=-1).unsqueeze(3)
+        context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+        x = x * torch.sigmoid(self.scale(context))
+        return self.pooled(self.conv(x + self.shift(context)))
+
+
+def test_a_context_pooled_by_a_one_channel_map_keeps_the_channels(aten_only, monkeypatch):
+    assert _exact(_GlobalContext()) == EXACT
+    graph = NetworkGraph(_GlobalContext(), X, tracer="aten")
+    stem = next(b for b in graph.blocks if b.key == "stem.weight").dst.reshape(-1)
+    assert torch.equal(next(b for b in graph.blocks if b.key == "scale.weight").src.reshape(-1), stem)
+    # a matrix product that also mixed the channels (here: reversed them) must be caught
+    NetworkGraph._cache.clear()
+    monkeypatch.setitem(aten_ops._HANDLERS, aten.matmul, lambda walker, node, args: Value(
+        args[0][1].nodes.flip(0), False, 1, args[0][1].axis))
+    assert _exact(_GlobalContext()) == WRONG
+
+
+class _SoftmaxOverChannels(_Stem):
+    def forward(self, x):
+        return self.pooled(F.log_softmax(self.bn(self.stem(x)), dim=1))
+
+
+class _GramMatrix(_Stem):
+    def forward(self, x):  # [B, C, C]: every channel against every other
+        t = self.stem(x).flatten(2)
+        return (t @ t.transpose(1, 2)).mean((1, 2))
+
+
+@pytest.mark.parametrize("net,node,why", [
+    (_SoftmaxOverChannels, "log_softmax", "a softmax over dim 1, the batch or a channel dim"),
+    (_GramMatrix, "matmul", "a matrix product that sums over channels"),
+])
+def test_a_softmax_or_product_over_the_channels_is_refused(net, node, why):
+    with pytest.raises(UnsupportedArchitectureError, match=rf"aten node '{node}'.*{why}"):
+        NetworkGraph(net(), X, tracer="aten")
+
+
+class _SpatialGating(_Tokens):
+    """gMLP's spatial gating unit: one Linear's output split into halves u and v; v
+    normalized and mixed over the tokens, then u * v."""
+
+    def __init__(self, halves=lambda h: h.chunk(2, dim=-1)) -> None:
+        super().__init__()
+        self.halves = halves
+        self.fc1 = nn.Linear(8, 16)
+        self.norm, self.proj = nn.LayerNorm(8), nn.Linear(16, 16)
+
+    def forward(self, x):
+        t = self.tokens(x)
+        u, v = self.halves(F.gelu(self.fc1(t)))
+        v = self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
+        return self.head((t + self.fc(u * v)).mean(1))
+
+
+def test_a_gate_of_two_halves_ties_them_and_an_untied_one_is_caught(aten_only, monkeypatch):
+    assert _exact(_SpatialGating()) == EXACT
+    graph = NetworkGraph(_SpatialGating(), X, tracer="aten")
+    # one 2-feature edge per (input, gated channel): the u row and the v row of fc1
+    fc1 = next(b for b in graph.blocks if b.key == "fc1.weight")
+    assert fc1.area == 2 and fc1.shape == (1, 8, 8)
+    assert torch.equal(next(b for b in graph.blocks if b.key == "fc.weight").src, fc1.dst)
+    assert graph.columns.slots("bias") == 2  # fc1's bias of u and of v on one node
+    NetworkGraph._cache.clear()
+    monkeypatch.setattr(Walker, "gate", lambda self, node, args: replace(args[0][1], fresh=False))
+    verdict = _exact(_SpatialGating())
+    assert verdict == WRONG
+
+
+@pytest.mark.parametrize("halves,why", [
+    (lambda h: (h[..., :8], h[..., 4:12]), "channels overlap in part"),
+    (lambda h: (h[..., ::2], h[..., 1::2]), "'fc1.weight' holds channels of both tensors "
+                                            "multiplied, other than as its two halves"),
+])
+def test_a_gate_of_halves_one_layer_interleaves_or_overlaps_is_refused(halves, why):
+    with pytest.raises(UnsupportedArchitectureError, match=rf"aten node 'mul'.*{why}"):
+        NetworkGraph(_SpatialGating(halves), X, tracer="aten")
+
+
+class _TokenConv(_Tokens):
+    """CoaT's convolutional position encoding: the class token sliced off, the image tokens
+    through a depthwise conv plus themselves, the class token put back along the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        t = self.tokens(x)
+        t = torch.cat((self.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
+        cls, img = t[:, :1], t[:, 1:]
+        feat = img.transpose(1, 2).reshape(t.shape[0], 8, 4, 4)
+        img = (self.dw(feat) + feat).flatten(2).transpose(1, 2)
+        return self.head(self.fc(torch.cat((cls, img), dim=1))[:, 0])
+
+
+def test_tokens_of_different_channels_concatenated_are_joined_as_a_sum(aten_only, monkeypatch):
+    assert _exact(_TokenConv()) == EXACT
+    graph = NetworkGraph(_TokenConv(), X, tracer="aten")
+    fc = next(b for b in graph.blocks if b.key == "fc.weight").src.reshape(-1)
+    # two older tensors: new nodes fed by both (the depthwise conv's output and the tokens)
+    identities = [b for b in graph.blocks if b.key is None]
+    assert {int(n) for b in identities for n in b.dst.reshape(-1)} >= set(fc.tolist())
+    NetworkGraph._cache.clear()
+    cat = aten_ops._HANDLERS[aten.cat]
+    monkeypatch.setitem(aten_ops._HANDLERS, aten.cat, lambda walker, node, args: (
+        _untied if len(args) == 2 else cat)(walker, node, args))
+    assert _exact(_TokenConv()) == WRONG

@@ -205,7 +205,7 @@ class _TrainingDropout(_Softmax):
 
 
 @pytest.mark.parametrize("net,node,op,why", [
-    (_Softmax, "softmax", "aten.softmax.int", "not supported"),
+    (_Softmax, "softmax", "aten.softmax.int", "a softmax over dim 1, the batch or a channel dim"),
     (_GroupNorm, "group_norm", "aten.group_norm.default", "a group norm on a tensor whose "
      "channels are in dim 2"),
     (_ChannelPad, "pad", "aten.pad.default", "reaches the batch or the channel dims [1]"),
