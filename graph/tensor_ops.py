@@ -143,7 +143,9 @@ class TensorOps(WalkerCore):
     def gate(self, node: fx.Node, args: list[tuple[fx.Node, Value]]) -> Value:
         """``x * g`` channel by channel (squeeze-excitation): channel i of the gate ``g``, the
         fresh output of its own layer, is channel i of ``x``, so its node becomes x's node
-        (pruning one prunes the other), as a projection shortcut's channels do in a sum."""
+        (pruning one prunes the other), as a projection shortcut's channels do in a sum. Of
+        two older tensors, channel i of each meets only channel i of the other: only a
+        permutation moving both alike keeps the product, so their nodes are tied (``tie``)."""
         (na, a), (nb, b) = args
         self.same_layout(node, a, b, "multiplying")
         if torch.equal(a.nodes, b.nodes):
