@@ -1,12 +1,18 @@
-"""Shared fixtures: tiny generated ImageFolder trees (no real data set is ever needed)."""
+"""Shared fixtures: tiny generated ImageFolder trees (no real data set is ever needed), a tiny
+zoo, and the finished `prune.py run` runs that the test_prune_*.py modules share (built once a
+session: tests copy a run before changing it)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# the prune-run helpers (_expect) assert: report their failures as test modules' are
+pytest.register_assert_rewrite("pruning_helpers")
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -89,3 +95,65 @@ def make_zoo() -> Callable[..., Path]:
     """``make_zoo(root, count=3, num_classes=3, arch=None)`` builds a tiny zoo of pruned
     networks (ResNet-8s unless ``arch`` says otherwise)."""
     return _make_zoo
+
+
+# ---- `prune.py run`: tests/test_prune_run*.py, test_prune_weights.py, test_prune_latency.py --------
+@pytest.fixture(scope="session")
+def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory, make_zoo) -> dict:
+    from pruning_helpers import meta_checkpoint, tiny_config, zoo_like_network
+
+    out = tmp_path_factory.mktemp("prune_run")
+    return {"config": tiny_config(tiny_cifar, out), "network": zoo_like_network(out / "net.pt"),
+            "meta": meta_checkpoint(tiny_cifar, out, make_zoo), "out": out}
+
+
+@pytest.fixture(scope="session")
+def runs(setup: dict) -> dict[str, Path]:
+    """One finished run per method."""
+    from pruning_helpers import run
+
+    from pipeline import run as pipeline_run
+
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        dirs = {}
+        for method in pipeline_run.METHODS:
+            dirs[method] = setup["out"] / method
+            assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"]) == 0
+        return dirs
+    finally:
+        sys.argv = argv
+
+
+@pytest.fixture(scope="session")
+def weight_runs(setup: dict, runs: dict[str, Path], tiny_cifar: Path, make_zoo) -> dict[str, Path]:
+    """One finished weight run per method, and an N:M run: ``none`` to 0.6 (global) taking stage
+    1 from the channel run (a target of the other kind), ``nm`` (none, 2:4) taking it from
+    that one, ``sparse`` to 0.5 per layer, ``metanetwork`` to 0.5 with a metanetwork meta-trained
+    for weight sparsity; the last three in their default folders."""
+    import yaml
+    from pruning_helpers import QUICK, meta_checkpoint
+
+    import prune
+
+    meta = meta_checkpoint(tiny_cifar, setup["out"], make_zoo, "weights_meta", sparsity="weights",
+                           reg=1e-3)
+    base = ["run", "--config", str(setup["config"]), "--network", str(setup["network"])]
+    folder = Path(yaml.safe_load(setup["config"].read_text())["prune"]["dir"])
+    dirs = {"none": setup["out"] / "w_none", "nm": folder / "net_none_2of4_seed0",
+            "sparse": folder / "net_sparse_w0.5-layer_seed0",
+            "metanetwork": folder / "net_metanetwork_w0.5_seed0"}
+    argv, sys.argv = sys.argv, ["prune.py"]
+    try:
+        # the config of the channel run (ONNX, latency), whose stage 1 they take
+        assert prune.main([*base, "--method", "none", "--weight_sparsity", "0.6", "--out",
+                           str(dirs["none"]), "--reuse_first_stage", str(runs["none"])]) == 0
+        assert prune.main([*base, "--method", "none", "--nm", "[2,4]", "--reuse_first_stage",
+                           str(dirs["none"])]) == 0
+        assert prune.main([*base, "--method", "sparse", "--weight_sparsity", "0.5",
+                           "--prune.sparsity_scope", "layer", *QUICK]) == 0
+        assert prune.main([*base, "--method", "metanetwork", "--metanetwork", str(meta),
+                           "--weight_sparsity", "0.5", *QUICK]) == 0
+    finally:
+        sys.argv = argv
+    return {**dirs, "meta": meta}

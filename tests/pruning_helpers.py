@@ -1,15 +1,19 @@
 """Test networks: random weights, pruning with torch_pruning (random channels, chosen widths),
-a plain accuracy loop to check reported accuracies against, a tiny prune config, and the
-gradients of a metanetwork's outputs (to compare block and per-edge message passing)."""
+a plain accuracy loop to check reported accuracies against, a tiny prune config, the
+gradients of a metanetwork's outputs (to compare block and per-edge message passing), and the
+pieces the `prune.py run` tests share (a zoo-like network, a metanetwork checkpoint, a run, a
+refused run; their fixtures are in conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch_pruning as tp
 import yaml
 from torch import nn
 
+import networks
 from networks import classifier_layer
 
 DEMO_PRUNE = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
@@ -109,3 +113,72 @@ def tiny_prune_config(root: Path, out: Path, speed_up: float, iterative_steps: i
     path = out / "prune.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---- `prune.py run` (tests/test_prune_run*.py, test_prune_weights.py, test_prune_latency.py) ----
+ARCH = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
+X32 = torch.zeros(1, 3, 32, 32)
+TARGET = 1.6
+STEPS = 40
+QUICK = ("--prune.latency_batch_sizes", "[]", "--prune.onnx=false")
+
+
+def tiny_config(root: Path, out: Path) -> Path:
+    """The demo prune.yaml shrunk to seconds: 3 classes, 2 batches per stage."""
+    return tiny_prune_config(root, out, TARGET, STEPS)
+
+
+def zoo_like_network(path: Path, seed: int = 0) -> Path:
+    """A quarter-width ResNet-8 with some channels pruned already (as zoo members are)."""
+    torch.manual_seed(seed)
+    model = random_prune(networks.build(ARCH["name"], 3, **ARCH["kwargs"]), X32, 0.1, seed)
+    return networks.save_network(model, path, ARCH)
+
+
+def meta_checkpoint(tiny_cifar: Path, out: Path, make_zoo, name: str = "meta", **module) -> Path:
+    """A real MetaPruningModule checkpoint: one meta-training step on a tiny zoo (``module``:
+    more MetaPruningModule arguments, e.g. sparsity="weights")."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules import ImageDataModule, ModelZooDataModule
+    from lightning_modules import MetaPruningModule
+
+    seed_everything(0)
+    zoo = make_zoo(out / f"{name}_zoo")
+    images = ImageDataModule(str(tiny_cifar), dataset="cifar10", num_classes=3, batch_size=8,
+                             num_workers=0, val_fraction=0.25)
+    data = ModelZooDataModule(str(zoo), images, meta_val_members=1, batches_per_step=1, batch_size=4)
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=out)
+    trainer.fit(MetaPruningModule(num_layers=1, hidden=8, node_res_ratio=0.1, edge_res_ratio=0.1,
+                                  **module), data)
+    path = out / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def run(config: Path, network: Path, method: str, out: Path, meta: Path | None = None,
+        *extra: str) -> int:
+    import prune
+
+    argv = ["run", "--config", str(config), "--network", str(network), "--method", method,
+            "--out", str(out), *extra]
+    return prune.main(argv + (["--metanetwork", str(meta)] if meta else []))
+
+
+def _expect(setup: dict, tmp_path: Path, match: str, network: Path | None = None,
+            meta: Path | None | str = "default", method: str = "metanetwork",
+            extra: tuple[str, ...] = (), error: type = ValueError) -> None:
+    out = tmp_path / "run"
+    meta = setup["meta"] if meta == "default" else meta
+    with pytest.raises(error, match=match):
+        run(setup["config"], network or setup["network"], method, out, meta, *extra)
+    assert not out.exists()  # nothing written before the inputs were checked
+
+
+def _prunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every convolution's and dense layer's weight, by module name (written out here, not
+    read from networks.sparsity)."""
+    return {name: m.weight.detach() for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -182,7 +182,7 @@ def test_weight_sparsity_meta_training_penalizes_l1_and_records_its_mode(
     expected = 0.01 * sum(float(weights[f"{n}.weight"].abs().sum()) for n in LAYERS)
     assert float(penalty) == pytest.approx(expected, rel=1e-6)
     # the mode is validated and recorded in checkpoints (prune.py run takes it for weight targets only:
-    # tests/test_prune_run.py)
+    # tests/test_prune_weights.py, tests/test_prune_run_errors.py)
     with pytest.raises(UserError, match="pruned_view removes channels"):
         MetaPruningModule(num_layers=1, hidden=4, sparsity="weights", pruned_view=1.0)
     with pytest.raises(UserError, match=r"sparsity='rows'"):
