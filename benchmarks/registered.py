@@ -173,6 +173,20 @@ def verdict_table(rows: list[reg_lib.Verdict]) -> str:
     return "\n".join(lines)
 
 
+def per_network(reg: Registration, ledgers: dict[int, dict]) -> str:
+    """The primary comparisons' paired differences network by network (points), with the draw
+    that pruned each network: the numbers the verdicts rest on."""
+    diffs = reg_lib.differences(reg, ledgers, reg.primary)
+    lines = ["| network | draw | " + " | ".join(c.label for c in reg.primary) + " |",
+             "|---|---|" + "---|" * len(reg.primary)]
+    for seed in sorted(ledgers):
+        key = f"seed{seed}"  # as reg_lib.differences names a network
+        cells = [f"{100 * d.differences[key]:+.2f}" if key in d.differences else "-" for d in diffs]
+        draw = str(ledgers[seed]["draw"].get("checkpoint_sha256"))[:12]
+        lines.append(f"| {seed} | {draw} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def per_draw(reg: Registration, ledgers: dict[int, dict]) -> str:
     """Each draw's networks, selection scores and mean primary differences (secondary)."""
     draws: dict[str, dict[int, dict]] = {}
@@ -225,6 +239,8 @@ def report(registration: str) -> int:
             f"{status}.\n\n{head}\n\nPaired t per comparison (two-sided), Holm over the "
             f"{len(reg.primary)} primary comparisons at level {reg.level:g}.\n\n"
             f"{verdict_table(rows)}\n\n{plot}Decision rule (registered): {reg.decision.strip()}\n\n"
+            f"Per network (points; the draw is the selected checkpoint's sha256):\n\n"
+            f"{per_network(reg, ledgers) if ledgers else '-'}\n\n"
             f"## Secondary (registered, not corrected)\n\nNon-inferiority margin "
             f"{100 * reg.margin:g} points on final accuracy: {'; '.join(margin) or 'no interval yet'}.\n\n"
             f"{paired_table(secondary) if secondary else ''}\n\n"
