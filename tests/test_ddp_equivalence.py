@@ -131,6 +131,7 @@ def test_ddp_run_equals_one_process_over_the_same_batches(tiny_cifar: Path, tmp_
             torch.testing.assert_close(value, final[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # a process-exit check; the DDP equivalence tests stay in the default suite
 def test_worker_destroys_its_process_group_at_exit(tmp_path: Path) -> None:
     """Our modules' setup registers an exit handler that destroys the process group (a gloo
     worker exiting with a live group can abort in interpreter finalization). In a fresh

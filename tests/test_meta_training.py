@@ -247,6 +247,7 @@ class _RecordRun(Callback):
                     "final": pl_module.metanetwork.state_dict()}, self.out / f"run{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow  # DDP equivalence of plain training stays in the default suite
 def test_ddp_meta_training_run_equals_one_process_over_the_same_items(tiny_cifar, tmp_path,
                                                                      make_zoo):
     """A whole 2-rank meta-training run (3 AdamW steps) against one process that, at each step,

@@ -350,6 +350,7 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # the benchmark tool (benchmarks/quality.py), not the library: run with -m slow
 def test_quality_rerun_redoes_a_benchmark_run_under_a_cap_from_its_stored_settings(
         runs: dict[str, Path], tmp_path: Path) -> None:
     """benchmarks/quality.py rerun: the stored run.json becomes a prune.yaml that reproduces the
