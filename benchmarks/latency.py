@@ -32,6 +32,7 @@ import torch
 import networks
 from networks.latency import compare_latency
 from pipeline.command_line import cli, summary
+from pipeline.common import one_line
 from pipeline.options import SpeedUp
 
 # name, build arguments, input size, throughput batch
@@ -70,7 +71,13 @@ def latency(*, device: Literal["cpu", "cuda"] = "cpu", min_run_time: PositiveFlo
                     networks.prune_to_speed_up(pruned, example, goal, base, 100)
                 else:
                     probe = networks.latency_probe(size, timed_at, device)
-                    networks.prune_to_latency(pruned, example, goal, probe(unpruned), probe, 100)
+                    try:
+                        networks.prune_to_latency(pruned, example, goal, probe(unpruned), probe, 100)
+                    except ValueError as e:  # unreachable: the row says so, the table goes on
+                        lines.append(f"| {name} | {goal:g}x | latency at batch {timed_at} | "
+                                     f"{one_line(str(e))} | | {timed_at} | | | |")
+                        print(lines[-1], flush=True)
+                        continue
                 macs = networks.count_macs(pruned, example)
                 how = "MACs" if kind == "macs" else f"latency at batch {timed_at}"
                 for r in compare_latency(pruned, unpruned, size, batches, device, min_run_time):
