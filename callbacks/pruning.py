@@ -25,6 +25,7 @@ import networks
 from lightning_modules import ImageClassifier
 from networks.checkpoint import reshape_to_state
 
+from .structured import rank_zero_clock
 from .target import classifier
 
 
@@ -101,14 +102,14 @@ class PruneToSpeedUp(Callback):
                 importance=self.importance, round_to=self.round_to)
             if self.latency_speed_up is None:
                 assert self.speed_up is not None
-                self.speed_up_reached = networks.prune_to_speed_up(
+                networks.prune_to_speed_up(
                     network, example, self.speed_up, self.base_macs, self.iterative_steps,
                     pruner=pruner, max_pruning_ratio=self.max_pruning_ratio,
                     importance=self.importance)
             else:
                 measured = self._prune_to_latency(trainer, model, example, pruner)
-                self.speed_up_reached = self.base_macs / networks.count_macs(network, example)
         self.macs = networks.count_macs(network, example)
+        reached = self.speed_up_reached = self.base_macs / self.macs  # what either target took
         self.params = networks.count_params(network)
         target = f"{self.speed_up}x" if self.latency_speed_up is None else \
             f"latency {self.latency_speed_up}x at batch {self.latency_batch}, reached " \
@@ -116,10 +117,10 @@ class PruneToSpeedUp(Callback):
             f"on {example.device.type}"
         rank_zero_info(
             f"pruned {model.arch['name']}: {before:,} -> {self.macs:,} MACs, "
-            f"{self.params:,} params, speed-up {self.speed_up_reached:.3f}x "
+            f"{self.params:,} params, speed-up {reached:.3f}x "
             f"(target {target}, base {self.base_macs:,} MACs)")
         for logger in trainer.loggers:
-            logger.log_metrics({"pruning/speed_up": self.speed_up_reached,
+            logger.log_metrics({"pruning/speed_up": reached,
                                 "pruning/macs": float(self.macs),
                                 "pruning/params": float(self.params),
                                 "pruning/base_macs": float(self.base_macs), **measured}, step=0)
@@ -134,14 +135,8 @@ class PruneToSpeedUp(Callback):
         if not getattr(model, "_prune_to_speed_up_hook", None):
             model._prune_to_speed_up_hook = model.register_load_state_dict_pre_hook(
                 lambda module, state, prefix, *args: reshape_to_state(module, state, prefix))
-        probe = networks.latency_probe(self.input_size, self.latency_batch, example.device)
-
-        def measure(m: torch.nn.Module) -> float:
-            return float(trainer.strategy.broadcast(probe(m), src=0))
-
-        arch = model.arch
-        unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
-        unpruned = unpruned.to(example.device).eval()
+        measure = rank_zero_clock(trainer, self.input_size, self.latency_batch, example.device)
+        unpruned = networks.build_arch(model.arch).to(example.device).eval()
         self.base_ms = min(measure(unpruned), measure(unpruned))  # the faster: a conservative base
         del unpruned
         assert self.latency_speed_up is not None

@@ -22,7 +22,7 @@ docs/structured_pruning.md has a complete example on a plain LightningModule.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -192,11 +192,7 @@ class StructuredPruning(Callback):
         """Prune until the measured latency speed-up reaches ``target``. Every rank times its
         own copy, but rank 0's reading decides, so all ranks stop at the same step and remove
         the same channels."""
-        probe = networks.latency_probe(example.shape[1:], self.latency_batch_size, example.device)
-
-        def measure(model: nn.Module) -> float:
-            return float(trainer.strategy.broadcast(probe(model), src=0))
-
+        measure = rank_zero_clock(trainer, example.shape[1:], self.latency_batch_size, example.device)
         if self.base_ms is None:
             self.base_ms = measure(network)
         reached = networks.prune_to_latency(
@@ -219,6 +215,15 @@ class StructuredPruning(Callback):
                                     global_pruning=True, pruning_ratio=ratio,
                                     iterative_steps=steps, ignored_layers=ignored,
                                     round_to=self.round_to)
+
+
+def rank_zero_clock(trainer: Trainer, input_size: Sequence[int], batch_size: int,
+                    device: torch.device) -> Callable[[nn.Module], float]:
+    """``clock(model) -> ms`` (``networks.latency_probe``) whose reading is rank 0's on every
+    rank: each rank times its own copy, but all stop a latency-target loop at the same step
+    and so remove the same channels."""
+    probe = networks.latency_probe(input_size, batch_size, device)
+    return lambda model: float(trainer.strategy.broadcast(probe(model), src=0))
 
 
 def _epoch_range(epochs: int | Sequence[int]) -> tuple[int, int]:

@@ -39,11 +39,12 @@ from .pruning import (
                          prune_to_latency,
                          prune_to_speed_up,
 )
-from .registry import available, build
+from .registry import available, build, build_arch
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy", "accuracy_curve",
-           "atomic_save", "atomic_write", "available", "base_macs", "build", "calibration_batches",
+           "atomic_save", "atomic_write", "available", "base_macs", "build", "build_arch",
+           "calibration_batches",
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",
            "layer_shape", "load_network", "check_max_pruning_ratio",

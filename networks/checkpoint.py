@@ -20,7 +20,7 @@ from torch import nn
 from metaprune.errors import UserError
 
 from .layers import ShapeValue, layer_shape
-from .registry import build
+from .registry import build, build_arch
 
 FORMAT = "metaprune.network/v1"
 
@@ -194,7 +194,7 @@ def network_from_state_dict(arch: dict[str, Any], state: dict[str, torch.Tensor]
     ``pruned=True`` resizes the layers to the state's shapes first (a pruned copy of the
     architecture); otherwise any key or shape that does not match is refused, the first ones
     named."""
-    model = build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    model = build_arch(arch)
     if pruned:
         reshape_to_state(model, state)
     expected = model.state_dict()

@@ -13,7 +13,7 @@ from torch_pruning.utils import op_counter
 
 from .common import evaluating
 from .layers import sync_layer_shapes
-from .registry import build
+from .registry import build_arch
 
 MacCounter = Callable[[nn.Module, torch.Tensor], int]
 
@@ -43,7 +43,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
 
 def base_macs(arch: dict, example: torch.Tensor) -> int:
     """MACs of the unpruned architecture ``arch`` (``{"name", "num_classes", "kwargs"}``)."""
-    return count_macs(build(arch["name"], arch["num_classes"], **arch.get("kwargs", {})), example)
+    return count_macs(build_arch(arch), example)
 
 
 def count_macs_fast(model: nn.Module, example_inputs: torch.Tensor) -> int:

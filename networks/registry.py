@@ -67,6 +67,13 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     )
 
 
+
+def build_arch(arch: dict[str, Any]) -> nn.Module:
+    """The untrained, unpruned network an architecture record names (``{"name",
+    "num_classes", "kwargs"}``, as network files store it): what speed-ups are measured
+    against."""
+    return build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+
 def _timm_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     """``timm:<model>``, untrained; timm is imported only here (an optional dependency)."""
     model_name = name[len(TIMM_PREFIX):]

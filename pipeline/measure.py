@@ -28,7 +28,7 @@ def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], 
     from networks.latency import compare_latency
 
     example = networks.example_input(input_size)
-    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    unpruned = networks.build_arch(arch)
     macs, base = networks.count_macs(network, example), networks.count_macs(unpruned, example)
     return {"macs": macs, "base_macs": base, "speed_up": base / macs,
             "latency": compare_latency(network, unpruned, input_size, batch_sizes, device,

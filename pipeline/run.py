@@ -166,7 +166,7 @@ def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = LATENCY_BATCH_SIZES if p.latency_batch_sizes is None else p.latency_batch_sizes
-    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    unpruned = networks.build_arch(arch)
     return compare_latency(copy.deepcopy(network), unpruned, p.input_size, list(sizes), device,
                            min_run_time=0.25) if sizes else []
 
@@ -374,7 +374,7 @@ def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
 
     probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S)
     pruned = copy.deepcopy(network).cpu().eval()
-    unpruned = networks.build(arch["name"], arch["num_classes"], **arch.get("kwargs", {})).eval()
+    unpruned = networks.build_arch(arch).eval()
     readings: dict[str, list[float]] = {"pruned": [], "unpruned": []}
     for _ in range(2):
         readings["pruned"].append(probe(pruned))
