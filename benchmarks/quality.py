@@ -45,6 +45,7 @@ from pipeline import demo as pipeline_demo
 from pipeline import results
 from pipeline.command_line import cli, summary
 from pipeline.common import atomic_write, merged
+from pipeline.config_files import load_config_file
 from pipeline.options import Method, PruningCap, SpeedUp
 from pipeline.paired import paired, paired_table, save_paired_plot
 from pipeline.run import RUN_FILE, RunRequest, prune_run
@@ -106,7 +107,7 @@ def merge_configs(names: list[str]) -> dict:
         path = Path(name).resolve()
         if not path.is_file():
             raise SystemExit(f"error: benchmark config {name}: no such file")
-        layer = yaml.safe_load(path.read_text()) or {}
+        layer = load_config_file(path) or {}
         configs = (layer.get("demo") or {}).get("configs")
         if configs:
             layer["demo"]["configs"] = {k: str((path.parent / v).resolve()) for k, v in configs.items()}

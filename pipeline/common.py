@@ -15,6 +15,7 @@ import yaml
 
 from metaprune.errors import UserError
 
+from .config_files import load_config_file, merged
 from .options import plain
 
 if TYPE_CHECKING:
@@ -23,44 +24,22 @@ if TYPE_CHECKING:
 C = TypeVar("C", bound="DataclassInstance")  # a config schema
 
 
-def merged(*configs: dict) -> dict:
-    """The configs merged left to right by OmegaConf (mappings recursively, anything else
-    replaced), as a plain dict; ``${...}`` interpolations are left for LightningCLI."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        out = OmegaConf.to_container(OmegaConf.merge(*configs), resolve=False)
-    except (TypeError, OmegaConfBaseException) as e:
-        raise UserError(f"stage configs cannot be merged ({e}): a later section gives a list "
-                        "where an earlier one gives a mapping, or the reverse; give the same "
-                        "kind of value in both") from None
-    assert isinstance(out, dict)
-    return out
-
-
 def read_config(path: str | os.PathLike, schema: type[C], error: type[UserError], kind: str,
                 overlay: str | None = None, overrides: dict | None = None) -> C:
     """A YAML config file parsed into the dataclass ``schema`` by jsonargparse: unknown keys,
     missing required ones and wrong types fail with ``error`` naming ``kind`` config, the file
-    and the key. Sections typed ``dict`` (stage configs for LightningCLI) come back as they are,
-    ``${...}`` interpolations included; ``check_stage_config`` checks them. ``overlay``: the
-    name of a section merged over the whole file first (demo.yaml's ``fast``); ``overrides``:
-    a nested mapping merged over the result (command-line ``--section.key VALUE``), each top
-    key a section of ``schema``."""
+    and the key. Component files named under ``_base_`` are merged in first
+    (:mod:`pipeline.config_files`). Sections typed ``dict`` (stage configs for LightningCLI)
+    come back as they are, ``${...}`` interpolations included; ``check_stage_config`` checks
+    them. ``overlay``: the name of a section merged over the whole file first (demo.yaml's
+    ``fast``); ``overrides``: a nested mapping merged over the result (command-line
+    ``--section.key VALUE``), each top key a section of ``schema``."""
     import argparse
 
     from jsonargparse import ArgumentParser
 
     where = f"{kind} config {str(path)!r}"
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise error(f"{where} does not exist; check the path") from None
-    except OSError as e:
-        raise error(f"{where} cannot be read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise error(f"{where} is not valid YAML: {e}") from None
+    raw = load_config_file(path, error, kind)
     sections = [f.name for f in dataclasses.fields(schema)]
     if not isinstance(raw, dict):
         raise error(f"{where} must be a mapping with the sections {', '.join(sections)}")

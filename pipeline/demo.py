@@ -31,6 +31,7 @@ from .common import (
     write_json,
     write_text,
 )
+from .config_files import load_config_file
 from .console import Stages
 from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp, ZooOptions
 from .paired import paired_table
@@ -126,10 +127,7 @@ def demo_data(data_root: str | None) -> tuple[dict, str]:
 
 
 def _read_yaml(path: str) -> dict:
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise DemoError(f"stage config {path!r} cannot be read: {e}") from e
+    return load_config_file(path, DemoError, "stage")
 
 
 def _merge_data(section: dict, data: dict) -> None:

@@ -27,6 +27,7 @@ import yaml
 
 from metaprune.errors import UserError
 
+from .config_files import load_config_file
 from .paired import PairedDifference
 
 LEDGER_FORMAT = "metaprune.registered_result/v1"
@@ -173,10 +174,11 @@ def draw_of(reg: Registration, seed: int) -> Draw | None:
 
 def recipe_sha256(composed: dict) -> str:
     """The sha256 of a composed benchmark config with the stage configs it names read in (so
-    the hash is of content, not of a machine's paths)."""
+    the hash is of content, not of a machine's paths; component files composed in)."""
     content = json.loads(json.dumps(composed))
     configs = content.get("demo", {}).get("configs", {})
-    content["demo"]["configs"] = {k: yaml.safe_load(Path(v).read_text()) for k, v in sorted(configs.items())}
+    content["demo"]["configs"] = {k: load_config_file(v, RegistrationError, "stage")
+                                  for k, v in sorted(configs.items())}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

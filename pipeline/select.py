@@ -32,7 +32,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import networks
@@ -42,6 +41,7 @@ from metaprune.errors import UserError
 from networks import CheckpointError
 
 from .common import one_line, write_bytes, write_json
+from .config_files import load_config_file
 from .curve import (
     calibration,
     curves_csv,
@@ -62,10 +62,7 @@ def zoo_datamodule(config: str | Path, zoo_dir: str | None = None,
                    data_root: str | None = None):
     """The ``ModelZooDataModule`` of a meta.yaml's ``data`` section, set up (train/val only)."""
     where = f"meta config {str(config)!r}"
-    try:
-        cfg = yaml.safe_load(Path(config).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SelectionError(f"{where} cannot be read: {e}") from e
+    cfg = load_config_file(config, SelectionError, "meta")
     data = copy.deepcopy(cfg.get("data")) if isinstance(cfg, dict) else None
     if not isinstance(data, dict) or "init_args" not in data:
         raise SelectionError(f"{where} has no data section with class_path and init_args")

@@ -2,8 +2,10 @@
 (``python train.py``; the pipeline builds every Lightning stage with :func:`main` too)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,6 +15,7 @@ import lightning_modules  # noqa: F401
 from callbacks.export import ExportNetwork
 
 from .common import tensorboard_logger
+from .config_files import load_config_file, uses_components
 
 
 class TrainCLI(LightningCLI):
@@ -59,10 +62,31 @@ class TrainCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path last: resuming {base / f'version_{init.version}'}")
 
 
+def composed_config_args(args: list[str]) -> list[str]:
+    """``args`` with each ``--config FILE`` whose file names component files (``_base_``,
+    :mod:`pipeline.config_files`) replaced by the composed document: LightningCLI takes a
+    config as text too, and jsonargparse alone cannot merge a file's own keys over a file it
+    includes."""
+    out = list(args)
+    for i, token in enumerate(out):
+        if token == "--config" and i + 1 < len(out):
+            at, path = i + 1, out[i + 1]
+        elif token.startswith("--config="):
+            at, path = i, token.partition("=")[2]
+        else:
+            continue
+        if uses_components(path):
+            text = yaml.safe_dump(load_config_file(path), sort_keys=False)
+            out[at] = text if at != i else f"--config={text}"
+    return out
+
+
 def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (used by the tests)."""
+    given = sys.argv[1:] if args is None else args
+    composed = composed_config_args(given)
     return TrainCLI(
-        args=args,
+        args=None if composed == given and args is None else composed,
         run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -15,6 +15,7 @@ from torch import nn
 
 import networks
 from networks import classifier_layer
+from pipeline.config_files import load_config_file
 
 DEMO_PRUNE = Path(__file__).parents[1] / "configs" / "demo" / "prune.yaml"
 
@@ -103,7 +104,7 @@ class TinyNet(nn.Module):
 def tiny_prune_config(root: Path, out: Path, speed_up: float, iterative_steps: int) -> Path:
     """The demo prune.yaml shrunk to seconds (3 classes, 2 batches per stage, 1 epoch each),
     written to ``out/prune.yaml``."""
-    cfg = yaml.safe_load(DEMO_PRUNE.read_text())
+    cfg = load_config_file(DEMO_PRUNE)
     cfg["prune"].update(dir=str(out / "runs"), speed_up=speed_up, iterative_steps=iterative_steps)
     cfg["base"]["trainer"].update(limit_train_batches=2, enable_model_summary=False)
     cfg["base"]["data"]["init_args"].update(root=str(root), num_classes=3, batch_size=8,

@@ -28,6 +28,7 @@ from lightning_modules import MetaPruningModule
 from metaprune.errors import UserError
 from pipeline import run as pipeline_run
 from pipeline import run_stages
+from pipeline.config_files import load_config_file
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 
@@ -384,7 +385,7 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
 
     large = "imagenet" in config.parent.name
     cfg = pipeline_run.load_prune_config(config, data_root=str(tiny_imagenet if large else tiny_cifar))
-    raw = yaml.safe_load(config.read_text())
+    raw = load_config_file(config)
     assert cfg.prune.speed_up == raw["prune"]["speed_up"]
     assert cfg.prune.dir == (raw["prune"].get("dir") or f"runs/prune/{config.parent.name}")
     arch = {"name": "resnet50" if large else "resnet8_cifar",

@@ -20,6 +20,7 @@ from datamodules.zoo_manifest import ZooError, read_manifest
 from lightning_modules import ImageClassifier
 from pipeline import train
 from pipeline import zoo as pipeline_zoo
+from pipeline.config_files import load_config_file
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/zoo.yaml"))
@@ -28,7 +29,7 @@ DEMO = Path(__file__).parents[1] / "configs" / "demo" / "zoo.yaml"
 
 def tiny_zoo_config(root: Path, out: Path, source: Path = DEMO) -> Path:
     """A shipped zoo.yaml shrunk to seconds: 3 classes, quarter-width ResNet-8, 2 batches."""
-    cfg = yaml.safe_load(source.read_text())
+    cfg = load_config_file(source)
     cfg["zoo"].update(dir=str(out / "zoo"), iterative_steps=50, input_size=[3, 32, 32])
     pre = cfg["pretrain"]
     pre["trainer"].update(max_epochs=1, limit_train_batches=2, accelerator="cpu", precision=32,
@@ -299,7 +300,7 @@ def test_zoo_config_parses(config: Path, tiny_cifar: Path, tiny_imagenet: Path, 
     large = "imagenet" in config.parent.name
     root = tiny_imagenet if large else tiny_cifar
     cfg = pipeline_zoo.load_zoo_config(config, seed=5, zoo_dir=str(tmp_path), data_root=str(root))
-    raw = yaml.safe_load(config.read_text())
+    raw = load_config_file(config)
     assert cfg.zoo.speed_up == raw["zoo"]["speed_up"] and cfg.zoo.seed == 5
     assert cfg.zoo.dir == str(tmp_path)
     assert cfg.zoo.input_size == ([3, 224, 224] if large else [3, 32, 32])
