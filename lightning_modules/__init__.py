@@ -1,7 +1,7 @@
 """Lightning modules: thin training glue over the pure networks/ and graph/ packages."""
-from .checkpoints import load_metanetwork, trained_criterion, trained_sparsity
+from .checkpoints import load_metanetwork, trained_architectures, trained_criterion, trained_sparsity
 from .classifier import ImageClassifier
 from .meta_pruning import MetaPruningModule
 
-__all__ = ["ImageClassifier", "MetaPruningModule", "load_metanetwork", "trained_criterion",
-           "trained_sparsity"]
+__all__ = ["ImageClassifier", "MetaPruningModule", "load_metanetwork", "trained_architectures",
+           "trained_criterion", "trained_sparsity"]

@@ -41,6 +41,15 @@ def trained_criterion(path: str | os.PathLike) -> str:
     return str((hparams or {}).get("importance") or "l2")
 
 
+def trained_architectures(path: str | os.PathLike) -> list[dict] | None:
+    """The architecture records of the networks a metanetwork checkpoint was meta-trained on;
+    None for checkpoints written before they were recorded."""
+    ckpt = networks.safe_load(path, "metanetwork checkpoint")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    archs = (hparams or {}).get("trained_on")
+    return [networks.plain_arch(a) for a in archs] if archs else None
+
+
 def trained_sparsity(path: str | os.PathLike) -> str:
     """What a metanetwork checkpoint was meta-trained to make prunable: "channels" (also for
     checkpoints written before the option existed) or "weights"."""

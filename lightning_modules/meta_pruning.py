@@ -63,6 +63,9 @@ class MetaPruningModule(LightningModule):
             "channels" one for a speed-up only.
         layout: the graph layout the metanetwork reads; filled in from the zoo and stored in
             checkpoints, so ``load_from_checkpoint`` needs no zoo.
+        trained_on: the architecture records (name, num_classes, kwargs) of the meta-training
+            members; filled in from the zoo and stored in checkpoints, so that applying the
+            metanetwork to another architecture is said and recorded (``prune.py run``).
     """
 
     def __init__(self, num_layers: int = 8, hidden: int = 64, node_res_ratio: float = 0.01,
@@ -74,7 +77,8 @@ class MetaPruningModule(LightningModule):
                  message_passing: str = "paper", identity_edges: str = "diagonal",
                  attention: str = "heads", distill: float = 0.0, augment: float = 1.0,
                  pruned_view: float = 0.0, pruned_fraction: tuple[float, float] = (0.1, 0.4),
-                 sparsity: str = "channels", layout: dict | None = None) -> None:
+                 sparsity: str = "channels", layout: dict | None = None,
+                 trained_on: list[dict] | None = None) -> None:
         super().__init__()
         try:
             networks.check_importance(importance, regularized=True)
@@ -128,6 +132,8 @@ class MetaPruningModule(LightningModule):
         options = GraphOptions(self.hparams.identity_edges, self.hparams.attention)
         layout = options.graph(first.network, zoo.example_input()).layout
         self.hparams.layout = layout  # saved with every checkpoint
+        self.hparams.trained_on = networks.distinct_architectures(zoo.members[i].record["arch"]
+                                                         for i in zoo.train_ids)
         self._build(layout)
 
     # -- per-member state ------------------------------------------------------------------

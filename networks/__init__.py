@@ -39,11 +39,12 @@ from .pruning import (
                          prune_to_latency,
                          prune_to_speed_up,
 )
-from .registry import available, build, build_arch
+from .registry import available, build, build_arch, describe_arch, distinct_architectures, plain_arch
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy", "accuracy_curve",
-           "atomic_save", "atomic_write", "available", "base_macs", "build", "build_arch",
+           "atomic_save", "atomic_write", "available", "base_macs", "build", "build_arch", "describe_arch",
+           "distinct_architectures", "plain_arch",
            "calibration_batches",
            "classifier_layer", "count_macs",
            "count_macs_fast", "count_params", "curve_area", "evaluating", "example_input", "group_norms",

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import re
-from typing import Any
+from typing import Any, Iterable
 
 import torchvision
 from torch import nn
@@ -73,6 +74,25 @@ def build_arch(arch: dict[str, Any]) -> nn.Module:
     "num_classes", "kwargs"}``, as network files store it): what speed-ups are measured
     against."""
     return build(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+
+
+def plain_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """An architecture record reduced to what names the architecture (name, classes, kwargs),
+    comparable with ``==``."""
+    return {"name": arch["name"], "num_classes": arch["num_classes"],
+            "kwargs": dict(arch.get("kwargs") or {})}
+
+
+def distinct_architectures(archs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct architecture records among ``archs``, in a fixed order."""
+    unique = {json.dumps(plain_arch(a), sort_keys=True): plain_arch(a) for a in archs}
+    return [unique[k] for k in sorted(unique)]
+
+
+def describe_arch(arch: dict[str, Any]) -> str:
+    """``resnet20_cifar (width=0.5), 10 classes``: an architecture record for messages."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted((arch.get("kwargs") or {}).items()))
+    return f"{arch['name']}{f' ({kwargs})' if kwargs else ''}, {arch['num_classes']} classes"
 
 def _timm_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     """``timm:<model>``, untrained; timm is imported only here (an optional dependency)."""

@@ -185,6 +185,8 @@ def prune_run(args: RunRequest) -> int:
     with tempfile.TemporaryDirectory() as tmp:  # a converted input reaches --out after the checks
         given = input_network(args, cfg, Path(tmp))
         info = check_inputs(cfg, str(given), settings["metanetwork"])
+        if info.get("transfer") and is_rank_zero():
+            print(transfer_line(info["transfer"]), file=sys.stderr)
         if args.network is None or given != Path(args.network):
             args.network = str(out / "input_network.pt")
         p, arch, first = cfg.prune, info["arch"], FIRST_STAGE[args.method]
@@ -338,6 +340,9 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
     return {
         "format": "metaprune.prune_run/v1", "method": args.method,
         "network": settings["network"], "metanetwork": settings["metanetwork"],
+        # present only for a metanetwork meta-trained on other architectures (earlier reports
+        # keep their keys)
+        **({"transfer": info["transfer"]} if info.get("transfer") else {}),
         "architecture": arch,
         **result,
         "latency": latency,
@@ -355,6 +360,17 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
         "config": {"prune": p.record(), "stages": stages},
         "_points": {"stage1": stage1_points, "final": final_points},
     }
+
+
+def transfer_line(transfer: dict) -> str:
+    """The line a run prints when its metanetwork was meta-trained on other architectures."""
+    import networks
+
+    trained = "; ".join(networks.describe_arch(a) for a in transfer["trained_on"])
+    return (f"transfer: the metanetwork was meta-trained on {trained} and is applied to "
+            f"{networks.describe_arch(transfer['applied_to'])}; its effect on another "
+            "architecture is not the measured one (docs/pruning.md, \"Transfer\"); report.json "
+            "records this under 'transfer'")
 
 
 def latency_target(p: PruneSettings) -> dict:

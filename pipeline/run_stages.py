@@ -78,7 +78,8 @@ def input_network(args: RunRequest, cfg: PruneConfig, folder: Path) -> Path:
 def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | None) -> dict:
     """Every check that can fail before training, so bad input costs seconds, not epochs.
 
-    Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network, and
+    Returns ``{"arch", "base_macs", "macs", "params", "speed_up"}`` of the input network,
+    ``"transfer"`` (:func:`transfer_of`) when a metanetwork is given, and
     for a weight run ``"weight_sparsity"`` (its zeros now) and ``"dense_layers"`` (the prunable
     layers an N:M pattern cannot cover, left dense)."""
     import networks
@@ -107,6 +108,8 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
     base, macs = networks.base_macs(arch, example), networks.count_macs(network, example)
     info = {"arch": arch, "base_macs": base, "macs": macs,
             "params": networks.count_params(network), "speed_up": base / macs}
+    if metanetwork_path is not None:
+        info["transfer"] = transfer_of(arch, metanetwork_path)
     if p.weights:
         return {**info, **check_weight_target(p, network, source)}
     if p.latency:
@@ -142,6 +145,22 @@ def round_to_pruner(p: PruneSettings, network, example):
         return None
     return networks.criterion_pruner(network, example, p.iterative_steps, max_pruning_ratio=p.cap,
                                      importance=p.criterion, round_to=p.round_to)
+
+
+def transfer_of(arch: dict, path: str) -> dict | None:
+    """When the metanetwork checkpoint at ``path`` was meta-trained on other architectures than
+    ``arch`` (another depth, width, class count or family), what it was trained on and what it
+    is applied to; None when ``arch`` is among them, or the checkpoint predates the record. A
+    transfer is allowed (the graph layouts match, ``check_layout``) but its effect is a
+    measurement of its own, so the run says so and the report records it."""
+    import networks
+    from lightning_modules import trained_architectures
+
+    trained = trained_architectures(path)
+    applied = networks.plain_arch(arch)
+    if trained is None or applied in trained:
+        return None
+    return {"trained_on": trained, "applied_to": applied}
 
 
 def check_metanetwork_kind(p: PruneSettings, path: str) -> None:
