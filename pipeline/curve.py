@@ -15,13 +15,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sized, cast
+from typing import Any, Callable, Sized, cast
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import networks  # noqa: E402
@@ -37,7 +38,9 @@ Curves = dict[str, list[tuple[float, int, float]]]
 # weights left.
 AXES = {"speed_up": (("speed_up", "macs"), "speed-up (MACs unpruned / MACs)", "x"),
         "weight_sparsity": (("weight_sparsity", "nonzero_weights"),
-                            "weight sparsity (fraction of zero conv/linear weights)", "")}
+                            "weight sparsity (fraction of zero conv/linear weights)", ""),
+        "latency_speed_up": (("latency_speed_up", "macs"),
+                             "measured latency speed-up (unpruned time / time)", "x")}
 
 
 class CurveError(UserError):
@@ -105,12 +108,12 @@ def save_figure(curves: Curves, path: str | os.PathLike, title: str | None = Non
     return save_png(fig, path)
 
 
-def save_curves(curves: Curves, out_dir: str | os.PathLike,
-                title: str | None = None, axis: str = "speed_up", **style) -> tuple[Path, Path]:
-    """``curve.csv`` and ``curve.png`` in ``out_dir``, atomically (``axis``: see ``AXES``)."""
+def save_curves(curves: Curves, out_dir: str | os.PathLike, title: str | None = None,
+                axis: str = "speed_up", stem: str = "curve", **style) -> tuple[Path, Path]:
+    """``<stem>.csv`` and ``<stem>.png`` in ``out_dir``, atomically (``axis``: see ``AXES``)."""
     out_dir = Path(out_dir)
-    return (write_bytes(out_dir / "curve.csv", curves_csv(curves, axis)),
-            save_figure(curves, out_dir / "curve.png", title, axis=axis, **style))
+    return (write_bytes(out_dir / f"{stem}.csv", curves_csv(curves, axis)),
+            save_figure(curves, out_dir / f"{stem}.png", title, axis=axis, **style))
 
 
 def evaluator(loader, device: torch.device | str):
@@ -118,6 +121,23 @@ def evaluator(loader, device: torch.device | str):
     return lambda model: networks.accuracy(model, loader, device)
 
 
+def timed(evaluate: Callable[[nn.Module], float], probe: Callable[[nn.Module], float],
+          times: list[float]) -> Callable[[nn.Module], float]:
+    """``evaluate`` that also appends ``probe(model)`` (a latency, ms) to ``times``: a curve
+    evaluates each of its points once, in order, so ``times`` lines up with the points."""
+    def evaluate_and_time(model: nn.Module) -> float:
+        accuracy = evaluate(model)
+        times.append(probe(model))
+        return accuracy
+    return evaluate_and_time
+
+
+def latency_points(points: list[tuple[float, int, float]], times: list[float],
+                   unpruned_ms: float) -> list[tuple[float, int, float]]:
+    """A curve's points against the measured latency speed-up instead of the MACs one."""
+    if len(times) != len(points):
+        raise RuntimeError(f"{len(times)} timings for {len(points)} curve points")
+    return [(unpruned_ms / t, macs, acc) for (_, macs, acc), t in zip(points, times)]
 
 
 def calibration(datamodule, count: int = BN_BATCHES,
@@ -170,19 +190,35 @@ def curve_command(args: CurveOptions) -> int:
     example = val_set[0][0].unsqueeze(0)
     batches = calibration(dm, args.bn_batches, args.bn_batch_size)
     curves: Curves = {}
+    latency: Curves = {}
     for label, (network, record) in tqdm(list(zip(labels, loaded)), desc="curves", unit="network",
                                           disable=len(loaded) < 2):
+        evaluate = evaluator(dm.val_dataloader(), "cpu")
+        times: list[float] = []
+        if args.latency_batch:
+            probe = networks.latency_probe(example.shape[1:], args.latency_batch)
+            unpruned_ms = probe(networks.build_arch(record["arch"]).eval())
+            evaluate = timed(evaluate, probe, times)
         curves[label] = networks.accuracy_curve(
-            network.eval(), example, networks.base_macs(record["arch"], example),
-            evaluator(dm.val_dataloader(), "cpu"), args.max_speed_up, args.iterative_steps,
-            args.every, batches, args.max_pruning_ratio, args.importance)
+            network.eval(), example, networks.base_macs(record["arch"], example), evaluate,
+            args.max_speed_up, args.iterative_steps, args.every, batches, args.max_pruning_ratio,
+            args.importance)
+        if args.latency_batch:
+            latency[label] = latency_points(curves[label], times, unpruned_ms)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
                            f"({len(cast(Sized, val_set))} val images)")
-    csv_path, png_path = save_curves(curves, out, title, chance=1 / dm.num_classes)
+    written = list(save_curves(curves, out, title, chance=1 / dm.num_classes))
+    if latency:
+        written += save_curves(latency, out, f"{title}, timed at batch {args.latency_batch} "
+                               f"({torch.get_num_threads()} CPU threads)",
+                               axis="latency_speed_up", stem="curve_latency",
+                               chance=1 / dm.num_classes)
     for label, points in curves.items():
-        print(f"{label}\n| speed-up | MACs | val acc |\n|---|---|---|")
-        for s, m, a in points:
-            print(f"| {s:.3f} | {m:,} | {a:.4f} |")
-    print(f"wrote {csv_path} and {png_path}")
+        print(f"{label}\n| speed-up | MACs | val acc |" + (" latency speed-up |" if latency else "")
+              + "\n|---|---|---|" + ("---|" if latency else ""))
+        for i, (s, m, a) in enumerate(points):
+            print(f"| {s:.3f} | {m:,} | {a:.4f} |"
+                  + (f" {latency[label][i][0]:.3f} |" if latency else ""))
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0

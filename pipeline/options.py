@@ -273,6 +273,9 @@ class CurveOptions(CurvePointOptions):
         batch_size: evaluation batch size.
         title: plot title; default names the networks.
         importance: pruning criterion (l2 is the paper's).
+        latency_batch: also time every point's forward at this batch size on the CPU and
+            write the curves against the measured latency speed-up (over the unpruned
+            architecture, timed the same way): curve_latency.csv / curve_latency.png.
     """
 
     network: Union[list[str], str]
@@ -289,6 +292,7 @@ class CurveOptions(CurvePointOptions):
     batch_size: PositiveInt = 500
     title: Optional[str] = None
     importance: Importance = "l2"
+    latency_batch: Optional[PositiveInt] = None
 
     def __post_init__(self) -> None:
         self.network = [self.network] if isinstance(self.network, str) else self.network

@@ -80,6 +80,41 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
     assert a and a == [(r["speed_up"], r["accuracy"]) for r in rows if r["curve"] == "b"]
 
 
+def test_curve_command_times_every_point_for_a_latency_curve(tiny_cifar, tmp_path, capsys,
+                                                            monkeypatch):
+    """--latency_batch B: every point of the MACs curve is timed once, in order, and so is the
+    unpruned architecture; curve_latency.csv holds the same points against the measured
+    speed-up. With a clock proportional to MACs (a deterministic stand-in for
+    networks.latency_probe) the latency speed-ups equal the MACs speed-ups point by point."""
+    timed_macs: list[int] = []
+
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2):
+        assert list(input_size) == [3, 32, 32] and batch_size == 4
+
+        def clock(model) -> float:
+            timed_macs.append(networks.count_macs(model, X32))
+            return timed_macs[-1] * batch_size / 1e6
+        return clock
+
+    monkeypatch.setattr(networks, "latency_probe", probe)
+    arch = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
+    torch.manual_seed(0)
+    path = networks.save_network(networks.build_arch(arch), tmp_path / "net.pt", arch)
+    assert prune.main(["curve", "--network", str(path), "--data_root", str(tiny_cifar),
+                       "--max_speed_up", "1.8", "--iterative_steps", "20", "--every", "2",
+                       "--latency_batch", "4", "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "curve.csv").open()))
+    timed = list(csv.DictReader((tmp_path / "out" / "curve_latency.csv").open()))
+    assert (tmp_path / "out" / "curve_latency.png").is_file() and len(rows) > 3
+    unpruned = networks.count_macs(networks.build_arch(arch), X32)
+    assert timed_macs == [unpruned] + [int(r["macs"]) for r in rows]
+    assert [r["macs"] for r in timed] == [r["macs"] for r in rows]
+    assert [r["accuracy"] for r in timed] == [r["accuracy"] for r in rows]
+    for r, t in zip(rows, timed):
+        assert float(t["latency_speed_up"]) == pytest.approx(float(r["speed_up"]), abs=1e-5)
+    assert "latency speed-up |" in capsys.readouterr().out
+
+
 def _meta_run(root: Path, tiny_cifar: Path, make_zoo, epochs: int, **module) -> Path:
     """A tiny zoo, an ``epochs``-epoch meta-training run (one checkpoint per epoch) and its
     meta.yaml in ``root``."""
