@@ -147,7 +147,8 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
     with console.stage("pruning", len(seeds) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
         for seed in seeds:
             _, row = timed(f"target seed{seed}", lambda seed=seed: pipeline_demo.zoo_member(
-                ZooOptions(str(configs["zoo"]), seed=seed, zoo_dir=str(folder / "target"))))
+                ZooOptions(str(pipeline_demo.target_config(configs)), seed=seed,
+                           zoo_dir=str(folder / "target"))))
             reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], folder, seed,
                                                   folder / "target" / row["file"], best, timed, step)
             record = reg_lib.ledger(reg, commit, code, seed, reports, draw,

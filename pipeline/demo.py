@@ -81,11 +81,15 @@ SMOKE_BANNER = ("SMOKE RUN (--fast): every stage ran a few batches; these number
 @dataclass
 class DemoConfig:
     """A demo.yaml: the demo's settings, the image data overrides, each stage's differences
-    from its shipped config, ``prune.py select``'s options and the ``--fast`` overlay."""
+    from its shipped config, ``prune.py select``'s options and the ``--fast`` overlay.
+    ``target``: the held-out networks' differences from the zoo stage (empty: the zoo's own
+    recipe; e.g. another architecture, to measure a metanetwork on networks of a family it
+    was not meta-trained on)."""
 
     demo: DemoSettings
     data: dict = field(default_factory=dict)
     zoo: dict = field(default_factory=dict)
+    target: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     prune: dict = field(default_factory=dict)
     select: dict = field(default_factory=dict)
@@ -152,7 +156,16 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict
     prune_cfg = merged(_read_yaml(paths["prune"]), cfg.prune)
     prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg.demo.speed_ups[0]))
     _merge_data(prune_cfg["base"]["data"], data)
-    return {"zoo": zoo, "meta": meta, "prune": prune_cfg}
+    stages = {"zoo": zoo, "meta": meta, "prune": prune_cfg}
+    if cfg.target:  # only then a stage of its own: earlier demo folders keep their settings
+        stages["target"] = merged(zoo, cfg.target)
+        stages["target"]["zoo"]["dir"] = str(out / "target")
+    return stages
+
+
+def target_config(configs: dict[str, Path]) -> Path:
+    """The zoo config that builds the held-out networks: the ``target`` stage, else the zoo's."""
+    return configs.get("target", configs["zoo"])
 
 
 def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> Path:
@@ -206,10 +219,12 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
         except DatasetError as e:
             raise DemoError(f"{e} (the demo reads it from --data_root, else ${DATA_ENV}; without "
                             f"either it downloads CIFAR-10 to {DEFAULT_DATA})") from None
-    # the zoo and the held-out networks share one config; only the seed differs
-    check_zoo_stages(load_zoo_config(configs["zoo"], seed=cfg.demo.zoo_seeds[0]), configs["zoo"])
+    # the held-out networks share the zoo's config (only the seed differs) unless a target
+    # section changes it
+    for name in [n for n in ("zoo", "target") if n in configs]:
+        check_zoo_stages(load_zoo_config(configs[name], seed=cfg.demo.zoo_seeds[0]), configs[name])
     check_stage_config(stages["meta"], f"meta config {str(configs['meta'])!r}", DemoError)
-    model = stages["zoo"]["pretrain"]["model"]["init_args"]
+    model = stages["target" if "target" in stages else "zoo"]["pretrain"]["model"]["init_args"]
     arch = {"name": model["network"], "num_classes": model.get("num_classes", 10),
             "kwargs": model.get("network_kwargs") or {}}
     prune = load_prune_config(configs["prune"])
@@ -353,7 +368,7 @@ def demo_command(args: DemoOptions) -> int:
     with console.stage("held-out networks", len(demo.target_seeds), "networks") as step:
         for seed in demo.target_seeds:
             _, row = timed(f"target seed{seed}", partial(zoo_member, ZooOptions(
-                str(configs["zoo"]), seed=seed, zoo_dir=str(out / "target"))))
+                str(target_config(configs)), seed=seed, zoo_dir=str(out / "target"))))
             if row is None:  # a DDP rank > 0, or a stage that did not register: nothing to prune yet
                 return 0
             targets[int(seed)] = out / "target" / row["file"]

@@ -67,6 +67,10 @@ def demo(config: Path, root: Path, out: Path) -> int:
 def finished(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("demo")
     config, out = tiny_demo_config(tmp), tmp / "out"
+    # the held-out network is narrower than the zoo's: the metanetwork is applied across widths
+    cfg = yaml.safe_load(config.read_text())
+    cfg["target"] = {"pretrain": {"model": {"init_args": {"network_kwargs": {"width": 0.25}}}}}
+    config.write_text(yaml.safe_dump(cfg))
     argv, sys.argv = sys.argv, ["prune.py"]
     console = io.StringIO()  # the demo as a user runs it: through the entry point, quiet
     try:
@@ -130,8 +134,14 @@ def test_demo_runs_the_whole_pipeline(finished: dict, capsys: pytest.CaptureFixt
         assert not (first / "2.5x" / method / stage / "checkpoints").exists()
         assert (first / "2x" / method / stage / "checkpoints").exists()
     meta = json.loads((out / "prune" / results.run_key(100, 2.0, "metanetwork")
-                       / "report.json").read_text())["metanetwork"]
-    assert meta == str(out / "meta" / "selection" / "best.ckpt")
+                       / "report.json").read_text())
+    assert meta["metanetwork"] == str(out / "meta" / "selection" / "best.ckpt")
+    # the target section: the zoo at width 0.5, the held-out network at 0.25, said and recorded
+    assert {m["architecture"]["kwargs"]["width"] for m in zoo["members"]} == {0.5}
+    assert target["members"][0]["architecture"]["kwargs"] == {"width": 0.25}
+    assert meta["transfer"] == {"trained_on": [{**target["members"][0]["architecture"],
+                                                "kwargs": {"width": 0.5}}],
+                                "applied_to": target["members"][0]["architecture"]}
     text = (out / "results.md").read_text()
     assert text.startswith(table + "\n\nPaired differences")
     for measure in ("stage-1 curve area 2-3x", "test acc at 2x", "test acc at 2.5x"):
