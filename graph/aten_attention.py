@@ -52,7 +52,9 @@ def as_split(walker: AtenWalker, node: fx.Node, env: Any) -> Split:
 def settle(split: Split) -> Value | Split:
     """A :class:`Value` again once the batch is first and the channel dims are together."""
     dims = split.dims
-    if split.batch == 0 and split.batch not in dims and list(dims) == list(range(dims[0], dims[0] + len(dims))):
+    # (heads folded into the batch, graph/aten_position.py, stay split: the batch is a head dim)
+    if (split.batch == 0 and split.batch not in dims
+            and list(dims) == list(range(dims[0], dims[0] + len(dims)))):
         return Value(split.nodes, split.fresh, split.area, dims[0])
     return split
 

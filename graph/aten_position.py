@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx
@@ -234,6 +234,8 @@ def _queries_only_here(walker: AtenWalker, node: fx.Node, scores: fx.Node, logit
             return False
         made = made.all_input_nodes[0]
     q, k = made.args[:2]
+    if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)):
+        return False
     env_q, env_k = walker.env.get(q), walker.env.get(k)
     if not (getattr(env_q, "fresh", False) and getattr(env_k, "fresh", False)
             and len(k.users) == 1):
@@ -298,8 +300,10 @@ def _reshape(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     try:
         return _plain_reshape(walker, node, args)
     except UnsupportedArchitectureError:
-        (arg, value), = args[:1]
-        if len(args) != 1 or arg is not node.args[0] or value.nodes.dim() != 1 or value.spread != 1:
+        arg: fx.Node = args[0][0]
+        value = args[0][1]
+        if (len(args) != 1 or arg is not node.args[0] or not isinstance(value, Value)
+                or value.nodes.dim() != 1 or value.spread != 1):
             raise
         src, dst = _shape(arg), _shape(node)
         fold = _folded_heads(src, dst, value)
@@ -323,8 +327,8 @@ def _fresh_piece(walker: AtenWalker, piece: fx.Node) -> bool:
                                                                aten.chunk):
         return False
     source = split.args[0]
-    env = walker.env.get(source)
-    return (isinstance(env, Value) and env.fresh and len(source.users) == 1
+    env = walker.env.get(source) if isinstance(source, fx.Node) else None
+    return (isinstance(source, fx.Node) and isinstance(env, Value) and env.fresh and len(source.users) == 1
             and op_args(split)["dim"] % len(_shape(source)) in env.dims)
 
 
@@ -434,12 +438,15 @@ def _logits_sum(walker: AtenWalker, node: fx.Node, args: list) -> Env:
 
 
 def _logits_operand(walker: AtenWalker, node: fx.Node, args: list) -> tuple[fx.Node, Logits]:
-    (arg, env), = args
+    arg: fx.Node = args[0][0]
+    env = args[0][1]
+    if len(args) != 1:
+        raise walker.fail(node, "an operation on relative position logits and other tensors")
     tensors = [a for a in node.all_input_nodes if a is not arg]
     if tensors or arg is not node.args[0]:
         raise walker.fail(node, f"further tensor inputs {[t.name for t in tensors]} besides "
                           "relative position logits")
-    return arg, env
+    return arg, cast(Logits, env)
 
 
 def _wrap(op: Any, logits_handler) -> None:

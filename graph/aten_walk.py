@@ -116,7 +116,8 @@ class AtenWalker(Walker):
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:
             return None  # a parameter, buffer or constant: read by the operations using it
-        if node.op == "output" and any(isinstance(v, (Split, Scores, Logits)) for _, v in self.channel_args(node)):
+        if node.op == "output" and any(isinstance(v, (Split, Scores, Logits))
+                                       for _, v in self.channel_args(node)):
             raise self.fail(node, "an output whose channels are split into attention heads")
         if node.op != "call_function":
             return super().step(node)  # the input, the output
