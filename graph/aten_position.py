@@ -396,12 +396,19 @@ def _matmul(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         if follows == "heads":
             walker.carry(node, key, head_nodes, dim)
             continue
-        if index_nodes is None:  # one node per channel index, tied to it in every head
-            members = made[0][1]  # [heads, head size]: the query/key nodes
-            index_nodes = walker.new_nodes(members.shape[1])
-            walker.rec.memberships.append((index_nodes[:, None], members.t().contiguous()))
+        if index_nodes is None:
+            index_nodes = _index_nodes(walker, made[0][1])
         walker.carry(node, key, index_nodes, dim)
     return out
+
+
+def _index_nodes(walker: AtenWalker, members: torch.Tensor) -> torch.Tensor:
+    """One node per channel index of a head, with a featureless membership edge to that
+    channel of every head (``members``: the query/key nodes [heads, head size]): only
+    permutations that move the channels of all heads alike map the graph onto itself."""
+    index = walker.new_nodes(members.shape[1])
+    walker.rec.memberships.append((index[:, None], members.t().contiguous()))
+    return index
 
 
 def _position_logits(walker: AtenWalker, node: fx.Node, arg: fx.Node, split: Split) -> Env:
