@@ -118,13 +118,13 @@ def _per_head_source(walker: AtenWalker, node: fx.Node, tensor: fx.Node, dim: in
     while True:
         if tensor.op == "placeholder":
             if tensor.name not in walker.parameters:
-                raise walker.fail(node, f"a per-head term added to attention scores read from "
+                raise walker.fail(node, f"a position term added to attention scores read from "
                                   f"{tensor.name!r}, which is not a parameter of the network")
             return walker.keys[tensor.name], dim
         packet = _packet(tensor)
         src = tensor.args[0] if tensor.args else None
         if tensor.op != "call_function" or not isinstance(src, fx.Node):
-            raise walker.fail(node, f"a per-head term added to attention scores computed by "
+            raise walker.fail(node, f"a position term added to attention scores computed by "
                               f"{tensor.name!r} ({tensor.target})")
         nxt: int | None = dim
         if packet in _COPIES:
@@ -145,18 +145,18 @@ def _per_head_source(walker: AtenWalker, node: fx.Node, tensor: fx.Node, dim: in
             if not all(isinstance(t, fx.Node) and _from_weights(walker, t)
                        and getattr(t.meta.get("val"), "dtype", None) in (torch.long, torch.int)
                        for t in indices):
-                raise walker.fail(node, f"a per-head term gathered by {tensor.name!r} with "
+                raise walker.fail(node, f"a position term gathered by {tensor.name!r} with "
                                   "index tensors other than integer constants")
             nxt = _indexed_dim(tensor, dim)
         elif packet in (aten.mul, aten.div) and not isinstance(tensor.args[1], fx.Node):
             pass
         else:
-            raise walker.fail(node, f"a per-head term added to attention scores computed by "
+            raise walker.fail(node, f"a position term added to attention scores computed by "
                               f"{tensor.name!r} ({tensor.target}), which the walk does not "
                               "follow back to a per-head parameter")
         if nxt is None:
-            raise walker.fail(node, f"{tensor.name!r} ({tensor.target}) mixes the head dim of "
-                              "a term added to attention scores with others")
+            raise walker.fail(node, f"{tensor.name!r} ({tensor.target}) mixes the head (or "
+                              "channel) dim of a term added to attention scores with others")
         tensor, dim = src, nxt
 
 
@@ -200,6 +200,9 @@ def _add(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         # channel permutation changes it; a parameter or persistent buffer it reads is left
         # unused and so refused by NetworkGraph (it would need a record of its own)
         return replace(scores, fresh=fresh)
+    if scores.head == scores.batch:
+        raise walker.fail(node, "a per-head term added to attention scores whose heads are "
+                          "folded into the batch (its entries would be per sample and head)")
     if shape[dim] != out[scores.head]:
         raise walker.fail(node, f"a term of shape {shape} added to attention scores of shape "
                           f"{out} with heads in dim {scores.head}")
@@ -494,6 +497,22 @@ def _logits_expand(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     return env
 
 
+def _folded_move(earlier: Any) -> Any:
+    """Heads folded into the batch stay in dim 0: a permute that moves it would leave the
+    batch among the channel dims, which no operation reads."""
+    def handler(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+        env = args[0][1]
+        if isinstance(env, (Split, Scores)) and env.batch in (getattr(env, "dims", ()) or (
+                getattr(env, "head", None),)):
+            shape, a = _shape(args[0][0]), op_args(node)
+            perm = ([d % len(shape) for d in a["dims"]] if "dims" in a
+                    else swap_dims(len(shape), a["dim0"], a["dim1"]))
+            if perm[0] != 0:
+                raise walker.fail(node, f"permutation {perm} moves heads folded into the batch")
+        return earlier(walker, node, args)
+    return handler
+
+
 def _logits_move(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     arg, env = _logits_operand(walker, node, args)
     shape, a = _shape(arg), op_args(node)
@@ -512,7 +531,8 @@ _wrap(aten.pad, _logits_pad)
 _wrap(aten.constant_pad_nd, _logits_pad)
 _wrap(aten.slice, _logits_slice)
 _wrap(aten.expand, _logits_expand)
-_wrap(aten.permute, _logits_move)
-_wrap(aten.transpose, _logits_move)
+for _op in (aten.permute, aten.transpose):
+    register_aten(_op, heads=True)(_folded_move(_registered(_op, heads=True)))
+    _wrap(_op, _logits_move)
 for _op in (aten.mul, aten.mul_, aten.div, aten.div_, *_COPIES):
     _wrap(_op, _logits_scaled)

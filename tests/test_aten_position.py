@@ -233,7 +233,39 @@ def test_a_swap_in_one_head_alone_is_no_symmetry(monkeypatch):
 
 
 def test_refusals():
-    with pytest.raises(UnsupportedArchitectureError, match="mixes the head dim"):
+    with pytest.raises(UnsupportedArchitectureError, match="mixes the head"):
         NetworkGraph(_model(SwinLike, heads_gathered=True), X_SWIN, tracer="aten")
     with pytest.raises(UnsupportedArchitectureError, match="reaches across"):
         NetworkGraph(_model(BotLike, mixing=True), X_BOT, tracer="aten")
+
+
+class _TimmBottleneck(nn.Module):
+    """timm's own BottleneckAttn over a conv stem (the layer of botnet26t and sebotnet33ts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.bottleneck_attn import BottleneckAttn
+
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = BottleneckAttn(16, feat_size=(4, 4), num_heads=2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.stem(x)).mean((2, 3)))
+
+
+def _timm_swin() -> nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                           num_heads=(2, 4), num_classes=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, x", [(_timm_swin, torch.randn(2, 3, 32, 32)),
+                                     (_TimmBottleneck, torch.randn(2, 3, 4, 4))])
+def test_timm_layers_exact(make, x):
+    """timm's Swin (shifted windows, bias tables, patch merging) and BottleneckAttn, small."""
+    torch.manual_seed(0)
+    result = check_encoding(randomize(make()).eval(), x, swaps=8)
+    assert result.status == EXACT and result.swaps > 0, result.reason
