@@ -153,7 +153,7 @@ def _per_head_source(walker: AtenWalker, node: fx.Node, tensor: fx.Node, dim: in
         else:
             raise walker.fail(node, f"a position term added to attention scores computed by "
                               f"{tensor.name!r} ({tensor.target}), which the walk does not "
-                              "follow back to a per-head parameter")
+                              "follow back to a parameter")
         if nxt is None:
             raise walker.fail(node, f"{tensor.name!r} ({tensor.target}) mixes the head (or "
                               "channel) dim of a term added to attention scores with others")
@@ -169,6 +169,9 @@ def _slabs(shape: tuple[int, ...], head: int, batch: int) -> int | None:
     return math.prod(shape[:head + 1])
 
 
+_earlier_add = _registered(aten.add, heads=True)  # another module's, if any: the fallback
+
+
 @register_aten(aten.add, aten.add_, heads=True)
 def _add(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     if op_args(node).get("alpha", 1) != 1:
@@ -180,6 +183,8 @@ def _add(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     if len(args) == 2 and {type(e) for e in envs} == {Scores, Logits}:
         return _scores_plus_logits(walker, node, args)
     if len(args) != 1 or not isinstance(envs[0], Scores):
+        if _earlier_add is not None:
+            return _earlier_add(walker, node, args)
         raise walker.fail(node, "an addition of attention scores, queries, keys or values to "
                           "other channel tensors")
     (arg, scores), = args
@@ -254,6 +259,9 @@ def _queries_only_here(walker: AtenWalker, node: fx.Node, scores: fx.Node, logit
                for n in inside)
 
 
+_earlier_head_reshape = _registered(aten.reshape, heads=True)
+
+
 @register_aten(*_RESHAPES, heads=True)
 def _reshape_heads(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     (arg, env), = args
@@ -269,6 +277,8 @@ def _reshape_heads(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         return replace(env, head=head, batch=0, fresh=env.fresh and len(arg.users) == 1)
     if isinstance(env, Split) and env.batch == env.dims[0] == 0 and env.nodes.dim() == 2:
         return _reshape_folded(walker, node, arg, env, src, dst)
+    if _earlier_head_reshape is not None:
+        return _earlier_head_reshape(walker, node, args)
     raise walker.fail(node, f"reshape from {src} to {dst} of channels that an earlier permute "
                       "moved apart")
 
