@@ -52,7 +52,9 @@ def as_split(walker: AtenWalker, node: fx.Node, env: Any) -> Split:
 def settle(split: Split) -> Value | Split:
     """A :class:`Value` again once the batch is first and the channel dims are together."""
     dims = split.dims
-    if split.batch == 0 and list(dims) == list(range(dims[0], dims[0] + len(dims))):
+    # (heads folded into the batch, graph/aten_position.py, stay split: the batch is a head dim)
+    if (split.batch == 0 and split.batch not in dims
+            and list(dims) == list(range(dims[0], dims[0] + len(dims)))):
         return Value(split.nodes, split.fresh, split.area, dims[0])
     return split
 
@@ -213,6 +215,9 @@ def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
                           f"{tuple(k.shape)}, {tuple(v.shape)} (heads, head size)")
     made = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
     qkv, inputs = walker.retract_linear(node, made, "queries, keys and values")
+    if len(inputs) != q.numel():  # attention_inputs reads a [3C, C] in-projection
+        raise walker.fail(node, f"an input projection from {len(inputs)} channels to heads of "
+                          f"{q.numel()} channels")
     qk, read, _ = walker.attention_inputs(node, inputs, q.shape[0], qkv)
     # nothing reads the Linear's own nodes any more (its records are gone, its output fed
     # only this attention); merged away, they do not stay behind as isolated graph nodes

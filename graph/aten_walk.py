@@ -18,11 +18,11 @@ import operator
 import torch
 from torch import fx, nn
 
-from . import aten_attention, aten_conv  # noqa: F401 - register the attention and convolution handlers
+from . import aten_attention, aten_conv, aten_position  # noqa: F401 - register the attention, convolution and position handlers
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker
-from .walker_core import Env, Scores, Split, TraceRecords, Value, node_shape
+from .walker_core import Env, Logits, Scores, Split, TraceRecords, Value, node_shape
 
 aten = torch.ops.aten
 # operations that change a tensor's shape but not its elements' row-major order
@@ -65,6 +65,7 @@ class AtenWalker(Walker):
         signature = program.graph_signature
         # placeholder name -> state_dict key of the parameter or buffer it stands for
         self.keys = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        self.parameters = set(signature.inputs_to_parameters)  # placeholders of parameters
         self.user_inputs = set(signature.user_inputs)
         # tensors computed from the channels by functions that treat every channel alike (a
         # mean over the channels, then numbers added): no channel permutation changes them
@@ -115,7 +116,8 @@ class AtenWalker(Walker):
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:
             return None  # a parameter, buffer or constant: read by the operations using it
-        if node.op == "output" and any(isinstance(v, (Split, Scores)) for _, v in self.channel_args(node)):
+        if node.op == "output" and any(isinstance(v, (Split, Scores, Logits))
+                                       for _, v in self.channel_args(node)):
             raise self.fail(node, "an output whose channels are split into attention heads")
         if node.op != "call_function":
             return super().step(node)  # the input, the output
@@ -128,7 +130,7 @@ class AtenWalker(Walker):
             return None
         if node.target is operator.getitem:
             return self.getitem(node, args)
-        if any(isinstance(v, (Split, Scores)) for _, v in args):
+        if any(isinstance(v, (Split, Scores, Logits)) for _, v in args):
             return self.on_heads(node, args)
         values = [(arg, v) for arg, v in args if isinstance(v, Value)]
         if len(values) != len(args):
@@ -154,6 +156,8 @@ def _described(env: Env) -> str:
         return f"channels split over dims {list(env.dims)}, batch in dim {env.batch}"
     if isinstance(env, Scores):
         return f"attention scores, heads in dim {env.head}"
+    if isinstance(env, Logits):
+        return "relative position logits of an attention's queries"
     return "channels" if isinstance(env, Value) else "no channels"
 
 

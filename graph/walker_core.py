@@ -73,6 +73,26 @@ class Scores:
     head: int
     batch: int
     fresh: bool
+    # tensors added to the scores that follow the heads or each head's channels, recorded
+    # once the attention's head nodes exist (graph/aten_position.py): (state_dict key, what
+    # they follow, "heads" or "channels", the tensor's dim holding it)
+    followers: tuple[tuple[str, str, int], ...] = ()
+
+
+@dataclass
+class Logits:
+    """Relative position logits (ATen walk only; graph/aten_position.py): each head's
+    queries times learned per-position vectors over a head's channels (BotNet's
+    ``PosEmbedRel``: ``q @ rel.transpose(-1, -2)``), then rearranged over the tokens. The
+    tensor's leading ``slabs`` elements are (sample, head) pairs, outermost, and every
+    operation so far acted on each slab alike. ``queries`` [heads, head size] are the query
+    nodes; ``tables`` the state-dict keys of the position vectors with the dim holding a
+    head's channels (one vector entry per channel, shared by all heads)."""
+
+    queries: torch.Tensor
+    tables: tuple[tuple[str, int], ...]
+    slabs: int
+    fresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +200,7 @@ def swap_dims(ndim: int, dim0: int, dim1: int) -> list[int]:
     return perm
 
 
-Env = Union[Value, Split, Scores, tuple[Union[Value, Split, None], ...], None]
+Env = Union[Value, Split, Scores, Logits, tuple[Union[Value, Split, None], ...], None]
 
 
 # How self-attention becomes graph structure (docs/graph.md): "heads" (ours: head nodes,
