@@ -290,7 +290,9 @@ class NetworkGraph:
             layer = (name, kind)
             if layer not in layer_slot:
                 layer_slot[layer] = int(free[nodes].max())
-                free[nodes] = layer_slot[layer] + 1
+            # also where the layer wrote other nodes before (timm's gamma_1 and gamma_2 of one
+            # block): a later layer on these nodes must not take the same slot
+            free[nodes] = free[nodes].clamp(min=layer_slot[layer] + 1)
             placed.append((key, kind, fld, nodes, layer_slot[layer], rows))
         self.columns = NodeColumns.from_counts({k: int(v.max()) for k, v in next_free.items()})
         self.node_dim = self.columns.node_dim
