@@ -196,8 +196,8 @@ def _stack(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     ``mean(stack(logits), 0)``): a function of channel i of each operand alone."""
     tensors = op_args(node)["tensors"]
     dim = op_args(node)["dim"] % len(node_shape(node) or (0,))
-    values = [walker.env.get(t) for t in tensors]
-    if not all(isinstance(v, Value) for v in values):
+    values = [v for v in (walker.env.get(t) for t in tensors) if isinstance(v, Value)]
+    if len(values) != len(tensors):
         raise walker.fail(node, "stacking tensors without channels with channel tensors")
     if dim == 0 and not all(getattr(user.target, "overloadpacket", None) in _REDUCTIONS
                             and reduced_dims(node_shape(node), op_args(user).get("dim")) == [0]

@@ -327,6 +327,7 @@ class WalkerCore:
             raise self.fail(node, f"{what} are not the rows, in that order, of one Linear's "
                             "output")
         key, _, src, _, rows = self.rec.weights.pop(found[0])
+        assert isinstance(key, str)  # zipped keys (a tuple) are no Linear's record: area 2
         self.used.discard((key, rows))
         bias = None
         if biases:

@@ -196,7 +196,8 @@ def test_talking_heads_are_edges_between_head_nodes_and_permute_with_them():
     qk_heads = set(proj_l.src.reshape(-1).tolist())
     v_heads = set(proj_w.dst.reshape(-1).tolist())
     assert qk_heads.isdisjoint(v_heads) and len(qk_heads) == len(v_heads) == HEADS
-    assert {frozenset(b.src.reshape(-1).tolist()) for b in members} == {frozenset(qk_heads), frozenset(v_heads)}
+    assert {frozenset(b.src.reshape(-1).tolist()) for b in members} == {
+        frozenset(qk_heads), frozenset(v_heads)}
     qk = next(b for b in graph.blocks if b.key == "attn.qkv.weight" and b.area == 2).dst.reshape(-1)
     swapped = check.swapped(graph, data, int(qk[1]), int(qk[9]))  # heads 0 and 1 of the queries/keys
     assert swapped is not None
