@@ -171,6 +171,10 @@ def _softmax(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     """Over the keys' tokens: each head's map alone."""
     arg, env = _operand(walker, node, args)
     dim = op_args(node)["dim"] % len(node_shape(arg) or ())
+    if isinstance(env, Split):
+        raise walker.fail(node, f"a softmax over dim {dim} of split queries, keys or values "
+                          "themselves, not of their scores (factorised attention: CoaT's "
+                          "softmax of the keys over the tokens)")
     if not isinstance(env, Scores) or dim in (env.head, env.batch):
         raise walker.fail(node, f"a softmax over dim {dim}: only over the tokens of attention "
                           "scores")

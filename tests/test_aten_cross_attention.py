@@ -316,6 +316,20 @@ def test_projections_the_record_cannot_express_are_refused(attention, match):
         _graph(randomize(Block(attention())))
 
 
+class Factorised(FusedAttention):
+    """CoaT's factorised attention: a softmax of the keys over the tokens, ``q @ (k^T v)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(_merge(q @ (k.softmax(dim=2).transpose(-1, -2) @ v)))
+
+
+def test_a_softmax_of_the_keys_themselves_is_refused_with_the_operation_named():
+    with pytest.raises(UnsupportedArchitectureError, match="softmax.*factorised attention"):
+        _graph(Block(Factorised()))
+
+
 def test_the_papers_layout_refuses_several_projections():
     with pytest.raises(UnsupportedArchitectureError, match="paper's attention layout"):
         _graph(Block(SeparateAttention()), layout="paper")
