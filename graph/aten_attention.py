@@ -194,8 +194,8 @@ def _head_layout(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, last
     dim before the two token/channel dims and whose channels are in dim ``last`` (-1 or -2),
     its head dim and its batch dim."""
     split = as_split(walker, node, env)
-    ndim = len(node_shape(arg) or ())
     shape = node_shape(arg) or ()
+    ndim = len(shape)
     ones = [d for d in range(ndim - 2) if shape[d] == 1 and d != split.batch]
     if split.nodes.dim() == 1 and len(ones) == 1:
         # one head: a reshape drops a dim of size 1 from the channels (PVT-v2's first stage,

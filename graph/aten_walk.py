@@ -126,8 +126,13 @@ class AtenWalker(Walker):
             return False
         nodes, dim = earlier[0]
         shape = node_shape(stored) or ()
-        if not (value.fresh and dim is not None and len(nodes) == len(value.nodes) == shape[dim]
-                and self.channel_dim(node, stored, value) == dim):
+        aligned = (dim is not None and len(nodes) == len(value.nodes) == shape[dim]
+                   and self.channel_dim(node, stored, value) == dim)
+        if aligned and [self.rec.find(n) for n in nodes.tolist()] == [
+                self.rec.find(n) for n in value.nodes.tolist()]:
+            return True  # the same channels again: nothing new to record
+        fresh = value.fresh and all(len(arg.users) == 1 for arg, _ in self.channel_args(node))
+        if not (aligned and fresh):
             raise self.fail(node, f"parameter {key!r} follows channels already and meets "
                             "channels that are no layer's fresh output (only those can become "
                             "the channels it follows)")

@@ -217,31 +217,38 @@ def test_talking_heads_are_edges_between_head_nodes_and_permute_with_them():
 
 class ClassToken(nn.Module):
     """CaiT's class-attention stage: a class token concatenated with the patch tokens, then
-    added to the class attention's output (its channels are the tokens' channels)."""
+    added to the class attention's output (its channels are the tokens' channels). ``add``:
+    "fresh" (the attention's output, as CaiT), "same" (the tokens themselves: the channels the
+    token follows already) or "older" (an output that something else reads too)."""
 
-    def __init__(self, fresh: bool = True) -> None:
+    def __init__(self, add: str = "fresh") -> None:
         super().__init__()
         self.embed = nn.Conv2d(3, WIDTH, 4, 4)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, WIDTH))
         self.norm, self.attn = nn.LayerNorm(WIDTH), ClassAttention()
         self.gamma = nn.Parameter(torch.ones(WIDTH))
         self.head = nn.Linear(WIDTH, 10)
-        self.fresh = fresh
+        self.add = add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        u = torch.cat((cls, x), dim=1)
-        out = self.gamma * self.attn(self.norm(u))[:, :1]
-        if not self.fresh:  # the class token added to the tokens themselves: no layer's output
-            out = x[:, :1]
-        return self.head((cls + out)[:, 0])
+        out = self.attn(self.norm(torch.cat((cls, x), dim=1)))
+        if self.add == "same":
+            return self.head((cls + x[:, :1])[:, 0] + out[:, 0])
+        if self.add == "older":
+            return self.head((cls + out)[:, 0] + out.mean(1))
+        return self.head((cls + self.gamma * out)[:, 0])
 
 
-def test_a_class_token_that_rejoins_the_channels_encodes_exactly():
-    _exact(ClassToken())
+@pytest.mark.parametrize("add", ["fresh", "same"])
+def test_a_class_token_that_rejoins_the_channels_encodes_exactly(add):
+    _exact(ClassToken(add))
+
+
+def test_a_class_token_meeting_older_other_channels_is_refused():
     with pytest.raises(UnsupportedArchitectureError, match="follows channels already"):
-        _graph(randomize(ClassToken(fresh=False)))
+        _graph(randomize(ClassToken("older")))
 
 
 class TwoHeads(nn.Module):
