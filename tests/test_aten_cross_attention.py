@@ -352,3 +352,39 @@ def test_timm_models_encode_exactly(name, size):
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     verdict = check_encoding(randomize(model), torch.randn(1, 3, size, size), swaps=8)
     assert verdict.status == EXACT and verdict.swaps > 0, verdict
+
+
+class ScaledPair(nn.Module):
+    """Two per-channel scales of one module (one layer by name, as timm's ``gamma_1`` and
+    ``gamma_2``) on two channel sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.ls1, self.ls2 = nn.Parameter(torch.ones(8)), nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2 * self.fc2(self.ls1 * self.fc1(x))
+
+
+class LaterScale(nn.Module):
+    """A later module's scale on the second set: it must take another slot than ``ls2``
+    (ResMLP's ``ls2`` of one block and ``ls1`` of the next shared one before, which only
+    equal initial values hid; CaiT's class token brings the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair, self.scale = ScaledPair(), nn.Parameter(torch.ones(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale * self.pair(x))
+
+
+def test_a_layer_writing_two_channel_sets_holds_its_slot_on_both():
+    model = randomize(LaterScale()).eval()
+    verdict = check_encoding(model, torch.randn(2, 8), swaps=8)
+    assert verdict.status == EXACT, verdict
+    graph = NetworkGraph(model, torch.randn(2, 8))
+    columns = graph._node_index.tolist()
+    assert len(columns) == len(set(columns))  # no two tensors share a node feature
