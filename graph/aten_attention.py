@@ -268,7 +268,7 @@ def _matmul(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         v, head, batch = _head_layout(walker, node, nb, b, -1)
         if (head, batch) != (a.head, a.batch):
             raise walker.fail(node, "scores and values with heads or batch in other dims")
-        nodes = _attend(walker, node, a.queries, a.keys, v, fresh, head_nodes(a))
+        nodes = _attend(walker, node, a.queries, a.keys, v, fresh, head_nodes(walker, node, a))
         return settle(Split(nodes, (head, len(node_shape(node) or ()) - 1), batch, False))
     q, head, batch = _head_layout(walker, node, na, a, -1)
     k, *kb = _head_layout(walker, node, nb, b, -2)

@@ -33,7 +33,7 @@ network's symmetries.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,19 +49,32 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 
+def _no_nodes() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
+
+
 @dataclass
 class MixedScores(Scores):
     """Scores whose heads a Linear across the heads has mixed (talking heads): the head nodes
-    of the queries/keys, and those of the current maps (the last Linear's output)."""
+    of the queries/keys, and those of the current maps (the last Linear's output). (Defaults,
+    so that fields with defaults may precede them in ``Scores``.)"""
 
-    qk_heads: torch.Tensor
-    heads: torch.Tensor
+    qk_heads: torch.Tensor = field(default_factory=_no_nodes)
+    heads: torch.Tensor = field(default_factory=_no_nodes)
 
 
-def head_nodes(scores: Scores) -> tuple[torch.Tensor, torch.Tensor] | None:
+def head_nodes(walker: AtenWalker, node: fx.Node, scores: Scores
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query/key and value head nodes of an attention over ``scores``, where a Linear
-    across the heads made them; None where the scores' heads are the queries' own."""
-    return (scores.qk_heads, scores.heads) if isinstance(scores, MixedScores) else None
+    across the heads made them; None where the scores' heads are the queries' own. Terms
+    that follow the heads of the scores (per-head biases, where the walk records them as
+    ``followers``) would not know which heads they follow here: refused."""
+    if not isinstance(scores, MixedScores):
+        return None
+    if getattr(scores, "followers", ()):
+        raise walker.fail(node, "per-head terms added to attention scores whose heads a "
+                          "Linear across the heads mixed (talking heads)")
+    return scores.qk_heads, scores.heads
 
 
 @register_aten(aten.linear, heads=True)
@@ -85,8 +98,13 @@ def _across_heads(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     walker.add_weight(node, walker.state_key(node, a["weight"]), 1, heads.view(1, -1), out.view(1, -1))
     if a["bias"] is not None:
         walker.add_channels(node, walker.state_key(node, a["bias"]), BIAS.name, "bias", out)
-    return MixedScores(scores.queries, scores.keys, scores.head, scores.batch,
-                       scores.fresh and len(arg.users) == 1, qk_heads, out)
+    if getattr(scores, "followers", ()):
+        raise walker.fail(node, "a Linear across the heads of attention scores that carry "
+                          "per-head terms")
+    # every field of the scores carried over (``Scores`` may hold more than these)
+    carried = {f.name: getattr(scores, f.name) for f in fields(Scores)}
+    return MixedScores(**{**carried, "fresh": scores.fresh and len(arg.users) == 1},
+                       qk_heads=qk_heads, heads=out)
 
 
 def _source(walker: AtenWalker, nodes: torch.Tensor) -> tuple[int, int] | None:
