@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import fx
 
+from .aten_cross_attention import attend_apart, head_nodes, sources
 from .aten_ops import op_args, register_aten
 from .walker_core import Env, Scores, Split, Value, node_shape, swap_dims
 
@@ -172,6 +173,10 @@ def _softmax(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     """Over the keys' tokens: each head's map alone."""
     arg, env = _operand(walker, node, args)
     dim = op_args(node)["dim"] % len(node_shape(arg) or ())
+    if isinstance(env, Split):
+        raise walker.fail(node, f"a softmax over dim {dim} of split queries, keys or values "
+                          "themselves, not of their scores (factorised attention: CoaT's "
+                          "softmax of the keys over the tokens)")
     if not isinstance(env, Scores) or dim in (env.head, env.batch):
         raise walker.fail(node, f"a softmax over dim {dim}: only over the tokens of attention "
                           "scores")
@@ -191,7 +196,13 @@ def _head_layout(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, last
     dim before the two token/channel dims and whose channels are in dim ``last`` (-1 or -2),
     its head dim and its batch dim."""
     split = as_split(walker, node, env)
-    ndim = len(node_shape(arg) or ())
+    shape = node_shape(arg) or ()
+    ndim = len(shape)
+    ones = [d for d in range(ndim - 2) if shape[d] == 1 and d != split.batch]
+    if split.nodes.dim() == 1 and len(ones) == 1:
+        # one head: a reshape drops a dim of size 1 from the channels (PVT-v2's first stage,
+        # ``q.reshape(B, N, 1, D)``), so the head is the one dim of size 1 before the tokens
+        split = replace(split, nodes=split.nodes[None], dims=(ones[0], *split.dims))
     head = split.dims[0]
     if (split.nodes.dim() != 2 or split.dims[1] != ndim + last or head >= ndim - 2
             or split.batch >= ndim - 2):
@@ -203,16 +214,22 @@ def _head_layout(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, last
 
 
 def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, fresh: bool) -> torch.Tensor:
+            v: torch.Tensor, fresh: bool, heads: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor:
     """Record self-attention whose queries, keys and values have nodes ``q``, ``k``, ``v``
     [heads, head size]: the Linear that made them (rows q; k; v, head by head) becomes the
     attention's input projection (``attention_inputs``) and its channels the query/key and
-    value nodes. Returns the value nodes [heads, head size], which the output reads."""
+    value nodes. Returns the value nodes [heads, head size], which the output reads. Several
+    Linears, or head nodes that talking heads made (``heads``): ``attend_apart``."""
     if not fresh:
         raise walker.fail(node, "queries, keys or values that other operations read too")
     if not q.shape == k.shape == v.shape:
         raise walker.fail(node, f"queries, keys and values of shapes {tuple(q.shape)}, "
                           f"{tuple(k.shape)}, {tuple(v.shape)} (heads, head size)")
+    found = sources(walker, node, [q, k, v])
+    one_qkv = found is not None and found == [(found[0][0], i * q.numel()) for i in range(3)]
+    if heads is not None or (found is not None and not one_qkv):
+        return attend_apart(walker, node, q, k, v, heads)
     made = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
     qkv, inputs = walker.retract_linear(node, made, "queries, keys and values")
     if len(inputs) != q.numel():  # attention_inputs reads a [3C, C] in-projection
@@ -256,7 +273,7 @@ def _matmul(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         v, head, batch = _head_layout(walker, node, nb, b, -1)
         if (head, batch) != (a.head, a.batch):
             raise walker.fail(node, "scores and values with heads or batch in other dims")
-        nodes = _attend(walker, node, a.queries, a.keys, v, fresh)
+        nodes = _attend(walker, node, a.queries, a.keys, v, fresh, head_nodes(walker, node, a))
         return settle(Split(nodes, (head, len(node_shape(node) or ()) - 1), batch, False))
     q, head, batch = _head_layout(walker, node, na, a, -1)
     k, *kb = _head_layout(walker, node, nb, b, -2)

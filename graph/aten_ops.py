@@ -160,7 +160,10 @@ def _reshape_as(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     return walker.reshape(node, arg, value)
 
 
-@register_aten(aten.mean, aten.amax, aten.amin, aten.sum, aten.linalg_vector_norm)
+_REDUCTIONS = (aten.mean, aten.amax, aten.amin, aten.sum)
+
+
+@register_aten(*_REDUCTIONS, aten.linalg_vector_norm)
 def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """Over dims other than batch and channels (``mean.dim``; ``mean.default`` reduces all)
     each channel alone. Over every channel dim (ConvNeXt V2's global response norm: the mean
@@ -173,7 +176,36 @@ def _reduce(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     if 0 not in dims and set(value.dims) <= set(dims):
         walker.invariant.add(node)
         return None
+    if dims == [0] and _stacked_first(arg):  # over the operands of a stack: each channel alone
+        return replace(walker.passthrough(arg, value), axis=value.axis - (not a.get("keepdim")))
     return walker.reduce_dims(node, arg, value, dims, a.get("keepdim", False))
+
+
+def _stacked_first(tensor: fx.Node) -> bool:
+    """Does ``tensor`` stack tensors along a new dim 0, before their batch?"""
+    return (getattr(tensor.target, "overloadpacket", None) is aten.stack
+            and op_args(tensor)["dim"] % len(node_shape(tensor) or (0,)) == 0)
+
+
+@register_aten(aten.stack)
+def _stack(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+    """``stack(xs, dim)`` is a concatenation of the ``xs`` along a new dim: channel i of every
+    operand is channel i of the result, so they permute alike (``cat_along``). A new dim 0
+    lies before the batch, which a channel tensor cannot hold; it is accepted where only
+    reductions over it read the result (CrossViT averages its branches' logits,
+    ``mean(stack(logits), 0)``): a function of channel i of each operand alone."""
+    tensors = op_args(node)["tensors"]
+    dim = op_args(node)["dim"] % len(node_shape(node) or (0,))
+    values = [v for v in (walker.env.get(t) for t in tensors) if isinstance(v, Value)]
+    if len(values) != len(tensors):
+        raise walker.fail(node, "stacking tensors without channels with channel tensors")
+    if dim == 0 and not all(getattr(user.target, "overloadpacket", None) in _REDUCTIONS
+                            and reduced_dims(node_shape(node), op_args(user).get("dim")) == [0]
+                            for user in node.users):
+        raise walker.fail(node, "a stack along a new dim before the batch that is read other "
+                          "than by a reduction over that dim")
+    moved = [replace(v, axis=v.axis + (dim <= v.axis)) for v in values]
+    return walker.cat_along(node, list(tensors), moved, moved[0])
 
 
 @register_aten(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)

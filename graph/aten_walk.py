@@ -101,6 +101,8 @@ class AtenWalker(Walker):
                and getattr(param.target, "overloadpacket", None) is aten.expand):
             param = param.args[0]
         stored = _stored(param)
+        if self.rejoin(node, stored, value):
+            return
         if stored is not param and _one_per_channel(stored, len(value.nodes)):
             self.channel_dim(node, param, value)  # the reshape aligns the C entries
             shape = node_shape(stored) or ()
@@ -112,6 +114,32 @@ class AtenWalker(Walker):
                             "channels: only a parameter as stored, or one entry per channel "
                             "reshaped, can travel with them")
         super().add_passenger(node, param, value)
+
+    def rejoin(self, node: fx.Node, stored: fx.Node, value: Value) -> bool:
+        """A parameter that already follows channels meets another tensor's (CaiT's class
+        token: concatenated with the patch tokens, then added to the class attention's
+        output): channel i of both is channel i of the parameter, so they permute alike.
+        A layer's fresh channels become the earlier ones (as a projection shortcut's do in a
+        sum); anything else is refused. False where the parameter follows no channels yet."""
+        key = self.parameter_key(stored)
+        earlier = [(nodes, dim) for k, nodes, dim in self.rec.passengers if k == key]
+        if not earlier:
+            return False
+        nodes, dim = earlier[0]
+        shape = node_shape(stored) or ()
+        aligned = (dim is not None and len(nodes) == len(value.nodes) == shape[dim]
+                   and self.channel_dim(node, stored, value) == dim)
+        if aligned and [self.rec.find(n) for n in nodes.tolist()] == [
+                self.rec.find(n) for n in value.nodes.tolist()]:
+            return True  # the same channels again: nothing new to record
+        fresh = value.fresh and all(len(arg.users) == 1 for arg, _ in self.channel_args(node))
+        if not (aligned and fresh):
+            raise self.fail(node, f"parameter {key!r} follows channels already and meets "
+                            "channels that are no layer's fresh output (only those can become "
+                            "the channels it follows)")
+        self.one_axis(node, value, "a parameter that follows channels")
+        self.rec.merge(value.nodes, nodes)
+        return True
 
     def step(self, node: fx.Node) -> Env:
         if node.op == "placeholder" and node.name not in self.user_inputs:

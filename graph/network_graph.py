@@ -70,7 +70,9 @@ class EdgeBlock:
     start: int
     src: torch.Tensor           # [groups, in per group] node ids
     dst: torch.Tensor           # [groups, out per group] node ids
-    key: str | None = None      # state_dict key; None for an identity residual
+    # state_dict key; None for an identity residual; several keys whose same rows are zipped
+    # into one feature (an attention's queries and keys made by two Linears, ``_take_zipped``)
+    key: str | tuple[str, ...] | None = None
     sign: float = 1.0           # an identity's: -1 for the channels a difference subtracts
 
     @property
@@ -153,6 +155,17 @@ def _take(tensor: torch.Tensor, rows: Rows, width: int) -> torch.Tensor:
     return part.reshape(-1, width)
 
 
+def _take_zipped(state: Mapping[str, torch.Tensor], key: str | tuple[str, ...], rows: Rows,
+                 width: int) -> torch.Tensor:
+    """``_take`` of one tensor, or of several (a tuple of keys) whose same ``rows`` are zipped
+    side by side into one feature, as ``Rows.zip`` zips row groups of one tensor: the queries
+    and keys of an attention made by two Linears from the same input channels
+    (graph/aten_cross_attention.py)."""
+    if not isinstance(key, tuple):
+        return _take(state[key], rows, width)
+    return torch.stack([_take(state[k], rows, width // len(key)) for k in key], -1).reshape(-1, width)
+
+
 def _put(features: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``_take``: features back to the rows' part of a tensor of ``shape``."""
     count = len(range(rows.start, shape[0] if rows.stop is None else rows.stop, rows.step))
@@ -224,7 +237,7 @@ class NetworkGraph:
         self._block_index: dict[str, list] = {}
         self._identity: dict[int, torch.Tensor] = {}
         # per area: (key, edge count, the key's rows) of each weight block, in block order
-        self._edge_keys: dict[int, list[tuple[str, int, Rows]]] = {}
+        self._edge_keys: dict[int, list[tuple[str | tuple[str, ...], int, Rows]]] = {}
         counts = []
         for area in areas:
             start = 0
@@ -277,7 +290,9 @@ class NetworkGraph:
             layer = (name, kind)
             if layer not in layer_slot:
                 layer_slot[layer] = int(free[nodes].max())
-                free[nodes] = layer_slot[layer] + 1
+            # also where the layer wrote other nodes before (timm's gamma_1 and gamma_2 of one
+            # block): a later layer on these nodes must not take the same slot
+            free[nodes] = free[nodes].clamp(min=layer_slot[layer] + 1)
             placed.append((key, kind, fld, nodes, layer_slot[layer], rows))
         self.columns = NodeColumns.from_counts({k: int(v.max()) for k, v in next_free.items()})
         self.node_dim = self.columns.node_dim
@@ -363,7 +378,7 @@ class NetworkGraph:
         dtype, device = ref.dtype, ref.device
         blocks = {}
         for area in self.edge_types:
-            parts = [_take(state[k], rows, area) for k, _, rows in self._edge_keys[area]]
+            parts = [_take_zipped(state, k, rows, area) for k, _, rows in self._edge_keys[area]]
             if area in self._identity:
                 parts.append(self._identity[area].to(device, dtype))
             blocks[edge_attr_key(area)] = torch.cat(parts)
@@ -396,7 +411,11 @@ class NetworkGraph:
             # split, not slices: one backward for the whole block instead of one per tensor
             chunks = block.split(counts + [block.shape[0] - sum(counts)])  # the rest: identities
             for (key, _, rows), chunk in zip(self._edge_keys[area], chunks):
-                parts.setdefault(key, []).append((rows, _put(chunk, rows, self.shapes[key])))
+                if isinstance(key, tuple):  # the keys' features side by side (``_take_zipped``)
+                    for one, part in zip(key, chunk.reshape(len(chunk), -1, len(key)).unbind(-1)):
+                        parts.setdefault(one, []).append((rows, _put(part, rows, self.shapes[one])))
+                else:
+                    parts.setdefault(key, []).append((rows, _put(chunk, rows, self.shapes[key])))
         if self._node_keys:
             values = data.x.reshape(-1)[self._node_index.to(data.x.device)]
             counts = [n for _, n, *_ in self._node_keys]

@@ -124,8 +124,10 @@ class TraceRecords:
     input_channels: int = 0
     parent: list[int] = field(default_factory=list)        # union-find over provisional ids
     # (state_dict key, kernel area, src nodes [groups, in/group], dst nodes [groups, out/group],
-    # rows) in trace order; the rows, in (out, in) order, are the edges of this dense block
-    weights: list[tuple[str, int, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=list)
+    # rows) in trace order; the rows, in (out, in) order, are the edges of this dense block; a
+    # tuple of keys zips the same rows of each into one feature (graph/aten_cross_attention.py)
+    weights: list[tuple[Union[str, tuple[str, ...]], int, torch.Tensor, torch.Tensor, Rows]] = field(
+        default_factory=list)
     # (state_dict key, node slot kind, field name, node per channel, rows, layer), in trace
     # order; the fields one layer writes on a channel share one slot
     channels: list[tuple[str, str, str, torch.Tensor, Rows, str]] = field(default_factory=list)
@@ -345,6 +347,7 @@ class WalkerCore:
             raise self.fail(node, f"{what} are not the rows, in that order, of one Linear's "
                             "output")
         key, _, src, _, rows = self.rec.weights.pop(found[0])
+        assert isinstance(key, str)  # zipped keys (a tuple) are no Linear's record: area 2
         self.used.discard((key, rows))
         bias = None
         if biases:
