@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import fx
@@ -74,9 +74,9 @@ def _stack(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     a new channel dim whose entry ``r`` holds operand ``r``'s channels (SKNet's paths). Along
     another dim every operand's channel ``c`` would be one channel of the result, a join the
     walk does not make here: refused."""
-    tensors = node.args[0]
-    values = [walker.env.get(t) for t in tensors]
-    if any(not isinstance(v, Value) for v in values):
+    found = [walker.env.get(t) for t in cast(list, node.args[0])]
+    values = [v for v in found if isinstance(v, Value)]
+    if len(values) != len(found):
         raise walker.fail(node, "stacking a tensor without channel structure")
     first = values[0]
     if any(not _flat_layout(v) or v.axis != first.axis or v.nodes.shape != first.nodes.shape
