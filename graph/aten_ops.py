@@ -44,11 +44,43 @@ def register_aten(*ops: Any, heads: bool = False) -> Callable[[AtenHandler], Ate
     return register
 
 
+# per operation: handlers of special cases (a sum over some of the channel dims, a
+# convolution along the channels), tried in registration order before the operation's handler;
+# each returns NOT_MINE where its case does not apply (graph/aten_radix.py)
+_PATTERNS: dict[Any, list[AtenHandler]] = {}
+NOT_MINE: Any = object()
+
+
+def register_aten_pattern(*ops: Any) -> Callable[[AtenHandler], AtenHandler]:
+    """Decorator: ``handler(walker, node, args)`` encodes the calls of ``ops`` (on channel
+    tensors, :class:`graph.walker_core.Value`) that it recognises and returns ``NOT_MINE`` for
+    the others, which go on to the next pattern, then to the handler of ``register_aten``. A
+    special case thus lives in a module of its own without replacing the general handler."""
+    def register(handler: AtenHandler) -> AtenHandler:
+        for op in ops:
+            _PATTERNS.setdefault(op, []).append(handler)
+        return handler
+    return register
+
+
 def aten_handler(target: Any, heads: bool = False) -> AtenHandler | None:
     """The handler of call target ``target`` (an ATen operation overload), if registered;
     ``heads``: of its calls on split channels or scores."""
     packet = getattr(target, "overloadpacket", None)
-    return (_HEAD_HANDLERS if heads else _HANDLERS).get(packet) if packet is not None else None
+    handler = (_HEAD_HANDLERS if heads else _HANDLERS).get(packet) if packet is not None else None
+    patterns = [] if heads else _PATTERNS.get(packet, [])
+    if not patterns:
+        return handler
+
+    def first_match(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+        for pattern in patterns:
+            out = pattern(walker, node, args)
+            if out is not NOT_MINE:
+                return out
+        if handler is None:
+            raise walker.fail(node, "this operation on channel tensors is not supported")
+        return handler(walker, node, args)
+    return first_match
 
 
 def _schema(node: fx.Node) -> torch.FunctionSchema:

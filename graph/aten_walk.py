@@ -18,7 +18,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from . import aten_attention, aten_conv, aten_position  # noqa: F401 - register the attention, convolution and position handlers
+from . import aten_attention, aten_conv, aten_position, aten_radix  # noqa: F401 - register the attention, convolution, position and radix handlers
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker

@@ -144,6 +144,16 @@ def swapped(graph: NetworkGraph, data: Data, u: int, v: int) -> Data | None:
         return None
     perm = torch.arange(graph.num_nodes)
     perm[list(pairs)] = torch.tensor(list(pairs.values()))
+    return permuted(graph, data, perm)
+
+
+def permuted(graph: NetworkGraph, data: Data, perm: torch.Tensor) -> Data | None:
+    """``data`` with node ``i`` moved to ``perm[i]``, or None when that does not map the graph
+    onto itself (``swapped``'s conditions); for permutations that no single swap reaches (a
+    channel moved in every radix slice at once, tests/test_aten_radix.py)."""
+    fixed = torch.cat([graph.input_nodes, graph.output_nodes])
+    if not torch.equal(perm[fixed], fixed):
+        return None
     for _, nodes in graph.channel_nodes():
         if set(perm[nodes].tolist()) != set(nodes.tolist()):
             return None
