@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import fx
 
-from .aten_ops import NOT_MINE, Args, op_args, register_aten, register_aten_pattern
+from .aten_ops import NOT_MINE, Args, op_args, register_aten_pattern
 from .tensor_ops import reduced_dims
 from .walker_core import Env, Value, node_shape, swap_dims
 
@@ -68,30 +68,29 @@ def _together(where: list[int]) -> bool:
     return max(where) - min(where) == len(where) - 1
 
 
-@register_aten(aten.stack)
-def _stack(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
+@register_aten_pattern(aten.stack)
+def _stack_next_to_channels(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """``torch.stack(paths, dim)`` with ``dim`` just before or just after the channel dims:
     a new channel dim whose entry ``r`` holds operand ``r``'s channels (SKNet's paths). Along
-    another dim every operand's channel ``c`` would be one channel of the result, a join the
-    walk does not make here: refused."""
+    another dim every operand's channel ``c`` is one channel of the result: ``aten_ops``'
+    stack, a concatenation along a new dim."""
     found = [walker.env.get(t) for t in cast(list, node.args[0])]
     values = [v for v in found if isinstance(v, Value)]
-    if len(values) != len(found):
-        raise walker.fail(node, "stacking a tensor without channel structure")
+    if len(values) != len(found) or not values:
+        return NOT_MINE
     first = values[0]
+    dim = op_args(node)["dim"] % len(node_shape(node) or (0,))
+    if dim not in (first.axis, first.axis + first.nodes.dim()):
+        return NOT_MINE
     if any(not _flat_layout(v) or v.axis != first.axis or v.nodes.shape != first.nodes.shape
            for v in values):
         raise walker.fail(node, "stacking tensors whose channels differ in number or place")
     roots = [walker.rec.find(i) for v in values for i in v.nodes.reshape(-1).tolist()]
     if len(set(roots)) != len(roots):
         raise walker.fail(node, "stacking tensors that share channels (a tensor with itself)")
-    dim = op_args(node)["dim"] % len(node_shape(node) or (0,))
     if dim == first.axis:
         return Value(torch.stack([v.nodes for v in values]), False, 1, first.axis)
-    if dim == first.axis + first.nodes.dim():
-        return Value(torch.stack([v.nodes for v in values], -1), False, 1, first.axis)
-    raise walker.fail(node, f"stacking along dim {dim}, not next to the channel dims "
-                      f"{list(first.dims)}")
+    return Value(torch.stack([v.nodes for v in values], -1), False, 1, first.axis)
 
 
 @register_aten_pattern(aten.sum)
@@ -166,13 +165,20 @@ def _gate_over_channel_dims(walker: AtenWalker, node: fx.Node, args: Args) -> En
     return replace(out, nodes=out.nodes.reshape(a.nodes.shape))
 
 
+_SOFTMAXES = (aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+
+
 @register_aten_pattern(aten.permute, aten.transpose)
 def _move_over_unit_dims(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """A move that keeps the batch first and leaves between the channel dims only dims of size
     1: those dims hold no choice of element, so they join the channel dims (nodes of size 1
-    there) and the move is the usual one (``TensorOps.move_dims``)."""
+    there) and the move is the usual one (``TensorOps.move_dims``). Only where a softmax alone
+    reads the result (timm's ``RadixSoftmax``: ``view(B, groups, radix, -1).transpose(1, 2)``,
+    then a softmax over the radix): queries of a single token (``[B, 1, heads, d]`` moved to
+    ``[B, heads, 1, d]``) have the same shapes, but are heads for the attention's handlers."""
     found = _alone(node, args)
-    if found is None or not _flat_layout(found[1]):
+    if found is None or not _flat_layout(found[1]) or not node.users or any(
+            getattr(user.target, "overloadpacket", None) not in _SOFTMAXES for user in node.users):
         return NOT_MINE
     arg, value = found
     shape = tuple(node_shape(arg) or ())
@@ -197,16 +203,16 @@ def _move_over_unit_dims(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
 @register_aten_pattern(aten.expand, aten.expand_as)
 def _expand(walker: AtenWalker, node: fx.Node, args: Args) -> Env:
     """``y.expand_as(x)`` (ECA's gate over the positions): repeating size-1 dims that are
-    neither the batch nor channels keeps every channel; new leading dims would move the batch.
-    ``x``, even a channel tensor, gives only its shape."""
+    neither the batch nor channels keeps every channel. ``x``, even a channel tensor, gives
+    only its shape. Any other expand (new leading dims, a class token's batch) is not this
+    pattern's."""
     if not args or args[0][0] is not node.args[0]:
         return NOT_MINE
     arg, value = args[0]
     before, after = tuple(node_shape(arg) or ()), tuple(node_shape(node) or ())
     if len(before) != len(after) or any(m != n for d, (m, n) in enumerate(zip(before, after))
                                         if d == 0 or d in value.dims):
-        raise walker.fail(node, f"expanding {before} to {after} changes the batch, the channel "
-                          "dims or the number of dims")
+        return NOT_MINE
     return walker.passthrough(arg, value)
 
 

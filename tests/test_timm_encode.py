@@ -125,14 +125,14 @@ def test_a_group_preserving_swap_is_the_same_function_and_a_relabelled_graph():
 
 
 def test_a_refused_timm_model_names_the_aten_op():
-    """eca_nfnet_l0's efficient channel attention convolves the pooled channels along the
-    channel dim (a Conv1d over [B, 1, C]), which mixes neighbouring channels: refused there,
-    after its weight-standardised convolutions were encoded."""
+    """efficientvit_b0's linear attention (LiteMLA) chunks queries, keys and values out of
+    channels a permute moved apart, which no handler models: refused there, naming the op and
+    the module (its convolutions, norms and gates before it encode)."""
     with pytest.raises(UnsupportedArchitectureError) as info:
-        NetworkGraph(_timm("eca_nfnet_l0", 0), X)
+        NetworkGraph(_timm("efficientvit_b0", 0), X)
     message = str(info.value)
-    assert "torch.fx:" in message and "torch.export: aten node 'conv1d'" in message
-    assert "operation aten.conv1d.default" in message and "channels are in dim 2" in message
+    assert "torch.fx:" in message and "torch.export: aten node 'chunk'" in message
+    assert "operation aten.chunk.default" in message and "(LiteMLA)" in message
 
 
 @pytest.mark.slow
