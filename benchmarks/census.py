@@ -10,7 +10,9 @@ Inputs are ``--size`` pixels square, by default each model's own default (timm's
 
 Each model is built untrained (10 classes, its own random init, zero-initialized weight tensors
 such as a ViT's head drawn at random so that every layer reaches the output; no download),
-encoded and checked by
+then, unless ``--perturb false``, every weight and statistic moved off its initial value so
+that no two entries are equal by construction (an encoding that shares one feature column
+between two constant-initialized tensors would otherwise round-trip), encoded and checked by
 ``graph.check_encoding`` in a fresh subprocess (so that peak memory is the model's own): exact
 (bit-exact round trip, same outputs, every node swap tried that maps the graph onto itself is a
 symmetry of the network), refused (with the reason the encoder gives), wrong or crash. It
@@ -66,7 +68,23 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def census_one(name: str, size: int | None, swaps: int) -> dict:
+def _perturb(model) -> None:
+    """Every parameter and floating-point buffer moved off its initial value entry by entry
+    (scaled by exp(N(0, 0.05^2)), plus N(0, 1e-3^2) where not a variance), so that no two
+    entries are equal by construction: an encoding that put two of them in one feature column
+    (layer scales initialized to one constant, BN statistics at 0 and 1) would otherwise still
+    round-trip bit for bit."""
+    import torch
+
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        tensor.mul_(torch.exp(0.05 * torch.randn_like(tensor)))
+        if not key.endswith("running_var"):
+            tensor.add_(1e-3 * torch.randn_like(tensor))
+
+
+def census_one(name: str, size: int | None, swaps: int, perturb: bool = True) -> dict:
     """Build, encode and check one model (run in its own process)."""
     import torch
     from torch import nn
@@ -81,6 +99,8 @@ def census_one(name: str, size: int | None, swaps: int) -> dict:
         for p in model.parameters():
             if p.dim() > 1 and not p.any():
                 p.normal_(0.0, p.shape[-1] ** -0.5)
+        if perturb:
+            _perturb(model)
     params = sum(p.numel() for p in model.parameters())
     if size is None:  # the model's own default input (timm records it; torchvision: 224)
         size = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
@@ -124,7 +144,7 @@ def census_table(rows: list[dict]) -> str:
 def census(*, source: Literal["torchvision", "timm"] = "torchvision",
            max_params: PositiveFloat | None = None, size: PositiveInt | None = None,
            swaps: NonNegativeInt = 4, models: list[str] | None = None, out: Path | None = None,
-           table: Path | None = None, one: str | None = None) -> int:
+           table: Path | None = None, one: str | None = None, perturb: bool = True) -> int:
     """The census: every model checked in a process of its own, the table written.
 
     Args:
@@ -136,9 +156,10 @@ def census(*, source: Literal["torchvision", "timm"] = "torchvision",
         out: default runs/census[_timm].jsonl
         table: default runs/census[_timm].md
         one: internal: the child process that checks this one model and prints its row
+        perturb: move every weight and statistic off its initial value first (``_perturb``)
     """
     if one:
-        print(json.dumps(census_one(one, size, swaps)))
+        print(json.dumps(census_one(one, size, swaps, perturb)))
         return 0
     import torchvision
 
@@ -164,7 +185,8 @@ def census(*, source: Literal["torchvision", "timm"] = "torchvision",
                 continue
         size_args = [] if size is None else ["--size", str(size)]
         child = subprocess.run([sys.executable, __file__, "--one", name, *size_args,
-                                "--swaps", str(swaps)], capture_output=True, text=True)
+                                "--swaps", str(swaps), f"--perturb={str(perturb).lower()}"],
+                               capture_output=True, text=True)
         if child.returncode != 0:
             last = [line for line in child.stderr.splitlines() if "warn" not in line.lower()]
             why = (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
