@@ -28,7 +28,7 @@ from torch import fx
 
 from . import aten_position
 from .aten_attention import _head_layout, attend_sdpa
-from .aten_ops import aten_handler, op_args, register_aten
+from .aten_ops import NOT_MINE, op_args, register_aten, register_aten_pattern
 from .walker_core import Env, Split, Value, node_shape
 
 if TYPE_CHECKING:
@@ -54,10 +54,7 @@ def _split_nodes(node: fx.Node, nodes: torch.Tensor, dims: tuple[int, ...]
     return list(nodes.split([shape[dim] for shape in shapes], dims.index(dim)))
 
 
-_plain_split = aten_handler(aten.split_with_sizes.default)
-
-
-@register_aten(aten.split, aten.split_with_sizes)
+@register_aten_pattern(aten.split, aten.split_with_sizes)
 def _split(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     """A split along the inner of two dims a reshape spread the channels over (the head dim
     ``view(B, N, H, -1)`` made, into queries, keys and values): each piece keeps, per head,
@@ -70,8 +67,7 @@ def _split(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         if parts is not None:
             fresh = _pieces_fresh(node, value.fresh and len(arg.users) == 1)
             return tuple(replace(value, nodes=p, fresh=fresh) for p in parts)
-    assert _plain_split is not None
-    return _plain_split(walker, node, args)
+    return NOT_MINE
 
 
 @register_aten(aten.split, aten.split_with_sizes, heads=True)
