@@ -30,7 +30,8 @@ from torch import fx
 
 from .aten_cross_attention import attend_apart, head_nodes, sources
 from .aten_ops import op_args, register_aten
-from .walker_core import Env, Scores, Split, Value, node_shape, swap_dims
+from .node_slots import ATTENTION, BIAS
+from .walker_core import Env, Rows, Scores, Split, Value, node_shape, swap_dims
 
 if TYPE_CHECKING:
     from .aten_walk import AtenWalker
@@ -222,14 +223,25 @@ def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
     value nodes. Returns the value nodes [heads, head size], which the output reads. Several
     Linears, or head nodes that talking heads made (``heads``): ``attend_apart``."""
     if not fresh:
-        raise walker.fail(node, "queries, keys or values that other operations read too")
-    if not q.shape == k.shape == v.shape:
-        raise walker.fail(node, f"queries, keys and values of shapes {tuple(q.shape)}, "
-                          f"{tuple(k.shape)}, {tuple(v.shape)} (heads, head size)")
+        raise walker.fail(node, "queries, keys or values that other operations read too (a "
+                          "tensor between the Linear and here has another reader, e.g. "
+                          "reshape_as reading it for its shape)")
+    shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (heads, head size)"
+    if q.shape != k.shape or v.shape[0] != q.shape[0]:
+        raise walker.fail(node, f"queries, keys and values of shapes {shapes}")
     found = sources(walker, node, [q, k, v])
     one_qkv = found is not None and found == [(found[0][0], i * q.numel()) for i in range(3)]
     if heads is not None or (found is not None and not one_qkv):
+        if q.shape != v.shape:
+            raise walker.fail(node, f"queries, keys and values of shapes {shapes} from several "
+                              "Linears, or with talking heads")
         return attend_apart(walker, node, q, k, v, heads)
+    if not (one_qkv and q.shape == v.shape):
+        by_head = _head_by_head(walker, node, q, k, v)
+        if by_head is not None:
+            return by_head
+    if q.shape != v.shape:
+        raise walker.fail(node, f"queries, keys and values of shapes {shapes}")
     made = torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)])
     qkv, inputs = walker.retract_linear(node, made, "queries, keys and values")
     if len(inputs) != q.numel():  # attention_inputs reads a [3C, C] in-projection
@@ -243,12 +255,92 @@ def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
     return read.view(q.shape)
 
 
+def _head_by_head(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> torch.Tensor | None:
+    """Queries, keys and values [heads, d], [heads, d], [heads, e] laid out head by head in
+    the rows of the Linear that made them (TinyViT's, EfficientFormer's, LeViT's ``qkv``:
+    q_h; k_h; v_h for each head h, each consecutive rows), recorded as ``attention_inputs``
+    records block-by-block rows (``_per_head_inputs``); returns the value nodes. None where no
+    one layer's output is exactly these channels; refused where one is, laid out otherwise."""
+    made = _rows_of(walker, torch.cat([q.reshape(-1), k.reshape(-1), v.reshape(-1)]))
+    if made is None:
+        return None
+    flat, rows = made
+    d = q.shape[1]
+    qr, kr = rows[:q.numel()].view(q.shape), rows[q.numel():2 * q.numel()].view(k.shape)
+    vr = rows[2 * q.numel():].view(v.shape)
+    if not (_runs(qr) and _runs(vr) and torch.equal(kr, qr + d)):
+        raise walker.fail(node, "queries, keys and values laid out neither block by block "
+                          "(q; k; v, values as wide as queries and keys) nor head by head "
+                          "(q_h; k_h; v_h, each consecutive rows)")
+    qkv, inputs = walker.retract_linear(node, flat, "queries, keys and values")
+    if walker.attention_layout == "paper":
+        raise walker.fail(node, "the paper's attention layout of an input projection laid out "
+                          "head by head (its code reads q; k; v block by block)")
+    qk, read = _per_head_inputs(walker, node, inputs, qkv, qr[:, 0], d, vr)
+    for part, into in ((q, qk), (k, qk), (v, read)):  # the Linear's nodes, as in _attend
+        walker.rec.merge(part.reshape(-1), into.reshape(-1))
+    return read
+
+
+def _rows_of(walker: AtenWalker, made: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The output nodes, in row order, of the layer whose output is exactly the nodes
+    ``made`` (each once), and the row of each of ``made``; None if there is none."""
+    wanted = made.sort().values
+    for _, _, _, dst, _ in walker.rec.weights:
+        flat = dst.reshape(-1)
+        if flat.numel() == made.numel() and torch.equal(flat.sort().values, wanted):
+            row = torch.full((int(flat.max()) + 1,), -1, dtype=torch.long)
+            row[flat] = torch.arange(len(flat))
+            return flat, row[made]
+    return None
+
+
+def _runs(rows: torch.Tensor) -> bool:
+    """Each head's channels [heads, size] are consecutive rows, in order."""
+    return torch.equal(rows, rows[:, :1] + torch.arange(rows.shape[1]))
+
+
+def _per_head_inputs(walker: AtenWalker, node: fx.Node, inputs: torch.Tensor,
+                     qkv: tuple[str, str | None], starts: torch.Tensor, d: int,
+                     values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_inputs`` for rows laid out head by head: head h's queries and keys are
+    rows ``starts[h]`` + [0, 2d) (zipped into 2-feature edges, as there), its values rows
+    ``values[h]`` (consecutive); biases and membership edges as there. One record per head
+    and part, since a record covers consecutive rows. Returns the query/key nodes [heads, d]
+    and the value nodes [heads, e]."""
+    (weight, bias), src = qkv, inputs.view(1, -1)
+    heads, e = values.shape
+    head_nodes = walker.new_nodes(heads)
+    qk, read = walker.new_nodes(heads * d).view(heads, d), walker.new_nodes(heads * e).view(heads, e)
+    for h, (s, v) in enumerate(zip(starts.tolist(), values[:, 0].tolist())):
+        walker.add_weight(node, weight, 2, src, qk[h].view(1, -1), Rows(s, s + 2 * d, zip=2))
+        walker.add_weight(node, weight, 1, src, read[h].view(1, -1), Rows(v, v + e))
+        if bias is not None:  # the same layer (the Linear) for every head: one slot each
+            for i, name in enumerate(ATTENTION.fields):
+                walker.add_channels(node, bias, ATTENTION.name, name, qk[h],
+                                    Rows(s + i * d, s + (i + 1) * d))
+            walker.add_channels(node, bias, BIAS.name, "bias", read[h], Rows(v, v + e))
+    for members in (qk, read):
+        walker.rec.memberships.append((head_nodes[:, None], members))
+    return qk, read
+
+
 @register_aten(aten.scaled_dot_product_attention, heads=True)
 def _sdpa(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    if op_args(node)["attn_mask"] is not None:  # graph/aten_heads.py takes per-head tables
+        raise walker.fail(node, "attention with a mask")
+    return attend_sdpa(walker, node, args)
+
+
+def attend_sdpa(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    """``scaled_dot_product_attention``, its mask (if any) left to the caller."""
     a = op_args(node)
-    if a["dropout_p"] or a["attn_mask"] is not None or a.get("enable_gqa"):
-        raise walker.fail(node, "attention with dropout, a mask or grouped queries")
+    if a["dropout_p"] or a.get("enable_gqa") or a.get("is_causal"):
+        raise walker.fail(node, "attention with dropout, a causal mask or grouped queries")
     found = dict(args)
+    if a["attn_mask"] in found:
+        raise walker.fail(node, "an attention mask computed from the channels")
     if any(a[name] not in found for name in ("query", "key", "value")):
         raise walker.fail(node, "attention whose queries, keys or values carry no channels")
     (q, head, batch), (k, *kb), (v, *vb) = (

@@ -18,7 +18,8 @@ import operator
 import torch
 from torch import fx, nn
 
-from . import aten_attention, aten_conv, aten_position, aten_radix  # noqa: F401 - register the attention, convolution, position and radix handlers
+from . import aten_attention, aten_conv, aten_heads, aten_position, aten_radix  # noqa: F401 - register the attention, convolution, head-layout, position and radix handlers
+from .aten_encoding import carry_projection
 from .aten_ops import aten_handler
 from .errors import UnsupportedArchitectureError
 from .walker import Walker
@@ -109,6 +110,8 @@ class AtenWalker(Walker):
             dim = next((d for d, n in enumerate(shape) if n != 1), 0)
             self.carry(node, self.state_key(node, stored), value.nodes, dim)
             return
+        if param.op != "placeholder" and carry_projection(self, node, param, value):
+            return  # a convolution of fixed position features (EdgeNeXt's positional encoding)
         if param.op != "placeholder":
             raise self.fail(node, f"{param.name!r} (operation {param.target}) joins the "
                             "channels: only a parameter as stored, or one entry per channel "
