@@ -132,8 +132,8 @@ class MetaPruningModule(LightningModule):
         options = GraphOptions(self.hparams.identity_edges, self.hparams.attention)
         layout = options.graph(first.network, zoo.example_input()).layout
         self.hparams.layout = layout  # saved with every checkpoint
-        self.hparams.trained_on = networks.distinct_architectures(zoo.members[i].record["arch"]
-                                                         for i in zoo.train_ids)
+        self.hparams.trained_on = networks.distinct_architectures(
+            zoo.members[i].record["arch"] for i in zoo.train_ids)
         self._build(layout)
 
     # -- per-member state ------------------------------------------------------------------

@@ -94,6 +94,7 @@ def describe_arch(arch: dict[str, Any]) -> str:
     kwargs = ", ".join(f"{k}={v}" for k, v in sorted((arch.get("kwargs") or {}).items()))
     return f"{arch['name']}{f' ({kwargs})' if kwargs else ''}, {arch['num_classes']} classes"
 
+
 def _timm_model(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     """``timm:<model>``, untrained; timm is imported only here (an optional dependency)."""
     model_name = name[len(TIMM_PREFIX):]

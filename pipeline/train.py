@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -85,6 +86,8 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (used by the tests)."""
     given = sys.argv[1:] if args is None else args
     composed = composed_config_args(given)
+    if args is None and composed != given:  # the command line itself, with configs composed
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return TrainCLI(
         args=None if composed == given and args is None else composed,
         run=run,
