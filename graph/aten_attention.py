@@ -215,14 +215,16 @@ def _head_layout(walker: AtenWalker, node: fx.Node, arg: fx.Node, env: Any, last
 
 
 def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, fresh: bool, heads: tuple[torch.Tensor, torch.Tensor] | None = None
-            ) -> torch.Tensor:
+            v: torch.Tensor, fresh: bool, heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+            shared_values: bool = False) -> torch.Tensor:
     """Record self-attention whose queries, keys and values have nodes ``q``, ``k``, ``v``
     [heads, head size]: the Linear that made them (rows q; k; v, head by head) becomes the
     attention's input projection (``attention_inputs``) and its channels the query/key and
     value nodes. Returns the value nodes [heads, head size], which the output reads. Several
-    Linears, or head nodes that talking heads made (``heads``): ``attend_apart``."""
-    if not fresh:
+    Linears, or head nodes that talking heads made (``heads``): ``attend_apart``;
+    ``shared_values``: the queries and keys are fresh, the values read elsewhere too (taken
+    only where a Linear of their own made them: the value nodes are then its channels)."""
+    if not fresh and not shared_values:
         raise walker.fail(node, "queries, keys or values that other operations read too (a "
                           "tensor between the Linear and here has another reader, e.g. "
                           "reshape_as reading it for its shape)")
@@ -232,10 +234,10 @@ def _attend(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
     found = sources(walker, node, [q, k, v])
     one_qkv = found is not None and found == [(found[0][0], i * q.numel()) for i in range(3)]
     if heads is not None or (found is not None and not one_qkv):
-        if q.shape != v.shape:
-            raise walker.fail(node, f"queries, keys and values of shapes {shapes} from several "
-                              "Linears, or with talking heads")
-        return attend_apart(walker, node, q, k, v, heads)
+        return attend_apart(walker, node, q, k, v, heads, shared_values and not fresh)
+    if not fresh:
+        raise walker.fail(node, "values that other operations read too, from the Linear that "
+                          "makes the queries and keys")
     if not (one_qkv and q.shape == v.shape):
         by_head = _head_by_head(walker, node, q, k, v)
         if by_head is not None:
@@ -365,7 +367,8 @@ def _matmul(walker: AtenWalker, node: fx.Node, args: list) -> Env:
         v, head, batch = _head_layout(walker, node, nb, b, -1)
         if (head, batch) != (a.head, a.batch):
             raise walker.fail(node, "scores and values with heads or batch in other dims")
-        nodes = _attend(walker, node, a.queries, a.keys, v, fresh, head_nodes(walker, node, a))
+        nodes = _attend(walker, node, a.queries, a.keys, v, fresh, head_nodes(walker, node, a),
+                        shared_values=_fresh(a, na))
         return settle(Split(nodes, (head, len(node_shape(node) or ()) - 1), batch, False))
     q, head, batch = _head_layout(walker, node, na, a, -1)
     k, *kb = _head_layout(walker, node, nb, b, -2)

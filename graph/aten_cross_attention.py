@@ -29,7 +29,12 @@ head nodes of their own, the Linear's output heads are new nodes fed by one edge
 head, output head) carrying its weight (its bias a node feature), and the values' head nodes
 are the output heads of the last such Linear. Whole heads then permute independently at each
 stage (with the Linears' rows and columns), channels within a head as before: exactly the
-network's symmetries.
+network's symmetries. EfficientFormerV2 mixes the heads of scores [B, heads, N, N] by 1x1
+convolutions (``talking_head1``/``talking_head2``): the same function and record. Its queries,
+keys and values are 1x1 convolutions each followed by a BatchNorm, which stays on the query/key
+or value nodes (a slot per layer); its values, wider than the queries, are read by a depthwise
+convolution too, allowed since a convolution of their own made them (the value nodes are its
+channels).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import torch
 from torch import fx
 
 from .aten_ops import op_args, register_aten
-from .node_slots import ATTENTION, BIAS
+from .node_slots import ATTENTION, BATCHNORM, BIAS
 from .walker_core import Env, Rows, Scores, node_shape
 
 if TYPE_CHECKING:
@@ -88,23 +93,64 @@ def _across_heads(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     if scores.head != len(node_shape(arg) or ()) - 1:
         raise walker.fail(node, f"a Linear over the last dim of attention scores whose heads "
                           f"are in dim {scores.head}: it would mix tokens")
+    return _mix_heads(walker, node, arg, scores, a["weight"], a["bias"], "Linear")
+
+
+@register_aten(aten.conv2d, heads=True)
+def _conv_across_heads(walker: AtenWalker, node: fx.Node, args: list) -> Env:
+    """A 1x1 convolution over the head dim of attention scores [B, heads, N, N]
+    (EfficientFormerV2's ``talking_head1``/``talking_head2``): the function of a Linear across
+    the heads, its weight [out, in, 1, 1] that Linear's."""
+    a = op_args(node)
+    if len(args) != 1 or args[0][0] is not a["input"] or not isinstance(args[0][1], Scores):
+        raise walker.fail(node, "a convolution of channels split into attention heads, or "
+                          "whose weight carries them")
+    arg, scores = args[0]
+    shape = tuple(node_shape(a["weight"]) or ())
+
+    def all_are(name: str, default: int) -> bool:
+        value = a.get(name, default)
+        if isinstance(value, str):  # conv2d.padding: "valid", or "same" (none for 1x1)
+            return value in ("valid", "same")
+        return all(v == default for v in ([value] if isinstance(value, int) else value))
+
+    if not (len(shape) == 4 and shape[2:] == (1, 1) and all_are("stride", 1)
+            and all_are("padding", 0) and all_are("dilation", 1) and a.get("groups", 1) == 1):
+        raise walker.fail(node, f"a convolution of attention scores with weight {shape} other "
+                          "than 1x1, stride 1, no padding, one group (it would mix or drop "
+                          "tokens, or mix heads group by group)")
+    if len(node_shape(arg) or ()) != 4 or scores.head != 1 or scores.batch != 0:
+        raise walker.fail(node, f"a convolution of attention scores whose heads are in dim "
+                          f"{scores.head} and batch in dim {scores.batch}, not [B, heads, N, N]")
+    return _mix_heads(walker, node, arg, scores, a["weight"], a["bias"], "convolution")
+
+
+def _mix_heads(walker: AtenWalker, node: fx.Node, arg: fx.Node, scores: Scores,
+               weight: fx.Node, bias: fx.Node | None, what: str) -> Env:
+    """Record a Linear (or 1x1 convolution) ``weight`` [out, in(, 1, 1)] across the heads of
+    ``scores``: its output heads new nodes, one edge per (input head, output head). Per-head
+    terms added to the scores so far follow the heads it reads, recorded on them here."""
     heads = scores.heads if isinstance(scores, MixedScores) else walker.new_nodes(
         scores.queries.shape[0])
     qk_heads = scores.qk_heads if isinstance(scores, MixedScores) else heads
-    out_features, in_features = node_shape(a["weight"]) or (0, 0)
+    out_features, in_features = (tuple(node_shape(weight) or ()) + (0, 0))[:2]
     if in_features != len(heads):
-        raise walker.fail(node, f"a Linear of {in_features} inputs over {len(heads)} heads")
+        raise walker.fail(node, f"a {what} of {in_features} inputs over {len(heads)} heads")
+    if any(follows != "heads" for _, follows, _ in scores.followers):
+        raise walker.fail(node, f"a {what} across the heads of attention scores that carry "
+                          "relative position logits (their channel index nodes would follow "
+                          "heads the mixing has left)")
     out = walker.new_nodes(out_features)
-    walker.add_weight(node, walker.state_key(node, a["weight"]), 1, heads.view(1, -1), out.view(1, -1))
-    if a["bias"] is not None:
-        walker.add_channels(node, walker.state_key(node, a["bias"]), BIAS.name, "bias", out)
-    if getattr(scores, "followers", ()):
-        raise walker.fail(node, "a Linear across the heads of attention scores that carry "
-                          "per-head terms")
+    walker.add_weight(node, walker.state_key(node, weight), 1, heads.view(1, -1), out.view(1, -1))
+    if bias is not None:
+        walker.add_channels(node, walker.state_key(node, bias), BIAS.name, "bias", out)
+    # a per-head term added before the mixing: head h of it meets input head h alone
+    for key, _, dim in scores.followers:
+        walker.carry(node, key, heads, dim)
     # every field of the scores carried over (``Scores`` may hold more than these)
     carried = {f.name: getattr(scores, f.name) for f in fields(Scores)}
-    return MixedScores(**{**carried, "fresh": scores.fresh and len(arg.users) == 1},
-                       qk_heads=qk_heads, heads=out)
+    return MixedScores(**{**carried, "fresh": scores.fresh and len(arg.users) == 1,
+                          "followers": ()}, qk_heads=qk_heads, heads=out)
 
 
 def _source(walker: AtenWalker, nodes: torch.Tensor) -> tuple[int, int] | None:
@@ -149,11 +195,13 @@ def _roots(walker: AtenWalker, nodes: torch.Tensor) -> list[int]:
 
 
 def attend_apart(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor, heads: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 v: torch.Tensor, heads: tuple[torch.Tensor, torch.Tensor] | None,
+                 shared_values: bool = False) -> torch.Tensor:
     """Record the attention whose queries, keys and values have nodes ``q``, ``k``, ``v``
     [heads, head size], made by the Linears ``sources`` finds (module docstring); ``heads``:
-    the query/key and value head nodes where talking heads made them. Returns the value
-    nodes [heads, head size]."""
+    the query/key and value head nodes where talking heads made them; ``shared_values``:
+    other operations read the values too (allowed where a Linear of their own made them).
+    Returns the value nodes [heads, head size]."""
     if walker.attention_layout == "paper":
         raise walker.fail(node, "queries, keys and values of several Linears, or talking "
                           "heads, in the paper's attention layout (one in-projection of "
@@ -163,6 +211,9 @@ def attend_apart(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Te
         raise walker.fail(node, "queries, keys and values are not the rows, in that order, of "
                           "one Linear's output, nor each a run of rows of Linears that this "
                           "attention alone reads")
+    if shared_values and found[2][0] in (found[0][0], found[1][0]):
+        raise walker.fail(node, "values that other operations read too, from a Linear that "
+                          "also makes the queries or keys")
     width, count = q.numel(), q.shape[0]
     qk_heads, v_heads = heads if heads is not None else (walker.new_nodes(count),) * 2
     if len(qk_heads) != count or len(v_heads) != v.shape[0]:
@@ -172,12 +223,13 @@ def attend_apart(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Te
     retracted = {}
     for record in sorted({r for r, _ in found}, reverse=True):  # later records first: the
         dst = walker.rec.weights[record][3]                     # indices stay valid
-        retracted[record] = walker.retract_linear(node, dst, "queries, keys or values")
+        retracted[record] = walker.retract_linear(node, dst, "queries, keys or values",
+                                                  kept=(BATCHNORM.name,))
     (wq, bq), iq = retracted[found[0][0]]
     (wk, bk), ik = retracted[found[1][0]]
     (wv, bv), iv = retracted[found[2][0]]
     (oq, ok, ov) = (start for _, start in found)
-    qk, values = walker.new_nodes(width), walker.new_nodes(width)
+    qk, values = walker.new_nodes(width), walker.new_nodes(v.numel())
     into = (iq.view(1, -1), qk.view(1, -1))
     if wq == wk and ok == oq + width:  # one Linear's rows: q then k, zipped as in a qkv Linear
         walker.add_weight(node, wq, 2, *into, Rows(oq, oq + 2 * width, zip=2))
@@ -193,14 +245,14 @@ def attend_apart(walker: AtenWalker, node: fx.Node, q: torch.Tensor, k: torch.Te
     else:
         raise walker.fail(node, "queries and keys from inputs that share only some channels, "
                           "or from one Linear with the keys not right after the queries")
-    walker.add_weight(node, wv, 1, iv.view(1, -1), values.view(1, -1), Rows(ov, ov + width))
+    walker.add_weight(node, wv, 1, iv.view(1, -1), values.view(1, -1), Rows(ov, ov + v.numel()))
     # the query and key biases of one channel fill one slot, even from two Linears
     for bias, start, name in ((bq, oq, "q_bias"), (bk, ok, "k_bias")):
         if bias is not None:
             walker.add_channels(node, bias, ATTENTION.name, name, qk, Rows(start, start + width),
                                 layer=f"{node.name}.qk")
     if bv is not None:
-        walker.add_channels(node, bv, BIAS.name, "bias", values, Rows(ov, ov + width))
+        walker.add_channels(node, bv, BIAS.name, "bias", values, Rows(ov, ov + v.numel()))
     walker.rec.memberships.append((qk_heads[:, None], qk.view(count, -1)))
     walker.rec.memberships.append((v_heads[:, None], values.view(len(v_heads), -1)))
     # the Linears' own output nodes are now these nodes (nothing else reads them)

@@ -329,12 +329,14 @@ class WalkerCore:
         self.use_key(node, key, rows)
         self.rec.channels.append((key, kind, field, nodes, rows, layer or key.rsplit(".", 1)[0]))
 
-    def retract_linear(self, node: fx.Node, nodes: torch.Tensor, what: str
-                       ) -> tuple[tuple[str, str | None], torch.Tensor]:
+    def retract_linear(self, node: fx.Node, nodes: torch.Tensor, what: str,
+                       kept: tuple[str, ...] = ()) -> tuple[tuple[str, str | None], torch.Tensor]:
         """Take back the records of the Linear whose output channels are ``nodes``, in its row
         order: an attention found later that it reads them as ``what`` and records its
         weight its own way. Returns the keys of its weight and bias (or None) and its input
-        nodes; refused unless exactly that Linear (its weight, perhaps a bias) made them."""
+        nodes; refused unless exactly that Linear (its weight, perhaps a bias) made them, or
+        then layers of the node-slot kinds ``kept`` (a BatchNorm after a 1x1 convolution:
+        per-channel records on all of ``nodes``, which stay and follow them)."""
         flat = nodes.reshape(-1)
         found = [i for i, (_, area, src, dst, rows) in enumerate(self.rec.weights)
                  if area == 1 and rows == Rows() and src.shape[0] == 1
@@ -343,6 +345,9 @@ class WalkerCore:
                    if len(set(channels.tolist()) & set(flat.tolist()))]
         biases = [i for i in touched if self.rec.channels[i][1] == "bias"
                   and torch.equal(self.rec.channels[i][3], flat) and self.rec.channels[i][4] == Rows()]
+        touched = [i for i in touched if not (
+            self.rec.channels[i][1] in kept and torch.equal(self.rec.channels[i][3], flat)
+            and self.rec.channels[i][4] == Rows() and i not in biases[:1])]
         if len(found) != 1 or touched != biases[:1]:
             raise self.fail(node, f"{what} are not the rows, in that order, of one Linear's "
                             "output")

@@ -1,6 +1,7 @@
 """graph/aten_cross_attention.py: attention whose queries, keys and values come from different
 Linears (PVT-v2's spatial reduction, CrossViT's and CaiT's class attention), talking heads
-(CaiT), a class token that rejoins the channels and a stack of branch outputs.
+(CaiT; EfficientFormerV2's, 1x1 convolutions across the heads of the scores), a class token
+that rejoins the channels and a stack of branch outputs.
 
 The oracles: separate q, k, v Linears of one input give, bit for bit, the graph of the same
 network with one fused qkv Linear (test_aten_attention checks that one against
@@ -389,3 +390,87 @@ def test_a_layer_writing_two_channel_sets_holds_its_slot_on_both():
     graph = NetworkGraph(model, torch.randn(2, 8))
     columns = graph._node_index.tolist()
     assert len(columns) == len(set(columns))  # no two tensors share a node feature
+
+
+class ConvTalkingHeads(nn.Module):
+    """EfficientFormerV2's ``Attention2d`` on a [B, C, H, W] map: queries, keys and values from
+    three 1x1 convolutions each followed by a BatchNorm (values twice as wide, and read also by
+    a depthwise convolution added to the output), a per-head bias table added to the scores,
+    and talking heads as 1x1 convolutions across the heads of the scores [B, heads, N, N]."""
+
+    def __init__(self, kernel: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        d, self.e = WIDTH // HEADS, 2 * WIDTH // HEADS
+
+        def conv_bn(cin: int, cout: int, k: int = 1, g: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=g), nn.BatchNorm2d(cout))
+
+        self.q, self.k, self.v = conv_bn(WIDTH, HEADS * d), conv_bn(WIDTH, HEADS * d), conv_bn(
+            WIDTH, HEADS * self.e)
+        self.v_local = conv_bn(HEADS * self.e, HEADS * self.e, 3, HEADS * self.e)
+        self.talking_head1 = nn.Conv2d(HEADS, HEADS, kernel, padding=kernel // 2, groups=groups)
+        self.talking_head2 = nn.Conv2d(HEADS, HEADS, 1)
+        self.proj = conv_bn(HEADS * self.e, WIDTH)
+        self.biases = nn.Parameter(torch.randn(HEADS, 16))
+        self.register_buffer("idx", torch.randint(0, 16, (16, 16)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q = self.q(x).reshape(B, HEADS, -1, H * W).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(B, HEADS, -1, H * W)
+        v = self.v(x)
+        v_local = self.v_local(v)
+        v = v.reshape(B, HEADS, -1, H * W).permute(0, 1, 3, 2)
+        attn = (q @ k) * (WIDTH // HEADS) ** -0.5 + self.biases[:, self.idx]
+        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
+        x = (attn @ v).transpose(2, 3).reshape(B, HEADS * self.e, H, W) + v_local
+        return self.proj(F.gelu(x))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Conv2d(3, WIDTH, 4, 4), attention, nn.Linear(WIDTH, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        return self.head((x + self.attn(x)).mean((2, 3)))
+
+
+def test_talking_heads_as_1x1_convolutions_with_convolved_projections_encode_exactly():
+    _exact(ConvBlock(ConvTalkingHeads()))
+
+
+@pytest.mark.parametrize("kernel,groups", [(3, 1), (1, 2)])
+def test_a_convolution_of_the_scores_mixing_tokens_or_grouped_is_refused(kernel, groups):
+    with pytest.raises(UnsupportedArchitectureError, match="convolution of attention scores"):
+        _graph(randomize(ConvBlock(ConvTalkingHeads(kernel, groups))))
+
+
+class ConvTalkingHeadsOfTokens(TalkingHeads):
+    """CaiT's talking heads written as EfficientFormerV2 writes them: 1x1 convolutions of the
+    scores [B, heads, N, N] (no permutes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_l, self.proj_w = nn.Conv2d(HEADS, HEADS, 1), nn.Conv2d(HEADS, HEADS, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = q * (C // HEADS) ** -0.5 @ k.transpose(-2, -1)
+        return self.proj(_merge(self.proj_w(self.proj_l(attn).softmax(-1)) @ v))
+
+
+def test_a_1x1_convolution_across_the_heads_gives_the_linears_graph_bit_for_bit():
+    model = randomize(Block(TalkingHeads())).eval()
+    conv = Block(ConvTalkingHeadsOfTokens())
+    conv.load_state_dict({k: v.view(HEADS, HEADS, 1, 1) if k.endswith(("proj_l.weight", "proj_w.weight"))
+                          else v for k, v in model.state_dict().items()})
+    torch.testing.assert_close(conv.eval()(X), model(X))  # the same function
+    ours, reference = _graph(conv), _graph(model)
+    a, f = ours.encode(conv), reference.encode(model)
+    for name in ["x", "edge_index", "edge_type", *(edge_attr_key(t) for t in ours.edge_types)]:
+        assert torch.equal(a[name], f[name]), name
+    decoded = ours.decode(a)
+    assert all(torch.equal(decoded[k], v) for k, v in conv.state_dict().items())
