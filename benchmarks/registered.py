@@ -1,7 +1,8 @@
 """Run or report a registered comparison (``pipeline.registration``, docs/registration.md).
 
     python benchmarks/registered.py run benchmarks/registrations/<name>.yaml \
-        --data_root ../shared/data/cifar10-jpeg [--seeds [200,202,...]] [--out runs/registrations/<name>]
+        --data_root ../shared/data/cifar10-jpeg [--seeds [200,202,...]] [--out runs/registrations/<name>] \
+        [--baselines_only] [--draw_from runs/registrations/<other>/<draw>]
     python benchmarks/registered.py report benchmarks/registrations/<name>.yaml
     python benchmarks/registered.py hash benchmarks/registrations/<name>.yaml
     python benchmarks/registered.py freeze --config [A.yaml,B.yaml,...] \
@@ -15,6 +16,11 @@ better than the identity, and prunes the registered networks in order (or ``--se
 two processes on disjoint halves), each with every method to every speed-up. After each
 network it writes that network's ledger, ``<registration folder>/<name>/results/seed<N>.json``
 (small; commit it: a fresh machine continues from the ledgers and rebuilds the rest).
+``--baselines_only`` trains the networks and runs the methods that need no metanetwork, writing
+no ledger: a second process's work while the first builds the draw (a later ``run`` reuses
+both). ``--draw_from`` links another registration's draw (its zoo and meta-training, whose
+stage configs must equal this recipe's) instead of building one, so that registrations of
+one recipe share a metanetwork on a machine.
 
 ``freeze`` writes a recipe the registration can own: the benchmark configs merged in order into
 ``<out>/benchmark.yaml``, with copies of the stage configs it names beside it, so that later
@@ -28,11 +34,14 @@ Secondary comparisons, per-draw means and costs follow, labelled as such.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -83,7 +92,7 @@ def draw_record(best: Path) -> dict:
 
 
 def run(registration: str, *, data_root: str, seeds: list[int] | None = None,
-        out: str | None = None) -> int:
+        out: str | None = None, baselines_only: bool = False, draw_from: str | None = None) -> int:
     """Build what is missing and prune the registered networks.
 
     Args:
@@ -91,6 +100,10 @@ def run(registration: str, *, data_root: str, seeds: list[int] | None = None,
         data_root: CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)
         seeds: only these registered networks
         out: work folder (default runs/registrations/<name>)
+        baselines_only: train the networks and run only the methods that need no metanetwork;
+            no ledger is written (a later run reuses this work)
+        draw_from: a draw folder of another registration of the same zoo and meta-training
+            recipe (e.g. runs/registrations/<other>/A): its metanetwork is used, not rebuilt
     """
     reg, commit, ledgers = checked(registration)
     unknown = sorted(set(seeds or []) - set(reg.target_seeds))
@@ -109,28 +122,55 @@ def run(registration: str, *, data_root: str, seeds: list[int] | None = None,
     first = reg.metanetwork.draws[0].name if reg.metanetwork.draws else None
     for name, group in groups.items():
         spec = next((d for d in reg.metanetwork.draws if d.name == name), None)
-        if run_draw(reg, commit, cfg, data, work, work / name, spec, group,
-                    None if first in (None, name) else work / first / "zoo") != 0:
+        shared = None if first in (None, name) else Shared(work / first, ("zoo",))
+        if draw_from:
+            shared = Shared(Path(draw_from).resolve(), ("zoo", "meta"))
+        if run_draw(reg, commit, cfg, data, work / name, spec, group, shared, baselines_only) != 0:
             return 1
-    return report(registration)
+    return 0 if baselines_only else report(registration)
 
 
-def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data: dict, out: Path,
-             folder: Path, spec: reg_lib.Draw | None, seeds: list[int], zoo: Path | None) -> int:
-    """Build one draw in ``folder`` (meta-training seeded as registered; the zoo shared with
-    the first draw's, ``zoo``, when given) and prune ``seeds`` with it."""
+@dataclass(frozen=True)
+class Shared:
+    """Parts of another draw folder (``zoo``, ``meta``) a draw links instead of building."""
+
+    folder: Path
+    parts: tuple[str, ...]
+
+    def link(self, folder: Path, stages: dict[str, dict]) -> None:
+        """Link each part into ``folder`` (when absent), refusing a source whose stage configs
+        differ from ``stages`` in anything but the folder they live in."""
+        for part in self.parts:
+            theirs = self.folder / "configs" / f"{part}.yaml"
+            if theirs.is_file():
+                text = theirs.read_text().replace(str(self.folder), str(folder))
+                if yaml.safe_load(text) != stages[part]:
+                    raise RegistrationError(f"--draw_from {self.folder}: its {part} stage "
+                                            f"({theirs}) differs from this recipe's; a draw is "
+                                            "shared only by registrations of the same recipe")
+            if not (folder / part).exists():
+                (self.folder / part).mkdir(parents=True, exist_ok=True)
+                (folder / part).symlink_to(self.folder / part, target_is_directory=True)
+
+
+def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data: dict,
+             folder: Path, spec: reg_lib.Draw | None, seeds: list[int], shared: Shared | None,
+             baselines_only: bool) -> int:
+    """Build one draw in ``folder`` (meta-training seeded as registered; parts linked from
+    ``shared`` when given) and prune ``seeds`` with it; with ``baselines_only``, no draw: the
+    networks and the methods that need no metanetwork, no ledger."""
     folder.mkdir(parents=True, exist_ok=True)
-    if zoo is not None and not (folder / "zoo").exists():
-        zoo.mkdir(parents=True, exist_ok=True)
-        (folder / "zoo").symlink_to(zoo, target_is_directory=True)
     stages = pipeline_demo.demo_stage_configs(cfg, folder, data)
     if spec is not None:
         stages["meta"]["seed_everything"] = spec.meta_seed
+    if shared is not None:
+        shared.link(folder, stages)
     configs = pipeline_demo.write_demo_configs(folder, pipeline_demo.demo_settings(cfg, stages), stages)
     console = Stages(list(pipeline_demo.STAGES), folder / "logs")
-    timed = times = pipeline_demo.Timings()
+    timed = pipeline_demo.Timings()
     best = None
-    if "metanetwork" in reg.methods:
+    methods = [m for m in reg.methods if not (baselines_only and m == "metanetwork")]
+    if "metanetwork" in methods:
         best = pipeline_demo.metanetwork_stages(cfg, stages, configs, folder, console, timed)
         assert best is not None  # one process, no DDP
         draw = {"name": folder.name, "meta_seed": stages["meta"].get("seed_everything"),
@@ -144,20 +184,36 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
         draw = {"checkpoint_sha256": None}
     code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=reg.path.parent, capture_output=True,
                           text=True).stdout.strip()
-    with console.stage("pruning", len(seeds) * len(reg.methods) * len(reg.speed_ups), "runs") as step:
+    demo = dataclasses.replace(cfg.demo, methods=methods)
+    with console.stage("pruning", len(seeds) * len(methods) * len(reg.speed_ups), "runs") as step:
         for seed in seeds:
-            _, row = timed(f"target seed{seed}", lambda seed=seed: pipeline_demo.zoo_member(
-                ZooOptions(str(pipeline_demo.target_config(configs)), seed=seed,
-                           zoo_dir=str(folder / "target"))))
-            reports = pipeline_demo.prune_network(cfg.demo, configs["prune"], folder, seed,
-                                                  folder / "target" / row["file"], best, timed, step)
+            target, seconds = train_target(pipeline_demo.target_config(configs),
+                                           folder / "target", seed)
+            reports = pipeline_demo.prune_network(demo, configs["prune"], folder, seed, target,
+                                                  best, timed, step)
+            if baselines_only:
+                continue
             record = reg_lib.ledger(reg, commit, code, seed, reports, draw,
                                     results.measures(reports))
-            record["seconds"]["target training"] = times[f"target seed{seed}"]
+            record["seconds"]["target training"] = seconds
             write_json(reg.results_dir / f"seed{seed}.json", record)
             print(f"registered.py: seed{seed} done -> {reg.results_dir / f'seed{seed}.json'}",
                   file=sys.stderr)
     return 0
+
+
+def train_target(config: Path, zoo: Path, seed: int) -> tuple[Path, float]:
+    """One registered network trained by the recipe (reused when trained already), and the
+    seconds its training took when it ran (kept in ``<zoo>/seconds.json``, so that a network
+    trained by a ``--baselines_only`` process is costed by that process's clock)."""
+    record = zoo / "seconds.json"
+    t0 = time.perf_counter()
+    _, row = pipeline_demo.zoo_member(ZooOptions(str(config), seed=seed, zoo_dir=str(zoo)))
+    seconds = json.loads(record.read_text()) if record.is_file() else {}
+    if str(seed) not in seconds:
+        seconds[str(seed)] = round(time.perf_counter() - t0, 1)
+        write_json(record, seconds)
+    return zoo / row["file"], seconds[str(seed)]
 
 
 def verdict_table(rows: list[reg_lib.Verdict]) -> str:

@@ -3,6 +3,7 @@ only as committed, results record its commit, a changed registration is refused,
 analysis (paired t, Holm) matches hand computations."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -251,3 +252,69 @@ def test_tuning_cells_are_named_by_their_settings_and_parsed_back() -> None:
     best = tune.choices(results)
     assert best["lr"]["cell"]["lr"] == 0.1
     assert best["sparse"]["cell"] == vars(tune.Cell("sparse", 0.1, 5e-2, 4.0))
+
+
+def test_baselines_first_then_the_metanetwork_arm(repo: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --baselines_only` trains the network and runs only the methods that need no
+    metanetwork, writing no ledger; the later run builds the draw, prunes with the metanetwork
+    and writes the ledger, costing the network's training by the first process's clock."""
+    from pipeline import demo as pipeline_demo
+
+    registered = benchmark_module("registered")
+    reg, commit, _ = registered.checked(str(repo / "trial.yaml"))
+    trained, pruned = [], []
+
+    def zoo_member(options):  # trains once; a second call finds the member
+        if options.seed not in trained:
+            trained.append(options.seed)
+        return None, {"file": f"members/seed{options.seed}.pt"}
+
+    def prune_network(demo, config, out, seed, target, best, timed, step):
+        pruned.append((seed, list(demo.methods), best))
+        return {k: v for k, v in fake_reports(seed, 0.5, 0.4).items()
+                if v["method"] in demo.methods}
+
+    best = tmp_path / "best.ckpt"
+    best.write_bytes(b"weights")
+    (tmp_path / "selection.json").write_text(json.dumps({"score": 0.4, "identity_score": 0.3,
+                                                         "beats_identity": True}))
+    monkeypatch.setattr(pipeline_demo, "demo_stage_configs", lambda cfg, out, data: {"meta": {}})
+    monkeypatch.setattr(pipeline_demo, "write_demo_configs", lambda out, s, st: {"zoo": out / "z", "prune": out / "p"})
+    monkeypatch.setattr(pipeline_demo, "demo_settings", lambda cfg, stages: {})
+    monkeypatch.setattr(pipeline_demo, "metanetwork_stages", lambda *a: best)
+    monkeypatch.setattr(pipeline_demo, "zoo_member", zoo_member)
+    monkeypatch.setattr(pipeline_demo, "prune_network", prune_network)
+    cfg = pipeline_demo.DemoConfig(pipeline_demo.DemoSettings(
+        configs={}, zoo_seeds=[0], target_seeds=[200], speed_ups=[2.0],
+        methods=["metanetwork", "none"]))
+    folder = tmp_path / "work" / "draw"
+    assert registered.run_draw(reg, commit, cfg, {}, folder, None, [200], None, True) == 0
+    assert pruned == [(200, ["none"], None)] and not reg.results_dir.exists()
+    assert registered.run_draw(reg, commit, cfg, {}, folder, None, [200], None, False) == 0
+    assert pruned[1] == (200, ["metanetwork", "none"], best) and trained == [200]
+    record = json.loads((reg.results_dir / "seed200.json").read_text())
+    first = json.loads((folder / "target" / "seconds.json").read_text())["200"]
+    assert record["seconds"]["target training"] == first
+    assert record["draw"]["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_a_shared_draw_links_only_the_same_recipe(tmp_path: Path) -> None:
+    """`--draw_from`: another registration's zoo and meta folders are linked when their stage
+    configs equal this recipe's but for the folder; a source built otherwise is refused."""
+    registered = benchmark_module("registered")
+    source, folder = tmp_path / "a" / "A", tmp_path / "b" / "A"
+    stages = {"zoo": {"zoo": {"dir": str(folder / "zoo")}, "seed": 0},
+              "meta": {"trainer": {"default_root_dir": str(folder / "meta")}}}
+    (source / "configs").mkdir(parents=True)
+    for part in ("zoo", "meta"):
+        text = yaml.safe_dump(stages[part]).replace(str(folder), str(source))
+        (source / "configs" / f"{part}.yaml").write_text(text)
+    folder.mkdir(parents=True)
+    registered.Shared(source, ("zoo", "meta")).link(folder, stages)
+    assert (folder / "zoo").resolve() == source / "zoo" and (folder / "meta").is_symlink()
+    other = tmp_path / "c" / "A"
+    other.mkdir(parents=True)
+    with pytest.raises(RegistrationError, match="its zoo stage .* differs from this recipe's"):
+        registered.Shared(source, ("zoo",)).link(other, {"zoo": {**stages["zoo"], "seed": 1}})
+    assert not (other / "zoo").exists()
