@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from . import aten_position
+from . import (
+    aten_position,  # noqa: F401 - the position terms' handlers first
+    aten_position_sources,
+)
 from .aten_attention import _head_layout, attend_sdpa
 from .aten_ops import NOT_MINE, op_args, register_aten, register_aten_pattern
 from .walker_core import Env, Split, Value, node_shape
@@ -93,7 +96,7 @@ def _masked_sdpa(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     mask, found = a["attn_mask"], dict(args)
     if mask is None or mask in found or a["query"] not in found:
         return attend_sdpa(walker, node, args)  # no mask; or refused there
-    if not isinstance(mask, fx.Node) or not aten_position._from_weights(walker, mask):
+    if not isinstance(mask, fx.Node) or not aten_position_sources.from_weights(walker, mask):
         raise walker.fail(node, "an attention mask that depends on the network's input")
     if not getattr(mask.meta.get("val"), "dtype", torch.bool).is_floating_point:
         raise walker.fail(node, "a boolean attention mask (only float masks, added to the "
@@ -109,7 +112,7 @@ def _masked_sdpa(walker: AtenWalker, node: fx.Node, args: list) -> Env:
     if dim < 0 or shape[dim] == 1:
         return out  # the same for every head: a parameter it reads is left unused, refused
     made = walker.rec.memberships[before:]  # the head nodes' edges, if the layout has them
-    key, table_dim = aten_position._per_head_source(walker, node, mask, dim)
+    key, table_dim = aten_position_sources.per_head_source(walker, node, mask, dim)
     if made:
         walker.carry(node, key, made[0][0].reshape(-1), table_dim)
     else:

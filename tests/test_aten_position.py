@@ -221,12 +221,12 @@ def test_a_swap_in_one_head_alone_is_no_symmetry(monkeypatch):
     """Without the index nodes' membership edges the graph would let one head's channels
     permute alone: the check then finds a swap that maps the graph onto itself and changes
     the function."""
-    import graph.aten_position as position
+    import graph.aten_position_logits as position
 
     class Untied(BotLike):  # a type of its own: NetworkGraph.from_module caches per type
         pass
 
-    monkeypatch.setattr(position, "_index_nodes",
+    monkeypatch.setattr(position, "index_nodes",
                         lambda walker, members: walker.new_nodes(members.shape[1]))
     result = check_encoding(_model(Untied), X_BOT, swaps=24)
     assert result.status == WRONG, result
