@@ -11,11 +11,16 @@ its peak memory above the level before it, each in a fresh process (CPU: residen
 sampled every 5 ms; CUDA: the allocator's peak). With ``--baseline REV`` the GNN lines instead
 time graph/metanetwork.py as of git revision REV and this checkout's in one process, run after
 run, and print the median of the per-run ratios (wall clock, and CPU time of this process on
-CPU): on a loaded machine absolute times say little, a ratio measured in one run does.
+CPU): on a loaded machine absolute times say little, a ratio measured in one run does. The
+tracing, encoding and decoding lines are then compared the same way: REV's code (exported to a
+temporary folder) and this checkout's each time them in a fresh process, alternating, and the
+median of the per-round ratios is printed.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -173,9 +178,63 @@ def _compare_metanetwork(model, example, message_passing: str, identity_edges: s
               f"{reps} runs (range): wall {ratio(wall)}{cpu_ratio}", flush=True)
 
 
+# Timed in a fresh process by either checkout (the API both share): name -> median seconds.
+_ENCODING_TIMES = """
+import json, statistics, sys, time
+import torch
+import graph, networks
+from graph import NetworkGraph
+
+def median(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+out = {"graph package": graph.__file__}
+for name, arch, size in (("resnet56", "resnet56_cifar", 32), ("resnet50", "resnet50", 224)):
+    model, example = networks.build(arch, 10), torch.randn(1, 3, size, size)
+    start = time.perf_counter()
+    g = NetworkGraph(model, example)
+    out[name + " trace (one-time)"] = time.perf_counter() - start
+    state = model.state_dict()
+    data = g.encode(state)
+    out[name + " encode"] = median(lambda: g.encode(state), int(sys.argv[1]))
+    out[name + " decode"] = median(lambda: g.decode(data), int(sys.argv[1]))
+print(json.dumps(out))
+"""
+
+
+def _compare_encoding(rev: str, repeats: int, rounds: int) -> None:
+    """Tracing, encoding and decoding of REV against this checkout, each round a fresh process
+    per side, alternating; the median of the per-round ratios REV / this."""
+    root = Path(__file__).resolve().parents[1]
+    sides = {rev: Path(tempfile.mkdtemp()), "this": root}
+    archive = subprocess.run(["git", "archive", rev], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(sides[rev])], input=archive.stdout, check=True)
+    times: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(rounds):
+        for key, folder in sides.items():
+            run = subprocess.run([sys.executable, "-c", _ENCODING_TIMES, str(repeats)],
+                                 cwd=folder, env={**os.environ, "PYTHONPATH": str(folder)},
+                                 capture_output=True, text=True, check=True)
+            record = json.loads(run.stdout.strip().splitlines()[-1])
+            assert Path(record.pop("graph package")).is_relative_to(folder), record
+            times[key].append(record)
+    for name in times["this"][0]:
+        pairs = [a[name] / b[name] for a, b in zip(times[rev], times["this"])]
+        print(f"{name:32s} {rev} {statistics.median(t[name] for t in times[rev]) * 1e3:9.2f} ms, "
+              f"this {statistics.median(t[name] for t in times['this']) * 1e3:9.2f} ms; {rev} / "
+              f"this, median of {rounds} rounds (range): {statistics.median(pairs):.2f} "
+              f"({min(pairs):.2f}-{max(pairs):.2f})", flush=True)
+
+
 def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
                 gnn: tuple[Literal["joint", "paper"], Literal["diagonal", "dense"]] | None = None,
-                baseline: str | None = None) -> None:
+                baseline: str | None = None, rounds: PositiveInt = 5) -> None:
     """Time the encoding, the decoding and both metanetworks.
 
     Args:
@@ -184,7 +243,9 @@ def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
         gnn: [MESSAGE_PASSING,IDENTITY_EDGES]: time only this metanetwork variant (the main run
             starts one process per variant, so that each peak memory starts clean)
         baseline: git revision REV: time the metanetworks against graph/metanetwork.py of REV
-            in the same process (repeats / 2 runs each, alternating) instead of alone
+            in the same process (repeats / 2 runs each, alternating) instead of alone, and
+            the tracing, encoding and decoding against REV's code
+        rounds: with ``baseline``: fresh processes per side for the encoding comparison
     """
     dev = torch.device(device)
     resnet56 = networks.build("resnet56_cifar", 10)
@@ -196,6 +257,8 @@ def graph_speed(*, repeats: PositiveInt = 20, device: str = "cpu",
         _time_metanetwork(resnet56, torch.randn(1, 3, 32, 32), *gnn, max(3, repeats // 5), dev)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}")
+    if baseline and dev.type == "cpu":
+        _compare_encoding(baseline, repeats, rounds)
     for name, model, example in (("resnet56", resnet56, torch.randn(1, 3, 32, 32)),
                                  ("resnet50", networks.build("resnet50", 10),
                                   torch.randn(1, 3, 224, 224))):
