@@ -37,6 +37,8 @@ FIRST_STAGE = {"metanetwork": "feedforward_finetune", "none": "finetune", "spars
 SECOND_STAGE = "prune_finetune"
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion", "round_to")
+# what the report measures and exports after the stages; no stage reads them
+REPORT_ONLY = ("latency_batch_sizes", "onnx")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
 # The targets of a run: a speed-up (channels removed; in MACs or in measured latency) or a
 # weight sparsity (weights zeroed), one per run; stage 1 reads none of them.

@@ -24,6 +24,7 @@ from .run_config import (
     EVAL_FILE,
     FIRST_STAGE,
     LATENCY_KEYS,
+    REPORT_ONLY,
     RUN_FILE,
     SECOND_STAGE,
     SECOND_STAGE_ONLY,
@@ -251,11 +252,11 @@ def run_kind(settings: dict) -> str:
 
 
 def _first_stage_settings(settings: dict) -> dict:
-    """A run's settings minus those only stage 2 and the curves read (the target of either
-    kind, the per-layer cap, the criterion and the weight curves' settings, but what sparse
-    training regularizes by): what stage 1 depends on. Sparse training regularizes by the kind
-    (groups or single weights), so for ``sparse`` the kind stays, and the criterion or the
-    layers kept dense."""
+    """A run's settings minus those only stage 2, the curves and the report read (the target
+    of either kind, the per-layer cap, the criterion, the weight curves' settings, ONNX and
+    latency, but what sparse training regularizes by): what stage 1 depends on. Sparse
+    training regularizes by the kind (groups or single weights), so for ``sparse`` the kind
+    stays, and the criterion or the layers kept dense."""
     out = copy.deepcopy(settings)
     for key in TARGET_KEYS + LATENCY_KEYS:
         out.pop(key, None)
@@ -263,7 +264,8 @@ def _first_stage_settings(settings: dict) -> dict:
         out["kind"] = run_kind(settings)
     # sparse training reads the criterion (channels) or the layers kept dense (weights)
     sparse = ("importance", "sparsity_exclude") if settings["method"] == "sparse" else ()
-    for key in SECOND_STAGE_ONLY + TARGET_KEYS + LATENCY_KEYS + ("importance",) + SPARSITY_CURVE_KEYS:
+    for key in (SECOND_STAGE_ONLY + REPORT_ONLY + TARGET_KEYS + LATENCY_KEYS + ("importance",)
+                + SPARSITY_CURVE_KEYS):
         if key not in sparse:
             out["config"]["prune"].pop(key, None)
     return out
@@ -299,7 +301,8 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
                             f"in {', '.join(diff)}); only the speed-up target (in MACs or "
                             "latency, or a weight sparsity target; for sparse, of the same kind), "
                             "prune.max_pruning_ratio, prune.round_to, prune.sparsity_scope, "
-                            "_range and _step, "
+                            "_range and _step, what the report measures (prune.onnx, "
+                            "prune.latency_batch_sizes), "
                             "and (but for sparse) prune.importance and prune.sparsity_exclude "
                             "may differ")
     if not (source / stage / "network.pt").is_file():

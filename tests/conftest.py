@@ -33,6 +33,25 @@ def make_tree(root: Path, size: int, per_split: dict[str, int], classes: tuple[s
     return root
 
 
+# generic and cheap: every worker may build its own
+_CHEAP_SHARED = {"tiny_cifar", "tiny_imagenet", "make_zoo"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (the README's `pytest -n 2 --dist loadgroup`), tests that share an
+    expensive session- or module-scoped fixture (the finished prune runs, the demo) run on one
+    worker, so that the fixture is built once; the other tests spread over both."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name in getattr(item, "fixturenames", ()):
+            defs = info.name2fixturedefs.get(name) if info else None
+            if name in _CHEAP_SHARED or not defs or defs[-1].scope not in ("module", "session"):
+                continue
+            group = "session" if defs[-1].scope == "session" else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
+
+
 @pytest.fixture
 def cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """LightningCLI warns when sys.argv (pytest's own arguments) and ``args`` both exist."""
@@ -109,8 +128,9 @@ def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory, make_zoo) 
 
 @pytest.fixture(scope="session")
 def runs(setup: dict) -> dict[str, Path]:
-    """One finished run per method."""
-    from pruning_helpers import run
+    """One finished run per method; the metanetwork's exports no ONNX and measures no latency
+    (each costs seconds, and its tests read neither)."""
+    from pruning_helpers import QUICK, run
 
     from pipeline import run as pipeline_run
 
@@ -119,7 +139,9 @@ def runs(setup: dict) -> dict[str, Path]:
         dirs = {}
         for method in pipeline_run.METHODS:
             dirs[method] = setup["out"] / method
-            assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"]) == 0
+            quick = QUICK if method == "metanetwork" else ()
+            assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"],
+                       *quick) == 0
         return dirs
     finally:
         sys.argv = argv

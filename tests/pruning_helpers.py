@@ -101,6 +101,15 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))
 
 
+class PReLUNet(TinyNet):
+    """TinyNet with a PReLU, which neither walker encodes (a learned slope per channel that
+    no record carries): a network the pipeline must refuse by name."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__(num_classes, width)
+        self.features[2] = nn.PReLU(width)
+
+
 def tiny_prune_config(root: Path, out: Path, speed_up: float, iterative_steps: int) -> Path:
     """The demo prune.yaml shrunk to seconds (3 classes, 2 batches per stage, 1 epoch each),
     written to ``out/prune.yaml``."""

@@ -32,7 +32,9 @@ CASES = [("resnet8_cifar", {"width": 0.25}), ("resnet20_cifar", {"width": 0.25})
 
 
 @pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+# dense networks are slow: their regular widths are the easier case of the pruned ones
+@pytest.mark.parametrize("pruned", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["dense", "pruned"])
 def test_aten_graph_equals_the_fx_graph(name, kwargs, pruned):
     model = networks.build(name, 10, **kwargs)
     if pruned:

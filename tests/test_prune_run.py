@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from benchmark_helpers import benchmark_module
-from pruning_helpers import ARCH, STEPS, TARGET, X32, plain_accuracy, run
+from pruning_helpers import ARCH, QUICK, STEPS, TARGET, X32, plain_accuracy, run
 from torch import nn
 
 import networks
@@ -322,7 +322,7 @@ def test_a_capped_run_reuses_stage_1_and_prunes_within_the_cap(
     config.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "capped"
     assert run(config, setup["network"], "none", out, None,
-               "--reuse_first_stage", str(runs["none"])) == 0
+               "--reuse_first_stage", str(runs["none"]), *QUICK) == 0
     first = pipeline_run.FIRST_STAGE["none"]
     assert (out / first / "network.pt").read_bytes() == (runs["none"] / first / "network.pt").read_bytes()
     report = json.loads((out / "report.json").read_text())
@@ -522,7 +522,8 @@ def test_another_criterion_prunes_stage_2_and_a_metanetwork_of_another_is_refuse
     config = tmp_path / "l1.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "l1"
-    assert run(config, setup["network"], "none", out, None, "--reuse_first_stage", str(runs["none"])) == 0
+    assert run(config, setup["network"], "none", out, None, "--reuse_first_stage", str(runs["none"]),
+               *QUICK) == 0
     first = pipeline_run.FIRST_STAGE["none"]
     expected = networks.load_network(out / first / "network.pt")[0].eval()
     networks.prune_to_speed_up(expected, X32, TARGET, networks.base_macs(ARCH, X32), STEPS,

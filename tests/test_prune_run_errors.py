@@ -73,18 +73,14 @@ def test_swapped_network_and_metanetwork(setup: dict, tmp_path: Path) -> None:
             meta=setup["network"])
 
 
-def test_unsupported_network(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchvision.models import swin_transformer
+def test_unsupported_network(setup: dict, tmp_path: Path) -> None:
+    from pruning_helpers import PReLUNet
 
-    from graph import NetworkGraph, UnsupportedArchitectureError, handlers
+    from graph import UnsupportedArchitectureError
 
-    # every torchvision classifier is encoded; without its attention handler Swin is not
-    monkeypatch.delitem(handlers._MODULE_HANDLERS, swin_transformer.ShiftedWindowAttention)
-    monkeypatch.setattr(NetworkGraph, "_cache", type(NetworkGraph._cache)())
-    net = networks.build("swin_t", 3)
-    path = networks.save_network(net, tmp_path / "swin.pt",
-                                 {"name": "swin_t", "num_classes": 3, "kwargs": {}})
-    _expect(setup, tmp_path, r"swin\.pt' cannot be encoded as a graph.*--method none",
+    arch = {"name": "pruning_helpers:PReLUNet", "num_classes": 3, "kwargs": {}}
+    path = networks.save_network(PReLUNet(3), tmp_path / "prelu.pt", arch)
+    _expect(setup, tmp_path, r"prelu\.pt' cannot be encoded as a graph.*--method none",
             network=path, error=UnsupportedArchitectureError)
 
 

@@ -280,7 +280,8 @@ def test_baselines_first_then_the_metanetwork_arm(repo: Path, tmp_path: Path,
     (tmp_path / "selection.json").write_text(json.dumps({"score": 0.4, "identity_score": 0.3,
                                                          "beats_identity": True}))
     monkeypatch.setattr(pipeline_demo, "demo_stage_configs", lambda cfg, out, data: {"meta": {}})
-    monkeypatch.setattr(pipeline_demo, "write_demo_configs", lambda out, s, st: {"zoo": out / "z", "prune": out / "p"})
+    monkeypatch.setattr(pipeline_demo, "write_demo_configs",
+                        lambda out, s, st: {"zoo": out / "z", "prune": out / "p"})
     monkeypatch.setattr(pipeline_demo, "demo_settings", lambda cfg, stages: {})
     monkeypatch.setattr(pipeline_demo, "metanetwork_stages", lambda *a: best)
     monkeypatch.setattr(pipeline_demo, "zoo_member", zoo_member)
