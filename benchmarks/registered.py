@@ -60,6 +60,11 @@ from pipeline.options import ZooOptions
 from pipeline.paired import paired_table, save_paired_plot
 from pipeline.registration import Registration, RegistrationError
 
+# the code this process runs: HEAD when it started (a later commit does not change what it
+# imported), recorded in every ledger it writes
+CODE_COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True).stdout.strip()
+
 
 def composed_recipe(reg: Registration) -> dict:
     """The registration's recipe merged, with its seeds, speed-ups and methods; refused when
@@ -182,8 +187,6 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
             return 1
     else:
         draw = {"checkpoint_sha256": None}
-    code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=reg.path.parent, capture_output=True,
-                          text=True).stdout.strip()
     demo = dataclasses.replace(cfg.demo, methods=methods)
     with console.stage("pruning", len(seeds) * len(methods) * len(reg.speed_ups), "runs") as step:
         for seed in seeds:
@@ -193,7 +196,7 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
                                                   best, timed, step)
             if baselines_only:
                 continue
-            record = reg_lib.ledger(reg, commit, code, seed, reports, draw,
+            record = reg_lib.ledger(reg, commit, CODE_COMMIT, seed, reports, draw,
                                     results.measures(reports))
             record["seconds"]["target training"] = seconds
             write_json(reg.results_dir / f"seed{seed}.json", record)
