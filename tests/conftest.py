@@ -38,9 +38,10 @@ _CHEAP_SHARED = {"tiny_cifar", "tiny_imagenet", "make_zoo"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (the README's `pytest -n 2 --dist loadgroup`), tests that share an
-    expensive session- or module-scoped fixture (the finished prune runs, the demo) run on one
-    worker, so that the fixture is built once; the other tests spread over both."""
+    """Under pytest-xdist (`pytest -n 2 --dist loadgroup`; not yet the README's command, its
+    time unmeasured), tests that share an expensive session- or module-scoped fixture (the
+    finished prune runs, the demo) run on one worker, so that the fixture is built once; the
+    other tests spread over both."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         for name in getattr(item, "fixturenames", ()):
