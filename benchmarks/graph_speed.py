@@ -212,9 +212,16 @@ def _compare_encoding(rev: str, repeats: int, rounds: int) -> None:
     """Tracing, encoding and decoding of REV against this checkout, each round a fresh process
     per side, alternating; the median of the per-round ratios REV / this."""
     root = Path(__file__).resolve().parents[1]
-    sides = {rev: Path(tempfile.mkdtemp()), "this": root}
-    archive = subprocess.run(["git", "archive", rev], cwd=root, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(sides[rev])], input=archive.stdout, check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # REV's tree, removed afterwards
+        sides = {rev: Path(tmp), "this": root}
+        archive = subprocess.run(["git", "archive", rev], cwd=root, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        times = _time_sides(sides, repeats, rounds)
+    _print_ratios(times, rev, rounds)
+
+
+def _time_sides(sides: dict[str, Path], repeats: int, rounds: int) -> dict[str, list[dict]]:
+    """Each side's times, one fresh process per side and round, alternating."""
     times: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(rounds):
         for key, folder in sides.items():
@@ -224,6 +231,10 @@ def _compare_encoding(rev: str, repeats: int, rounds: int) -> None:
             record = json.loads(run.stdout.strip().splitlines()[-1])
             assert Path(record.pop("graph package")).is_relative_to(folder), record
             times[key].append(record)
+    return times
+
+
+def _print_ratios(times: dict[str, list[dict]], rev: str, rounds: int) -> None:
     for name in times["this"][0]:
         pairs = [a[name] / b[name] for a, b in zip(times[rev], times["this"])]
         print(f"{name:32s} {rev} {statistics.median(t[name] for t in times[rev]) * 1e3:9.2f} ms, "
