@@ -12,6 +12,7 @@ edges.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -259,14 +260,7 @@ class NetworkGraph:
                 self.blocks += identities
                 self._identity[area] = torch.cat([_identity_features(b) for b in identities])
             counts.append(start)
-        offsets = dict(zip(areas, itertools.accumulate([0] + counts)))
-        self.edge_index = torch.empty(2, sum(counts), dtype=torch.long)
-        for b in self.blocks:
-            start = offsets[b.area] + b.start
-            b.edge_index(self.edge_index[:, start:start + b.rows])
-        # int32: 4 bytes per weight fewer than int64 (areas stay far below 2^31)
-        self.edge_type = torch.repeat_interleave(torch.tensor(areas, dtype=torch.int32),
-                                                 torch.tensor(counts))
+        self._edge_counts = counts
         self.num_identity_edges = sum(len(b) for b in self._identity.values())
 
     def _identity_block(self, area: int, start: int, src: torch.Tensor,
@@ -328,6 +322,12 @@ class NetworkGraph:
             cls._cache.move_to_end(key)
         return graph
 
+    @classmethod
+    def clear_cache(cls) -> None:
+        """Forget every traced graph (and the memory it holds: ViT-H/14's edge structure is
+        11 GB); the next ``from_module`` traces again."""
+        cls._cache.clear()
+
     def block_index(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(src, dst)`` node ids of every edge block, on ``device`` (cached)."""
         key = str(device)
@@ -358,7 +358,27 @@ class NetworkGraph:
 
     @property
     def num_edges(self) -> int:
-        return self.edge_index.shape[1]
+        return sum(self._edge_counts)
+
+    # the structure is built on first use: encoding for a metanetwork needs it, a round trip
+    # (decode reads only features) does not, and at 600M edges it is 11 GB of the graph's 16
+    @functools.cached_property
+    def edge_index(self) -> torch.Tensor:
+        """Source and target node of every edge, ``(2, num_edges)``: the edge types in order,
+        within each the blocks in order."""
+        offsets = dict(zip(self.edge_types, itertools.accumulate([0] + self._edge_counts)))
+        index = torch.empty(2, self.num_edges, dtype=torch.long)
+        for b in self.blocks:  # filled in place, block by block
+            start = offsets[b.area] + b.start
+            b.edge_index(index[:, start:start + b.rows])
+        return index
+
+    @functools.cached_property
+    def edge_type(self) -> torch.Tensor:
+        """The edge type (kernel area, 0 for head membership) of every edge, int32 (4 bytes per
+        weight fewer than int64; areas stay far below 2^31)."""
+        return torch.repeat_interleave(torch.tensor(self.edge_types, dtype=torch.int32),
+                                       torch.tensor(self._edge_counts))
 
     def _state(self, weights) -> Mapping[str, torch.Tensor]:
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
@@ -371,8 +391,11 @@ class NetworkGraph:
                              "graph from this network (NetworkGraph.from_module)")
         return state
 
-    def encode(self, weights: nn.Module | Mapping[str, torch.Tensor]) -> Data:
-        """Graph of ``weights`` (a module or its state_dict); differentiable in the weights."""
+    def encode(self, weights: nn.Module | Mapping[str, torch.Tensor], structure: bool = True
+               ) -> Data:
+        """Graph of ``weights`` (a module or its state_dict); differentiable in the weights.
+        Without ``structure``, the features alone (no ``edge_index``/``edge_type``): enough to
+        decode, as a check of the encoding does."""
         state = self._state(weights)
         ref = state[next(iter(self.shapes))]
         dtype, device = ref.dtype, ref.device
@@ -389,8 +412,9 @@ class NetworkGraph:
             x = x.index_put((self._node_index.to(device),), values)
         if self.passengers:  # flat, so that a Batch of different widths concatenates them
             blocks["passengers"] = torch.cat([state[k].reshape(-1) for k, *_ in self.passengers])
-        return Data(x=x.view(self.num_nodes, self.node_dim), edge_index=self.edge_index.to(device),
-                    edge_type=self.edge_type.to(device), num_nodes=self.num_nodes, graph=self,
+        if structure:
+            blocks.update(edge_index=self.edge_index.to(device), edge_type=self.edge_type.to(device))
+        return Data(x=x.view(self.num_nodes, self.node_dim), num_nodes=self.num_nodes, graph=self,
                     **blocks)
 
     def decode(self, data: Data) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ class Block(nn.Module):
 
 def _exact(model: nn.Module) -> None:
     # variants of one type with the same tensors (one head or two) would share a cached graph
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     verdict = check_encoding(randomize(model), X, swaps=8)
     assert verdict.status == EXACT and verdict.swaps > 0, verdict
 

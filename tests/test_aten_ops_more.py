@@ -26,10 +26,10 @@ X = torch.randn(2, 3, 16, 16)
 def aten_only(monkeypatch):
     """``check_encoding`` walks with the default tracer: make it the ATen walk (fx encodes
     some of these networks itself), with no graph cached from before or for after."""
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setitem(TRACERS, "auto", trace_aten)
     yield
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
 
 
 def _exact(model: nn.Module) -> str:
@@ -77,7 +77,7 @@ def test_differences_are_exact_and_an_untied_difference_is_caught(aten_only, mon
     assert graph.num_identity_edges == 32
     taps = torch.cat(list(graph._identity.values()))[:, 0]
     assert sorted(taps.tolist()) == [-1.0] * 8 + [1.0] * 24
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     subtract = aten_ops._HANDLERS[aten.sub]
     monkeypatch.setitem(aten_ops._HANDLERS, aten.sub, lambda walker, node, args: (
         _untied if len(args) == 2 else subtract)(walker, node, args))
@@ -113,7 +113,7 @@ class _Upsampled(_Stem):
 
 def test_upsampling_keeps_the_channels_and_an_untied_one_is_caught(aten_only, monkeypatch):
     assert _exact(_Upsampled()) == EXACT
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setitem(aten_ops._HANDLERS, aten.upsample_nearest2d, _untied)
     assert check_encoding(randomize(_Upsampled()), X, swaps=10).status == WRONG
 
@@ -196,7 +196,7 @@ def test_addcmul_is_a_channel_scale_and_a_shift_that_follow_the_channels(aten_on
         walker.carry(node, "beta")
         return walker.channel_scale(node, arg, value, node.args[1])
 
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setitem(aten_ops._HANDLERS, aten.addcmul, shift_follows_no_channel)
     assert check_encoding(randomize(_Affine()), X, swaps=10).status == WRONG
 
@@ -352,7 +352,7 @@ def test_a_context_pooled_by_a_one_channel_map_keeps_the_channels(aten_only, mon
     stem = next(b for b in graph.blocks if b.key == "stem.weight").dst.reshape(-1)
     assert torch.equal(next(b for b in graph.blocks if b.key == "scale.weight").src.reshape(-1), stem)
     # a matrix product that also mixed the channels (here: reversed them) must be caught
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setitem(aten_ops._HANDLERS, aten.matmul, lambda walker, node, args: Value(
         args[0][1].nodes.flip(0), False, 1, args[0][1].axis))
     assert _exact(_GlobalContext()) == WRONG
@@ -403,7 +403,7 @@ def test_a_gate_of_two_halves_ties_them_and_an_untied_one_is_caught(aten_only, m
     assert fc1.area == 2 and fc1.shape == (1, 8, 8)
     assert torch.equal(next(b for b in graph.blocks if b.key == "fc.weight").src, fc1.dst)
     assert graph.columns.slots("bias") == 2  # fc1's bias of u and of v on one node
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setattr(Walker, "gate", lambda self, node, args: replace(args[0][1], fresh=False))
     verdict = _exact(_SpatialGating())
     assert verdict == WRONG
@@ -444,7 +444,7 @@ def test_tokens_of_different_channels_concatenated_are_joined_as_a_sum(aten_only
     # two older tensors: new nodes fed by both (the depthwise conv's output and the tokens)
     identities = [b for b in graph.blocks if b.key is None]
     assert {int(n) for b in identities for n in b.dst.reshape(-1)} >= set(fc.tolist())
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     cat = aten_ops._HANDLERS[aten.cat]
     monkeypatch.setitem(aten_ops._HANDLERS, aten.cat, lambda walker, node, args: (
         _untied if len(args) == 2 else cat)(walker, node, args))

@@ -144,11 +144,11 @@ class _Timm(nn.Module):
 def aten_only():
     """``check_encoding`` walks with the default tracer: make it the ATen walk; graphs are
     cached (``NetworkGraph.from_module``) within this file only, one export per network."""
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(TRACERS, "auto", trace_aten)
         yield
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +286,9 @@ def test_eca_kernel_is_a_passenger_and_the_channels_a_path(every_pattern):
 @pytest.fixture
 def fresh_cache(aten_only):
     """Graphs built with a monkeypatched walker stay out of the other tests' cache."""
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     yield
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
 
 
 def test_without_the_order_edges_eca_is_wrong(fresh_cache, monkeypatch):

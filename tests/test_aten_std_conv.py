@@ -22,10 +22,10 @@ X = torch.randn(2, 3, 12, 12)
 def aten_only(monkeypatch):
     """``check_encoding`` walks with the default tracer: make it the ATen walk, with no graph
     cached from before or for after."""
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setitem(TRACERS, "auto", trace_aten)
     yield
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
 
 
 class _HandStdConv(nn.Conv2d):

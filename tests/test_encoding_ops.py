@@ -182,17 +182,17 @@ def test_a_squeeze_excitation_gate_is_the_channel_it_gates():
 def test_untying_the_gate_is_caught_by_the_swap_check(monkeypatch):
     model = randomize(_Excite())
     assert check_encoding(model, X, swaps=10).status == EXACT
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     monkeypatch.setattr(Walker, "gate", lambda self, node, args: replace(args[0][1], fresh=False))
     verdict = check_encoding(model, X, swaps=10)
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     assert verdict.status == WRONG and "changes the network's function" in verdict.reason
 
 
 def test_a_shuffle_read_in_channel_order_is_caught_by_the_swap_check(monkeypatch):
     model = randomize(_Shuffle())
     assert check_encoding(model, X, swaps=10).status == EXACT
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
 
     def in_channel_order(walker, node, args):  # moves the dims but not the channels' nodes
         arg, value = args[0]
@@ -202,7 +202,7 @@ def test_a_shuffle_read_in_channel_order_is_caught_by_the_swap_check(monkeypatch
     for target in handlers._PERMUTES:
         monkeypatch.setitem(handlers._FUNCTION_HANDLERS, target, in_channel_order)
     verdict = check_encoding(model, X, swaps=10)
-    NetworkGraph._cache.clear()
+    NetworkGraph.clear_cache()
     assert verdict.status == WRONG
 
 
@@ -442,3 +442,36 @@ def test_outputs_that_differ_by_float32_rounding_alone_are_the_same_function():
     assert not torch.equal(torch.func.functional_call(model, reordered, (x,)), outputs.expected)
     assert outputs.same(reordered)
     assert not outputs.same({"p": torch.tensor([1e8, -1e8, 2.0])})  # another function
+
+
+class _CancellingBuffers(_Cancelling):
+    """The same, times a float buffer outside the state dict picked by an integer buffer: the
+    float64 comparison must take both from the model, since a decoded state has neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([3.0, 5.0]), persistent=False)
+        self.register_buffer("pick", torch.tensor([1]))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale[self.pick]
+
+
+def test_float64_comparison_keeps_the_buffers_a_state_leaves_out():
+    model, x = _CancellingBuffers(), torch.ones(1)
+    outputs = check._Outputs(model, x, atol=1e-5)
+    assert outputs.same({"p": torch.tensor([1e8, 1.0, -1e8])})
+    assert not outputs.same({"p": torch.tensor([1e8, -1e8, 2.0])})
+    assert outputs.expected.item() == 5.0 and model.p.device.type == "cpu"  # model untouched
+
+
+def test_check_decodes_from_features_alone(monkeypatch):
+    """The check never builds the graph's edge_index/edge_type (11 of ViT-H/14's 16 GB)."""
+    def refuse(self):
+        raise AssertionError("the check built the edge structure")
+    monkeypatch.setattr(NetworkGraph, "edge_index", property(refuse))
+    monkeypatch.setattr(NetworkGraph, "edge_type", property(refuse))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    result = check.check_encoding(model, torch.randn(1, 3, 8, 8), swaps=4)
+    assert result.status == check.EXACT and result.swaps > 0
+    assert result.edges == 8 * 3 + 4 * 8  # one edge per pair of channels a weight joins
