@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import prune
 from metaprune.errors import UserError
 from pipeline import demo as pipeline_demo
-from pipeline import results
+from pipeline import demo_results, results
 from pipeline.command_line import cli, summary
 from pipeline.common import atomic_write, merged
 from pipeline.config_files import load_config_file
@@ -252,11 +252,11 @@ def run(bench: Benchmark) -> int:
     if status:
         return status
     cfg = pipeline_demo.load_demo_config(config)
-    written = json.loads((out / pipeline_demo.RESULTS).read_text())
+    written = json.loads((out / demo_results.RESULTS).read_text())
     reports = {k: json.loads(Path(p).read_text()) for k, p in written["reports"].items()}
     values = results.measures(reports)
     demo = cfg.demo
-    curves = pipeline_demo.stage1_overlay(out, demo, reports)
+    curves = demo_results.stage1_overlay(out, demo, reports)
     diffs = results.paired_differences(values)
     forest = ""  # a benchmark of one method pairs nothing
     if diffs:

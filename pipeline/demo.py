@@ -21,7 +21,6 @@ import yaml
 from metaprune.errors import UserError
 
 from .common import (
-    atomic_write,
     check_stage_config,
     fit_stage,
     is_rank_zero,
@@ -33,15 +32,14 @@ from .common import (
 )
 from .config_files import load_config_file
 from .console import Stages
+from .demo_results import print_summary, write_results
 from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp, ZooOptions
-from .paired import paired_table
-from .results import demo_table, measures, paired_differences, run_key
-from .run import FIRST_STAGE, REPORT, RunRequest, prune_run
+from .results import run_key
+from .run import REPORT, RunRequest, prune_run
 from .select import SelectRequest, select_checkpoint
 from .zoo import check_zoo_stages, load_zoo_config, zoo_member
 
 DEMO_FILE = "demo.json"          # <out>/demo.json: the demo's settings, written on first start
-RESULTS = "results.json"
 
 
 class DemoError(UserError):
@@ -72,10 +70,6 @@ class DemoSettings:
     methods: list[Method]
     zoo_speed_ups: list[SpeedUp] = field(default_factory=list)
     smoke: bool = False
-
-
-SMOKE_BANNER = ("SMOKE RUN (--fast): every stage ran a few batches; these numbers test the "
-                "pipeline, not the method")
 
 
 @dataclass
@@ -166,26 +160,6 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict
 def target_config(configs: dict[str, Path]) -> Path:
     """The zoo config that builds the held-out networks: the ``target`` stage, else the zoo's."""
     return configs.get("target", configs["zoo"])
-
-
-def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> Path:
-    """``<out>/stage1_curves.png``: the stage-1 curves (each run's ``<stage 1>/curve.csv``,
-    BN recalibrated) of the first held-out network, one per method, on one plot."""
-    from .curve import read_curves, save_figure
-
-    path, seed, curves = out / "stage1_curves.png", demo.target_seeds[0], {}
-    if path.is_file():  # stage 1 of a network is computed once: so is its plot
-        return path
-    for method in demo.methods:
-        key = run_key(seed, demo.speed_ups[0], method)
-        stage1 = read_curves(out / "prune" / key / reports[key]["stage1_curve"]["csv"])
-        curves[f"{method} (after {FIRST_STAGE[method]})"] = next(iter(stage1.values()))
-    lo, hi = reports[key]["stage1_curve"]["range"]
-    split = reports[key]["stage1_curve"].get("split", "val")
-    return save_figure(curves, path, f"seed {seed} after stage 1: {split} accuracy vs speed-up, "
-                       "no finetuning, BN recalibrated",
-                       chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi),
-                       split=split)
 
 
 STAGES = ("held-out networks", "zoo", "meta-training", "checkpoint selection", "pruning")
@@ -389,44 +363,8 @@ def demo_command(args: DemoOptions) -> int:
         for seed, target in targets.items():
             reports.update(prune_network(demo, configs["prune"], out, seed, target, best, timed, step))
 
-    table = demo_table(reports)
-    differences = paired_table(paired_differences(measures(reports)))
-    overlay = stage1_overlay(out, demo, reports)
     total = time.perf_counter() - t0
-    # Seconds per stage as first computed (a rerun's skips do not overwrite them); the result
-    # files are rewritten only when their content changes, so a finished demo's rerun writes nothing.
-    old = json.loads((out / RESULTS).read_text()) if (out / RESULTS).is_file() else {}
-    seconds = dict(old.get("seconds") or {})
-    seconds.update({k: v for k, v in times.items() if k not in seconds})
-    results = {"smoke": demo.smoke, "table": table,
-               "targets": {str(k): str(v) for k, v in targets.items()},
-               "metanetwork": str(best) if best else None,
-               "reports": {k: str(out / "prune" / k / REPORT) for k in reports},
-               "seconds": seconds, "total_s": round(sum(seconds.values()), 1)}
-    if old != json.loads(json.dumps(results)):
-        write_json(out / RESULTS, results)
-    banner = f"**{SMOKE_BANNER}**\n\n" if demo.smoke else ""
-    text = (f"{banner}{table}\n\nPaired differences (first - second, percentage points):\n\n"
-            f"{differences}\n")
-    if not (out / "results.md").is_file() or (out / "results.md").read_text() != text:
-        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
-    arch = next(iter(reports.values()))["architecture"]
-    print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {list(targets)} (held out "
-          f"of the zoo of seeds {demo.zoo_seeds}), methods {demo.methods} at "
-          f"{', '.join(f'{float(s):g}x' for s in demo.speed_ups)}, same finetune budgets\n")
-    if demo.smoke:
-        print(f"{SMOKE_BANNER}\n")
-    print(table)
-    print(f"\npaired differences (first - second, percentage points; the stage-1 curve area is "
-          f"the mean val accuracy over the range, pruned without finetuning):\n{differences}")
-    where = f"{out / 'prune'}/seed<N>/<S>x/<method>"
-    print(f"\nreports:     {where}/report.json   (table: {out / 'results.md'})")
-    selection_plot = f", {best.parent / 'selection.png'}" if best else ""
-    print(f"plots:       {overlay}, {where}/curve.png{selection_plot}")
-    print(f"tensorboard: tensorboard --logdir {out}")
-    onnx = ", .onnx" if any(r["files"].get("onnx") for r in reports.values()) else ""
-    print(f"networks:    {where}/network.pt (+ .pt2{onnx})" + (f", metanetwork {best}" if best else ""))
-    print(f"[this run {total:.0f} s; when first computed: {results['total_s']:.0f} s in all, "
-          f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")
+    results = write_results(out, demo, reports, targets, best, times)
+    print_summary(out, demo, reports, best, results, total)
     return 0
 

@@ -16,7 +16,7 @@ from benchmark_helpers import BENCHMARKS, benchmark_module
 
 import prune
 from pipeline import demo as pipeline_demo
-from pipeline import results, run_stages
+from pipeline import demo_results, results, run_stages
 from pipeline import run as pipeline_run
 from pipeline import zoo as pipeline_zoo
 from pipeline.cli import cli
@@ -320,10 +320,10 @@ def test_a_smoke_demo_of_the_baselines_alone_trains_no_metanetwork_and_says_smok
     written = json.loads((out / "results.json").read_text())
     assert written["metanetwork"] is None and written["smoke"] is True
     assert json.loads((out / "demo.json").read_text())["demo"]["smoke"] is True
-    assert (out / "results.md").read_text().startswith(f"**{pipeline_demo.SMOKE_BANNER}**")
+    assert (out / "results.md").read_text().startswith(f"**{demo_results.SMOKE_BANNER}**")
     printed = capsys.readouterr().out
     assert "| seed100 | none |" in printed and "metanetwork" not in printed
-    assert pipeline_demo.SMOKE_BANNER in printed
+    assert demo_results.SMOKE_BANNER in printed
     assert "network.pt (+ .pt2)" in printed  # the tiny config exports no ONNX: none is named
 
 

@@ -27,7 +27,7 @@ from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from metaprune.errors import UserError
 from pipeline import run as pipeline_run
-from pipeline import run_stages
+from pipeline import run_report, run_stages
 from pipeline.config_files import load_config_file
 
 pytestmark = pytest.mark.usefixtures("cli_argv")
@@ -235,8 +235,9 @@ def test_rerunning_a_finished_run_recomputes_nothing(runs: dict[str, Path], setu
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(run_stages, "fit_stage", fail)
-    for name in ("evaluate_networks", "check_inputs", "measured_latency", "export_checked_onnx"):
-        monkeypatch.setattr(pipeline_run, name, fail)
+    monkeypatch.setattr(pipeline_run, "check_inputs", fail)
+    for name in ("evaluate_networks", "measured_latency", "export_checked_onnx"):
+        monkeypatch.setattr(run_report, name, fail)
     for name in ("export_program", "export_onnx"):
         monkeypatch.setattr(networks.export, name, fail)
     assert run(setup["config"], setup["network"], "none", out) == 0
