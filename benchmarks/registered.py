@@ -67,7 +67,7 @@ CODE_COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).pa
 
 
 def composed_recipe(reg: Registration) -> dict:
-    """The registration's recipe merged, with its seeds, speed-ups and methods; refused when
+    """The registration's recipe merged, with its seeds, targets and methods; refused when
     its content no longer hashes to the registered value."""
     cfg = quality.merge_configs([str(p) for p in reg.recipe_paths()])
     digest = reg_lib.recipe_sha256(cfg)
@@ -75,7 +75,9 @@ def composed_recipe(reg: Registration) -> dict:
         raise RegistrationError(f"registration {reg.path.name}: the recipe {reg.recipe} hashes to "
                                 f"{digest}, not the registered {reg.recipe_sha256}: a recipe file "
                                 "changed after registration; register a new one under a new name")
-    cfg["demo"].update(target_seeds=reg.target_seeds, speed_ups=reg.speed_ups, methods=reg.methods)
+    targets = ({"weight_sparsities": reg.weight_sparsities} if reg.weight_sparsities else
+               {"speed_ups": reg.speed_ups})
+    cfg["demo"].update(target_seeds=reg.target_seeds, methods=reg.methods, **targets)
     return cfg
 
 
@@ -188,7 +190,7 @@ def run_draw(reg: Registration, commit: str, cfg: pipeline_demo.DemoConfig, data
     else:
         draw = {"checkpoint_sha256": None}
     demo = dataclasses.replace(cfg.demo, methods=methods)
-    with console.stage("pruning", len(seeds) * len(methods) * len(reg.speed_ups), "runs") as step:
+    with console.stage("pruning", len(seeds) * len(methods) * len(cfg.demo.targets), "runs") as step:
         for seed in seeds:
             target, seconds = train_target(pipeline_demo.target_config(configs),
                                            folder / "target", seed)

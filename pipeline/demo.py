@@ -33,8 +33,8 @@ from .common import (
 from .config_files import load_config_file
 from .console import Stages
 from .demo_results import print_summary, write_results
-from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp, ZooOptions
-from .results import run_key
+from .options import DATA_ENV, DEFAULT_DATA, DemoOptions, Method, SpeedUp, WeightFraction, ZooOptions
+from .results import Target, run_key
 from .run import REPORT, RunRequest, prune_run
 from .select import SelectRequest, select_checkpoint
 from .zoo import check_zoo_stages, load_zoo_config, zoo_member
@@ -54,8 +54,11 @@ class DemoSettings:
         configs: the stage configs (keys zoo, meta, prune), relative to the demo config.
         zoo_seeds: the meta-training zoo's members.
         target_seeds: the held-out networks to prune (never in the zoo).
-        speed_ups: the targets; stage 1 runs once per network and method.
         methods: any of metanetwork, none, sparse.
+        speed_ups: the targets in MACs (channels removed); stage 1 runs once per network and
+            method, then each target.
+        weight_sparsities: instead of ``speed_ups``, targets in weight sparsity (weights zeroed
+            by magnitude; the metanetwork must be meta-trained with ``sparsity: weights``).
         zoo_speed_ups: more members per zoo seed, pruned to these initial speed-ups instead of
             the zoo config's (variant ``s<speed-up>``, sharing the seed's pretrained network:
             a more diverse zoo at the cost of a prune and a finetune each, docs/zoo.md).
@@ -66,10 +69,17 @@ class DemoSettings:
     configs: dict[str, str]
     zoo_seeds: list[int]
     target_seeds: list[int]
-    speed_ups: list[SpeedUp]
     methods: list[Method]
+    speed_ups: list[SpeedUp] = field(default_factory=list)
+    weight_sparsities: list[WeightFraction] = field(default_factory=list)
     zoo_speed_ups: list[SpeedUp] = field(default_factory=list)
     smoke: bool = False
+
+    @property
+    def targets(self) -> list[Target]:
+        """The targets in order: the speed-ups, or the weight sparsities."""
+        return ([Target(float(s)) for s in self.speed_ups]
+                + [Target(float(s), weights=True) for s in self.weight_sparsities])
 
 
 @dataclass
@@ -101,9 +111,13 @@ def load_demo_config(path: str | os.PathLike, fast: bool = False) -> DemoConfig:
     if missing:
         raise DemoError(f"{where}: demo.configs has no {missing}; name the zoo, meta and prune "
                         "stage configs")
-    for key in ("zoo_seeds", "target_seeds", "speed_ups", "methods"):
+    for key in ("zoo_seeds", "target_seeds", "methods"):
         if not getattr(demo, key):
             raise DemoError(f"{where}: demo.{key} must be a non-empty list")
+    if bool(demo.speed_ups) == bool(demo.weight_sparsities):
+        raise DemoError(f"{where}: give the targets as demo.speed_ups (channels removed) or as "
+                        "demo.weight_sparsities (weights zeroed), "
+                        f"{'not both' if demo.speed_ups else 'one of them a non-empty list'}")
     shared = sorted(set(demo.target_seeds) & set(demo.zoo_seeds))
     if shared:
         raise DemoError(f"{where}: demo.target_seeds {shared} are also in demo.zoo_seeds; the "
@@ -148,7 +162,10 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, data: dict) -> dict[str, dict
     meta.setdefault("trainer", {})["logger"] = tensorboard_logger(out, version="meta")
     meta["trainer"]["default_root_dir"] = str(out / "meta")
     prune_cfg = merged(_read_yaml(paths["prune"]), cfg.prune)
-    prune_cfg["prune"].update(dir=str(out / "prune"), speed_up=float(cfg.demo.speed_ups[0]))
+    first = cfg.demo.targets[0]
+    if first.weights:  # the shipped prune configs name a speed-up: a run has one target
+        prune_cfg["prune"].pop("speed_up", None)
+    prune_cfg["prune"].update(dir=str(out / "prune"), **first.option)
     _merge_data(prune_cfg["base"]["data"], data)
     stages = {"zoo": zoo, "meta": meta, "prune": prune_cfg}
     if cfg.target:  # only then a stage of its own: earlier demo folders keep their settings
@@ -198,6 +215,7 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
     for name in [n for n in ("zoo", "target") if n in configs]:
         check_zoo_stages(load_zoo_config(configs[name], seed=cfg.demo.zoo_seeds[0]), configs[name])
     check_stage_config(stages["meta"], f"meta config {str(configs['meta'])!r}", DemoError)
+    check_meta_kind(cfg.demo, stages["meta"], configs["meta"])
     model = stages["target" if "target" in stages else "zoo"]["pretrain"]["model"]["init_args"]
     arch = {"name": model["network"], "num_classes": model.get("num_classes", 10),
             "kwargs": model.get("network_kwargs") or {}}
@@ -209,6 +227,20 @@ def check_demo(cfg: DemoConfig, stages: dict[str, dict], configs: dict[str, Path
                                   stage_configs(prune, args, configs["prune"].parent, arch)):
             check_stage_config(stage, f"prune config {str(configs['prune'])!r}, section "
                                f"{section!r} (merged over 'base')", DemoError)
+
+
+def check_meta_kind(demo: DemoSettings, meta: dict, config: Path) -> None:
+    """A demo whose metanetwork is meta-trained for one kind of pruning (channels, or weights
+    with ``sparsity: weights``) but whose targets are of the other is refused before training."""
+    if "metanetwork" not in demo.methods:
+        return
+    kind = ((meta.get("model") or {}).get("init_args") or {}).get("sparsity", "channels")
+    wanted = "weights" if demo.weight_sparsities else "channels"
+    if kind != wanted:
+        targets = "demo.weight_sparsities" if demo.weight_sparsities else "demo.speed_ups"
+        raise DemoError(f"meta config {str(config)!r}: model.init_args.sparsity is {kind!r}, but "
+                        f"the demo's targets are {targets}; set the meta section's "
+                        f"model.init_args.sparsity to {wanted!r}")
 
 
 class Timings(dict):
@@ -226,8 +258,9 @@ def demo_settings(cfg: DemoConfig, stages: dict[str, dict]) -> dict:
     configs, as JSON values. ``smoke`` is recorded only when true, so folders written before
     the option existed keep their settings."""
     demo = dataclasses.asdict(cfg.demo)
-    if not demo["smoke"]:
-        del demo["smoke"]
+    for key in ("smoke", "weight_sparsities"):
+        if not demo[key]:
+            del demo[key]
     return json.loads(json.dumps({"demo": demo, "select": cfg.select, "stages": stages}))
 
 
@@ -306,11 +339,13 @@ def prune_network(demo: DemoSettings, config: Path, out: Path, seed: int, target
     reports = {}
     for method in demo.methods:
         first = None
-        for speed_up in demo.speed_ups:
-            key = run_key(seed, speed_up, method)
+        for goal in demo.targets:
+            key = run_key(seed, goal, method)
             run_out = out / "prune" / key
             request = RunRequest(str(config), network=str(target), method=method,
-                                 speed_up=speed_up, out=str(run_out),
+                                 speed_up=None if goal.weights else goal.value,
+                                 weight_sparsity=goal.value if goal.weights else None,
+                                 out=str(run_out),
                                  reuse_first_stage=str(first) if first else None,
                                  metanetwork=str(metanetwork) if method == "metanetwork" else None)
             timed(f"prune {key}", partial(prune_run, request))
@@ -358,7 +393,7 @@ def demo_command(args: DemoOptions) -> int:
 
     # 5. prune every held-out network with every method to every target.
     reports = {}
-    cells = len(targets) * len(demo.methods) * len(demo.speed_ups)
+    cells = len(targets) * len(demo.methods) * len(demo.targets)
     with console.stage("pruning", cells, "runs") as step:
         for seed, target in targets.items():
             reports.update(prune_network(demo, configs["prune"], out, seed, target, best, timed, step))

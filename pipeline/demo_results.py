@@ -41,15 +41,17 @@ def stage1_overlay(out: Path, demo: DemoSettings, reports: dict[str, dict]) -> P
     if path.is_file():  # stage 1 of a network is computed once: so is its plot
         return path
     for method in demo.methods:
-        key = run_key(seed, demo.speed_ups[0], method)
+        key = run_key(seed, demo.targets[0], method)
         stage1 = read_curves(out / "prune" / key / reports[key]["stage1_curve"]["csv"])
         curves[f"{method} (after {FIRST_STAGE[method]})"] = next(iter(stage1.values()))
     lo, hi = reports[key]["stage1_curve"]["range"]
     split = reports[key]["stage1_curve"].get("split", "val")
-    return save_figure(curves, path, f"seed {seed} after stage 1: {split} accuracy vs speed-up, "
+    axis, label = (("weight_sparsity", "weight sparsity") if demo.weight_sparsities else
+                   ("speed_up", "speed-up"))
+    return save_figure(curves, path, f"seed {seed} after stage 1: {split} accuracy vs {label}, "
                        "no finetuning, BN recalibrated",
                        chance=1 / reports[key]["architecture"]["num_classes"], span=(lo, hi),
-                       split=split)
+                       split=split, axis=axis)
 
 
 def write_results(out: Path, demo: DemoSettings, reports: dict[str, dict], targets: dict[int, Path],
@@ -85,14 +87,14 @@ def print_summary(out: Path, demo: DemoSettings, reports: dict[str, dict], best:
     arch = next(iter(reports.values()))["architecture"]
     print(f"\nmeta pruning demo: {arch['name']} {arch['kwargs']} seeds {demo.target_seeds} (held "
           f"out of the zoo of seeds {demo.zoo_seeds}), methods {demo.methods} at "
-          f"{', '.join(f'{float(s):g}x' for s in demo.speed_ups)}, same finetune budgets\n")
+          f"{', '.join(t.text for t in demo.targets)}, same finetune budgets\n")
     if demo.smoke:
         print(f"{SMOKE_BANNER}\n")
     print(results.table)
     print(f"\npaired differences (first - second, percentage points; the stage-1 curve area is "
           f"the mean val accuracy over the range, pruned without finetuning):\n"
           f"{results.differences}")
-    where = f"{out / 'prune'}/seed<N>/<S>x/<method>"
+    where = f"{out / 'prune'}/seed<N>/{'w<S>' if demo.weight_sparsities else '<S>x'}/<method>"
     print(f"\nreports:     {where}/report.json   (table: {out / 'results.md'})")
     selection_plot = f", {best.parent / 'selection.png'}" if best else ""
     print(f"plots:       {results.overlay}, {where}/curve.png{selection_plot}")

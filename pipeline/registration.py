@@ -91,10 +91,11 @@ class Registration:
     recipe: list[str]
     recipe_sha256: str
     target_seeds: list[int]
-    speed_ups: list[float]
     methods: list[str]
     metanetwork: MetanetworkDraw
     primary: list[Comparison]
+    speed_ups: list[float] = field(default_factory=list)
+    weight_sparsities: list[float] = field(default_factory=list)
     secondary: list[Comparison] = field(default_factory=list)
     level: float = 0.05
     correction: str = "holm"
@@ -140,6 +141,9 @@ def load_registration(path: str | Path) -> Registration:
         raise RegistrationError(f"{where}: correction {reg.correction!r}: only 'holm' is implemented")
     if not reg.primary:
         raise RegistrationError(f"{where}: primary must name at least one comparison")
+    if bool(reg.speed_ups) == bool(reg.weight_sparsities):
+        raise RegistrationError(f"{where}: name the targets as speed_ups or as weight_sparsities "
+                                f"(exactly one of them, a non-empty list)")
     missing = [str(p) for p in reg.recipe_paths() if not p.is_file()]
     if missing:
         raise RegistrationError(f"{where}: recipe files {missing} do not exist")

@@ -342,3 +342,86 @@ def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.
     assert best == tmp_path / "meta" / "selection" / "best.ckpt"
     assert calls == [ZooOptions("zoo.yaml", seed=s, speed_up=r, variant=v) for s in (3, 7)
                      for r, v in ((None, None), (1.2, "s1.2"), (1.5, "s1.5"))]
+
+
+def weight_demo_config(tmp_path: Path, sparsity: str = "weights") -> Path:
+    """The tiny demo with weight-sparsity targets (0.6, then 0.8 reusing stage 1) and a
+    metanetwork meta-trained for ``sparsity``."""
+    cfg = yaml.safe_load(tiny_demo_config(tmp_path).read_text())
+    cfg["demo"].update(methods=["metanetwork", "none"], speed_ups=[], weight_sparsities=[0.6, 0.8])
+    cfg["meta"]["model"]["init_args"].update(sparsity=sparsity, reg=1e-3)
+    path = tmp_path / f"weights_{sparsity}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_weight_sparsity_demo_zeroes_weights_to_each_target(
+        tiny_cifar: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from networks import load_network
+
+    out = tmp_path / "out"
+    assert demo(weight_demo_config(tmp_path), tiny_cifar, out) == 0
+    for method in ("metanetwork", "none"):
+        for sparsity in (0.6, 0.8):
+            run = out / "prune" / results.run_key(100, results.Target(sparsity, weights=True), method)
+            assert run.parts[-2] == f"w{sparsity:g}"
+            report = json.loads((run / "report.json").read_text())
+            assert "speed_up" not in report and report["target"]["weight_sparsity"] == sparsity
+            # counted here from the exported file: every convolution and dense layer's weights
+            weights = [m.weight for m in load_network(run / "network.pt")[0].modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+            zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+            assert abs(zeros - sparsity * total) <= 1  # the target, rounded to a whole weight
+        first, stage = out / "prune" / "seed100", pipeline_run.FIRST_STAGE[method]
+        assert (first / "w0.8" / method / stage / "network.pt").read_bytes() == \
+            (first / "w0.6" / method / stage / "network.pt").read_bytes()
+    text = (out / "results.md").read_text()
+    assert "| weight sparsity reached |" in text
+    for measure in ("stage-1 curve area, weight sparsity 0.5-0.9", "test acc at weight sparsity 0.6",
+                    "test acc at weight sparsity 0.8"):
+        assert f"| {measure} | metanetwork - none | 1 |" in text
+    assert (out / "stage1_curves.png").is_file()
+    printed = capsys.readouterr().out
+    assert "at weight sparsity 0.6, weight sparsity 0.8" in printed and "seed<N>/w<S>/<method>" in printed
+
+
+def test_a_demo_whose_metanetwork_prunes_the_other_kind_is_refused_before_training(
+        tiny_cifar: Path, tmp_path: Path) -> None:
+    config, out = weight_demo_config(tmp_path, sparsity="channels"), tmp_path / "out"
+    with pytest.raises(pipeline_demo.DemoError, match=r"model.init_args.sparsity is 'channels', "
+                       r"but the demo's targets are demo.weight_sparsities; .* to 'weights'"):
+        pipeline_demo.demo_command(pipeline_demo.DemoOptions(
+            config=str(config), data_root=str(tiny_cifar), out=str(out)))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("targets, error", [
+    ({"speed_ups": [2.0], "weight_sparsities": [0.5]}, "not both"),
+    ({"speed_ups": [], "weight_sparsities": []}, "one of them a non-empty list")])
+def test_a_demo_has_one_kind_of_target(tmp_path: Path, targets: dict, error: str) -> None:
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg["demo"].update(targets)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(pipeline_demo.DemoError,
+                       match=f"demo.speed_ups .* or as demo.weight_sparsities .*{error}"):
+        pipeline_demo.load_demo_config(path)
+
+
+def test_weight_targets_name_their_folders_measures_and_prune_section(tmp_path: Path) -> None:
+    target = results.Target(0.9, weights=True)
+    assert (target.folder, target.text, target.option) == ("w0.9", "weight sparsity 0.9",
+                                                           {"weight_sparsity": 0.9})
+    assert results.run_key(7, 2, "none") == results.run_key(7, results.Target(2.0), "none") == \
+        "seed7/2x/none"
+    report = {"method": "none", "stage1_curve": {"range": [0.5, 0.9], "area": 0.61},
+              "weight_sparsity": {"target": 0.9, "reached": 0.9001},
+              "accuracy": {"final": {"test": 0.8}}}
+    assert results.measures({"seed7/w0.9/none": report}) == {
+        "stage-1 curve area, weight sparsity 0.5-0.9": {"none": {"seed7": 0.61}},
+        "test acc at weight sparsity 0.9": {"none": {"seed7": 0.8}}}
+    cfg = pipeline_demo.load_demo_config(weight_demo_config(tmp_path))
+    prune_section = pipeline_demo.demo_stage_configs(cfg, tmp_path, {})["prune"]["prune"]
+    assert prune_section["weight_sparsity"] == 0.6 and "speed_up" not in prune_section

@@ -169,6 +169,10 @@ def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump({**registration_text("0"), "name": "x"}))
     with pytest.raises(RegistrationError, match="must equal the file's stem"):
         reg_lib.load_registration(tmp_path / "trial.yaml")
+    for targets in ({"weight_sparsities": [0.5]}, {"speed_ups": []}):  # both, or neither
+        (tmp_path / "trial.yaml").write_text(yaml.safe_dump({**registration_text("0"), **targets}))
+        with pytest.raises(RegistrationError, match="as speed_ups or as weight_sparsities"):
+            reg_lib.load_registration(tmp_path / "trial.yaml")
 
 
 @pytest.mark.parametrize("draws, message", [
@@ -209,7 +213,8 @@ def test_shipped_registrations_hash_and_parse(path: Path, tmp_path: Path) -> Non
     stages, configs = pipeline_demo.demo_folder(demo, tmp_path / "out", data)
     pipeline_demo.check_demo(demo, stages, configs, data)
     measures = {c.measure for c in reg.primary + reg.secondary}
-    assert measures <= {"stage-1 curve area 2-3x"} | {f"test acc at {s:g}x" for s in reg.speed_ups}
+    areas = {"stage-1 curve area 2-3x", "stage-1 curve area, weight sparsity 0.5-0.9"}
+    assert measures <= areas | {f"test acc at {t.text}" for t in demo.demo.targets}
 
 
 def test_a_frozen_recipe_owns_copies_and_hashes_as_its_sources(repo: Path, tmp_path: Path,
