@@ -3,6 +3,7 @@ zoo, and the finished `prune.py run` runs that the test_prune_*.py modules share
 session: tests copy a run before changing it)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -37,18 +38,46 @@ def make_tree(root: Path, size: int, per_split: dict[str, int], classes: tuple[s
 _CHEAP_SHARED = {"tiny_cifar", "tiny_imagenet", "make_zoo"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes with one thread, and so do the processes its tests
+    start: with torch's default (a thread per core) in every worker, ``-n 2`` on two cores took
+    longer than one process (886 s against 454 s, measured)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def _shared(name: str, defs: dict) -> bool:
+    """Whether fixture ``name`` is an expensive one of ours that tests share (module or session
+    scope; pytest's own, such as ``tmp_path_factory``, have no base id)."""
+    return name not in _CHEAP_SHARED and bool(defs.get(name)) and bool(defs[name][-1].baseid) \
+        and defs[name][-1].scope in ("module", "session")
+
+
+def _root(name: str, defs: dict) -> str:
+    """The shared fixture that ``name`` is built from (``weight_runs`` -> ``runs`` -> ``setup``):
+    tests of one chain share one worker, independent chains may run on different ones."""
+    for arg in defs[name][-1].argnames:
+        if _shared(arg, defs) and defs[arg][-1].scope == "session":
+            return _root(arg, defs)
+    return name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`pytest -n 2 --dist loadgroup`; not yet the README's command, its
-    time unmeasured), tests that share an expensive session- or module-scoped fixture (the
-    finished prune runs, the demo) run on one worker, so that the fixture is built once; the
-    other tests spread over both."""
+    """Under pytest-xdist (setup.cfg runs `-n 2 --dist loadgroup` by default), tests that share
+    an expensive session- or module-scoped fixture (the finished prune runs, the demo) run on
+    one worker, so that the fixture is built once; the other tests spread over both. A session
+    fixture's group is named by the fixture it is built from, a module fixture's by its module."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs if info else {}
         for name in getattr(item, "fixturenames", ()):
-            defs = info.name2fixturedefs.get(name) if info else None
-            if name in _CHEAP_SHARED or not defs or defs[-1].scope not in ("module", "session"):
+            if not _shared(name, defs):
                 continue
-            group = "session" if defs[-1].scope == "session" else item.module.__name__
+            group = _root(name, defs) if defs[name][-1].scope == "session" else item.module.__name__
             item.add_marker(pytest.mark.xdist_group(group))
             break
 
