@@ -15,7 +15,10 @@ size (``networks.prune_to_latency``; docs/pruning.md, "A latency target").
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Literal, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,9 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info
 import networks
 from lightning_modules import ImageClassifier
 from networks.checkpoint import reshape_to_state
+from networks.latency import RUNTIMES, Runtime
 
 from .structured import rank_zero_clock
 from .target import classifier
+
+ROUND_TO_FILE = "round_to.json"  # round_to "auto"'s trials, in the fit's root folder
 
 
 class PruneToSpeedUp(Callback):
@@ -49,7 +55,13 @@ class PruneToSpeedUp(Callback):
             not deterministic: a resumed fit may stop at another step, so the layers are resized
             to the checkpoint's shapes before it loads.
         latency_batch: the batch size a latency target is timed at.
-        round_to: keep every pruned width a multiple of this (e.g. 8); None: any width.
+        latency_runtime: what a latency target is timed in: ``torch`` (eager) or
+            ``onnxruntime`` (the network exported to ONNX, on the CPU; ``networks.latency``).
+        round_to: keep every pruned width a multiple of this (e.g. 8); None: any width;
+            ``"auto"``: the multiple of ``networks.ROUND_TO_CANDIDATES`` (1, 2, 4, 8, 16) chosen
+            by measurement: a copy pruned to the target under each is timed at
+            ``latency_batch`` in ``latency_runtime``, and the one doing the most MACs per ms
+            wins (``networks.choose_round_to``; about five prunings and timings more).
 
     After ``setup`` the attributes ``base_macs``, ``macs``, ``params`` and ``speed_up_reached``
     (the MACs speed-up) hold the result, and for a latency target ``base_ms``, ``ms`` and
@@ -60,22 +72,31 @@ class PruneToSpeedUp(Callback):
     def __init__(self, speed_up: float | None = None, iterative_steps: int = 200,
                  input_size: Sequence[int] = (3, 32, 32), max_pruning_ratio: float = 1.0,
                  importance: str = "l2", latency_speed_up: float | None = None,
-                 latency_batch: int = 1, round_to: int | None = None) -> None:
+                 latency_batch: int = 1, round_to: int | Literal["auto"] | None = None,
+                 latency_runtime: Runtime = "torch") -> None:
         if (speed_up is None) == (latency_speed_up is None):
             raise ValueError("PruneToSpeedUp: give exactly one of speed_up (MACs, e.g. 2.0) and "
                              "latency_speed_up (measured time, e.g. 1.5)")
         for name, value in (("speed_up", speed_up), ("latency_speed_up", latency_speed_up)):
             if value is not None and value <= 1.0:
                 raise ValueError(f"{name}={value} must be above 1 (unpruned / pruned)")
-        if int(latency_batch) < 1 or (round_to is not None and int(round_to) < 1):
+        if int(latency_batch) < 1 or (round_to not in (None, "auto") and int(round_to) < 1):
             raise ValueError(f"PruneToSpeedUp: latency_batch={latency_batch} and "
-                             f"round_to={round_to} must be positive")
+                             f"round_to={round_to} must be positive (or round_to 'auto')")
+        if latency_runtime not in RUNTIMES:
+            raise ValueError(f"PruneToSpeedUp: latency_runtime={latency_runtime!r} is not one "
+                             f"of {', '.join(RUNTIMES)}")
+        self.latency_runtime = latency_runtime
         self.max_pruning_ratio = networks.check_max_pruning_ratio(max_pruning_ratio)
         self.importance = networks.check_importance(importance)
         self.speed_up = None if speed_up is None else float(speed_up)
         self.latency_speed_up = None if latency_speed_up is None else float(latency_speed_up)
         self.latency_batch = int(latency_batch)
-        self.round_to = None if round_to is None else int(round_to)
+        self.round_to: int | Literal["auto"] | None = \
+            round_to if round_to in (None, "auto") else int(round_to)
+        self.round_to_chosen: int | None = None  # the multiple stage 2 pruned with
+        self.round_to_trials: list[networks.RoundToTrial] = []  # round_to "auto"'s measurements
+        self._measure: Callable[[torch.nn.Module], float] | None = None
         self.iterative_steps = int(iterative_steps)
         self.input_size = [int(s) for s in input_size]
         networks.example_input(self.input_size)  # validate now, not after minutes of data loading
@@ -97,24 +118,26 @@ class PruneToSpeedUp(Callback):
         before = networks.count_macs(network, example)
         measured: dict[str, float] = {}
         with networks.evaluating(network):
-            pruner = None if self.round_to is None else networks.criterion_pruner(
-                network, example, self.iterative_steps, max_pruning_ratio=self.max_pruning_ratio,
-                importance=self.importance, round_to=self.round_to)
-            if self.latency_speed_up is None:
-                assert self.speed_up is not None
-                networks.prune_to_speed_up(
-                    network, example, self.speed_up, self.base_macs, self.iterative_steps,
-                    pruner=pruner, max_pruning_ratio=self.max_pruning_ratio,
-                    importance=self.importance)
+            if self.latency_speed_up is not None or self.round_to == "auto":
+                self._start_clock(trainer, model, example)
+            if self.round_to == "auto":
+                self.round_to_chosen = self._choose_round_to(trainer, network, example)
+                measured["pruning/round_to"] = float(self.round_to_chosen or 1)
             else:
-                measured = self._prune_to_latency(trainer, model, example, pruner)
+                self.round_to_chosen = self.round_to
+            reached_latency = self._prune(network, example, self.round_to_chosen)
+        if self.latency_speed_up is not None:
+            assert self.base_ms is not None
+            self.latency_speed_up_reached, self.ms = reached_latency, self.base_ms / reached_latency
+            measured.update({"pruning/latency_speed_up": reached_latency, "pruning/latency_ms": self.ms,
+                             "pruning/base_latency_ms": self.base_ms})
         self.macs = networks.count_macs(network, example)
         reached = self.speed_up_reached = self.base_macs / self.macs  # what either target took
         self.params = networks.count_params(network)
         target = f"{self.speed_up}x" if self.latency_speed_up is None else \
             f"latency {self.latency_speed_up}x at batch {self.latency_batch}, reached " \
             f"{self.latency_speed_up_reached:.3f}x: {self.base_ms:.3f} -> {self.ms:.3f} ms " \
-            f"on {example.device.type}"
+            f"on {example.device.type if self.latency_runtime == 'torch' else 'cpu, onnxruntime'}"
         rank_zero_info(
             f"pruned {model.arch['name']}: {before:,} -> {self.macs:,} MACs, "
             f"{self.params:,} params, speed-up {reached:.3f}x "
@@ -125,24 +148,54 @@ class PruneToSpeedUp(Callback):
                                 "pruning/params": float(self.params),
                                 "pruning/base_macs": float(self.base_macs), **measured}, step=0)
 
-    def _prune_to_latency(self, trainer: Trainer, model: ImageClassifier, example: torch.Tensor,
-                          pruner: Any) -> dict[str, float]:
-        """Prune ``model.network`` until its measured latency speed-up against the unpruned
-        architecture reaches the target. Every rank times its own copy, but rank 0's reading
-        decides, so all ranks stop at the same step and remove the same channels. A resumed
-        fit loads the checkpoint's shapes (the layers resized to them first)."""
-        network = model.network
+    def _start_clock(self, trainer: Trainer, model: ImageClassifier, example: torch.Tensor) -> None:
+        """The clock (rank 0's reading on every rank, so all ranks stop at the same step and
+        remove the same channels) and the unpruned architecture's time on it, the faster of
+        two readings (a conservative base). A latency target's resumed fit may stop at another
+        step, so the layers are resized to the checkpoint's shapes before it loads."""
         if not getattr(model, "_prune_to_speed_up_hook", None):
             model._prune_to_speed_up_hook = model.register_load_state_dict_pre_hook(
                 lambda module, state, prefix, *args: reshape_to_state(module, state, prefix))
-        measure = rank_zero_clock(trainer, self.input_size, self.latency_batch, example.device)
+        self._measure = rank_zero_clock(trainer, self.input_size, self.latency_batch,
+                                        example.device, self.latency_runtime)
         unpruned = networks.build_arch(model.arch).to(example.device).eval()
-        self.base_ms = min(measure(unpruned), measure(unpruned))  # the faster: a conservative base
-        del unpruned
-        assert self.latency_speed_up is not None
-        reached = networks.prune_to_latency(
-            network, example, self.latency_speed_up, self.base_ms, measure, self.iterative_steps,
-            pruner=pruner, max_pruning_ratio=self.max_pruning_ratio, importance=self.importance)
-        self.latency_speed_up_reached, self.ms = reached, self.base_ms / reached
-        return {"pruning/latency_speed_up": reached, "pruning/latency_ms": self.ms,
-                "pruning/base_latency_ms": self.base_ms}
+        self.base_ms = min(self._measure(unpruned), self._measure(unpruned))
+
+    def _prune(self, network: torch.nn.Module, example: torch.Tensor, round_to: int | None) -> float:
+        """Prune ``network`` in place to the target with the criterion, every pruned width a
+        multiple of ``round_to``; returns the latency speed-up measured at the stop (a latency
+        target) or the MACs speed-up reached."""
+        pruner = None if round_to is None else networks.criterion_pruner(
+            network, example, self.iterative_steps, max_pruning_ratio=self.max_pruning_ratio,
+            importance=self.importance, round_to=round_to)
+        if self.latency_speed_up is None:
+            assert self.speed_up is not None and self.base_macs is not None
+            return networks.prune_to_speed_up(
+                network, example, self.speed_up, self.base_macs, self.iterative_steps,
+                pruner=pruner, max_pruning_ratio=self.max_pruning_ratio, importance=self.importance)
+        assert self.base_ms is not None and self._measure is not None
+        return networks.prune_to_latency(
+            network, example, self.latency_speed_up, self.base_ms, self._measure,
+            self.iterative_steps, pruner=pruner, max_pruning_ratio=self.max_pruning_ratio,
+            importance=self.importance)
+
+    def _choose_round_to(self, trainer: Trainer, network: torch.nn.Module,
+                         example: torch.Tensor) -> int | None:
+        """round_to "auto": the multiple of ``networks.ROUND_TO_CANDIDATES`` whose copy of the
+        network, pruned to the target, does the most MACs per ms on the clock
+        (``networks.choose_round_to``); None for 1 (no rounding). Rank 0 also writes the
+        trials to ``round_to.json`` in the fit's root folder (the run's report reads it)."""
+        assert self._measure is not None
+        chosen, trials = networks.choose_round_to(
+            network, example, lambda copy, r: self._prune(copy, example, r), self._measure)
+        self.round_to_trials = trials
+        rank_zero_info(f"PruneToSpeedUp: round_to {chosen} chosen by measurement (batch "
+                       f"{self.latency_batch}, {self.latency_runtime}):\n"
+                       + networks.round_to.trials_table(trials, chosen))
+        root = getattr(trainer, "default_root_dir", None)
+        if root and getattr(trainer, "is_global_zero", True):
+            record = {"chosen": chosen, "batch_size": self.latency_batch,
+                      "runtime": self.latency_runtime, "trials": [asdict(t) for t in trials]}
+            networks.atomic_write(Path(root) / ROUND_TO_FILE,
+                                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        return None if chosen == 1 else chosen

@@ -32,6 +32,7 @@ from torch import nn
 
 import networks
 from networks.checkpoint import reshape_to_state
+from networks.latency import RUNTIMES, Runtime
 
 
 class StructuredPruning(Callback):
@@ -54,6 +55,9 @@ class StructuredPruning(Callback):
             LightningModule itself (its ``forward`` must take the input tensor).
         iterative_steps: small pruning steps per epoch for a speed-up target.
         latency_batch_size: the batch size a latency target is measured at.
+        latency_runtime: what a latency target is timed in: ``torch`` (eager, on the network's
+            device) or ``onnxruntime`` (the network exported to ONNX and run by ONNX Runtime
+            on the CPU, as it would be served; ``networks.latency``).
         round_to: keep every pruned width a multiple of this (e.g. 8), as fast kernels like.
         strict: when the fit cannot reach (``max_epochs`` ends before the last pruning epoch)
             or did not reach the target (stopped early): raise an error instead of warning.
@@ -65,7 +69,7 @@ class StructuredPruning(Callback):
                  importance: str = "l2", ignored_layers: Sequence[str] = (),
                  module: str | None = None, iterative_steps: int = 100, strict: bool = False,
                  latency_speed_up: float | None = None, latency_batch_size: int = 1,
-                 round_to: int | None = None) -> None:
+                 round_to: int | None = None, latency_runtime: Runtime = "torch") -> None:
         if sum(t is not None for t in (speed_up, latency_speed_up, channel_ratio)) != 1:
             raise ValueError("StructuredPruning: give exactly one of speed_up (e.g. 2.0), "
                              "latency_speed_up (e.g. 2.0) or channel_ratio (e.g. 0.3)")
@@ -75,6 +79,9 @@ class StructuredPruning(Callback):
         if latency_batch_size < 1 or (round_to is not None and round_to < 1):
             raise ValueError(f"StructuredPruning: latency_batch_size={latency_batch_size} and "
                              f"round_to={round_to} must be positive")
+        if latency_runtime not in RUNTIMES:
+            raise ValueError(f"StructuredPruning: latency_runtime={latency_runtime!r} is not one "
+                             f"of {', '.join(RUNTIMES)}")
         if channel_ratio is not None and not 0.0 < channel_ratio < 1.0:
             raise ValueError(f"StructuredPruning: channel_ratio={channel_ratio} must lie in (0, 1)")
         if importance not in networks.IMPORTANCES:
@@ -83,7 +90,7 @@ class StructuredPruning(Callback):
         first, last = _epoch_range(epochs)
         self.speed_up, self.channel_ratio = speed_up, channel_ratio
         self.latency_speed_up, self.latency_batch_size = latency_speed_up, int(latency_batch_size)
-        self.round_to = round_to
+        self.round_to, self.latency_runtime = round_to, latency_runtime
         self.first, self.last = int(first), int(last)
         self.example = torch.zeros(1, *(int(s) for s in input_size))
         self.importance, self.ignored = importance, list(ignored_layers)
@@ -192,7 +199,8 @@ class StructuredPruning(Callback):
         """Prune until the measured latency speed-up reaches ``target``. Every rank times its
         own copy, but rank 0's reading decides, so all ranks stop at the same step and remove
         the same channels."""
-        measure = rank_zero_clock(trainer, example.shape[1:], self.latency_batch_size, example.device)
+        measure = rank_zero_clock(trainer, example.shape[1:], self.latency_batch_size,
+                                  example.device, self.latency_runtime)
         if self.base_ms is None:
             self.base_ms = measure(network)
         reached = networks.prune_to_latency(
@@ -218,11 +226,11 @@ class StructuredPruning(Callback):
 
 
 def rank_zero_clock(trainer: Trainer, input_size: Sequence[int], batch_size: int,
-                    device: torch.device) -> Callable[[nn.Module], float]:
+                    device: torch.device, runtime: Runtime = "torch") -> Callable[[nn.Module], float]:
     """``clock(model) -> ms`` (``networks.latency_probe``) whose reading is rank 0's on every
     rank: each rank times its own copy, but all stop a latency-target loop at the same step
     and so remove the same channels."""
-    probe = networks.latency_probe(input_size, batch_size, device)
+    probe = networks.latency_probe(input_size, batch_size, device, runtime=runtime)
     return lambda model: float(trainer.strategy.broadcast(probe(model), src=0))
 
 

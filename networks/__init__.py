@@ -40,6 +40,7 @@ from .pruning import (
                          prune_to_speed_up,
 )
 from .registry import available, build, build_arch, describe_arch, distinct_architectures, plain_arch
+from .round_to import ROUND_TO_CANDIDATES, RoundToTrial, choose_round_to
 from .vgg import CifarVGG
 
 __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy", "accuracy_curve",
@@ -55,4 +56,5 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "network_record", "latency_probe", "prune_to_latency", "prune_to_speed_up",
            "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
-           "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes"]
+           "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes",
+           "ROUND_TO_CANDIDATES", "RoundToTrial", "choose_round_to"]

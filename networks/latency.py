@@ -4,15 +4,28 @@
 counts); this module only fixes what is measured and how it is reported: eval mode, no
 gradient, one input shape per batch size, the median and the interquartile range over blocks
 of runs, and the thread count the numbers were taken with.
+
+Two runtimes: ``torch`` (PyTorch eager, CPU or CUDA) and ``onnxruntime`` (the network exported
+to ONNX, as :mod:`networks.export` writes it for deployment, run by ONNX Runtime's CPU provider
+with as many intra-op threads as torch uses). A network is fast or slow on the runtime that
+serves it: ONNX Runtime fuses batch norm into the convolutions and plans memory once, so the
+per-layer overhead that dominates PyTorch eager at batch 1 shrinks there.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import tempfile
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 from torch.utils import benchmark
+
+Runtime = Literal["torch", "onnxruntime"]
+RUNTIMES: tuple[Runtime, ...] = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -24,58 +37,112 @@ class Latency:
     median_ms: float
     iqr_ms: float
     runs: int
+    runtime: Runtime = "torch"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def check_runtime(runtime: str, device: str | torch.device) -> None:
+    """Refuse a runtime this module does not know, or ONNX Runtime on another device than the
+    CPU (its CPU provider is the one that ships with the ``onnxruntime`` package)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and torch.device(device).type != "cpu":
+        raise ValueError(f"runtime 'onnxruntime' times on the CPU only, not on {device!r}; use "
+                         "device cpu, or runtime torch for CUDA")
+
+
+@contextlib.contextmanager
+def _forward(model: nn.Module, runtime: Runtime, input_size: Sequence[int]
+             ) -> Iterator[Callable[[torch.Tensor], Callable[[], object]]]:
+    """``bind(x) -> run``: ``run()`` is one forward of ``model`` on ``x`` in ``runtime``. For
+    ONNX Runtime the model is exported once (dynamic batch) into a temporary folder, removed
+    when the context ends."""
+    if runtime == "torch":
+        yield lambda x: (lambda: model(x))
+        return
+    import onnxruntime as ort
+
+    from .export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, torch.zeros(1, *input_size), Path(tmp) / "timed.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initializers are not ours
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def bind(x: torch.Tensor) -> Callable[[], object]:
+            feed = {name: x.numpy()}
+            return lambda: session.run(None, feed)
+        yield bind
+
+
 def measure_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Sequence[int] = (1, 64),
-                    device: str | torch.device = "cpu", min_run_time: float = 1.0) -> list[Latency]:
+                    device: str | torch.device = "cpu", min_run_time: float = 1.0,
+                    runtime: Runtime = "torch") -> list[Latency]:
     """Forward latency of ``model`` (eval mode, no gradient) on random inputs of
-    ``[batch, *input_size]`` for each batch size; ``min_run_time`` seconds of timing each (after
-    a warm-up run). The model is moved to ``device`` and left in eval mode there."""
+    ``[batch, *input_size]`` for each batch size, in ``runtime``; ``min_run_time`` seconds of
+    timing each (after a warm-up run). The model is moved to ``device`` and left in eval mode
+    there."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    model = model.to(device).eval()
-    results = []
+    check_runtime(runtime, device)
     for batch in batch_sizes:
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
-        x = torch.randn(batch, *input_size, device=device)
-        with torch.no_grad():
-            model(x)  # warm-up: allocator, kernels, lazy initialisation
-            timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
+    model = model.to(device).eval()
+    results = []
+    with torch.no_grad(), _forward(model, runtime, input_size) as bind:
+        for batch in batch_sizes:
+            run = bind(torch.randn(batch, *input_size, device=device))
+            run()  # warm-up: allocator, kernels, lazy initialisation
+            timer = benchmark.Timer(stmt="run()", globals={"run": run},
                                     num_threads=torch.get_num_threads())
             m = timer.blocked_autorange(min_run_time=min_run_time)
-        results.append(Latency(batch, str(device), torch.get_num_threads(), m.median * 1e3,
-                               m.iqr * 1e3, len(m.times) * m.number_per_run))
+            results.append(Latency(batch, str(device), torch.get_num_threads(), m.median * 1e3,
+                                   m.iqr * 1e3, len(m.times) * m.number_per_run, runtime))
     return results
 
 
 def compare_latency(network: nn.Module, unpruned: nn.Module, input_size: Sequence[int],
                     batch_sizes: Sequence[int], device: str | torch.device = "cpu",
-                    min_run_time: float = 1.0) -> list[dict]:
-    """Per batch size: the latency of ``network`` and of ``unpruned`` (median and IQR, ms) and
-    the measured speed-up of the first over the second."""
-    ours = measure_latency(network, input_size, batch_sizes, device, min_run_time)
-    ref = measure_latency(unpruned, input_size, batch_sizes, device, min_run_time)
-    return [{"batch_size": a.batch_size, "device": a.device, "threads": a.threads,
+                    min_run_time: float = 1.0, runtime: Runtime = "torch") -> list[dict]:
+    """Per batch size: the latency of ``network`` and of ``unpruned`` (median and IQR, ms) in
+    ``runtime`` and the measured speed-up of the first over the second."""
+    ours = measure_latency(network, input_size, batch_sizes, device, min_run_time, runtime)
+    ref = measure_latency(unpruned, input_size, batch_sizes, device, min_run_time, runtime)
+    return [{"batch_size": a.batch_size, "device": a.device, "runtime": a.runtime,
+             "threads": a.threads,
              "latency_ms": a.median_ms, "iqr_ms": a.iqr_ms,
              "unpruned_latency_ms": b.median_ms, "unpruned_iqr_ms": b.iqr_ms,
              "speed_up_measured": b.median_ms / a.median_ms} for a, b in zip(ours, ref)]
 
 
 def latency_probe(input_size: Sequence[int], batch_size: int = 1, device: str | torch.device = "cpu",
-                  min_run_time: float = 0.2) -> Callable[[nn.Module], float]:
-    """``probe(model) -> ms``: the median forward latency of ``model`` at one batch size, as
-    :func:`measure_latency` takes it, for a pruning loop that stops on measured time
-    (``networks.prune_to_latency``). ``min_run_time`` seconds of timing per call: short, since
-    the loop times the network many times; the report measures the result again, longer."""
+                  min_run_time: float = 0.2, runtime: Runtime = "torch") -> Callable[[nn.Module], float]:
+    """``probe(model) -> ms``: the median forward latency of ``model`` at one batch size in
+    ``runtime``, as :func:`measure_latency` takes it, for a pruning loop that stops on measured
+    time (``networks.prune_to_latency``). ``min_run_time`` seconds of timing per call: short,
+    since the loop times the network many times; the report measures the result again, longer.
+    With ONNX Runtime every call exports the network again (about a second for a CIFAR
+    ResNet: the network changes between calls), on the CPU whatever ``device`` is: a model
+    that lives elsewhere (a fit on a GPU) is timed as a CPU copy and stays where it is."""
+    if runtime == "onnxruntime":
+        device = "cpu"
+    check_runtime(runtime, device)
+
     def probe(model: nn.Module) -> float:
         was_training = model.training
+        if runtime == "onnxruntime" and any(p.device.type != "cpu" for p in model.parameters()):
+            model = copy.deepcopy(model).cpu()
         try:
-            return measure_latency(model, input_size, [batch_size], device, min_run_time)[0].median_ms
+            return measure_latency(model, input_size, [batch_size], device, min_run_time,
+                                   runtime)[0].median_ms
         finally:
             model.train(was_training)
     return probe

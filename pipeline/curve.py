@@ -196,7 +196,8 @@ def curve_command(args: CurveOptions) -> int:
         evaluate = evaluator(dm.val_dataloader(), "cpu")
         times: list[float] = []
         if args.latency_batch:
-            probe = networks.latency_probe(example.shape[1:], args.latency_batch)
+            probe = networks.latency_probe(example.shape[1:], args.latency_batch,
+                                           runtime=args.latency_runtime)
             unpruned_ms = probe(networks.build_arch(record["arch"]).eval())
             evaluate = timed(evaluate, probe, times)
         curves[label] = networks.accuracy_curve(
@@ -210,8 +211,8 @@ def curve_command(args: CurveOptions) -> int:
                            f"({len(cast(Sized, val_set))} val images)")
     written = list(save_curves(curves, out, title, chance=1 / dm.num_classes))
     if latency:
-        written += save_curves(latency, out, f"{title}, timed at batch {args.latency_batch} "
-                               f"({torch.get_num_threads()} CPU threads)",
+        written += save_curves(latency, out, f"{title}, timed in {args.latency_runtime} at batch "
+                               f"{args.latency_batch} ({torch.get_num_threads()} CPU threads)",
                                axis="latency_speed_up", stem="curve_latency",
                                chance=1 / dm.num_classes)
     for label, points in curves.items():

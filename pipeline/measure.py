@@ -13,7 +13,7 @@ from pathlib import Path
 from metaprune.errors import UserError
 
 from .common import write_json
-from .options import MeasureOptions
+from .options import MeasureOptions, Runtime
 
 
 class MeasureError(UserError):
@@ -21,7 +21,7 @@ class MeasureError(UserError):
 
 
 def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], device: str,
-            min_run_time: float) -> dict:
+            min_run_time: float, runtime: Runtime = "torch") -> dict:
     """MACs and measured latency of ``network`` and of its unpruned architecture; speed-ups
     of ``network`` against it, by MACs and measured per batch size."""
     import networks
@@ -32,15 +32,15 @@ def compare(network, arch: dict, input_size: list[int], batch_sizes: list[int], 
     macs, base = networks.count_macs(network, example), networks.count_macs(unpruned, example)
     return {"macs": macs, "base_macs": base, "speed_up": base / macs,
             "latency": compare_latency(network, unpruned, input_size, batch_sizes, device,
-                                       min_run_time)}
+                                       min_run_time, runtime)}
 
 
 def measure_table(result: dict) -> str:
     """A markdown table of :func:`compare`'s result."""
-    lines = ["| batch | device (threads) | unpruned ms | this network ms | speed-up measured "
+    lines = ["| batch | runtime, device (threads) | unpruned ms | this network ms | speed-up measured "
              "| speed-up by MACs |", "|---|---|---|---|---|---|"]
     for row in result["latency"]:
-        lines.append(f"| {row['batch_size']} | {row['device']} ({row['threads']}) "
+        lines.append(f"| {row['batch_size']} | {row['runtime']}, {row['device']} ({row['threads']}) "
                      f"| {row['unpruned_latency_ms']:.3f} +- {row['unpruned_iqr_ms'] / 2:.3f} "
                      f"| {row['latency_ms']:.3f} +- {row['iqr_ms'] / 2:.3f} "
                      f"| {row['speed_up_measured']:.2f}x | {result['speed_up']:.2f}x |")
@@ -59,7 +59,7 @@ def measure_command(args: MeasureOptions) -> int:
                            "machine with a GPU")
     network, record = networks.load_network(args.network)
     result = compare(network, record["arch"], list(args.input_size), args.batch_sizes, args.device,
-                     args.min_run_time)
+                     args.min_run_time, args.runtime)
     print(f"{args.network}: {record['arch']['name']}, {result['macs']:,} of {result['base_macs']:,} "
           f"MACs; latency median +- half the interquartile range\n")
     print(measure_table(result))

@@ -31,6 +31,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 # the command line needs no torch; a test keeps the two equal
 Importance = Literal["l2", "l1", "fpgm", "lamp", "bn_scale"]
 IMPORTANCES: tuple[str, ...] = get_args(Importance)
+# what a latency is timed in (networks.latency.RUNTIMES; a test keeps the two equal)
+Runtime = Literal["torch", "onnxruntime"]
 REGULARIZED = ("l2", "bn_scale")  # those with a torch_pruning sparse-training regularizer
 # Adaptive BN before every curve point (networks.recalibrate_batchnorm): 8 batches of 128
 # training images re-estimate a small network's statistics (docs/pruning.md has the measured
@@ -276,6 +278,8 @@ class CurveOptions(CurvePointOptions):
         latency_batch: also time every point's forward at this batch size on the CPU and
             write the curves against the measured latency speed-up (over the unpruned
             architecture, timed the same way): curve_latency.csv / curve_latency.png.
+        latency_runtime: what latency_batch times in: torch (PyTorch eager) or onnxruntime
+            (each point exported to ONNX and run by ONNX Runtime, as it would be served).
     """
 
     network: Union[list[str], str]
@@ -293,6 +297,7 @@ class CurveOptions(CurvePointOptions):
     title: Optional[str] = None
     importance: Importance = "l2"
     latency_batch: Optional[PositiveInt] = None
+    latency_runtime: Runtime = "torch"
 
     def __post_init__(self) -> None:
         self.network = [self.network] if isinstance(self.network, str) else self.network
@@ -369,6 +374,8 @@ class MeasureOptions:
         network: network file (networks.save_network).
         batch_sizes: batch sizes to time ([1, 64]: latency and throughput).
         device: where to run the forward passes.
+        runtime: what runs them: torch (PyTorch eager) or onnxruntime (the network exported to
+            ONNX and run by ONNX Runtime's CPU provider, as it would be served).
         input_size: one input image [C, H, W] (ImageNet: [3, 224, 224]).
         min_run_time: seconds of timing per network and batch size.
         out: also write the measurements to this JSON file.
@@ -377,9 +384,15 @@ class MeasureOptions:
     network: str
     batch_sizes: list[PositiveInt] = field(default_factory=lambda: [1, 64])
     device: Literal["cpu", "cuda"] = "cpu"
+    runtime: Runtime = "torch"
     input_size: Shape = (3, 32, 32)
     min_run_time: PositiveFloat = 1.0
     out: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.device == "cuda" and self.runtime == "onnxruntime":
+            raise OptionError("--runtime onnxruntime times on the CPU (ONNX Runtime's CPU "
+                              "provider); use --device cpu with it, or --runtime torch on CUDA")
 
 
 @dataclass

@@ -98,7 +98,7 @@ def prune_run(args: RunRequest) -> int:
             if not (p.latency and str(e).startswith("latency speed-up target")):
                 raise
             raise PruneRunError(
-                f"stage 2: {e} (timed on the CPU at batch {p.batch}). Stage 1 is kept: pass "
+                f"stage 2: {e} (timed on the CPU in {p.runtime} at batch {p.batch}). Stage 1 is kept: pass "
                 f"another --latency_speed_up with --reuse_first_stage {out}") from e
         step()
     if not is_rank_zero():

@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -26,6 +26,7 @@ from .options import (
     OptionError,
     PruningCap,
     RunRequest,
+    Runtime,
     SparsityScope,
     SpeedUp,
     WeightFraction,
@@ -45,7 +46,7 @@ CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
 TARGET_KEYS = ("speed_up", "weight_sparsity", "nm", "latency_speed_up")
 WEIGHT_TARGETS = ("weight_sparsity", "nm")
 # what a latency target is measured with besides its value (part of the target)
-LATENCY_KEYS = ("latency_speed_up", "latency_batch")
+LATENCY_KEYS = ("latency_speed_up", "latency_batch", "latency_runtime")
 # weight runs: what the stage-1 curve (magnitude, in sparsity) is computed with
 SPARSITY_CURVE_KEYS = ("sparsity_scope", "sparsity_exclude", "sparsity_range", "sparsity_step")
 SPARSITY_RANGE, SPARSITY_STEP = (0.5, 0.9), 0.05  # their defaults (docs/decisions.md)
@@ -77,9 +78,14 @@ class PruneSettings:
             ``latency_batch`` while stage 2 prunes (``networks.prune_to_latency``); a channel
             run in every other respect (curves in MACs).
         latency_batch: the batch size a ``latency_speed_up`` target is timed at (unset: 1).
+        latency_runtime: what a ``latency_speed_up`` target is timed in (unset: ``torch``,
+            PyTorch eager; ``onnxruntime``: the network exported to ONNX and run by ONNX
+            Runtime, as it would be served); the report's measured speed-ups use it too.
         round_to: every channel run's stage 2 keeps the width of every layer it prunes a
-            multiple of this (e.g. 8, as fast kernels like); unset: any width. The curves do
-            not read it.
+            multiple of this (e.g. 8, as fast kernels like); unset: any width; ``auto``: the
+            multiple of 1, 2, 4, 8, 16 chosen by measurement in stage 2 (timed at
+            ``latency_batch`` in ``latency_runtime``; ``networks.choose_round_to``). The curves
+            do not read it.
         weight_sparsity: the target, in (0, 1): the fraction of zero weights over the prunable
             layers (every convolution and dense layer but ``sparsity_exclude``), the smallest
             ``|w|`` zeroed (``sparsity_scope``).
@@ -124,7 +130,8 @@ class PruneSettings:
     nm: Optional[NM] = None
     latency_speed_up: Optional[SpeedUp] = None
     latency_batch: Optional[PositiveInt] = None
-    round_to: Optional[PositiveInt] = None
+    latency_runtime: Optional[Runtime] = None
+    round_to: Optional[Union[PositiveInt, Literal["auto"]]] = None
     dir: str = ""
     iterative_steps: PositiveInt = 200
     input_size: list[PositiveInt] = field(default_factory=lambda: [3, 32, 32])
@@ -164,6 +171,11 @@ class PruneSettings:
         return int(self.latency_batch or 1)
 
     @property
+    def runtime(self) -> Runtime:
+        """``latency_runtime``, torch when unset."""
+        return self.latency_runtime or "torch"
+
+    @property
     def weights(self) -> bool:
         """Whether the run zeroes weights (a weight sparsity or N:M target) instead of removing
         channels."""
@@ -172,9 +184,11 @@ class PruneSettings:
     @property
     def target_name(self) -> str:
         """The target as a run folder names it: ``2x``, ``w0.5`` (``w0.5-layer`` per layer),
-        ``2of4`` or ``lat1.5b1`` (latency speed-up 1.5 at batch 1)."""
+        ``2of4`` or ``lat1.5b1`` (latency speed-up 1.5 at batch 1; ``lat1.5b1-ort`` timed in
+        ONNX Runtime)."""
         if self.latency_speed_up is not None:
-            return f"lat{self.latency_speed_up:g}b{self.batch}"
+            return f"lat{self.latency_speed_up:g}b{self.batch}" + \
+                ("-ort" if self.runtime == "onnxruntime" else "")
         if self.nm is not None:
             return f"{self.nm[0]}of{self.nm[1]}"
         if self.weight_sparsity is not None:
@@ -185,7 +199,8 @@ class PruneSettings:
     def target_text(self) -> str:
         """The target in words, for the console."""
         if self.latency_speed_up is not None:
-            return f"latency speed-up {self.latency_speed_up:g}x (CPU, batch {self.batch})"
+            return (f"latency speed-up {self.latency_speed_up:g}x (CPU, "
+                    f"{'ONNX Runtime, ' if self.runtime == 'onnxruntime' else ''}batch {self.batch})")
         if self.nm is not None:
             return f"{self.nm[0]}:{self.nm[1]} weight sparsity"
         if self.weight_sparsity is not None:
@@ -327,6 +342,13 @@ def choose_target(prune: PruneSettings, where: str, speed_up: float | None = Non
     prune.latency_batch = int(latency_batch or prune.latency_batch or 1)
 
 
+def latency_target(p: PruneSettings) -> dict:
+    """A latency run's target as its settings, report and network file record it (the runtime
+    only when set, so the records of runs from before it stay as they were)."""
+    return {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch,
+            **({"latency_runtime": p.latency_runtime} if p.latency_runtime else {})}
+
+
 def run_dir(cfg: PruneConfig, network: str | os.PathLike, method: str, out: str | None) -> Path:
     """``--out``, else ``<prune.dir>/<network file stem>_<method>_<target>_seed<N>``, the
     target as ``<S>x``, ``w<S>`` (``w<S>-layer``), ``<N>of<M>`` or ``lat<L>b<B>``."""
@@ -360,8 +382,7 @@ def run_settings(cfg: PruneConfig, args: RunRequest) -> dict:
     p = cfg.prune
     target = {"weight_sparsity": p.weight_sparsity} if p.weight_sparsity is not None else \
         {"nm": list(p.nm)} if p.nm is not None else \
-        {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch} if p.latency else \
-        {"speed_up": p.target}
+        latency_target(p) if p.latency else {"speed_up": p.target}
     return json.loads(json.dumps({
         "method": args.method, **target, "seed": cfg.prune.seed,
         "network": str(Path(source).resolve()), "network_sha256": _sha256(Path(source)),

@@ -22,6 +22,7 @@ from .run_config import (
     SECOND_STAGE,
     PruneConfig,
     PruneSettings,
+    latency_target,
 )
 from .run_stages import run_stage_config
 
@@ -123,18 +124,19 @@ def export_checked_onnx(network: Any, example: Any, path: Path) -> dict:
 
 def measured_latency(network: Any, arch: dict, p: PruneSettings) -> list[dict]:
     """Forward latency of the final network and of its unpruned architecture at each of
-    ``prune.latency_batch_sizes`` (pipeline.measure; on CUDA when there is one), so the report
-    holds the measured speed-up beside the MACs one."""
+    ``prune.latency_batch_sizes`` (pipeline.measure; on CUDA when there is one, in ONNX Runtime
+    on the CPU for a target timed there), so the report holds the measured speed-up beside the
+    MACs one."""
     import torch
 
     import networks
     from networks.latency import compare_latency
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and p.runtime == "torch" else "cpu"
     sizes = LATENCY_BATCH_SIZES if p.latency_batch_sizes is None else p.latency_batch_sizes
     unpruned = networks.build_arch(arch)
     return compare_latency(copy.deepcopy(network), unpruned, p.input_size, list(sizes), device,
-                           min_run_time=0.25) if sizes else []
+                           min_run_time=0.25, runtime=p.runtime) if sizes else []
 
 
 def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settings: dict,
@@ -194,6 +196,7 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
         "architecture": arch,
         **result,
         "latency": latency,
+        **round_to_record(out),
         "onnx": onnx,
         "macs": {"unpruned": info["base_macs"], "before": info["macs"], "after": macs},
         "params": {"before": info["params"], "after": params},
@@ -302,22 +305,28 @@ def speed_up_result(p: PruneSettings, network: Any, arch: dict, before: float, r
                          "measured": measured}}
 
 
-def latency_target(p: PruneSettings) -> dict:
-    """A latency run's target as its report and network file record it."""
-    return {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch}
+def round_to_record(out: Path) -> dict:
+    """``{"round_to": ...}``: for ``prune.round_to: auto``, the multiple stage 2 measured and
+    chose, with its trials (``callbacks.PruneToSpeedUp``); empty otherwise."""
+    from callbacks.pruning import ROUND_TO_FILE
+
+    path = out / SECOND_STAGE / ROUND_TO_FILE
+    return {"round_to": json.loads(path.read_text())} if path.is_file() else {}
 
 
 def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
     """The latency speed-up of a latency run's final ``network``, measured again as stage 2
-    measured it (``networks.latency_probe``: CPU, ``prune.latency_batch``, the process's
-    threads), longer: the median of ``LATENCY_REPORT_S`` seconds of timing per network, the
-    pruned network and the unpruned architecture alternating twice, the slower reading of the
-    pruned one over the faster of the unpruned one (the stopping rule's conservative ratio)."""
+    measured it (``networks.latency_probe``: CPU, ``prune.latency_batch``, the target's
+    runtime, the process's threads), longer: the median of ``LATENCY_REPORT_S`` seconds of
+    timing per network, the pruned network and the unpruned architecture alternating twice,
+    the slower reading of the pruned one over the faster of the unpruned one (the stopping
+    rule's conservative ratio)."""
     import torch
 
     import networks
 
-    probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S)
+    probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S,
+                                   runtime=p.runtime)
     pruned = copy.deepcopy(network).cpu().eval()
     unpruned = networks.build_arch(arch).eval()
     readings: dict[str, list[float]] = {"pruned": [], "unpruned": []}
@@ -326,6 +335,7 @@ def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
         readings["unpruned"].append(probe(unpruned))
     ms, base_ms = max(readings["pruned"]), min(readings["unpruned"])
     return {"target": p.latency_speed_up, "batch_size": p.batch, "device": "cpu",
+            "runtime": p.runtime,
             "threads": torch.get_num_threads(), "reached": base_ms / ms, "latency_ms": ms,
             "unpruned_latency_ms": base_ms}
 

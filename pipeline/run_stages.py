@@ -35,6 +35,7 @@ from .run_config import (
     PruneRunError,
     PruneSettings,
     RunRequest,
+    latency_target,
 )
 
 
@@ -139,10 +140,11 @@ def check_inputs(cfg: PruneConfig, network_path: str, metanetwork_path: str | No
 
 def round_to_pruner(p: PruneSettings, network, example):
     """The criterion's pruner with ``prune.round_to`` for ``network``; None (the default pruner
-    of ``networks.prune_to_speed_up``) when ``round_to`` is unset."""
+    of ``networks.prune_to_speed_up``) when ``round_to`` is unset, or ``auto`` (stage 2 measures
+    which multiple to use, and no rounding is among the candidates: the dry run's)."""
     import networks
 
-    if p.round_to is None:
+    if p.round_to is None or p.round_to == "auto":
         return None
     return networks.criterion_pruner(network, example, p.iterative_steps, max_pruning_ratio=p.cap,
                                      importance=p.criterion, round_to=p.round_to)
@@ -368,8 +370,7 @@ def prune_callbacks(p: PruneSettings) -> list[dict]:
     """Stage 2 of a channel run: prune to the speed-up (in MACs, or in latency measured on the
     stage's device, the CPU) in ``setup``, keep the pruned network. Only the keys a run sets
     are written, so the stage configs of earlier runs stay as they were."""
-    target = {"latency_speed_up": p.latency_speed_up, "latency_batch": p.batch} if p.latency \
-        else {"speed_up": p.target}
+    target = latency_target(p) if p.latency else {"speed_up": p.target}
     return [{"class_path": "callbacks.PruneToSpeedUp",
              "init_args": {**target, "iterative_steps": p.iterative_steps,
                            "input_size": p.input_size, **criterion_args(p),

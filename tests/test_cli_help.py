@@ -61,6 +61,12 @@ def test_every_option_has_help_text(command: str) -> None:
     (["measure", "--network", "n.pt", "--batch_sizes", "[1, 0]"],
      "measure: --batch_sizes: Not of type PositiveInt: 0 does not conform to restriction v>0"),
     (["measure", "--network", "n.pt", "--input_size", "[3, 32]"], "measure: --input_size"),
+    (["measure", "--network", "n.pt", "--runtime", "tensorrt"], "measure: --runtime: Expected a "
+     "typing.Literal['torch', 'onnxruntime']"),
+    (["measure", "--network", "n.pt", "--device", "cuda", "--runtime", "onnxruntime"],
+     "--runtime onnxruntime times on the CPU"),
+    (["curve", "--network", "n.pt", "--data_root", ".", "--latency_runtime", "ort"],
+     "curve: --latency_runtime: Expected a typing.Literal['torch', 'onnxruntime']"),
     (["curve", "--network", "n.pt", "--data_root", ".", "--every", "0"],
      "curve: --every: Not of type PositiveInt: 0 does not conform to restriction v>0"),
     (["curve", "--network", "n.pt", "--data_root", ".", "--bn_batch_size", "0"],

@@ -88,8 +88,8 @@ def test_curve_command_times_every_point_for_a_latency_curve(tiny_cifar, tmp_pat
     networks.latency_probe) the latency speed-ups equal the MACs speed-ups point by point."""
     timed_macs: list[int] = []
 
-    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2):
-        assert list(input_size) == [3, 32, 32] and batch_size == 4
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2, runtime="torch"):
+        assert list(input_size) == [3, 32, 32] and batch_size == 4 and runtime == "torch"
 
         def clock(model) -> float:
             timed_macs.append(networks.count_macs(model, X32))

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,32 @@ def test_latency_of_a_forward_of_known_duration() -> None:
         measure_latency(model, [3, 8, 8], batch_sizes=[0])
 
 
+def _convs(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         *(nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+                           for _ in range(3)))
+
+
+def test_onnx_runtime_times_the_exported_network() -> None:
+    """runtime onnxruntime: the network is exported and timed in ONNX Runtime on the CPU (the
+    record says so); a network with 256x the MACs is timed slower (an ordering with a wide
+    margin, not a wall-clock bound); the runtime is part of what the module checks."""
+    from networks.latency import RUNTIMES, check_runtime
+    from pipeline.options import Runtime
+
+    assert RUNTIMES == typing.get_args(Runtime)  # the command line's list is the module's
+    torch.manual_seed(0)
+    wide, narrow = _convs(64), _convs(4)
+    (w,), (n,) = (measure_latency(m, [3, 32, 32], [2], min_run_time=0.1, runtime="onnxruntime")
+                  for m in (wide, narrow))
+    assert w.runtime == n.runtime == "onnxruntime" and w.device == "cpu" and w.runs >= 2
+    assert w.median_ms > 4 * n.median_ms
+    with pytest.raises(ValueError, match="times on the CPU only"):
+        check_runtime("onnxruntime", "cuda")
+    with pytest.raises(ValueError, match="runtime 'tensorrt' is not one of torch, onnxruntime"):
+        check_runtime("tensorrt", "cpu")
+
+
 def test_measure_command_compares_with_the_unpruned_architecture(tmp_path: Path, capsys) -> None:
     arch = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
     x = torch.zeros(1, 3, 32, 32)
@@ -67,7 +94,11 @@ def test_measure_command_compares_with_the_unpruned_architecture(tmp_path: Path,
     for r in rows:
         assert r["speed_up_measured"] == pytest.approx(r["unpruned_latency_ms"] / r["latency_ms"])
     printed = capsys.readouterr().out
-    assert f"{result['speed_up']:.2f}x" in printed and "| 2 | cpu (" in printed
+    assert f"{result['speed_up']:.2f}x" in printed and "| 2 | torch, cpu (" in printed
+    assert prune.main(["measure", "--network", str(path), "--batch_sizes", "[2]", "--runtime",
+                       "onnxruntime", "--min_run_time", "0.05", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["latency"]
+    assert row["runtime"] == "onnxruntime" and "| 2 | onnxruntime, cpu (" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # a subprocess from the entry point; the demo's console test stays
@@ -80,7 +111,7 @@ def test_measure_console_carries_no_third_party_noise(tmp_path: Path) -> None:
                            "--batch_sizes", "[1]", "--min_run_time", "0.05"],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "| 1 | cpu (" in done.stdout
+    assert "| 1 | torch, cpu (" in done.stdout
     assert done.stderr.strip() == ""
 
 
@@ -180,8 +211,8 @@ def test_prune_to_speed_up_callback_with_a_latency_target_resumes_into_the_check
     unpruned_macs = networks.base_macs(arch, x32)
     slow = {"factor": 1.0}
 
-    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2):
-        assert list(input_size) == [3, 32, 32] and batch_size == 4
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2, runtime="torch"):
+        assert list(input_size) == [3, 32, 32] and batch_size == 4 and runtime == "torch"
 
         def clock(model: nn.Module) -> float:
             macs = networks.count_macs(model, x32)
@@ -214,3 +245,77 @@ def test_prune_to_speed_up_callback_with_a_latency_target_resumes_into_the_check
         PruneToSpeedUp(speed_up=2.0, latency_speed_up=2.0)
     with pytest.raises(ValueError, match="latency_speed_up=1.0 must be above 1"):
         PruneToSpeedUp(latency_speed_up=1.0)
+
+
+# ---- round_to chosen by measurement (networks.choose_round_to) --------------------------------
+def _odd_widths_slow(model: nn.Module) -> float:
+    """A clock for a runtime with 8-wide kernels: a layer whose width is not a multiple of 8
+    costs three times its MACs, counted from each layer's weight shape and output size."""
+    outputs: dict[nn.Module, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: outputs.__setitem__(mod, o[0].numel()))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(X32)
+    for h in hooks:
+        h.remove()
+    # MACs of a layer: its output values times the weights each reads (in/groups x kernel area)
+    return sum(n * m.weight[0].numel() * (1.0 if m.weight.shape[0] % 8 == 0 else 3.0)
+               for m, n in outputs.items()) / 1e6
+
+
+def _prune_to_2x(base: int):
+    def prune(model: nn.Module, round_to: int | None) -> float:
+        pruner = networks.criterion_pruner(model, X32, 50, round_to=round_to)
+        return networks.prune_to_speed_up(model, X32, 2.0, base, 50, pruner=pruner)
+    return prune
+
+
+def test_round_to_is_chosen_by_the_clock() -> None:
+    """On a clock that punishes widths off a multiple of 8, the choice is 8 (16 does as well
+    and loses the tie), every trial reached 2x, and the network handed in is unchanged; on a
+    clock that reads MACs (no width is favoured) rounding only costs, so the choice is 1."""
+    model = _net()
+    before = _widths(model)
+    base = networks.count_macs(model, X32)
+    chosen, trials = networks.choose_round_to(model, X32, _prune_to_2x(base), _odd_widths_slow)
+    assert chosen == 8 and _widths(model) == before
+    assert [t.round_to for t in trials] == [1, 2, 4, 8, 16]
+    by_r = {t.round_to: t for t in trials}
+    assert all(t.macs is not None and base / t.macs >= 2.0 for t in trials[:4])
+    # 16 cannot narrow the 8-wide first stage: 2x is out of reach, recorded with the reason
+    assert by_r[16].macs is None and "unreachable" in by_r[16].why
+    assert by_r[1].macs_per_ms < 0.9 * by_r[8].macs_per_ms  # unrounded widths pay
+    assert networks.choose_round_to(model, X32, _prune_to_2x(base),
+                                    lambda m: networks.count_macs(m, X32) / 1e6)[0] == 1
+
+    def never(model: nn.Module, round_to: int | None) -> None:
+        raise ValueError("speed-up target 50.000x is unreachable")
+
+    with pytest.raises(ValueError, match="no round_to of .* reaches the target: speed-up target"):
+        networks.choose_round_to(model, X32, never, _odd_widths_slow)
+
+
+def test_the_pruning_callback_chooses_round_to_by_measurement(monkeypatch) -> None:
+    """PruneToSpeedUp(round_to="auto"), MACs and latency targets: the clock it is given (the
+    one above, through networks.latency_probe) decides 8, and every layer stage 2 narrowed is
+    a multiple of 8."""
+    from types import SimpleNamespace
+
+    from callbacks import PruneToSpeedUp
+    from lightning_modules import ImageClassifier
+
+    arch = {"name": "resnet20_cifar", "num_classes": 10, "kwargs": {"width": 0.5}}
+    monkeypatch.setattr(networks, "latency_probe", lambda *a, **k: _odd_widths_slow)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), loggers=[])
+    for target in ({"speed_up": 2.0}, {"latency_speed_up": 2.0}):
+        torch.manual_seed(1)
+        module = ImageClassifier(arch["name"], 10, network_kwargs=arch["kwargs"])
+        before = _widths(module.network)
+        callback = PruneToSpeedUp(**target, iterative_steps=50, round_to="auto")
+        callback.setup(trainer, module, "fit")
+        after = _widths(module.network)
+        assert callback.round_to_chosen == 8 and len(callback.round_to_trials) == 5
+        narrowed = [w for b, w in zip(before, after) if w != b]
+        assert narrowed and all(w % 8 == 0 for w in narrowed), (target, narrowed)
+    with pytest.raises(ValueError, match="must be positive"):
+        PruneToSpeedUp(speed_up=2.0, round_to=0)

@@ -34,8 +34,8 @@ def test_a_latency_target_prunes_stage_2_until_the_clock_reaches_it(
     batch, target = 2, 1.5
     readings: list[tuple[int, float]] = []
 
-    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2):
-        assert list(input_size) == [3, 32, 32] and batch_size == batch
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2, runtime="torch"):
+        assert list(input_size) == [3, 32, 32] and batch_size == batch and runtime == "torch"
         assert torch.device(device).type == "cpu"  # the stage's device, and the report's
 
         def clock(model: nn.Module) -> float:
@@ -140,3 +140,38 @@ def test_a_latency_target_prunes_stage_2_until_the_clock_reaches_it(
         "pruning steps reach" in err and f"Stage 1 is kept: pass another --latency_speed_up " \
         f"with --reuse_first_stage {far}" in err, err
     assert (far / first / "network.pt").is_file() and not (far / "report.json").exists()
+
+
+def test_a_latency_target_timed_in_onnx_runtime_is_named_and_recorded_everywhere(
+        setup: dict, runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prune.latency_runtime onnxruntime --prune.round_to auto: every clock stage 2 and the
+    report start is ONNX Runtime's (a deterministic stand-in again; tests/test_latency.py times
+    the real one), the folder says so (-ort), and run.json, the report's target, its reached
+    speed-up and the stage-2 callback record the runtime. The report carries round_to's
+    trials: on a clock that reads MACs no multiple does more MACs per ms, so 1 (no rounding)."""
+    runtimes: list[str] = []
+
+    def probe(input_size, batch_size=1, device="cpu", min_run_time=0.2, runtime="torch"):
+        runtimes.append(runtime)
+        return lambda model: networks.count_macs(model, X32) / 1e6
+
+    monkeypatch.setattr(networks, "latency_probe", probe)
+    folder = Path(yaml.safe_load(setup["config"].read_text())["prune"]["dir"])
+    out = folder / "net_none_lat1.5b1-ort_seed0"
+    assert prune.main(["run", "--config", str(setup["config"]), "--network", str(setup["network"]),
+                       "--method", "none", "--latency_speed_up", "1.5",
+                       "--prune.latency_runtime", "onnxruntime", "--reuse_first_stage",
+                       str(runs["none"]), "--prune.onnx=false", "--prune.round_to", "auto",
+                       "--prune.latency_batch_sizes", "[]"]) == 0
+    assert out.is_dir() and len(runtimes) >= 2 and set(runtimes) == {"onnxruntime"}
+    stored = json.loads((out / "run.json").read_text())
+    assert stored["latency_runtime"] == "onnxruntime"
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"latency_speed_up": 1.5, "latency_batch": 1,
+                                "latency_runtime": "onnxruntime"}
+    assert report["latency_speed_up"]["runtime"] == "onnxruntime" and report["latency"] == []
+    callback = report["config"]["stages"][pipeline_run.SECOND_STAGE]["trainer"]["callbacks"][-2]
+    assert callback["init_args"]["latency_runtime"] == "onnxruntime"
+    assert callback["init_args"]["round_to"] == "auto"
+    assert report["round_to"]["chosen"] == 1 and report["round_to"]["runtime"] == "onnxruntime"
+    assert [t["round_to"] for t in report["round_to"]["trials"]] == [1, 2, 4, 8, 16]

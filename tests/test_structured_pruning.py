@@ -213,8 +213,8 @@ def test_a_latency_target_prunes_until_the_clock_says_so(example: dict, monkeypa
     x16 = torch.zeros(1, 3, 16, 16)
     readings: list[float] = []
 
-    def probe(input_size, batch_size, device):
-        assert list(input_size) == [3, 16, 16] and batch_size == 4
+    def probe(input_size, batch_size, device, runtime):
+        assert list(input_size) == [3, 16, 16] and batch_size == 4 and runtime == "torch"
 
         def clock(model: nn.Module) -> float:
             readings.append(shape_macs(model, x16) / 1e6)
