@@ -66,7 +66,9 @@ class PruneToSpeedUp(Callback):
     After ``setup`` the attributes ``base_macs``, ``macs``, ``params`` and ``speed_up_reached``
     (the MACs speed-up) hold the result, and for a latency target ``base_ms``, ``ms`` and
     ``latency_speed_up_reached``; they are also logged (``pruning/*``, the tags of
-    ``StructuredPruning``) to the trainer's loggers.
+    ``StructuredPruning``) to the trainer's loggers. ``round_to_chosen`` is the multiple stage
+    2 pruned with (None: no rounding) and, for ``round_to="auto"``, ``round_to_trials`` the
+    measurements it was chosen by (also written to ``round_to.json`` in the fit's root folder).
     """
 
     def __init__(self, speed_up: float | None = None, iterative_steps: int = 200,
