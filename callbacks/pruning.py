@@ -127,11 +127,11 @@ class PruneToSpeedUp(Callback):
                 measured["pruning/round_to"] = float(self.round_to_chosen or 1)
             else:
                 self.round_to_chosen = self.round_to
-            reached_latency = self._prune(network, example, self.round_to_chosen)
+            reached_at_stop = self._prune(network, example, self.round_to_chosen)
         if self.latency_speed_up is not None:
             assert self.base_ms is not None
-            self.latency_speed_up_reached, self.ms = reached_latency, self.base_ms / reached_latency
-            measured.update({"pruning/latency_speed_up": reached_latency, "pruning/latency_ms": self.ms,
+            self.latency_speed_up_reached, self.ms = reached_at_stop, self.base_ms / reached_at_stop
+            measured.update({"pruning/latency_speed_up": reached_at_stop, "pruning/latency_ms": self.ms,
                              "pruning/base_latency_ms": self.base_ms})
         self.macs = networks.count_macs(network, example)
         reached = self.speed_up_reached = self.base_macs / self.macs  # what either target took
@@ -152,16 +152,18 @@ class PruneToSpeedUp(Callback):
 
     def _start_clock(self, trainer: Trainer, model: ImageClassifier, example: torch.Tensor) -> None:
         """The clock (rank 0's reading on every rank, so all ranks stop at the same step and
-        remove the same channels) and the unpruned architecture's time on it, the faster of
-        two readings (a conservative base). A latency target's resumed fit may stop at another
-        step, so the layers are resized to the checkpoint's shapes before it loads."""
+        remove the same channels) and, for a latency target, the unpruned architecture's time
+        on it, the faster of two readings (a conservative base). A timed stage may stop at
+        another step when resumed, so the layers are resized to the checkpoint's shapes before
+        it loads."""
         if not getattr(model, "_prune_to_speed_up_hook", None):
             model._prune_to_speed_up_hook = model.register_load_state_dict_pre_hook(
                 lambda module, state, prefix, *args: reshape_to_state(module, state, prefix))
         self._measure = rank_zero_clock(trainer, self.input_size, self.latency_batch,
                                         example.device, self.latency_runtime)
-        unpruned = networks.build_arch(model.arch).to(example.device).eval()
-        self.base_ms = min(self._measure(unpruned), self._measure(unpruned))
+        if self.latency_speed_up is not None:  # a MACs target only times its round_to trials
+            unpruned = networks.build_arch(model.arch).to(example.device).eval()
+            self.base_ms = min(self._measure(unpruned), self._measure(unpruned))
 
     def _prune(self, network: torch.nn.Module, example: torch.Tensor, round_to: int | None) -> float:
         """Prune ``network`` in place to the target with the criterion, every pruned width a
