@@ -10,6 +10,10 @@ to ONNX, as :mod:`networks.export` writes it for deployment, run by ONNX Runtime
 with as many intra-op threads as torch uses). A network is fast or slow on the runtime that
 serves it: ONNX Runtime fuses batch norm into the convolutions and plans memory once, so the
 per-layer overhead that dominates PyTorch eager at batch 1 shrinks there.
+
+Timings are taken in the allocator's steady state (:func:`settle_allocator`): without it, the
+same network timed in a process that has only handled small tensors reads up to twice as slow
+as in one that has trained (docs/decisions.md, "Latency in the allocator's steady state").
 """
 from __future__ import annotations
 
@@ -51,6 +55,26 @@ def check_runtime(runtime: str, device: str | torch.device) -> None:
     if runtime == "onnxruntime" and torch.device(device).type != "cpu":
         raise ValueError(f"runtime 'onnxruntime' times on the CPU only, not on {device!r}; use "
                          "device cpu, or runtime torch for CUDA")
+
+
+# glibc's ceiling for its dynamic mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def settle_allocator() -> None:
+    """Put glibc's allocator in the state a long-running process reaches, so a latency does not
+    depend on what the process did before it.
+
+    glibc serves a block above its mmap threshold (128 KiB at start) with a fresh mapping and
+    returns it to the system when freed, so until the process frees a larger block, every
+    forward page-faults its activations in again (the demo network at batch 64: about 7,000
+    faults and 40 ms per forward, against none and 22 ms after a training step). Freeing a
+    mapped block raises the threshold to its size (up to 32 MiB): one block just under the
+    ceiling, allocated and freed untouched, does what a training step or a large batch would.
+    Activations above 32 MiB are mapped afresh in every process alike. Costs microseconds;
+    under another allocator it only allocates and frees one block."""
+    block = torch.empty(_MMAP_THRESHOLD_MAX - 2**16, dtype=torch.uint8)
+    del block
 
 
 @contextlib.contextmanager
@@ -96,6 +120,7 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Se
         if batch < 1:
             raise ValueError(f"batch size {batch} must be at least 1")
     model = model.to(device).eval()
+    settle_allocator()
     results = []
     with torch.no_grad(), _forward(model, runtime, input_size) as bind:
         for batch in batch_sizes:
