@@ -107,7 +107,8 @@ def check_onnx(path: str | os.PathLike, network: nn.Module, inputs: torch.Tensor
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "io.npz"
         np.savez(data, x=inputs.numpy(), y=expected.numpy())
-        done = subprocess.run([sys.executable, "-c", _CHECK, str(path), str(data)],
+        # the check runs in the temporary folder: a relative path is resolved here first
+        done = subprocess.run([sys.executable, "-c", _CHECK, str(Path(path).resolve()), str(data)],
                               capture_output=True, text=True, cwd=tmp)
     if done.returncode:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
