@@ -88,7 +88,8 @@ def latency(*, device: Literal["cpu", "cuda"] = "cpu", min_run_time: PositiveFlo
                 else:
                     probe = networks.latency_probe(size, timed_at, device, runtime=runtime)
                     try:
-                        networks.prune_to_latency(pruned, example, goal, probe(unpruned), probe, 100)
+                        networks.prune_to_latency(pruned, example, goal, probe(unpruned), probe, 100,
+                                                  reference=unpruned)
                     except ValueError as e:  # unreachable: the row says so, the table goes on
                         lines.append(f"| {name} | {goal:g}x | latency at batch {timed_at} | "
                                      f"{one_line(str(e))} | | {timed_at} | | | |")

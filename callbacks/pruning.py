@@ -49,9 +49,10 @@ class PruneToSpeedUp(Callback):
         latency_speed_up: instead of ``speed_up`` (exactly one of the two): target
             latency(unpruned) / latency(pruned), both timed on the network's device (in
             ``setup``, before Lightning moves it: the CPU) at ``latency_batch``
-            (``networks.latency_probe``, ``networks.prune_to_latency``: a stop is confirmed by
-            a second reading). The unpruned architecture is rebuilt from ``pl_module.arch`` and
-            timed as well (the faster of two readings), so earlier pruning counts. Timing is
+            (``networks.latency_probe``, ``networks.prune_to_latency``). The unpruned
+            architecture is rebuilt from ``pl_module.arch`` and timed as well (the faster of
+            two readings), so earlier pruning counts; a stop is confirmed by timing the two
+            alternately, five readings each (``networks.pruning.paired_latency``). Timing is
             not deterministic: a resumed fit may stop at another step, so the layers are resized
             to the checkpoint's shapes before it loads.
         latency_batch: the batch size a latency target is timed at.
@@ -107,6 +108,7 @@ class PruneToSpeedUp(Callback):
         self.params: int | None = None
         self.speed_up_reached: float | None = None
         self.base_ms: float | None = None
+        self._unpruned: torch.nn.Module | None = None  # a latency target's reference
         self.ms: float | None = None
         self.latency_speed_up_reached: float | None = None
 
@@ -128,6 +130,7 @@ class PruneToSpeedUp(Callback):
             else:
                 self.round_to_chosen = self.round_to
             reached_at_stop = self._prune(network, example, self.round_to_chosen)
+            self._unpruned = None  # only the stopping rule compares with it
         if self.latency_speed_up is not None:
             assert self.base_ms is not None
             self.latency_speed_up_reached, self.ms = reached_at_stop, self.base_ms / reached_at_stop
@@ -162,8 +165,8 @@ class PruneToSpeedUp(Callback):
         self._measure = rank_zero_clock(trainer, self.input_size, self.latency_batch,
                                         example.device, self.latency_runtime)
         if self.latency_speed_up is not None:  # a MACs target only times its round_to trials
-            unpruned = networks.build_arch(model.arch).to(example.device).eval()
-            self.base_ms = min(self._measure(unpruned), self._measure(unpruned))
+            self._unpruned = networks.build_arch(model.arch).to(example.device).eval()
+            self.base_ms = min(self._measure(self._unpruned), self._measure(self._unpruned))
 
     def _prune(self, network: torch.nn.Module, example: torch.Tensor, round_to: int | None) -> float:
         """Prune ``network`` in place to the target with the criterion, every pruned width a
@@ -181,7 +184,7 @@ class PruneToSpeedUp(Callback):
         return networks.prune_to_latency(
             network, example, self.latency_speed_up, self.base_ms, self._measure,
             self.iterative_steps, pruner=pruner, max_pruning_ratio=self.max_pruning_ratio,
-            importance=self.importance)
+            importance=self.importance, reference=self._unpruned)
 
     def _choose_round_to(self, trainer: Trainer, network: torch.nn.Module,
                          example: torch.Tensor) -> int | None:

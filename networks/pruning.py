@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -313,11 +315,39 @@ def prune_to_speed_up(model: nn.Module, example_inputs: torch.Tensor, target: fl
                      f"steps reach {current:.3f}x; lower the target")
 
 
+CONFIRM_PAIRS = 5  # readings of each network in a paired confirmation
+
+
+@dataclass(frozen=True)
+class PairedLatency:
+    """Median readings (ms) of a network and its reference, timed alternately."""
+    reference_ms: float
+    model_ms: float
+
+    @property
+    def speed_up(self) -> float:
+        return self.reference_ms / self.model_ms
+
+
+def paired_latency(measure: Callable[[nn.Module], float], reference: nn.Module, model: nn.Module,
+                   pairs: int = CONFIRM_PAIRS) -> PairedLatency:
+    """``model`` and ``reference`` timed alternately, ``pairs`` readings each; the median reading
+    of each. Alternating puts both under the same machine speed, so drift (other processes,
+    clock frequency) cancels instead of passing for a speed-up; the medians discard a stray
+    reading."""
+    readings: tuple[list[float], list[float]] = ([], [])
+    for _ in range(pairs):
+        readings[0].append(measure(reference))
+        readings[1].append(measure(model))
+    return PairedLatency(statistics.median(readings[0]), statistics.median(readings[1]))
+
+
 def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: float,
                      base_ms: float, measure: Callable[[nn.Module], float],
                      iterative_steps: int = 200, pruner: tp.pruner.MetaPruner | None = None,
                      max_pruning_ratio: float = 1.0, importance: str = "l2",
-                     round_to: int | None = None, every: float = 0.02) -> float:
+                     round_to: int | None = None, every: float = 0.02,
+                     reference: nn.Module | None = None) -> float:
     """Prune ``model`` in place, step by step, until its *measured* latency speed-up
     ``base_ms / measure(model)`` reaches ``target``; returns the speed-up measured at the stop.
 
@@ -327,7 +357,11 @@ def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: flo
     removed channels), and a time that reaches the target is taken only if a second
     measurement confirms it (the slower of the two counts), so one lucky measurement on a noisy
     machine does not stop the loop early. ``base_ms`` is the latency of the unpruned
-    architecture, measured the same way, so earlier pruning counts toward the target.
+    architecture, measured the same way, so earlier pruning counts toward the target. Given
+    that architecture as ``reference``, the confirmation is paired instead
+    (:func:`paired_latency`): a machine whose speed drifted since ``base_ms`` was taken, or a
+    run of lucky readings, then cannot stop the loop short of the target (readings of 0.2 s
+    vary by ~10% on a shared 2-core VM).
     ``measure(model) -> ms`` times the network as it will run (``networks.latency_probe``:
     device, batch size, threads). The criterion, ``pruner``, ``max_pruning_ratio``,
     ``importance`` and ``round_to`` are :func:`prune_to_speed_up`'s and
@@ -351,8 +385,9 @@ def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: flo
             if macs > timed_at * (1 - every):
                 continue
             timed_at, current = macs, base_ms / measure(model)
-            if current >= target:
-                current = min(current, base_ms / measure(model))  # confirmed, or not yet
+            if current >= target:  # confirmed, or not yet
+                current = (paired_latency(measure, reference, model).speed_up if reference is not None
+                           else min(current, base_ms / measure(model)))
                 if current >= target:
                     return current
     raise ValueError(f"latency speed-up target {target:.3f}x is unreachable: {iterative_steps} "

@@ -316,28 +316,22 @@ def round_to_record(out: Path) -> dict:
 
 def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
     """The latency speed-up of a latency run's final ``network``, measured again as stage 2
-    measured it (``networks.latency_probe``: CPU, ``prune.latency_batch``, the target's
-    runtime, the process's threads), longer: the median of ``LATENCY_REPORT_S`` seconds of
-    timing per network, the pruned network and the unpruned architecture alternating twice,
-    the slower reading of the pruned one over the faster of the unpruned one (the stopping
-    rule's conservative ratio)."""
+    confirms its stop (``networks.pruning.paired_latency``: CPU, ``prune.latency_batch``, the
+    target's runtime, the process's threads; the pruned network and the unpruned architecture
+    timed alternately, the median reading of each), longer: ``LATENCY_REPORT_S`` seconds per
+    reading."""
     import torch
 
     import networks
+    from networks.pruning import paired_latency
 
     probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S,
                                    runtime=p.runtime)
-    pruned = copy.deepcopy(network).cpu().eval()
-    unpruned = networks.build_arch(arch).eval()
-    readings: dict[str, list[float]] = {"pruned": [], "unpruned": []}
-    for _ in range(2):
-        readings["pruned"].append(probe(pruned))
-        readings["unpruned"].append(probe(unpruned))
-    ms, base_ms = max(readings["pruned"]), min(readings["unpruned"])
+    paired = paired_latency(probe, networks.build_arch(arch).eval(),
+                            copy.deepcopy(network).cpu().eval())
     return {"target": p.latency_speed_up, "batch_size": p.batch, "device": "cpu",
-            "runtime": p.runtime,
-            "threads": torch.get_num_threads(), "reached": base_ms / ms, "latency_ms": ms,
-            "unpruned_latency_ms": base_ms}
+            "runtime": p.runtime, "threads": torch.get_num_threads(), "reached": paired.speed_up,
+            "latency_ms": paired.model_ms, "unpruned_latency_ms": paired.reference_ms}
 
 
 def weight_target(p: PruneSettings) -> dict:
