@@ -52,7 +52,7 @@ class PruneToSpeedUp(Callback):
             (``networks.latency_probe``, ``networks.prune_to_latency``). The unpruned
             architecture is rebuilt from ``pl_module.arch`` and timed as well (the faster of
             two readings), so earlier pruning counts; a stop is confirmed by timing the two
-            alternately, five readings each (``networks.pruning.paired_latency``). Timing is
+            alternately, five readings each (``networks.paired_latency``). Timing is
             not deterministic: a resumed fit may stop at another step, so the layers are resized
             to the checkpoint's shapes before it loads.
         latency_batch: the batch size a latency target is timed at.

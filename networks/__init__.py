@@ -36,6 +36,7 @@ from .pruning import (
                          criterion_pruner,
                          group_norms,
                          near_zero_fraction,
+                         paired_latency,
                          prune_to_latency,
                          prune_to_speed_up,
 )
@@ -53,7 +54,7 @@ __all__ = ["CheckpointError", "CifarResNet", "CifarVGG", "LayerShape", "accuracy
            "criterion_pruner", "IMPORTANCES", "check_importance", "NEAR_ZERO", "near_zero_fraction",
            "network_from_record",
            "network_from_state_dict",
-           "network_record", "latency_probe", "prune_to_latency", "prune_to_speed_up",
+           "network_record", "latency_probe", "paired_latency", "prune_to_latency", "prune_to_speed_up",
            "recalibrate_batchnorm", "register_layer_shape",
            "safe_load",
            "save_network", "sparsity_curve", "sparsity_levels", "sync_layer_shapes",

@@ -121,23 +121,29 @@ def evaluator(loader, device: torch.device | str):
     return lambda model: networks.accuracy(model, loader, device)
 
 
+CURVE_PAIRS = 3  # readings of a point and of the unpruned architecture, alternating
+
+
 def timed(evaluate: Callable[[nn.Module], float], probe: Callable[[nn.Module], float],
-          times: list[float]) -> Callable[[nn.Module], float]:
-    """``evaluate`` that also appends ``probe(model)`` (a latency, ms) to ``times``: a curve
-    evaluates each of its points once, in order, so ``times`` lines up with the points."""
+          unpruned: nn.Module, speed_ups: list[float]) -> Callable[[nn.Module], float]:
+    """``evaluate`` that also appends the model's measured latency speed-up over ``unpruned``
+    to ``speed_ups`` (``networks.paired_latency``: the two timed alternately,
+    ``CURVE_PAIRS`` readings each, so the machine's drift along a curve cancels point by
+    point): a curve evaluates each of its points once, in order, so ``speed_ups`` lines up
+    with the points."""
     def evaluate_and_time(model: nn.Module) -> float:
         accuracy = evaluate(model)
-        times.append(probe(model))
+        speed_ups.append(networks.paired_latency(probe, unpruned, model, CURVE_PAIRS).speed_up)
         return accuracy
     return evaluate_and_time
 
 
-def latency_points(points: list[tuple[float, int, float]], times: list[float],
-                   unpruned_ms: float) -> list[tuple[float, int, float]]:
+def latency_points(points: list[tuple[float, int, float]],
+                   speed_ups: list[float]) -> list[tuple[float, int, float]]:
     """A curve's points against the measured latency speed-up instead of the MACs one."""
-    if len(times) != len(points):
-        raise RuntimeError(f"{len(times)} timings for {len(points)} curve points")
-    return [(unpruned_ms / t, macs, acc) for (_, macs, acc), t in zip(points, times)]
+    if len(speed_ups) != len(points):
+        raise RuntimeError(f"{len(speed_ups)} timings for {len(points)} curve points")
+    return [(s, macs, acc) for (_, macs, acc), s in zip(points, speed_ups)]
 
 
 def calibration(datamodule, count: int = BN_BATCHES,
@@ -194,18 +200,18 @@ def curve_command(args: CurveOptions) -> int:
     for label, (network, record) in tqdm(list(zip(labels, loaded)), desc="curves", unit="network",
                                           disable=len(loaded) < 2):
         evaluate = evaluator(dm.val_dataloader(), "cpu")
-        times: list[float] = []
+        speed_ups: list[float] = []
         if args.latency_batch:
             probe = networks.latency_probe(example.shape[1:], args.latency_batch,
                                            runtime=args.latency_runtime)
-            unpruned_ms = probe(networks.build_arch(record["arch"]).eval())
-            evaluate = timed(evaluate, probe, times)
+            evaluate = timed(evaluate, probe, networks.build_arch(record["arch"]).eval(),
+                             speed_ups)
         curves[label] = networks.accuracy_curve(
             network.eval(), example, networks.base_macs(record["arch"], example), evaluate,
             args.max_speed_up, args.iterative_steps, args.every, batches, args.max_pruning_ratio,
             args.importance)
         if args.latency_batch:
-            latency[label] = latency_points(curves[label], times, unpruned_ms)
+            latency[label] = latency_points(curves[label], speed_ups)
     out = Path(args.out) if args.out else Path(args.network[0]).parent
     title = args.title or (f"{', '.join(labels)}: val accuracy, pruned without finetuning "
                            f"({len(cast(Sized, val_set))} val images)")

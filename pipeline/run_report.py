@@ -316,18 +316,17 @@ def round_to_record(out: Path) -> dict:
 
 def latency_reached(network: Any, arch: dict, p: PruneSettings) -> dict:
     """The latency speed-up of a latency run's final ``network``, measured again as stage 2
-    confirms its stop (``networks.pruning.paired_latency``: CPU, ``prune.latency_batch``, the
+    confirms its stop (``networks.paired_latency``: CPU, ``prune.latency_batch``, the
     target's runtime, the process's threads; the pruned network and the unpruned architecture
     timed alternately, the median reading of each), longer: ``LATENCY_REPORT_S`` seconds per
     reading."""
     import torch
 
     import networks
-    from networks.pruning import paired_latency
 
     probe = networks.latency_probe(p.input_size, p.batch, "cpu", min_run_time=LATENCY_REPORT_S,
                                    runtime=p.runtime)
-    paired = paired_latency(probe, networks.build_arch(arch).eval(),
+    paired = networks.paired_latency(probe, networks.build_arch(arch).eval(),
                             copy.deepcopy(network).cpu().eval())
     return {"target": p.latency_speed_up, "batch_size": p.batch, "device": "cpu",
             "runtime": p.runtime, "threads": torch.get_num_threads(), "reached": paired.speed_up,

@@ -18,6 +18,7 @@ from datamodules import ImageDataModule, ModelZooDataModule
 from datamodules.zoo_manifest import widths
 from lightning_modules import MetaPruningModule
 from metaprune.errors import UserError
+from pipeline.curve import CURVE_PAIRS
 from pipeline.select import SelectionError
 
 X32 = torch.zeros(1, 3, 32, 32)
@@ -82,9 +83,9 @@ def test_curve_command(tiny_cifar, tmp_path, capsys):
 
 def test_curve_command_times_every_point_for_a_latency_curve(tiny_cifar, tmp_path, capsys,
                                                             monkeypatch):
-    """--latency_batch B: every point of the MACs curve is timed once, in order, and so is the
-    unpruned architecture; curve_latency.csv holds the same points against the measured
-    speed-up. With a clock proportional to MACs (a deterministic stand-in for
+    """--latency_batch B: every point of the MACs curve is timed, in order, alternately with
+    the unpruned architecture (CURVE_PAIRS readings each); curve_latency.csv holds the same
+    points against the measured speed-up. With a clock proportional to MACs (a deterministic stand-in for
     networks.latency_probe) the latency speed-ups equal the MACs speed-ups point by point."""
     timed_macs: list[int] = []
 
@@ -107,7 +108,7 @@ def test_curve_command_times_every_point_for_a_latency_curve(tiny_cifar, tmp_pat
     timed = list(csv.DictReader((tmp_path / "out" / "curve_latency.csv").open()))
     assert (tmp_path / "out" / "curve_latency.png").is_file() and len(rows) > 3
     unpruned = networks.count_macs(networks.build_arch(arch), X32)
-    assert timed_macs == [unpruned] + [int(r["macs"]) for r in rows]
+    assert timed_macs == [m for r in rows for m in [unpruned, int(r["macs"])] * CURVE_PAIRS]
     assert [r["macs"] for r in timed] == [r["macs"] for r in rows]
     assert [r["accuracy"] for r in timed] == [r["accuracy"] for r in rows]
     for r, t in zip(rows, timed):
