@@ -21,6 +21,7 @@ docs/structured_pruning.md has a complete example on a plain LightningModule.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -99,6 +100,7 @@ class StructuredPruning(Callback):
         self.steps_done: int = 0
         self.base_macs: int | None = None
         self.base_ms: float | None = None  # latency before the first pruning (latency target)
+        self._reference: nn.Module | None = None  # the network before it, for paired stops
 
     # ---- the network, and the callback's own state ------------------------------------
     def network(self, pl_module: LightningModule) -> nn.Module:
@@ -149,6 +151,7 @@ class StructuredPruning(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After the fit: pruning steps that never ran (early stopping, a limit on steps)."""
+        self._reference = None
         planned = self.last - self.first + 1
         if self.steps_done < planned:
             network = self.network(pl_module)
@@ -198,14 +201,18 @@ class StructuredPruning(Callback):
                           target: float) -> dict[str, float]:
         """Prune until the measured latency speed-up reaches ``target``. Every rank times its
         own copy, but rank 0's reading decides, so all ranks stop at the same step and remove
-        the same channels."""
+        the same channels. A stop is confirmed against a copy of the network as it was before
+        the first pruning, timed alternately with it (``networks.paired_latency``); a resumed
+        fit has no such copy and confirms with a second reading against the stored base."""
         measure = rank_zero_clock(trainer, example.shape[1:], self.latency_batch_size,
                                   example.device, self.latency_runtime)
         if self.base_ms is None:
+            self._reference = copy.deepcopy(network).eval()
             self.base_ms = measure(network)
         reached = networks.prune_to_latency(
             network, example, target, self.base_ms, measure, self.iterative_steps,
-            pruner=self._pruner(network, example, 1.0, self.iterative_steps))
+            pruner=self._pruner(network, example, 1.0, self.iterative_steps),
+            reference=self._reference)
         rank_zero_info(f"StructuredPruning: latency {self.base_ms:.3f} -> "
                        f"{self.base_ms / reached:.3f} ms at batch {self.latency_batch_size} "
                        f"({example.device.type}), measured speed-up {reached:.3f}x")

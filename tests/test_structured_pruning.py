@@ -227,6 +227,8 @@ def test_a_latency_target_prunes_until_the_clock_says_so(example: dict, monkeypa
     unpruned = shape_macs(example["LitNet"](), x16)
     model = _short_fit(example, pruning, max_epochs=2)
     assert pruning.steps_done == 2 and pruning.state_dict()["base_ms"] == unpruned / 1e6
+    # each epoch's stop was confirmed against the network as it was before the first pruning
+    assert readings.count(unpruned / 1e6) >= 1 + 2 * networks.pruning.CONFIRM_PAIRS
     assert 2.0 <= unpruned / shape_macs(model, x16) < 2.3
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert widths != [16, 32, 32] and all(w % 4 == 0 for w in widths)
