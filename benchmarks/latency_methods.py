@@ -7,7 +7,7 @@
         [--area [1.2,1.6]] [--part curves|runs|table]
 
 For every held-out network of a finished demo, and every method's stage-1 network of it
-(``<demo>/prune/seed<N>/<target>/<method>/finetune/network.pt``):
+(``<demo>/prune/seed<N>/<target>/<method>/<stage 1>/network.pt``):
 
 * ``curves``: ``prune.py curve --latency_batch B`` on the three stage-1 networks together (one
   overlay per network, val images): every point timed alternately with the unpruned
@@ -44,7 +44,7 @@ from pipeline.common import write_json
 from pipeline.options import Method
 from pipeline.paired import paired, paired_table
 from pipeline.results import PAIRS
-from pipeline.run import REPORT, RunRequest, prune_run
+from pipeline.run import FIRST_STAGE, REPORT, RunRequest, prune_run
 
 METHODS = ("metanetwork", "none", "sparse")
 
@@ -66,7 +66,7 @@ def curves(demo: Path, network: str, runs: dict[str, Path], data_root: str, batc
     out = demo / "latency" / network
     if not (out / "curve_latency.csv").is_file():
         methods = [m for m in METHODS if m in runs]
-        files = ",".join(str(runs[m] / "finetune" / "network.pt") for m in methods)
+        files = ",".join(str(runs[m] / FIRST_STAGE[m] / "network.pt") for m in methods)
         code = prune.main(["curve", "--network", f"[{files}]", "--labels", f"[{','.join(methods)}]",
                            "--data_root", data_root, "--latency_batch", str(batch),
                            "--out", str(out), "--title",
@@ -139,7 +139,7 @@ def write_table(demo: Path, measured: dict[str, dict[str, dict[str, float]]], ba
     return out
 
 
-def latency_methods(demo: str, data_root: str, latency_batch: PositiveInt = 64,
+def latency_methods(*, demo: str, data_root: str, latency_batch: PositiveInt = 64,
                     latency_speed_up: PositiveFloat = 1.5, area: tuple[float, float] = (1.2, 1.6),
                     part: Literal["all", "curves", "runs", "table"] = "all") -> int:
     """Time and prune a demo's stage-1 networks to compare the methods in measured latency.

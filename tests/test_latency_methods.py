@@ -32,7 +32,6 @@ def _report(acc: float, reached: float, macs: float) -> dict:
 
 def test_table_areas_and_paired_differences(tmp_path: Path) -> None:
     bench = benchmark_module("latency_methods")
-    runs = {}
     # curves: accuracy falls linearly from 0.6 at 1.0x to 0.2 at 2.0x (metanetwork), and is
     # 0.1 lower everywhere for none; area over [1.2, 1.6] = mean accuracy there
     for network, shift in (("seed100", 0.0), ("seed101", 0.02)):
@@ -45,20 +44,22 @@ def test_table_areas_and_paired_differences(tmp_path: Path) -> None:
                 for s in (1.0, 1.5, 2.0):
                     writer.writerow({"curve": method, "latency_speed_up": s, "macs": 1,
                                      "accuracy": 0.6 - 0.4 * (s - 1.0) - drop + shift})
-        runs[network] = {"metanetwork": Path("m"), "none": Path("n")}
         for method, acc in (("metanetwork", 0.5 + shift), ("none", 0.45)):
-            run = folder / "lat1.5b64" / method
-            run.mkdir(parents=True)
-            (run / "report.json").write_text(json.dumps(_report(acc, 1.4, 3.0)))
-    measured = bench.values(tmp_path, runs, (1.2, 1.6), 64, 1.5)
+            for run in (folder / "lat1.5b64" / method, tmp_path / "prune" / network / "2x" / method):
+                run.mkdir(parents=True)
+                (run / "report.json").write_text(json.dumps(_report(acc, 1.4, 3.0)))
+    # from the command line, as the docstring runs it: only the table (every cell "has run")
+    assert bench.main(["--demo", str(tmp_path), "--data_root", "unused", "--area", "[1.2,1.6]",
+                       "--part", "table"]) == 0
+    record = json.loads((tmp_path / "latency" / "latency_methods.json").read_text())
+    measured = record["values"]
     area = measured["stage-1 val area, latency 1.2-1.6x at batch 64"]
     assert area["metanetwork"]["seed100"] == pytest.approx(0.6 - 0.4 * 0.4)  # at the mean, 1.4x
     assert area["none"]["seed101"] == pytest.approx(0.6 - 0.4 * 0.4 - 0.1 + 0.02)
     final = measured["test acc at latency 1.5x, batch 64"]
     assert final == {"metanetwork": {"seed100": 0.5, "seed101": 0.52},
                      "none": {"seed100": 0.45, "seed101": 0.45}}
-    table = bench.write_table(tmp_path, measured, 64)
-    record = json.loads(table.with_suffix(".json").read_text())
+    table = tmp_path / "latency" / "latency_methods.md"
     by = {(d["measure"], d["first"], d["second"]): d for d in record["paired"]}
     d = by[("test acc at latency 1.5x, batch 64", "metanetwork", "none")]
     assert d["differences"] == pytest.approx({"seed100": 0.05, "seed101": 0.07})
