@@ -152,7 +152,7 @@ def latency_methods(*, demo: str, data_root: str, latency_batch: PositiveInt = 6
         area: the latency speed-up range of the curves' area
         part: curves, runs, table, or all of them
     """
-    root = Path(demo)
+    root, data_root = Path(demo), str(Path(data_root).resolve())  # as the demo records it
     runs = stage1_runs(root)
     for network, by_method in runs.items():
         if part in ("all", "curves"):

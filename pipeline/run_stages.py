@@ -281,6 +281,19 @@ def same_stage1_curve(settings: dict, other: dict) -> bool:
         other["config"]["prune"].get(k) == settings["config"]["prune"].get(k) for k in keys)
 
 
+def _differing_keys(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, e.g. ``config.final.trainer.max_epochs``; a nested
+    mapping is named by its own differing keys, not as a whole."""
+    out: list[str] = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> None:
     """Copy stage 1's output networks from ``source``, a run whose settings differ from
     ``settings`` in the target (of either kind, but for ``sparse``, whose regularizer depends
@@ -296,7 +309,7 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
     other = json.loads(stored.read_text())
     if _first_stage_settings(other) != _first_stage_settings(settings):
         mine, theirs = _first_stage_settings(settings), _first_stage_settings(other)
-        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        diff = _differing_keys(mine, theirs)
         if "method" in diff and "kind" in diff:  # the kind of target matters to sparse only
             diff.remove("kind")
         raise PruneRunError(f"--reuse_first_stage {str(source)!r} ran with other settings (differs "

@@ -22,6 +22,9 @@ def test_reuse_first_stage_only_from_a_run_that_differs_in_the_target(
         runs: dict[str, Path], setup: dict, tmp_path: Path) -> None:
     _expect(setup, tmp_path, r"--reuse_first_stage .*differs in method.*only the speed-up target",
             method="sparse", meta=None, extra=("--reuse_first_stage", str(runs["none"])))
+    _expect(setup, tmp_path, r"differs in config\.finetune\.trainer\.max_epochs\)", method="none",
+            meta=None, extra=("--reuse_first_stage", str(runs["none"]),
+                              "--finetune.trainer.max_epochs", "7"))
     _expect(setup, tmp_path, r"is not a prune run directory", method="none", meta=None,
             extra=("--reuse_first_stage", str(tmp_path)))
 
