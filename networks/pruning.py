@@ -358,16 +358,22 @@ def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: flo
     measurement confirms it (the slower of the two counts), so one lucky measurement on a noisy
     machine does not stop the loop early. ``base_ms`` is the latency of the unpruned
     architecture, measured the same way, so earlier pruning counts toward the target. Given
-    that architecture as ``reference``, the confirmation is paired instead
-    (:func:`paired_latency`): a machine whose speed drifted since ``base_ms`` was taken, or a
-    run of lucky readings, then cannot stop the loop short of the target (readings of 0.2 s
-    vary by ~10% on a shared 2-core VM).
+    that architecture as ``reference``, every reading is paired instead
+    (:func:`paired_latency`): the reference is timed just before the network (one reading each
+    to decide whether to confirm, five each to confirm), so a machine whose speed drifted since
+    ``base_ms`` was taken neither stops the loop short of the target nor carries it past (0.2 s
+    readings vary by ~10% on a shared 2-core VM, and the machine's speed by more between
+    minutes); twice the timing, and ``base_ms`` is then only reported.
     ``measure(model) -> ms`` times the network as it will run (``networks.latency_probe``:
     device, batch size, threads). The criterion, ``pruner``, ``max_pruning_ratio``,
     ``importance`` and ``round_to`` are :func:`prune_to_speed_up`'s and
     :func:`criterion_pruner`'s.
     """
-    current = base_ms / measure(model)
+    def speed_up(pairs: int) -> float:
+        return (base_ms / measure(model) if reference is None
+                else paired_latency(measure, reference, model, pairs).speed_up)
+
+    current = speed_up(1)
     if target <= current:
         raise ValueError(f"latency speed-up target {target:.3f}x is not above the network's "
                          f"measured {current:.3f}x; ask for a larger target")
@@ -384,10 +390,10 @@ def prune_to_latency(model: nn.Module, example_inputs: torch.Tensor, target: flo
             macs = count_macs_fast(model, example_inputs)
             if macs > timed_at * (1 - every):
                 continue
-            timed_at, current = macs, base_ms / measure(model)
+            timed_at, current = macs, speed_up(1)
             if current >= target:  # confirmed, or not yet
-                current = (paired_latency(measure, reference, model).speed_up if reference is not None
-                           else min(current, base_ms / measure(model)))
+                current = (speed_up(CONFIRM_PAIRS) if reference is not None
+                           else min(current, speed_up(1)))
                 if current >= target:
                     return current
     raise ValueError(f"latency speed-up target {target:.3f}x is unreachable: {iterative_steps} "
