@@ -51,8 +51,8 @@ class PruneToSpeedUp(Callback):
             ``setup``, before Lightning moves it: the CPU) at ``latency_batch``
             (``networks.latency_probe``, ``networks.prune_to_latency``). The unpruned
             architecture is rebuilt from ``pl_module.arch`` and timed as well (the faster of
-            two readings), so earlier pruning counts; a stop is confirmed by timing the two
-            alternately, five readings each (``networks.paired_latency``). Timing is
+            two readings), so earlier pruning counts; every reading times the two together
+            (one pair to screen, five to confirm a stop: ``networks.paired_latency``). Timing is
             not deterministic: a resumed fit may stop at another step, so the layers are resized
             to the checkpoint's shapes before it loads.
         latency_batch: the batch size a latency target is timed at.
@@ -130,7 +130,7 @@ class PruneToSpeedUp(Callback):
             else:
                 self.round_to_chosen = self.round_to
             reached_at_stop = self._prune(network, example, self.round_to_chosen)
-            self._unpruned = None  # only the stopping rule compares with it
+            self._unpruned = None  # only the loop's readings compare with it
         if self.latency_speed_up is not None:
             assert self.base_ms is not None
             self.latency_speed_up_reached, self.ms = reached_at_stop, self.base_ms / reached_at_stop

@@ -100,7 +100,7 @@ class StructuredPruning(Callback):
         self.steps_done: int = 0
         self.base_macs: int | None = None
         self.base_ms: float | None = None  # latency before the first pruning (latency target)
-        self._reference: nn.Module | None = None  # the network before it, for paired stops
+        self._reference: nn.Module | None = None  # the network before it, for paired readings
 
     # ---- the network, and the callback's own state ------------------------------------
     def network(self, pl_module: LightningModule) -> nn.Module:
@@ -201,9 +201,9 @@ class StructuredPruning(Callback):
                           target: float) -> dict[str, float]:
         """Prune until the measured latency speed-up reaches ``target``. Every rank times its
         own copy, but rank 0's reading decides, so all ranks stop at the same step and remove
-        the same channels. A stop is confirmed against a copy of the network as it was before
-        the first pruning, timed alternately with it (``networks.paired_latency``); a resumed
-        fit has no such copy and confirms with a second reading against the stored base."""
+        the same channels. Every reading times the network right after a copy of it as it was
+        before the first pruning (``networks.paired_latency``); a resumed fit has no such copy
+        and reads against the stored base."""
         measure = rank_zero_clock(trainer, example.shape[1:], self.latency_batch_size,
                                   example.device, self.latency_runtime)
         if self.base_ms is None:
