@@ -28,7 +28,7 @@ def commands(name: str) -> dict:
 
 
 def test_every_script_is_listed() -> None:
-    assert SCRIPTS == ["census", "graph_speed", "latency", "meta_effect", "meta_step",
+    assert SCRIPTS == ["census", "graph_speed", "latency", "latency_methods", "meta_effect", "meta_step",
                        "prune_speed", "quality", "registered", "tune_baselines"]
 
 
