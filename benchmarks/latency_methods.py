@@ -40,13 +40,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import networks
 import prune
 from pipeline.command_line import cli, summary
-from pipeline.common import write_json
+from pipeline.common import atomic_write, write_json
 from pipeline.options import Method
-from pipeline.paired import paired, paired_table
-from pipeline.results import PAIRS
+from pipeline.paired import paired_table
+from pipeline.results import paired_differences
 from pipeline.run import FIRST_STAGE, REPORT, RunRequest, prune_run
 
 METHODS = ("metanetwork", "none", "sparse")
+RETIMED, MACS_TAKEN = "latency speed-up re-timed", "MACs speed-up taken"  # shown, not compared
 
 
 def stage1_runs(demo: Path) -> dict[str, dict[str, Path]]:
@@ -113,8 +114,8 @@ def values(demo: Path, runs: dict[str, dict[str, Path]], area: tuple[float, floa
                 r = json.loads(report.read_text())
                 put(f"test acc at latency {target:g}x, batch {batch}", method, network,
                     r["accuracy"]["final"]["test"])
-                put("latency speed-up re-timed", method, network, r["latency_speed_up"]["reached"])
-                put("MACs speed-up taken", method, network, r["speed_up"]["reached"])
+                put(RETIMED, method, network, r["latency_speed_up"]["reached"])
+                put(MACS_TAKEN, method, network, r["speed_up"]["reached"])
     return out
 
 
@@ -127,12 +128,10 @@ def write_table(demo: Path, measured: dict[str, dict[str, dict[str, float]]], ba
         for method, by_network in sorted(per.items()):
             lines.append(f"| {measure} | {method} | " + " | ".join(
                 f"{by_network[n]:.4f}" if n in by_network else "" for n in held_out) + " |")
-    diffs = [paired(per, a, b, measure) for measure, per in measured.items()
-             if not measure.endswith("taken") and not measure.endswith("re-timed")
-             for a, b in PAIRS if a in per and b in per]
+    diffs = paired_differences({k: v for k, v in measured.items() if k not in (RETIMED, MACS_TAKEN)})
     lines += ["", "Paired differences (accuracy points):", "", paired_table(diffs)]
     out = demo / "latency" / "latency_methods.md"
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     write_json(out.with_suffix(".json"), {"values": measured, "paired": [
         {"measure": d.measure, "first": d.first, "second": d.second, "differences": d.differences,
          "mean": d.mean, "ci95": d.ci95} for d in diffs]})

@@ -277,7 +277,8 @@ class CurveOptions(CurvePointOptions):
         importance: pruning criterion (l2 is the paper's).
         latency_batch: also time every point's forward at this batch size on the CPU and
             write the curves against the measured latency speed-up (over the unpruned
-            architecture, timed the same way): curve_latency.csv / curve_latency.png.
+            architecture, timed alternately with each point, three readings each):
+            curve_latency.csv / curve_latency.png.
         latency_runtime: what latency_batch times in: torch (PyTorch eager) or onnxruntime
             (each point exported to ONNX and run by ONNX Runtime, as it would be served).
     """
