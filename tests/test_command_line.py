@@ -29,7 +29,7 @@ def commands(name: str) -> dict:
 
 def test_every_script_is_listed() -> None:
     assert SCRIPTS == ["census", "graph_speed", "latency", "latency_methods", "meta_effect", "meta_step",
-                       "prune_speed", "quality", "registered", "tune_baselines"]
+                       "prune_speed", "quality", "registered", "tune_baselines", "tune_weights"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -61,6 +61,9 @@ def test_help_and_every_option_has_help_text(name: str, capsys: pytest.CaptureFi
      "registration"),
     ("tune_baselines", ["--data_root", "d", "--part", "all"], "tune_baselines.py: error: --part all: "),
     ("tune_baselines", ["--data_root", "d", "--lrs", "[0.1,-1]"], "--lrs: "),
+    ("tune_weights", ["--data_root", "d", "--weight_sparsity", "1"], "tune_weights.py: error: "
+     "--weight_sparsity: "),
+    ("tune_weights", ["--data_root", "d", "--meta_regs", "[0.1,0]"], "--meta_regs: "),
     ("census", ["--size", "0"], "census.py: error: --size 0: Not of type PositiveInt"),
     ("latency", ["--min_run_time", "0"], "latency.py: error: --min_run_time: Not of type PositiveFloat"),
     ("latency", ["--device", "tpu"], "latency.py: error: --device: "),
