@@ -22,10 +22,10 @@ ten apart), the same networks, the same score, the mean stage-1 val curve area o
 sparsity 0.5-0.9 (the rule by which ``prune.py select`` picks a checkpoint; the final val
 accuracy at the target is shown beside it). The grids are centred by a rule fixed before any
 cell ran: ``sparse`` around the shipped ``prune.reg`` (5e-4, the grid its channel search used);
-the metanetwork where its L1 penalty at a zoo member (``reg * sum |w|``, ~3,800 weights' worth
-of magnitude on a half-width ResNet-20 member) is about the cross-entropy's margin to chance
-over a step's batches (4 x (2.30 - 1.58) = 2.9), the rule docs/meta_training.md gives for
-``reg``. When a choice lies on the edge of its grid, both grids are extended one step beyond
+the metanetwork where its L1 penalty at a zoo member (``reg * sum |w|``; ``sum |w|`` is
+3,200-4,800 on the recipe's half-width ResNet-20 members) is about the cross-entropy's margin to
+chance over a step's batches (4 x (2.30 - 1.58) = 2.9), the rule docs/meta_training.md gives
+for ``reg``. When a choice lies on the edge of its grid, both grids are extended one step beyond
 their edge alike (``--sparse_regs``, ``--meta_regs``), at most twice.
 
 ``--part`` runs one kind of cell (``targets`` trains the tuning networks first, so that two
