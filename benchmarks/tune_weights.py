@@ -153,10 +153,11 @@ def run_cell(tuning: WeightTuning, cell: Cell, out: Path, data: dict) -> None:
 
 
 def train_targets(tuning: WeightTuning, out: Path, data: dict) -> None:
-    """The tuning networks, by the recipe's target (or zoo) stage, into ``<out>/target``."""
+    """The tuning networks, by the recipe's target (or zoo) stage, into ``<out>/target`` (the
+    stage configs written as the ``none`` cell's demo writes them)."""
     config = cell_config(tuning, Cell("none"), out)
-    cfg = pipeline_demo.load_demo_config(config)
-    stages, configs = pipeline_demo.demo_folder(cfg, out / "targets", data)
+    link_shared(tuning, config, out, data)
+    _, configs = pipeline_demo.demo_folder(pipeline_demo.load_demo_config(config), config.parent, data)
     for seed in tuning.seeds:
         zoo_member(ZooOptions(str(pipeline_demo.target_config(configs)), seed=seed,
                               zoo_dir=str(out / "target")))
@@ -184,7 +185,7 @@ def table(tuning: WeightTuning, out: Path) -> str:
         try:
             found.append(Cell.parse(d.name))
         except ValueError:
-            continue  # the shared folders (target, zoo, targets)
+            continue  # the shared folders (target, zoo)
     for cell in sorted(found, key=lambda c: (KINDS.index(c.method), c.reg or 0.0)):
         reports = cell_reports(tuning, cell, out)
         if reports is not None:

@@ -46,11 +46,14 @@ def test_each_cell_is_a_demo_of_the_recipe_with_its_method_and_reg(
     tuning networks, the val-only report and the cell's reg (sparse's in prune, the
     metanetwork's in meta with sparsity: weights); every cell links the same networks and zoo."""
     ran: list[Path] = []
+    trained: list[tuple[int, str]] = []
     monkeypatch.setattr(pipeline_demo, "demo_command", lambda options: ran.append(Path(options.config)))
+    monkeypatch.setattr(tune, "zoo_member", lambda options: trained.append((options.seed, options.zoo_dir)))
     settings = tuning(tune, tmp_path, seeds=[7, 8], sparse_regs=[0.1], meta_regs=[0.2, 0.3])
-    for part in ("none", "sparse", "metanetwork"):
+    for part in ("targets", "none", "sparse", "metanetwork"):
         assert tune.tune_weights(tune.WeightTuning(**{**vars(settings), "part": part})) == 0
     out = tmp_path / "out"
+    assert trained == [(7, str(out / "target")), (8, str(out / "target"))]
     assert [p.parent.name for p in ran] == ["none", "sparse_reg0.1", "metanetwork_reg0.2",
                                             "metanetwork_reg0.3"]
     recipe = yaml.safe_load(RECIPE.read_text())
