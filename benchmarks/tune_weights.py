@@ -104,7 +104,7 @@ class WeightTuning(quality.Recipe):
     Args:
         seeds: tuning networks (never a confirmatory network)
         out: output folder
-        part: one kind of cell only (default: all of them in one process), or the table
+        part: the tuning networks, one kind of cell, or the table only (default: all in turn)
         weight_sparsity: the cells' target (the stage-1 score does not depend on it)
         sparse_regs: sparse's L1 reg values
         meta_regs: the metanetwork's meta-training L1 reg values
