@@ -31,7 +31,9 @@ their edge alike (``--sparse_regs``, ``--meta_regs``), at most twice.
 ``--part`` runs one kind of cell (``targets`` trains the tuning networks first, so that two
 processes do not train them twice) and ``table`` (also the default after a part) writes
 ``<out>/tuning.md`` and ``tuning.json``: every cell that has run on every tuning network, its
-val scores, and the chosen ``reg`` of each method.
+val scores, and the chosen ``reg`` of each method. The search outlasts a session, and a fresh
+machine keeps no cell folders: ``--rows_from`` takes the rows of earlier sessions' committed
+``tuning.json`` files (same recipe, networks and target) for the cells not run here.
 """
 from __future__ import annotations
 
@@ -109,6 +111,9 @@ class WeightTuning(quality.Recipe):
         sparse_regs: sparse's L1 reg values
         meta_regs: the metanetwork's meta-training L1 reg values
         zoo_from: a draw folder of the same recipe whose zoo the metanetwork cells link
+        rows_from: ``tuning.json`` files of earlier sessions (the same recipe, networks and
+            target): their rows complete the table for cells that have no folder here (a fresh
+            machine keeps no cells; the rows are deterministic on one kind of machine)
     """
 
     seeds: list[int] = dataclasses.field(default_factory=lambda: [100, 101, 102])
@@ -118,6 +123,7 @@ class WeightTuning(quality.Recipe):
     sparse_regs: list[PositiveFloat] = dataclasses.field(default_factory=lambda: list(SPARSE_REGS))
     meta_regs: list[PositiveFloat] = dataclasses.field(default_factory=lambda: list(META_REGS))
     zoo_from: str | None = None
+    rows_from: list[str] = dataclasses.field(default_factory=list)
 
 
 def cells(tuning: WeightTuning, kind: str) -> list[Cell]:
@@ -177,8 +183,24 @@ def choices(rows: dict[str, list[dict]]) -> dict[str, dict]:
     return {kind: max(found, key=lambda r: r["stage1_val_area"]) for kind, found in rows.items() if found}
 
 
+def earlier_rows(tuning: WeightTuning) -> dict[str, dict]:
+    """The rows of ``--rows_from`` by cell name; a file of other settings is refused by name."""
+    found: dict[str, dict] = {}
+    for file in tuning.rows_from:
+        record = json.loads(Path(file).read_text())
+        mine = {"config": tuning.config, "seeds": tuning.seeds, "weight_sparsity": tuning.weight_sparsity}
+        differs = [k for k, v in mine.items() if record.get(k) != v]
+        if differs:
+            raise ValueError(f"--rows_from {file}: its {', '.join(differs)} differ from this "
+                             f"tuning's; take rows only from the same recipe, networks and target")
+        for kind_rows in record["rows"].values():
+            found.update({r["name"]: {**r, "from": str(file)} for r in kind_rows})
+    return found
+
+
 def table(tuning: WeightTuning, out: Path) -> str:
-    """``tuning.md`` and ``tuning.json`` from every cell folder that has run on every network."""
+    """``tuning.md`` and ``tuning.json`` from every cell folder that has run on every network,
+    and the rows of ``--rows_from`` for cells not run here."""
     rows: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     found = []
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
@@ -186,18 +208,23 @@ def table(tuning: WeightTuning, out: Path) -> str:
             found.append(Cell.parse(d.name))
         except ValueError:
             continue  # the shared folders (target, zoo)
+    earlier = earlier_rows(tuning)
+    here = {c.name for c in found}
+    found += [Cell.parse(name) for name in earlier if name not in here]
     for cell in sorted(found, key=lambda c: (KINDS.index(c.method), c.reg or 0.0)):
-        reports = cell_reports(tuning, cell, out)
+        reports = cell_reports(tuning, cell, out) if cell.name in here else None
         if reports is not None:
             rows[cell.method].append(tune_baselines.scores(cell, reports))  # type: ignore[arg-type]
+        elif cell.name in earlier:
+            rows[cell.method].append(earlier[cell.name])
     best = choices(rows)
     titles = {"none": "No sparsity training (the reference)",
               "sparse": "Sparse training's L1 reg",
               "metanetwork": "The metanetwork's meta-training L1 reg (sparsity: weights)"}
     text = "\n\n".join(tune_baselines.table(rows[k], best[k], "stage1_val_area", titles[k])
                        for k in KINDS if k in best)
-    write_json(out / "tuning.json", {"seeds": tuning.seeds, "weight_sparsity": tuning.weight_sparsity,
-                                     "rows": rows,
+    write_json(out / "tuning.json", {"config": tuning.config, "seeds": tuning.seeds,
+                                     "weight_sparsity": tuning.weight_sparsity, "rows": rows,
                                      "chosen": {k: r["cell"] for k, r in best.items() if k != "none"}})
     write_text(out / "tuning.md", f"# Weight-sparsity tuning on networks {tuning.seeds} (val only; "
                f"final val acc at weight sparsity {tuning.weight_sparsity:g})\n\n{text}\n")

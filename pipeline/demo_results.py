@@ -99,8 +99,10 @@ def print_summary(out: Path, demo: DemoSettings, reports: dict[str, dict], best:
     selection_plot = f", {best.parent / 'selection.png'}" if best else ""
     print(f"plots:       {results.overlay}, {where}/curve.png{selection_plot}")
     print(f"tensorboard: tensorboard --logdir {out}")
-    onnx = ", .onnx" if any(r["files"].get("onnx") for r in reports.values()) else ""
-    print(f"networks:    {where}/network.pt (+ .pt2{onnx})" + (f", metanetwork {best}" if best else ""))
+    exported = [ext for ext, key in ((".pt2", "exported"), (".onnx", "onnx"))
+                if any(r["files"].get(key) for r in reports.values())]
+    also = f" (+ {', '.join(exported)})" if exported else ""
+    print(f"networks:    {where}/network.pt{also}" + (f", metanetwork {best}" if best else ""))
     seconds = results.record["seconds"]
     print(f"[this run {total:.0f} s; when first computed: {results.record['total_s']:.0f} s in all, "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}]")

@@ -39,7 +39,7 @@ SECOND_STAGE = "prune_finetune"
 # prune settings stage 1 does not read; the criterion is read by sparse training's regularizer
 SECOND_STAGE_ONLY = ("speed_up", "max_pruning_ratio", "allow_other_criterion", "round_to")
 # what the report measures and exports after the stages; no stage reads them
-REPORT_ONLY = ("latency_batch_sizes", "onnx")
+REPORT_ONLY = ("latency_batch_sizes", "onnx", "program")
 CRITERION_KEYS = ("max_pruning_ratio", "importance")  # what the curves prune by
 # The targets of a run: a speed-up (channels removed; in MACs or in measured latency) or a
 # weight sparsity (weights zeroed), one per run; stage 1 reads none of them.
@@ -123,6 +123,8 @@ class PruneSettings:
             does not depend on it (``--reuse_first_stage`` across caps works).
         latency_batch_sizes: batch sizes of the measured speed-up (unset: 1 and 64; []: none).
         onnx: export and check ``network.onnx`` (unset: yes).
+        program: export the ``torch.export`` program ``network.pt2`` (unset: yes; false saves
+            its tracing, a second or more per run, where only ``network.pt`` is wanted).
     """
 
     speed_up: Optional[SpeedUp] = None
@@ -148,6 +150,7 @@ class PruneSettings:
     max_pruning_ratio: Optional[PruningCap] = None
     latency_batch_sizes: Optional[list[PositiveInt]] = None
     onnx: Optional[bool] = None
+    program: Optional[bool] = None
     sparsity_scope: Optional[SparsityScope] = None
     sparsity_exclude: Optional[list[str]] = None
     sparsity_range: Optional[tuple[float, float]] = None

@@ -204,7 +204,8 @@ def finish_run(cfg: PruneConfig, args: RunRequest, out: Path, info: dict, settin
         "stage1_curve": stage1_curve,
         "seeds": {"seed_everything": p.seed,
                   "data_split": (cfg.base["data"].get("init_args") or {}).get("seed")},
-        "files": {"network": "network.pt", "exported": "network.pt2",
+        "files": {"network": "network.pt",
+                  "exported": "network.pt2" if p.program is not False else None,
                   "onnx": "network.onnx" if onnx else None, "curve": "curve.png",
                   "curve_csv": "curve.csv", "stage1_curve": f"{first}/curve.png",
                   "stages": {k: str(Path(f).resolve()) for k, f in files.items()}},
@@ -227,14 +228,14 @@ def _lazy_cli(cfg: PruneConfig, arch: dict, source: str, out: Path) -> Callable[
 
 def _save_final(network: Any, example: Any, out: Path, p: PruneSettings, metadata: dict,
                 arch: dict) -> None:
-    """The result as ``network.pt`` (with ``metadata``) and as a ``torch.export`` program
-    ``network.pt2``, each written once."""
+    """The result as ``network.pt`` (with ``metadata``) and, unless ``prune.program`` is false,
+    as a ``torch.export`` program ``network.pt2``, each written once."""
     import networks
     from networks.export import export_program
 
     if not (out / "network.pt").is_file():
         networks.save_network(network, out / "network.pt", arch=arch, metadata=metadata)
-    if not (out / "network.pt2").is_file():
+    if p.program is not False and not (out / "network.pt2").is_file():
         export_program(network, example, out / "network.pt2")
 
 

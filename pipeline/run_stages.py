@@ -316,7 +316,7 @@ def reuse_first_stage(source: Path, settings: dict, out: Path, stage: str) -> No
                             f"in {', '.join(diff)}); only the speed-up target (in MACs or "
                             "latency, or a weight sparsity target; for sparse, of the same kind), "
                             "prune.max_pruning_ratio, prune.round_to, prune.sparsity_scope, "
-                            "_range and _step, what the report measures (prune.onnx, "
+                            "_range and _step, what the report measures (prune.onnx, prune.program, "
                             "prune.latency_batch_sizes), "
                             "and (but for sparse) prune.importance and prune.sparsity_exclude "
                             "may differ")

@@ -184,7 +184,7 @@ def weight_runs(setup: dict, runs: dict[str, Path], tiny_cifar: Path, make_zoo) 
     that one, ``sparse`` to 0.5 per layer, ``metanetwork`` to 0.5 with a metanetwork meta-trained
     for weight sparsity; the last three in their default folders."""
     import yaml
-    from pruning_helpers import QUICK, meta_checkpoint
+    from pruning_helpers import QUICK_WITH_PROGRAM, meta_checkpoint
 
     import prune
 
@@ -203,9 +203,9 @@ def weight_runs(setup: dict, runs: dict[str, Path], tiny_cifar: Path, make_zoo) 
         assert prune.main([*base, "--method", "none", "--nm", "[2,4]", "--reuse_first_stage",
                            str(dirs["none"])]) == 0
         assert prune.main([*base, "--method", "sparse", "--weight_sparsity", "0.5",
-                           "--prune.sparsity_scope", "layer", *QUICK]) == 0
+                           "--prune.sparsity_scope", "layer", *QUICK_WITH_PROGRAM]) == 0
         assert prune.main([*base, "--method", "metanetwork", "--metanetwork", str(meta),
-                           "--weight_sparsity", "0.5", *QUICK]) == 0
+                           "--weight_sparsity", "0.5", *QUICK_WITH_PROGRAM]) == 0
     finally:
         sys.argv = argv
     return {**dirs, "meta": meta}

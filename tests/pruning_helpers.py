@@ -130,7 +130,10 @@ ARCH = {"name": "resnet8_cifar", "num_classes": 3, "kwargs": {"width": 0.25}}
 X32 = torch.zeros(1, 3, 32, 32)
 TARGET = 1.6
 STEPS = 40
-QUICK = ("--prune.latency_batch_sizes", "[]", "--prune.onnx=false")
+# a run's report without ONNX and latency (each costs seconds), and without the torch.export
+# program unless its tests read it
+QUICK_WITH_PROGRAM = ("--prune.latency_batch_sizes", "[]", "--prune.onnx=false")
+QUICK = (*QUICK_WITH_PROGRAM, "--prune.program=false")
 
 
 def tiny_config(root: Path, out: Path) -> Path:

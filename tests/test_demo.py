@@ -48,7 +48,8 @@ def tiny_demo_config(out: Path) -> Path:
                                           "steps_per_member": 1}},
                    "model": {"init_args": {"num_layers": 1, "hidden": 8, "node_res_ratio": 0.1,
                                            "edge_res_ratio": 0.1, "milestones": []}}}
-    cfg["prune"] = {"prune": {"iterative_steps": 40, "onnx": False, "latency_batch_sizes": []},
+    cfg["prune"] = {"prune": {"iterative_steps": 40, "onnx": False, "program": False,
+                              "latency_batch_sizes": []},
                     "base": {"trainer": dict(TINY_FIT)},
                     "finetune": {"trainer": {"max_epochs": 1}},
                     "final": {"trainer": {"max_epochs": 1}}}
@@ -308,25 +309,6 @@ def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     assert not cfg.demo.smoke
 
 
-def test_a_smoke_demo_of_the_baselines_alone_trains_no_metanetwork_and_says_smoke(
-        tiny_cifar: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = yaml.safe_load(tiny_demo_config(tmp_path).read_text())
-    cfg["demo"].update(methods=["none"], speed_ups=[2.0], smoke=True)
-    config, out = tmp_path / "baselines.yaml", tmp_path / "out"
-    config.write_text(yaml.safe_dump(cfg))
-    assert demo(config, tiny_cifar, out) == 0
-    assert not (out / "zoo").exists() and not (out / "meta").exists()
-    assert (out / "prune" / results.run_key(100, 2.0, "none") / "report.json").is_file()
-    written = json.loads((out / "results.json").read_text())
-    assert written["metanetwork"] is None and written["smoke"] is True
-    assert json.loads((out / "demo.json").read_text())["demo"]["smoke"] is True
-    assert (out / "results.md").read_text().startswith(f"**{demo_results.SMOKE_BANNER}**")
-    printed = capsys.readouterr().out
-    assert "| seed100 | none |" in printed and "metanetwork" not in printed
-    assert demo_results.SMOKE_BANNER in printed
-    assert "network.pt (+ .pt2)" in printed  # the tiny config exports no ONNX: none is named
-
-
 def test_zoo_speed_ups_add_members_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every zoo seed gets its config's member, then one variant per extra initial speed-up."""
     calls = []
@@ -356,17 +338,22 @@ def weight_demo_config(tmp_path: Path, sparsity: str = "weights",
     return path
 
 
-def test_a_weight_sparsity_demo_zeroes_weights_to_each_target(
+def test_a_smoke_demo_of_the_baselines_alone_zeroes_weights_to_each_target(
         tiny_cifar: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The baselines alone (a metanetwork meta-trained for weights prunes in weight_runs, and
-    the demo's metanetwork stages do not depend on the kind of target but for the refusal
-    below)."""
+    """The baselines alone with weight-sparsity targets, as a smoke run: no zoo and no
+    metanetwork, every result marked smoke (a metanetwork meta-trained for weights prunes in
+    weight_runs, and the demo's metanetwork stages do not depend on the kind of target but for
+    the refusal below)."""
     import torch
 
     from networks import load_network
 
-    out = tmp_path / "out"
-    assert demo(weight_demo_config(tmp_path, methods=("none", "sparse")), tiny_cifar, out) == 0
+    cfg = yaml.safe_load(weight_demo_config(tmp_path, methods=("none", "sparse")).read_text())
+    cfg["demo"]["smoke"] = True
+    config, out = tmp_path / "smoke.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(cfg))
+    assert demo(config, tiny_cifar, out) == 0
+    assert not (out / "zoo").exists() and not (out / "meta").exists()
     for method in ("none", "sparse"):
         for sparsity in (0.6, 0.8):
             run = out / "prune" / results.run_key(100, results.Target(sparsity, weights=True), method)
@@ -381,14 +368,22 @@ def test_a_weight_sparsity_demo_zeroes_weights_to_each_target(
         first, stage = out / "prune" / "seed100", pipeline_run.FIRST_STAGE[method]
         assert (first / "w0.8" / method / stage / "network.pt").read_bytes() == \
             (first / "w0.6" / method / stage / "network.pt").read_bytes()
+    written = json.loads((out / "results.json").read_text())
+    assert written["metanetwork"] is None and written["smoke"] is True
+    assert json.loads((out / "demo.json").read_text())["demo"]["smoke"] is True
     text = (out / "results.md").read_text()
+    assert text.startswith(f"**{demo_results.SMOKE_BANNER}**")
     assert "| weight sparsity reached |" in text
     for measure in ("stage-1 curve area, weight sparsity 0.5-0.9", "test acc at weight sparsity 0.6",
                     "test acc at weight sparsity 0.8"):
         assert f"| {measure} | sparse - none | 1 |" in text
     assert (out / "stage1_curves.png").is_file()
     printed = capsys.readouterr().out
-    assert "at weight sparsity 0.6, weight sparsity 0.8" in printed and "seed<N>/w<S>/<method>" in printed
+    assert "| seed100 | none |" in printed and "metanetwork" not in printed
+    assert demo_results.SMOKE_BANNER in printed
+    assert "at weight sparsity 0.6, weight sparsity 0.8" in printed
+    # the tiny config exports neither ONNX nor the torch.export program: none is named
+    assert "seed<N>/w<S>/<method>/network.pt\n" in printed
 
 
 def test_a_demo_whose_metanetwork_prunes_the_other_kind_is_refused_before_training(

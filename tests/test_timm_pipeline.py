@@ -23,8 +23,8 @@ timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("cli_argv")
 
 X32 = torch.zeros(1, 3, 32, 32)
-QUICK = ["--prune.latency_batch_sizes", "[]", "--prune.onnx=false", "--prune.bn_batches", "0",
-         "--prune.curve_every", "20"]
+QUICK = ["--prune.latency_batch_sizes", "[]", "--prune.onnx=false", "--prune.program=false",
+         "--prune.bn_batches", "0", "--prune.curve_every", "20"]
 
 
 def _timm_macs(model: torch.nn.Module, example: torch.Tensor = X32) -> int:

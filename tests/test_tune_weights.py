@@ -118,3 +118,29 @@ def test_the_table_chooses_each_methods_reg_by_the_stage1_val_area(tune, tmp_pat
     assert "| **metanetwork_reg0.0001** | 40.00 | 50.00 |" in text
     assert "metanetwork_reg0.001 " not in text
     assert (out / "tuning.md").read_text().count("chosen by stage1_val_area") == 3
+
+
+def test_rows_of_an_earlier_session_complete_the_table_and_other_settings_are_refused(
+        tune, tmp_path: Path) -> None:
+    """A cell run here wins over the earlier file's row of the same name; the earlier file's
+    other rows enter the table and the choice, marked with the file."""
+    out, Cell = tmp_path / "out", tune.Cell
+    for seed, area in ((7, 0.30), (8, 0.40)):
+        write_report(out, Cell("sparse", 1e-3), seed, area, 0.5)
+    earlier = tmp_path / "earlier.json"
+    row = {"cell": {"method": "sparse", "reg": 1e-2}, "name": "sparse_reg0.01",
+           "stage1_val_area": 0.45, "final_val_acc": 0.5, "per_network": {}}
+    shadowed = {**row, "cell": {"method": "sparse", "reg": 1e-3}, "name": "sparse_reg0.001",
+                "stage1_val_area": 0.99}
+    settings = tuning(tune, tmp_path, seeds=[7, 8], rows_from=[str(earlier)])
+    earlier.write_text(json.dumps({"config": settings.config, "seeds": [7, 8], "weight_sparsity": 0.9,
+                                   "rows": {"sparse": [row, shadowed]}}))
+    tune.table(settings, out)
+    written = json.loads((out / "tuning.json").read_text())
+    assert [(r["name"], r["stage1_val_area"], r.get("from")) for r in written["rows"]["sparse"]] == [
+        ("sparse_reg0.001", 0.35, None), ("sparse_reg0.01", 0.45, str(earlier))]
+    assert written["chosen"] == {"sparse": {"method": "sparse", "reg": 1e-2}}
+    earlier.write_text(json.dumps({"config": settings.config, "seeds": [7, 9], "weight_sparsity": 0.9,
+                                   "rows": {}}))
+    with pytest.raises(ValueError, match=rf"--rows_from {earlier}: its seeds differ"):
+        tune.table(settings, out)
