@@ -305,6 +305,7 @@ def test_demo_stage_configs_use_stable_paths_under_out(tmp_path: Path) -> None:
     fast = pipeline_demo.demo_stage_configs(pipeline_demo.load_demo_config(DEMO, fast=True), tmp_path, {})
     assert fast["meta"]["trainer"]["max_epochs"] == 1
     assert fast["prune"]["prune"]["latency_batch_sizes"] == [] and fast["prune"]["prune"]["onnx"] is False
+    assert fast["prune"]["prune"]["program"] is False
     assert pipeline_demo.load_demo_config(DEMO, fast=True).demo.smoke
     assert not cfg.demo.smoke
 
