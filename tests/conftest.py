@@ -158,9 +158,10 @@ def setup(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory, make_zoo) 
 
 @pytest.fixture(scope="session")
 def runs(setup: dict) -> dict[str, Path]:
-    """One finished run per method; the metanetwork's exports no ONNX and measures no latency
-    (each costs seconds, and its tests read neither)."""
-    from pruning_helpers import QUICK, run
+    """One finished run per method; only ``none``'s exports ONNX and measures latency, and the
+    metanetwork's writes no torch.export program either (each costs seconds, and their tests
+    read neither)."""
+    from pruning_helpers import QUICK, QUICK_WITH_PROGRAM, run
 
     from pipeline import run as pipeline_run
 
@@ -169,7 +170,7 @@ def runs(setup: dict) -> dict[str, Path]:
         dirs = {}
         for method in pipeline_run.METHODS:
             dirs[method] = setup["out"] / method
-            quick = QUICK if method == "metanetwork" else ()
+            quick = {"metanetwork": QUICK, "sparse": QUICK_WITH_PROGRAM}.get(method, ())
             assert run(setup["config"], setup["network"], method, dirs[method], setup["meta"],
                        *quick) == 0
         return dirs

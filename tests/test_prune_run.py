@@ -258,8 +258,8 @@ def test_every_prune_config_builds_both_stages(config: Path, tiny_cifar: Path,
 
 
 def test_run_writes_a_checked_onnx_file_and_measured_latency(runs: dict[str, Path]) -> None:
-    report = json.loads((runs["sparse"] / "report.json").read_text())
-    assert report["onnx"]["file"] == "network.onnx" and (runs["sparse"] / "network.onnx").is_file()
+    report = json.loads((runs["none"] / "report.json").read_text())
+    assert report["onnx"]["file"] == "network.onnx" and (runs["none"] / "network.onnx").is_file()
     assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["opset"] == 18
     assert [r["batch_size"] for r in report["latency"]] == [1, 64]
     for row in report["latency"]:
@@ -276,7 +276,7 @@ def test_bring_your_own_state_dict(setup: dict, tmp_path: Path) -> None:
     torch.save(plain.state_dict(), weights)
     out = tmp_path / "byo"
     config = yaml.safe_load(setup["config"].read_text())
-    config["prune"]["latency_batch_sizes"], config["prune"]["onnx"] = [], False
+    config["prune"].update(latency_batch_sizes=[], onnx=False, program=False)
     path = tmp_path / "prune.yaml"
     path.write_text(yaml.safe_dump(config))
     assert prune.main(["run", "--config", str(path), "--arch", "resnet8_cifar", "--weights",
@@ -305,7 +305,7 @@ def test_bring_your_own_class_by_import_path_and_registry_arguments(setup: dict,
     rebuild the class from the recorded import path and arguments."""
     from pruning_helpers import TinyNet
 
-    path, quick = setup["config"], ["--prune.latency_batch_sizes", "[]", "--prune.onnx=false"]
+    path, quick = setup["config"], list(QUICK)
     torch.manual_seed(2)
     plain = TinyNet(num_classes=3, width=6)
     weights = tmp_path / "tiny.pt"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pruning_helpers import _expect
+from pruning_helpers import QUICK_WITH_PROGRAM, _expect
 
 import networks
 import prune
@@ -92,7 +92,7 @@ def test_failed_run_never_overwrites_earlier_outputs(runs: dict[str, Path], setu
     out = runs["sparse"]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     argv = ["run", "--config", str(setup["config"]), "--network", str(setup["network"]),
-            "--method", "sparse", "--out", str(out)]
+            "--method", "sparse", "--out", str(out), *QUICK_WITH_PROGRAM]  # as the run was made
     assert prune.cli(argv + ["--speed_up", "1.8"]) == 2  # other settings, same directory
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and "holds a run with other settings" in message
