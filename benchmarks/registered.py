@@ -75,9 +75,10 @@ def composed_recipe(reg: Registration) -> dict:
         raise RegistrationError(f"registration {reg.path.name}: the recipe {reg.recipe} hashes to "
                                 f"{digest}, not the registered {reg.recipe_sha256}: a recipe file "
                                 "changed after registration; register a new one under a new name")
-    targets = ({"weight_sparsities": reg.weight_sparsities} if reg.weight_sparsities else
-               {"speed_ups": reg.speed_ups})
-    cfg["demo"].update(target_seeds=reg.target_seeds, methods=reg.methods, **targets)
+    # the registration's targets replace the recipe's of both kinds (a weight registration of
+    # a recipe written for speed-ups leaves it no speed-ups)
+    cfg["demo"].update(target_seeds=reg.target_seeds, methods=reg.methods,
+                       speed_ups=reg.speed_ups, weight_sparsities=reg.weight_sparsities)
     return cfg
 
 

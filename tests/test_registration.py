@@ -175,6 +175,20 @@ def test_a_bad_registration_names_the_key(tmp_path: Path) -> None:
             reg_lib.load_registration(tmp_path / "trial.yaml")
 
 
+def test_a_weight_registration_of_a_speed_up_recipe_has_only_its_targets(tmp_path: Path) -> None:
+    """The registration's targets replace the recipe's: a weight-sparsity registration of a
+    recipe written for speed-ups runs no speed-up (the demo refuses both kinds at once)."""
+    (tmp_path / "recipe.yaml").write_text("demo: {speed_ups: [2.0, 3.0], methods: [none]}\n")
+    digest = reg_lib.recipe_sha256({"demo": {"speed_ups": [2.0, 3.0], "methods": ["none"]}})
+    text = {**registration_text(digest), "weight_sparsities": [0.9]}
+    del text["speed_ups"]
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(text))
+    demo = benchmark_module("registered").composed_recipe(
+        reg_lib.load_registration(tmp_path / "trial.yaml"))["demo"]
+    assert (demo["speed_ups"], demo["weight_sparsities"]) == ([], [0.9])
+    assert demo["methods"] == ["metanetwork", "none"]
+
+
 @pytest.mark.parametrize("draws, message", [
     ([{"name": "A", "meta_seed": 0, "networks": [200, 201]},
       {"name": "B", "meta_seed": 1, "networks": [201, 202]}], "every registered network once"),
